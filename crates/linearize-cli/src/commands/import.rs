@@ -1,0 +1,6 @@
+#[derive(clap::Subcommand)]
+pub enum Command {}
+
+pub fn run(cmd: Command) -> anyhow::Result<()> {
+    match cmd {}
+}

@@ -1,0 +1,6 @@
+pub mod bench;
+pub mod eval;
+pub mod fetch;
+pub mod generate;
+pub mod import;
+pub mod inspect;

@@ -1,0 +1,50 @@
+//! Flags shared by every command that runs a model: `--device` and `--dtype`.
+use anyhow::{bail, Result};
+use tch::{Device, Kind};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct RuntimeArgs {
+    /// Where to run: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Compute dtype of the model weights: `f32`, `bf16` or `f16`.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+impl RuntimeArgs {
+    pub fn device(&self) -> Result<Device> {
+        parse_device(&self.device)
+    }
+
+    pub fn kind(&self) -> Result<Kind> {
+        parse_dtype(&self.dtype)
+    }
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    Ok(match s {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            if !tch::Cuda::is_available() {
+                bail!("--device cuda: no CUDA device is available (libtorch sees none)");
+            }
+            Device::Cuda(0)
+        }
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) if i < tch::Cuda::device_count() as usize => Device::Cuda(i),
+            Some(Ok(i)) => bail!("--device {other}: CUDA device {i} does not exist ({} visible)", tch::Cuda::device_count()),
+            _ => bail!("--device {other:?}: expected cpu, cuda, cuda:N or auto"),
+        },
+    })
+}
+
+pub fn parse_dtype(s: &str) -> Result<Kind> {
+    Ok(match s {
+        "f32" | "float32" => Kind::Float,
+        "bf16" | "bfloat16" => Kind::BFloat16,
+        "f16" | "float16" => Kind::Half,
+        other => bail!("--dtype {other:?}: expected f32, bf16 or f16"),
+    })
+}

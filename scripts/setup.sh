@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtualenv with torch==2.11.0 (libtorch for tch 0.24), then build the
+# workspace. Safe to re-run: every step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.11.0
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating virtualenv $VENV" >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c "import torch,sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  echo "setup: installing torch==$TORCH_VERSION (about 4.7 GB)" >&2
+  "$VENV/bin/pip" install --quiet "torch==$TORCH_VERSION"
+fi
+torch_dir=$("$VENV/bin/python" -c 'import torch,os;print(os.path.dirname(torch.__file__))')
+ln -sfn "$torch_dir" "$VENV/libtorch"
+
+# Python packages used only by the scripts that make test fixtures and reference numbers.
+if [ "${LINEARIZE_SETUP_PY_TOOLS:-0}" = 1 ]; then
+  "$VENV/bin/pip" install --quiet -r scripts/requirements-tools.txt
+fi
+
+# .cargo/config.toml points LIBTORCH at .venv/libtorch; LIBTORCH_USE_PYTORCH=1 with this venv
+# active is equivalent.
+echo "setup: building linearize (release)" >&2
+cargo build --release --locked --bin linearize
+echo "setup: done: target/release/linearize" >&2
