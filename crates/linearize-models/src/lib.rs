@@ -1,1 +1,16 @@
-//! linearize-models
+//! Llama-family models on libtorch: HF configs and checkpoints, tokenizer and chat template,
+//! hub resolution, GGUF import, KV cache and generation.
+pub mod atomic;
+pub mod chat_template;
+pub mod config;
+pub mod generate;
+pub mod gguf;
+pub mod linear;
+pub mod llama;
+pub mod lm;
+pub mod mixer;
+pub mod offline;
+pub mod rope;
+pub mod source;
+pub mod tokenizer;
+pub mod weights;
