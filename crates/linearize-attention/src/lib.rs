@@ -1,1 +1,35 @@
-//! linearize-attention
+//! Attention kernels, feature maps and LoRA adapters for converting softmax attention into
+//! linear, windowed and gated attention. Pure tensor functions over tch; the math is DESIGN.md's.
+//!
+//! | method ([`ops`])         | naive (L x L) | chunked (train / prefill, state in and out) | recurrent (decode) | state           |
+//! |--------------------------|---------------|---------------------------------------------|--------------------|-----------------|
+//! | [`ops::linear_attn`]     | `naive`       | `chunked`                                   | `step`, `recurrent`| [`ops::linear_attn::LinearState`] |
+//! | [`ops::lolcats`] (sw, tk)| `naive`       | `chunked`                                   | `step`, `recurrent`| [`ops::lolcats::LolcatsState`]    |
+//! | [`ops::swa`]             | `naive`       | `chunked` (SDPA on local blocks)            | `step`, `recurrent`| [`ops::swa::SwaState`]            |
+//! | [`ops::gla`]             | `naive`       | `chunked` (log space, sub-chunks)           | `step`, `recurrent`| [`ops::gla::GlaState`]            |
+//! | [`ops::liger`]           | `naive`       | `chunked`                                   | `step`, `recurrent`| [`ops::liger::LigerState`]        |
+//!
+//! All kernels take (batch, heads, len, dim) tensors; keys, values (and key features, gates) may
+//! have fewer heads than queries when their count divides it (GQA). They accumulate in f32 for
+//! f16 / bf16 inputs (f64 for f64) and return `v`'s dtype; the chunked forms are differentiable.
+//! `chunked(.., state)` continues from a state and returns the final one, so a prompt is
+//! prefilled with `chunked` and decoded with `step`; `recurrent` is `step` over a sequence.
+//!
+//! | feature map ([`feature_map::FeatureMapConfig`]) | φ(x)                                         | params (under the map's path) |
+//! |-------------------------------------------------|----------------------------------------------|-------------------------------|
+//! | `hedgehog`                                      | `[softmax(xW + b), softmax(−xW − b)]` or half | `W` (h, d, f), `b` (h, f)     |
+//! | `t2r`                                           | `relu(xW + b)`                               | `W`, `b`                      |
+//! | `elu`                                           | `elu(x) + 1`                                 | –                             |
+//! | `based`                                         | `[1, x/d^¼, x⊗x/(√2·√d)]`                    | –                             |
+//! | `softmax_dim`                                   | `softmax_d(x)` (Liger)                       | –                             |
+//!
+//! [`lora::LoraLinear`]: `delta(x)`, `merge_into`, `unmerge_from`; LoLCATs' trainable window
+//! factors: [`ops::lolcats::WindowFactors`].
+pub mod error;
+pub mod feature_map;
+pub mod linearized;
+pub mod lora;
+pub mod ops;
+mod tensors;
+
+pub use error::{Error, Result};

@@ -1,0 +1,721 @@
+//! The Hugging Face `config.json` of a Llama-family model (llama, mistral, qwen2, qwen3), checked
+//! for what the decoder in `llama.rs` implements. Every key the decoder does not read is kept in
+//! the raw JSON, so a config read and written back loses nothing.
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use std::fmt;
+use std::path::Path;
+
+/// The HF `model_type`s this crate runs; they differ only in the details recorded in
+/// [`ModelConfig`] (biases, q/k norms, sliding window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+impl Family {
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+        }
+    }
+
+    fn from_model_type(s: &str) -> Option<Self> {
+        Some(match s {
+            "llama" => Family::Llama,
+            "mistral" => Family::Mistral,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.model_type())
+    }
+}
+
+/// RoPE frequency scaling (`rope_scaling`); `None` in [`ModelConfig`] is the plain RoPE.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.1's band-wise scaling of the inverse frequencies.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: i64,
+    },
+}
+
+/// A parsed and checked `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub head_dim: i64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: i64,
+    /// Bias on q/k/v_proj (`attention_bias`; always on for qwen2).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (`attention_bias` for llama and qwen3; never for mistral and qwen2).
+    pub o_proj_bias: bool,
+    /// Bias on gate/up/down_proj (`mlp_bias`, llama only).
+    pub mlp_bias: bool,
+    /// RMSNorm of every q and k head before RoPE (qwen3).
+    pub qk_norm: bool,
+    /// Each query sees only the last `w` keys, itself included (mistral's `sliding_window`).
+    pub sliding_window: Option<i64>,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<i64>,
+    pub eos_token_ids: Vec<i64>,
+    /// `torch_dtype` (or `dtype` in newer transformers): the dtype the checkpoint was saved in.
+    pub torch_dtype: Option<String>,
+    /// Std of the normal init of HF's `_init_weights`, used for randomly initialised models.
+    pub initializer_range: f64,
+    raw: Map<String, Value>,
+}
+
+/// Where a config came from, for error messages.
+struct Origin<'a>(&'a str);
+
+impl Origin<'_> {
+    fn err(&self, key: &str, value: &Value, why: &str) -> anyhow::Error {
+        anyhow!("{}: key `{key}` = {value} {why}", self.0)
+    }
+}
+
+/// The typed view of a raw JSON object, with the key named in every error.
+struct Keys<'a> {
+    map: &'a Map<String, Value>,
+    origin: Origin<'a>,
+}
+
+impl Keys<'_> {
+    /// The value at `key` (absent and `null` are both `None`).
+    fn opt<T: DeserializeOwned>(&self, key: &str, expected: &str) -> Result<Option<T>> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => serde_json::from_value(v.clone())
+                .map(Some)
+                .map_err(|_| self.origin.err(key, v, &format!("is not {expected}"))),
+        }
+    }
+
+    fn required<T: DeserializeOwned>(&self, key: &str, expected: &str) -> Result<T> {
+        self.opt(key, expected)?
+            .ok_or_else(|| anyhow!("{}: missing key `{key}` ({expected})", self.origin.0))
+    }
+
+    fn positive(&self, key: &str, default: Option<i64>) -> Result<i64> {
+        let expected = "a positive integer";
+        let v = match default {
+            Some(d) => self.opt(key, expected)?.unwrap_or(d),
+            None => self.required(key, expected)?,
+        };
+        if v <= 0 {
+            return Err(self
+                .origin
+                .err(key, &Value::from(v), &format!("is not {expected}")));
+        }
+        Ok(v)
+    }
+}
+
+/// HF's defaults for keys a config may omit, per family (from the transformers config classes).
+struct Defaults {
+    num_key_value_heads: Option<i64>,
+    max_position_embeddings: i64,
+    rms_norm_eps: f64,
+}
+
+fn defaults(family: Family) -> Defaults {
+    match family {
+        Family::Llama => Defaults {
+            num_key_value_heads: None,
+            max_position_embeddings: 2048,
+            rms_norm_eps: 1e-6,
+        },
+        Family::Mistral => Defaults {
+            num_key_value_heads: Some(8),
+            max_position_embeddings: 4096 * 32,
+            rms_norm_eps: 1e-6,
+        },
+        Family::Qwen2 | Family::Qwen3 => Defaults {
+            num_key_value_heads: Some(32),
+            max_position_embeddings: 32768,
+            rms_norm_eps: 1e-6,
+        },
+    }
+}
+
+impl ModelConfig {
+    /// Reads and checks a `config.json`; errors name the file and the offending key.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses a `config.json` held in memory.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        Self::parse(text, "config.json")
+    }
+
+    fn parse(text: &str, origin: &str) -> Result<Self> {
+        let value: Value =
+            serde_json::from_str(text).with_context(|| format!("{origin}: invalid JSON"))?;
+        let Value::Object(raw) = value else {
+            bail!("{origin}: expected a JSON object");
+        };
+        let keys = Keys {
+            map: &raw,
+            origin: Origin(origin),
+        };
+
+        let model_type: String = keys.required("model_type", "a string")?;
+        let family = Family::from_model_type(&model_type).ok_or_else(|| {
+            keys.origin.err(
+                "model_type",
+                &Value::from(model_type.clone()),
+                "is not supported (expected llama, mistral, qwen2 or qwen3)",
+            )
+        })?;
+        let d = defaults(family);
+
+        let hidden_act: String = keys.opt("hidden_act", "a string")?.unwrap_or("silu".into());
+        if hidden_act != "silu" {
+            return Err(keys.origin.err(
+                "hidden_act",
+                &Value::from(hidden_act),
+                "is not supported (expected \"silu\")",
+            ));
+        }
+
+        let hidden_size = keys.positive("hidden_size", None)?;
+        let num_attention_heads = keys.positive("num_attention_heads", None)?;
+        let num_key_value_heads = keys.positive(
+            "num_key_value_heads",
+            Some(d.num_key_value_heads.unwrap_or(num_attention_heads)),
+        )?;
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(keys.origin.err(
+                "num_key_value_heads",
+                &Value::from(num_key_value_heads),
+                &format!("does not divide num_attention_heads = {num_attention_heads}"),
+            ));
+        }
+        let head_dim = match keys.opt::<i64>("head_dim", "a positive integer")? {
+            Some(_) => keys.positive("head_dim", None)?,
+            None => {
+                if hidden_size % num_attention_heads != 0 {
+                    bail!(
+                        "{origin}: no `head_dim` and hidden_size = {hidden_size} is not a multiple of num_attention_heads = {num_attention_heads}"
+                    );
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(keys.origin.err(
+                "head_dim",
+                &Value::from(head_dim),
+                "is odd (RoPE needs pairs)",
+            ));
+        }
+
+        let attention_bias: bool = keys.opt("attention_bias", "a boolean")?.unwrap_or(false);
+        let (qkv_bias, o_proj_bias) = match family {
+            Family::Llama | Family::Qwen3 => (attention_bias, attention_bias),
+            Family::Mistral => (false, false),
+            Family::Qwen2 => (true, false),
+        };
+        let mlp_bias =
+            family == Family::Llama && keys.opt("mlp_bias", "a boolean")?.unwrap_or(false);
+
+        let sliding_window = match family {
+            Family::Mistral => match keys.opt::<i64>("sliding_window", "an integer or null")? {
+                Some(_) => Some(keys.positive("sliding_window", None)?),
+                None => None,
+            },
+            Family::Qwen2 | Family::Qwen3 => {
+                if keys
+                    .opt("use_sliding_window", "a boolean")?
+                    .unwrap_or(false)
+                {
+                    return Err(keys.origin.err(
+                        "use_sliding_window",
+                        &Value::Bool(true),
+                        "is not supported (per-layer sliding windows of qwen models are not implemented)",
+                    ));
+                }
+                None
+            }
+            Family::Llama => None,
+        };
+
+        let rope_theta: f64 = keys.opt("rope_theta", "a number")?.unwrap_or(10000.0);
+        if rope_theta <= 0.0 {
+            return Err(keys
+                .origin
+                .err("rope_theta", &Value::from(rope_theta), "is not positive"));
+        }
+        let rms_norm_eps: f64 = keys
+            .opt("rms_norm_eps", "a number")?
+            .unwrap_or(d.rms_norm_eps);
+
+        let eos_token_ids = match raw.get("eos_token_id") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(_)) => {
+                keys.required("eos_token_id", "an integer or a list of integers")?
+            }
+            Some(_) => vec![keys.required("eos_token_id", "an integer or a list of integers")?],
+        };
+        let torch_dtype = match keys.opt::<String>("torch_dtype", "a string")? {
+            Some(s) => Some(s),
+            None => keys.opt("dtype", "a string")?,
+        };
+
+        Ok(Self {
+            family,
+            vocab_size: keys.positive("vocab_size", None)?,
+            hidden_size,
+            intermediate_size: keys.positive("intermediate_size", None)?,
+            num_hidden_layers: keys.positive("num_hidden_layers", None)?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps,
+            rope_theta,
+            rope_scaling: parse_rope_scaling(&keys)?,
+            max_position_embeddings: keys
+                .positive("max_position_embeddings", Some(d.max_position_embeddings))?,
+            qkv_bias,
+            o_proj_bias,
+            mlp_bias,
+            qk_norm: family == Family::Qwen3,
+            sliding_window,
+            tie_word_embeddings: keys
+                .opt("tie_word_embeddings", "a boolean")?
+                .unwrap_or(false),
+            bos_token_id: keys.opt("bos_token_id", "an integer")?,
+            eos_token_ids,
+            torch_dtype,
+            initializer_range: keys.opt("initializer_range", "a number")?.unwrap_or(0.02),
+            raw,
+        })
+    }
+
+    /// The config as JSON: every key of the file it was read from, with the typed fields above
+    /// written over their keys (so edits to the fields are saved).
+    pub fn to_json(&self) -> Value {
+        let mut out = self.raw.clone();
+        let mut set = |k: &str, v: Value| {
+            out.insert(k.to_string(), v);
+        };
+        set("model_type", self.family.model_type().into());
+        set("vocab_size", self.vocab_size.into());
+        set("hidden_size", self.hidden_size.into());
+        set("intermediate_size", self.intermediate_size.into());
+        set("num_hidden_layers", self.num_hidden_layers.into());
+        set("num_attention_heads", self.num_attention_heads.into());
+        set("num_key_value_heads", self.num_key_value_heads.into());
+        set("head_dim", self.head_dim.into());
+        set("hidden_act", "silu".into());
+        set("rms_norm_eps", self.rms_norm_eps.into());
+        set("rope_theta", self.rope_theta.into());
+        set(
+            "max_position_embeddings",
+            self.max_position_embeddings.into(),
+        );
+        set("tie_word_embeddings", self.tie_word_embeddings.into());
+        set("initializer_range", self.initializer_range.into());
+        set(
+            "rope_scaling",
+            match self.rope_scaling {
+                None => Value::Null,
+                Some(RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                }) => serde_json::json!({
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings,
+                }),
+            },
+        );
+        match self.family {
+            Family::Llama => {
+                set("attention_bias", self.qkv_bias.into());
+                set("mlp_bias", self.mlp_bias.into());
+            }
+            Family::Qwen3 => set("attention_bias", self.qkv_bias.into()),
+            Family::Mistral => set("sliding_window", self.sliding_window.into()),
+            Family::Qwen2 => {}
+        }
+        set("bos_token_id", self.bos_token_id.into());
+        set(
+            "eos_token_id",
+            match self.eos_token_ids.as_slice() {
+                [] => Value::Null,
+                [one] => (*one).into(),
+                many => many.into(),
+            },
+        );
+        if let Some(dtype) = &self.torch_dtype {
+            // Newer transformers write `dtype`, older ones `torch_dtype`: keep the file's spelling.
+            let key = if self.raw.contains_key("dtype") {
+                "dtype"
+            } else {
+                "torch_dtype"
+            };
+            set(key, dtype.clone().into());
+        }
+        Value::Object(out)
+    }
+
+    /// A key of the file that the typed fields do not cover (e.g. a `linearize` section).
+    pub fn extra(&self, key: &str) -> Option<&Value> {
+        self.raw.get(key)
+    }
+
+    /// Sets a key written by [`ModelConfig::to_json`]; typed fields still win over their keys.
+    pub fn set_extra(&mut self, key: &str, value: Value) {
+        self.raw.insert(key.to_string(), value);
+    }
+
+    /// Query heads per KV head.
+    pub fn gqa_groups(&self) -> i64 {
+        self.num_attention_heads / self.num_key_value_heads
+    }
+}
+
+fn parse_rope_scaling(keys: &Keys) -> Result<Option<RopeScaling>> {
+    let obj = match keys.map.get("rope_scaling") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(obj)) => obj,
+        Some(v) => {
+            return Err(keys
+                .origin
+                .err("rope_scaling", v, "is not an object or null"))
+        }
+    };
+    let (type_key, rope_type) = match (obj.get("rope_type"), obj.get("type")) {
+        (Some(v), _) => ("rope_scaling.rope_type", v),
+        (None, Some(v)) => ("rope_scaling.type", v),
+        (None, None) => bail!("{}: `rope_scaling` has no `rope_type`", keys.origin.0),
+    };
+    match rope_type.as_str() {
+        Some("default") => Ok(None),
+        Some("llama3") => {
+            let sub = Keys {
+                map: obj,
+                origin: Origin(keys.origin.0),
+            };
+            let num = |k: &str| -> Result<f64> {
+                sub.required::<f64>(k, "a number")
+                    .map_err(|e| anyhow!("{e} in `rope_scaling`"))
+            };
+            let low_freq_factor = num("low_freq_factor")?;
+            let high_freq_factor = num("high_freq_factor")?;
+            if high_freq_factor <= low_freq_factor {
+                bail!(
+                    "{}: `rope_scaling` has high_freq_factor = {high_freq_factor} <= low_freq_factor = {low_freq_factor}",
+                    keys.origin.0
+                );
+            }
+            let scaling = RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: sub
+                    .positive("original_max_position_embeddings", None)
+                    .map_err(|e| anyhow!("{e} in `rope_scaling`"))?,
+            };
+            Ok(Some(scaling))
+        }
+        _ => Err(keys.origin.err(
+            type_key,
+            rope_type,
+            "is not supported (expected \"llama3\" or \"default\")",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base(model_type: &str) -> Value {
+        json!({
+            "model_type": model_type,
+            "vocab_size": 128256,
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "max_position_embeddings": 131072,
+            "bos_token_id": 128000,
+            "eos_token_id": [128001, 128008, 128009],
+            "torch_dtype": "bfloat16",
+        })
+    }
+
+    fn with(mut v: Value, key: &str, value: Value) -> Value {
+        v.as_object_mut().unwrap().insert(key.into(), value);
+        v
+    }
+
+    fn parse(v: &Value) -> Result<ModelConfig> {
+        ModelConfig::from_json_str(&v.to_string())
+    }
+
+    fn err(v: &Value) -> String {
+        format!("{:#}", parse(v).unwrap_err())
+    }
+
+    #[test]
+    fn llama32_with_llama3_rope_scaling() {
+        let v = with(
+            with(base("llama"), "tie_word_embeddings", json!(true)),
+            "rope_scaling",
+            json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+        );
+        let c = parse(&v).unwrap();
+        assert_eq!(c.family, Family::Llama);
+        assert_eq!(
+            (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            (32, 8, 64)
+        );
+        assert_eq!(c.gqa_groups(), 4);
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
+        assert_eq!(c.bos_token_id, Some(128000));
+        assert_eq!(c.torch_dtype.as_deref(), Some("bfloat16"));
+        assert_eq!(
+            c.rope_scaling,
+            Some(RopeScaling::Llama3 {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192
+            })
+        );
+        assert!(!c.qkv_bias && !c.o_proj_bias && !c.mlp_bias && !c.qk_norm);
+        assert_eq!(c.sliding_window, None);
+    }
+
+    #[test]
+    fn llama2_defaults_and_old_style_rope_type() {
+        let mut v = base("llama");
+        let o = v.as_object_mut().unwrap();
+        for k in [
+            "num_key_value_heads",
+            "rope_theta",
+            "max_position_embeddings",
+            "hidden_act",
+        ] {
+            o.remove(k);
+        }
+        o.insert("eos_token_id".into(), json!(2));
+        o.insert("rope_scaling".into(), json!({"type": "default"}));
+        o.insert("attention_bias".into(), json!(true));
+        o.insert("mlp_bias".into(), json!(true));
+        let c = parse(&v).unwrap();
+        assert_eq!(c.num_key_value_heads, 32, "llama defaults to MHA");
+        assert_eq!(c.rope_theta, 10000.0);
+        assert_eq!(c.max_position_embeddings, 2048);
+        assert_eq!(c.rope_scaling, None);
+        assert_eq!(c.eos_token_ids, vec![2]);
+        assert!(!c.tie_word_embeddings);
+        assert!(c.qkv_bias && c.o_proj_bias && c.mlp_bias);
+    }
+
+    #[test]
+    fn mistral_sliding_window_and_null_head_dim() {
+        let v = with(
+            with(base("mistral"), "sliding_window", json!(4096)),
+            "head_dim",
+            json!(null),
+        );
+        let c = parse(&v).unwrap();
+        assert_eq!(c.family, Family::Mistral);
+        assert_eq!(c.sliding_window, Some(4096));
+        assert_eq!(c.head_dim, 64);
+        let c = parse(&with(base("mistral"), "sliding_window", json!(null))).unwrap();
+        assert_eq!(c.sliding_window, None);
+        // Mistral has no bias options: a stray key must not turn biases on.
+        let c = parse(&with(base("mistral"), "attention_bias", json!(true))).unwrap();
+        assert!(!c.qkv_bias && !c.o_proj_bias);
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_ignores_disabled_window() {
+        let v = with(
+            with(
+                with(base("qwen2"), "use_sliding_window", json!(false)),
+                "sliding_window",
+                json!(32768),
+            ),
+            "eos_token_id",
+            json!(151645),
+        );
+        let c = parse(&v).unwrap();
+        assert_eq!(c.family, Family::Qwen2);
+        assert!(c.qkv_bias && !c.o_proj_bias && !c.qk_norm);
+        assert_eq!(c.sliding_window, None);
+    }
+
+    #[test]
+    fn qwen3_has_qk_norm_and_explicit_head_dim() {
+        let v = with(
+            with(base("qwen3"), "head_dim", json!(128)),
+            "attention_bias",
+            json!(false),
+        );
+        let c = parse(&v).unwrap();
+        assert_eq!(c.family, Family::Qwen3);
+        assert!(c.qk_norm && !c.qkv_bias);
+        assert_eq!(c.head_dim, 128);
+    }
+
+    #[test]
+    fn newer_dtype_key_is_read() {
+        let mut v = base("qwen3");
+        let o = v.as_object_mut().unwrap();
+        o.remove("torch_dtype");
+        o.insert("dtype".into(), json!("float32"));
+        assert_eq!(parse(&v).unwrap().torch_dtype.as_deref(), Some("float32"));
+    }
+
+    #[test]
+    fn round_trip_keeps_extra_keys_and_edits() {
+        let v = with(
+            base("llama"),
+            "linearize",
+            json!({"layers": ["lolcats-sw"]}),
+        );
+        let mut c = parse(&v).unwrap();
+        assert_eq!(
+            c.extra("linearize"),
+            Some(&json!({"layers": ["lolcats-sw"]}))
+        );
+        c.torch_dtype = Some("float32".into());
+        c.set_extra("architectures", json!(["LlamaForCausalLM"]));
+        let back = ModelConfig::from_json_str(&c.to_json().to_string()).unwrap();
+        assert_eq!(back.torch_dtype.as_deref(), Some("float32"));
+        assert_eq!(
+            back.extra("architectures"),
+            Some(&json!(["LlamaForCausalLM"]))
+        );
+        let mut expected = c.clone();
+        expected.raw = back.raw.clone();
+        assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn unknown_model_type_is_named() {
+        let e = err(&base("gpt2"));
+        assert!(e.contains("model_type") && e.contains("\"gpt2\""), "{e}");
+    }
+
+    #[test]
+    fn unsupported_activation_is_named() {
+        let e = err(&with(base("llama"), "hidden_act", json!("gelu")));
+        assert!(e.contains("hidden_act") && e.contains("\"gelu\""), "{e}");
+    }
+
+    #[test]
+    fn unsupported_rope_scaling_is_named() {
+        let e = err(&with(
+            base("qwen2"),
+            "rope_scaling",
+            json!({"type": "yarn", "factor": 4.0}),
+        ));
+        assert!(
+            e.contains("rope_scaling.type") && e.contains("\"yarn\""),
+            "{e}"
+        );
+        let e = err(&with(
+            base("llama"),
+            "rope_scaling",
+            json!({"rope_type": "dynamic"}),
+        ));
+        assert!(
+            e.contains("rope_scaling.rope_type") && e.contains("\"dynamic\""),
+            "{e}"
+        );
+        let e = err(&with(
+            base("llama"),
+            "rope_scaling",
+            json!({"rope_type": "llama3", "factor": 8.0}),
+        ));
+        assert!(
+            e.contains("low_freq_factor") && e.contains("rope_scaling"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn qwen_sliding_window_is_refused() {
+        let e = err(&with(base("qwen2"), "use_sliding_window", json!(true)));
+        assert!(e.contains("use_sliding_window"), "{e}");
+    }
+
+    #[test]
+    fn bad_shapes_are_named() {
+        let e = err(&with(base("llama"), "num_key_value_heads", json!(5)));
+        assert!(e.contains("num_key_value_heads") && e.contains('5'), "{e}");
+        let e = err(&with(base("llama"), "hidden_size", json!("big")));
+        assert!(e.contains("hidden_size") && e.contains("\"big\""), "{e}");
+        let e = err(&with(base("llama"), "vocab_size", json!(0)));
+        assert!(e.contains("vocab_size"), "{e}");
+        let mut v = base("llama");
+        v.as_object_mut().unwrap().remove("intermediate_size");
+        let e = err(&v);
+        assert!(e.contains("missing key `intermediate_size`"), "{e}");
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let e = format!("{:#}", ModelConfig::from_file(&path).unwrap_err());
+        assert!(e.contains("config.json"), "{e}");
+        std::fs::write(
+            &path,
+            with(base("llama"), "hidden_act", json!("relu")).to_string(),
+        )
+        .unwrap();
+        let e = format!("{:#}", ModelConfig::from_file(&path).unwrap_err());
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("hidden_act"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,711 @@
+//! The Llama-family decoder (llama, mistral, qwen2, qwen3) on libtorch. Parameters live in the
+//! model's `VarStore` under the Hugging Face tensor names, so checkpoints load by name and later
+//! code can freeze parameters or save subsets of them by name. The attention core of every layer
+//! is a swappable [`Mixer`].
+use crate::config::ModelConfig;
+use crate::linear::{Linear, ParamInit};
+use crate::lm::CausalLm;
+use crate::mixer::{Mixer, MixerInput, MixerState, SoftmaxMixer};
+use crate::rope::Rope;
+use crate::weights::{self, Checkpoint};
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{nn, Device, Kind, Tensor};
+
+pub struct Embedding {
+    weight: Tensor, // (vocab, hidden)
+}
+
+impl Embedding {
+    fn new(path: &nn::Path, vocab: i64, hidden: i64, init: ParamInit) -> Self {
+        Self {
+            weight: init.var(path, "weight", &[vocab, hidden], init.normal()),
+        }
+    }
+
+    /// ids (b, L) int64 -> (b, L, hidden).
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.weight, ids, -1, false, false)
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+pub struct RmsNorm {
+    weight: Tensor, // (dim,)
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(path: &nn::Path, dim: i64, eps: f64, init: ParamInit) -> Self {
+        Self {
+            weight: init.var(path, "weight", &[dim], nn::Init::Const(1.0)),
+            eps,
+        }
+    }
+
+    /// x (..., dim) normalised over its last dim. The mean square is taken in f32 and the scale
+    /// applied after casting back, as HF does, so low-precision models match it.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let x32 = x.to_kind(Kind::Float);
+        let mean_square = x32.square().mean_dim(-1, true, Kind::Float);
+        let normed = x32 * (mean_square + self.eps).rsqrt();
+        &self.weight * normed.to_kind(kind)
+    }
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(path: &nn::Path, cfg: &ModelConfig, init: ParamInit) -> Self {
+        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Self {
+            gate_proj: Linear::new(&path.sub("gate_proj"), h, i, bias, init),
+            up_proj: Linear::new(&path.sub("up_proj"), h, i, bias, init),
+            down_proj: Linear::new(&path.sub("down_proj"), i, h, bias, init),
+        }
+    }
+
+    /// x (b, L, hidden) -> (b, L, hidden).
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let gated = self.gate_proj.forward(x).silu() * self.up_proj.forward(x); // (b, L, inter)
+        self.down_proj.forward(&gated)
+    }
+}
+
+/// The cos/sin rows of the tokens of one forward pass, shared by all layers.
+struct Positions {
+    cos: Tensor, // (L, head_dim)
+    sin: Tensor, // (L, head_dim)
+    offset: i64,
+}
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    mixer: Box<dyn Mixer>,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(path: &nn::Path, cfg: &ModelConfig, init: ParamInit) -> Self {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let norm = |name: &str| RmsNorm::new(&path.sub(name), d, cfg.rms_norm_eps, init);
+        Self {
+            q_proj: Linear::new(&path.sub("q_proj"), h, nq * d, cfg.qkv_bias, init),
+            k_proj: Linear::new(&path.sub("k_proj"), h, nkv * d, cfg.qkv_bias, init),
+            v_proj: Linear::new(&path.sub("v_proj"), h, nkv * d, cfg.qkv_bias, init),
+            o_proj: Linear::new(&path.sub("o_proj"), nq * d, h, cfg.o_proj_bias, init),
+            q_norm: cfg.qk_norm.then(|| norm("q_norm")),
+            k_norm: cfg.qk_norm.then(|| norm("k_norm")),
+            mixer: Box::new(SoftmaxMixer::new(cfg.sliding_window)),
+            num_heads: nq,
+            num_kv_heads: nkv,
+            head_dim: d,
+        }
+    }
+
+    /// x (b, L, hidden) -> (b, L, hidden).
+    fn forward(
+        &self,
+        x: &Tensor,
+        pos: &Positions,
+        state: Option<&mut MixerState>,
+    ) -> Result<Tensor> {
+        let (b, len) = (x.size()[0], x.size()[1]);
+        let heads = |proj: &Linear, n: i64, norm: Option<&RmsNorm>| {
+            let y = proj.forward(x).view([b, len, n, self.head_dim]); // (b, L, n, d)
+            let y = match norm {
+                Some(norm) => norm.forward(&y),
+                None => y,
+            };
+            y.transpose(1, 2) // (b, n, L, d)
+        };
+        let q_raw = heads(&self.q_proj, self.num_heads, self.q_norm.as_ref());
+        let k_raw = heads(&self.k_proj, self.num_kv_heads, self.k_norm.as_ref());
+        let v = heads(&self.v_proj, self.num_kv_heads, None);
+        let q = Rope::apply(&q_raw, &pos.cos, &pos.sin);
+        let k = Rope::apply(&k_raw, &pos.cos, &pos.sin);
+        let input = MixerInput {
+            q: &q,
+            k: &k,
+            v: &v,
+            q_raw: &q_raw,
+            k_raw: &k_raw,
+            offset: pos.offset,
+        };
+        let y = self.mixer.forward(&input, state)?; // (b, h, L, d)
+        let y = y
+            .transpose(1, 2)
+            .reshape([b, len, self.num_heads * self.head_dim]);
+        Ok(self.o_proj.forward(&y))
+    }
+
+    pub fn mixer(&self) -> &dyn Mixer {
+        self.mixer.as_ref()
+    }
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(path: &nn::Path, cfg: &ModelConfig, init: ParamInit) -> Self {
+        let norm =
+            |name: &str| RmsNorm::new(&path.sub(name), cfg.hidden_size, cfg.rms_norm_eps, init);
+        Self {
+            input_layernorm: norm("input_layernorm"),
+            self_attn: Attention::new(&path.sub("self_attn"), cfg, init),
+            post_attention_layernorm: norm("post_attention_layernorm"),
+            mlp: Mlp::new(&path.sub("mlp"), cfg, init),
+        }
+    }
+
+    /// x (b, L, hidden) -> (b, L, hidden), pre-norm residual blocks.
+    fn forward(
+        &self,
+        x: &Tensor,
+        pos: &Positions,
+        state: Option<&mut MixerState>,
+    ) -> Result<Tensor> {
+        let h = x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), pos, state)?;
+        Ok(&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)))
+    }
+}
+
+/// The decoding state of every layer and how many tokens it has seen.
+pub struct ModelCache {
+    states: Vec<MixerState>,
+    seen: i64,
+}
+
+impl ModelCache {
+    /// Tokens seen so far: the position of the next token.
+    pub fn seen(&self) -> i64 {
+        self.seen
+    }
+}
+
+/// A Llama-family causal LM: embeddings, decoder layers, final norm and LM head.
+pub struct Model {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    cfg: ModelConfig,
+    kind: Kind,
+    vs: nn::VarStore,
+}
+
+impl Model {
+    /// A randomly initialised model (HF's init: N(0, initializer_range) weights, unit norms).
+    /// Parameters start frozen; see [`Model::var_store_mut`].
+    pub fn new(cfg: &ModelConfig, device: Device, kind: Kind) -> Result<Self> {
+        Self::build(
+            cfg,
+            device,
+            kind,
+            ParamInit::Random {
+                std: cfg.initializer_range,
+            },
+        )
+    }
+
+    /// Loads `dir/config.json` and the safetensors checkpoint beside it, converted to `kind` on
+    /// `device`. Parameters start frozen; see [`Model::var_store_mut`].
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::from_checkpoint(&cfg, &ckpt, device, kind)
+            .with_context(|| format!("loading the model in {}", dir.display()))
+    }
+
+    /// Builds the model of `cfg` with its parameters read from `ckpt`.
+    pub fn from_checkpoint(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
+        let model = Self::build(cfg, device, kind, ParamInit::Uninit)?;
+        weights::fill_var_store(&model.vs, ckpt, &|name, shape| {
+            extra_tensor(cfg, name, shape)
+        })?;
+        Ok(model)
+    }
+
+    fn build(cfg: &ModelConfig, device: Device, kind: Kind, init: ParamInit) -> Result<Self> {
+        ensure!(
+            matches!(
+                kind,
+                Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double
+            ),
+            "model dtype must be f32, bf16, f16 or f64, got {kind:?}"
+        );
+        let mut vs = nn::VarStore::new(device);
+        vs.set_kind(kind);
+        let root = vs.root();
+        let model = root.sub("model");
+        let embed_tokens = Embedding::new(
+            &model.sub("embed_tokens"),
+            cfg.vocab_size,
+            cfg.hidden_size,
+            init,
+        );
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(&model.sub("layers").sub(i), cfg, init))
+            .collect();
+        let norm = RmsNorm::new(&model.sub("norm"), cfg.hidden_size, cfg.rms_norm_eps, init);
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::shared(embed_tokens.weight())
+        } else {
+            Linear::new(
+                &root.sub("lm_head"),
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+                init,
+            )
+        };
+        vs.freeze();
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg, kind, device),
+            cfg: cfg.clone(),
+            kind,
+            vs,
+        })
+    }
+
+    /// ids (b, L) int64 -> final hidden states (b, L, hidden) after the last norm, in the model
+    /// dtype. With `cache`, the tokens continue what it has seen and it is updated.
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut ModelCache>,
+    ) -> Result<Tensor> {
+        let size = ids.size();
+        ensure!(
+            size.len() == 2 && ids.kind() == Kind::Int64,
+            "token ids must be an int64 (batch, length) tensor, got {:?} {size:?}",
+            ids.kind()
+        );
+        let offset = cache.as_ref().map_or(0, |c| c.seen);
+        if let Some(c) = &cache {
+            ensure!(
+                c.states.len() == self.layers.len(),
+                "cache has {} layer states, the model {} layers",
+                c.states.len(),
+                self.layers.len()
+            );
+        }
+        let (cos, sin) = self.rope.cos_sin(offset, size[1])?;
+        let pos = Positions { cos, sin, offset };
+        let mut x = self.embed_tokens.forward(&ids.to_device(self.vs.device())); // (b, L, hidden)
+        for (i, layer) in self.layers.iter().enumerate() {
+            let state = cache.as_deref_mut().map(|c| &mut c.states[i]);
+            x = layer
+                .forward(&x, &pos, state)
+                .with_context(|| format!("layer {i}"))?;
+        }
+        if let Some(c) = cache {
+            c.seen += size[1];
+        }
+        Ok(self.norm.forward(&x))
+    }
+
+    /// hidden (b, L, hidden) -> logits (b, L, vocab) in f32.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        self.lm_head.forward(hidden).to_kind(Kind::Float)
+    }
+
+    /// ids (b, L) int64 -> logits (b, L, vocab) in f32, computed in the model dtype.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut ModelCache>) -> Result<Tensor> {
+        Ok(self.logits(&self.hidden_states(ids, cache)?))
+    }
+
+    /// An empty decoding state for `batch` sequences, one state per layer from its mixer.
+    pub fn new_cache(&self, batch: i64) -> Result<ModelCache> {
+        let states = self
+            .layers
+            .iter()
+            .map(|l| l.self_attn.mixer.new_state(batch))
+            .collect::<Result<_>>()?;
+        Ok(ModelCache { states, seen: 0 })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The dtype of the weights and of the computation.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn layer(&self, i: usize) -> &DecoderLayer {
+        &self.layers[i]
+    }
+
+    pub fn layer_mut(&mut self, i: usize) -> &mut DecoderLayer {
+        &mut self.layers[i]
+    }
+
+    /// The attention core of layer `i` (panics when out of range, like indexing).
+    pub fn mixer(&self, i: usize) -> &dyn Mixer {
+        self.layers[i].self_attn.mixer()
+    }
+
+    /// Replaces the attention core of layer `i`, returning the previous one. Caches made before
+    /// hold the old mixer's state and are refused by the new one.
+    pub fn set_mixer(&mut self, i: usize, mixer: Box<dyn Mixer>) -> Result<Box<dyn Mixer>> {
+        let n = self.layers.len();
+        let Some(layer) = self.layers.get_mut(i) else {
+            bail!(
+                "layer {i} does not exist (the model has {n} layers, 0..{})",
+                n.saturating_sub(1)
+            );
+        };
+        Ok(std::mem::replace(&mut layer.self_attn.mixer, mixer))
+    }
+
+    /// The HF name prefix of layer `i`'s parameters, e.g. `model.layers.3`.
+    pub fn layer_prefix(i: usize) -> String {
+        format!("model.layers.{i}")
+    }
+
+    /// Every parameter by HF name, sorted; tied embeddings appear once.
+    pub fn named_parameters(&self) -> BTreeMap<String, Tensor> {
+        self.vs.variables().into_iter().collect()
+    }
+
+    /// The parameters of layer `i`, by HF name.
+    pub fn layer_parameters(&self, i: usize) -> BTreeMap<String, Tensor> {
+        let prefix = format!("{}.", Self::layer_prefix(i));
+        self.vs
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(&prefix))
+            .collect()
+    }
+
+    /// Every projection by HF module name (`model.layers.0.self_attn.q_proj`, ...,
+    /// `lm_head`), for installing adapters.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let prefix = Self::layer_prefix(i);
+            let attn = &mut layer.self_attn;
+            for (name, lin) in [
+                ("q_proj", &mut attn.q_proj),
+                ("k_proj", &mut attn.k_proj),
+                ("v_proj", &mut attn.v_proj),
+                ("o_proj", &mut attn.o_proj),
+            ] {
+                out.push((format!("{prefix}.self_attn.{name}"), lin));
+            }
+            let mlp = &mut layer.mlp;
+            for (name, lin) in [
+                ("gate_proj", &mut mlp.gate_proj),
+                ("up_proj", &mut mlp.up_proj),
+                ("down_proj", &mut mlp.down_proj),
+            ] {
+                out.push((format!("{prefix}.mlp.{name}"), lin));
+            }
+        }
+        out.push(("lm_head".into(), &mut self.lm_head));
+        out
+    }
+
+    /// Number of parameters (tied embeddings counted once).
+    pub fn num_parameters(&self) -> i64 {
+        self.vs
+            .variables()
+            .values()
+            .map(Tensor::numel)
+            .sum::<usize>() as i64
+    }
+
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    /// For `freeze`/`unfreeze` of the parameters.
+    pub fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+}
+
+/// Every parameter of the model of `cfg`, by HF name, with its shape; what a checkpoint for it
+/// must hold. Agrees with the variables [`Model`] creates (tested).
+pub fn parameter_shapes(cfg: &ModelConfig) -> BTreeMap<String, Vec<i64>> {
+    let (h, i, d, v) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.head_dim,
+        cfg.vocab_size,
+    );
+    let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
+    let mut shapes = BTreeMap::new();
+    let mut add = |name: String, shape: Vec<i64>| shapes.insert(name, shape);
+    add("model.embed_tokens.weight".into(), vec![v, h]);
+    add("model.norm.weight".into(), vec![h]);
+    if !cfg.tie_word_embeddings {
+        add("lm_head.weight".into(), vec![v, h]);
+    }
+    for layer in 0..cfg.num_hidden_layers as usize {
+        let p = Model::layer_prefix(layer);
+        add(format!("{p}.input_layernorm.weight"), vec![h]);
+        add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+        for (name, out, inp, bias) in [
+            ("self_attn.q_proj", q, h, cfg.qkv_bias),
+            ("self_attn.k_proj", kv, h, cfg.qkv_bias),
+            ("self_attn.v_proj", kv, h, cfg.qkv_bias),
+            ("self_attn.o_proj", h, q, cfg.o_proj_bias),
+            ("mlp.gate_proj", i, h, cfg.mlp_bias),
+            ("mlp.up_proj", i, h, cfg.mlp_bias),
+            ("mlp.down_proj", h, i, cfg.mlp_bias),
+        ] {
+            add(format!("{p}.{name}.weight"), vec![out, inp]);
+            if bias {
+                add(format!("{p}.{name}.bias"), vec![out]);
+            }
+        }
+        if cfg.qk_norm {
+            add(format!("{p}.self_attn.q_norm.weight"), vec![d]);
+            add(format!("{p}.self_attn.k_norm.weight"), vec![d]);
+        }
+    }
+    shapes
+}
+
+/// Checkpoint tensors with no parameter that HF checkpoints are known to carry: the LM head of a
+/// tied model (HF ties it to the embedding on load, so it is ignored; it must have the
+/// embedding's shape) and old Llama checkpoints' RoPE `inv_freq` buffers.
+pub fn extra_tensor(cfg: &ModelConfig, name: &str, shape: &[i64]) -> Result<bool> {
+    if name == "lm_head.weight" && cfg.tie_word_embeddings {
+        let want = [cfg.vocab_size, cfg.hidden_size];
+        ensure!(
+            shape == want,
+            "has shape {shape:?}, but with tie_word_embeddings it must match the embedding {want:?}"
+        );
+        return Ok(true);
+    }
+    Ok(name.ends_with(".self_attn.rotary_emb.inv_freq"))
+}
+
+impl CausalLm for Model {
+    type Cache = ModelCache;
+
+    fn new_cache(&self, batch: i64) -> Result<ModelCache> {
+        Model::new_cache(self, batch)
+    }
+
+    /// Runs without autograd: this is the inference interface (generation, evaluation).
+    fn forward_cached(&self, ids: &Tensor, cache: &mut ModelCache) -> Result<Tensor> {
+        tch::no_grad(|| Model::forward(self, ids, Some(cache)))
+    }
+
+    fn device(&self) -> Device {
+        Model::device(self)
+    }
+
+    fn max_context(&self) -> Option<i64> {
+        Some(self.cfg.max_position_embeddings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(model_type: &str, extra: serde_json::Value) -> ModelConfig {
+        let mut v = json!({
+            "model_type": model_type, "vocab_size": 50, "hidden_size": 16,
+            "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 32,
+        });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        ModelConfig::from_json_str(&v.to_string()).unwrap()
+    }
+
+    fn configs() -> Vec<ModelConfig> {
+        vec![
+            config("llama", json!({"tie_word_embeddings": true})),
+            config("llama", json!({"attention_bias": true, "mlp_bias": true})),
+            config("mistral", json!({"sliding_window": 3})),
+            config("qwen2", json!({})),
+            config("qwen3", json!({"head_dim": 8})),
+        ]
+    }
+
+    #[test]
+    fn variables_match_parameter_shapes() {
+        for cfg in configs() {
+            let model = Model::new(&cfg, Device::Cpu, Kind::Float).unwrap();
+            let vars: BTreeMap<String, Vec<i64>> = model
+                .named_parameters()
+                .into_iter()
+                .map(|(n, t)| (n, t.size()))
+                .collect();
+            assert_eq!(vars, parameter_shapes(&cfg), "{}", cfg.family);
+            let total: i64 = vars.values().map(|s| s.iter().product::<i64>()).sum();
+            assert_eq!(model.num_parameters(), total);
+            assert!(
+                model
+                    .named_parameters()
+                    .values()
+                    .all(|t| !t.requires_grad()),
+                "frozen"
+            );
+        }
+    }
+
+    #[test]
+    fn layer_parameters_and_linears_are_named() {
+        let mut model = Model::new(&configs()[1], Device::Cpu, Kind::Float).unwrap();
+        let names: Vec<String> = model.layer_parameters(1).into_keys().collect();
+        assert_eq!(names.len(), 16);
+        assert!(names.iter().all(|n| n.starts_with("model.layers.1.")));
+        let linears: Vec<String> = model.linears_mut().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(linears.len(), 2 * 7 + 1);
+        assert_eq!(linears[0], "model.layers.0.self_attn.q_proj");
+        for name in &linears {
+            assert!(
+                model
+                    .named_parameters()
+                    .contains_key(&format!("{name}.weight")),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn tied_lm_head_shares_the_embedding() {
+        let model = Model::new(&configs()[0], Device::Cpu, Kind::Float).unwrap();
+        assert!(!model.named_parameters().contains_key("lm_head.weight"));
+        let hidden = Tensor::randn([1, 2, 16], (Kind::Float, Device::Cpu));
+        let want = hidden.matmul(&model.embed_tokens.weight().tr());
+        assert!(model.logits(&hidden).allclose(&want, 1e-5, 1e-5, false));
+    }
+
+    #[test]
+    fn extra_tensor_policy() {
+        let tied = &configs()[0];
+        assert!(extra_tensor(tied, "lm_head.weight", &[50, 16]).unwrap());
+        let e = extra_tensor(tied, "lm_head.weight", &[16, 50])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[16, 50]") && e.contains("[50, 16]"), "{e}");
+        assert!(!extra_tensor(&configs()[1], "lm_head.weight", &[50, 16]).unwrap());
+        assert!(extra_tensor(tied, "model.layers.0.self_attn.rotary_emb.inv_freq", &[2]).unwrap());
+        assert!(!extra_tensor(tied, "model.layers.0.self_attn.extra.weight", &[2]).unwrap());
+    }
+
+    #[test]
+    fn mixers_are_replaceable_and_stale_caches_refused() {
+        struct Zero;
+        impl Mixer for Zero {
+            fn forward(&self, input: &MixerInput, _: Option<&mut MixerState>) -> Result<Tensor> {
+                Ok(input.q.zeros_like())
+            }
+            fn new_state(&self, _: i64) -> Result<MixerState> {
+                Ok(Box::new(()))
+            }
+            fn name(&self) -> String {
+                "zero".into()
+            }
+        }
+        let mut model = Model::new(&configs()[2], Device::Cpu, Kind::Float).unwrap();
+        assert_eq!(model.mixer(0).name(), "softmax-sw3");
+        let ids = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
+        let before = model.forward(&ids, None).unwrap();
+        let old = model.set_mixer(1, Box::new(Zero)).unwrap();
+        assert_eq!(old.name(), "softmax-sw3");
+        assert_eq!(model.mixer(1).name(), "zero");
+        let after = model.forward(&ids, None).unwrap();
+        assert!(!after.allclose(&before, 1e-3, 1e-3, false));
+
+        let mut stale = model.new_cache(1).unwrap();
+        model.set_mixer(1, old).unwrap();
+        assert!(model.forward(&ids, None).unwrap().equal(&before));
+        let e = format!("{:#}", model.forward(&ids, Some(&mut stale)).unwrap_err());
+        assert!(e.contains("layer 1") && e.contains("another mixer"), "{e}");
+        let e = model
+            .set_mixer(2, Box::new(Zero))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("layer 2 does not exist"), "{e}");
+    }
+
+    #[test]
+    fn bad_ids_and_positions_are_errors() {
+        let model = Model::new(&configs()[3], Device::Cpu, Kind::Float).unwrap();
+        let e = model
+            .forward(&Tensor::zeros([1, 3], (Kind::Float, Device::Cpu)), None)
+            .unwrap_err();
+        assert!(e.to_string().contains("int64"), "{e}");
+        let e = model
+            .forward(&Tensor::zeros([1, 33], (Kind::Int64, Device::Cpu)), None)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("max_position_embeddings = 32"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bf16_model_computes_in_bf16_and_returns_f32() {
+        let cfg = configs()[4].clone();
+        let model = Model::new(&cfg, Device::Cpu, Kind::BFloat16).unwrap();
+        assert!(model
+            .named_parameters()
+            .values()
+            .all(|t| t.kind() == Kind::BFloat16));
+        let ids = Tensor::from_slice(&[1i64, 2, 3]).view([1, 3]);
+        let hidden = model.hidden_states(&ids, None).unwrap();
+        assert_eq!(hidden.kind(), Kind::BFloat16);
+        let logits = model.forward(&ids, None).unwrap();
+        assert_eq!(
+            (logits.kind(), logits.size()),
+            (Kind::Float, vec![1, 3, 50])
+        );
+    }
+}

@@ -1,6 +1,9 @@
 //! Training: data pipeline, optimizer and schedules, metrics, resumable state, and the stages.
+pub mod convert;
 pub mod data;
 pub mod metrics;
 pub mod optim;
+pub mod progress;
 pub mod schedule;
+pub mod stage1;
 pub mod state;

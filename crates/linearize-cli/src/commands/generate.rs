@@ -1,6 +1,101 @@
-#[derive(clap::Args)]
-pub struct Args {}
+//! `linearize generate --model M --prompt TEXT [--chat [--system TEXT]] ...`: continues a prompt
+//! (or answers it as a chat turn through the model's chat template) and streams the text to
+//! stdout.
+use crate::runtime::RuntimeArgs;
+use anyhow::{Context, Result};
+use linearize_models::chat_template::ChatMessage;
+use linearize_models::generate::{generate, GenerateConfig, SamplingConfig, StopReason};
+use linearize_models::llama::Model;
+use linearize_models::source;
+use linearize_models::tokenizer::Tokenizer;
+use std::io::Write;
+use std::time::Instant;
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+#[derive(clap::Args)]
+pub struct Args {
+    /// The model: a local Hugging Face-layout directory or a hub id `org/name[@revision]`.
+    #[arg(long)]
+    pub model: String,
+    /// The text to continue, or with --chat the user's message.
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt in the model's chat template as a user turn and generate the reply.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message before the user turn.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Softmax temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Sample among the k most likely tokens only.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Seed of the sampler (the same seed gives the same text).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let sampling = SamplingConfig {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+    };
+    let dir = source::resolve(&args.model)?;
+    let tokenizer = Tokenizer::from_dir(&dir)?;
+    let prompt = if args.chat {
+        let mut messages: Vec<ChatMessage> = args.system.iter().map(ChatMessage::system).collect();
+        messages.push(ChatMessage::user(&args.prompt));
+        tokenizer.encode_chat(&messages, true)?
+    } else {
+        tokenizer.encode(&args.prompt, true)?
+    };
+    if tokenizer.eos_ids().is_empty() {
+        tracing::warn!(
+            "the tokenizer declares no EOS token: generation stops only at --max-new-tokens"
+        );
+    }
+    let model = Model::load(&dir, args.runtime.device()?, args.runtime.kind()?)?;
+    let config = GenerateConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        stop_ids: tokenizer.eos_ids().to_vec(),
+    };
+
+    let start = Instant::now();
+    let mut stream = tokenizer.text_stream(true);
+    let mut stdout = std::io::stdout().lock();
+    let out = generate(&model, &prompt, &config, |token| {
+        if let Some(text) = stream.step(token)? {
+            stdout
+                .write_all(text.as_bytes())
+                .and_then(|_| stdout.flush())
+                .context("writing to stdout")?;
+        }
+        Ok(())
+    })?;
+    let rest = stream.finish()?;
+    writeln!(stdout, "{rest}").context("writing to stdout")?;
+    let seconds = start.elapsed().as_secs_f64();
+    let stop = match out.stop {
+        StopReason::Eos(id) => format!("end-of-sequence token {id}"),
+        StopReason::MaxNewTokens => "--max-new-tokens reached".to_string(),
+        StopReason::ContextFull => "the model's context is full".to_string(),
+    };
+    tracing::info!(
+        "{} prompt tokens, {} generated in {seconds:.2} s ({:.1} tokens/s); stopped: {stop}",
+        prompt.len(),
+        out.tokens.len(),
+        out.tokens.len() as f64 / seconds.max(1e-9)
+    );
+    Ok(())
 }

@@ -1,0 +1,35 @@
+//! The crate's error type: every message names the tensor or setting and what was expected.
+use tch::Kind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{tensor}: expected {expected}, got shape {got:?}")]
+    Shape {
+        tensor: &'static str,
+        expected: String,
+        got: Vec<i64>,
+    },
+    #[error("{tensor}: dtype {got:?} is not supported (expected f16, bf16, f32 or f64)")]
+    Dtype { tensor: &'static str, got: Kind },
+    #[error("{tensor}: {message}")]
+    Value {
+        tensor: &'static str,
+        message: String,
+    },
+    #[error("{setting}: {message}")]
+    Config {
+        setting: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn config(setting: &'static str, message: impl Into<String>) -> Error {
+    Error::Config {
+        setting,
+        message: message.into(),
+    }
+}

@@ -1,0 +1,706 @@
+//! A converted layer's attention: the method a recipe names for it ([`AttentionConfig`]) and the
+//! [`LinearizedMixer`] that runs it inside a linearize-models decoder. Full passes and prefill
+//! use the chunked kernels; a one-token step with a non-empty state uses the recurrent form.
+use crate::feature_map::{FeatureMap, FeatureMapConfig};
+use crate::ops::gla::{self, GlaConfig, GlaState};
+use crate::ops::liger::{self, LigerConfig, LigerInputs, LigerState};
+use crate::ops::linear_attn::{self, LinearAttnConfig, LinearState};
+use crate::ops::lolcats::{self, LolcatsConfig, LolcatsInputs, LolcatsState, WindowFactors};
+use crate::ops::swa::{self, SwaConfig, SwaState};
+use crate::ops::window::WindowShape;
+use anyhow::{bail, ensure, Context, Result};
+use linearize_models::config::ModelConfig;
+use linearize_models::mixer::{Mixer, MixerInput, MixerState, SoftmaxMixer};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use tch::{nn, Tensor};
+
+/// The attention method of one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// The original softmax attention (the layer is not converted).
+    Softmax,
+    /// Normalised linear attention with a feature map (Hedgehog, T2R, 1+ELU, Based).
+    Linear,
+    /// LoLCATs: softmax over a local window plus linear attention before it, one normaliser.
+    Lolcats,
+    /// Softmax over a sliding window only.
+    SlidingWindow,
+    /// Liger's gated linear attention alone.
+    LigerGla,
+    /// Liger attention: 0.5 sliding-window softmax + 0.5 GLA.
+    Liger,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Softmax => "softmax",
+            Self::Linear => "linear",
+            Self::Lolcats => "lolcats",
+            Self::SlidingWindow => "sliding_window",
+            Self::LigerGla => "liger_gla",
+            Self::Liger => "liger",
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The attention of a converted layer as a recipe writes it, e.g.
+/// `{method: lolcats, feature_map: {kind: hedgehog, feature_dim: 64}, window_size: 64}`.
+/// Every field but `method` is optional; a field given for a method that does not use it is an
+/// error ([`AttentionConfig::validate`]) rather than silently ignored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionConfig {
+    /// `softmax`, `linear`, `lolcats`, `sliding_window`, `liger_gla` or `liger`.
+    pub method: Method,
+    /// `linear`, `lolcats`: the map φ applied to q and k after RoPE (a separate map, with its own
+    /// parameters, for each). Default: Hedgehog with feature_dim 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_map: Option<FeatureMapConfig>,
+    /// `lolcats`: `sw` (the last `window_size` tokens) or `tk` (terrace blocks). Default `sw`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_shape: Option<WindowShape>,
+    /// `lolcats`, `sliding_window`, `liger`: tokens of the softmax window. Default 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_size: Option<i64>,
+    /// Every method but `softmax`: tokens per chunk of the chunked kernels (training and
+    /// prefill). Default 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_size: Option<i64>,
+    /// `linear`: added to the normaliser. Default 1e-12.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eps: Option<f64>,
+    /// `liger_gla`, `liger`: log-gates are `logsigmoid(k) / gate_normalizer`. Default 16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_normalizer: Option<f64>,
+    /// `liger_gla`, `liger`: tokens per sub-chunk of the GLA kernel; must divide `chunk_size`.
+    /// Default 16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_chunk: Option<i64>,
+}
+
+const DEFAULT_FEATURE_MAP: FeatureMapConfig = FeatureMapConfig::Hedgehog {
+    feature_dim: 64,
+    half_space: false,
+    bias: false,
+    init: crate::feature_map::FeatureMapInit::Kaiming,
+};
+const DEFAULT_WINDOW: i64 = 64;
+const DEFAULT_CHUNK: i64 = 64;
+const DEFAULT_EPS: f64 = 1e-12;
+const DEFAULT_GATE_NORMALIZER: f64 = 16.0;
+const DEFAULT_SUB_CHUNK: i64 = 16;
+
+/// The optional fields of [`AttentionConfig`] and the methods that use each.
+const FIELD_USERS: [(&str, &[Method]); 7] = [
+    ("feature_map", &[Method::Linear, Method::Lolcats]),
+    ("window_shape", &[Method::Lolcats]),
+    (
+        "window_size",
+        &[Method::Lolcats, Method::SlidingWindow, Method::Liger],
+    ),
+    (
+        "chunk_size",
+        &[
+            Method::Linear,
+            Method::Lolcats,
+            Method::SlidingWindow,
+            Method::LigerGla,
+            Method::Liger,
+        ],
+    ),
+    ("eps", &[Method::Linear]),
+    ("gate_normalizer", &[Method::LigerGla, Method::Liger]),
+    ("sub_chunk", &[Method::LigerGla, Method::Liger]),
+];
+
+impl AttentionConfig {
+    /// `method` with every other field at its default.
+    pub fn new(method: Method) -> Self {
+        Self {
+            method,
+            feature_map: None,
+            window_shape: None,
+            window_size: None,
+            chunk_size: None,
+            eps: None,
+            gate_normalizer: None,
+            sub_chunk: None,
+        }
+    }
+
+    /// Checks that every given field is used by the method and in range; the error names the
+    /// field.
+    pub fn validate(&self) -> Result<()> {
+        for (field, users) in FIELD_USERS {
+            if self.is_set(field) && !users.contains(&self.method) {
+                let users: Vec<&str> = users.iter().map(|m| m.as_str()).collect();
+                bail!(
+                    "attention.{field} is not used by method `{}` (only by {})",
+                    self.method,
+                    users.join(", ")
+                );
+            }
+        }
+        if let Some(fm) = &self.feature_map {
+            fm.validate().context("attention.feature_map")?;
+        }
+        for (field, value) in [
+            ("window_size", self.window_size),
+            ("chunk_size", self.chunk_size),
+            ("sub_chunk", self.sub_chunk),
+        ] {
+            if let Some(value) = value {
+                ensure!(value >= 1, "attention.{field} must be >= 1, got {value}");
+            }
+        }
+        if let Some(eps) = self.eps {
+            ensure!(
+                eps.is_finite() && eps >= 0.0,
+                "attention.eps must be >= 0, got {eps}"
+            );
+        }
+        if let Some(g) = self.gate_normalizer {
+            ensure!(
+                g.is_finite() && g > 0.0,
+                "attention.gate_normalizer must be > 0, got {g}"
+            );
+        }
+        if matches!(self.method, Method::LigerGla | Method::Liger) {
+            let (chunk, sub) = (self.chunk(), self.sub_chunk.unwrap_or(DEFAULT_SUB_CHUNK));
+            ensure!(
+                chunk % sub == 0,
+                "attention.sub_chunk ({sub}) must divide attention.chunk_size ({chunk})"
+            );
+        }
+        Ok(())
+    }
+
+    fn is_set(&self, field: &str) -> bool {
+        match field {
+            "feature_map" => self.feature_map.is_some(),
+            "window_shape" => self.window_shape.is_some(),
+            "window_size" => self.window_size.is_some(),
+            "chunk_size" => self.chunk_size.is_some(),
+            "eps" => self.eps.is_some(),
+            "gate_normalizer" => self.gate_normalizer.is_some(),
+            "sub_chunk" => self.sub_chunk.is_some(),
+            other => unreachable!("no attention field {other}"),
+        }
+    }
+
+    /// The config with every field the method uses filled with its value or default, and the
+    /// others absent (what `recipe.resolved.yaml` shows).
+    pub fn resolved(&self) -> Self {
+        let uses = |field: &str| {
+            FIELD_USERS
+                .iter()
+                .any(|(f, users)| *f == field && users.contains(&self.method))
+        };
+        Self {
+            method: self.method,
+            feature_map: uses("feature_map").then(|| self.feature_map()),
+            window_shape: uses("window_shape").then(|| self.window_shape.unwrap_or(WindowShape::Sw)),
+            window_size: uses("window_size").then(|| self.window()),
+            chunk_size: uses("chunk_size").then(|| self.chunk()),
+            eps: uses("eps").then(|| self.eps.unwrap_or(DEFAULT_EPS)),
+            gate_normalizer: uses("gate_normalizer")
+                .then(|| self.gate_normalizer.unwrap_or(DEFAULT_GATE_NORMALIZER)),
+            sub_chunk: uses("sub_chunk").then(|| self.sub_chunk.unwrap_or(DEFAULT_SUB_CHUNK)),
+        }
+    }
+
+    /// The feature map (or its default).
+    pub fn feature_map(&self) -> FeatureMapConfig {
+        self.feature_map.unwrap_or(DEFAULT_FEATURE_MAP)
+    }
+
+    fn window(&self) -> i64 {
+        self.window_size.unwrap_or(DEFAULT_WINDOW)
+    }
+
+    fn chunk(&self) -> i64 {
+        self.chunk_size.unwrap_or(DEFAULT_CHUNK)
+    }
+
+    pub fn linear_attn_config(&self) -> LinearAttnConfig {
+        LinearAttnConfig {
+            chunk_size: self.chunk(),
+            eps: self.eps.unwrap_or(DEFAULT_EPS),
+        }
+    }
+
+    pub fn lolcats_config(&self) -> LolcatsConfig {
+        LolcatsConfig {
+            window_shape: self.window_shape.unwrap_or(WindowShape::Sw),
+            window_size: self.window(),
+            chunk_size: self.chunk(),
+        }
+    }
+
+    pub fn swa_config(&self) -> SwaConfig {
+        SwaConfig {
+            window_size: self.window(),
+            chunk_size: self.chunk(),
+        }
+    }
+
+    pub fn gla_config(&self) -> GlaConfig {
+        GlaConfig {
+            chunk_size: self.chunk(),
+            sub_chunk: self.sub_chunk.unwrap_or(DEFAULT_SUB_CHUNK),
+        }
+    }
+
+    pub fn liger_config(&self) -> LigerConfig {
+        LigerConfig {
+            window_size: self.window(),
+            gate_normalizer: self.gate_normalizer.unwrap_or(DEFAULT_GATE_NORMALIZER),
+            chunk_size: self.chunk(),
+            sub_chunk: self.sub_chunk.unwrap_or(DEFAULT_SUB_CHUNK),
+        }
+    }
+
+    /// Short name for reports, e.g. `lolcats-sw64+hedgehog64`, `linear+t2r32`, `liger-sw64`.
+    pub fn name(&self) -> String {
+        let fm = || feature_map_name(&self.feature_map());
+        match self.method {
+            Method::Softmax => "softmax".into(),
+            Method::Linear => format!("linear+{}", fm()),
+            Method::Lolcats => {
+                let c = self.lolcats_config();
+                let shape = match c.window_shape {
+                    WindowShape::Sw => "sw",
+                    WindowShape::Tk => "tk",
+                };
+                format!("lolcats-{shape}{}+{}", c.window_size, fm())
+            }
+            Method::SlidingWindow => format!("sliding_window-{}", self.window()),
+            Method::LigerGla => "liger_gla".into(),
+            Method::Liger => format!("liger-sw{}", self.window()),
+        }
+    }
+}
+
+/// `hedgehog64`, `hedgehog64-half`, `t2r32`, `elu`, `based`, `softmax_dim`.
+fn feature_map_name(cfg: &FeatureMapConfig) -> String {
+    match *cfg {
+        FeatureMapConfig::Hedgehog {
+            feature_dim,
+            half_space,
+            ..
+        } => {
+            let half = if half_space { "-half" } else { "" };
+            format!("hedgehog{feature_dim}{half}")
+        }
+        FeatureMapConfig::T2r { feature_dim, .. } => format!("t2r{feature_dim}"),
+        FeatureMapConfig::Elu => "elu".into(),
+        FeatureMapConfig::Based => "based".into(),
+        FeatureMapConfig::SoftmaxDim => "softmax_dim".into(),
+    }
+}
+
+/// The attention geometry of a model's layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerShape {
+    pub num_heads: i64,
+    pub num_kv_heads: i64,
+    pub head_dim: i64,
+    /// The teacher's own softmax window (Mistral's `sliding_window`), kept by the `softmax`
+    /// method so that an unconverted layer computes exactly what the original did.
+    pub sliding_window: Option<i64>,
+}
+
+impl LayerShape {
+    pub fn of(cfg: &ModelConfig) -> Self {
+        Self {
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            sliding_window: cfg.sliding_window,
+        }
+    }
+}
+
+/// The method-specific parts of a [`LinearizedMixer`].
+enum Kernel {
+    Softmax(SoftmaxMixer),
+    Linear {
+        feature_map_q: FeatureMap,
+        feature_map_k: FeatureMap,
+        cfg: LinearAttnConfig,
+    },
+    Lolcats {
+        feature_map_q: FeatureMap,
+        feature_map_k: FeatureMap,
+        window_factors: WindowFactors,
+        cfg: LolcatsConfig,
+    },
+    SlidingWindow(SwaConfig),
+    LigerGla {
+        cfg: GlaConfig,
+        gate_normalizer: f64,
+    },
+    Liger(LigerConfig),
+}
+
+/// The attention core of a converted layer. Its parameters (feature maps `feature_map_q`,
+/// `feature_map_k`, LoLCATs' `window_factors`) live under the `nn::Path` it was built at;
+/// [`LinearizedMixer::shallow_clone`] makes a second mixer over the same parameter tensors.
+pub struct LinearizedMixer {
+    kernel: Kernel,
+    config: AttentionConfig,
+}
+
+/// Decoding state of a [`LinearizedMixer`] (other than softmax, which uses the teacher's KV
+/// cache): the kernel's state once a token has been seen.
+struct LinearizedState {
+    batch: i64,
+    seen: i64,
+    kernel: Option<KernelState>,
+}
+
+enum KernelState {
+    Linear(LinearState),
+    Lolcats(LolcatsState),
+    SlidingWindow(SwaState),
+    LigerGla(GlaState),
+    Liger(LigerState),
+}
+
+impl LinearizedMixer {
+    /// Builds the mixer for a layer of `shape`, creating its trainable parameters under `path`
+    /// (e.g. `student.root() / "model" / "layers" / i / "self_attn"`).
+    pub fn new(path: &nn::Path, shape: &LayerShape, config: &AttentionConfig) -> Result<Self> {
+        config.validate()?;
+        ensure!(
+            shape.num_heads >= 1
+                && shape.num_kv_heads >= 1
+                && shape.head_dim >= 1
+                && shape.num_heads % shape.num_kv_heads == 0,
+            "attention needs heads >= 1 with key/value heads dividing them, got {} query heads, \
+             {} key/value heads of dim {}",
+            shape.num_heads,
+            shape.num_kv_heads,
+            shape.head_dim
+        );
+        let maps = || -> Result<(FeatureMap, FeatureMap)> {
+            let fm = config.feature_map();
+            let map = |name: &str| {
+                FeatureMap::new(&path.sub(name), shape.num_heads, shape.head_dim, &fm)
+                    .with_context(|| format!("building {name}"))
+            };
+            Ok((map("feature_map_q")?, map("feature_map_k")?))
+        };
+        let kernel = match config.method {
+            Method::Softmax => Kernel::Softmax(SoftmaxMixer::new(shape.sliding_window)),
+            Method::Linear => {
+                let (feature_map_q, feature_map_k) = maps()?;
+                Kernel::Linear {
+                    feature_map_q,
+                    feature_map_k,
+                    cfg: config.linear_attn_config(),
+                }
+            }
+            Method::Lolcats => {
+                let (feature_map_q, feature_map_k) = maps()?;
+                Kernel::Lolcats {
+                    feature_map_q,
+                    feature_map_k,
+                    window_factors: WindowFactors::new(path, shape.num_heads),
+                    cfg: config.lolcats_config(),
+                }
+            }
+            Method::SlidingWindow => Kernel::SlidingWindow(config.swa_config()),
+            Method::LigerGla => Kernel::LigerGla {
+                cfg: config.gla_config(),
+                gate_normalizer: config.liger_config().gate_normalizer,
+            },
+            Method::Liger => Kernel::Liger(config.liger_config()),
+        };
+        Ok(Self {
+            kernel,
+            config: config.resolved(),
+        })
+    }
+
+    /// A mixer over the same parameter tensors (gradients of both land in the same place).
+    pub fn shallow_clone(&self) -> Self {
+        let kernel = match &self.kernel {
+            Kernel::Softmax(m) => Kernel::Softmax(*m),
+            Kernel::Linear {
+                feature_map_q,
+                feature_map_k,
+                cfg,
+            } => Kernel::Linear {
+                feature_map_q: feature_map_q.shallow_clone(),
+                feature_map_k: feature_map_k.shallow_clone(),
+                cfg: *cfg,
+            },
+            Kernel::Lolcats {
+                feature_map_q,
+                feature_map_k,
+                window_factors,
+                cfg,
+            } => Kernel::Lolcats {
+                feature_map_q: feature_map_q.shallow_clone(),
+                feature_map_k: feature_map_k.shallow_clone(),
+                window_factors: WindowFactors {
+                    logits: window_factors.logits.shallow_clone(),
+                },
+                cfg: *cfg,
+            },
+            Kernel::SlidingWindow(cfg) => Kernel::SlidingWindow(*cfg),
+            Kernel::LigerGla {
+                cfg,
+                gate_normalizer,
+            } => Kernel::LigerGla {
+                cfg: *cfg,
+                gate_normalizer: *gate_normalizer,
+            },
+            Kernel::Liger(cfg) => Kernel::Liger(*cfg),
+        };
+        Self {
+            kernel,
+            config: self.config.clone(),
+        }
+    }
+
+    /// The resolved config this mixer runs.
+    pub fn config(&self) -> &AttentionConfig {
+        &self.config
+    }
+
+    pub fn method(&self) -> Method {
+        self.config.method
+    }
+
+    /// `(feature_map_q, feature_map_k)` of the `linear` and `lolcats` methods.
+    pub fn feature_maps(&self) -> Option<(&FeatureMap, &FeatureMap)> {
+        match &self.kernel {
+            Kernel::Linear {
+                feature_map_q,
+                feature_map_k,
+                ..
+            }
+            | Kernel::Lolcats {
+                feature_map_q,
+                feature_map_k,
+                ..
+            } => Some((feature_map_q, feature_map_k)),
+            _ => None,
+        }
+    }
+
+    /// Runs the kernel's chunked form from `state` (the empty state when `None`) and returns the
+    /// output (b, h, L, d) with the final state.
+    fn chunked(
+        &self,
+        x: &MixerInput,
+        state: Option<&KernelState>,
+    ) -> Result<(Tensor, KernelState)> {
+        Ok(match &self.kernel {
+            Kernel::Softmax(_) => unreachable!("softmax runs through the teacher mixer"),
+            Kernel::Linear {
+                feature_map_q,
+                feature_map_k,
+                cfg,
+            } => {
+                let state = match state {
+                    Some(KernelState::Linear(s)) => Some(s),
+                    _ => None,
+                };
+                let phi_q = feature_map_q.forward(x.q)?; // (b, h, L, f)
+                let phi_k = feature_map_k.forward(x.k)?; // (b, h, L, f), GQA heads repeated
+                let (y, next) = linear_attn::chunked(&phi_q, &phi_k, x.v, cfg, state)?;
+                (y, KernelState::Linear(next))
+            }
+            Kernel::Lolcats {
+                feature_map_q,
+                feature_map_k,
+                window_factors,
+                cfg,
+            } => {
+                let state = match state {
+                    Some(KernelState::Lolcats(s)) => Some(s),
+                    _ => None,
+                };
+                let phi_q = feature_map_q.forward(x.q)?;
+                let phi_k = feature_map_k.forward(x.k)?;
+                let inputs = lolcats_inputs(x, &phi_q, &phi_k, window_factors);
+                let (y, next) = lolcats::chunked(&inputs, cfg, state)?;
+                (y, KernelState::Lolcats(next))
+            }
+            Kernel::SlidingWindow(cfg) => {
+                let state = match state {
+                    Some(KernelState::SlidingWindow(s)) => Some(s),
+                    _ => None,
+                };
+                let (y, next) = swa::chunked(x.q, x.k, x.v, cfg, state)?;
+                (y, KernelState::SlidingWindow(next))
+            }
+            Kernel::LigerGla {
+                cfg,
+                gate_normalizer,
+            } => {
+                let state = match state {
+                    Some(KernelState::LigerGla(s)) => Some(s),
+                    _ => None,
+                };
+                let (q, k, g) = liger::gla_inputs(x.q_raw, x.k_raw, *gate_normalizer)?;
+                let (y, next) = gla::chunked(&q, &k, x.v, &g, cfg, state)?;
+                (y, KernelState::LigerGla(next))
+            }
+            Kernel::Liger(cfg) => {
+                let state = match state {
+                    Some(KernelState::Liger(s)) => Some(s),
+                    _ => None,
+                };
+                let (y, next) = liger::chunked(&liger_inputs(x), cfg, state)?;
+                (y, KernelState::Liger(next))
+            }
+        })
+    }
+
+    /// One token through the recurrent form, updating `state`.
+    fn step(&self, x: &MixerInput, state: &mut KernelState) -> Result<Tensor> {
+        Ok(match (&self.kernel, state) {
+            (
+                Kernel::Linear {
+                    feature_map_q,
+                    feature_map_k,
+                    cfg,
+                },
+                KernelState::Linear(s),
+            ) => {
+                let phi_q = feature_map_q.forward(x.q)?;
+                let phi_k = feature_map_k.forward(x.k)?;
+                linear_attn::step(s, &phi_q, &phi_k, x.v, cfg)?
+            }
+            (
+                Kernel::Lolcats {
+                    feature_map_q,
+                    feature_map_k,
+                    window_factors,
+                    cfg,
+                },
+                KernelState::Lolcats(s),
+            ) => {
+                let phi_q = feature_map_q.forward(x.q)?;
+                let phi_k = feature_map_k.forward(x.k)?;
+                lolcats::step(
+                    s,
+                    &lolcats_inputs(x, &phi_q, &phi_k, window_factors),
+                    cfg,
+                )?
+            }
+            (Kernel::SlidingWindow(cfg), KernelState::SlidingWindow(s)) => {
+                swa::step(s, x.q, x.k, x.v, cfg)?
+            }
+            (
+                Kernel::LigerGla {
+                    gate_normalizer, ..
+                },
+                KernelState::LigerGla(s),
+            ) => {
+                let (q, k, g) = liger::gla_inputs(x.q_raw, x.k_raw, *gate_normalizer)?;
+                gla::step(s, &q, &k, x.v, &g)?
+            }
+            (Kernel::Liger(cfg), KernelState::Liger(s)) => {
+                liger::step(s, &liger_inputs(x), cfg)?
+            }
+            _ => bail!("{}: decoding state of another method", self.name()),
+        })
+    }
+}
+
+fn lolcats_inputs<'a>(
+    x: &MixerInput<'a>,
+    phi_q: &'a Tensor,
+    phi_k: &'a Tensor,
+    window_factors: &'a WindowFactors,
+) -> LolcatsInputs<'a> {
+    LolcatsInputs {
+        q: x.q,
+        k: x.k,
+        v: x.v,
+        phi_q,
+        phi_k,
+        window_factors: &window_factors.logits,
+    }
+}
+
+/// Liger's GLA half reads the projections before RoPE, its window half those after.
+fn liger_inputs<'a>(x: &MixerInput<'a>) -> LigerInputs<'a> {
+    LigerInputs {
+        q: x.q_raw,
+        k: x.k_raw,
+        q_rope: x.q,
+        k_rope: x.k,
+        v: x.v,
+    }
+}
+
+impl Mixer for LinearizedMixer {
+    fn forward(&self, input: &MixerInput, state: Option<&mut MixerState>) -> Result<Tensor> {
+        if let Kernel::Softmax(teacher) = &self.kernel {
+            return teacher.forward(input, state);
+        }
+        let Some(state) = state else {
+            return Ok(self.chunked(input, None)?.0);
+        };
+        let name = self.name();
+        let state = state
+            .downcast_mut::<LinearizedState>()
+            .with_context(|| format!("{name} was given a decoding state made by another mixer"))?;
+        let (batch, len) = (input.q.size()[0], input.q.size()[2]);
+        ensure!(
+            batch == state.batch,
+            "{name}: decoding state made for batch {} was given a batch of {batch}",
+            state.batch
+        );
+        ensure!(
+            state.seen == input.offset,
+            "{name}: decoding state holds {} tokens but the new tokens start at position {}",
+            state.seen,
+            input.offset
+        );
+        let y = match state.kernel.as_mut() {
+            Some(kernel) if len == 1 => self.step(input, kernel)?,
+            current => {
+                let (y, next) = self.chunked(input, current.as_deref())?;
+                state.kernel = Some(next);
+                y
+            }
+        };
+        state.seen += len;
+        Ok(y)
+    }
+
+    fn new_state(&self, batch: i64) -> Result<MixerState> {
+        if let Kernel::Softmax(teacher) = &self.kernel {
+            return teacher.new_state(batch);
+        }
+        ensure!(batch >= 1, "decoding state needs batch >= 1, got {batch}");
+        Ok(Box::new(LinearizedState {
+            batch,
+            seen: 0,
+            kernel: None,
+        }))
+    }
+
+    fn name(&self) -> String {
+        match &self.kernel {
+            Kernel::Softmax(teacher) => teacher.name(),
+            _ => self.config.name(),
+        }
+    }
+}

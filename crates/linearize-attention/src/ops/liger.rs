@@ -1,0 +1,166 @@
+//! Liger attention (DESIGN.md "Liger GLA"): `0.5 · sliding-window softmax + 0.5 · GLA`, no new
+//! parameters. The GLA half reuses the attention projections before RoPE: `q~ = softmax_d(q)`,
+//! `k~ = softmax_d(k)`, log-gates `g = logsigmoid(k) / 16` (the raw key projection); the window
+//! half (w = 64) uses q and k after RoPE.
+//!
+//! Inputs ([`LigerInputs`]): `q` (b, h, L, d) and `k` (b, h_k, L, d) before RoPE, `q_rope`,
+//! `k_rope` of the same shapes after it, `v` (b, h_v, L, d_v). Output (b, h, L, d_v) in `v`'s
+//! dtype. Each form combines the same form of [`super::swa`] and [`super::gla`].
+use super::gla::{self, GlaConfig, GlaState};
+use super::swa::{self, SwaConfig, SwaState};
+use crate::error::Result;
+use crate::tensors::compute_kind;
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+/// Settings of the Liger kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LigerConfig {
+    /// Sliding-window size of the softmax half.
+    pub window_size: i64,
+    /// Divides logsigmoid(k) to give the log-gates (Liger: 16).
+    pub gate_normalizer: f64,
+    /// Query tokens per chunk of the window half; tokens per chunk of the GLA half.
+    pub chunk_size: i64,
+    /// Sub-chunk of the GLA half (see [`GlaConfig`]).
+    pub sub_chunk: i64,
+}
+
+impl Default for LigerConfig {
+    fn default() -> Self {
+        Self {
+            window_size: 64,
+            gate_normalizer: 16.0,
+            chunk_size: 64,
+            sub_chunk: 16,
+        }
+    }
+}
+
+impl LigerConfig {
+    fn swa(&self) -> SwaConfig {
+        SwaConfig {
+            window_size: self.window_size,
+            chunk_size: self.chunk_size,
+        }
+    }
+
+    fn gla(&self) -> GlaConfig {
+        GlaConfig {
+            chunk_size: self.chunk_size,
+            sub_chunk: self.sub_chunk,
+        }
+    }
+}
+
+/// One call's tensors (see the module docs for shapes).
+pub struct LigerInputs<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub q_rope: &'a Tensor,
+    pub k_rope: &'a Tensor,
+    pub v: &'a Tensor,
+}
+
+/// The window cache of the softmax half and the GLA state.
+#[derive(Debug)]
+pub struct LigerState {
+    pub window: SwaState,
+    pub gla: GlaState,
+}
+
+impl LigerState {
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            window: self.window.shallow_clone(),
+            gla: self.gla.shallow_clone(),
+        }
+    }
+}
+
+/// The GLA half's inputs: `(softmax_d(q), softmax_d(k), logsigmoid(k) / normalizer)` in the
+/// compute dtype.
+pub fn gla_inputs(
+    q: &Tensor,
+    k: &Tensor,
+    gate_normalizer: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let kind = compute_kind("q", q)?;
+    let (q, k) = (q.to_kind(kind), k.to_kind(kind));
+    Ok((
+        q.softmax(-1, kind),
+        k.softmax(-1, kind),
+        k.log_sigmoid() / gate_normalizer,
+    ))
+}
+
+fn mix(window: Tensor, gla: Tensor, v: &Tensor) -> Tensor {
+    ((window.to_kind(gla.kind()) + gla) * 0.5).to_kind(v.kind())
+}
+
+fn upcast(x: &Tensor) -> Result<Tensor> {
+    Ok(x.to_kind(compute_kind("v", x)?))
+}
+
+pub fn naive(x: &LigerInputs, cfg: &LigerConfig) -> Result<Tensor> {
+    let v = upcast(x.v)?;
+    let (q, k, g) = gla_inputs(x.q, x.k, cfg.gate_normalizer)?;
+    let window = swa::naive(x.q_rope, x.k_rope, &v, &cfg.swa())?;
+    Ok(mix(window, gla::naive(&q, &k, &v, &g)?, x.v))
+}
+
+/// Runs the sequence on from `state` (empty when `None`); returns the output and the final state.
+pub fn chunked(
+    x: &LigerInputs,
+    cfg: &LigerConfig,
+    state: Option<&LigerState>,
+) -> Result<(Tensor, LigerState)> {
+    let v = upcast(x.v)?;
+    let (q, k, g) = gla_inputs(x.q, x.k, cfg.gate_normalizer)?;
+    let (window, window_state) =
+        swa::chunked(x.q_rope, x.k_rope, &v, &cfg.swa(), state.map(|s| &s.window))?;
+    let (linear, gla_state) = gla::chunked(&q, &k, &v, &g, &cfg.gla(), state.map(|s| &s.gla))?;
+    Ok((
+        mix(window, linear, x.v),
+        LigerState {
+            window: window_state,
+            gla: gla_state,
+        },
+    ))
+}
+
+/// Adds one token (len 1) to `state` and returns its output (b, h, 1, d_v).
+pub fn step(state: &mut LigerState, x: &LigerInputs, cfg: &LigerConfig) -> Result<Tensor> {
+    let v = upcast(x.v)?;
+    let (q, k, g) = gla_inputs(x.q, x.k, cfg.gate_normalizer)?;
+    // Both halves advance or neither does.
+    let mut next = state.shallow_clone();
+    let window = swa::step(&mut next.window, x.q_rope, x.k_rope, &v, &cfg.swa())?;
+    let linear = gla::step(&mut next.gla, &q, &k, &v, &g)?;
+    *state = next;
+    Ok(mix(window, linear, x.v))
+}
+
+/// Runs a whole sequence token by token, from `state` (empty when `None`).
+pub fn recurrent(
+    x: &LigerInputs,
+    cfg: &LigerConfig,
+    state: Option<LigerState>,
+) -> Result<(Tensor, LigerState)> {
+    let v = upcast(x.v)?;
+    let (q, k, g) = gla_inputs(x.q, x.k, cfg.gate_normalizer)?;
+    let (window_state, gla_state) = match state {
+        Some(s) => (Some(s.window), Some(s.gla)),
+        None => (None, None),
+    };
+    let (window, window_state) = swa::recurrent(x.q_rope, x.k_rope, &v, &cfg.swa(), window_state)?;
+    let (linear, gla_state) = gla::recurrent(&q, &k, &v, &g, gla_state)?;
+    Ok((
+        mix(window, linear, x.v),
+        LigerState {
+            window: window_state,
+            gla: gla_state,
+        },
+    ))
+}

@@ -1,0 +1,161 @@
+//! Normalised causal linear attention (DESIGN.md, "Linear attention"):
+//! `y_t = sum_{s<=t} (φq_t·φk_s) v_s / (sum_{s<=t} φq_t·φk_s + eps)`, no 1/sqrt(d).
+//!
+//! Inputs: `phi_q` (b, h, L, f), `phi_k` (b, h_k, L, f), `v` (b, h_v, L, d) with `h_k` and `h_v`
+//! dividing `h` (GQA; heads are repeated as Hugging Face's `repeat_kv` does). The output is
+//! (b, h, L, d) in `v`'s dtype; sums run in f32 (f64 for f64 inputs).
+mod chunked;
+mod naive;
+mod recurrent;
+
+pub use chunked::chunked;
+pub use naive::naive;
+pub use recurrent::{recurrent, step};
+
+use crate::error::{config, Result};
+use crate::tensors::Dims;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+/// Settings of the linear-attention kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LinearAttnConfig {
+    /// Tokens per chunk in the chunked form.
+    pub chunk_size: i64,
+    /// Added to the normaliser (LoLCATs uses 1e-12).
+    pub eps: f64,
+}
+
+impl Default for LinearAttnConfig {
+    fn default() -> Self {
+        Self {
+            chunk_size: 64,
+            eps: 1e-12,
+        }
+    }
+}
+
+impl LinearAttnConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.chunk_size < 1 {
+            return Err(config(
+                "chunk_size",
+                format!("must be >= 1, got {}", self.chunk_size),
+            ));
+        }
+        if self.eps.is_nan() || self.eps < 0.0 {
+            return Err(config("eps", format!("must be >= 0, got {}", self.eps)));
+        }
+        Ok(())
+    }
+}
+
+/// Everything a linear-attention layer remembers of the tokens it has seen: `kv = sum φk_s^T v_s`
+/// (b, h, f, d) and `k_sum = sum φk_s` (b, h, f), in the compute dtype. Produced by
+/// [`chunked`] (prefill) and carried on by [`step`] / [`recurrent`] (decoding).
+#[derive(Debug)]
+pub struct LinearState {
+    pub kv: Tensor,
+    pub k_sum: Tensor,
+}
+
+impl LinearState {
+    /// The state of no tokens.
+    pub fn zeros(
+        batch: i64,
+        heads: i64,
+        feature_dim: i64,
+        head_dim: i64,
+        opts: (Kind, Device),
+    ) -> Self {
+        Self {
+            kv: Tensor::zeros([batch, heads, feature_dim, head_dim], opts),
+            k_sum: Tensor::zeros([batch, heads, feature_dim], opts),
+        }
+    }
+
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            kv: self.kv.shallow_clone(),
+            k_sum: self.k_sum.shallow_clone(),
+        }
+    }
+
+    /// The state with `phi_k` (b, h, n, f) and `v` (b, h, n, d) added.
+    pub(crate) fn absorb(&self, phi_k: &Tensor, v: &Tensor) -> Self {
+        Self {
+            kv: &self.kv + phi_k.transpose(-1, -2).matmul(v),
+            k_sum: &self.k_sum + phi_k.sum_dim_intlist(-2, false, phi_k.kind()),
+        }
+    }
+
+    /// This state checked against a call's sizes, in the call's compute dtype.
+    pub(crate) fn for_call(&self, dims: &Shapes, kind: Kind) -> Result<Self> {
+        self.check(dims)?;
+        Ok(Self {
+            kv: self.kv.to_kind(kind),
+            k_sum: self.k_sum.to_kind(kind),
+        })
+    }
+
+    /// `state` prepared for a call, or the empty state.
+    pub(crate) fn initial(
+        state: Option<&Self>,
+        dims: &Shapes,
+        opts: (Kind, Device),
+    ) -> Result<Self> {
+        match state {
+            Some(state) => state.for_call(dims, opts.0),
+            None => Ok(Self::zeros(
+                dims.batch,
+                dims.heads,
+                dims.feature_dim,
+                dims.head_dim,
+                opts,
+            )),
+        }
+    }
+
+    fn check(&self, dims: &Shapes) -> Result<()> {
+        let want = [dims.batch, dims.heads, dims.feature_dim, dims.head_dim];
+        if self.kv.size() != want {
+            return Err(crate::tensors::shape(
+                "state.kv",
+                &format!("{want:?}"),
+                &self.kv,
+            ));
+        }
+        if self.k_sum.size() != want[..3] {
+            return Err(crate::tensors::shape(
+                "state.k_sum",
+                &format!("{:?}", &want[..3]),
+                &self.k_sum,
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checked sizes of one call.
+pub(crate) struct Shapes {
+    pub batch: i64,
+    pub heads: i64,
+    pub len: i64,
+    pub feature_dim: i64,
+    pub head_dim: i64,
+}
+
+pub(crate) fn check_inputs(phi_q: &Tensor, phi_k: &Tensor, v: &Tensor) -> Result<Shapes> {
+    let q = Dims::of("phi_q", phi_q)?;
+    q.check_companion("phi_k", phi_k)?
+        .check_dim("phi_k", phi_k, q.dim)?;
+    let vd = q.check_companion("v", v)?;
+    Ok(Shapes {
+        batch: q.batch,
+        heads: q.heads,
+        len: q.len,
+        feature_dim: q.dim,
+        head_dim: vd.dim,
+    })
+}

@@ -1,0 +1,275 @@
+//! LoLCATs attention (DESIGN.md "LoLCATs"): softmax over a local window W(t) plus linear attention
+//! over the keys before it, with one shared normaliser and a per-head window factor
+//! `γ_h = sigmoid(w_h)`:
+//!
+//! ```text
+//! a_ts = γ_h · exp(q_t·k_s/√d − m_t)   s in W(t), m_t = max_{s in W(t)} q_t·k_s/√d
+//! a_ts = φq_t·φk_s                      s < t, s not in W(t)
+//! y_t  = Σ_s a_ts v_s / Σ_s a_ts
+//! ```
+//!
+//! As in LoLCATs' `hybrid_attention_quadratic`, the linear terms are not scaled by `exp(−m_t)`, so
+//! the max is part of the function (and of its gradient), not only a stabiliser.
+//!
+//! Inputs ([`LolcatsInputs`]): `q` (b, h, L, d) and `k` (b, h_k, L, d) after RoPE, `v`
+//! (b, h_v, L, d_v), `phi_q` (b, h, L, f), `phi_k` (b, h_f, L, f), and the window-factor logits
+//! `w` (h elements); `h_k`, `h_v`, `h_f` divide `h`. Output (b, h, L, d_v) in `v`'s dtype.
+mod chunked;
+mod naive;
+mod recurrent;
+
+pub use chunked::chunked;
+pub use naive::naive;
+pub use recurrent::{recurrent, step};
+
+use super::linear_attn::{self, LinearState};
+use super::window::{Window, WindowShape};
+use crate::error::{config, Error, Result};
+use crate::tensors::{compute_kind, repeat_heads, shape, Dims};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+/// LoLCATs' initial window-factor logit: sigmoid(-2.1972) = 0.1.
+pub const WINDOW_FACTOR_INIT: f64 = -2.1972;
+
+/// Settings of the LoLCATs kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LolcatsConfig {
+    /// `sw` (last w tokens) or `tk` (terrace).
+    pub window_shape: WindowShape,
+    /// w, tokens per window (or terrace block).
+    pub window_size: i64,
+    /// Query tokens per chunk in the chunked form.
+    pub chunk_size: i64,
+}
+
+impl Default for LolcatsConfig {
+    fn default() -> Self {
+        Self {
+            window_shape: WindowShape::Sw,
+            window_size: 64,
+            chunk_size: 64,
+        }
+    }
+}
+
+impl LolcatsConfig {
+    pub fn window(&self) -> Window {
+        Window {
+            shape: self.window_shape,
+            size: self.window_size,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.window().validate()?;
+        if self.chunk_size < 1 {
+            return Err(config(
+                "chunk_size",
+                format!("must be >= 1, got {}", self.chunk_size),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The trainable per-head window factors `w_h` (γ_h = sigmoid(w_h)), a variable named
+/// `window_factors` of shape (h) under the given path.
+#[derive(Debug)]
+pub struct WindowFactors {
+    pub logits: Tensor,
+}
+
+impl WindowFactors {
+    pub fn new(path: &nn::Path, num_heads: i64) -> Self {
+        let logits = path.var(
+            "window_factors",
+            &[num_heads],
+            nn::Init::Const(WINDOW_FACTOR_INIT),
+        );
+        Self { logits }
+    }
+}
+
+/// One call's tensors (see the module docs for shapes).
+pub struct LolcatsInputs<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub phi_q: &'a Tensor,
+    pub phi_k: &'a Tensor,
+    pub window_factors: &'a Tensor,
+}
+
+/// What a LoLCATs layer remembers: the last `m <= reach` tokens' keys, key features and values
+/// (window cache, at their own head counts), linear sums over every token before them, and the
+/// number of tokens seen. Produced by [`chunked`] and carried on by [`step`] / [`recurrent`].
+#[derive(Debug)]
+pub struct LolcatsState {
+    pub k: Tensor,
+    pub phi_k: Tensor,
+    pub v: Tensor,
+    pub linear: LinearState,
+    pub pos: i64,
+}
+
+impl LolcatsState {
+    /// Tokens in the window cache.
+    pub fn cached(&self) -> i64 {
+        self.k.size()[2]
+    }
+
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            k: self.k.shallow_clone(),
+            phi_k: self.phi_k.shallow_clone(),
+            v: self.v.shallow_clone(),
+            linear: self.linear.shallow_clone(),
+            pos: self.pos,
+        }
+    }
+
+    /// `state` checked against the call and converted to its compute dtype, or the empty state.
+    pub(crate) fn initial(
+        state: Option<&Self>,
+        s: &Shapes,
+        window: &Window,
+        opts: (Kind, Device),
+    ) -> Result<Self> {
+        let lin = s.linear();
+        let Some(state) = state else {
+            let empty = |heads, dim| Tensor::zeros([s.batch, heads, 0, dim], opts);
+            return Ok(Self {
+                k: empty(s.k_heads, s.head_dim),
+                phi_k: empty(s.phi_k_heads, s.feature_dim),
+                v: empty(s.v_heads, s.value_dim),
+                linear: LinearState::initial(None, &lin, opts)?,
+                pos: 0,
+            });
+        };
+        let m = state.cached();
+        for (name, t, heads, dim) in [
+            ("state.k", &state.k, s.k_heads, s.head_dim),
+            ("state.phi_k", &state.phi_k, s.phi_k_heads, s.feature_dim),
+            ("state.v", &state.v, s.v_heads, s.value_dim),
+        ] {
+            if t.size() != [s.batch, heads, m, dim] {
+                return Err(shape(name, &format!("{:?}", [s.batch, heads, m, dim]), t));
+            }
+        }
+        if m > window.reach() || m > state.pos {
+            return Err(Error::Value {
+                tensor: "state.k",
+                message: format!(
+                    "window cache of {m} tokens at position {}; the window keeps at most {}",
+                    state.pos,
+                    window.reach()
+                ),
+            });
+        }
+        Ok(Self {
+            k: state.k.to_kind(opts.0),
+            phi_k: state.phi_k.to_kind(opts.0),
+            v: state.v.to_kind(opts.0),
+            linear: state.linear.for_call(&lin, opts.0)?,
+            pos: state.pos,
+        })
+    }
+
+    /// The state after appending `k`, `phi_k`, `v` (b, ·, n, ·) to the cache: the last `reach`
+    /// tokens stay, the ones before join the linear sums.
+    pub(crate) fn advance(
+        &self,
+        k: &Tensor,
+        phi_k: &Tensor,
+        v: &Tensor,
+        heads: i64,
+        window: &Window,
+    ) -> Self {
+        let added = k.size()[2];
+        let (k, phi_k, v) = (
+            Tensor::cat(&[&self.k, k], 2),
+            Tensor::cat(&[&self.phi_k, phi_k], 2),
+            Tensor::cat(&[&self.v, v], 2),
+        );
+        let total = k.size()[2];
+        let keep = total.min(window.reach());
+        let leaving = total - keep;
+        let linear = self.linear.absorb(
+            &repeat_heads(&phi_k.narrow(2, 0, leaving), heads),
+            &repeat_heads(&v.narrow(2, 0, leaving), heads),
+        );
+        Self {
+            k: k.narrow(2, leaving, keep),
+            phi_k: phi_k.narrow(2, leaving, keep),
+            v: v.narrow(2, leaving, keep),
+            linear,
+            pos: self.pos + added,
+        }
+    }
+}
+
+/// Checked sizes of one call.
+pub(crate) struct Shapes {
+    pub batch: i64,
+    pub heads: i64,
+    pub len: i64,
+    pub head_dim: i64,
+    pub value_dim: i64,
+    pub feature_dim: i64,
+    pub k_heads: i64,
+    pub phi_k_heads: i64,
+    pub v_heads: i64,
+}
+
+impl Shapes {
+    fn linear(&self) -> linear_attn::Shapes {
+        linear_attn::Shapes {
+            batch: self.batch,
+            heads: self.heads,
+            len: self.len,
+            feature_dim: self.feature_dim,
+            head_dim: self.value_dim,
+        }
+    }
+}
+
+pub(crate) fn check_inputs(x: &LolcatsInputs) -> Result<Shapes> {
+    let q = Dims::of("q", x.q)?;
+    let k = q.check_companion("k", x.k)?;
+    k.check_dim("k", x.k, q.dim)?;
+    let v = q.check_companion("v", x.v)?;
+    let phi_q = q.check_companion("phi_q", x.phi_q)?;
+    if phi_q.heads != q.heads {
+        return Err(shape("phi_q", &format!("{} heads, as q", q.heads), x.phi_q));
+    }
+    let phi_k = q.check_companion("phi_k", x.phi_k)?;
+    phi_k.check_dim("phi_k", x.phi_k, phi_q.dim)?;
+    if x.window_factors.numel() != q.heads as usize {
+        return Err(shape(
+            "window_factors",
+            &format!("{} elements (one per head)", q.heads),
+            x.window_factors,
+        ));
+    }
+    compute_kind("q", x.q)?;
+    Ok(Shapes {
+        batch: q.batch,
+        heads: q.heads,
+        len: q.len,
+        head_dim: q.dim,
+        value_dim: v.dim,
+        feature_dim: phi_q.dim,
+        k_heads: k.heads,
+        phi_k_heads: phi_k.heads,
+        v_heads: v.heads,
+    })
+}
+
+/// γ_h = sigmoid(w_h), shaped to broadcast over (b, h, ...) tensors of `rank` dims.
+pub(crate) fn gammas(window_factors: &Tensor, heads: i64, kind: Kind, rank: usize) -> Tensor {
+    let mut shape = vec![1i64; rank];
+    shape[1] = heads;
+    window_factors.to_kind(kind).sigmoid().reshape(shape)
+}

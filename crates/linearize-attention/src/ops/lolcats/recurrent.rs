@@ -1,0 +1,88 @@
+//! Recurrent form for decoding: one token against the window cache and the linear sums.
+use super::{check_inputs, gammas, LolcatsConfig, LolcatsInputs, LolcatsState};
+use crate::error::Result;
+use crate::tensors::{compute_kind, prepare, repeat_heads, Dims};
+use tch::{Kind, Tensor};
+
+/// Adds one token (len 1) to `state` and returns its output (b, h, 1, d_v).
+pub fn step(state: &mut LolcatsState, x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Tensor> {
+    cfg.validate()?;
+    let s = check_inputs(x)?;
+    Dims::of("q", x.q)?.check_single("q", x.q)?;
+    let kind = compute_kind("v", x.v)?;
+    let window = cfg.window();
+    let device = x.v.device();
+    let current = LolcatsState::initial(Some(state), &s, &window, (kind, device))?;
+    let h = s.heads;
+    let t = current.pos;
+    let m = current.cached();
+
+    // The cached keys (positions t-m .. t-1) and the new one; which of them the window holds.
+    let cat = |cache: &Tensor, new: &Tensor| {
+        repeat_heads(&Tensor::cat(&[cache, &new.to_kind(kind)], 2), h)
+    };
+    let (keys, phi_keys, values) = (
+        cat(&current.k, x.k),
+        cat(&current.phi_k, x.phi_k),
+        cat(&current.v, x.v),
+    ); // (b, h, m+1, ·)
+    let inside: Vec<bool> = (t - m..=t).map(|pos| window.contains(t, pos)).collect();
+    let inside = Tensor::from_slice(&inside)
+        .to_device(device)
+        .to_kind(Kind::Bool);
+
+    let q = prepare(x.q, kind, h); // (b, h, 1, d)
+    let phi_q = prepare(x.phi_q, kind, h); // (b, h, 1, f)
+    let scores = q.matmul(&keys.transpose(-1, -2)) / (s.head_dim as f64).sqrt(); // (b, h, 1, m+1)
+    let scores = scores.masked_fill(&inside.logical_not(), f64::NEG_INFINITY);
+    let max = scores.amax([-1i64].as_slice(), true);
+    let a_window = (scores - max).exp() * gammas(x.window_factors, h, kind, 4);
+    let a_cached_linear = phi_q
+        .matmul(&phi_keys.transpose(-1, -2))
+        .masked_fill(&inside, 0.0);
+    let a = a_window + a_cached_linear;
+
+    let num = a.matmul(&values) + phi_q.matmul(&current.linear.kv);
+    let den = a.sum_dim_intlist(-1, true, kind) + phi_q.matmul(&current.linear.k_sum.unsqueeze(-1));
+    *state = current.advance(
+        &x.k.to_kind(kind),
+        &x.phi_k.to_kind(kind),
+        &x.v.to_kind(kind),
+        h,
+        &window,
+    );
+    Ok((num / den).to_kind(x.v.kind()))
+}
+
+/// Runs a whole sequence token by token through [`step`], from `state` (empty when `None`).
+pub fn recurrent(
+    x: &LolcatsInputs,
+    cfg: &LolcatsConfig,
+    state: Option<LolcatsState>,
+) -> Result<(Tensor, LolcatsState)> {
+    cfg.validate()?;
+    let s = check_inputs(x)?;
+    let kind = compute_kind("v", x.v)?;
+    let mut state = LolcatsState::initial(state.as_ref(), &s, &cfg.window(), (kind, x.v.device()))?;
+    let mut outputs = Vec::with_capacity(s.len as usize);
+    for t in 0..s.len {
+        let token = |x: &Tensor| x.narrow(2, t, 1);
+        let (q, k, v, phi_q, phi_k) = (
+            token(x.q),
+            token(x.k),
+            token(x.v),
+            token(x.phi_q),
+            token(x.phi_k),
+        );
+        let one = LolcatsInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            phi_q: &phi_q,
+            phi_k: &phi_k,
+            window_factors: x.window_factors,
+        };
+        outputs.push(step(&mut state, &one, cfg)?);
+    }
+    Ok((Tensor::cat(&outputs, 2), state))
+}

@@ -1,0 +1,157 @@
+//! Sliding-window softmax attention (Liger's local half):
+//! `y_t = Σ_{t-w < s <= t} softmax_s(q_t·k_s/√d) v_s`.
+//!
+//! Inputs: `q` (b, h, L, d), `k` (b, h_k, L, d) (both after RoPE), `v` (b, h_v, L, d_v), `h_k` and
+//! `h_v` dividing `h`. Output (b, h, L, d_v) in `v`'s dtype, computed in f32 (f64 for f64).
+mod chunked;
+mod naive;
+mod recurrent;
+
+pub use chunked::chunked;
+pub use naive::naive;
+pub use recurrent::{recurrent, step};
+
+use super::window::Window;
+use crate::error::{config, Error, Result};
+use crate::tensors::{compute_kind, shape, Dims};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+/// Settings of the sliding-window kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SwaConfig {
+    /// w: the query and the w-1 tokens before it.
+    pub window_size: i64,
+    /// Query tokens per chunk in the chunked form.
+    pub chunk_size: i64,
+}
+
+impl Default for SwaConfig {
+    fn default() -> Self {
+        Self {
+            window_size: 64,
+            chunk_size: 64,
+        }
+    }
+}
+
+impl SwaConfig {
+    pub fn window(&self) -> Window {
+        Window::sliding(self.window_size)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.window().validate()?;
+        if self.chunk_size < 1 {
+            return Err(config(
+                "chunk_size",
+                format!("must be >= 1, got {}", self.chunk_size),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The last `m <= w-1` tokens' keys and values (at their own head counts) and the number of tokens
+/// seen. Produced by [`chunked`] and carried on by [`step`] / [`recurrent`].
+#[derive(Debug)]
+pub struct SwaState {
+    pub k: Tensor,
+    pub v: Tensor,
+    pub pos: i64,
+}
+
+impl SwaState {
+    pub fn cached(&self) -> i64 {
+        self.k.size()[2]
+    }
+
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            k: self.k.shallow_clone(),
+            v: self.v.shallow_clone(),
+            pos: self.pos,
+        }
+    }
+
+    pub(crate) fn initial(
+        state: Option<&Self>,
+        s: &Shapes,
+        window: &Window,
+        opts: (Kind, Device),
+    ) -> Result<Self> {
+        let Some(state) = state else {
+            return Ok(Self {
+                k: Tensor::zeros([s.batch, s.k_heads, 0, s.head_dim], opts),
+                v: Tensor::zeros([s.batch, s.v_heads, 0, s.value_dim], opts),
+                pos: 0,
+            });
+        };
+        let m = state.cached();
+        for (name, t, heads, dim) in [
+            ("state.k", &state.k, s.k_heads, s.head_dim),
+            ("state.v", &state.v, s.v_heads, s.value_dim),
+        ] {
+            if t.size() != [s.batch, heads, m, dim] {
+                return Err(shape(name, &format!("{:?}", [s.batch, heads, m, dim]), t));
+            }
+        }
+        if m > window.reach() || m > state.pos {
+            return Err(Error::Value {
+                tensor: "state.k",
+                message: format!(
+                    "window cache of {m} tokens at position {}; the window keeps at most {}",
+                    state.pos,
+                    window.reach()
+                ),
+            });
+        }
+        Ok(Self {
+            k: state.k.to_kind(opts.0),
+            v: state.v.to_kind(opts.0),
+            pos: state.pos,
+        })
+    }
+
+    /// The state after appending `k`, `v` (b, ·, n, ·): only the last `reach` tokens stay.
+    pub(crate) fn advance(&self, k: &Tensor, v: &Tensor, window: &Window) -> Self {
+        let added = k.size()[2];
+        let (k, v) = (Tensor::cat(&[&self.k, k], 2), Tensor::cat(&[&self.v, v], 2));
+        let total = k.size()[2];
+        let keep = total.min(window.reach());
+        Self {
+            k: k.narrow(2, total - keep, keep),
+            v: v.narrow(2, total - keep, keep),
+            pos: self.pos + added,
+        }
+    }
+}
+
+/// Checked sizes of one call.
+pub(crate) struct Shapes {
+    pub batch: i64,
+    pub heads: i64,
+    pub len: i64,
+    pub head_dim: i64,
+    pub value_dim: i64,
+    pub k_heads: i64,
+    pub v_heads: i64,
+}
+
+pub(crate) fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Shapes> {
+    let qd = Dims::of("q", q)?;
+    let kd = qd.check_companion("k", k)?;
+    kd.check_dim("k", k, qd.dim)?;
+    let vd = qd.check_companion("v", v)?;
+    compute_kind("q", q)?;
+    Ok(Shapes {
+        batch: qd.batch,
+        heads: qd.heads,
+        len: qd.len,
+        head_dim: qd.dim,
+        value_dim: vd.dim,
+        k_heads: kd.heads,
+        v_heads: vd.heads,
+    })
+}

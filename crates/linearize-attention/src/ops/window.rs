@@ -1,0 +1,256 @@
+//! Local softmax windows (LoLCATs `sw` / `tk`, Liger's sliding window) and the blocked key layout
+//! through which chunked forms reach them in O(L * (C + w)).
+use crate::error::{config, Result};
+use crate::tensors::{ceil_div, pad_seq};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+/// Which keys a query attends to with softmax.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowShape {
+    /// The last `size` tokens, the query included.
+    Sw,
+    /// "Terrace": the query's block of `size` tokens plus the previous block. Blocks are aligned to
+    /// absolute position 0, so a prefix computed in one call and continued in another sees the same
+    /// blocks. (LoLCATs' training masks align blocks to the end of the sequence instead; the two
+    /// agree whenever the length is a multiple of `size`.)
+    Tk,
+}
+
+/// A window shape and its size `w`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    pub shape: WindowShape,
+    pub size: i64,
+}
+
+impl Window {
+    pub fn sliding(size: i64) -> Self {
+        Self {
+            shape: WindowShape::Sw,
+            size,
+        }
+    }
+
+    pub fn terrace(size: i64) -> Self {
+        Self {
+            shape: WindowShape::Tk,
+            size,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.size < 1 {
+            return Err(config(
+                "window size",
+                format!("must be >= 1, got {}", self.size),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The largest `t - s` of a key `s` inside the window of query `t`: how many earlier tokens a
+    /// decoder must keep in its window cache.
+    pub fn reach(&self) -> i64 {
+        match self.shape {
+            WindowShape::Sw => self.size - 1,
+            WindowShape::Tk => 2 * self.size - 1,
+        }
+    }
+
+    /// Whether key position `s` lies in the window of query position `t` (both absolute, `s <= t`).
+    pub fn contains(&self, t: i64, s: i64) -> bool {
+        match self.shape {
+            WindowShape::Sw => t - s < self.size,
+            WindowShape::Tk => s >= (t / self.size - 1) * self.size,
+        }
+    }
+
+    /// Boolean masks `(window, linear)` for broadcastable i64 position tensors: `window` marks
+    /// causal keys inside the window, `linear` causal keys before it.
+    pub fn masks(&self, q_pos: &Tensor, k_pos: &Tensor) -> (Tensor, Tensor) {
+        let causal = k_pos.le_tensor(q_pos);
+        let inside = match self.shape {
+            WindowShape::Sw => (q_pos - k_pos).lt(self.size),
+            WindowShape::Tk => {
+                let block_start = q_pos.floor_divide_scalar(self.size) * self.size;
+                k_pos.ge_tensor(&(block_start - self.size))
+            }
+        };
+        let window = causal.logical_and(&inside);
+        let linear = causal.logical_and(&inside.logical_not());
+        (window, linear)
+    }
+}
+
+/// Layout of one chunked call: the new tokens' queries cut into `chunks` chunks of `chunk`
+/// tokens; the keys `[cached ; new]` placed into slots so that query chunk `j` finds every key
+/// its windows can reach in the local block of slots `[j*C, j*C + (history+1)*C)`. Slot `u` holds
+/// absolute position `pos0 - history*C + u`; slots before the cache and after the new tokens are
+/// zero padding.
+pub(crate) struct LocalBlocks {
+    pub chunk: i64,
+    pub history: i64,
+    pub chunks: i64,
+    pub len: i64,
+    pub cached: i64,
+    pub pos0: i64,
+}
+
+impl LocalBlocks {
+    /// `len` new tokens starting at absolute position `pos0`, after `cached` cached tokens.
+    pub fn new(window: &Window, chunk: i64, len: i64, cached: i64, pos0: i64) -> Result<Self> {
+        if chunk < 1 {
+            return Err(config("chunk size", format!("must be >= 1, got {chunk}")));
+        }
+        let history = ceil_div(window.reach(), chunk);
+        if cached > window.reach() || cached > pos0 {
+            return Err(config(
+                "state",
+                format!(
+                    "window cache holds {cached} tokens at position {pos0}; a window of reach {} \
+                     keeps at most that many",
+                    window.reach()
+                ),
+            ));
+        }
+        Ok(Self {
+            chunk,
+            history,
+            chunks: ceil_div(len, chunk),
+            len,
+            cached,
+            pos0,
+        })
+    }
+
+    pub fn block_len(&self) -> i64 {
+        (self.history + 1) * self.chunk
+    }
+
+    fn slots(&self) -> i64 {
+        (self.history + self.chunks) * self.chunk
+    }
+
+    /// `[cached ; new]` keys (b, h, cached+len, x) -> slots (b, h, (history+chunks)*C, x).
+    pub fn slot_keys(&self, ext: &Tensor) -> Tensor {
+        let front = self.history * self.chunk - self.cached;
+        pad_seq(ext, front, self.slots() - front - self.cached - self.len)
+    }
+
+    /// Slots (b, h, S, x) -> local blocks (b, h, chunks, block_len, x).
+    pub fn local(&self, slots: &Tensor) -> Tensor {
+        slots
+            .unfold(2, self.block_len(), self.chunk)
+            .transpose(-1, -2)
+    }
+
+    /// The first `chunks` chunks of the slots (b, h, S, x) -> (b, h, chunks, C, x): the keys lying
+    /// before each query chunk's local block are exactly the chunks before it.
+    pub fn slot_chunks(&self, slots: &Tensor) -> Tensor {
+        let s = slots.size();
+        slots.narrow(2, 0, self.chunks * self.chunk).reshape([
+            s[0],
+            s[1],
+            self.chunks,
+            self.chunk,
+            s[3],
+        ])
+    }
+
+    /// New tokens (b, h, len, x) -> zero-padded query chunks (b, h, chunks, C, x).
+    pub fn query_chunks(&self, x: &Tensor) -> Tensor {
+        let s = x.size();
+        pad_seq(x, 0, self.chunks * self.chunk - self.len).reshape([
+            s[0],
+            s[1],
+            self.chunks,
+            self.chunk,
+            s[3],
+        ])
+    }
+
+    /// Query chunks (b, h, chunks, C, x) -> (b, h, len, x).
+    pub fn unchunk(&self, y: &Tensor) -> Tensor {
+        let s = y.size();
+        y.reshape([s[0], s[1], self.chunks * self.chunk, s[4]])
+            .narrow(2, 0, self.len)
+    }
+
+    /// `(window, linear)` masks of shape (chunks, C, block_len); padding slots before the cache
+    /// are excluded. Padding after the new tokens lies after every real query, so causality
+    /// excludes it, while each padded query still sees itself (no empty softmax rows).
+    pub fn masks(&self, window: &Window, device: Device) -> (Tensor, Tensor) {
+        let opts = (Kind::Int64, device);
+        let (n, c, k) = (self.chunks, self.chunk, self.block_len());
+        let q_pos = (Tensor::arange(n * c, opts) + self.pos0).reshape([n, c, 1]);
+        let first_slot = self.pos0 - self.history * c;
+        let k_pos = (Tensor::arange(n, opts).reshape([n, 1, 1]) * c
+            + Tensor::arange(k, opts).reshape([1, 1, k]))
+            + first_slot;
+        let (win, lin) = window.masks(&q_pos, &k_pos);
+        let real = k_pos.ge(self.pos0 - self.cached);
+        (win.logical_and(&real), lin.logical_and(&real))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dense_masks(window: &Window, len: i64) -> (Vec<Vec<bool>>, Vec<Vec<bool>>) {
+        let pos = Tensor::arange(len, (Kind::Int64, Device::Cpu));
+        let (win, lin) = window.masks(&pos.reshape([len, 1]), &pos.reshape([1, len]));
+        let rows = |m: Tensor| {
+            let m = m.to_kind(Kind::Int64);
+            (0..len)
+                .map(|t| (0..len).map(|s| m.int64_value(&[t, s]) != 0).collect())
+                .collect()
+        };
+        (rows(win), rows(lin))
+    }
+
+    fn parse(rows: &[&str]) -> Vec<Vec<bool>> {
+        rows.iter()
+            .map(|r| r.chars().map(|c| c == '1').collect())
+            .collect()
+    }
+
+    #[test]
+    fn sliding_window_masks_match_lolcats() {
+        // LoLCATs `sw` get_masks: window = tril(0) - tril(-w), linear = tril(-w).
+        let (win, lin) = dense_masks(&Window::sliding(2), 5);
+        assert_eq!(win, parse(&["10000", "11000", "01100", "00110", "00011"]));
+        assert_eq!(lin, parse(&["00000", "00000", "10000", "11000", "11100"]));
+    }
+
+    #[test]
+    fn terrace_window_masks_match_lolcats_at_multiples_of_the_block() {
+        // LoLCATs `tk` get_masks for q_len = k_len = 6, w = 2 (block_diag + roll(-w), tril).
+        let (win, lin) = dense_masks(&Window::terrace(2), 6);
+        assert_eq!(
+            win,
+            parse(&["100000", "110000", "111000", "111100", "001110", "001111"])
+        );
+        assert_eq!(
+            lin,
+            parse(&["000000", "000000", "000000", "000000", "110000", "110000"])
+        );
+    }
+
+    #[test]
+    fn contains_agrees_with_masks_and_reach() {
+        for window in [Window::sliding(3), Window::terrace(3), Window::sliding(1)] {
+            let (win, _) = dense_masks(&window, 12);
+            for t in 0..12 {
+                for s in 0..=t {
+                    assert_eq!(win[t as usize][s as usize], window.contains(t, s));
+                    if window.contains(t, s) {
+                        assert!(t - s <= window.reach());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Shape checks, GQA head expansion and the fp32 compute dtype shared by every kernel.
+use crate::error::{Error, Result};
+use tch::{Kind, Tensor};
+
+/// Sizes of a `(batch, heads, len, dim)` tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Dims {
+    pub batch: i64,
+    pub heads: i64,
+    pub len: i64,
+    pub dim: i64,
+}
+
+impl Dims {
+    pub fn of(tensor: &'static str, t: &Tensor) -> Result<Self> {
+        match t.size()[..] {
+            [batch, heads, len, dim] if batch > 0 && heads > 0 && len > 0 && dim > 0 => Ok(Self {
+                batch,
+                heads,
+                len,
+                dim,
+            }),
+            _ => Err(shape(tensor, "(batch, heads, len, dim), all >= 1", t)),
+        }
+    }
+
+    /// Checks that this is a single token (decoding step).
+    pub fn check_single(&self, tensor: &'static str, t: &Tensor) -> Result<()> {
+        if self.len != 1 {
+            return Err(shape(tensor, "one token per step (len 1)", t));
+        }
+        Ok(())
+    }
+
+    /// Checks that `other` (named `tensor`) lines up with `self` for batch and length, and that its
+    /// heads divide `self.heads` (GQA).
+    pub fn check_companion(&self, tensor: &'static str, other: &Tensor) -> Result<Self> {
+        let o = Self::of(tensor, other)?;
+        if o.batch != self.batch || o.len != self.len || o.heads == 0 || self.heads % o.heads != 0 {
+            let expected = format!(
+                "(batch {}, heads dividing {}, len {}, dim)",
+                self.batch, self.heads, self.len
+            );
+            return Err(shape(tensor, &expected, other));
+        }
+        Ok(o)
+    }
+
+    pub fn check_dim(&self, tensor: &'static str, t: &Tensor, dim: i64) -> Result<()> {
+        if self.dim != dim {
+            return Err(shape(tensor, &format!("last dim {dim}"), t));
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn shape(tensor: &'static str, expected: &str, got: &Tensor) -> Error {
+    Error::Shape {
+        tensor,
+        expected: expected.to_string(),
+        got: got.size(),
+    }
+}
+
+/// The dtype kernels accumulate in: f64 stays f64, everything else runs in f32.
+pub(crate) fn compute_kind(tensor: &'static str, t: &Tensor) -> Result<Kind> {
+    match t.kind() {
+        Kind::Double => Ok(Kind::Double),
+        Kind::Float | Kind::Half | Kind::BFloat16 => Ok(Kind::Float),
+        got => Err(Error::Dtype { tensor, got }),
+    }
+}
+
+/// Repeats the heads (dim 1) of `x` so that it has `heads` heads; head `i` of the result is head
+/// `i / (heads / x_heads)` of `x`, the grouping of Hugging Face's `repeat_kv`.
+pub(crate) fn repeat_heads(x: &Tensor, heads: i64) -> Tensor {
+    let size = x.size();
+    let have = size[1];
+    if have == heads {
+        return x.shallow_clone();
+    }
+    let group = heads / have;
+    let mut expanded = size.clone();
+    expanded.insert(2, group);
+    let mut merged = size;
+    merged[1] = heads;
+    x.unsqueeze(2).expand(&expanded, false).reshape(&merged)
+}
+
+/// `x` in `kind` with its heads repeated to `heads`.
+pub(crate) fn prepare(x: &Tensor, kind: Kind, heads: i64) -> Tensor {
+    repeat_heads(&x.to_kind(kind), heads)
+}
+
+/// Zero-pads dim 2 (sequence) of `x` with `front` and `back` slots.
+pub(crate) fn pad_seq(x: &Tensor, front: i64, back: i64) -> Tensor {
+    if front == 0 && back == 0 {
+        return x.shallow_clone();
+    }
+    x.constant_pad_nd([0, 0, front, back])
+}
+
+pub(crate) fn ceil_div(a: i64, b: i64) -> i64 {
+    (a + b - 1) / b
+}
+
+/// Sums of all earlier entries along `dim` (zero for the first).
+pub(crate) fn exclusive_cumsum(x: &Tensor, dim: i64) -> Tensor {
+    let n = x.size()[dim as usize];
+    let inclusive = x.cumsum(dim, x.kind());
+    Tensor::cat(
+        &[
+            x.narrow(dim, 0, 1).zeros_like(),
+            inclusive.narrow(dim, 0, n - 1),
+        ],
+        dim,
+    )
+}

@@ -1,0 +1,215 @@
+//! Liger attention (0.5 sliding-window softmax + 0.5 GLA): the three forms agree and the
+//! combination is the one DESIGN.md describes.
+mod common;
+
+use common::*;
+use linearize_attention::ops::gla;
+use linearize_attention::ops::liger::{self, LigerConfig, LigerInputs};
+use linearize_attention::ops::swa::{self, SwaConfig};
+use tch::{Kind, Tensor};
+
+const D: i64 = 16;
+const CHUNK: i64 = 16;
+const W: i64 = 8;
+
+fn cfg() -> LigerConfig {
+    LigerConfig {
+        window_size: W,
+        chunk_size: CHUNK,
+        sub_chunk: 4,
+        ..Default::default()
+    }
+}
+
+struct Qkv {
+    q: Tensor,
+    k: Tensor,
+    q_rope: Tensor,
+    k_rope: Tensor,
+    v: Tensor,
+}
+
+fn qkv(batch: i64, len: i64, kind: Kind, key_shift: f64) -> Qkv {
+    let k = (randn(&[batch, 2, len, D], kind) + key_shift).set_requires_grad(true);
+    // Stand-ins for the rotated projections: any other tensors of the same shapes.
+    Qkv {
+        q: leaf(&[batch, 4, len, D], kind),
+        k,
+        q_rope: leaf(&[batch, 4, len, D], kind),
+        k_rope: leaf(&[batch, 2, len, D], kind),
+        v: leaf(&[batch, 2, len, 8], kind),
+    }
+}
+
+impl Qkv {
+    fn inputs(&self) -> LigerInputs<'_> {
+        LigerInputs {
+            q: &self.q,
+            k: &self.k,
+            q_rope: &self.q_rope,
+            k_rope: &self.k_rope,
+            v: &self.v,
+        }
+    }
+
+    fn named(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![
+            ("q", &self.q),
+            ("k", &self.k),
+            ("q_rope", &self.q_rope),
+            ("k_rope", &self.k_rope),
+            ("v", &self.v),
+        ]
+    }
+
+    fn narrow(&self, from: i64, n: i64) -> Qkv {
+        let part = |t: &Tensor| t.narrow(2, from, n);
+        Qkv {
+            q: part(&self.q),
+            k: part(&self.k),
+            q_rope: part(&self.q_rope),
+            k_rope: part(&self.k_rope),
+            v: part(&self.v),
+        }
+    }
+}
+
+#[test]
+fn naive_is_half_window_softmax_plus_half_gla_of_softmaxed_projections() {
+    seed(40);
+    let x = qkv(1, 20, Kind::Double, 0.0);
+    let y = liger::naive(&x.inputs(), &cfg()).unwrap();
+    let window = swa::naive(
+        &x.q_rope,
+        &x.k_rope,
+        &x.v,
+        &SwaConfig {
+            window_size: W,
+            chunk_size: CHUNK,
+        },
+    )
+    .unwrap();
+    let (q, k) = (x.q.softmax(-1, Kind::Double), x.k.softmax(-1, Kind::Double));
+    let linear = gla::naive(&q, &k, &x.v, &(x.k.log_sigmoid() / 16.0)).unwrap();
+    assert_close("combination", &y, &(window * 0.5 + linear * 0.5), 1e-12);
+}
+
+#[test]
+fn chunked_matches_naive_forward_and_gradients() {
+    seed(41);
+    for kind in [Kind::Float, Kind::Double] {
+        let tol = if kind == Kind::Float { 1e-5 } else { 1e-10 };
+        for len in lengths(W, CHUNK) {
+            let x = qkv(2, len, kind, 0.0);
+            let naive = liger::naive(&x.inputs(), &cfg()).unwrap();
+            let (chunked, _) = liger::chunked(&x.inputs(), &cfg(), None).unwrap();
+            assert_same_grads(
+                &format!("{kind:?} len {len}"),
+                &chunked,
+                &naive,
+                &x.named(),
+                tol,
+            );
+        }
+    }
+}
+
+#[test]
+fn recurrent_matches_chunked() {
+    seed(42);
+    for len in lengths(W, CHUNK) {
+        let x = qkv(3, len, Kind::Float, 0.0);
+        let (chunked, end_c) = liger::chunked(&x.inputs(), &cfg(), None).unwrap();
+        let (recurrent, end_r) = liger::recurrent(&x.inputs(), &cfg(), None).unwrap();
+        assert_close(&format!("len {len}"), &recurrent, &chunked, 1e-5);
+        assert_close("gla state", &end_r.gla.s, &end_c.gla.s, 1e-5);
+        assert_eq!(end_r.window.pos, end_c.window.pos);
+    }
+}
+
+#[test]
+fn prefill_then_decode_matches_the_full_sequence() {
+    seed(43);
+    let len = 3 * CHUNK + 5;
+    let x = qkv(2, len, Kind::Float, 0.0);
+    let (full, _) = liger::chunked(&x.inputs(), &cfg(), None).unwrap();
+    for split in [1, W, CHUNK + 1, len - 1] {
+        let (head, tail) = (x.narrow(0, split), x.narrow(split, len - split));
+        let (y0, state) = liger::chunked(&head.inputs(), &cfg(), None).unwrap();
+        let (continued, _) = liger::chunked(&tail.inputs(), &cfg(), Some(&state)).unwrap();
+        let mut state = state;
+        let steps: Vec<Tensor> = (0..len - split)
+            .map(|t| liger::step(&mut state, &tail.narrow(t, 1).inputs(), &cfg()).unwrap())
+            .collect();
+        let decoded = Tensor::cat(&steps, 2);
+        assert_close(
+            &format!("split {split}: prefill"),
+            &y0,
+            &full.narrow(2, 0, split),
+            1e-5,
+        );
+        assert_close(
+            &format!("split {split}: decode"),
+            &decoded,
+            &full.narrow(2, split, len - split),
+            1e-5,
+        );
+        assert_close(
+            &format!("split {split}: continued"),
+            &continued,
+            &full.narrow(2, split, len - split),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn strongly_decaying_gates_stay_finite() {
+    seed(44);
+    // Key logits near -221 give logsigmoid(k)/16 near ln(1e-6): alpha about 1e-6 per step.
+    let x = qkv(2, 3 * CHUNK + 5, Kind::Float, -221.0);
+    for c in [LigerConfig::default(), cfg()] {
+        let (chunked, _) = liger::chunked(&x.inputs(), &c, None).unwrap();
+        assert_finite("output", &chunked);
+        let probe = chunked.randn_like();
+        let named = x.named();
+        let tensors: Vec<&Tensor> = named.iter().map(|(_, t)| *t).collect();
+        for ((name, _), grad) in named.iter().zip(grads(&chunked, &probe, &tensors)) {
+            assert_finite(&format!("grad {name}"), &grad);
+        }
+        let (recurrent, _) = liger::recurrent(&x.inputs(), &c, None).unwrap();
+        assert_close(
+            "strong gates: chunked vs recurrent",
+            &chunked,
+            &recurrent,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn defaults_chunked_matches_naive() {
+    seed(45);
+    let x = qkv(1, 150, Kind::Float, 0.0);
+    let naive = liger::naive(&x.inputs(), &LigerConfig::default()).unwrap();
+    let (chunked, _) = liger::chunked(&x.inputs(), &LigerConfig::default(), None).unwrap();
+    assert_close("defaults", &chunked, &naive, 1e-5);
+}
+
+#[test]
+fn bf16_inputs_accumulate_in_f32() {
+    seed(46);
+    let x = qkv(2, 3 * CHUNK + 5, Kind::Float, 0.0);
+    let (reference, _) = liger::chunked(&x.inputs(), &cfg(), None).unwrap();
+    let bf = |t: &Tensor| t.detach().to_kind(Kind::BFloat16);
+    let b = Qkv {
+        q: bf(&x.q),
+        k: bf(&x.k),
+        q_rope: bf(&x.q_rope),
+        k_rope: bf(&x.k_rope),
+        v: bf(&x.v),
+    };
+    let (out, _) = liger::chunked(&b.inputs(), &cfg(), None).unwrap();
+    assert_eq!(out.kind(), Kind::BFloat16);
+    assert_close("bf16 vs f32", &out, &reference, 3e-2);
+}

@@ -1,0 +1,211 @@
+//! Normalised linear attention: naive, chunked and recurrent forms agree.
+mod common;
+
+use common::*;
+use linearize_attention::feature_map::{FeatureMap, FeatureMapConfig, FeatureMapInit};
+use linearize_attention::ops::linear_attn::{self, LinearAttnConfig, LinearState};
+use tch::{nn, Device, Kind, Tensor};
+
+const D: i64 = 16;
+const CHUNK: i64 = 16;
+
+/// Hedgehog maps for q (4 heads) and k (GQA: 2 key heads, mapped per query head).
+struct Setup {
+    _vs: nn::VarStore,
+    map_q: FeatureMap,
+    map_k: FeatureMap,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+fn setup(batch: i64, len: i64, kind: Kind) -> Setup {
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let cfg = FeatureMapConfig::Hedgehog {
+        feature_dim: 8,
+        half_space: false,
+        bias: true,
+        init: FeatureMapInit::Kaiming,
+    };
+    let map_q = FeatureMap::new(&(vs.root() / "feature_map_q"), 4, D, &cfg).unwrap();
+    let map_k = FeatureMap::new(&(vs.root() / "feature_map_k"), 4, D, &cfg).unwrap();
+    if kind == Kind::Double {
+        vs.double();
+    }
+    Setup {
+        _vs: vs,
+        map_q,
+        map_k,
+        q: leaf(&[batch, 4, len, D], kind),
+        k: leaf(&[batch, 2, len, D], kind),
+        v: leaf(&[batch, 2, len, D], kind),
+    }
+}
+
+fn cfg() -> LinearAttnConfig {
+    LinearAttnConfig {
+        chunk_size: CHUNK,
+        ..Default::default()
+    }
+}
+
+impl Setup {
+    fn phi(&self) -> (Tensor, Tensor) {
+        (
+            self.map_q.forward(&self.q).unwrap(),
+            self.map_k.forward(&self.k).unwrap(),
+        )
+    }
+
+    fn weights(&self) -> Vec<(String, Tensor)> {
+        self._vs.variables().into_iter().collect()
+    }
+}
+
+#[test]
+fn chunked_matches_naive_forward_and_gradients() {
+    seed(0);
+    for kind in [Kind::Float, Kind::Double] {
+        let tol = if kind == Kind::Float { 1e-5 } else { 1e-10 };
+        for len in lengths(8, CHUNK) {
+            let s = setup(2, len, kind);
+            let (pq, pk) = s.phi();
+            let naive = linear_attn::naive(&pq, &pk, &s.v, &cfg()).unwrap();
+            let (chunked, _) = linear_attn::chunked(&pq, &pk, &s.v, &cfg(), None).unwrap();
+            let weights = s.weights();
+            let mut inputs: Vec<(&str, &Tensor)> = vec![("q", &s.q), ("k", &s.k), ("v", &s.v)];
+            inputs.extend(weights.iter().map(|(n, t)| (n.as_str(), t)));
+            assert_same_grads(
+                &format!("{kind:?} len {len}"),
+                &chunked,
+                &naive,
+                &inputs,
+                tol,
+            );
+        }
+    }
+}
+
+#[test]
+fn recurrent_matches_chunked_and_their_states_agree() {
+    seed(1);
+    for len in lengths(8, CHUNK) {
+        let s = setup(3, len, Kind::Float);
+        let (pq, pk) = tch::no_grad(|| s.phi());
+        let (chunked, end_c) = linear_attn::chunked(&pq, &pk, &s.v, &cfg(), None).unwrap();
+        let (recurrent, end_r) = linear_attn::recurrent(&pq, &pk, &s.v, &cfg(), None).unwrap();
+        assert_close(&format!("len {len}: output"), &recurrent, &chunked, 1e-5);
+        assert_close("state kv", &end_r.kv, &end_c.kv, 1e-5);
+        assert_close("state k_sum", &end_r.k_sum, &end_c.k_sum, 1e-5);
+    }
+}
+
+#[test]
+fn prefill_then_decode_matches_the_full_sequence() {
+    seed(2);
+    let len = 3 * CHUNK + 5;
+    let s = setup(2, len, Kind::Float);
+    let (pq, pk) = tch::no_grad(|| s.phi());
+    let (full, _) = linear_attn::chunked(&pq, &pk, &s.v, &cfg(), None).unwrap();
+    for split in [1, 7, CHUNK, CHUNK + 3, len - 1] {
+        let part = |x: &Tensor, from: i64, n: i64| x.narrow(2, from, n);
+        let (head, state) = linear_attn::chunked(
+            &part(&pq, 0, split),
+            &part(&pk, 0, split),
+            &part(&s.v, 0, split),
+            &cfg(),
+            None,
+        )
+        .unwrap();
+        let rest = len - split;
+        let (tail_r, _) = linear_attn::recurrent(
+            &part(&pq, split, rest),
+            &part(&pk, split, rest),
+            &part(&s.v, split, rest),
+            &cfg(),
+            Some(state.shallow_clone()),
+        )
+        .unwrap();
+        let (tail_c, _) = linear_attn::chunked(
+            &part(&pq, split, rest),
+            &part(&pk, split, rest),
+            &part(&s.v, split, rest),
+            &cfg(),
+            Some(&state),
+        )
+        .unwrap();
+        assert_close(
+            &format!("split {split}: prefill"),
+            &head,
+            &full.narrow(2, 0, split),
+            1e-5,
+        );
+        assert_close(
+            &format!("split {split}: decode"),
+            &tail_r,
+            &full.narrow(2, split, rest),
+            1e-5,
+        );
+        assert_close(
+            &format!("split {split}: chunked continuation"),
+            &tail_c,
+            &full.narrow(2, split, rest),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn defaults_chunked_matches_naive() {
+    seed(3);
+    let s = setup(1, 150, Kind::Float);
+    let (pq, pk) = tch::no_grad(|| s.phi());
+    let d = LinearAttnConfig::default();
+    let naive = linear_attn::naive(&pq, &pk, &s.v, &d).unwrap();
+    let (chunked, _) = linear_attn::chunked(&pq, &pk, &s.v, &d, None).unwrap();
+    assert_close("defaults", &chunked, &naive, 1e-5);
+}
+
+#[test]
+fn bf16_inputs_accumulate_in_f32() {
+    seed(4);
+    let s = setup(2, 3 * CHUNK + 5, Kind::Float);
+    let (pq, pk) = tch::no_grad(|| s.phi());
+    let (reference, _) = linear_attn::chunked(&pq, &pk, &s.v, &cfg(), None).unwrap();
+    let bf = |x: &Tensor| x.to_kind(Kind::BFloat16);
+    let (out, state) = linear_attn::chunked(&bf(&pq), &bf(&pk), &bf(&s.v), &cfg(), None).unwrap();
+    assert_eq!(out.kind(), Kind::BFloat16);
+    assert_eq!(state.kv.kind(), Kind::Float);
+    // Only the inputs' and the output's rounding remain (bf16 has an 8-bit mantissa).
+    assert_close("bf16 vs f32", &out, &reference, 2e-2);
+    let naive = linear_attn::naive(&bf(&pq), &bf(&pk), &bf(&s.v), &cfg()).unwrap();
+    assert_close("bf16 chunked vs naive", &out, &naive, 1e-2);
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let x = Tensor::zeros([1, 4, 5, 8], (Kind::Float, Device::Cpu));
+    let v3 = Tensor::zeros([1, 3, 5, 8], (Kind::Float, Device::Cpu));
+    let err = linear_attn::naive(&x, &x, &v3, &cfg())
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("v: expected"), "{err}");
+    let short = Tensor::zeros([1, 4, 4, 8], (Kind::Float, Device::Cpu));
+    let err = linear_attn::chunked(&x, &short, &x, &cfg(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("phi_k: expected"), "{err}");
+    let mut state = LinearState::zeros(1, 4, 8, 8, (Kind::Float, Device::Cpu));
+    let err = linear_attn::step(&mut state, &x, &x, &x, &cfg())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("one token per step"), "{err}");
+    let bad = LinearAttnConfig {
+        chunk_size: 0,
+        ..cfg()
+    };
+    assert!(linear_attn::chunked(&x, &x, &x, &bad, None)
+        .unwrap_err()
+        .to_string()
+        .starts_with("chunk_size"));
+}

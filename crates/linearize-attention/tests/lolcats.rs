@@ -1,0 +1,384 @@
+//! LoLCATs sliding-window + linear attention: naive, chunked and recurrent forms agree, for both
+//! window shapes, and the naive form is DESIGN.md's formula.
+mod common;
+
+use common::*;
+use linearize_attention::feature_map::{FeatureMap, FeatureMapConfig, FeatureMapInit};
+use linearize_attention::ops::lolcats::{
+    self, LolcatsConfig, LolcatsInputs, LolcatsState, WindowFactors,
+};
+use linearize_attention::ops::window::WindowShape;
+use tch::{nn, Device, Kind, Tensor};
+
+const D: i64 = 16;
+const W: i64 = 8;
+const CHUNK: i64 = 16;
+const HEADS: i64 = 4;
+const KV_HEADS: i64 = 2;
+
+struct Setup {
+    vs: nn::VarStore,
+    map_q: FeatureMap,
+    map_k: FeatureMap,
+    factors: WindowFactors,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+fn setup(batch: i64, len: i64, kind: Kind) -> Setup {
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let cfg = FeatureMapConfig::Hedgehog {
+        feature_dim: 8,
+        half_space: false,
+        bias: false,
+        init: FeatureMapInit::Kaiming,
+    };
+    let map_q = FeatureMap::new(&(vs.root() / "feature_map_q"), HEADS, D, &cfg).unwrap();
+    let map_k = FeatureMap::new(&(vs.root() / "feature_map_k"), HEADS, D, &cfg).unwrap();
+    let mut factors = WindowFactors::new(&vs.root(), HEADS);
+    // Spread the factors so every head mixes differently.
+    tch::no_grad(|| {
+        factors
+            .logits
+            .copy_(&Tensor::from_slice(&[-2.1972f32, -1.0, 0.0, 1.5]))
+    });
+    if kind == Kind::Double {
+        vs.double();
+    }
+    Setup {
+        vs,
+        map_q,
+        map_k,
+        factors,
+        q: leaf(&[batch, HEADS, len, D], kind),
+        k: leaf(&[batch, KV_HEADS, len, D], kind),
+        v: leaf(&[batch, KV_HEADS, len, D], kind),
+    }
+}
+
+struct Features {
+    phi_q: Tensor,
+    phi_k: Tensor,
+}
+
+impl Setup {
+    fn features(&self) -> Features {
+        Features {
+            phi_q: self.map_q.forward(&self.q).unwrap(),
+            phi_k: self.map_k.forward(&self.k).unwrap(),
+        }
+    }
+
+    fn inputs<'a>(&'a self, f: &'a Features) -> LolcatsInputs<'a> {
+        LolcatsInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            phi_q: &f.phi_q,
+            phi_k: &f.phi_k,
+            window_factors: &self.factors.logits,
+        }
+    }
+
+    fn params(&self) -> Vec<(String, Tensor)> {
+        self.vs.variables().into_iter().collect()
+    }
+}
+
+fn cfg(shape: WindowShape) -> LolcatsConfig {
+    LolcatsConfig {
+        window_shape: shape,
+        window_size: W,
+        chunk_size: CHUNK,
+    }
+}
+
+const SHAPES: [WindowShape; 2] = [WindowShape::Sw, WindowShape::Tk];
+
+#[test]
+fn naive_is_the_design_formula() {
+    seed(10);
+    let (len, d) = (6i64, 3i64);
+    let q = randn(&[1, 2, len, d], Kind::Double);
+    let k = randn(&[1, 1, len, d], Kind::Double);
+    let v = randn(&[1, 1, len, 2], Kind::Double);
+    let phi_q = randn(&[1, 2, len, 4], Kind::Double).exp();
+    let phi_k = randn(&[1, 1, len, 4], Kind::Double).exp();
+    let w = Tensor::from_slice(&[-0.5f64, 1.0]);
+    for shape in SHAPES {
+        let cfg = LolcatsConfig {
+            window_shape: shape,
+            window_size: 2,
+            chunk_size: 4,
+        };
+        let x = LolcatsInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            phi_q: &phi_q,
+            phi_k: &phi_k,
+            window_factors: &w,
+        };
+        let y = lolcats::naive(&x, &cfg).unwrap();
+        let at = |t: &Tensor, h: i64, i: i64, j: i64| t.double_value(&[0, h, i, j]);
+        for h in 0..2 {
+            let gamma = 1.0 / (1.0 + (-w.double_value(&[h])).exp());
+            for t in 0..len {
+                let in_window = |s: i64| match shape {
+                    WindowShape::Sw => t - s < 2,
+                    WindowShape::Tk => s >= (t / 2 - 1) * 2,
+                };
+                let score = |s: i64| {
+                    (0..d)
+                        .map(|i| at(&q, h, t, i) * at(&k, 0, s, i))
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
+                };
+                let m = (0..=t)
+                    .filter(|&s| in_window(s))
+                    .map(score)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let weight = |s: i64| {
+                    if in_window(s) {
+                        gamma * (score(s) - m).exp()
+                    } else {
+                        (0..4)
+                            .map(|i| at(&phi_q, h, t, i) * at(&phi_k, 0, s, i))
+                            .sum::<f64>()
+                    }
+                };
+                let total: f64 = (0..=t).map(weight).sum();
+                for j in 0..2 {
+                    let want = (0..=t).map(|s| weight(s) * at(&v, 0, s, j)).sum::<f64>() / total;
+                    let got = at(&y, h, t, j);
+                    assert!(
+                        (got - want).abs() < 1e-12,
+                        "{shape:?} h {h} t {t} j {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn chunked_matches_naive_forward_and_gradients() {
+    seed(11);
+    for kind in [Kind::Float, Kind::Double] {
+        let tol = if kind == Kind::Float { 1e-5 } else { 1e-10 };
+        for shape in SHAPES {
+            for len in lengths(W, CHUNK) {
+                let s = setup(2, len, kind);
+                let f = s.features();
+                let naive = lolcats::naive(&s.inputs(&f), &cfg(shape)).unwrap();
+                let (chunked, _) = lolcats::chunked(&s.inputs(&f), &cfg(shape), None).unwrap();
+                let params = s.params();
+                let mut inputs: Vec<(&str, &Tensor)> = vec![("q", &s.q), ("k", &s.k), ("v", &s.v)];
+                inputs.extend(params.iter().map(|(n, t)| (n.as_str(), t)));
+                assert_same_grads(
+                    &format!("{kind:?} {shape:?} len {len}"),
+                    &chunked,
+                    &naive,
+                    &inputs,
+                    tol,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn chunks_smaller_than_the_window() {
+    seed(12);
+    for shape in SHAPES {
+        for chunk in [1, 3, 5] {
+            let s = setup(1, 2 * W + 3, Kind::Double);
+            let f = tch::no_grad(|| s.features());
+            let naive = lolcats::naive(&s.inputs(&f), &cfg(shape)).unwrap();
+            let small = LolcatsConfig {
+                chunk_size: chunk,
+                ..cfg(shape)
+            };
+            let (chunked, _) = lolcats::chunked(&s.inputs(&f), &small, None).unwrap();
+            assert_close(&format!("{shape:?} chunk {chunk}"), &chunked, &naive, 1e-10);
+        }
+    }
+}
+
+fn assert_same_state(what: &str, a: &LolcatsState, b: &LolcatsState) {
+    assert_eq!(a.pos, b.pos, "{what}: pos");
+    assert_close(&format!("{what}: k cache"), &a.k, &b.k, 1e-6);
+    assert_close(&format!("{what}: phi_k cache"), &a.phi_k, &b.phi_k, 1e-6);
+    assert_close(&format!("{what}: v cache"), &a.v, &b.v, 1e-6);
+    assert_close(
+        &format!("{what}: linear kv"),
+        &a.linear.kv,
+        &b.linear.kv,
+        1e-5,
+    );
+    assert_close(
+        &format!("{what}: linear k_sum"),
+        &a.linear.k_sum,
+        &b.linear.k_sum,
+        1e-5,
+    );
+}
+
+#[test]
+fn recurrent_matches_chunked_and_their_states_agree() {
+    seed(13);
+    for shape in SHAPES {
+        for len in lengths(W, CHUNK) {
+            let s = setup(3, len, Kind::Float);
+            let f = tch::no_grad(|| s.features());
+            let (chunked, end_c) =
+                tch::no_grad(|| lolcats::chunked(&s.inputs(&f), &cfg(shape), None)).unwrap();
+            let (recurrent, end_r) =
+                tch::no_grad(|| lolcats::recurrent(&s.inputs(&f), &cfg(shape), None)).unwrap();
+            assert_close(&format!("{shape:?} len {len}"), &recurrent, &chunked, 1e-5);
+            assert_same_state(&format!("{shape:?} len {len}"), &end_r, &end_c);
+            assert_eq!(end_c.cached(), len.min(cfg(shape).window().reach()));
+        }
+    }
+}
+
+#[test]
+fn prefill_then_decode_matches_the_full_sequence() {
+    seed(14);
+    let len = 3 * CHUNK + 5;
+    for shape in SHAPES {
+        let s = setup(2, len, Kind::Float);
+        let f = tch::no_grad(|| s.features());
+        let (full, _) =
+            tch::no_grad(|| lolcats::chunked(&s.inputs(&f), &cfg(shape), None)).unwrap();
+        for split in [1, 5, W, W + 3, CHUNK + 1, len - 1] {
+            let part = |x: &Tensor, from: i64, n: i64| x.narrow(2, from, n);
+            let slice = |from: i64, n: i64| {
+                (
+                    part(&s.q, from, n),
+                    part(&s.k, from, n),
+                    part(&s.v, from, n),
+                    part(&f.phi_q, from, n),
+                    part(&f.phi_k, from, n),
+                )
+            };
+            let (q0, k0, v0, pq0, pk0) = slice(0, split);
+            let (q1, k1, v1, pq1, pk1) = slice(split, len - split);
+            let head = LolcatsInputs {
+                q: &q0,
+                k: &k0,
+                v: &v0,
+                phi_q: &pq0,
+                phi_k: &pk0,
+                window_factors: &s.factors.logits,
+            };
+            let tail = LolcatsInputs {
+                q: &q1,
+                k: &k1,
+                v: &v1,
+                phi_q: &pq1,
+                phi_k: &pk1,
+                window_factors: &s.factors.logits,
+            };
+            tch::no_grad(|| {
+                let (y0, state) = lolcats::chunked(&head, &cfg(shape), None).unwrap();
+                let (decoded, _) =
+                    lolcats::recurrent(&tail, &cfg(shape), Some(state.shallow_clone())).unwrap();
+                let (continued, _) = lolcats::chunked(&tail, &cfg(shape), Some(&state)).unwrap();
+                let what = format!("{shape:?} split {split}");
+                assert_close(
+                    &format!("{what}: prefill"),
+                    &y0,
+                    &full.narrow(2, 0, split),
+                    1e-5,
+                );
+                assert_close(
+                    &format!("{what}: decode"),
+                    &decoded,
+                    &full.narrow(2, split, len - split),
+                    1e-5,
+                );
+                assert_close(
+                    &format!("{what}: continued"),
+                    &continued,
+                    &full.narrow(2, split, len - split),
+                    1e-5,
+                );
+            });
+        }
+    }
+}
+
+#[test]
+fn defaults_chunked_matches_naive() {
+    seed(15);
+    for shape in SHAPES {
+        let s = setup(1, 200, Kind::Float);
+        let f = tch::no_grad(|| s.features());
+        let cfg = LolcatsConfig {
+            window_shape: shape,
+            ..Default::default()
+        };
+        assert_eq!((cfg.window_size, cfg.chunk_size), (64, 64));
+        let naive = lolcats::naive(&s.inputs(&f), &cfg).unwrap();
+        let (chunked, _) = lolcats::chunked(&s.inputs(&f), &cfg, None).unwrap();
+        assert_same_grads(
+            &format!("defaults {shape:?}"),
+            &chunked,
+            &naive,
+            &[("q", &s.q), ("k", &s.k), ("v", &s.v)],
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn window_factors_start_at_a_tenth() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let factors = WindowFactors::new(&(vs.root() / "layer"), 3);
+    let gamma = factors.logits.sigmoid();
+    assert_close(
+        "gamma",
+        &gamma,
+        &Tensor::from_slice(&[0.1f32, 0.1, 0.1]),
+        1e-4,
+    );
+    assert!(vs.variables().contains_key("layer.window_factors"));
+}
+
+#[test]
+fn bf16_inputs_accumulate_in_f32() {
+    seed(16);
+    let s = setup(2, 3 * CHUNK + 5, Kind::Float);
+    let f = tch::no_grad(|| s.features());
+    let cfg = cfg(WindowShape::Sw);
+    let (reference, _) = tch::no_grad(|| lolcats::chunked(&s.inputs(&f), &cfg, None)).unwrap();
+    let bf = |x: &Tensor| x.detach().to_kind(Kind::BFloat16);
+    let (q, k, v, pq, pk) = (bf(&s.q), bf(&s.k), bf(&s.v), bf(&f.phi_q), bf(&f.phi_k));
+    let x = LolcatsInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        phi_q: &pq,
+        phi_k: &pk,
+        window_factors: &s.factors.logits,
+    };
+    let (out, state) = lolcats::chunked(&x, &cfg, None).unwrap();
+    assert_eq!(out.kind(), Kind::BFloat16);
+    assert_eq!(state.linear.kv.kind(), Kind::Float);
+    assert_close("bf16 vs f32", &out, &reference, 3e-2);
+}
+
+#[test]
+fn a_state_from_another_window_is_rejected() {
+    seed(17);
+    let s = setup(1, 20, Kind::Float);
+    let f = tch::no_grad(|| s.features());
+    let (_, state) =
+        tch::no_grad(|| lolcats::chunked(&s.inputs(&f), &cfg(WindowShape::Tk), None)).unwrap();
+    let err = lolcats::chunked(&s.inputs(&f), &cfg(WindowShape::Sw), Some(&state))
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("state.k:"), "{err}");
+}

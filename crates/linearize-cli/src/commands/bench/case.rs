@@ -1,0 +1,197 @@
+//! One benchmark case: random inputs for a method at one length, and its naive or chunked form.
+use anyhow::Result;
+use linearize_attention::ops::lolcats::{LolcatsConfig, LolcatsInputs, WINDOW_FACTOR_INIT};
+use linearize_attention::ops::window::WindowShape;
+use linearize_attention::ops::{gla, liger, linear_attn, lolcats, swa};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    /// Normalised linear attention (Hedgehog-sized features).
+    Linear,
+    /// LoLCATs sliding window + linear.
+    LolcatsSw,
+    /// LoLCATs terrace window + linear.
+    LolcatsTk,
+    /// Sliding-window softmax.
+    Swa,
+    /// Gated linear attention (Liger's recurrence).
+    Gla,
+    /// Liger: 0.5 sliding window + 0.5 GLA.
+    Liger,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Linear => "linear",
+            Self::LolcatsSw => "lolcats-sw",
+            Self::LolcatsTk => "lolcats-tk",
+            Self::Swa => "swa",
+            Self::Gla => "gla",
+            Self::Liger => "liger",
+        }
+    }
+
+    /// Rough bytes the naive form holds at once (forward + backward): its (L x L) f32 buffers,
+    /// (L x L x d) for the gated forms.
+    pub fn naive_bytes(self, shape: &Shape, len: i64) -> f64 {
+        let square = (shape.batch * shape.heads) as f64 * (len as f64).powi(2) * 4.0;
+        let gated = 8.0 * shape.head_dim as f64;
+        square
+            * match self {
+                Self::Linear | Self::Swa => 5.0,
+                Self::LolcatsSw | Self::LolcatsTk => 10.0,
+                Self::Gla => gated,
+                Self::Liger => gated + 5.0,
+            }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Form {
+    Naive,
+    Chunked,
+}
+
+impl Form {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Naive => "naive",
+            Self::Chunked => "chunked",
+        }
+    }
+}
+
+/// Sizes shared by every case of a run.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub batch: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    pub features: i64,
+    pub window: i64,
+    pub chunk: i64,
+    pub kind: Kind,
+    pub device: Device,
+}
+
+/// Inputs of one case (all leaves that collect gradients) and how to run it.
+pub struct Case {
+    method: Method,
+    form: Form,
+    shape: Shape,
+    leaves: Vec<Tensor>,
+}
+
+impl Case {
+    pub fn new(method: Method, form: Form, len: i64, shape: Shape) -> Self {
+        let s = shape;
+        let opts = (s.kind, s.device);
+        let normal = |heads: i64, dim: i64| Tensor::randn([s.batch, heads, len, dim], opts);
+        // Hedgehog-like features: positive, each row summing to one.
+        let features = |heads: i64| normal(heads, s.features).softmax(-1, s.kind);
+        let leaves = match method {
+            Method::Linear => vec![features(s.heads), features(s.heads), normal(s.kv_heads, s.head_dim)],
+            Method::LolcatsSw | Method::LolcatsTk => vec![
+                normal(s.heads, s.head_dim),
+                normal(s.kv_heads, s.head_dim),
+                normal(s.kv_heads, s.head_dim),
+                features(s.heads),
+                features(s.heads),
+                Tensor::full([s.heads], WINDOW_FACTOR_INIT, (Kind::Float, s.device)),
+            ],
+            Method::Swa => vec![normal(s.heads, s.head_dim), normal(s.kv_heads, s.head_dim), normal(s.kv_heads, s.head_dim)],
+            Method::Gla => vec![
+                normal(s.heads, s.head_dim).softmax(-1, s.kind),
+                normal(s.kv_heads, s.head_dim).softmax(-1, s.kind),
+                normal(s.kv_heads, s.head_dim),
+                normal(s.kv_heads, s.head_dim).log_sigmoid() / 16.0,
+            ],
+            Method::Liger => vec![
+                normal(s.heads, s.head_dim),
+                normal(s.kv_heads, s.head_dim),
+                normal(s.heads, s.head_dim),
+                normal(s.kv_heads, s.head_dim),
+                normal(s.kv_heads, s.head_dim),
+            ],
+        };
+        let leaves = leaves.into_iter().map(|t| t.detach().set_requires_grad(true)).collect();
+        Self { method, form, shape, leaves }
+    }
+
+    pub fn forward(&self) -> Result<Tensor> {
+        let x = &self.leaves;
+        let s = &self.shape;
+        let chunked = self.form == Form::Chunked;
+        Ok(match self.method {
+            Method::Linear => {
+                let cfg = linear_attn::LinearAttnConfig { chunk_size: s.chunk, ..Default::default() };
+                if chunked {
+                    linear_attn::chunked(&x[0], &x[1], &x[2], &cfg, None)?.0
+                } else {
+                    linear_attn::naive(&x[0], &x[1], &x[2], &cfg)?
+                }
+            }
+            Method::LolcatsSw | Method::LolcatsTk => {
+                let window_shape = if self.method == Method::LolcatsSw { WindowShape::Sw } else { WindowShape::Tk };
+                let cfg = LolcatsConfig { window_shape, window_size: s.window, chunk_size: s.chunk };
+                let inputs =
+                    LolcatsInputs { q: &x[0], k: &x[1], v: &x[2], phi_q: &x[3], phi_k: &x[4], window_factors: &x[5] };
+                if chunked {
+                    lolcats::chunked(&inputs, &cfg, None)?.0
+                } else {
+                    lolcats::naive(&inputs, &cfg)?
+                }
+            }
+            Method::Swa => {
+                let cfg = swa::SwaConfig { window_size: s.window, chunk_size: s.chunk };
+                if chunked {
+                    swa::chunked(&x[0], &x[1], &x[2], &cfg, None)?.0
+                } else {
+                    swa::naive(&x[0], &x[1], &x[2], &cfg)?
+                }
+            }
+            Method::Gla => {
+                let cfg = gla::GlaConfig { chunk_size: s.chunk, sub_chunk: sub_chunk(s.chunk) };
+                if chunked {
+                    gla::chunked(&x[0], &x[1], &x[2], &x[3], &cfg, None)?.0
+                } else {
+                    gla::naive(&x[0], &x[1], &x[2], &x[3])?
+                }
+            }
+            Method::Liger => {
+                let cfg = liger::LigerConfig {
+                    window_size: s.window,
+                    chunk_size: s.chunk,
+                    sub_chunk: sub_chunk(s.chunk),
+                    ..Default::default()
+                };
+                let inputs = liger::LigerInputs { q: &x[0], k: &x[1], q_rope: &x[2], k_rope: &x[3], v: &x[4] };
+                if chunked {
+                    liger::chunked(&inputs, &cfg, None)?.0
+                } else {
+                    liger::naive(&inputs, &cfg)?
+                }
+            }
+        })
+    }
+
+    /// One forward and the backward to every input; the gradients are dropped.
+    pub fn forward_backward(&self) -> Result<()> {
+        let y = self.forward()?;
+        let loss = y.sum(y.kind());
+        Tensor::f_run_backward(&[loss], &self.leaves, false, false)?;
+        Ok(())
+    }
+}
+
+/// The default GLA sub-chunk (16) where it divides the chunk, else the whole chunk.
+fn sub_chunk(chunk: i64) -> i64 {
+    if chunk % 16 == 0 {
+        16
+    } else {
+        chunk
+    }
+}

@@ -1,0 +1,73 @@
+//! `linearize bench`: benchmarks. `bench kernels` times forward + backward and measures the peak
+//! memory of each attention kernel's naive and chunked forms over a range of lengths.
+mod case;
+mod kernels;
+mod memory;
+
+pub use case::{Form, Method};
+
+use crate::runtime::RuntimeArgs;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Forward + backward time and peak memory of the attention kernels, naive vs chunked.
+    Kernels(KernelArgs),
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct KernelArgs {
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    /// Sequence lengths.
+    #[arg(long, value_delimiter = ',', default_value = "512,2048,8192,32768")]
+    lengths: Vec<i64>,
+    /// Query heads.
+    #[arg(long, default_value_t = 32)]
+    heads: i64,
+    /// Key/value heads (GQA); defaults to --heads.
+    #[arg(long)]
+    kv_heads: Option<i64>,
+    #[arg(long, default_value_t = 128)]
+    head_dim: i64,
+    #[arg(long, default_value_t = 1)]
+    batch: i64,
+    /// Feature-map width f of the linear and LoLCATs kernels (Hedgehog: 2 x 64).
+    #[arg(long, default_value_t = 128)]
+    features: i64,
+    /// Window size of the windowed kernels.
+    #[arg(long, default_value_t = 64)]
+    window: i64,
+    /// Chunk size of the chunked forms.
+    #[arg(long, default_value_t = 64)]
+    chunk: i64,
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "linear,lolcats-sw,lolcats-tk,swa,gla,liger")]
+    methods: Vec<Method>,
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "naive,chunked")]
+    forms: Vec<Form>,
+    /// Timed iterations per case (default: 10 on CUDA, 3 on CPU), after one warm-up.
+    #[arg(long)]
+    iters: Option<usize>,
+    /// Skip a naive case whose estimated memory exceeds this many GiB (default: 80% of the GPU's
+    /// memory on CUDA, half the available memory on CPU).
+    #[arg(long)]
+    naive_max_gib: Option<f64>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Internal: run one `METHOD:FORM:LEN` case in this process and print its result as JSON.
+    #[arg(long, hide = true)]
+    worker: Option<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        Command::Kernels(args) => kernels::run(args),
+    }
+}

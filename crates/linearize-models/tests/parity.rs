@@ -1,0 +1,157 @@
+//! The decoder against Hugging Face transformers on the tiny random models that
+//! `scripts/make_model_fixtures.py` writes: full forward, cached decoding, and bf16 compute.
+use linearize_models::config::{Family, RopeScaling};
+use linearize_models::llama::Model;
+use linearize_models::lm::CausalLm;
+use linearize_models::weights::Checkpoint;
+use std::path::PathBuf;
+use tch::{Device, Kind, Tensor};
+
+const FIXTURES: [&str; 5] = [
+    "llama3_tied_sharded",
+    "llama_untied_bias",
+    "mistral_sliding",
+    "qwen2",
+    "qwen3_bf16",
+];
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// (input ids (b, L), HF logits (b, L, vocab) f32).
+fn reference(name: &str) -> (Tensor, Tensor) {
+    let path = fixture(name).join("reference.safetensors");
+    let mut tensors = Tensor::read_safetensors(&path).unwrap();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let [(ids_name, ids), (logits_name, logits)] = <[_; 2]>::try_from(tensors).unwrap();
+    assert_eq!(
+        (ids_name.as_str(), logits_name.as_str()),
+        ("input_ids", "logits")
+    );
+    (ids, logits)
+}
+
+fn load(name: &str, kind: Kind) -> Model {
+    Model::load(&fixture(name), Device::Cpu, kind).unwrap_or_else(|e| panic!("{name}: {e:#}"))
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn fixtures_cover_the_paths_they_are_named_for() {
+    let seq = reference("mistral_sliding").0.size()[1];
+    for name in FIXTURES {
+        let model = load(name, Kind::Float);
+        let cfg = model.config();
+        assert!(
+            cfg.num_key_value_heads < cfg.num_attention_heads,
+            "{name}: GQA"
+        );
+        let ckpt = Checkpoint::open(&fixture(name)).unwrap();
+        match name {
+            "llama3_tied_sharded" => {
+                assert!(matches!(cfg.rope_scaling, Some(RopeScaling::Llama3 { .. })));
+                assert!(cfg.tie_word_embeddings && ckpt.info("lm_head.weight").is_none());
+                assert_eq!(ckpt.files().len(), 2);
+            }
+            "llama_untied_bias" => {
+                assert!(!cfg.tie_word_embeddings && cfg.rope_scaling.is_none());
+                assert!(cfg.qkv_bias && cfg.o_proj_bias && cfg.mlp_bias);
+            }
+            "mistral_sliding" => {
+                assert_eq!(cfg.family, Family::Mistral);
+                assert!(cfg.sliding_window.unwrap() < seq);
+            }
+            "qwen2" => assert!(cfg.family == Family::Qwen2 && cfg.qkv_bias && !cfg.o_proj_bias),
+            "qwen3_bf16" => {
+                assert!(cfg.qk_norm && cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size);
+                assert_eq!(ckpt.dtype_counts().keys().collect::<Vec<_>>(), ["BF16"]);
+            }
+            _ => unreachable!(),
+        }
+    }
+}
+
+#[test]
+fn full_forward_matches_hf() {
+    for name in FIXTURES {
+        let (ids, want) = reference(name);
+        // HF's logits are far from flat, so a wrong RoPE, mask or norm cannot hide under 1e-4.
+        assert!(want.std(true).double_value(&[]) > 2.0);
+        let model = load(name, Kind::Float);
+        let got = tch::no_grad(|| model.forward(&ids, None)).unwrap();
+        let diff = max_diff(&got, &want);
+        assert!(diff <= 1e-4, "{name}: max |logit diff| = {diff}");
+        // The trait's forward runs through an empty cache: the prefill path.
+        let via_cache = CausalLm::forward(&model, &ids).unwrap();
+        let diff = max_diff(&via_cache, &want);
+        assert!(
+            diff <= 1e-4,
+            "{name}: through the cache, max |logit diff| = {diff}"
+        );
+    }
+}
+
+#[test]
+fn cached_decoding_matches_full_forward() {
+    for name in FIXTURES {
+        let (ids, want) = reference(name);
+        let model = load(name, Kind::Float);
+        let full = tch::no_grad(|| model.forward(&ids, None)).unwrap();
+        let seq = ids.size()[1];
+        // Prefill 5 tokens then one at a time; and uneven chunks that continue a non-empty cache
+        // with several tokens at once (an explicit mask, crossing mistral's window).
+        let one_at_a_time: Vec<i64> = std::iter::once(5)
+            .chain(std::iter::repeat_n(1, seq as usize - 5))
+            .collect();
+        for chunks in [one_at_a_time, vec![3, 4, 1, 4]] {
+            let mut cache = model.new_cache(ids.size()[0]).unwrap();
+            let mut outs = Vec::new();
+            let mut start = 0;
+            for len in &chunks {
+                let part = ids.narrow(1, start, *len);
+                outs.push(model.forward_cached(&part, &mut cache).unwrap());
+                start += len;
+            }
+            assert_eq!((start, cache.seen()), (seq, seq));
+            let cached = Tensor::cat(&outs, 1);
+            let diff = max_diff(&cached, &full);
+            assert!(
+                diff <= 1e-4,
+                "{name} chunks {chunks:?}: vs full, max diff {diff}"
+            );
+            let diff = max_diff(&cached, &want);
+            assert!(
+                diff <= 1e-4,
+                "{name} chunks {chunks:?}: vs HF, max diff {diff}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bf16_compute_stays_close_to_hf() {
+    for name in FIXTURES {
+        let (ids, want) = reference(name);
+        let model = load(name, Kind::BFloat16);
+        assert_eq!(model.kind(), Kind::BFloat16);
+        let got = tch::no_grad(|| model.forward(&ids, None)).unwrap();
+        assert_eq!(got.kind(), Kind::Float);
+        // bf16 keeps 8 mantissa bits: relative errors of a few 1e-3 per op, compounded over the
+        // layers, against logits of std ~5.
+        let mean = (&got - &want).abs().mean(Kind::Float).double_value(&[]);
+        assert!(mean < 0.15, "{name}: mean |logit diff| in bf16 = {mean}");
+        let agree = got.argmax(-1, false).eq_tensor(&want.argmax(-1, false));
+        let agree = agree
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        assert!(agree > 0.9, "{name}: bf16 top-1 agreement {agree}");
+    }
+}

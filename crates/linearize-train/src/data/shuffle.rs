@@ -1,0 +1,25 @@
+//! Seeded permutations. ChaCha8 is used (not `StdRng`) because its output is fixed across
+//! rand releases, so a seed names the same order in every build.
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// Independent random streams drawn from one seed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Stream {
+    /// Document order before packing.
+    Documents = 1,
+    /// Which documents are held out for validation.
+    Validation = 2,
+    /// Sequence order of one epoch (the epoch number selects the sub-stream).
+    Epoch = 3,
+}
+
+/// A permutation of `0..n` determined by `(seed, stream, epoch)`.
+pub(crate) fn permutation(n: usize, seed: u64, stream: Stream, epoch: u64) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(((stream as u64) << 56) ^ epoch);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rng);
+    order
+}
