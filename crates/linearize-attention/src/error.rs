@@ -21,8 +21,6 @@ pub enum Error {
         setting: &'static str,
         message: String,
     },
-    #[error(transparent)]
-    Torch(#[from] tch::TchError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

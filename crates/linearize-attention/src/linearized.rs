@@ -208,7 +208,8 @@ impl AttentionConfig {
         Self {
             method: self.method,
             feature_map: uses("feature_map").then(|| self.feature_map()),
-            window_shape: uses("window_shape").then(|| self.window_shape.unwrap_or(WindowShape::Sw)),
+            window_shape: uses("window_shape")
+                .then(|| self.window_shape.unwrap_or(WindowShape::Sw)),
             window_size: uses("window_size").then(|| self.window()),
             chunk_size: uses("chunk_size").then(|| self.chunk()),
             eps: uses("eps").then(|| self.eps.unwrap_or(DEFAULT_EPS)),
@@ -596,11 +597,7 @@ impl LinearizedMixer {
             ) => {
                 let phi_q = feature_map_q.forward(x.q)?;
                 let phi_k = feature_map_k.forward(x.k)?;
-                lolcats::step(
-                    s,
-                    &lolcats_inputs(x, &phi_q, &phi_k, window_factors),
-                    cfg,
-                )?
+                lolcats::step(s, &lolcats_inputs(x, &phi_q, &phi_k, window_factors), cfg)?
             }
             (Kernel::SlidingWindow(cfg), KernelState::SlidingWindow(s)) => {
                 swa::step(s, x.q, x.k, x.v, cfg)?
@@ -614,9 +611,7 @@ impl LinearizedMixer {
                 let (q, k, g) = liger::gla_inputs(x.q_raw, x.k_raw, *gate_normalizer)?;
                 gla::step(s, &q, &k, x.v, &g)?
             }
-            (Kernel::Liger(cfg), KernelState::Liger(s)) => {
-                liger::step(s, &liger_inputs(x), cfg)?
-            }
+            (Kernel::Liger(cfg), KernelState::Liger(s)) => liger::step(s, &liger_inputs(x), cfg)?,
             _ => bail!("{}: decoding state of another method", self.name()),
         })
     }

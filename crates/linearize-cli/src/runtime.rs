@@ -34,7 +34,10 @@ pub fn parse_device(s: &str) -> Result<Device> {
         }
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) if i < tch::Cuda::device_count() as usize => Device::Cuda(i),
-            Some(Ok(i)) => bail!("--device {other}: CUDA device {i} does not exist ({} visible)", tch::Cuda::device_count()),
+            Some(Ok(i)) => bail!(
+                "--device {other}: CUDA device {i} does not exist ({} visible)",
+                tch::Cuda::device_count()
+            ),
             _ => bail!("--device {other:?}: expected cpu, cuda, cuda:N or auto"),
         },
     })

@@ -148,7 +148,10 @@ pub fn compare<T: CausalLm, S: CausalLm>(
 fn log_progress(i: usize, batch_size: usize, total: usize) {
     let batches = total.div_ceil(batch_size);
     if (i + 1) % batches.div_ceil(10) == 0 || i + 1 == batches {
-        tracing::info!("scored {} of {total} windows", ((i + 1) * batch_size).min(total));
+        tracing::info!(
+            "scored {} of {total} windows",
+            ((i + 1) * batch_size).min(total)
+        );
     }
 }
 

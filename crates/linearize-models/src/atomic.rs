@@ -13,10 +13,10 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn write_file_with(path: &Path, fill: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
     let tmp = temp_sibling(path);
     let result = (|| {
-        let mut file =
-            File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         fill(&mut file).with_context(|| format!("writing {}", tmp.display()))?;
-        file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+        file.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
         fs::rename(&tmp, path)
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         sync_parent(path)
@@ -39,13 +39,18 @@ impl AtomicDir {
     pub fn new(dest: &Path) -> Result<Self> {
         let tmp = temp_sibling(dest);
         if tmp.exists() {
-            fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+            fs::remove_dir_all(&tmp)
+                .with_context(|| format!("removing stale {}", tmp.display()))?;
         }
         if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
             fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
         fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        Ok(Self { tmp, dest: dest.to_path_buf(), committed: false })
+        Ok(Self {
+            tmp,
+            dest: dest.to_path_buf(),
+            committed: false,
+        })
     }
 
     /// Where to write the directory's files until [`AtomicDir::commit`].
@@ -83,7 +88,10 @@ impl Drop for AtomicDir {
 }
 
 fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 

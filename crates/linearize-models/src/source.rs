@@ -370,15 +370,17 @@ fn repo_info(repo: &ApiRepo, id: &HubId, settings: &HubSettings) -> Result<RepoI
         Err(ureq::Error::Transport(transport)) => {
             return Err(InfoError::Unreachable(one_line(&transport.to_string())))
         }
-        Err(ureq::Error::Status(code, _)) => return Err(InfoError::Other(match code {
-            401 | 403 => anyhow::anyhow!(
+        Err(ureq::Error::Status(code, _)) => {
+            return Err(InfoError::Other(match code {
+                401 | 403 => anyhow::anyhow!(
                 "the hub refused access to {} (HTTP {code}): the model may be gated or private; \
                      accept its terms on the hub and set HF_TOKEN",
                 id
             ),
-            404 => anyhow::anyhow!("{} was not found on the hub ({})", id, settings.endpoint),
-            _ => anyhow::anyhow!("the hub answered HTTP {code} for {}", id),
-        })),
+                404 => anyhow::anyhow!("{} was not found on the hub ({})", id, settings.endpoint),
+                _ => anyhow::anyhow!("the hub answered HTTP {code} for {}", id),
+            }))
+        }
     };
     serde_json::from_reader(response.into_reader()).map_err(|err| {
         InfoError::Other(anyhow::anyhow!(

@@ -314,22 +314,24 @@ impl ConvertedLayers {
     /// The method of every layer of the model, converted or not.
     pub fn methods(&self) -> Vec<LayerMethod> {
         (0..self.num_layers)
-            .map(|index| match self.layers.iter().find(|l| l.index == index) {
-                Some(layer) => LayerMethod {
-                    layer: index,
-                    method: layer.mixer.method(),
-                    name: layer.mixer.config().name(),
-                    attention: layer.mixer.config().clone(),
-                    new_parameters: layer.params.iter().map(|(_, t)| t.numel()).sum(),
+            .map(
+                |index| match self.layers.iter().find(|l| l.index == index) {
+                    Some(layer) => LayerMethod {
+                        layer: index,
+                        method: layer.mixer.method(),
+                        name: layer.mixer.config().name(),
+                        attention: layer.mixer.config().clone(),
+                        new_parameters: layer.params.iter().map(|(_, t)| t.numel()).sum(),
+                    },
+                    None => LayerMethod {
+                        layer: index,
+                        method: Method::Softmax,
+                        name: SoftmaxMixer::new(self.teacher_window).name(),
+                        attention: AttentionConfig::new(Method::Softmax),
+                        new_parameters: 0,
+                    },
                 },
-                None => LayerMethod {
-                    layer: index,
-                    method: Method::Softmax,
-                    name: SoftmaxMixer::new(self.teacher_window).name(),
-                    attention: AttentionConfig::new(Method::Softmax),
-                    new_parameters: 0,
-                },
-            })
+            )
             .collect()
     }
 
@@ -344,7 +346,11 @@ impl ConvertedLayers {
             .max("attention".len());
         let mut out = format!("layer  {:<width$}  new params\n", "attention");
         for m in &methods {
-            let _ = writeln!(out, "{:>5}  {:<width$}  {:>10}", m.layer, m.name, m.new_parameters);
+            let _ = writeln!(
+                out,
+                "{:>5}  {:<width$}  {:>10}",
+                m.layer, m.name, m.new_parameters
+            );
         }
         out
     }
@@ -394,7 +400,10 @@ mod tests {
             "attention: {method: lolcats}\nlayers: [0, 2]\noverrides:\n  2: {method: softmax}\n",
         )
         .unwrap();
-        assert_eq!(methods(&cfg.plan(4).unwrap()), [Lolcats, Softmax, Softmax, Softmax]);
+        assert_eq!(
+            methods(&cfg.plan(4).unwrap()),
+            [Lolcats, Softmax, Softmax, Softmax]
+        );
         let cfg: ConversionConfig =
             serde_yaml_ng::from_str("attention: {method: linear}\nlayers: all\n").unwrap();
         assert_eq!(cfg.layers, LayerSelection::All);
@@ -409,13 +418,19 @@ mod tests {
             format!("{:#}", cfg.plan(layers).unwrap_err())
         };
         let e = err("attention: {method: lolcats}\nlayers: [0, 30]\n", 30);
-        assert!(e.contains("conversion.layers: layer 30 does not exist"), "{e}");
+        assert!(
+            e.contains("conversion.layers: layer 30 does not exist"),
+            "{e}"
+        );
         assert!(e.contains("30 layers"), "{e}");
         let e = err("attention: {method: lolcats}\nsoftmax_layers: [31]\n", 30);
         assert!(e.contains("conversion.softmax_layers: layer 31"), "{e}");
         let e = err("attention: {method: lolcats}\nlayers: [1, 1]\n", 4);
         assert!(e.contains("listed twice"), "{e}");
-        let e = err("attention: {method: lolcats}\nlayers: [1]\nsoftmax_layers: [2]\n", 4);
+        let e = err(
+            "attention: {method: lolcats}\nlayers: [1]\nsoftmax_layers: [2]\n",
+            4,
+        );
         assert!(e.contains("not both"), "{e}");
         let e = err(
             "attention: {method: lolcats}\nsoftmax_layers: [2]\noverrides: {2: {method: linear}}\n",
@@ -423,12 +438,20 @@ mod tests {
         );
         assert!(e.contains("overrides: layer 2 is not converted"), "{e}");
         let e = err("attention: {method: linear, window_size: 8}\n", 4);
-        assert!(e.contains("conversion.attention") && e.contains("window_size"), "{e}");
-        let e = err("attention: {method: lolcats}\nlayers: [0]\nsoftmax_by_error: 2\n", 4);
+        assert!(
+            e.contains("conversion.attention") && e.contains("window_size"),
+            "{e}"
+        );
+        let e = err(
+            "attention: {method: lolcats}\nlayers: [0]\nsoftmax_by_error: 2\n",
+            4,
+        );
         assert!(e.contains("only 1 are converted"), "{e}");
-        let e = serde_yaml_ng::from_str::<ConversionConfig>("attention: {method: linear}\nlayers: some\n")
-            .unwrap_err()
-            .to_string();
+        let e = serde_yaml_ng::from_str::<ConversionConfig>(
+            "attention: {method: linear}\nlayers: some\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(!e.is_empty());
     }
 
@@ -438,7 +461,9 @@ mod tests {
         assert_eq!(layers_with_largest_error(&errors, 2).unwrap(), [3, 7]);
         assert_eq!(layers_with_largest_error(&errors, 3).unwrap(), [3, 7, 9]);
         assert!(layers_with_largest_error(&errors, 0).unwrap().is_empty());
-        let e = layers_with_largest_error(&errors, 6).unwrap_err().to_string();
+        let e = layers_with_largest_error(&errors, 6)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("only 5 layers"), "{e}");
         let e = layers_with_largest_error(&[(2, f64::NAN)], 1)
             .unwrap_err()

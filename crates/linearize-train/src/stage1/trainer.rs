@@ -75,7 +75,9 @@ impl<'a> Trainer<'a> {
                 data.seq_len,
                 cfg.xent_max_seq_len
             );
-            if let Some((layer, m)) = converted.mixers().find(|(_, m)| m.method() != Method::Linear)
+            if let Some((layer, m)) = converted
+                .mixers()
+                .find(|(_, m)| m.method() != Method::Linear)
             {
                 bail!(
                     "xent_factor is implemented for the `linear` method only; layer {layer} is {}",
@@ -164,8 +166,7 @@ impl<'a> Trainer<'a> {
         self.best_val_mse = saved.best_val_loss;
         if self.cfg.keep_best {
             if let Some(best) = state::load_best(self.run_dir)? {
-                if best.state.stage == self.cfg.name && best.state.recipe_hash == self.recipe_hash
-                {
+                if best.state.stage == self.cfg.name && best.state.recipe_hash == self.recipe_hash {
                     self.best_params = Some(best.tensors.params);
                 }
             }
@@ -196,7 +197,10 @@ impl<'a> Trainer<'a> {
                 return Err(Preempted { signal }.into());
             }
             let Some(loss) = self.train_step(model)? else {
-                tracing::warn!(step = self.step, "training data ran out before the step budget");
+                tracing::warn!(
+                    step = self.step,
+                    "training data ran out before the step budget"
+                );
                 break;
             };
             progress.update(self.step, self.tokens, loss.attn_mse);
@@ -253,7 +257,8 @@ impl<'a> Trainer<'a> {
                 return Ok(None);
             };
             let ids = batch.inputs().to_device(model.device()); // (b, L)
-            model.hidden_states(&ids, None)?;
+                                                                // The wrapped layers backpropagate their losses; the hidden states are not needed.
+            let _ = model.hidden_states(&ids, None)?;
             losses.extend(self.collect(take_losses(&self.tap)?)?);
         }
         let grad_norm = match cfg.max_grad_norm {
@@ -361,8 +366,10 @@ impl<'a> Trainer<'a> {
             .take(self.cfg.max_eval_batches.unwrap_or(usize::MAX));
         for tokens in batches {
             let n = tokens.size()[0] as usize;
-            let ids = tokens.narrow(1, 0, val.seq_len() as i64).to_device(model.device()); // (n, L)
-            tch::no_grad(|| model.hidden_states(&ids, None))?;
+            let ids = tokens
+                .narrow(1, 0, val.seq_len() as i64)
+                .to_device(model.device()); // (n, L)
+            let _ = tch::no_grad(|| model.hidden_states(&ids, None))?;
             for (sum, loss) in sums.iter_mut().zip(self.collect(take_losses(&self.tap)?)?) {
                 *sum += loss.mse * n as f64;
             }

@@ -115,7 +115,11 @@ impl Mixer for TransferMixer {
     }
 
     fn name(&self) -> String {
-        format!("transfer({} <- {})", self.student.name(), self.teacher.name())
+        format!(
+            "transfer({} <- {})",
+            self.student.name(),
+            self.teacher.name()
+        )
     }
 }
 

@@ -45,10 +45,12 @@ pub fn chunked(
         .transpose(-1, -2)
         .matmul(&values);
     let decay = total.exp().unsqueeze(-1); // (b, h, n, d_k, 1)
+                                           // Per-chunk views through `unbind`, whose backward stacks the gradients once (a `select` per
+                                           // chunk would scatter each into a zero tensor of all chunks: quadratic in the chunk count).
     let mut before = Vec::with_capacity(n as usize);
     let mut carried = init.s;
-    for j in 0..n {
-        let next = updates.select(2, j) + decay.select(2, j) * &carried;
+    for (update, decay) in updates.unbind(2).iter().zip(decay.unbind(2)) {
+        let next = update + decay * &carried;
         before.push(carried);
         carried = next;
     }

@@ -93,7 +93,11 @@ impl Case {
         // Hedgehog-like features: positive, each row summing to one.
         let features = |heads: i64| normal(heads, s.features).softmax(-1, s.kind);
         let leaves = match method {
-            Method::Linear => vec![features(s.heads), features(s.heads), normal(s.kv_heads, s.head_dim)],
+            Method::Linear => vec![
+                features(s.heads),
+                features(s.heads),
+                normal(s.kv_heads, s.head_dim),
+            ],
             Method::LolcatsSw | Method::LolcatsTk => vec![
                 normal(s.heads, s.head_dim),
                 normal(s.kv_heads, s.head_dim),
@@ -102,7 +106,11 @@ impl Case {
                 features(s.heads),
                 Tensor::full([s.heads], WINDOW_FACTOR_INIT, (Kind::Float, s.device)),
             ],
-            Method::Swa => vec![normal(s.heads, s.head_dim), normal(s.kv_heads, s.head_dim), normal(s.kv_heads, s.head_dim)],
+            Method::Swa => vec![
+                normal(s.heads, s.head_dim),
+                normal(s.kv_heads, s.head_dim),
+                normal(s.kv_heads, s.head_dim),
+            ],
             Method::Gla => vec![
                 normal(s.heads, s.head_dim).softmax(-1, s.kind),
                 normal(s.kv_heads, s.head_dim).softmax(-1, s.kind),
@@ -117,8 +125,16 @@ impl Case {
                 normal(s.kv_heads, s.head_dim),
             ],
         };
-        let leaves = leaves.into_iter().map(|t| t.detach().set_requires_grad(true)).collect();
-        Self { method, form, shape, leaves }
+        let leaves = leaves
+            .into_iter()
+            .map(|t| t.detach().set_requires_grad(true))
+            .collect();
+        Self {
+            method,
+            form,
+            shape,
+            leaves,
+        }
     }
 
     pub fn forward(&self) -> Result<Tensor> {
@@ -127,7 +143,10 @@ impl Case {
         let chunked = self.form == Form::Chunked;
         Ok(match self.method {
             Method::Linear => {
-                let cfg = linear_attn::LinearAttnConfig { chunk_size: s.chunk, ..Default::default() };
+                let cfg = linear_attn::LinearAttnConfig {
+                    chunk_size: s.chunk,
+                    ..Default::default()
+                };
                 if chunked {
                     linear_attn::chunked(&x[0], &x[1], &x[2], &cfg, None)?.0
                 } else {
@@ -135,10 +154,24 @@ impl Case {
                 }
             }
             Method::LolcatsSw | Method::LolcatsTk => {
-                let window_shape = if self.method == Method::LolcatsSw { WindowShape::Sw } else { WindowShape::Tk };
-                let cfg = LolcatsConfig { window_shape, window_size: s.window, chunk_size: s.chunk };
-                let inputs =
-                    LolcatsInputs { q: &x[0], k: &x[1], v: &x[2], phi_q: &x[3], phi_k: &x[4], window_factors: &x[5] };
+                let window_shape = if self.method == Method::LolcatsSw {
+                    WindowShape::Sw
+                } else {
+                    WindowShape::Tk
+                };
+                let cfg = LolcatsConfig {
+                    window_shape,
+                    window_size: s.window,
+                    chunk_size: s.chunk,
+                };
+                let inputs = LolcatsInputs {
+                    q: &x[0],
+                    k: &x[1],
+                    v: &x[2],
+                    phi_q: &x[3],
+                    phi_k: &x[4],
+                    window_factors: &x[5],
+                };
                 if chunked {
                     lolcats::chunked(&inputs, &cfg, None)?.0
                 } else {
@@ -146,7 +179,10 @@ impl Case {
                 }
             }
             Method::Swa => {
-                let cfg = swa::SwaConfig { window_size: s.window, chunk_size: s.chunk };
+                let cfg = swa::SwaConfig {
+                    window_size: s.window,
+                    chunk_size: s.chunk,
+                };
                 if chunked {
                     swa::chunked(&x[0], &x[1], &x[2], &cfg, None)?.0
                 } else {
@@ -154,7 +190,10 @@ impl Case {
                 }
             }
             Method::Gla => {
-                let cfg = gla::GlaConfig { chunk_size: s.chunk, sub_chunk: sub_chunk(s.chunk) };
+                let cfg = gla::GlaConfig {
+                    chunk_size: s.chunk,
+                    sub_chunk: sub_chunk(s.chunk),
+                };
                 if chunked {
                     gla::chunked(&x[0], &x[1], &x[2], &x[3], &cfg, None)?.0
                 } else {
@@ -168,7 +207,13 @@ impl Case {
                     sub_chunk: sub_chunk(s.chunk),
                     ..Default::default()
                 };
-                let inputs = liger::LigerInputs { q: &x[0], k: &x[1], q_rope: &x[2], k_rope: &x[3], v: &x[4] };
+                let inputs = liger::LigerInputs {
+                    q: &x[0],
+                    k: &x[1],
+                    q_rope: &x[2],
+                    k_rope: &x[3],
+                    v: &x[4],
+                };
                 if chunked {
                     liger::chunked(&inputs, &cfg, None)?.0
                 } else {

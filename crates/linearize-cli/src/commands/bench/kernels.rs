@@ -35,7 +35,15 @@ pub fn run(args: KernelArgs) -> Result<()> {
             for &form in &args.forms {
                 let outcome = if form == Form::Naive && method.naive_bytes(&shape, len) > budget {
                     let need = method.naive_bytes(&shape, len) / GIB;
-                    skipped(method, form, len, format!("naive needs ~{need:.1} GiB > {:.1} GiB budget (--naive-max-gib)", budget / GIB))
+                    skipped(
+                        method,
+                        form,
+                        len,
+                        format!(
+                            "naive needs ~{need:.1} GiB > {:.1} GiB budget (--naive-max-gib)",
+                            budget / GIB
+                        ),
+                    )
                 } else {
                     measure_in_child(&args, device, iters, method, form, len)?
                 };
@@ -126,14 +134,27 @@ fn naive_budget(args: &KernelArgs, device: Device) -> Result<f64> {
 
 /// The machine, in words.
 fn machine(device: Device) -> Result<String> {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|info| info.lines().find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())))
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
         .unwrap_or_else(|| "unknown CPU".to_string());
-    let host = format!("{cpu}, {cores} logical cores, {} torch threads", tch::get_num_threads());
+    let host = format!(
+        "{cpu}, {cores} logical cores, {} torch threads",
+        tch::get_num_threads()
+    );
     Ok(match device {
-        Device::Cuda(i) => format!("{} (cuda:{i}); host {host}", CudaDriver::load()?.device_name(i)?),
+        Device::Cuda(i) => format!(
+            "{} (cuda:{i}); host {host}",
+            CudaDriver::load()?.device_name(i)?
+        ),
         _ => host,
     })
 }
@@ -143,11 +164,25 @@ fn skipped(method: Method, form: Form, len: i64, note: String) -> Value {
 }
 
 /// Runs one case in a child process and collects its report.
-fn measure_in_child(args: &KernelArgs, device: Device, iters: usize, method: Method, form: Form, len: i64) -> Result<Value> {
+fn measure_in_child(
+    args: &KernelArgs,
+    device: Device,
+    iters: usize,
+    method: Method,
+    form: Form,
+    len: i64,
+) -> Result<Value> {
     let exe = std::env::current_exe().context("locating the linearize binary")?;
     let spec = format!("{}:{}:{len}", method.name(), form.name());
     let mut cmd = Command::new(&exe);
-    cmd.args(["bench", "kernels", "--device", &device_arg(device), "--dtype", &args.runtime.dtype]);
+    cmd.args([
+        "bench",
+        "kernels",
+        "--device",
+        &device_arg(device),
+        "--dtype",
+        &args.runtime.dtype,
+    ]);
     for (flag, value) in [
         ("--heads", args.heads),
         ("--kv-heads", args.kv_heads.unwrap_or(args.heads)),
@@ -161,11 +196,17 @@ fn measure_in_child(args: &KernelArgs, device: Device, iters: usize, method: Met
         cmd.args([flag.to_string(), value.to_string()]);
     }
     cmd.args(["--worker", &spec]);
-    let out = cmd.output().with_context(|| format!("running {} for {spec}", exe.display()))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {} for {spec}", exe.display()))?;
     let base = json!({"method": method.name(), "form": form.name(), "len": len});
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let reason = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
+        let reason = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output");
         let reason: String = reason.chars().take(200).collect();
         let mut failed = base;
         failed["status"] = json!("failed");
@@ -173,8 +214,12 @@ fn measure_in_child(args: &KernelArgs, device: Device, iters: usize, method: Met
         return Ok(failed);
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().with_context(|| format!("worker for {spec} printed nothing"))?;
-    let report: Value = serde_json::from_str(line).with_context(|| format!("worker for {spec} printed {line:?}"))?;
+    let line = stdout
+        .lines()
+        .last()
+        .with_context(|| format!("worker for {spec} printed nothing"))?;
+    let report: Value = serde_json::from_str(line)
+        .with_context(|| format!("worker for {spec} printed {line:?}"))?;
     let mut ok = base;
     ok["status"] = json!("ok");
     for key in ["fwd_ms", "fwd_bwd_ms", "peak_bytes"] {
@@ -189,9 +234,13 @@ fn parse_spec(spec: &str) -> Result<(Method, Form, i64)> {
     let [method, form, len] = parts[..] else {
         bail!("--worker {spec:?}: expected METHOD:FORM:LEN");
     };
-    let method = Method::from_str(method, false).map_err(|e| anyhow::anyhow!("--worker method {method:?}: {e}"))?;
-    let form = Form::from_str(form, false).map_err(|e| anyhow::anyhow!("--worker form {form:?}: {e}"))?;
-    let len = len.parse().with_context(|| format!("--worker length {len:?}"))?;
+    let method = Method::from_str(method, false)
+        .map_err(|e| anyhow::anyhow!("--worker method {method:?}: {e}"))?;
+    let form =
+        Form::from_str(form, false).map_err(|e| anyhow::anyhow!("--worker form {form:?}: {e}"))?;
+    let len = len
+        .parse()
+        .with_context(|| format!("--worker length {len:?}"))?;
     Ok((method, form, len))
 }
 
@@ -212,7 +261,10 @@ fn worker(spec: &str, shape: Shape, iters: usize) -> Result<()> {
     let fwd = median_ms(iters, device, || tch::no_grad(|| case.forward().map(drop)))?;
     synchronize(device);
     let peak = probe.peak_since(baseline)?;
-    println!("{}", json!({"fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_bytes": peak}));
+    println!(
+        "{}",
+        json!({"fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_bytes": peak})
+    );
     Ok(())
 }
 
@@ -241,7 +293,11 @@ fn table(results: &[Value]) -> String {
     let mut out = String::from(
         "| method | len | form | fwd ms | fwd+bwd ms | peak MiB | note |\n|---|---:|---|---:|---:|---:|---|\n",
     );
-    let number = |v: &Value, scale: f64| v.as_f64().map(|x| format!("{:.1}", x / scale)).unwrap_or_else(|| "–".into());
+    let number = |v: &Value, scale: f64| {
+        v.as_f64()
+            .map(|x| format!("{:.1}", x / scale))
+            .unwrap_or_else(|| "–".into())
+    };
     for r in results {
         out += &format!(
             "| {} | {} | {} | {} | {} | {} | {} |\n",

@@ -22,10 +22,13 @@ pub struct CudaDriver {
 impl CudaDriver {
     pub fn load() -> Result<Self> {
         // SAFETY: loading the system CUDA driver runs no initialisers with preconditions.
-        let lib = unsafe { Library::new("libcuda.so.1") }.context("loading the CUDA driver libcuda.so.1")?;
+        let lib = unsafe { Library::new("libcuda.so.1") }
+            .context("loading the CUDA driver libcuda.so.1")?;
         let driver = Self { lib };
         // SAFETY: cuInit(0) is the documented first driver call; repeating it is harmless.
-        driver.check("cuInit", unsafe { driver.symbol::<unsafe extern "C" fn(u32) -> CuResult>(b"cuInit\0")?(0) })?;
+        driver.check("cuInit", unsafe {
+            driver.symbol::<unsafe extern "C" fn(u32) -> CuResult>(b"cuInit\0")?(0)
+        })?;
         Ok(driver)
     }
 
@@ -46,7 +49,12 @@ impl CudaDriver {
     fn device(&self, ordinal: usize) -> Result<c_int> {
         let mut dev: c_int = 0;
         // SAFETY: signature of cuDeviceGet(CUdevice*, int); `dev` outlives the call.
-        let rc = unsafe { self.symbol::<unsafe extern "C" fn(*mut c_int, c_int) -> CuResult>(b"cuDeviceGet\0")?(&mut dev, ordinal as c_int) };
+        let rc = unsafe {
+            self.symbol::<unsafe extern "C" fn(*mut c_int, c_int) -> CuResult>(b"cuDeviceGet\0")?(
+                &mut dev,
+                ordinal as c_int,
+            )
+        };
         self.check("cuDeviceGet", rc)?;
         Ok(dev)
     }
@@ -56,14 +64,16 @@ impl CudaDriver {
         let mut buf = [0 as c_char; 256];
         // SAFETY: signature of cuDeviceGetName(char*, int, CUdevice); the buffer holds 256 bytes.
         let rc = unsafe {
-            self.symbol::<unsafe extern "C" fn(*mut c_char, c_int, c_int) -> CuResult>(b"cuDeviceGetName\0")?(
-                buf.as_mut_ptr(),
-                buf.len() as c_int,
-                dev,
-            )
+            self.symbol::<unsafe extern "C" fn(*mut c_char, c_int, c_int) -> CuResult>(
+                b"cuDeviceGetName\0",
+            )?(buf.as_mut_ptr(), buf.len() as c_int, dev)
         };
         self.check("cuDeviceGetName", rc)?;
-        let bytes: Vec<u8> = buf.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        let bytes: Vec<u8> = buf
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
@@ -71,7 +81,11 @@ impl CudaDriver {
         let dev = self.device(ordinal)?;
         let mut total: usize = 0;
         // SAFETY: signature of cuDeviceTotalMem_v2(size_t*, CUdevice).
-        let rc = unsafe { self.symbol::<unsafe extern "C" fn(*mut usize, c_int) -> CuResult>(b"cuDeviceTotalMem_v2\0")?(&mut total, dev) };
+        let rc = unsafe {
+            self.symbol::<unsafe extern "C" fn(*mut usize, c_int) -> CuResult>(
+                b"cuDeviceTotalMem_v2\0",
+            )?(&mut total, dev)
+        };
         self.check("cuDeviceTotalMem_v2", rc)?;
         Ok(total as u64)
     }
@@ -89,11 +103,23 @@ impl CudaDriver {
         // SAFETY: the signatures are the driver's; the context is retained before it is pushed
         // and released after it is popped, leaving the thread's context stack as it was.
         unsafe {
-            self.check("cuDevicePrimaryCtxRetain", self.symbol::<Retain>(b"cuDevicePrimaryCtxRetain\0")?(&mut ctx, dev))?;
-            self.check("cuCtxPushCurrent", self.symbol::<Push>(b"cuCtxPushCurrent_v2\0")?(ctx))?;
+            self.check(
+                "cuDevicePrimaryCtxRetain",
+                self.symbol::<Retain>(b"cuDevicePrimaryCtxRetain\0")?(&mut ctx, dev),
+            )?;
+            self.check(
+                "cuCtxPushCurrent",
+                self.symbol::<Push>(b"cuCtxPushCurrent_v2\0")?(ctx),
+            )?;
             let rc = self.symbol::<MemGetInfo>(b"cuMemGetInfo_v2\0")?(&mut free, &mut total);
-            self.check("cuCtxPopCurrent", self.symbol::<Pop>(b"cuCtxPopCurrent_v2\0")?(&mut popped))?;
-            self.check("cuDevicePrimaryCtxRelease", self.symbol::<Release>(b"cuDevicePrimaryCtxRelease_v2\0")?(dev))?;
+            self.check(
+                "cuCtxPopCurrent",
+                self.symbol::<Pop>(b"cuCtxPopCurrent_v2\0")?(&mut popped),
+            )?;
+            self.check(
+                "cuDevicePrimaryCtxRelease",
+                self.symbol::<Release>(b"cuDevicePrimaryCtxRelease_v2\0")?(dev),
+            )?;
             self.check("cuMemGetInfo", rc)?;
         }
         Ok((total - free) as u64)
@@ -109,7 +135,10 @@ pub enum MemoryProbe {
 impl MemoryProbe {
     pub fn new(device: Device) -> Result<Self> {
         match device {
-            Device::Cuda(ordinal) => Ok(Self::Cuda { driver: CudaDriver::load()?, ordinal }),
+            Device::Cuda(ordinal) => Ok(Self::Cuda {
+                driver: CudaDriver::load()?,
+                ordinal,
+            }),
             Device::Cpu => Ok(Self::Cpu),
             other => bail!("no memory probe for device {other:?}"),
         }
@@ -120,7 +149,8 @@ impl MemoryProbe {
         match self {
             Self::Cuda { driver, ordinal } => driver.used_bytes(*ordinal),
             Self::Cpu => {
-                std::fs::write("/proc/self/clear_refs", "5").context("resetting the RSS high-water mark (/proc/self/clear_refs)")?;
+                std::fs::write("/proc/self/clear_refs", "5")
+                    .context("resetting the RSS high-water mark (/proc/self/clear_refs)")?;
                 proc_status_bytes("VmRSS")
             }
         }
@@ -138,10 +168,14 @@ impl MemoryProbe {
 
 /// A `kB` field of `/proc/self/status`, in bytes.
 fn proc_status_bytes(field: &str) -> Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let line = status
         .lines()
-        .find_map(|l| l.strip_prefix(field).and_then(|rest| rest.strip_prefix(':')))
+        .find_map(|l| {
+            l.strip_prefix(field)
+                .and_then(|rest| rest.strip_prefix(':'))
+        })
         .with_context(|| format!("/proc/self/status has no {field}"))?;
     let kib: u64 = line
         .trim()
@@ -159,6 +193,11 @@ pub fn available_host_bytes() -> Result<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("MemAvailable:"))
         .context("/proc/meminfo has no MemAvailable")?;
-    let kib: u64 = line.trim().trim_end_matches("kB").trim().parse().context("/proc/meminfo MemAvailable")?;
+    let kib: u64 = line
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .context("/proc/meminfo MemAvailable")?;
     Ok(kib * 1024)
 }

@@ -47,9 +47,19 @@ pub struct KernelArgs {
     /// Chunk size of the chunked forms.
     #[arg(long, default_value_t = 64)]
     chunk: i64,
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "linear,lolcats-sw,lolcats-tk,swa,gla,liger")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "linear,lolcats-sw,lolcats-tk,swa,gla,liger"
+    )]
     methods: Vec<Method>,
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "naive,chunked")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "naive,chunked"
+    )]
     forms: Vec<Form>,
     /// Timed iterations per case (default: 10 on CUDA, 3 on CPU), after one warm-up.
     #[arg(long)]

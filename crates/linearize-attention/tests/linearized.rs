@@ -1,0 +1,325 @@
+//! Linearized layers inside a real (tiny, random) decoder: every method converts every layer,
+//! a full pass agrees with prefill + token-by-token decoding through the model's cache, the
+//! `softmax` method reproduces the original model, and configs are checked field by field.
+use linearize_attention::feature_map::{FeatureMapConfig, FeatureMapInit};
+use linearize_attention::linearized::{AttentionConfig, LayerShape, LinearizedMixer, Method};
+use linearize_attention::ops::window::WindowShape;
+use linearize_models::config::ModelConfig;
+use linearize_models::llama::Model;
+use linearize_models::mixer::{Mixer, MixerInput};
+use serde_json::json;
+use tch::{nn, Device, Kind, Tensor};
+
+const LEN: i64 = 29;
+
+fn model_config(extra: serde_json::Value) -> ModelConfig {
+    let mut cfg = json!({
+        "model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 64, "initializer_range": 0.2,
+    });
+    cfg.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    ModelConfig::from_json_str(&cfg.to_string()).unwrap()
+}
+
+fn tiny_model(extra: serde_json::Value) -> Model {
+    tch::manual_seed(7);
+    Model::new(&model_config(extra), Device::Cpu, Kind::Float).unwrap()
+}
+
+fn ids(batch: i64, len: i64) -> Tensor {
+    tch::manual_seed(11);
+    Tensor::randint(61, [batch, len], (Kind::Int64, Device::Cpu))
+}
+
+/// Replaces every layer's mixer by a [`LinearizedMixer`] with parameters in `student`.
+fn convert_all(model: &mut Model, student: &nn::VarStore, cfg: &AttentionConfig) {
+    let shape = LayerShape::of(model.config());
+    for i in 0..model.num_layers() {
+        let path = student
+            .root()
+            .sub("model")
+            .sub("layers")
+            .sub(i)
+            .sub("self_attn");
+        let mixer = LinearizedMixer::new(&path, &shape, cfg).unwrap();
+        model.set_mixer(i, Box::new(mixer)).unwrap();
+    }
+}
+
+fn hedgehog(feature_dim: i64) -> FeatureMapConfig {
+    FeatureMapConfig::Hedgehog {
+        feature_dim,
+        half_space: false,
+        bias: true,
+        init: FeatureMapInit::Kaiming,
+    }
+}
+
+/// Small windows and chunks so that 29 tokens cross several chunk and window boundaries.
+fn methods() -> Vec<AttentionConfig> {
+    let base = |method| AttentionConfig {
+        chunk_size: Some(8),
+        ..AttentionConfig::new(method)
+    };
+    vec![
+        AttentionConfig {
+            feature_map: Some(hedgehog(6)),
+            eps: Some(1e-6),
+            ..base(Method::Linear)
+        },
+        AttentionConfig {
+            feature_map: Some(FeatureMapConfig::T2r {
+                feature_dim: 8,
+                bias: true,
+                init: FeatureMapInit::Kaiming,
+            }),
+            eps: Some(1e-3),
+            ..base(Method::Linear)
+        },
+        AttentionConfig {
+            feature_map: Some(hedgehog(6)),
+            window_size: Some(5),
+            ..base(Method::Lolcats)
+        },
+        AttentionConfig {
+            feature_map: Some(FeatureMapConfig::Elu),
+            window_shape: Some(WindowShape::Tk),
+            window_size: Some(4),
+            ..base(Method::Lolcats)
+        },
+        AttentionConfig {
+            window_size: Some(5),
+            ..base(Method::SlidingWindow)
+        },
+        AttentionConfig {
+            sub_chunk: Some(4),
+            ..base(Method::LigerGla)
+        },
+        AttentionConfig {
+            window_size: Some(6),
+            sub_chunk: Some(2),
+            ..base(Method::Liger)
+        },
+    ]
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Logits of `ids` fed through the cache in pieces: a prefill, one-token steps, a multi-token
+/// continuation from a non-empty state, and one-token steps to the end.
+fn decoded_logits(model: &Model, ids: &Tensor) -> Tensor {
+    let mut cache = model.new_cache(ids.size()[0]).unwrap();
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    let mut lens = vec![11, 1, 1, 1, 7];
+    lens.extend(std::iter::repeat_n(1, (LEN - 21) as usize));
+    for len in lens {
+        let piece = ids.narrow(1, start, len);
+        pieces.push(model.forward(&piece, Some(&mut cache)).unwrap());
+        start += len;
+    }
+    assert_eq!(start, LEN);
+    Tensor::cat(&pieces, 1)
+}
+
+#[test]
+fn every_method_decodes_like_its_full_pass() {
+    let ids = ids(2, LEN);
+    for cfg in methods() {
+        let mut model = tiny_model(json!({}));
+        let teacher = model.forward(&ids, None).unwrap();
+        let student = nn::VarStore::new(Device::Cpu);
+        convert_all(&mut model, &student, &cfg);
+        assert_eq!(model.mixer(1).name(), cfg.name());
+        let full = tch::no_grad(|| model.forward(&ids, None).unwrap());
+        let decoded = tch::no_grad(|| decoded_logits(&model, &ids));
+        let diff = max_diff(&full, &decoded);
+        assert!(
+            diff <= 1e-4,
+            "{}: full vs decoded differ by {diff:e}",
+            cfg.name()
+        );
+        // The converted model really is a different model.
+        assert!(
+            max_diff(&full, &teacher) > 1e-3,
+            "{}: converted model computes the teacher's logits",
+            cfg.name()
+        );
+    }
+}
+
+#[test]
+fn softmax_method_reproduces_the_original_model() {
+    for extra in [
+        json!({}),
+        json!({"model_type": "mistral", "sliding_window": 5}),
+    ] {
+        let mut model = tiny_model(extra);
+        let ids = ids(2, LEN);
+        let original = model.forward(&ids, None).unwrap();
+        let original_decoded = decoded_logits(&model, &ids);
+        let student = nn::VarStore::new(Device::Cpu);
+        convert_all(&mut model, &student, &AttentionConfig::new(Method::Softmax));
+        assert!(student.variables().is_empty(), "softmax adds no parameters");
+        assert!(model.forward(&ids, None).unwrap().equal(&original));
+        assert!(decoded_logits(&model, &ids).equal(&original_decoded));
+    }
+}
+
+#[test]
+fn parameters_are_named_under_the_layer_path_and_shared_by_shallow_clones() {
+    let mut model = tiny_model(json!({}));
+    let student = nn::VarStore::new(Device::Cpu);
+    let cfg = AttentionConfig {
+        feature_map: Some(hedgehog(6)),
+        ..AttentionConfig::new(Method::Lolcats)
+    };
+    convert_all(&mut model, &student, &cfg);
+    let mut names: Vec<String> = student.variables().into_keys().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "model.layers.0.self_attn.feature_map_k.W",
+            "model.layers.0.self_attn.feature_map_k.b",
+            "model.layers.0.self_attn.feature_map_q.W",
+            "model.layers.0.self_attn.feature_map_q.b",
+            "model.layers.0.self_attn.window_factors",
+            "model.layers.1.self_attn.feature_map_k.W",
+            "model.layers.1.self_attn.feature_map_k.b",
+            "model.layers.1.self_attn.feature_map_q.W",
+            "model.layers.1.self_attn.feature_map_q.b",
+            "model.layers.1.self_attn.window_factors",
+        ]
+    );
+    assert!(student.trainable_variables().len() == 10);
+    let w = &student.variables()["model.layers.0.self_attn.feature_map_q.W"];
+    assert_eq!(w.size(), [4, 8, 6]);
+
+    // A shallow clone computes with the very same tensors: changing them changes both.
+    let path = student.root().sub("extra");
+    let shape = LayerShape::of(model.config());
+    // A window shorter than the input, so that the window factors matter.
+    let short = AttentionConfig {
+        window_size: Some(3),
+        ..cfg
+    };
+    let mixer = LinearizedMixer::new(&path, &shape, &short).unwrap();
+    let clone = mixer.shallow_clone();
+    tch::manual_seed(3);
+    let q = Tensor::randn([1, 4, 9, 8], (Kind::Float, Device::Cpu));
+    let k = Tensor::randn([1, 2, 9, 8], (Kind::Float, Device::Cpu));
+    let v = Tensor::randn([1, 2, 9, 8], (Kind::Float, Device::Cpu));
+    let input = MixerInput {
+        q: &q,
+        k: &k,
+        v: &v,
+        q_raw: &q,
+        k_raw: &k,
+        offset: 0,
+    };
+    let before = clone.forward(&input, None).unwrap();
+    assert!(mixer.forward(&input, None).unwrap().equal(&before));
+    tch::no_grad(|| {
+        let _ = student.variables()["extra.window_factors"]
+            .shallow_clone()
+            .fill_(1.0);
+    });
+    let after = clone.forward(&input, None).unwrap();
+    assert!(max_diff(&before, &after) > 1e-4);
+    assert!(mixer.forward(&input, None).unwrap().equal(&after));
+}
+
+#[test]
+fn misuse_of_decoding_state_is_an_error() {
+    let mut model = tiny_model(json!({}));
+    let student = nn::VarStore::new(Device::Cpu);
+    convert_all(&mut model, &student, &methods()[0]);
+    let ids = ids(2, 5);
+    let mut stale = tiny_model(json!({})).new_cache(2).unwrap();
+    let e = format!("{:#}", model.forward(&ids, Some(&mut stale)).unwrap_err());
+    assert!(e.contains("another mixer"), "{e}");
+    let mut cache = model.new_cache(1).unwrap();
+    let e = format!("{:#}", model.forward(&ids, Some(&mut cache)).unwrap_err());
+    assert!(e.contains("batch of 2"), "{e}");
+}
+
+#[test]
+fn config_fields_must_belong_to_the_method() {
+    let e = AttentionConfig {
+        window_size: Some(32),
+        ..AttentionConfig::new(Method::Linear)
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("attention.window_size") && e.contains("`linear`"),
+        "{e}"
+    );
+    let e = AttentionConfig {
+        feature_map: Some(hedgehog(8)),
+        ..AttentionConfig::new(Method::Liger)
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("attention.feature_map"), "{e}");
+    let e = AttentionConfig {
+        chunk_size: Some(12),
+        ..AttentionConfig::new(Method::LigerGla)
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("sub_chunk (16) must divide"), "{e}");
+    let e = AttentionConfig {
+        window_size: Some(0),
+        ..AttentionConfig::new(Method::Lolcats)
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("window_size must be >= 1"), "{e}");
+    for cfg in methods() {
+        cfg.validate().unwrap();
+    }
+}
+
+#[test]
+fn recipes_parse_strictly_and_resolve_defaults() {
+    let cfg: AttentionConfig = serde_yaml_ng::from_str(
+        "method: lolcats\nfeature_map: {kind: hedgehog, feature_dim: 32}\nwindow_shape: tk\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.name(), "lolcats-tk64+hedgehog32");
+    let resolved = cfg.resolved();
+    assert_eq!(resolved.window_size, Some(64));
+    assert_eq!(resolved.chunk_size, Some(64));
+    assert_eq!(resolved.eps, None);
+    let lolcats =
+        serde_yaml_ng::to_string(&AttentionConfig::new(Method::Lolcats).resolved()).unwrap();
+    let back: AttentionConfig = serde_yaml_ng::from_str(&lolcats).unwrap();
+    assert_eq!(back.name(), "lolcats-sw64+hedgehog64");
+    back.validate().unwrap();
+    assert_eq!(
+        AttentionConfig::new(Method::Liger)
+            .resolved()
+            .gate_normalizer,
+        Some(16.0)
+    );
+
+    let e = serde_yaml_ng::from_str::<AttentionConfig>("method: linear\nwindow: 3\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown field `window`"), "{e}");
+    let e = serde_yaml_ng::from_str::<AttentionConfig>("method: mamba\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mamba"), "{e}");
+}
