@@ -1,20 +1,35 @@
 //! The `linearize` binary.
 mod commands;
+mod job;
+mod recipe;
 mod runtime;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 /// Convert pretrained transformer LLMs into linear-attention and hybrid models.
+///
+/// The main job: `linearize --recipe recipes/quickstart.yaml` runs a recipe (see docs/recipes.md).
 #[derive(Parser)]
 #[command(name = "linearize", version, about, long_about = None)]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(flatten)]
+    job: job::JobArgs,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Resume the job of a run directory (after a preemption, a crash or a kill).
+    Resume {
+        /// The run directory (`checkpoints/<name>`).
+        run_dir: std::path::PathBuf,
+        /// Start over instead (the earlier attempt is kept under a new name).
+        #[arg(long)]
+        restart: bool,
+    },
     /// Generate text with a model (greedy or sampled), optionally through its chat template.
     Generate(commands::generate::Args),
     /// Describe a model: architecture, layers, heads, parameter count, dtype, memory.
@@ -39,12 +54,19 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => commands::generate::run(args),
-        Command::Inspect(args) => commands::inspect::run(args),
-        Command::Eval(args) => commands::eval::run(args),
-        Command::Import(cmd) => commands::import::run(cmd),
-        Command::Fetch(args) => commands::fetch::run(args),
-        Command::Bench(args) => commands::bench::run(args),
+        None => match &cli.job.recipe {
+            Some(recipe) => job::run(recipe, &cli.job),
+            None => Err(anyhow::anyhow!(
+                "nothing to do: give --recipe FILE or a subcommand (see --help)"
+            )),
+        },
+        Some(Command::Resume { run_dir, restart }) => job::resume(&run_dir, restart),
+        Some(Command::Generate(args)) => commands::generate::run(args),
+        Some(Command::Inspect(args)) => commands::inspect::run(args),
+        Some(Command::Eval(args)) => commands::eval::run(args),
+        Some(Command::Import(cmd)) => commands::import::run(cmd),
+        Some(Command::Fetch(args)) => commands::fetch::run(args),
+        Some(Command::Bench(args)) => commands::bench::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

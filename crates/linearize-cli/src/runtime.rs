@@ -1,5 +1,9 @@
-//! Flags shared by every command that runs a model: `--device` and `--dtype`.
+//! Flags shared by every command that runs a model (`--device`, `--dtype`) and loading the
+//! model in any of the forms a run exports.
 use anyhow::{bail, Result};
+use linearize_models::source;
+use linearize_train::export::{self, LoadedModel};
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -50,4 +54,25 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
         "f16" | "float16" => Kind::Half,
         other => bail!("--dtype {other:?}: expected f32, bf16 or f16"),
     })
+}
+
+/// Resolves `--model` (a local directory or a hub id) and loads it: a plain model, an exported
+/// converted `model/` directory, or with `--adapters` the base model plus its
+/// `adapters.safetensors`. Returns the model's directory (where its tokenizer is) too.
+pub fn load_model(
+    model: &str,
+    adapters: Option<&Path>,
+    runtime: &RuntimeArgs,
+) -> Result<(PathBuf, LoadedModel)> {
+    let dir = source::resolve(model)?;
+    let loaded = export::load_model(&dir, adapters, runtime.device()?, runtime.kind()?)?;
+    if let Some(converted) = &loaded.converted {
+        tracing::info!(
+            "{} of {} layers run converted attention:\n{}",
+            converted.len(),
+            loaded.model.num_layers(),
+            converted.table()
+        );
+    }
+    Ok((dir, loaded))
 }

@@ -1,3 +1,16 @@
-//! Evaluation of converted models against their teacher: perplexity by the protocol of
-//! DESIGN.md, next-token KL and agreement.
+//! Evaluation of converted models against their teacher, on identical inputs: perplexity by the
+//! protocol of DESIGN.md with next-token KL and agreement, per-layer attention error, recall
+//! probes, multiple-choice tasks, speed and memory, generations, and a report with plots
+//! ([`report::run_report`]).
+pub mod attention_error;
+pub mod generations;
+pub mod kl;
+pub mod multiple_choice;
 pub mod perplexity;
+pub mod plots;
+pub mod recall;
+pub mod report;
+pub mod speed;
+pub mod training;
+
+pub use report::{run_report, EvalConfig, EvalReport};

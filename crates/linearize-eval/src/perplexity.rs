@@ -99,53 +99,19 @@ pub fn perplexity<M: CausalLm>(
 }
 
 /// [`perplexity`] of both models on the same windows, plus their next-token KL and top-1
-/// agreement. Each batch runs through the teacher, then the student.
+/// agreement. Each batch runs through the teacher, then the student; [`crate::kl::kl_report`]
+/// gives the same numbers with their spread over tokens and positions.
 pub fn compare<T: CausalLm, S: CausalLm>(
     teacher: &T,
     student: &S,
     tokens: &[u32],
     options: &WindowOptions,
 ) -> Result<Comparison> {
-    let windows = windows(tokens, options)?;
-    let _no_grad = tch::no_grad_guard();
-    let (mut nll_t, mut nll_s, mut kl, mut agree) = (0.0, 0.0, 0.0, 0i64);
-    for (i, batch) in windows.chunks(options.batch_size).enumerate() {
-        let logits_t = forward(teacher, batch)?;
-        let logits_s = forward(student, batch)?.to_device(logits_t.device());
-        ensure!(
-            logits_t.size() == logits_s.size(),
-            "teacher logits {:?} and student logits {:?} differ in shape",
-            logits_t.size(),
-            logits_s.size()
-        );
-        let targets = targets(batch, logits_t.device());
-        nll_t += window_nll(&logits_t, &targets).double_value(&[]);
-        nll_s += window_nll(&logits_s, &targets).double_value(&[]);
-        // Predictions for positions 1..ctx-1 come from positions 0..ctx-2.
-        let logp_t = predictions(&logits_t).log_softmax(-1, Kind::Float);
-        let logp_s = predictions(&logits_s).log_softmax(-1, Kind::Float);
-        kl += (logp_t.exp() * (&logp_t - &logp_s))
-            .sum(Kind::Double)
-            .double_value(&[]);
-        agree += logp_t
-            .argmax(-1, false)
-            .eq_tensor(&logp_s.argmax(-1, false))
-            .sum(Kind::Int64)
-            .int64_value(&[]);
-        log_progress(i, options.batch_size, windows.len());
-    }
-    let (n, ctx) = (windows.len(), options.ctx);
-    let scored = (n * (ctx - 1)) as f64;
-    Ok(Comparison {
-        teacher: report(nll_t, n, tokens.len(), ctx),
-        student: report(nll_s, n, tokens.len(), ctx),
-        kl_teacher_student: kl / scored,
-        top1_agreement: agree as f64 / scored,
-    })
+    Ok(crate::kl::kl_report(teacher, student, tokens, options, 1)?.comparison)
 }
 
 /// Logs about ten times over a run: after batch `i` of `batch_size` windows out of `total`.
-fn log_progress(i: usize, batch_size: usize, total: usize) {
+pub(crate) fn log_progress(i: usize, batch_size: usize, total: usize) {
     let batches = total.div_ceil(batch_size);
     if (i + 1) % batches.div_ceil(10) == 0 || i + 1 == batches {
         tracing::info!(
@@ -155,7 +121,12 @@ fn log_progress(i: usize, batch_size: usize, total: usize) {
     }
 }
 
-fn report(total_nll: f64, windows: usize, total_tokens: usize, ctx: usize) -> PerplexityReport {
+pub(crate) fn report(
+    total_nll: f64,
+    windows: usize,
+    total_tokens: usize,
+    ctx: usize,
+) -> PerplexityReport {
     let scored_tokens = windows * (ctx - 1);
     let mean_nll = total_nll / scored_tokens as f64;
     PerplexityReport {
@@ -169,7 +140,7 @@ fn report(total_nll: f64, windows: usize, total_tokens: usize, ctx: usize) -> Pe
 }
 
 /// Logits (b, ctx, vocab) in f32 of a batch of windows.
-fn forward<M: CausalLm>(model: &M, batch: &[&[u32]]) -> Result<Tensor> {
+pub(crate) fn forward<M: CausalLm>(model: &M, batch: &[&[u32]]) -> Result<Tensor> {
     let ids: Vec<i64> = batch
         .iter()
         .flat_map(|w| w.iter().map(|&t| t as i64))
@@ -189,13 +160,13 @@ fn forward<M: CausalLm>(model: &M, batch: &[&[u32]]) -> Result<Tensor> {
 }
 
 /// (b, ctx-1, vocab): the logits that predict tokens 1..ctx-1.
-fn predictions(logits: &Tensor) -> Tensor {
+pub(crate) fn predictions(logits: &Tensor) -> Tensor {
     let ctx = logits.size()[1];
     logits.narrow(1, 0, ctx - 1)
 }
 
 /// (b, ctx-1) int64: tokens 1..ctx-1 of each window.
-fn targets(batch: &[&[u32]], device: Device) -> Tensor {
+pub(crate) fn targets(batch: &[&[u32]], device: Device) -> Tensor {
     let ids: Vec<i64> = batch
         .iter()
         .flat_map(|w| w[1..].iter().map(|&t| t as i64))
@@ -206,7 +177,7 @@ fn targets(batch: &[&[u32]], device: Device) -> Tensor {
 }
 
 /// Summed NLL (f64 scalar) of `targets` under the predictions of `logits`.
-fn window_nll(logits: &Tensor, targets: &Tensor) -> Tensor {
+pub(crate) fn window_nll(logits: &Tensor, targets: &Tensor) -> Tensor {
     let logp = predictions(logits).log_softmax(-1, Kind::Float);
     let picked = logp.gather(-1, &targets.unsqueeze(-1), false);
     -picked.sum(Kind::Double)

@@ -7,7 +7,7 @@ use crate::linear::{Linear, ParamInit};
 use crate::lm::CausalLm;
 use crate::mixer::{Mixer, MixerInput, MixerState, SoftmaxMixer};
 use crate::rope::Rope;
-use crate::weights::{self, Checkpoint};
+use crate::weights::{self, Checkpoint, ExtraTensorPolicy};
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -249,9 +249,22 @@ impl Model {
         device: Device,
         kind: Kind,
     ) -> Result<Self> {
+        Self::from_checkpoint_with_extras(cfg, ckpt, device, kind, &|_, _| Ok(false))
+    }
+
+    /// Like [`Model::from_checkpoint`] for a checkpoint that also holds tensors of other
+    /// modules (e.g. the feature maps of a converted model, loaded separately): a tensor that is
+    /// no parameter and no known HF extra goes to `extra`, which accepts it with `Ok(true)`.
+    pub fn from_checkpoint_with_extras(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        device: Device,
+        kind: Kind,
+        extra: ExtraTensorPolicy,
+    ) -> Result<Self> {
         let model = Self::build(cfg, device, kind, ParamInit::Uninit)?;
         weights::fill_var_store(&model.vs, ckpt, &|name, shape| {
-            extra_tensor(cfg, name, shape)
+            Ok(extra_tensor(cfg, name, shape)? || extra(name, shape)?)
         })?;
         Ok(model)
     }

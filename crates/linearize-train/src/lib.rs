@@ -1,9 +1,13 @@
 //! Training: data pipeline, optimizer and schedules, metrics, resumable state, and the stages.
 pub mod convert;
 pub mod data;
+pub mod export;
+pub mod lora;
 pub mod metrics;
 pub mod optim;
 pub mod progress;
 pub mod schedule;
 pub mod stage1;
+pub mod stage2;
 pub mod state;
+mod train_loop;

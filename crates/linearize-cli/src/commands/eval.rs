@@ -1,11 +1,9 @@
 //! `linearize eval --model M --perplexity FILE --ctx N [--max-windows K] [--batch-size B]`:
 //! perplexity of a text file by the evaluation protocol of docs/DESIGN, printed as JSON.
-use crate::runtime::RuntimeArgs;
+use crate::runtime::{self, RuntimeArgs};
 use anyhow::{Context, Result};
 use linearize_eval::perplexity::{perplexity, WindowOptions};
-use linearize_models::llama::Model;
 use linearize_models::lm::CausalLm;
-use linearize_models::source;
 use linearize_models::tokenizer::Tokenizer;
 use serde_json::json;
 use std::path::PathBuf;
@@ -13,9 +11,13 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The model: a local Hugging Face-layout directory or a hub id `org/name[@revision]`.
+    /// The model: a local Hugging Face-layout directory (a plain model or an exported converted
+    /// `model/` directory) or a hub id `org/name[@revision]`.
     #[arg(long)]
     pub model: String,
+    /// `adapters.safetensors` of a run, applied to the base model given by --model.
+    #[arg(long)]
+    pub adapters: Option<PathBuf>,
     /// UTF-8 text file to score.
     #[arg(long)]
     pub perplexity: PathBuf,
@@ -39,11 +41,11 @@ pub fn run(args: Args) -> Result<()> {
             args.perplexity.display()
         )
     })?;
-    let dir = source::resolve(&args.model)?;
+    let (dir, loaded) = runtime::load_model(&args.model, args.adapters.as_deref(), &args.runtime)?;
+    let model = loaded.model;
     let tokenizer = Tokenizer::from_dir(&dir)?;
     let tokens = tokenizer.encode(&text, false)?;
-    let device = args.runtime.device()?;
-    let model = Model::load(&dir, device, args.runtime.kind()?)?;
+    let device = model.device();
     if let Some(max) = model.max_context().filter(|&max| args.ctx as i64 > max) {
         tracing::warn!(
             "--ctx {} is beyond the model's trained context of {max} tokens",
@@ -62,6 +64,7 @@ pub fn run(args: Args) -> Result<()> {
     let extra = json!({
         "model": args.model,
         "model_dir": dir,
+        "adapters": args.adapters,
         "file": args.perplexity,
         "device": format!("{device:?}"),
         "dtype": args.runtime.dtype,

@@ -1,21 +1,24 @@
 //! `linearize generate --model M --prompt TEXT [--chat [--system TEXT]] ...`: continues a prompt
 //! (or answers it as a chat turn through the model's chat template) and streams the text to
 //! stdout.
-use crate::runtime::RuntimeArgs;
+use crate::runtime::{self, RuntimeArgs};
 use anyhow::{Context, Result};
 use linearize_models::chat_template::ChatMessage;
 use linearize_models::generate::{generate, GenerateConfig, SamplingConfig, StopReason};
-use linearize_models::llama::Model;
-use linearize_models::source;
 use linearize_models::tokenizer::Tokenizer;
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The model: a local Hugging Face-layout directory or a hub id `org/name[@revision]`.
+    /// The model: a local Hugging Face-layout directory (a plain model or an exported converted
+    /// `model/` directory) or a hub id `org/name[@revision]`.
     #[arg(long)]
     pub model: String,
+    /// `adapters.safetensors` of a run, applied to the base model given by --model.
+    #[arg(long)]
+    pub adapters: Option<PathBuf>,
     /// The text to continue, or with --chat the user's message.
     #[arg(long)]
     pub prompt: String,
@@ -50,7 +53,8 @@ pub fn run(args: Args) -> Result<()> {
         top_k: args.top_k,
         seed: args.seed,
     };
-    let dir = source::resolve(&args.model)?;
+    let (dir, loaded) = runtime::load_model(&args.model, args.adapters.as_deref(), &args.runtime)?;
+    let model = loaded.model;
     let tokenizer = Tokenizer::from_dir(&dir)?;
     let prompt = if args.chat {
         let mut messages: Vec<ChatMessage> = args.system.iter().map(ChatMessage::system).collect();
@@ -64,7 +68,6 @@ pub fn run(args: Args) -> Result<()> {
             "the tokenizer declares no EOS token: generation stops only at --max-new-tokens"
         );
     }
-    let model = Model::load(&dir, args.runtime.device()?, args.runtime.kind()?)?;
     let config = GenerateConfig {
         max_new_tokens: args.max_new_tokens,
         sampling,

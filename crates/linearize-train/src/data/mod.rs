@@ -13,6 +13,7 @@ mod config;
 mod dataset;
 mod documents;
 mod encoder;
+mod model_encoder;
 mod packing;
 mod shuffle;
 mod sources;
@@ -25,6 +26,7 @@ pub use config::{BosPolicy, DataConfig, SourceConfig, SourceKind, TeacherSamples
 pub use dataset::{build_datasets, Datasets};
 pub use documents::read_documents;
 pub use encoder::{ChatTurn, TextEncoder};
+pub use model_encoder::ModelEncoder;
 pub use packing::{pack, PackOptions, PackStats, PackedSequences};
 pub use sources::{list_files, SourceFile, MANIFEST};
 pub use teacher_samples::{SampleSettings, TeacherSampleStore};

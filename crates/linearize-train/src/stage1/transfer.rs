@@ -88,14 +88,14 @@ impl Mixer for TransferMixer {
         let mse = (student.to_kind(Kind::Float) - teacher.to_kind(Kind::Float))
             .square()
             .mean(Kind::Float);
-        let mut loss = &mse * self.objective.mse_factor;
-        let xent = if self.objective.xent_factor > 0.0 {
-            let xent = attention_xent(&self.student, input)?;
-            loss = loss + &xent * self.objective.xent_factor;
-            Some(xent.double_value(&[]))
-        } else {
-            None
+        let xent = (self.objective.xent_factor > 0.0)
+            .then(|| attention_xent(&self.student, input))
+            .transpose()?;
+        let loss = match &xent {
+            Some(xent) => &mse * self.objective.mse_factor + xent * self.objective.xent_factor,
+            None => &mse * self.objective.mse_factor,
         };
+        let xent = xent.map(|x| x.double_value(&[]));
         if let TapMode::Train { backward_scale } = mode {
             (loss * backward_scale).f_backward()?;
         }

@@ -1,0 +1,396 @@
+//! `linearize --recipe FILE`: runs the stages a recipe lists into its run directory (layout in
+//! DESIGN.md, "Jobs and checkpoints"), resuming whatever an earlier attempt left.
+//!
+//! Resumption works stage by stage: a finished stage leaves its trained tensors in
+//! `stages/<stage>.safetensors` and is not run again; the stage in progress continues from the
+//! newest valid state in `state/` (a damaged one is skipped for the one before it).
+mod evaluate;
+mod plan;
+mod run_dir;
+mod stage_output;
+
+use crate::recipe::{resolve_data_paths, ExportSection, LoadedRecipe};
+use crate::runtime::{parse_device, parse_dtype};
+use anyhow::{Context, Result};
+use linearize_models::llama::Model;
+use linearize_train::convert::{convert, layers_with_largest_error, ConvertedLayers};
+use linearize_train::data::{build_datasets, Batcher, Budget, Datasets, ModelEncoder};
+use linearize_train::export::{export_adapters, export_model, ExportInfo, ExportOptions};
+use linearize_train::lora::LoraAdapters;
+use linearize_train::metrics::MetricsWriter;
+use linearize_train::stage1::{run_stage1, Stage1Config, Stage1Data, Stage1Job, Stage1Summary};
+use linearize_train::stage2::{run_stage2, Stage2Config, Stage2Data, Stage2Job, Stage2Summary};
+use linearize_train::state::{latest_valid_state, Preempted, Preemption, EXIT_PREEMPTED};
+use stage_output::{StageOutput, StageRecord};
+use std::path::{Path, PathBuf};
+use tch::nn;
+
+pub use run_dir::RESOLVED_RECIPE;
+
+/// The options of a recipe run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct JobArgs {
+    /// The recipe to run (YAML; see docs/recipes.md).
+    #[arg(long, value_name = "FILE")]
+    pub recipe: Option<PathBuf>,
+    /// Override a recipe value: `--set attention_transfer.max_steps=50` (the value is YAML).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Print the resolved plan (model, layers and methods, trainable parameters, token
+    /// budget, estimated memory, output paths) and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run directory (default: `<output>/<name>` of the recipe).
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Start over even if the run directory holds an earlier attempt (which is kept, renamed).
+    #[arg(long)]
+    pub restart: bool,
+}
+
+/// Runs the job; a preempted job (SIGTERM/SIGINT) saves a state and exits with
+/// [`EXIT_PREEMPTED`].
+pub fn run(recipe: &Path, args: &JobArgs) -> Result<()> {
+    let loaded = LoadedRecipe::load(recipe, &args.sets)?;
+    let run_dir = args
+        .output
+        .clone()
+        .unwrap_or_else(|| loaded.recipe.output.join(&loaded.recipe.name));
+    if args.dry_run {
+        print!("{}", plan::describe(&loaded, &run_dir)?);
+        return Ok(());
+    }
+    let start = run_dir::prepare(&run_dir, &loaded, args.restart)?;
+    tracing::info!(run = %run_dir.display(), ?start, hash = %loaded.hash, "job");
+    let preemption = Preemption::install()?;
+    match execute(&loaded, &run_dir, &preemption) {
+        Err(e) if e.downcast_ref::<Preempted>().is_some() => {
+            eprintln!(
+                "{e:#}; state saved in {}: `linearize resume {}` continues it",
+                run_dir.display(),
+                run_dir.display()
+            );
+            std::process::exit(EXIT_PREEMPTED);
+        }
+        other => other,
+    }
+}
+
+/// `linearize resume RUN_DIR`: the job of the run's own resolved recipe, in that directory.
+pub fn resume(run_dir: &Path, restart: bool) -> Result<()> {
+    let recipe = run_dir.join(RESOLVED_RECIPE);
+    anyhow::ensure!(
+        recipe.is_file(),
+        "{}: not a run directory (no {RESOLVED_RECIPE})",
+        run_dir.display()
+    );
+    let args = JobArgs {
+        recipe: Some(recipe.clone()),
+        sets: Vec::new(),
+        dry_run: false,
+        output: Some(run_dir.to_path_buf()),
+        restart,
+    };
+    run(&recipe, &args)
+}
+
+fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Result<()> {
+    let recipe = &loaded.recipe;
+    let device = parse_device(&recipe.model.device)?;
+    let kind = parse_dtype(&recipe.model.dtype)?;
+    let mut model = Model::load(&loaded.model_dir, device, kind)?;
+    let encoder = ModelEncoder::from_dir(&loaded.model_dir)?;
+    let data = resolve_data_paths(&recipe.data)?;
+    let datasets = build_datasets(&data, &encoder).context("data")?;
+    tracing::info!(
+        train_sequences = datasets.train.len(),
+        val_sequences = datasets.val.as_ref().map_or(0, |v| v.len()),
+        seq_len = recipe.data.seq_len,
+        "data ready"
+    );
+    // The student's initial values come from the recipe's seed; a resumed job overwrites them.
+    tch::manual_seed(recipe.seed as i64);
+    let student = nn::VarStore::new(device);
+    let mut converted = convert(&mut model, &recipe.conversion, &student)?;
+    let mut metrics = open_metrics(run_dir, loaded)?;
+    let mut tokens = Vec::new();
+    let mut run_steps = 0;
+
+    if let Some(stage) = &recipe.attention_transfer {
+        let output = StageOutput::new(run_dir, &stage.name);
+        let (record, summary) = match output.finished()? {
+            Some(record) => {
+                output.load_into(converted.named_parameters())?;
+                tracing::info!(stage = %stage.name, "already complete: trained tensors loaded");
+                (record, None)
+            }
+            None => {
+                let resume = latest_valid_state(run_dir)?.filter(|s| s.state.stage == stage.name);
+                let job = Stage1Job {
+                    run_dir,
+                    metrics: &mut metrics,
+                    recipe_hash: &loaded.hash,
+                    seed: recipe.seed,
+                    run_step_offset: run_steps,
+                    resume: resume.as_ref(),
+                    preemption: Some(preemption),
+                };
+                let summary = stage1(&mut model, &converted, &datasets, loaded, stage, job)?;
+                let record = StageRecord {
+                    steps: summary.steps,
+                    tokens: summary.tokens,
+                };
+                output.save(&converted.named_parameters(), record)?;
+                print_stage1(&summary);
+                (record, Some(summary))
+            }
+        };
+        run_steps += record.steps;
+        tokens.push((stage.name.clone(), record.tokens));
+        if let Some(k) = recipe.conversion.softmax_by_error {
+            let errors = final_errors(run_dir, stage, summary.as_ref())?;
+            let layers = layers_with_largest_error(&errors, k)?;
+            converted.revert_to_softmax(&mut model, &layers)?;
+        }
+    }
+
+    let lora = match &recipe.lora {
+        None => None,
+        Some(stage) => {
+            let adapters = LoraAdapters::install(&mut model, &stage.lora, recipe.seed)?;
+            let output = StageOutput::new(run_dir, &stage.name);
+            let trained = |adapters: &LoraAdapters| {
+                let mut params = adapters.named_parameters();
+                if stage.train_attention {
+                    params.extend(converted.named_parameters());
+                }
+                params
+            };
+            let record = match output.finished()? {
+                Some(record) => {
+                    output.load_into(trained(&adapters))?;
+                    tracing::info!(stage = %stage.name, "already complete: trained tensors loaded");
+                    record
+                }
+                None => {
+                    let resume =
+                        latest_valid_state(run_dir)?.filter(|s| s.state.stage == stage.name);
+                    let job = Stage2Job {
+                        run_dir,
+                        metrics: &mut metrics,
+                        recipe_hash: &loaded.hash,
+                        seed: recipe.seed,
+                        run_step_offset: run_steps,
+                        resume: resume.as_ref(),
+                        preemption: Some(preemption),
+                    };
+                    let summary = stage2(
+                        &mut model, &converted, &adapters, &datasets, loaded, stage, job,
+                    )?;
+                    let record = StageRecord {
+                        steps: summary.steps,
+                        tokens: summary.tokens,
+                    };
+                    output.save(&trained(&adapters), record)?;
+                    print_stage2(&summary);
+                    record
+                }
+            };
+            run_steps += record.steps;
+            tokens.push((stage.name.clone(), record.tokens));
+            Some(adapters)
+        }
+    };
+
+    let table = match &recipe.eval {
+        Some(eval) => evaluate::evaluate(eval, &mut model, encoder.tokenizer(), loaded, run_dir)?,
+        None => None,
+    };
+    if let Some(export) = &recipe.export {
+        let info = ExportInfo {
+            base_model: recipe.model.source.clone(),
+            base_revision: None,
+            base_dir: loaded.model_dir.clone(),
+            recipe_hash: loaded.hash.clone(),
+            data: describe_data(&recipe.data),
+            tokens,
+            eval: table,
+        };
+        write_exports(export, run_dir, &model, &converted, lora.as_ref(), &info)?;
+    }
+    tracing::info!(run_steps, "job finished");
+    println!("{}", converted.table());
+    println!("run directory: {}", run_dir.display());
+    Ok(())
+}
+
+/// `adapters.safetensors` and the merged `model/`.
+fn write_exports(
+    export: &ExportSection,
+    run_dir: &Path,
+    model: &Model,
+    converted: &ConvertedLayers,
+    lora: Option<&LoraAdapters>,
+    info: &ExportInfo,
+) -> Result<()> {
+    if export.adapters {
+        let path = run_dir.join("adapters.safetensors");
+        export_adapters(&path, model, converted, lora, info)?;
+        println!("trained tensors: {}", path.display());
+    }
+    if export.merged {
+        let dir = run_dir.join("model");
+        let options = ExportOptions {
+            dtype: parse_dtype(&export.dtype)?,
+            max_shard_bytes: export.max_shard_bytes,
+        };
+        export_model(&dir, model, converted, lora, info, &options)?;
+        println!("merged model: {}", dir.display());
+    }
+    Ok(())
+}
+
+fn describe_data(data: &linearize_train::data::DataConfig) -> String {
+    let sources: Vec<String> = data
+        .sources
+        .iter()
+        .map(|s| format!("{:?} {}", s.kind, s.path.display()).to_lowercase())
+        .collect();
+    format!(
+        "{} (sequences of {} tokens)",
+        if sources.is_empty() {
+            "samples from the teacher".to_string()
+        } else {
+            sources.join(", ")
+        },
+        data.seq_len
+    )
+}
+
+/// Stage 1 on the recipe's data (`job.resume`: the state of this stage to continue from).
+fn stage1(
+    model: &mut Model,
+    converted: &ConvertedLayers,
+    datasets: &Datasets,
+    loaded: &LoadedRecipe,
+    cfg: &Stage1Config,
+    job: Stage1Job<'_>,
+) -> Result<Stage1Summary> {
+    let data = Stage1Data {
+        train: train_batcher(datasets, loaded)?,
+        seq_len: loaded.recipe.data.seq_len,
+        val: datasets.val.clone(),
+    };
+    run_stage1(model, converted, data, cfg, job)
+}
+
+/// Stage 2 (LoRA) on the recipe's data (`job.resume`: the state of this stage to continue from).
+fn stage2(
+    model: &mut Model,
+    converted: &ConvertedLayers,
+    adapters: &LoraAdapters,
+    datasets: &Datasets,
+    loaded: &LoadedRecipe,
+    cfg: &Stage2Config,
+    job: Stage2Job<'_>,
+) -> Result<Stage2Summary> {
+    let data = Stage2Data {
+        train: train_batcher(datasets, loaded)?,
+        seq_len: loaded.recipe.data.seq_len,
+        val: datasets.val.clone(),
+    };
+    run_stage2(model, converted, adapters, data, cfg, job)
+}
+
+fn train_batcher(datasets: &Datasets, loaded: &LoadedRecipe) -> Result<Batcher> {
+    let data = &loaded.recipe.data;
+    Ok(
+        Batcher::new(datasets.train.clone(), data.batch_size, data.seed)?
+            .with_shuffle(data.shuffle)
+            .with_budget(Budget {
+                max_tokens: data.max_tokens,
+                max_steps: None,
+                max_epochs: data.max_epochs,
+            }),
+    )
+}
+
+/// The metrics file, continued after the newest valid state (records written after it are
+/// dropped) or after the last finished stage, or started fresh.
+fn open_metrics(run_dir: &Path, loaded: &LoadedRecipe) -> Result<MetricsWriter> {
+    let path = run_dir.join("metrics.jsonl");
+    if let Some(state) = latest_valid_state(run_dir)? {
+        return MetricsWriter::resume(&path, &state.state.stage, state.state.step);
+    }
+    let recipe = &loaded.recipe;
+    let stages = [
+        recipe.lora.as_ref().map(|s| s.name.as_str()),
+        recipe.attention_transfer.as_ref().map(|s| s.name.as_str()),
+    ];
+    for stage in stages.into_iter().flatten() {
+        if StageOutput::new(run_dir, stage).finished()?.is_some() {
+            return MetricsWriter::resume(&path, stage, u64::MAX);
+        }
+    }
+    MetricsWriter::create(&path)
+}
+
+/// The final validation MSE per layer of stage 1, from this run or from its metrics file.
+fn final_errors(
+    run_dir: &Path,
+    stage: &Stage1Config,
+    summary: Option<&Stage1Summary>,
+) -> Result<Vec<(usize, f64)>> {
+    if let Some(val) = summary.and_then(|s| s.final_val.as_ref()) {
+        return Ok(val.per_layer.clone());
+    }
+    let records = linearize_train::metrics::read_metrics(&run_dir.join("metrics.jsonl"))?;
+    let last = records
+        .iter()
+        .rev()
+        .find(|r| r.stage == stage.name && r.split == linearize_train::metrics::Split::Val)
+        .context("softmax_by_error needs stage 1's validation errors: none in metrics.jsonl")?;
+    let mut errors = Vec::new();
+    for (key, value) in &last.values {
+        if let Some(layer) = key.strip_prefix("attn_mse/layer_") {
+            errors.push((layer.parse()?, *value));
+        }
+    }
+    Ok(errors)
+}
+
+fn print_stage1(summary: &Stage1Summary) {
+    let (Some(first), Some(last)) = (&summary.initial_val, &summary.final_val) else {
+        return;
+    };
+    println!(
+        "attention transfer: {} updates, {} tokens",
+        summary.steps, summary.tokens
+    );
+    println!(
+        "layer  val MSE step 0  val MSE step {:<5} factor",
+        last.step
+    );
+    for ((layer, before), (_, after)) in first.per_layer.iter().zip(&last.per_layer) {
+        println!(
+            "{layer:>5}  {before:>14.4e}  {after:>16.4e}  {:>6.1}x",
+            before / after
+        );
+    }
+    println!(
+        " mean  {:>14.4e}  {:>16.4e}  {:>6.1}x",
+        first.attn_mse,
+        last.attn_mse,
+        first.attn_mse / last.attn_mse
+    );
+}
+
+fn print_stage2(summary: &Stage2Summary) {
+    println!("LoRA: {} updates, {} tokens", summary.steps, summary.tokens);
+    if let (Some(first), Some(last)) = (&summary.initial_val, &summary.final_val) {
+        println!(
+            "validation perplexity {:.3} (step {}) -> {:.3} (step {})",
+            first.ppl, first.step, last.ppl, last.step
+        );
+    }
+}

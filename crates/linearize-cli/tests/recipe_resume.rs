@@ -1,0 +1,219 @@
+//! Jobs interrupted at a random step (SIGKILL, SIGTERM) or left with a damaged latest state
+//! resume to trained tensors bit-identical to an uninterrupted job's; a changed recipe refuses to
+//! resume and names what changed.
+mod common;
+
+use common::{linearize, run, stage_tensors, stderr, tiny_job, write_recipe};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tch::Tensor;
+
+/// Exit status of a job stopped by SIGTERM/SIGINT after saving a state (docs/clusters.md).
+const EXIT_PREEMPTED: i32 = 75;
+
+struct Job {
+    dir: tempfile::TempDir,
+    recipe: PathBuf,
+}
+
+impl Job {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_job(dir.path());
+        let recipe = write_recipe(dir.path(), "");
+        Self { dir, recipe }
+    }
+
+    fn run_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn args<'a>(&'a self, out: &'a Path) -> Vec<&'a str> {
+        vec![
+            "--recipe",
+            self.recipe.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]
+    }
+
+    /// Runs the job to completion in `out`.
+    fn complete(&self, out: &Path) {
+        let output = run(&self.args(out));
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+
+    /// Starts the job in `out` and waits until it has trained past `step`.
+    fn start_until(&self, out: &Path, step: u64) -> Child {
+        // stderr is read at the end (the job logs only warnings, which fit the pipe).
+        let mut child = linearize(&self.args(out))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let metrics = out.join("metrics.jsonl");
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the job ended before step {step}"
+            );
+            assert!(Instant::now() < deadline, "no step {step} within 300 s");
+            let text = std::fs::read_to_string(&metrics).unwrap_or_default();
+            if text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .any(|r| r["split"] == "train" && run_step(&r) >= step)
+            {
+                return child;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// The run-wide step of a metrics record (LoRA's steps follow stage 1's 24).
+fn run_step(record: &serde_json::Value) -> u64 {
+    let offset = if record["stage"] == "lora" { 24 } else { 0 };
+    offset + record["step"].as_u64().unwrap_or(0)
+}
+
+/// A run-wide step in 3..=28 (stage 1 has 24, LoRA 6) that changes from run to run.
+fn random_step() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    3 + u64::from(nanos) % 26
+}
+
+fn assert_identical(want: &[(String, Tensor)], got: &[(String, Tensor)]) {
+    assert_eq!(want.len(), got.len());
+    for ((name, a), (other, b)) in want.iter().zip(got) {
+        assert_eq!(name, other);
+        let diff = (a - b).abs().max().double_value(&[]);
+        assert!(
+            a.equal(b),
+            "'{name}' differs after resuming (max abs {diff})"
+        );
+    }
+}
+
+#[test]
+fn killed_terminated_and_damaged_jobs_resume_bit_identically() {
+    let job = Job::new();
+    let straight = job.run_dir("straight");
+    job.complete(&straight);
+    let want = stage_tensors(&straight);
+
+    // SIGKILL at a random step, then `linearize resume`.
+    let killed = job.run_dir("killed");
+    let step = random_step();
+    let mut child = job.start_until(&killed, step);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let output = run(&["resume", killed.to_str().unwrap()]);
+    assert!(
+        output.status.success(),
+        "killed at step {step}: {}",
+        stderr(&output)
+    );
+    assert_identical(&want, &stage_tensors(&killed));
+
+    // SIGTERM: a state is saved and the job exits with the documented status; re-running the
+    // same command resumes it.
+    let terminated = job.run_dir("terminated");
+    let step = random_step();
+    let child = job.start_until(&terminated, step);
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_PREEMPTED),
+        "{}",
+        stderr(&output)
+    );
+    assert!(stderr(&output).contains("linearize resume"));
+    job.complete(&terminated);
+    assert_identical(&want, &stage_tensors(&terminated));
+
+    // A truncated latest state: reported, and the one before it is used.
+    let damaged = job.run_dir("damaged");
+    let mut child = job.start_until(&damaged, random_step());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let latest = latest_state(&damaged);
+    let params = latest.join("params.safetensors");
+    let len = std::fs::metadata(&params).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&params)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let output = linearize(&["resume", damaged.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let log = stderr(&output);
+    assert!(
+        log.contains("skipping damaged training state") && log.contains(latest.to_str().unwrap()),
+        "{log}"
+    );
+    assert_identical(&want, &stage_tensors(&damaged));
+}
+
+#[test]
+fn a_changed_recipe_refuses_to_resume_unless_restarted() {
+    let job = Job::new();
+    let out = job.run_dir("run");
+    let mut child = job.start_until(&out, 2);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut args = job.args(&out);
+    args.extend(["--set", "attention_transfer.optimizer.lr=0.05"]);
+    let output = run(&args);
+    assert!(!output.status.success());
+    let e = stderr(&output);
+    assert!(
+        e.contains("the recipe changed") && e.contains("attention_transfer.optimizer.lr"),
+        "{e}"
+    );
+
+    args.push("--restart");
+    let output = run(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let aside: Vec<_> = std::fs::read_dir(job.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("run.restarted-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the earlier attempt is kept");
+}
+
+/// The newest `state/step-*` directory.
+fn latest_state(run_dir: &Path) -> PathBuf {
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(run_dir.join("state"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("step-")
+        })
+        .collect();
+    steps.sort();
+    steps.pop().expect("a saved state")
+}

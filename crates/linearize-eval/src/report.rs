@@ -1,0 +1,935 @@
+//! The whole evaluation of a converted model against its teacher, as one call: [`run_report`]
+//! runs every enabled part of an [`EvalConfig`] on both models (same tokenizer, same inputs) and
+//! writes `eval.json` (every section, `null` when not run, with the reason in `skipped`),
+//! `eval.md` (tables, plots, generations side by side) and PNG plots into the output directory.
+//!
+//! Every part of the config is optional; the defaults are sized for a CPU. Parts that need
+//! files (perplexity texts, multiple-choice tasks) are skipped while none are given. Relative
+//! paths are taken from the working directory.
+use crate::attention_error::{attention_error, converted_layers, AttentionErrorReport};
+use crate::generations::{
+    encode_prompt, recurrent_vs_full, side_by_side, DecodeCheck, DecodeCheckConfig, GenerationPair,
+    GenerationsConfig,
+};
+use crate::kl::{kl_report, KlReport};
+use crate::multiple_choice::{score_task, McReport, McTask};
+use crate::perplexity::WindowOptions;
+use crate::plots::{write_png, Panel, Series};
+use crate::recall::{
+    mqar, mqar_samples, passkey, passkey_prompts, MqarConfig, MqarReport, PasskeyConfig,
+    PasskeyReport,
+};
+use crate::speed::{self, SpeedConfig, SpeedReport};
+use crate::training::{read_metrics, StageCurves, StageSummary};
+use anyhow::{ensure, Context, Result};
+use linearize_models::atomic;
+use linearize_models::llama::Model;
+use linearize_models::tokenizer::Tokenizer;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// What to evaluate; every section may be left out (defaults) or turned off (`enabled: false`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Seed of every generated input (recall probes, speed prompts).
+    pub seed: u64,
+    pub perplexity: PerplexityConfig,
+    pub attention_error: AttentionErrorConfig,
+    pub passkey: PasskeyConfig,
+    pub mqar: MqarConfig,
+    pub multiple_choice: MultipleChoiceConfig,
+    pub speed: SpeedConfig,
+    pub generations: GenerationsConfig,
+    pub decode_check: DecodeCheckConfig,
+}
+
+/// Perplexity of both models, KL and top-1 agreement, by DESIGN.md's protocol.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PerplexityConfig {
+    pub enabled: bool,
+    /// Plain-text files, each scored on its own.
+    pub files: Vec<PathBuf>,
+    pub ctx: usize,
+    /// Score only the first windows of each file; `null` scores all.
+    pub max_windows: Option<usize>,
+    pub batch_size: usize,
+    /// Ranges of window positions that KL and agreement are reported by.
+    pub position_buckets: usize,
+}
+
+impl Default for PerplexityConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            files: Vec::new(),
+            ctx: 256,
+            max_windows: Some(16),
+            batch_size: 1,
+            position_buckets: 8,
+        }
+    }
+}
+
+/// Per-layer attention output error of the converted layers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttentionErrorConfig {
+    pub enabled: bool,
+    /// Validation text; defaults to the first perplexity file.
+    pub file: Option<PathBuf>,
+    pub ctx: usize,
+    pub max_windows: Option<usize>,
+    pub batch_size: usize,
+}
+
+impl Default for AttentionErrorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            file: None,
+            ctx: 256,
+            max_windows: Some(4),
+            batch_size: 1,
+        }
+    }
+}
+
+/// Multiple-choice tasks (format: [`crate::multiple_choice`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MultipleChoiceConfig {
+    pub enabled: bool,
+    /// JSONL task files; the task is named after the file stem.
+    pub tasks: Vec<PathBuf>,
+    /// Score only the first questions of each task.
+    pub limit: Option<usize>,
+}
+
+impl Default for MultipleChoiceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            tasks: Vec::new(),
+            limit: None,
+        }
+    }
+}
+
+/// A result for each model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pair<T> {
+    pub teacher: T,
+    pub student: T,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    pub layers: usize,
+    pub parameters: i64,
+    pub dtype: String,
+    pub device: String,
+    pub max_context: i64,
+    /// The attention of every layer, by mixer name.
+    pub attention: Vec<String>,
+}
+
+impl ModelSummary {
+    pub fn of(model: &Model) -> Self {
+        Self {
+            layers: model.num_layers(),
+            parameters: model.num_parameters(),
+            dtype: format!("{:?}", model.kind()),
+            device: format!("{:?}", model.device()),
+            max_context: model.config().max_position_embeddings,
+            attention: (0..model.num_layers())
+                .map(|i| model.mixer(i).name())
+                .collect(),
+        }
+    }
+}
+
+/// Perplexity and KL on one text file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TextEval {
+    pub file: String,
+    #[serde(flatten)]
+    pub kl: KlReport,
+}
+
+/// Everything [`run_report`] measured; a section is `None` when it did not run, and `skipped`
+/// says why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub teacher: ModelSummary,
+    pub student: ModelSummary,
+    pub converted_layers: Vec<usize>,
+    pub config: EvalConfig,
+    pub perplexity: Option<Vec<TextEval>>,
+    pub attention_error: Option<AttentionErrorReport>,
+    pub passkey: Option<Pair<PasskeyReport>>,
+    pub mqar: Option<Pair<MqarReport>>,
+    pub multiple_choice: Option<Vec<Pair<McReport>>>,
+    pub speed: Option<Pair<SpeedReport>>,
+    pub generations: Option<Vec<GenerationPair>>,
+    /// Recurrent decoding of the student against its full forward.
+    pub decode_check: Option<DecodeCheck>,
+    pub training: Option<Vec<StageSummary>>,
+    /// PNG files written, relative to the output directory.
+    pub plots: Vec<String>,
+    /// Section -> why it did not run.
+    pub skipped: BTreeMap<String, String>,
+}
+
+/// Runs every enabled part of `cfg` on the teacher and the converted `student` (which is
+/// borrowed mutably only to wrap its layers while their attention error is measured, and comes
+/// back unchanged), and writes `eval.json`, `eval.md` and the plots to `out_dir`. `metrics_jsonl`
+/// is the training run's metrics file, plotted as training curves when given and present.
+pub fn run_report(
+    teacher: &Model,
+    student: &mut Model,
+    tokenizer: &Tokenizer,
+    cfg: &EvalConfig,
+    out_dir: &Path,
+    metrics_jsonl: Option<&Path>,
+) -> Result<EvalReport> {
+    validate(cfg)?;
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("creating the report directory {}", out_dir.display()))?;
+    let mut skipped = BTreeMap::new();
+    let mut skip = |section: &str, why: &str| {
+        tracing::info!("eval: {section} skipped: {why}");
+        skipped.insert(section.to_string(), why.to_string());
+    };
+    let converted = converted_layers(teacher, student)?;
+    let mut texts = TextCache::default();
+
+    let perplexity = if !cfg.perplexity.enabled {
+        skip("perplexity", "disabled");
+        None
+    } else if cfg.perplexity.files.is_empty() {
+        skip("perplexity", "no text files configured (perplexity.files)");
+        None
+    } else {
+        let p = &cfg.perplexity;
+        let options = WindowOptions {
+            ctx: p.ctx,
+            max_windows: p.max_windows,
+            batch_size: p.batch_size,
+        };
+        let mut results = Vec::new();
+        for file in &p.files {
+            tracing::info!("eval: perplexity and KL on {}", file.display());
+            let tokens = texts.tokens(tokenizer, file)?;
+            let kl = kl_report(teacher, &*student, tokens, &options, p.position_buckets)
+                .with_context(|| format!("perplexity of {}", file.display()))?;
+            results.push(TextEval {
+                file: file.display().to_string(),
+                kl,
+            });
+        }
+        Some(results)
+    };
+
+    let attention_file = cfg
+        .attention_error
+        .file
+        .as_ref()
+        .or(cfg.perplexity.files.first());
+    let attention = match (cfg.attention_error.enabled, attention_file) {
+        (false, _) => {
+            skip("attention_error", "disabled");
+            None
+        }
+        (true, None) => {
+            skip(
+                "attention_error",
+                "no validation text (attention_error.file or perplexity.files)",
+            );
+            None
+        }
+        (true, Some(_)) if converted.is_empty() => {
+            skip("attention_error", "the student has no converted layers");
+            None
+        }
+        (true, Some(file)) => {
+            tracing::info!("eval: per-layer attention error on {}", file.display());
+            let a = &cfg.attention_error;
+            let options = WindowOptions {
+                ctx: a.ctx,
+                max_windows: a.max_windows,
+                batch_size: a.batch_size,
+            };
+            let tokens = texts.tokens(tokenizer, file)?;
+            Some(
+                attention_error(teacher, student, tokens, &options)
+                    .with_context(|| format!("attention error on {}", file.display()))?,
+            )
+        }
+    };
+    let student: &Model = student;
+    let max_context = teacher
+        .config()
+        .max_position_embeddings
+        .min(student.config().max_position_embeddings) as usize;
+
+    let passkey_result = if cfg.passkey.enabled {
+        tracing::info!("eval: passkey retrieval");
+        let prompts = passkey_prompts(tokenizer, &cfg.passkey, cfg.seed, Some(max_context))?;
+        Some(Pair {
+            teacher: passkey(teacher, tokenizer, &prompts).context("teacher passkey")?,
+            student: passkey(student, tokenizer, &prompts).context("student passkey")?,
+        })
+    } else {
+        skip("passkey", "disabled");
+        None
+    };
+
+    let mqar_result = if cfg.mqar.enabled {
+        tracing::info!("eval: multi-query associative recall");
+        let samples = mqar_samples(tokenizer, &cfg.mqar, cfg.seed)?;
+        Some(Pair {
+            teacher: mqar(teacher, &samples).context("teacher MQAR")?,
+            student: mqar(student, &samples).context("student MQAR")?,
+        })
+    } else {
+        skip("mqar", "disabled");
+        None
+    };
+
+    let mc = &cfg.multiple_choice;
+    let multiple_choice = if !mc.enabled {
+        skip("multiple_choice", "disabled");
+        None
+    } else if mc.tasks.is_empty() {
+        skip(
+            "multiple_choice",
+            "no task files configured (multiple_choice.tasks)",
+        );
+        None
+    } else {
+        let mut results = Vec::new();
+        for path in &mc.tasks {
+            let task = McTask::load(path, mc.limit)?;
+            tracing::info!("eval: task {} ({} questions)", task.name, task.docs.len());
+            results.push(Pair {
+                teacher: score_task(teacher, tokenizer, &task).context("teacher")?,
+                student: score_task(student, tokenizer, &task).context("student")?,
+            });
+        }
+        Some(results)
+    };
+
+    let speed_result = if cfg.speed.enabled {
+        tracing::info!("eval: speed and memory");
+        let vocab = teacher.config().vocab_size as usize;
+        // The student first: on CUDA a later measurement cannot show less than an earlier peak
+        // (see crate::speed).
+        let s = speed::measure(student, vocab, &cfg.speed, cfg.seed).context("student speed")?;
+        let t = speed::measure(teacher, vocab, &cfg.speed, cfg.seed).context("teacher speed")?;
+        Some(Pair {
+            teacher: t,
+            student: s,
+        })
+    } else {
+        skip("speed", "disabled");
+        None
+    };
+
+    let generations = if cfg.generations.enabled && !cfg.generations.prompts.is_empty() {
+        tracing::info!("eval: generations");
+        Some(side_by_side(teacher, student, tokenizer, &cfg.generations)?)
+    } else {
+        skip("generations", "disabled or no prompts");
+        None
+    };
+
+    let decode_check = if cfg.decode_check.enabled {
+        tracing::info!("eval: recurrent decoding against the full forward");
+        let prompt = encode_prompt(tokenizer, &cfg.decode_check.prompt, false)?;
+        let check = recurrent_vs_full(student, &prompt, cfg.decode_check.new_tokens)?;
+        if !check.agree {
+            tracing::warn!(
+                "recurrent decoding departs from the full forward at token {:?}",
+                check.first_mismatch
+            );
+        }
+        Some(check)
+    } else {
+        skip("decode_check", "disabled");
+        None
+    };
+
+    let curves = match metrics_jsonl {
+        Some(path) if path.is_file() => Some(read_metrics(path)?),
+        Some(path) => {
+            skip("training", &format!("{} does not exist", path.display()));
+            None
+        }
+        None => {
+            skip("training", "no metrics.jsonl given");
+            None
+        }
+    };
+
+    let mut report = EvalReport {
+        teacher: ModelSummary::of(teacher),
+        student: ModelSummary::of(student),
+        converted_layers: converted,
+        config: cfg.clone(),
+        perplexity,
+        attention_error: attention,
+        passkey: passkey_result,
+        mqar: mqar_result,
+        multiple_choice,
+        speed: speed_result,
+        generations,
+        decode_check,
+        training: curves
+            .as_ref()
+            .map(|stages| stages.iter().map(StageCurves::summary).collect()),
+        plots: Vec::new(),
+        skipped,
+    };
+    report.plots = write_plots(&report, curves.as_deref().unwrap_or_default(), out_dir)?;
+    let json = serde_json::to_string_pretty(&report).context("serializing eval.json")?;
+    atomic::write_file(&out_dir.join("eval.json"), json.as_bytes())?;
+    atomic::write_file(&out_dir.join("eval.md"), markdown(&report).as_bytes())?;
+    tracing::info!("eval: report written to {}", out_dir.display());
+    Ok(report)
+}
+
+/// Each text file read and encoded once.
+#[derive(Default)]
+struct TextCache {
+    tokens: BTreeMap<PathBuf, Vec<u32>>,
+}
+
+impl TextCache {
+    fn tokens(&mut self, tokenizer: &Tokenizer, path: &Path) -> Result<&[u32]> {
+        if !self.tokens.contains_key(path) {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading text {}", path.display()))?;
+            let tokens = tokenizer
+                .encode(&text, false)
+                .with_context(|| format!("encoding {}", path.display()))?;
+            self.tokens.insert(path.to_path_buf(), tokens);
+        }
+        Ok(&self.tokens[path])
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn write_plots(report: &EvalReport, curves: &[StageCurves], out_dir: &Path) -> Result<Vec<String>> {
+    let mut written = Vec::new();
+    let mut plot = |name: String, panels: Vec<Panel>, columns: usize| -> Result<()> {
+        write_png(&out_dir.join(&name), &panels, columns)?;
+        written.push(name);
+        Ok(())
+    };
+    if let Some(texts) = &report.perplexity {
+        let by_position = |value: fn(&crate::kl::PositionBucket) -> f64| {
+            texts
+                .iter()
+                .map(|t| {
+                    let points =
+                        t.kl.by_position
+                            .iter()
+                            .map(|b| ((b.start + b.end - 1) as f64 / 2.0, value(b)))
+                            .collect();
+                    Series::new(file_label(&t.file), points)
+                })
+                .collect()
+        };
+        plot(
+            "kl_by_position.png".into(),
+            vec![
+                Panel {
+                    title: "KL(teacher || student) by position".into(),
+                    x_label: "position in window".into(),
+                    y_label: "mean KL (nats)".into(),
+                    series: by_position(|b| b.kl),
+                    ..Panel::default()
+                },
+                Panel {
+                    title: "Top-1 agreement by position".into(),
+                    x_label: "position in window".into(),
+                    y_label: "agreement".into(),
+                    series: by_position(|b| b.top1_agreement),
+                    y_range: Some((0.0, 1.05)),
+                    ..Panel::default()
+                },
+            ],
+            2,
+        )?;
+    }
+    if let Some(errors) = &report.attention_error {
+        // Every layer labelled while the labels fit.
+        let layer_ticks = (errors.layers.len() <= 32)
+            .then(|| errors.layers.iter().map(|l| l.layer as f64).collect());
+        let series = |name: &str, value: fn(&crate::attention_error::LayerError) -> f64| {
+            vec![Series::new(
+                name,
+                errors
+                    .layers
+                    .iter()
+                    .map(|l| (l.layer as f64, value(l)))
+                    .collect(),
+            )]
+        };
+        plot(
+            "layer_error.png".into(),
+            vec![
+                Panel {
+                    title: "Attention output error by layer (relative)".into(),
+                    x_label: "layer".into(),
+                    y_label: "||student - teacher|| / ||teacher||".into(),
+                    series: series("relative error", |l| l.relative_error),
+                    x_ticks: layer_ticks.clone(),
+                    ..Panel::default()
+                },
+                Panel {
+                    title: "Attention output error by layer (MSE)".into(),
+                    x_label: "layer".into(),
+                    y_label: "MSE".into(),
+                    series: series("MSE", |l| l.mse),
+                    log_y: true,
+                    x_ticks: layer_ticks,
+                    ..Panel::default()
+                },
+            ],
+            2,
+        )?;
+    }
+    let mut recall = Vec::new();
+    if let Some(p) = &report.passkey {
+        let points = |r: &PasskeyReport| {
+            r.by_length
+                .iter()
+                .map(|b| (b.length as f64, b.accuracy))
+                .collect()
+        };
+        recall.push(Panel {
+            title: "Passkey retrieval".into(),
+            x_label: "context length (tokens)".into(),
+            y_label: "accuracy".into(),
+            series: vec![
+                Series::new("teacher", points(&p.teacher)),
+                Series::new("student", points(&p.student)),
+            ],
+            log_x: true,
+            y_range: Some((0.0, 1.05)),
+            ..Panel::default()
+        });
+    }
+    if let Some(m) = &report.mqar {
+        // Each bucket at the geometric middle of its distance range.
+        let points = |r: &MqarReport| {
+            r.by_distance
+                .iter()
+                .map(|b| {
+                    (
+                        ((b.min_distance * b.max_distance) as f64).sqrt(),
+                        b.accuracy,
+                    )
+                })
+                .collect()
+        };
+        recall.push(Panel {
+            title: "MQAR accuracy by key-query distance".into(),
+            x_label: "distance (tokens)".into(),
+            y_label: "accuracy".into(),
+            series: vec![
+                Series::new("teacher", points(&m.teacher)),
+                Series::new("student", points(&m.student)),
+            ],
+            log_x: true,
+            y_range: Some((0.0, 1.05)),
+            ..Panel::default()
+        });
+    }
+    if !recall.is_empty() {
+        plot("recall.png".into(), recall, 2)?;
+    }
+    if let Some(s) = &report.speed {
+        let series = |value: fn(&speed::SpeedPoint) -> Option<f64>| {
+            [("teacher", &s.teacher), ("student", &s.student)]
+                .into_iter()
+                .map(|(name, r)| {
+                    let points = r
+                        .points
+                        .iter()
+                        .filter_map(|p| Some((p.context as f64, value(p)?)))
+                        .collect();
+                    Series::new(name, points)
+                })
+                .collect()
+        };
+        let memory = match s.student.memory {
+            speed::MemorySource::CpuPeakRss => "peak RSS added (MiB)",
+            speed::MemorySource::CudaDeviceUsed => "device memory added (MiB)",
+            speed::MemorySource::Unavailable => "not measured",
+        };
+        plot(
+            "speed.png".into(),
+            vec![
+                Panel {
+                    title: "Decode speed".into(),
+                    x_label: "context length (tokens)".into(),
+                    y_label: "tokens/s".into(),
+                    series: series(|p| Some(p.decode_tokens_per_s)),
+                    log_x: true,
+                    ..Panel::default()
+                },
+                Panel {
+                    title: "Decode memory".into(),
+                    x_label: "context length (tokens)".into(),
+                    y_label: memory.into(),
+                    series: series(|p| Some(p.decode_peak_bytes? as f64 / MIB)),
+                    log_x: true,
+                    ..Panel::default()
+                },
+                Panel {
+                    title: "Prefill speed".into(),
+                    x_label: "context length (tokens)".into(),
+                    y_label: "tokens/s".into(),
+                    series: series(|p| Some(p.prefill_tokens_per_s)),
+                    log_x: true,
+                    ..Panel::default()
+                },
+            ],
+            3,
+        )?;
+    }
+    for stage in curves {
+        let panels: Vec<Panel> = stage
+            .names()
+            .into_iter()
+            .map(|name| Panel {
+                title: format!("{}: {name}", stage.stage),
+                x_label: "step".into(),
+                y_label: name.clone(),
+                series: stage
+                    .curves
+                    .iter()
+                    .filter(|((n, _), _)| *n == name)
+                    .map(|((_, split), points)| {
+                        Series::new(
+                            split.clone(),
+                            points.iter().map(|&(s, v)| (s as f64, v)).collect(),
+                        )
+                    })
+                    .collect(),
+                log_y: true,
+                ..Panel::default()
+            })
+            .collect();
+        if !panels.is_empty() {
+            plot(format!("training-{}.png", slug(&stage.stage)), panels, 2)?;
+        }
+    }
+    Ok(written)
+}
+
+/// A file name's last component, for legends.
+fn file_label(file: &str) -> String {
+    Path::new(file)
+        .file_name()
+        .map_or_else(|| file.to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+/// `name` reduced to characters safe in a file name.
+fn slug(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("n/a".into(), |b| format!("{:.1}", b as f64 / MIB))
+}
+
+/// Escapes text for a markdown table cell.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|").replace('\n', "⏎")
+}
+
+fn markdown(r: &EvalReport) -> String {
+    let mut md = String::new();
+    // Writing to a String cannot fail.
+    let w = &mut md;
+    let _ = writeln!(w, "# Evaluation: converted model vs teacher\n");
+    let _ = writeln!(
+        w,
+        "Teacher: {} layers, {} parameters, {} on {}. Student: {} layers converted of {} ({}).\n",
+        r.teacher.layers,
+        r.teacher.parameters,
+        r.teacher.dtype,
+        r.teacher.device,
+        r.converted_layers.len(),
+        r.student.layers,
+        distinct(&r.student.attention)
+    );
+    if let Some(texts) = &r.perplexity {
+        let _ = writeln!(w, "## Perplexity and agreement\n");
+        let _ = writeln!(
+            w,
+            "| text | ctx | windows | tokens | teacher ppl | student ppl | KL(t‖s) | KL p99 | top-1 agreement |"
+        );
+        let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for t in texts {
+            let c = &t.kl.comparison;
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {:.3} | {:.3} | {:.4} | {:.4} | {:.3} |",
+                cell(&file_label(&t.file)),
+                c.teacher.ctx,
+                c.teacher.windows,
+                c.teacher.scored_tokens,
+                c.teacher.perplexity,
+                c.student.perplexity,
+                c.kl_teacher_student,
+                t.kl.kl_quantiles.p99,
+                c.top1_agreement
+            );
+        }
+        let _ = writeln!(w, "\n![KL by position](kl_by_position.png)\n");
+    }
+    if let Some(a) = &r.attention_error {
+        let _ = writeln!(
+            w,
+            "## Attention output error per converted layer\n\n{} windows of {} tokens; the \
+             teacher's output flows on, so each error is the layer's own.\n",
+            a.windows, a.ctx
+        );
+        let _ = writeln!(w, "| layer | method | MSE | relative error |");
+        let _ = writeln!(w, "|---:|---|---:|---:|");
+        for l in &a.layers {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {:.3e} | {:.4} |",
+                l.layer,
+                cell(&l.method),
+                l.mse,
+                l.relative_error
+            );
+        }
+        let _ = writeln!(w, "\n![Per-layer error](layer_error.png)\n");
+    }
+    if r.passkey.is_some() || r.mqar.is_some() {
+        let _ = writeln!(w, "## Recall\n");
+    }
+    if let Some(p) = &r.passkey {
+        let _ = writeln!(w, "Passkey retrieval (greedy answer contains the key):\n");
+        let _ = writeln!(w, "| length | trials | teacher | student |");
+        let _ = writeln!(w, "|---:|---:|---:|---:|");
+        for (t, s) in p.teacher.by_length.iter().zip(&p.student.by_length) {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {:.2} | {:.2} |",
+                t.length, t.trials, t.accuracy, s.accuracy
+            );
+        }
+        let _ = writeln!(
+            w,
+            "| all | {} | {:.2} | {:.2} |\n",
+            p.teacher.trials.len(),
+            p.teacher.accuracy,
+            p.student.accuracy
+        );
+    }
+    if let Some(m) = &r.mqar {
+        let _ = writeln!(w, "Multi-query associative recall by key-query distance:\n");
+        let _ = writeln!(w, "| distance (tokens) | queries | teacher | student |");
+        let _ = writeln!(w, "|---|---:|---:|---:|");
+        for (t, s) in m.teacher.by_distance.iter().zip(&m.student.by_distance) {
+            let _ = writeln!(
+                w,
+                "| {}–{} | {} | {:.2} | {:.2} |",
+                t.min_distance,
+                t.max_distance - 1,
+                t.queries,
+                t.accuracy,
+                s.accuracy
+            );
+        }
+        let _ = writeln!(
+            w,
+            "| all | {} | {:.2} | {:.2} |\n",
+            m.teacher.queries, m.teacher.accuracy, m.student.accuracy
+        );
+    }
+    if r.passkey.is_some() || r.mqar.is_some() {
+        let _ = writeln!(w, "![Recall](recall.png)\n");
+    }
+    if let Some(tasks) = &r.multiple_choice {
+        let _ = writeln!(w, "## Multiple choice\n");
+        let _ = writeln!(
+            w,
+            "| task | questions | teacher acc | student acc | teacher acc_norm | student acc_norm |"
+        );
+        let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|");
+        for p in tasks {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {:.3} ± {:.3} | {:.3} ± {:.3} | {:.3} ± {:.3} | {:.3} ± {:.3} |",
+                cell(&p.teacher.task),
+                p.teacher.docs,
+                p.teacher.acc,
+                p.teacher.acc_stderr,
+                p.student.acc,
+                p.student.acc_stderr,
+                p.teacher.acc_norm,
+                p.teacher.acc_norm_stderr,
+                p.student.acc_norm,
+                p.student.acc_norm_stderr
+            );
+        }
+        let _ = writeln!(w);
+    }
+    if let Some(s) = &r.speed {
+        let _ = writeln!(
+            w,
+            "## Speed and memory\n\nOn {}, {} decoded tokens per length; memory: {:?}.\n",
+            s.teacher.device, s.teacher.decode_tokens, s.teacher.memory
+        );
+        let _ = writeln!(
+            w,
+            "| context | teacher prefill tok/s | student prefill tok/s | teacher decode tok/s | student decode tok/s | teacher decode MiB | student decode MiB |"
+        );
+        let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|---:|");
+        for (t, st) in s.teacher.points.iter().zip(&s.student.points) {
+            let _ = writeln!(
+                w,
+                "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {} |",
+                t.context,
+                t.prefill_tokens_per_s,
+                st.prefill_tokens_per_s,
+                t.decode_tokens_per_s,
+                st.decode_tokens_per_s,
+                mib(t.decode_peak_bytes),
+                mib(st.decode_peak_bytes)
+            );
+        }
+        if !s.teacher.skipped_lengths.is_empty() {
+            let _ = writeln!(
+                w,
+                "\nLengths beyond the model's context, not measured: {:?}.",
+                s.teacher.skipped_lengths
+            );
+        }
+        let _ = writeln!(w, "\n![Speed and memory](speed.png)\n");
+    }
+    if let Some(c) = &r.decode_check {
+        let _ =
+            writeln!(
+            w,
+            "## Recurrent decoding\n\nThe student's {} greedy tokens decoded through its cache {} \
+             the full-sequence forward{}.\n",
+            c.recurrent.len(),
+            if c.agree { "equal those of" } else { "differ from" },
+            c.first_mismatch
+                .map_or(String::new(), |i| format!(" from token {i}"))
+        );
+    }
+    if let Some(gens) = &r.generations {
+        let _ = writeln!(w, "## Generations (greedy)\n");
+        for g in gens {
+            let _ = writeln!(w, "**Prompt:** {}\n", g.prompt.trim());
+            let _ = writeln!(w, "| teacher | student |\n|---|---|");
+            let _ = writeln!(w, "| {} | {} |\n", cell(&g.teacher), cell(&g.student));
+            let _ = writeln!(w, "First {} generated tokens identical.\n", g.common_prefix);
+        }
+    }
+    if let Some(stages) = &r.training {
+        let _ = writeln!(w, "## Training\n");
+        for s in stages {
+            let last: Vec<String> = s
+                .last
+                .iter()
+                .map(|(k, v)| format!("{k} = {v:.4}"))
+                .collect();
+            let _ = writeln!(
+                w,
+                "- **{}**: {} steps, {} tokens; last {}",
+                s.stage,
+                s.steps,
+                s.tokens,
+                last.join(", ")
+            );
+        }
+        let _ = writeln!(w);
+        for plot in r.plots.iter().filter(|p| p.starts_with("training-")) {
+            let _ = writeln!(w, "![{plot}]({plot})\n");
+        }
+    }
+    if !r.skipped.is_empty() {
+        let _ = writeln!(w, "## Not run\n");
+        for (section, why) in &r.skipped {
+            let _ = writeln!(w, "- {section}: {why}");
+        }
+    }
+    md
+}
+
+/// The distinct names in order of first appearance, joined.
+fn distinct(names: &[String]) -> String {
+    let mut seen: Vec<&str> = Vec::new();
+    for n in names {
+        if !seen.contains(&n.as_str()) {
+            seen.push(n);
+        }
+    }
+    seen.join(", ")
+}
+
+/// Checks the parts of `cfg` that need no model, so a recipe fails before loading anything.
+pub fn validate(cfg: &EvalConfig) -> Result<()> {
+    let p = &cfg.perplexity;
+    ensure!(p.ctx >= 2, "perplexity.ctx must be at least 2");
+    ensure!(
+        p.batch_size >= 1,
+        "perplexity.batch_size must be at least 1"
+    );
+    ensure!(
+        p.position_buckets >= 1,
+        "perplexity.position_buckets must be at least 1"
+    );
+    let a = &cfg.attention_error;
+    ensure!(a.ctx >= 2, "attention_error.ctx must be at least 2");
+    ensure!(
+        a.batch_size >= 1,
+        "attention_error.batch_size must be at least 1"
+    );
+    cfg.passkey.lengths(None).context("passkey")?;
+    ensure!(
+        cfg.mqar.num_pairs >= 1 && cfg.mqar.trials >= 1,
+        "mqar needs num_pairs and trials of at least 1"
+    );
+    ensure!(
+        !cfg.speed.context_lengths.is_empty() && cfg.speed.decode_tokens >= 1,
+        "speed needs context lengths and decode_tokens >= 1"
+    );
+    let files = [
+        (p.enabled, p.files.iter().collect::<Vec<_>>()),
+        (a.enabled, a.file.iter().collect()),
+        (
+            cfg.multiple_choice.enabled,
+            cfg.multiple_choice.tasks.iter().collect(),
+        ),
+    ];
+    for file in files.iter().filter(|f| f.0).flat_map(|f| &f.1) {
+        ensure!(file.is_file(), "{} does not exist", file.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! The teacher's logits for the KL loss, computed on the fly in the student's own model: the
+//! converted layers get their softmax attention back and the adapters are taken out for one
+//! no-grad forward pass, then both are put back. Swapping inside the one model shares every
+//! frozen weight between teacher and student; keeping a second teacher model would double the
+//! weights in memory to compute the same numbers. The swaps are pointer moves, not copies.
+use crate::convert::ConvertedLayers;
+use crate::lora::LoraAdapters;
+use anyhow::Result;
+use linearize_models::llama::Model;
+use linearize_models::mixer::SoftmaxMixer;
+use tch::Tensor;
+
+/// The original model's logits (b, L, V) f32 for `ids` (b, L), without autograd. The model is
+/// left with its converted mixers and the adapters (`train` mode) installed, also on error.
+pub(super) fn teacher_logits(
+    model: &mut Model,
+    converted: &ConvertedLayers,
+    lora: &LoraAdapters,
+    train: bool,
+    ids: &Tensor,
+) -> Result<Tensor> {
+    let window = model.config().sliding_window;
+    let swapped = converted.indices().into_iter().try_for_each(|layer| {
+        model
+            .set_mixer(layer, Box::new(SoftmaxMixer::new(window)))
+            .map(drop)
+    });
+    lora.detach(model);
+    let logits = swapped.and_then(|()| tch::no_grad(|| model.forward(ids, None)));
+    let restored = converted
+        .install(model)
+        .and_then(|()| lora.attach(model, train));
+    let logits = logits?;
+    restored?;
+    Ok(logits)
+}

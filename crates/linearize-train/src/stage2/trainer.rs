@@ -1,0 +1,293 @@
+//! The LoRA loop: batches, accumulation, clipping, AdamW, schedule, validation, best state,
+//! metrics, progress, resumable states (the shared parts in [`crate::train_loop`]).
+use super::loss::{kl_to_teacher, lm_loss, Scored};
+use super::teacher::teacher_logits;
+use super::{Stage2Config, Stage2Data, Stage2Job, Stage2Summary, ValLoss};
+use crate::convert::ConvertedLayers;
+use crate::data::PackedSequences;
+use crate::lora::LoraAdapters;
+use crate::metrics::{MetricRecord, MetricsWriter, Split};
+use crate::optim::{FrozenSnapshot, Trainable};
+use crate::progress::TrainProgress;
+use crate::state::{Preempted, Preemption};
+use crate::train_loop::{LoopCore, LoopSettings};
+use anyhow::{ensure, Result};
+use linearize_models::llama::Model;
+use tch::Tensor;
+
+pub(super) struct Trainer<'a> {
+    cfg: &'a Stage2Config,
+    metrics: &'a mut MetricsWriter,
+    preemption: Option<&'a Preemption>,
+    converted: &'a ConvertedLayers,
+    lora: &'a LoraAdapters,
+    frozen: Option<FrozenSnapshot>,
+    val: Option<PackedSequences>,
+    core: LoopCore<'a>,
+}
+
+/// Mean training losses of one update.
+struct StepLoss {
+    lm_loss: f64,
+    kl: Option<f64>,
+    /// The weighted objective.
+    loss: f64,
+    lr: f64,
+    /// Before clipping.
+    grad_norm: f64,
+}
+
+impl<'a> Trainer<'a> {
+    pub(super) fn new(
+        model: &Model,
+        converted: &'a ConvertedLayers,
+        lora: &'a LoraAdapters,
+        data: Stage2Data,
+        cfg: &'a Stage2Config,
+        job: Stage2Job<'a>,
+    ) -> Result<Self> {
+        let mut params = lora.named_parameters();
+        if cfg.train_attention {
+            params.extend(converted.named_parameters());
+            params.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        let params = Trainable::new(params)?;
+        let settings = LoopSettings {
+            stage: &cfg.name,
+            run_dir: job.run_dir,
+            recipe_hash: job.recipe_hash,
+            run_step_offset: job.run_step_offset,
+            seed: job.seed,
+            optimizer: cfg.optimizer.clone(),
+            schedule: cfg.schedule.clone(),
+            max_steps: cfg.max_steps,
+            max_tokens: cfg.max_tokens,
+            grad_accum: cfg.grad_accum,
+            max_grad_norm: cfg.max_grad_norm,
+            keep_last: cfg.keep_last,
+            keep_best: cfg.keep_best,
+        };
+        let mut core = LoopCore::new(settings, data.train, data.seq_len, params)?;
+        // The base weights only: untrained student parameters cannot change (they are not
+        // optimised and `run_stage2` turns their gradients off), but may still hold the zeroed
+        // gradients stage 1 left, which the snapshot would report.
+        let frozen = cfg
+            .verify_frozen
+            .then(|| {
+                let named: Vec<(String, Tensor)> = model.named_parameters().into_iter().collect();
+                FrozenSnapshot::capture(&named)
+            })
+            .transpose()?;
+        if let Some(loaded) = job.resume {
+            core.resume(loaded)?;
+        }
+        tracing::info!(
+            stage = %cfg.name,
+            adapters = lora.len(),
+            parameters = core.params.num_elements(),
+            total_steps = core.total_steps,
+            start_step = core.step,
+            "LoRA"
+        );
+        Ok(Self {
+            cfg,
+            metrics: job.metrics,
+            preemption: job.preemption,
+            converted,
+            lora,
+            frozen,
+            val: data.val,
+            core,
+        })
+    }
+
+    pub(super) fn run(mut self, model: &mut Model) -> Result<Stage2Summary> {
+        let cfg = self.cfg;
+        let mut progress = TrainProgress::new(
+            &cfg.name,
+            self.core.step,
+            self.core.total_steps,
+            self.core.tokens,
+            cfg.log_every,
+        );
+        let mut initial_val = None;
+        let mut latest_val = None;
+        if self.core.step == 0 && cfg.eval_at_start {
+            initial_val = self.validate(model, &progress)?;
+            latest_val.clone_from(&initial_val);
+        }
+        while self.core.step < self.core.total_steps {
+            if let Some(signal) = self.preemption.and_then(Preemption::requested) {
+                self.core.save()?;
+                progress.finish();
+                return Err(Preempted { signal }.into());
+            }
+            let Some(loss) = self.train_step(model)? else {
+                tracing::warn!(
+                    step = self.core.step,
+                    "training data ran out before the step budget"
+                );
+                break;
+            };
+            let step = self.core.step;
+            progress.update(step, self.core.tokens, loss.loss);
+            if step % cfg.log_every.max(1) == 0 || step == self.core.total_steps {
+                self.log_train(&loss, progress.tokens_per_s())?;
+            }
+            if cfg.eval_every > 0 && step % cfg.eval_every == 0 {
+                latest_val = self.validate(model, &progress)?;
+            }
+            if cfg.save_every > 0 && step % cfg.save_every == 0 {
+                self.core.save()?;
+            }
+        }
+        if latest_val.as_ref().is_none_or(|v| v.step != self.core.step) {
+            latest_val = self.validate(model, &progress)?;
+        }
+        self.core.save()?;
+        progress.finish();
+        let final_val = if self.core.restore_best()? {
+            self.measure(model)?
+        } else {
+            latest_val
+        };
+        if let Some(frozen) = &self.frozen {
+            frozen.verify()?;
+        }
+        Ok(Stage2Summary {
+            steps: self.core.step,
+            tokens: self.core.tokens,
+            initial_val,
+            final_val,
+            best_val_loss: self.core.best_val,
+        })
+    }
+
+    /// One optimizer update over `grad_accum` micro-batches; `None` when the data ran out.
+    fn train_step(&mut self, model: &mut Model) -> Result<Option<StepLoss>> {
+        let cfg = self.cfg;
+        self.core.begin_step();
+        self.lora.attach(model, true)?;
+        let result = self.accumulate(model);
+        self.lora.attach(model, false)?;
+        let Some((lm, kl, loss)) = result? else {
+            return Ok(None);
+        };
+        let (lr, grad_norm) = self.core.finish_step()?;
+        let n = cfg.grad_accum as f64;
+        Ok(Some(StepLoss {
+            lm_loss: lm / n,
+            kl: kl.map(|kl| kl / n),
+            loss: loss / n,
+            lr,
+            grad_norm,
+        }))
+    }
+
+    /// Forward and backward passes of one update's micro-batches; the summed `(lm_loss, kl,
+    /// objective)`, or `None` when the data ran out.
+    fn accumulate(&mut self, model: &mut Model) -> Result<Option<(f64, Option<f64>, f64)>> {
+        let cfg = self.cfg;
+        let (mut lm_sum, mut kl_sum, mut loss_sum) = (0.0, None::<f64>, 0.0);
+        for _ in 0..cfg.grad_accum {
+            let Some(batch) = self.core.next_batch() else {
+                return Ok(None);
+            };
+            let scored = Scored::new(&batch.tokens, self.core.seq_len)?;
+            let ids = scored.inputs.to_device(model.device()); // (b, L)
+            let teacher = cfg
+                .loss
+                .uses_teacher()
+                .then(|| teacher_logits(model, self.converted, self.lora, true, &ids))
+                .transpose()?;
+            let logits = scored.positions(&model.forward(&ids, None)?); // (b, n, V)
+            let lm = lm_loss(&logits, &scored.targets);
+            let kl = teacher.map(|t| kl_to_teacher(&logits, &scored.positions(&t)));
+            let loss = cfg.loss.combine(&lm, kl.as_ref());
+            (&loss / cfg.grad_accum as f64).f_backward()?;
+            lm_sum += lm.double_value(&[]);
+            if let Some(kl) = kl {
+                *kl_sum.get_or_insert(0.0) += kl.double_value(&[]);
+            }
+            loss_sum += loss.double_value(&[]);
+        }
+        Ok(Some((lm_sum, kl_sum, loss_sum)))
+    }
+
+    fn log_train(&mut self, loss: &StepLoss, tokens_per_s: Option<f64>) -> Result<()> {
+        let mut record = MetricRecord::new(
+            &self.cfg.name,
+            self.core.step,
+            self.core.tokens,
+            Split::Train,
+        )
+        .with("lm_loss", loss.lm_loss)
+        .with("loss", loss.loss);
+        if let Some(kl) = loss.kl {
+            record = record.with("kl", kl);
+        }
+        record.lr = Some(loss.lr);
+        record.grad_norm = Some(loss.grad_norm);
+        record.tokens_per_s = tokens_per_s;
+        self.metrics.write(record)
+    }
+
+    /// Validates, records the result, tracks the best state and feeds a plateau schedule.
+    fn validate(&mut self, model: &mut Model, progress: &TrainProgress) -> Result<Option<ValLoss>> {
+        let Some(val) = self.measure(model)? else {
+            return Ok(None);
+        };
+        let mut record =
+            MetricRecord::new(&self.cfg.name, self.core.step, self.core.tokens, Split::Val)
+                .with("lm_loss", val.lm_loss)
+                .with("ppl", val.ppl)
+                .with("loss", val.loss);
+        if let Some(kl) = val.kl {
+            record = record.with("kl", kl);
+        }
+        self.metrics.write(record)?;
+        let kl = val.kl.map(|kl| format!(", KL {kl:.4}")).unwrap_or_default();
+        progress.println(&format!(
+            "step {}: validation lm loss {:.4} (ppl {:.2}){kl}",
+            self.core.step, val.lm_loss, val.ppl
+        ));
+        self.core.record_val(val.loss)?;
+        Ok(Some(val))
+    }
+
+    /// Mean validation losses per scored token (all sequences score the same number).
+    fn measure(&self, model: &mut Model) -> Result<Option<ValLoss>> {
+        let Some(val) = &self.val else {
+            return Ok(None);
+        };
+        let cfg = self.cfg;
+        let (mut lm_sum, mut kl_sum, mut sequences) = (0.0, 0.0, 0usize);
+        let batches = val
+            .eval_batches(cfg.eval_batch_size, 0, 1)?
+            .take(cfg.max_eval_batches.unwrap_or(usize::MAX));
+        for tokens in batches {
+            let n = tokens.size()[0] as usize;
+            let scored = Scored::new(&tokens, val.seq_len())?;
+            let ids = scored.inputs.to_device(model.device()); // (n, L)
+            let logits = scored.positions(&tch::no_grad(|| model.forward(&ids, None))?);
+            lm_sum += lm_loss(&logits, &scored.targets).double_value(&[]) * n as f64;
+            if cfg.loss.uses_teacher() {
+                let teacher = teacher_logits(model, self.converted, self.lora, false, &ids)?;
+                let kl = kl_to_teacher(&logits, &scored.positions(&teacher));
+                kl_sum += kl.double_value(&[]) * n as f64;
+            }
+            sequences += n;
+        }
+        ensure!(sequences > 0, "validation data holds no sequence");
+        let lm = lm_sum / sequences as f64;
+        let kl = cfg.loss.uses_teacher().then(|| kl_sum / sequences as f64);
+        let loss = cfg.loss.combine_values(lm, kl);
+        Ok(Some(ValLoss {
+            step: self.core.step,
+            lm_loss: lm,
+            ppl: lm.exp(),
+            kl,
+            loss,
+        }))
+    }
+}

@@ -1,0 +1,258 @@
+//! What the stages' training loops share: the trained parameters with their optimizer, schedule
+//! and seed stream, the position in the data, the best-validation bookkeeping and the resumable
+//! state. A stage adds its forward pass, its losses and its metrics on top.
+use crate::data::{Batch, Batcher, DataCursor};
+use crate::optim::{AdamW, AdamWConfig, Trainable};
+use crate::schedule::{Schedule, ScheduleConfig};
+use crate::state::{self, LoadedState, SeedStream, StateTensors, TrainState};
+use anyhow::{ensure, Context, Result};
+use std::path::Path;
+use tch::Tensor;
+
+/// The settings a loop takes from its stage's config and job.
+pub(crate) struct LoopSettings<'a> {
+    /// The stage's name (states, metrics, messages).
+    pub stage: &'a str,
+    pub run_dir: &'a Path,
+    pub recipe_hash: &'a str,
+    pub run_step_offset: u64,
+    pub seed: u64,
+    pub optimizer: AdamWConfig,
+    pub schedule: ScheduleConfig,
+    pub max_steps: Option<u64>,
+    pub max_tokens: Option<u64>,
+    pub grad_accum: u64,
+    pub max_grad_norm: Option<f64>,
+    pub keep_last: usize,
+    pub keep_best: bool,
+}
+
+pub(crate) struct LoopCore<'a> {
+    pub settings: LoopSettings<'a>,
+    pub train: Batcher,
+    pub seq_len: usize,
+    pub params: Trainable,
+    optimizer: AdamW,
+    schedule: Schedule,
+    seeds: SeedStream,
+    pub total_steps: u64,
+    /// Optimizer updates completed in this stage.
+    pub step: u64,
+    /// Training tokens consumed in this stage.
+    pub tokens: u64,
+    /// Lowest validation loss seen.
+    pub best_val: Option<f64>,
+    /// Copies of the parameters of the best validation, when they are not the current ones.
+    best_params: Option<Vec<(String, Tensor)>>,
+    /// Whether the latest validation was the best so far (then the current parameters are).
+    latest_is_best: bool,
+}
+
+impl<'a> LoopCore<'a> {
+    pub fn new(
+        settings: LoopSettings<'a>,
+        train: Batcher,
+        seq_len: usize,
+        params: Trainable,
+    ) -> Result<Self> {
+        let optimizer = AdamW::new(&params, settings.optimizer.clone())?;
+        let total_steps = total_steps(&settings, &train, seq_len)?;
+        let schedule = Schedule::new(
+            settings.schedule.clone(),
+            settings.optimizer.lr,
+            total_steps,
+        )?;
+        Ok(Self {
+            seeds: SeedStream::new(settings.seed),
+            settings,
+            train,
+            seq_len,
+            params,
+            optimizer,
+            schedule,
+            total_steps,
+            step: 0,
+            tokens: 0,
+            best_val: None,
+            best_params: None,
+            latest_is_best: false,
+        })
+    }
+
+    /// Continues from a saved state of this stage: parameters, optimizer, schedule, data
+    /// position, seeds, counters and (with `keep_best`) the best parameters.
+    pub fn resume(&mut self, loaded: &LoadedState) -> Result<()> {
+        let saved = &loaded.state;
+        let s = &self.settings;
+        ensure!(
+            saved.stage == s.stage,
+            "{} is a state of stage '{}', not of '{}'",
+            loaded.dir.display(),
+            saved.stage,
+            s.stage
+        );
+        loaded.ensure_recipe(s.recipe_hash)?;
+        ensure!(
+            saved.run_step == s.run_step_offset + saved.step,
+            "{}: run step {} does not follow {} updates of earlier stages plus {} of this one",
+            loaded.dir.display(),
+            saved.run_step,
+            s.run_step_offset,
+            saved.step
+        );
+        self.params.load(&loaded.tensors.params)?;
+        self.optimizer.load_state(&loaded.tensors.optimizer)?;
+        self.schedule.restore(saved.schedule.clone())?;
+        let cursor: DataCursor = serde_json::from_value(saved.data_cursor.clone())
+            .with_context(|| format!("{}: data cursor", loaded.dir.display()))?;
+        self.train.seek(cursor)?;
+        self.seeds = saved.rng.clone();
+        self.step = saved.step;
+        self.tokens = saved.tokens_seen;
+        self.best_val = saved.best_val_loss;
+        if s.keep_best {
+            if let Some(best) = state::load_best(s.run_dir)? {
+                if best.state.stage == s.stage && best.state.recipe_hash == s.recipe_hash {
+                    self.best_params = Some(best.tensors.params);
+                }
+            }
+        }
+        tracing::info!(dir = %loaded.dir.display(), step = self.step, stage = %s.stage, "resumed");
+        Ok(())
+    }
+
+    /// Starts an update: re-seeds torch from the seed stream (so random ops are a function of
+    /// the step, identical after a resume) and clears the gradients.
+    pub fn begin_step(&mut self) {
+        self.seeds.reseed_torch();
+        self.optimizer.zero_grad();
+    }
+
+    /// The next training batch; `None` when the data ran out.
+    pub fn next_batch(&mut self) -> Option<Batch> {
+        self.train.next_batch()
+    }
+
+    /// Ends an update: clips, applies AdamW at the schedule's learning rate (skipped on a
+    /// non-finite gradient) and advances the counters. Returns `(lr, grad_norm before clipping)`.
+    pub fn finish_step(&mut self) -> Result<(f64, f64)> {
+        let grad_norm = match self.settings.max_grad_norm {
+            Some(max) => self.params.clip_grad_norm(max)?,
+            None => self.params.grad_norm()?,
+        };
+        let lr = self.schedule.lr(self.step);
+        if grad_norm.is_finite() {
+            self.optimizer.set_lr(lr);
+            self.optimizer.step()?;
+        } else {
+            tracing::warn!(step = self.step, "non-finite gradient norm: update skipped");
+        }
+        self.step += 1;
+        self.tokens = self.train.cursor().consumed * self.seq_len as u64;
+        Ok((lr, grad_norm))
+    }
+
+    /// Records a validation loss: tracks the best (saving `state/best` with `keep_best`) and
+    /// feeds a plateau schedule. Returns whether it is the best so far.
+    pub fn record_val(&mut self, loss: f64) -> Result<bool> {
+        self.latest_is_best = self.best_val.is_none_or(|best| loss < best);
+        if self.latest_is_best {
+            self.best_val = Some(loss);
+            if self.settings.keep_best {
+                self.best_params = Some(tch::no_grad(|| {
+                    self.params
+                        .named()
+                        .iter()
+                        .map(|(name, t)| (name.clone(), t.copy()))
+                        .collect()
+                }));
+                state::save_best(self.settings.run_dir, &self.train_state()?, &self.tensors())?;
+            }
+        }
+        self.schedule.observe_val_loss(self.step, loss);
+        Ok(self.latest_is_best)
+    }
+
+    /// With `keep_best`, puts the parameters of the best validation back when the latest
+    /// validation was not the best. Returns whether it did.
+    pub fn restore_best(&mut self) -> Result<bool> {
+        match self.best_params.take() {
+            Some(best) if self.settings.keep_best && !self.latest_is_best => {
+                self.params.load(&best)?;
+                tracing::info!(best = ?self.best_val, "restored the parameters of the best validation");
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn train_state(&self) -> Result<TrainState> {
+        Ok(TrainState {
+            stage: self.settings.stage.to_owned(),
+            step: self.step,
+            run_step: self.settings.run_step_offset + self.step,
+            tokens_seen: self.tokens,
+            best_val_loss: self.best_val,
+            schedule: self.schedule.state(),
+            rng: self.seeds.clone(),
+            data_cursor: serde_json::to_value(self.train.cursor())?,
+            recipe_hash: self.settings.recipe_hash.to_owned(),
+        })
+    }
+
+    fn tensors(&self) -> StateTensors {
+        StateTensors {
+            params: self
+                .params
+                .named()
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+            optimizer: self.optimizer.state_tensors(),
+        }
+    }
+
+    /// Saves a resumable state of the current step.
+    pub fn save(&self) -> Result<()> {
+        state::save_state(
+            self.settings.run_dir,
+            &self.train_state()?,
+            &self.tensors(),
+            self.settings.keep_last,
+        )?;
+        Ok(())
+    }
+}
+
+/// The mean of `values` (0 for none).
+pub(crate) fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    sum / n.max(1) as f64
+}
+
+/// The number of updates of the stage: the smallest of `max_steps`, the updates `max_tokens`
+/// allows and the updates the batcher's own budget allows.
+fn total_steps(s: &LoopSettings, train: &Batcher, seq_len: usize) -> Result<u64> {
+    let tokens_per_step = s.grad_accum * train.step_sequences() as u64 * seq_len as u64;
+    let by_data = train
+        .remaining_steps()
+        .map(|batches| (train.cursor().steps + batches) / s.grad_accum);
+    let total = [
+        s.max_steps,
+        s.max_tokens.map(|t| t / tokens_per_step),
+        by_data,
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .with_context(|| format!("stage '{}' needs max_steps or max_tokens", s.stage))?;
+    ensure!(
+        total > 0,
+        "stage '{}': the budget allows no update ({tokens_per_step} tokens per update, \
+         max_tokens {:?}, max_steps {:?}, data batches {by_data:?})",
+        s.stage,
+        s.max_tokens,
+        s.max_steps
+    );
+    Ok(total)
+}
