@@ -154,6 +154,7 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
         }
     }
 
+    stop_if_preempted(preemption)?;
     let lora = match &recipe.lora {
         None => None,
         Some(stage) => {
@@ -202,6 +203,7 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
         }
     };
 
+    stop_if_preempted(preemption)?;
     let table = match &recipe.eval {
         Some(eval) => evaluate::evaluate(eval, &mut model, encoder.tokenizer(), loaded, run_dir)?,
         None => None,
@@ -222,6 +224,14 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
     println!("{}", converted.table());
     println!("run directory: {}", run_dir.display());
     Ok(())
+}
+
+/// Between stages a signal stops the job at once: every finished stage is already saved.
+fn stop_if_preempted(preemption: &Preemption) -> Result<()> {
+    match preemption.requested() {
+        Some(signal) => Err(Preempted { signal }.into()),
+        None => Ok(()),
+    }
 }
 
 /// `adapters.safetensors` and the merged `model/`.

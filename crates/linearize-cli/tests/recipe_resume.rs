@@ -120,10 +120,10 @@ fn killed_terminated_and_damaged_jobs_resume_bit_identically() {
     );
     assert_identical(&want, &stage_tensors(&killed));
 
-    // SIGTERM: a state is saved and the job exits with the documented status; re-running the
-    // same command resumes it.
+    // SIGTERM during stage 1: a state is saved and the job exits with the documented status;
+    // re-running the same command resumes it.
     let terminated = job.run_dir("terminated");
-    let step = random_step();
+    let step = 3 + random_step() % 18;
     let child = job.start_until(&terminated, step);
     let pid = child.id().to_string();
     assert!(std::process::Command::new("kill")

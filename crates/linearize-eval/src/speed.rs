@@ -1,5 +1,7 @@
 //! Throughput and memory against context length: for each length L, a prompt of L tokens is
-//! prefilled in one call, then `decode_tokens` tokens are decoded greedily one at a time through
+//! prefilled in blocks of `prefill_chunk` tokens through the cache (as servers prefill long
+//! prompts: the prompt's activations and logits never exist for all L positions at once, so the
+//! memory measured is that of the cache, not of one huge forward pass), then `decode_tokens` tokens are decoded greedily one at a time through
 //! the model's cache (a KV cache for softmax layers, a recurrent state or window cache for
 //! linear ones). Tokens are pseudo-random ids from the seed: speed does not depend on them.
 //!
@@ -34,6 +36,8 @@ pub struct SpeedConfig {
     pub context_lengths: Vec<usize>,
     /// Tokens decoded after each prompt.
     pub decode_tokens: usize,
+    /// Tokens per prefill call.
+    pub prefill_chunk: usize,
 }
 
 impl Default for SpeedConfig {
@@ -42,6 +46,7 @@ impl Default for SpeedConfig {
             enabled: true,
             context_lengths: vec![128, 256, 512, 1024],
             decode_tokens: 32,
+            prefill_chunk: 1024,
         }
     }
 }
@@ -95,6 +100,7 @@ pub fn measure<M: CausalLm>(
         "context lengths must be at least 1"
     );
     ensure!(cfg.decode_tokens >= 1, "decode_tokens must be at least 1");
+    ensure!(cfg.prefill_chunk >= 1, "prefill_chunk must be at least 1");
     ensure!(vocab_size >= 1, "vocabulary is empty");
     let device = model.device();
     let meter = Meter::new(device)?;
@@ -103,7 +109,13 @@ pub fn measure<M: CausalLm>(
     let (mut points, mut skipped_lengths) = (Vec::new(), Vec::new());
     // One short untimed run first: kernel selection and allocator warm-up would otherwise be
     // charged to the first length.
-    run_once(model, &random_ids(&mut rng, 8, vocab_size), 2, &Meter::Off)?;
+    run_once(
+        model,
+        &random_ids(&mut rng, 8, vocab_size),
+        2,
+        8,
+        &Meter::Off,
+    )?;
     for &context in &cfg.context_lengths {
         let fits = model
             .max_context()
@@ -113,7 +125,7 @@ pub fn measure<M: CausalLm>(
             continue;
         }
         let ids = random_ids(&mut rng, context, vocab_size);
-        let point = run_once(model, &ids, cfg.decode_tokens, &meter)
+        let point = run_once(model, &ids, cfg.decode_tokens, cfg.prefill_chunk, &meter)
             .with_context(|| format!("speed at context {context}"))?;
         tracing::info!(
             "context {context}: prefill {:.0} tok/s, decode {:.1} tok/s, decode memory {}",
@@ -144,6 +156,7 @@ fn run_once<M: CausalLm>(
     model: &M,
     ids: &[i64],
     decode: usize,
+    prefill_chunk: usize,
     meter: &Meter,
 ) -> Result<SpeedPoint> {
     let device = model.device();
@@ -152,12 +165,17 @@ fn run_once<M: CausalLm>(
     let baseline = meter.start()?;
     let started = Instant::now();
     let mut cache = model.new_cache(1)?;
-    // Only the last position's choice is kept, so the prompt's full logits are freed before
-    // decoding starts.
-    let mut next = model
-        .forward_cached(&prompt, &mut cache)?
-        .select(1, -1)
-        .argmax(-1, true); // (1, 1)
+    let mut next = None;
+    for block in prompt.split(prefill_chunk as i64, 1) {
+        // Only the last position's choice is kept: each block's logits are freed at once.
+        next = Some(
+            model
+                .forward_cached(&block, &mut cache)?
+                .select(1, -1)
+                .argmax(-1, true), // (1, 1)
+        );
+    }
+    let mut next = next.context("empty prompt")?;
     sync(device);
     let prefill_s = started.elapsed().as_secs_f64();
     let prefill_peak = meter.peak_since(baseline)?;

@@ -58,7 +58,7 @@ fn perplexity_table(report: &Value) -> Option<EvalTable> {
         let name = Path::new(file)
             .file_name()
             .map_or(file.to_string(), |n| n.to_string_lossy().into_owned());
-        let comparison = &text["kl"]["comparison"];
+        let comparison = &text["comparison"];
         columns.push(format!("ppl {name}"));
         teacher.push(comparison["teacher"]["perplexity"].as_f64());
         student.push(comparison["student"]["perplexity"].as_f64());
