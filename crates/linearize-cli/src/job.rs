@@ -18,8 +18,9 @@ use linearize_train::data::{build_datasets, Batcher, Budget, Datasets, ModelEnco
 use linearize_train::export::{export_adapters, export_model, ExportInfo, ExportOptions};
 use linearize_train::lora::LoraAdapters;
 use linearize_train::metrics::MetricsWriter;
-use linearize_train::stage1::{run_stage1, Stage1Config, Stage1Data, Stage1Job, Stage1Summary};
-use linearize_train::stage2::{run_stage2, Stage2Config, Stage2Data, Stage2Job, Stage2Summary};
+use linearize_train::stage::{StageData, StageJob};
+use linearize_train::stage1::{run_stage1, Stage1Config, Stage1Summary};
+use linearize_train::stage2::{run_stage2, Stage2Summary};
 use linearize_train::state::{latest_valid_state, Preempted, Preemption, EXIT_PREEMPTED};
 use stage_output::{StageOutput, StageRecord};
 use std::path::{Path, PathBuf};
@@ -126,7 +127,7 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
             }
             None => {
                 let resume = latest_valid_state(run_dir)?.filter(|s| s.state.stage == stage.name);
-                let job = Stage1Job {
+                let job = StageJob {
                     run_dir,
                     metrics: &mut metrics,
                     recipe_hash: &loaded.hash,
@@ -135,7 +136,8 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
                     resume: resume.as_ref(),
                     preemption: Some(preemption),
                 };
-                let summary = stage1(&mut model, &converted, &datasets, loaded, stage, job)?;
+                let data = stage_data(&datasets, loaded)?;
+                let summary = run_stage1(&mut model, &converted, data, stage, job)?;
                 let record = StageRecord {
                     steps: summary.steps,
                     tokens: summary.tokens,
@@ -176,7 +178,7 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
                 None => {
                     let resume =
                         latest_valid_state(run_dir)?.filter(|s| s.state.stage == stage.name);
-                    let job = Stage2Job {
+                    let job = StageJob {
                         run_dir,
                         metrics: &mut metrics,
                         recipe_hash: &loaded.hash,
@@ -185,9 +187,8 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
                         resume: resume.as_ref(),
                         preemption: Some(preemption),
                     };
-                    let summary = stage2(
-                        &mut model, &converted, &adapters, &datasets, loaded, stage, job,
-                    )?;
+                    let data = stage_data(&datasets, loaded)?;
+                    let summary = run_stage2(&mut model, &converted, &adapters, data, stage, job)?;
                     let record = StageRecord {
                         steps: summary.steps,
                         tokens: summary.tokens,
@@ -277,52 +278,22 @@ fn describe_data(data: &linearize_train::data::DataConfig) -> String {
     )
 }
 
-/// Stage 1 on the recipe's data (`job.resume`: the state of this stage to continue from).
-fn stage1(
-    model: &mut Model,
-    converted: &ConvertedLayers,
-    datasets: &Datasets,
-    loaded: &LoadedRecipe,
-    cfg: &Stage1Config,
-    job: Stage1Job<'_>,
-) -> Result<Stage1Summary> {
-    let data = Stage1Data {
-        train: train_batcher(datasets, loaded)?,
-        seq_len: loaded.recipe.data.seq_len,
-        val: datasets.val.clone(),
-    };
-    run_stage1(model, converted, data, cfg, job)
-}
-
-/// Stage 2 (LoRA) on the recipe's data (`job.resume`: the state of this stage to continue from).
-fn stage2(
-    model: &mut Model,
-    converted: &ConvertedLayers,
-    adapters: &LoraAdapters,
-    datasets: &Datasets,
-    loaded: &LoadedRecipe,
-    cfg: &Stage2Config,
-    job: Stage2Job<'_>,
-) -> Result<Stage2Summary> {
-    let data = Stage2Data {
-        train: train_batcher(datasets, loaded)?,
-        seq_len: loaded.recipe.data.seq_len,
-        val: datasets.val.clone(),
-    };
-    run_stage2(model, converted, adapters, data, cfg, job)
-}
-
-fn train_batcher(datasets: &Datasets, loaded: &LoadedRecipe) -> Result<Batcher> {
+/// A stage's data: the recipe's training sequences served from the start (a resumed stage seeks
+/// them to its saved cursor), and its validation sequences.
+fn stage_data(datasets: &Datasets, loaded: &LoadedRecipe) -> Result<StageData> {
     let data = &loaded.recipe.data;
-    Ok(
-        Batcher::new(datasets.train.clone(), data.batch_size, data.seed)?
-            .with_shuffle(data.shuffle)
-            .with_budget(Budget {
-                max_tokens: data.max_tokens,
-                max_steps: None,
-                max_epochs: data.max_epochs,
-            }),
-    )
+    let train = Batcher::new(datasets.train.clone(), data.batch_size, data.seed)?
+        .with_shuffle(data.shuffle)
+        .with_budget(Budget {
+            max_tokens: data.max_tokens,
+            max_steps: None,
+            max_epochs: data.max_epochs,
+        });
+    Ok(StageData {
+        train,
+        seq_len: data.seq_len,
+        val: datasets.val.clone(),
+    })
 }
 
 /// The metrics file, continued after the newest valid state (records written after it are

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod optim;
 pub mod progress;
 pub mod schedule;
+pub mod stage;
 pub mod stage1;
 pub mod stage2;
 pub mod state;

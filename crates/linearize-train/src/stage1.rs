@@ -15,19 +15,17 @@
 //!   eval_every: 100
 //! ```
 mod trainer;
+
+pub use crate::stage::{StageData as Stage1Data, StageJob as Stage1Job};
 mod transfer;
 
 use crate::convert::ConvertedLayers;
-use crate::data::{Batcher, PackedSequences};
-use crate::metrics::MetricsWriter;
 use crate::optim::AdamWConfig;
 use crate::schedule::ScheduleConfig;
-use crate::state::{LoadedState, Preemption};
 use anyhow::{ensure, Result};
 use linearize_models::llama::Model;
 use linearize_models::mixer::SoftmaxMixer;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 use transfer::{new_tap, Objective, TransferMixer};
 
 /// The recipe's attention-transfer stage.
@@ -171,36 +169,6 @@ impl Stage1Config {
         );
         Ok(())
     }
-}
-
-/// The data of the stage.
-pub struct Stage1Data {
-    /// Training batches (with whatever shard, budget and epochs the caller set), at the start of
-    /// the data: a resumed run seeks it to the saved cursor.
-    pub train: Batcher,
-    /// Training positions per sequence (the packed sequences' `seq_len`).
-    pub seq_len: usize,
-    /// Validation sequences; without them there is no validation, no best state and no MSE in
-    /// the summary.
-    pub val: Option<PackedSequences>,
-}
-
-/// Where the stage runs within the job.
-pub struct Stage1Job<'a> {
-    /// `checkpoints/<run>`: states go to `<run>/state/`.
-    pub run_dir: &'a Path,
-    pub metrics: &'a mut MetricsWriter,
-    /// [`crate::state::recipe_hash`] of the resolved recipe.
-    pub recipe_hash: &'a str,
-    /// The recipe's seed.
-    pub seed: u64,
-    /// Optimizer updates of the stages before this one (run-wide step numbers).
-    pub run_step_offset: u64,
-    /// A state of this stage to continue from.
-    pub resume: Option<&'a LoadedState>,
-    /// When given, SIGTERM/SIGINT save a state and stop the stage with
-    /// [`crate::state::Preempted`].
-    pub preemption: Option<&'a Preemption>,
 }
 
 /// Validation attention MSE at one step.

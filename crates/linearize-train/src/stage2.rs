@@ -15,18 +15,16 @@ mod loss;
 mod teacher;
 mod trainer;
 
+pub use crate::stage::{StageData as Stage2Data, StageJob as Stage2Job};
+
 use crate::convert::ConvertedLayers;
-use crate::data::{Batcher, PackedSequences};
 use crate::lora::{LoraAdapters, LoraSettings};
-use crate::metrics::MetricsWriter;
 use crate::optim::AdamWConfig;
 use crate::schedule::ScheduleConfig;
-use crate::state::{LoadedState, Preemption};
 use anyhow::{ensure, Result};
 use linearize_models::llama::Model;
 pub use loss::{LossMix, LossName, LossSpec};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 /// The recipe's LoRA stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,37 +149,6 @@ impl Stage2Config {
         );
         Ok(())
     }
-}
-
-/// The data of the stage.
-pub struct Stage2Data {
-    /// Training batches (with whatever shard, budget and epochs the caller set), at the start of
-    /// the data: a resumed run seeks it to the saved cursor. Sequences packed with next-token
-    /// targets are scored on all `seq_len` positions; without, on positions 1.. of each.
-    pub train: Batcher,
-    /// Training positions per sequence (the packed sequences' `seq_len`).
-    pub seq_len: usize,
-    /// Validation sequences; without them there is no validation, no best state and no loss in
-    /// the summary.
-    pub val: Option<PackedSequences>,
-}
-
-/// Where the stage runs within the job.
-pub struct Stage2Job<'a> {
-    /// `checkpoints/<run>`: states go to `<run>/state/`.
-    pub run_dir: &'a Path,
-    pub metrics: &'a mut MetricsWriter,
-    /// [`crate::state::recipe_hash`] of the resolved recipe.
-    pub recipe_hash: &'a str,
-    /// The recipe's seed.
-    pub seed: u64,
-    /// Optimizer updates of the stages before this one (run-wide step numbers).
-    pub run_step_offset: u64,
-    /// A state of this stage to continue from.
-    pub resume: Option<&'a LoadedState>,
-    /// When given, SIGTERM/SIGINT save a state and stop the stage with
-    /// [`crate::state::Preempted`].
-    pub preemption: Option<&'a Preemption>,
 }
 
 /// Validation losses at one step.

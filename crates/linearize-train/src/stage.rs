@@ -1,0 +1,37 @@
+//! What every training stage is given: its data and its place in the job.
+use crate::data::{Batcher, PackedSequences};
+use crate::metrics::MetricsWriter;
+use crate::state::{LoadedState, Preemption};
+use std::path::Path;
+
+/// The data of a stage.
+pub struct StageData {
+    /// Training batches (with whatever shard, budget and epochs the caller set), at the start of
+    /// the data: a resumed run seeks it to the saved cursor. For LoRA, sequences packed with
+    /// next-token targets are scored on all `seq_len` positions; without, on positions 1.. of
+    /// each.
+    pub train: Batcher,
+    /// Training positions per sequence (the packed sequences' `seq_len`).
+    pub seq_len: usize,
+    /// Validation sequences; without them there is no validation, no best state and no
+    /// validation loss in the summary.
+    pub val: Option<PackedSequences>,
+}
+
+/// Where a stage runs within the job.
+pub struct StageJob<'a> {
+    /// `checkpoints/<run>`: states go to `<run>/state/`.
+    pub run_dir: &'a Path,
+    pub metrics: &'a mut MetricsWriter,
+    /// [`crate::state::recipe_hash`] of the resolved recipe.
+    pub recipe_hash: &'a str,
+    /// The recipe's seed.
+    pub seed: u64,
+    /// Optimizer updates of the stages before this one (run-wide step numbers).
+    pub run_step_offset: u64,
+    /// A state of this stage to continue from.
+    pub resume: Option<&'a LoadedState>,
+    /// When given, SIGTERM/SIGINT save a state and stop the stage with
+    /// [`crate::state::Preempted`].
+    pub preemption: Option<&'a Preemption>,
+}
