@@ -13,8 +13,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 if ! "$VENV/bin/python" -c "import torch,sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  # torch (4.7 GB installed) plus a release build need about 12 GB: say so plainly rather than
+  # let pip stop half way with ENOSPC.
+  free_gb=$(df -Pk . | awk 'NR==2 {print int($4/1048576)}')
+  if [ "$free_gb" -lt 12 ]; then
+    echo "setup: only ${free_gb} GB free in $(pwd); torch and the build need about 12 GB" >&2
+    exit 1
+  fi
   echo "setup: installing torch==$TORCH_VERSION (about 4.7 GB)" >&2
-  "$VENV/bin/pip" install --quiet "torch==$TORCH_VERSION"
+  "$VENV/bin/pip" install --quiet --no-cache-dir "torch==$TORCH_VERSION"
 fi
 torch_dir=$("$VENV/bin/python" -c 'import torch,os;print(os.path.dirname(torch.__file__))')
 ln -sfn "$torch_dir" "$VENV/libtorch"
