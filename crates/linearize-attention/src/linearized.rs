@@ -10,10 +10,10 @@ use crate::ops::swa::{self, SwaConfig, SwaState};
 use crate::ops::window::WindowShape;
 use anyhow::{bail, ensure, Context, Result};
 use linearize_models::config::ModelConfig;
-use linearize_models::mixer::{Mixer, MixerInput, MixerState, SoftmaxMixer};
+use linearize_models::mixer::{tensor_bytes, Mixer, MixerInput, MixerState, SoftmaxMixer};
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use tch::{nn, Tensor};
+use tch::{nn, Device, Tensor};
 
 /// The attention method of one layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -377,6 +377,28 @@ enum KernelState {
     Liger(LigerState),
 }
 
+impl KernelState {
+    fn map_tensors(&self, f: &dyn Fn(&Tensor) -> Tensor) -> Self {
+        match self {
+            Self::Linear(s) => Self::Linear(s.map_tensors(f)),
+            Self::Lolcats(s) => Self::Lolcats(s.map_tensors(f)),
+            Self::SlidingWindow(s) => Self::SlidingWindow(s.map_tensors(f)),
+            Self::LigerGla(s) => Self::LigerGla(s.map_tensors(f)),
+            Self::Liger(s) => Self::Liger(s.map_tensors(f)),
+        }
+    }
+
+    fn tensors(&self) -> Vec<&Tensor> {
+        match self {
+            Self::Linear(s) => s.tensors(),
+            Self::Lolcats(s) => s.tensors(),
+            Self::SlidingWindow(s) => s.tensors(),
+            Self::LigerGla(s) => s.tensors(),
+            Self::Liger(s) => s.tensors(),
+        }
+    }
+}
+
 impl LinearizedMixer {
     /// Builds the mixer for a layer of `shape`, creating its trainable parameters under `path`
     /// (e.g. `student.root() / "model" / "layers" / i / "self_attn"`).
@@ -644,6 +666,17 @@ fn liger_inputs<'a>(x: &MixerInput<'a>) -> LigerInputs<'a> {
     }
 }
 
+impl LinearizedMixer {
+    fn own_state<'s>(&self, state: &'s MixerState) -> Result<&'s LinearizedState> {
+        state.downcast_ref::<LinearizedState>().with_context(|| {
+            format!(
+                "{} was given a decoding state made by another mixer",
+                self.name()
+            )
+        })
+    }
+}
+
 impl Mixer for LinearizedMixer {
     fn forward(&self, input: &MixerInput, state: Option<&mut MixerState>) -> Result<Tensor> {
         if let Kernel::Softmax(teacher) = &self.kernel {
@@ -690,6 +723,41 @@ impl Mixer for LinearizedMixer {
             seen: 0,
             kernel: None,
         }))
+    }
+
+    fn fork_state(
+        &self,
+        state: &MixerState,
+        times: i64,
+        reserve: i64,
+        device: Device,
+    ) -> Result<MixerState> {
+        if let Kernel::Softmax(teacher) = &self.kernel {
+            return teacher.fork_state(state, times, reserve, device);
+        }
+        ensure!(times >= 1, "fork: times must be >= 1, got {times}");
+        let state = self.own_state(state)?;
+        // The state does not grow with the sequence: `reserve` needs no room.
+        let repeat = |t: &Tensor| {
+            t.to_device(device)
+                .repeat_interleave_self_int(times, 0, None)
+        };
+        Ok(Box::new(LinearizedState {
+            batch: state.batch * times,
+            seen: state.seen,
+            kernel: state.kernel.as_ref().map(|k| k.map_tensors(&repeat)),
+        }))
+    }
+
+    fn state_bytes(&self, state: &MixerState) -> Result<u64> {
+        if let Kernel::Softmax(teacher) = &self.kernel {
+            return teacher.state_bytes(state);
+        }
+        let state = self.own_state(state)?;
+        Ok(state
+            .kernel
+            .as_ref()
+            .map_or(0, |k| k.tensors().into_iter().map(tensor_bytes).sum()))
     }
 
     fn name(&self) -> String {

@@ -102,3 +102,52 @@ fn hybrid_and_teacher_decode_exactly_too() {
     assert!(check.agree, "teacher: {check:?}");
     assert_eq!(check.prompt_tokens, prompt.len());
 }
+
+/// Forking a prefilled state into copies (as `bench decode` and parallel sampling do): every copy
+/// continues exactly as the original, for every method, the hybrid and the teacher, and a fork
+/// through the host continues exactly as one on the device.
+#[test]
+fn forked_states_continue_like_the_original() {
+    use tch::{Device, Kind, Tensor};
+    let _guard = rng_lock();
+    let prompt: Vec<i64> = prompt().iter().map(|&t| i64::from(t)).collect();
+    let ids = Tensor::from_slice(&prompt).unsqueeze(0); // (1, L)
+    let next = Tensor::from_slice(&[5i64, 9, 2]).view([1, 3]);
+    let mut models: Vec<_> = methods()
+        .iter()
+        .map(|a| (a.name(), converted(CONTEXT, a, &[0, 1, 2], 11)))
+        .map(|(name, (model, store))| (name, model, Some(store)))
+        .collect();
+    let (hybrid, store) = converted(CONTEXT, &lolcats(), &[1], 12);
+    models.push(("hybrid".into(), hybrid, Some(store)));
+    models.push(("teacher".into(), tiny_model(CONTEXT), None));
+    for (name, model, _store) in &models {
+        tch::no_grad(|| {
+            let mut cache = model.new_cache(1).unwrap();
+            let _ = model.hidden_states(&ids, Some(&mut cache)).unwrap();
+            let host = model.fork_cache(&cache, 1, 0, Device::Cpu).unwrap();
+            let mut forked = model.fork_cache(&host, 3, 4, Device::Cpu).unwrap();
+            assert_eq!(forked.seen(), cache.seen(), "{name}");
+            let per_copy = model.cache_bytes(&forked).unwrap() as f64 / 3.0;
+            let original = model.cache_bytes(&cache).unwrap() as f64;
+            assert!(
+                per_copy > 0.0 && per_copy <= original + 4.0 * 1024.0,
+                "{name}: {per_copy} vs {original}"
+            );
+            // Three steps: the original one sequence at a time, the copies all at once.
+            for step in 0..3 {
+                let token = next.narrow(1, step, 1); // (1, 1)
+                let want = model.forward(&token, Some(&mut cache)).unwrap(); // (1, 1, V)
+                let got = model
+                    .forward(&token.repeat([3, 1]), Some(&mut forked))
+                    .unwrap(); // (3, 1, V)
+                let diff = (got - want.expand([3, -1, -1], false))
+                    .abs()
+                    .max()
+                    .to_kind(Kind::Double)
+                    .double_value(&[]);
+                assert!(diff < 1e-5, "{name} step {step}: max diff {diff}");
+            }
+        });
+    }
+}

@@ -330,12 +330,7 @@ impl Model {
         );
         let offset = cache.as_ref().map_or(0, |c| c.seen);
         if let Some(c) = &cache {
-            ensure!(
-                c.states.len() == self.layers.len(),
-                "cache has {} layer states, the model {} layers",
-                c.states.len(),
-                self.layers.len()
-            );
+            self.check_cache(c)?;
         }
         let (cos, sin) = self.rope.cos_sin(offset, size[1])?;
         let pos = Positions { cos, sin, offset };
@@ -370,6 +365,49 @@ impl Model {
             .map(|l| l.self_attn.mixer.new_state(batch))
             .collect::<Result<_>>()?;
         Ok(ModelCache { states, seen: 0 })
+    }
+
+    /// `cache` on `device` with each sequence repeated `times` times (one prompt forked into
+    /// several continuations), with room for `reserve` more tokens in caches that grow. With
+    /// `times` 1 and the CPU, a copy that frees the accelerator.
+    pub fn fork_cache(
+        &self,
+        cache: &ModelCache,
+        times: i64,
+        reserve: i64,
+        device: Device,
+    ) -> Result<ModelCache> {
+        self.check_cache(cache)?;
+        let states = self
+            .layers
+            .iter()
+            .zip(&cache.states)
+            .map(|(l, s)| l.self_attn.mixer.fork_state(s, times, reserve, device))
+            .collect::<Result<_>>()?;
+        Ok(ModelCache {
+            states,
+            seen: cache.seen,
+        })
+    }
+
+    /// Bytes of memory the decoding state holds, over all layers.
+    pub fn cache_bytes(&self, cache: &ModelCache) -> Result<u64> {
+        self.check_cache(cache)?;
+        self.layers
+            .iter()
+            .zip(&cache.states)
+            .map(|(l, s)| l.self_attn.mixer.state_bytes(s))
+            .sum()
+    }
+
+    fn check_cache(&self, cache: &ModelCache) -> Result<()> {
+        ensure!(
+            cache.states.len() == self.layers.len(),
+            "cache has {} layer states, the model {} layers",
+            cache.states.len(),
+            self.layers.len()
+        );
+        Ok(())
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -29,6 +29,26 @@ pub trait Mixer: Send {
 
     fn new_state(&self, batch: i64) -> Result<MixerState>;
 
+    /// A state on `device` in which each sequence of `state` is repeated `times` times (sequence
+    /// `i` becomes `i * times .. (i + 1) * times`), with room for `reserve` more tokens where the
+    /// state grows: one prompt's state forked into several continuations, or moved.
+    fn fork_state(
+        &self,
+        state: &MixerState,
+        times: i64,
+        reserve: i64,
+        device: Device,
+    ) -> Result<MixerState> {
+        let _ = (state, times, reserve, device);
+        bail!("{} cannot fork a decoding state", self.name())
+    }
+
+    /// Bytes of memory `state` holds (reserved room included).
+    fn state_bytes(&self, state: &MixerState) -> Result<u64> {
+        let _ = state;
+        bail!("{} cannot measure a decoding state", self.name())
+    }
+
     /// Short method name for reports, e.g. "softmax", "lolcats-sw".
     fn name(&self) -> String;
 }
@@ -97,7 +117,13 @@ impl Mixer for SoftmaxMixer {
             } else {
                 let (first, window) = (cache.first_position(), self.sliding_window);
                 let mask = allowed(input.offset, first, len, held, window, input.q.device());
-                grouped_attention(input.q, &keys, &values, Some(&mask))
+                // A prefill chunk after earlier ones: few calls, each with a new key length, so
+                // the fused kernels' set-up cost does not matter while the (L x T) f32 scores of
+                // a grouped product would (gigabytes at long contexts). The memory-efficient
+                // kernel takes a mask but not GQA, hence the repeated heads.
+                let heads = input.q.size()[1];
+                let (keys, values) = (repeat_heads(&keys, heads), repeat_heads(&values, heads));
+                sdpa(input.q, &keys, &values, Some(&mask), false)
             }
         };
         if let Some(w) = self.sliding_window {
@@ -109,6 +135,26 @@ impl Mixer for SoftmaxMixer {
 
     fn new_state(&self, batch: i64) -> Result<MixerState> {
         Ok(Box::new(KvCache::new(batch)))
+    }
+
+    fn fork_state(
+        &self,
+        state: &MixerState,
+        times: i64,
+        reserve: i64,
+        device: Device,
+    ) -> Result<MixerState> {
+        let cache = state
+            .downcast_ref::<KvCache>()
+            .context("softmax attention was given a decoding state made by another mixer")?;
+        Ok(Box::new(cache.fork(times, reserve, device)?))
+    }
+
+    fn state_bytes(&self, state: &MixerState) -> Result<u64> {
+        let cache = state
+            .downcast_ref::<KvCache>()
+            .context("softmax attention was given a decoding state made by another mixer")?;
+        Ok(cache.bytes())
     }
 
     fn name(&self) -> String {
@@ -124,6 +170,15 @@ impl Mixer for SoftmaxMixer {
 fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, is_causal: bool) -> Tensor {
     let gqa = q.size()[1] != k.size()[1];
     Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, None, gqa)
+}
+
+/// x (b, h_kv, T, d) with each head repeated for the h / h_kv query heads that share it.
+fn repeat_heads(x: &Tensor, heads: i64) -> Tensor {
+    let have = x.size()[1];
+    if have == heads {
+        return x.shallow_clone();
+    }
+    x.repeat_interleave_self_int(heads / have, 1, None)
 }
 
 /// Softmax attention of q (b, h, L, d) over k, v (b, h_kv, T, d), with the h / h_kv query heads
@@ -251,6 +306,42 @@ impl KvCache {
         Ok(())
     }
 
+    /// This cache on `device` with each sequence repeated `times` times and room for `reserve`
+    /// more tokens before it grows.
+    pub fn fork(&self, times: i64, reserve: i64, device: Device) -> Result<Self> {
+        ensure!(
+            times >= 1 && reserve >= 0,
+            "KV cache fork: times {times} must be >= 1 and reserve {reserve} >= 0"
+        );
+        let capacity = (self.len + reserve).max(1);
+        let copy = |buffer: &Option<Tensor>| {
+            buffer.as_ref().map(|b| {
+                let s = b.size();
+                let out = Tensor::empty([s[0], times, s[1], capacity, s[3]], (b.kind(), device));
+                // Broadcast into the copies: no `times`-fold temporary of the source.
+                out.narrow(3, 0, self.len)
+                    .copy_(&b.narrow(2, 0, self.len).unsqueeze(1));
+                out.view([s[0] * times, s[1], capacity, s[3]])
+            })
+        };
+        Ok(Self {
+            batch: self.batch * times,
+            k: copy(&self.k),
+            v: copy(&self.v),
+            len: self.len,
+            first: self.first,
+        })
+    }
+
+    /// Bytes of the key and value buffers, reserved slots included.
+    pub fn bytes(&self) -> u64 {
+        [&self.k, &self.v]
+            .into_iter()
+            .flatten()
+            .map(tensor_bytes)
+            .sum()
+    }
+
     /// Drops all but the last `keep` tokens. Compacts only once at least `keep` tokens are
     /// droppable, so each token is moved O(1) times on average.
     pub fn keep_last(&mut self, keep: i64) {
@@ -268,6 +359,11 @@ impl KvCache {
         self.first += drop;
         self.len = keep;
     }
+}
+
+/// Bytes of a tensor's elements.
+pub fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as u64
 }
 
 /// A buffer of `capacity` slots holding the first `len` slots of `old`, shaped and typed like

@@ -141,7 +141,11 @@ pub struct MetricsWriter {
     file: File,
     elapsed_before: f64,
     started: Instant,
+    last_sync: Instant,
 }
+
+/// How often [`MetricsWriter::write`] forces its lines to disk.
+const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl MetricsWriter {
     /// Starts a fresh file, replacing any existing one (a run that starts from no saved state).
@@ -198,6 +202,7 @@ impl MetricsWriter {
             path: path.to_owned(),
             file,
             elapsed_before,
+            last_sync: Instant::now(),
             started: Instant::now(),
         })
     }
@@ -207,7 +212,9 @@ impl MetricsWriter {
         self.elapsed_before + self.started.elapsed().as_secs_f64()
     }
 
-    /// Stamps `elapsed_s` and `time` on `record` and appends it as one fsynced line.
+    /// Stamps `elapsed_s` and `time` on `record` and appends it as one line. The file is fsynced
+    /// at most every few seconds: a process killed at any point keeps what it wrote (the page
+    /// cache survives it), and a fsync per line would cost a disk round trip per logged step.
     pub fn write(&mut self, mut record: MetricRecord) -> Result<()> {
         for key in record.values.keys() {
             ensure!(
@@ -223,8 +230,14 @@ impl MetricsWriter {
         line.push('\n');
         self.file
             .write_all(line.as_bytes())
-            .and_then(|()| self.file.sync_data())
-            .with_context(|| format!("appending to {}", self.path.display()))
+            .with_context(|| format!("appending to {}", self.path.display()))?;
+        if self.last_sync.elapsed() >= SYNC_INTERVAL {
+            self.file
+                .sync_data()
+                .with_context(|| format!("syncing {}", self.path.display()))?;
+            self.last_sync = Instant::now();
+        }
+        Ok(())
     }
 }
 

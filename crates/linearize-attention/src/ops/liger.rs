@@ -72,10 +72,22 @@ pub struct LigerState {
 
 impl LigerState {
     pub fn shallow_clone(&self) -> Self {
+        self.map_tensors(&Tensor::shallow_clone)
+    }
+
+    /// The same state with `f` applied to each of its tensors (copies, repeats along the batch,
+    /// moves).
+    pub fn map_tensors(&self, f: &dyn Fn(&Tensor) -> Tensor) -> Self {
         Self {
-            window: self.window.shallow_clone(),
-            gla: self.gla.shallow_clone(),
+            window: self.window.map_tensors(f),
+            gla: self.gla.map_tensors(f),
         }
+    }
+
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut all = self.window.tensors();
+        all.extend(self.gla.tensors());
+        all
     }
 }
 

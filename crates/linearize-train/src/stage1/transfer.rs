@@ -26,11 +26,20 @@ pub(crate) struct LayerLoss {
     pub xent: Option<f64>,
 }
 
+/// A layer's loss terms as 0-dim tensors, read only once the whole pass is queued: reading
+/// each layer's value at once would make the host wait for the device at every layer.
+#[derive(Debug)]
+struct PendingLoss {
+    layer: usize,
+    mse: Tensor,
+    xent: Option<Tensor>,
+}
+
 /// Shared between the trainer and the wrapped mixers (which live inside the model).
 #[derive(Debug)]
 pub(crate) struct Tap {
     mode: TapMode,
-    losses: Vec<LayerLoss>,
+    losses: Vec<PendingLoss>,
 }
 
 pub(crate) type SharedTap = Arc<Mutex<Tap>>;
@@ -55,7 +64,29 @@ pub(crate) fn set_mode(tap: &SharedTap, mode: TapMode) -> Result<()> {
 
 /// The losses recorded since the last call, in layer order of the forward pass.
 pub(crate) fn take_losses(tap: &SharedTap) -> Result<Vec<LayerLoss>> {
-    Ok(std::mem::take(&mut lock(tap)?.losses))
+    let pending = std::mem::take(&mut lock(tap)?.losses);
+    if pending.is_empty() {
+        return Ok(Vec::new());
+    }
+    // One transfer for all layers' values.
+    let values = |terms: Vec<&Tensor>| -> Result<Vec<f64>> {
+        let stacked = Tensor::stack(&terms, 0)
+            .to_kind(Kind::Double)
+            .to_device(tch::Device::Cpu);
+        Ok(Vec::<f64>::try_from(&stacked)?)
+    };
+    let mse = values(pending.iter().map(|p| &p.mse).collect())?;
+    let xent: Option<Vec<&Tensor>> = pending.iter().map(|p| p.xent.as_ref()).collect();
+    let xent = xent.map(values).transpose()?;
+    Ok(pending
+        .iter()
+        .enumerate()
+        .map(|(i, p)| LayerLoss {
+            layer: p.layer,
+            mse: mse[i],
+            xent: xent.as_ref().map(|x| x[i]),
+        })
+        .collect())
 }
 
 /// How a layer's loss is made: `mse_factor * MSE + xent_factor * CE`.
@@ -95,14 +126,13 @@ impl Mixer for TransferMixer {
             Some(xent) => &mse * self.objective.mse_factor + xent * self.objective.xent_factor,
             None => &mse * self.objective.mse_factor,
         };
-        let xent = xent.map(|x| x.double_value(&[]));
         if let TapMode::Train { backward_scale } = mode {
             (loss * backward_scale).f_backward()?;
         }
-        lock(&self.tap)?.losses.push(LayerLoss {
+        lock(&self.tap)?.losses.push(PendingLoss {
             layer: self.layer,
-            mse: mse.double_value(&[]),
-            xent,
+            mse: mse.detach(),
+            xent: xent.map(|x| x.detach()),
         });
         Ok(teacher)
     }

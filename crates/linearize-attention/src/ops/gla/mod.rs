@@ -63,9 +63,17 @@ pub struct GlaState {
 
 impl GlaState {
     pub fn shallow_clone(&self) -> Self {
-        Self {
-            s: self.s.shallow_clone(),
-        }
+        self.map_tensors(&Tensor::shallow_clone)
+    }
+
+    /// The same state with `f` applied to each of its tensors (copies, repeats along the batch,
+    /// moves).
+    pub fn map_tensors(&self, f: &dyn Fn(&Tensor) -> Tensor) -> Self {
+        Self { s: f(&self.s) }
+    }
+
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        vec![&self.s]
     }
 
     pub(crate) fn initial(state: Option<&Self>, s: &Shapes, opts: (Kind, Device)) -> Result<Self> {

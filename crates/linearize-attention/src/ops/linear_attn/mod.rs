@@ -76,10 +76,20 @@ impl LinearState {
     }
 
     pub fn shallow_clone(&self) -> Self {
+        self.map_tensors(&Tensor::shallow_clone)
+    }
+
+    /// The same state with `f` applied to each of its tensors (copies, repeats along the batch,
+    /// moves).
+    pub fn map_tensors(&self, f: &dyn Fn(&Tensor) -> Tensor) -> Self {
         Self {
-            kv: self.kv.shallow_clone(),
-            k_sum: self.k_sum.shallow_clone(),
+            kv: f(&self.kv),
+            k_sum: f(&self.k_sum),
         }
+    }
+
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        vec![&self.kv, &self.k_sum]
     }
 
     /// The state with `phi_k` (b, h, n, f) and `v` (b, h, n, d) added.

@@ -121,13 +121,25 @@ impl LolcatsState {
     }
 
     pub fn shallow_clone(&self) -> Self {
+        self.map_tensors(&Tensor::shallow_clone)
+    }
+
+    /// The same state with `f` applied to each of its tensors (copies, repeats along the batch,
+    /// moves).
+    pub fn map_tensors(&self, f: &dyn Fn(&Tensor) -> Tensor) -> Self {
         Self {
-            k: self.k.shallow_clone(),
-            phi_k: self.phi_k.shallow_clone(),
-            v: self.v.shallow_clone(),
-            linear: self.linear.shallow_clone(),
+            k: f(&self.k),
+            phi_k: f(&self.phi_k),
+            v: f(&self.v),
+            linear: self.linear.map_tensors(f),
             pos: self.pos,
         }
+    }
+
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut all = vec![&self.k, &self.phi_k, &self.v];
+        all.extend(self.linear.tensors());
+        all
     }
 
     /// `state` checked against the call and converted to its compute dtype, or the empty state.

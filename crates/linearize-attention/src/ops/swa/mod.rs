@@ -68,11 +68,21 @@ impl SwaState {
     }
 
     pub fn shallow_clone(&self) -> Self {
+        self.map_tensors(&Tensor::shallow_clone)
+    }
+
+    /// The same state with `f` applied to each of its tensors (copies, repeats along the batch,
+    /// moves).
+    pub fn map_tensors(&self, f: &dyn Fn(&Tensor) -> Tensor) -> Self {
         Self {
-            k: self.k.shallow_clone(),
-            v: self.v.shallow_clone(),
+            k: f(&self.k),
+            v: f(&self.v),
             pos: self.pos,
         }
+    }
+
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        vec![&self.k, &self.v]
     }
 
     pub(crate) fn initial(

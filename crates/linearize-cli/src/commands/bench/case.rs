@@ -19,6 +19,9 @@ pub enum Method {
     Gla,
     /// Liger: 0.5 sliding window + 0.5 GLA.
     Liger,
+    /// The teacher's causal softmax attention: libtorch's fused SDPA (flash on GPU) as the
+    /// chunked form, the explicit L x L softmax as the naive one.
+    Sdpa,
 }
 
 impl Method {
@@ -30,6 +33,7 @@ impl Method {
             Self::Swa => "swa",
             Self::Gla => "gla",
             Self::Liger => "liger",
+            Self::Sdpa => "sdpa",
         }
     }
 
@@ -40,7 +44,7 @@ impl Method {
         let gated = 8.0 * shape.head_dim as f64;
         square
             * match self {
-                Self::Linear | Self::Swa => 5.0,
+                Self::Linear | Self::Swa | Self::Sdpa => 5.0,
                 Self::LolcatsSw | Self::LolcatsTk => 10.0,
                 Self::Gla => gated,
                 Self::Liger => gated + 5.0,
@@ -106,7 +110,7 @@ impl Case {
                 features(s.heads),
                 Tensor::full([s.heads], WINDOW_FACTOR_INIT, (Kind::Float, s.device)),
             ],
-            Method::Swa => vec![
+            Method::Swa | Method::Sdpa => vec![
                 normal(s.heads, s.head_dim),
                 normal(s.kv_heads, s.head_dim),
                 normal(s.kv_heads, s.head_dim),
@@ -176,6 +180,36 @@ impl Case {
                     lolcats::chunked(&inputs, &cfg, None)?.0
                 } else {
                     lolcats::naive(&inputs, &cfg)?
+                }
+            }
+            Method::Sdpa => {
+                let gqa = s.heads != s.kv_heads;
+                if chunked {
+                    Tensor::scaled_dot_product_attention(
+                        &x[0],
+                        &x[1],
+                        &x[2],
+                        None::<&Tensor>,
+                        0.0,
+                        true,
+                        None,
+                        gqa,
+                    )
+                } else {
+                    let group = s.heads / s.kv_heads;
+                    let k = x[1].repeat_interleave_self_int(group, 1, None);
+                    let v = x[2].repeat_interleave_self_int(group, 1, None);
+                    let len = x[0].size()[2];
+                    let scores = x[0]
+                        .to_kind(Kind::Float)
+                        .matmul(&k.to_kind(Kind::Float).transpose(-1, -2))
+                        / (s.head_dim as f64).sqrt();
+                    let future = Tensor::ones([len, len], (Kind::Bool, s.device)).triu(1);
+                    scores
+                        .masked_fill(&future, f64::NEG_INFINITY)
+                        .softmax(-1, Kind::Float)
+                        .matmul(&v.to_kind(Kind::Float))
+                        .to_kind(s.kind)
                 }
             }
             Method::Swa => {

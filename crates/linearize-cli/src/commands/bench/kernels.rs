@@ -2,15 +2,15 @@
 //! with `--worker`), so each peak-memory reading starts from a clean allocator and an
 //! out-of-memory failure only loses that case. Prints a table; optionally writes JSON.
 use super::case::{Case, Form, Method, Shape};
+use super::harness::{
+    cell, device_arg, machine, median_ms, run_child, self_command, synchronize, write_json, GIB,
+    MIB,
+};
 use super::memory::{available_host_bytes, CudaDriver, MemoryProbe};
 use super::KernelArgs;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use std::process::Command;
-use std::time::Instant;
 use tch::{Device, Tensor};
-
-const GIB: f64 = (1u64 << 30) as f64;
 
 pub fn run(args: KernelArgs) -> Result<()> {
     let device = args.runtime.device()?;
@@ -75,9 +75,7 @@ pub fn run(args: KernelArgs) -> Result<()> {
             },
             "results": results,
         });
-        let text = serde_json::to_string_pretty(&report)? + "\n";
-        linearize_models::atomic::write_file(path, text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_json(path, &report)?;
         tracing::info!(path = %path.display(), "wrote results");
     }
     Ok(())
@@ -114,13 +112,6 @@ fn shape(args: &KernelArgs, device: Device) -> Result<Shape> {
     })
 }
 
-fn device_arg(device: Device) -> String {
-    match device {
-        Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".to_string(),
-    }
-}
-
 /// Bytes a naive case may be expected to use before it is skipped.
 fn naive_budget(args: &KernelArgs, device: Device) -> Result<f64> {
     if let Some(gib) = args.naive_max_gib {
@@ -129,33 +120,6 @@ fn naive_budget(args: &KernelArgs, device: Device) -> Result<f64> {
     Ok(match device {
         Device::Cuda(i) => 0.8 * CudaDriver::load()?.total_bytes(i)? as f64,
         _ => 0.5 * available_host_bytes()? as f64,
-    })
-}
-
-/// The machine, in words.
-fn machine(device: Device) -> Result<String> {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string());
-    let host = format!(
-        "{cpu}, {cores} logical cores, {} torch threads",
-        tch::get_num_threads()
-    );
-    Ok(match device {
-        Device::Cuda(i) => format!(
-            "{} (cuda:{i}); host {host}",
-            CudaDriver::load()?.device_name(i)?
-        ),
-        _ => host,
     })
 }
 
@@ -172,9 +136,8 @@ fn measure_in_child(
     form: Form,
     len: i64,
 ) -> Result<Value> {
-    let exe = std::env::current_exe().context("locating the linearize binary")?;
     let spec = format!("{}:{}:{len}", method.name(), form.name());
-    let mut cmd = Command::new(&exe);
+    let mut cmd = self_command()?;
     cmd.args([
         "bench",
         "kernels",
@@ -196,30 +159,16 @@ fn measure_in_child(
         cmd.args([flag.to_string(), value.to_string()]);
     }
     cmd.args(["--worker", &spec]);
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {} for {spec}", exe.display()))?;
     let base = json!({"method": method.name(), "form": form.name(), "len": len});
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let reason = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no output");
-        let reason: String = reason.chars().take(200).collect();
-        let mut failed = base;
-        failed["status"] = json!("failed");
-        failed["note"] = json!(format!("{} ({})", reason.trim(), out.status));
-        return Ok(failed);
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .last()
-        .with_context(|| format!("worker for {spec} printed nothing"))?;
-    let report: Value = serde_json::from_str(line)
-        .with_context(|| format!("worker for {spec} printed {line:?}"))?;
+    let report = match run_child(cmd, &spec)? {
+        Ok(report) => report,
+        Err(reason) => {
+            let mut failed = base;
+            failed["status"] = json!("failed");
+            failed["note"] = json!(reason);
+            return Ok(failed);
+        }
+    };
     let mut ok = base;
     ok["status"] = json!("ok");
     for key in ["fwd_ms", "fwd_bwd_ms", "peak_bytes"] {
@@ -268,45 +217,20 @@ fn worker(spec: &str, shape: Shape, iters: usize) -> Result<()> {
     Ok(())
 }
 
-fn synchronize(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
-/// Median wall time of `iters` runs of `f`, each bracketed by device synchronisation.
-fn median_ms(iters: usize, device: Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        synchronize(device);
-        let start = Instant::now();
-        f()?;
-        synchronize(device);
-        times.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
-}
-
 /// A Markdown table of the results.
 fn table(results: &[Value]) -> String {
     let mut out = String::from(
         "| method | len | form | fwd ms | fwd+bwd ms | peak MiB | note |\n|---|---:|---|---:|---:|---:|---|\n",
     );
-    let number = |v: &Value, scale: f64| {
-        v.as_f64()
-            .map(|x| format!("{:.1}", x / scale))
-            .unwrap_or_else(|| "–".into())
-    };
     for r in results {
         out += &format!(
             "| {} | {} | {} | {} | {} | {} | {} |\n",
             r["method"].as_str().unwrap_or(""),
             r["len"],
             r["form"].as_str().unwrap_or(""),
-            number(&r["fwd_ms"], 1.0),
-            number(&r["fwd_bwd_ms"], 1.0),
-            number(&r["peak_bytes"], (1u64 << 20) as f64),
+            cell(&r["fwd_ms"], 1.0, 1),
+            cell(&r["fwd_bwd_ms"], 1.0, 1),
+            cell(&r["peak_bytes"], MIB, 1),
             r["note"].as_str().unwrap_or(""),
         );
     }

@@ -1,8 +1,14 @@
-//! `linearize bench`: benchmarks. `bench kernels` times forward + backward and measures the peak
-//! memory of each attention kernel's naive and chunked forms over a range of lengths.
+//! `linearize bench`: benchmarks that print a table and write JSON. `bench kernels` times the
+//! forward and backward passes and measures the peak memory of each attention kernel's naive and
+//! chunked forms; `bench stages` the training stages against the teacher's forward pass;
+//! `bench decode` decoding at long contexts, teacher against student.
 mod case;
+mod decode;
+mod harness;
 mod kernels;
 mod memory;
+mod model;
+mod stages;
 
 pub use case::{Form, Method};
 
@@ -19,6 +25,10 @@ pub struct Args {
 enum Command {
     /// Forward + backward time and peak memory of the attention kernels, naive vs chunked.
     Kernels(KernelArgs),
+    /// Stage 1 and stage 2 tokens/s and memory beside the teacher's forward pass.
+    Stages(stages::StageArgs),
+    /// Decoding tokens/s and memory of teacher and student at long contexts.
+    Decode(decode::DecodeArgs),
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -51,7 +61,7 @@ pub struct KernelArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "linear,lolcats-sw,lolcats-tk,swa,gla,liger"
+        default_value = "sdpa,linear,lolcats-sw,lolcats-tk,swa,gla,liger"
     )]
     methods: Vec<Method>,
     #[arg(
@@ -79,5 +89,7 @@ pub struct KernelArgs {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Kernels(args) => kernels::run(args),
+        Command::Stages(args) => stages::run(args),
+        Command::Decode(args) => decode::run(args),
     }
 }

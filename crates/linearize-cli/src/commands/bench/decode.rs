@@ -1,0 +1,391 @@
+//! `bench decode`: decoding tokens/s and memory at long contexts, for the teacher (KV cache) and
+//! the student (recurrent state), at batch 1 and at the largest batch that fits. Each (model,
+//! context) runs in its own child process: it prefills one sequence of random tokens to the
+//! context length, keeps that state on the host, and forks it into batches of growing size on
+//! the device (doubling, then bisecting after the first out-of-memory failure), decoding greedily
+//! from each.
+use super::harness::{
+    cell, device_arg, machine, run_child, self_command, synchronize, write_json, GIB, MIB,
+};
+use super::memory::MemoryProbe;
+use super::model::{random_ids, ModelArgs};
+use anyhow::{bail, ensure, Context, Result};
+use linearize_models::llama::{Model, ModelCache};
+use serde_json::{json, Value};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Decoder {
+    Teacher,
+    Student,
+}
+
+impl Decoder {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Teacher => "teacher",
+            Self::Student => "student",
+        }
+    }
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Context lengths reached by prefill before decoding.
+    #[arg(long, value_delimiter = ',', default_value = "4096,32768,131072")]
+    contexts: Vec<i64>,
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "teacher,student"
+    )]
+    models: Vec<Decoder>,
+    /// Timed decoding steps per batch size (after 2 untimed ones).
+    #[arg(long, default_value_t = 16)]
+    tokens: i64,
+    /// Largest batch tried.
+    #[arg(long, default_value_t = 4096)]
+    max_batch: i64,
+    /// Bisection steps between the last batch that fit and the first that did not.
+    #[arg(long, default_value_t = 3)]
+    refine: u32,
+    /// Prefill block length.
+    #[arg(long, default_value_t = 4096)]
+    prefill_chunk: i64,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Internal: run one `MODEL:CONTEXT` in this process and print its result as JSON.
+    #[arg(long, hide = true)]
+    worker: Option<String>,
+}
+
+const WARMUP_STEPS: i64 = 2;
+
+pub fn run(args: DecodeArgs) -> Result<()> {
+    ensure!(args.tokens >= 1, "--tokens must be >= 1");
+    ensure!(args.max_batch >= 1, "--max-batch must be >= 1");
+    ensure!(args.prefill_chunk >= 1, "--prefill-chunk must be >= 1");
+    if let Some(spec) = &args.worker {
+        return worker(&args, spec);
+    }
+    if let Some(&bad) = args.contexts.iter().find(|&&l| l < 1) {
+        bail!("--contexts: {bad} is not a context length (>= 1)");
+    }
+    let device = args.model.device()?;
+    let machine = machine(device)?;
+    tracing::info!(%machine, config = %args.model.config.display(), "benchmarking decoding");
+    let mut results = Vec::new();
+    for &context in &args.contexts {
+        for &decoder in &args.models {
+            let spec = format!("{}:{context}", decoder.name());
+            let mut cmd = self_command()?;
+            cmd.args(["bench", "decode"]).args(args.model.child_args());
+            for (flag, value) in [
+                ("--tokens", args.tokens),
+                ("--max-batch", args.max_batch),
+                ("--refine", i64::from(args.refine)),
+                ("--prefill-chunk", args.prefill_chunk),
+            ] {
+                cmd.args([flag.to_string(), value.to_string()]);
+            }
+            cmd.args(["--worker", &spec]);
+            let base = json!({"model": decoder.name(), "context": context});
+            match run_child(cmd, &spec)? {
+                Ok(report) => {
+                    for row in report["batches"].as_array().into_iter().flatten() {
+                        let mut r = base.clone();
+                        for (k, v) in row.as_object().into_iter().flatten() {
+                            r[k] = v.clone();
+                        }
+                        r["prefill_tokens_per_s"] = report["prefill_tokens_per_s"].clone();
+                        results.push(r);
+                    }
+                }
+                Err(reason) => {
+                    let mut r = base;
+                    r["status"] = json!("failed");
+                    r["note"] = json!(reason);
+                    results.push(r);
+                }
+            }
+            tracing::info!(model = decoder.name(), context, "case done");
+        }
+    }
+    let best = best_rows(&results);
+    println!("{}", table(&results));
+    println!("{}", best_table(&best));
+    if let Some(path) = &args.json {
+        let report = json!({
+            "machine": machine,
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "settings": {
+                "device": device_arg(device), "dtype": args.model.runtime.dtype,
+                "config": args.model.config.display().to_string(),
+                "attention": args.model.attention_config()?,
+                "tokens": args.tokens, "max_batch": args.max_batch,
+                "prefill_chunk": args.prefill_chunk,
+            },
+            "results": results,
+            "best": best,
+        });
+        write_json(path, &report)?;
+    }
+    Ok(())
+}
+
+/// Per context: each model's batch-1 and best (largest tokens/s) rows, and the student's best
+/// tokens/s over the teacher's.
+fn best_rows(results: &[Value]) -> Vec<Value> {
+    let mut contexts: Vec<i64> = results
+        .iter()
+        .filter_map(|r| r["context"].as_i64())
+        .collect();
+    contexts.dedup();
+    contexts
+        .into_iter()
+        .map(|context| {
+            let ok = |model: &'static str| {
+                results.iter().filter(move |r| {
+                    r["context"].as_i64() == Some(context)
+                        && r["model"] == model
+                        && r["status"] == "ok"
+                })
+            };
+            let best = |model: &'static str| {
+                ok(model).max_by(|a, b| {
+                    let t = |r: &Value| r["tokens_per_s"].as_f64().unwrap_or(0.0);
+                    t(a).total_cmp(&t(b))
+                })
+            };
+            let single = |model: &'static str| {
+                ok(model)
+                    .find(|r| r["batch"] == 1)
+                    .map(|r| r["tokens_per_s"].clone())
+            };
+            let (teacher, student) = (best("teacher"), best("student"));
+            let speedup = match (teacher, student) {
+                (Some(t), Some(s)) => {
+                    json!(
+                        s["tokens_per_s"].as_f64().unwrap_or(0.0)
+                            / t["tokens_per_s"].as_f64().unwrap_or(f64::NAN)
+                    )
+                }
+                _ => Value::Null,
+            };
+            json!({
+                "context": context,
+                "teacher_batch1_tokens_per_s": single("teacher"),
+                "student_batch1_tokens_per_s": single("student"),
+                "teacher_best_tokens_per_s": teacher.map(|r| r["tokens_per_s"].clone()),
+                "teacher_best_batch": teacher.map(|r| r["batch"].clone()),
+                "student_best_tokens_per_s": student.map(|r| r["tokens_per_s"].clone()),
+                "student_best_batch": student.map(|r| r["batch"].clone()),
+                "teacher_state_bytes_per_seq": teacher.map(|r| r["state_bytes_per_seq"].clone()),
+                "student_state_bytes_per_seq": student.map(|r| r["state_bytes_per_seq"].clone()),
+                "student_over_teacher": speedup,
+            })
+        })
+        .collect()
+}
+
+fn parse_spec(spec: &str) -> Result<(Decoder, i64)> {
+    use clap::ValueEnum;
+    let (model, context) = spec
+        .split_once(':')
+        .with_context(|| format!("--worker {spec:?}: expected MODEL:CONTEXT"))?;
+    let model = Decoder::from_str(model, false)
+        .map_err(|e| anyhow::anyhow!("--worker model {model:?}: {e}"))?;
+    let context = context
+        .parse()
+        .with_context(|| format!("--worker context {context:?}"))?;
+    Ok((model, context))
+}
+
+/// The child's side.
+fn worker(args: &DecodeArgs, spec: &str) -> Result<()> {
+    let (decoder, context) = parse_spec(spec)?;
+    let device = args.model.device()?;
+    let probe = MemoryProbe::new(device)?;
+    // The student's converted parameters must outlive its model's use.
+    let (model, _student) = match decoder {
+        Decoder::Teacher => (args.model.teacher()?, None),
+        Decoder::Student => {
+            let s = args.model.student()?;
+            (s.model, Some((s.converted, s._store)))
+        }
+    };
+    let baseline = probe.start()?;
+
+    let started = Instant::now();
+    let host = tch::no_grad(|| prefill(&model, context, args.prefill_chunk))?;
+    let prefill_s = started.elapsed().as_secs_f64();
+
+    let mut batches = Vec::new();
+    let mut try_batch = |batch: i64| -> Result<bool> {
+        let row = match decode(&model, &host, batch, args.tokens, &probe, baseline) {
+            Ok(row) => row,
+            Err(e) if is_out_of_memory(&e) => {
+                json!({"batch": batch, "status": "oom", "note": "out of memory"})
+            }
+            Err(e) => return Err(e),
+        };
+        let fits = row["status"] == "ok";
+        tracing::info!(batch, %row, "decoded");
+        batches.push(row);
+        Ok(fits)
+    };
+    let (mut fits, mut fails) = (0, None);
+    let mut batch = 1;
+    while batch <= args.max_batch {
+        if !try_batch(batch)? {
+            fails = Some(batch);
+            break;
+        }
+        fits = batch;
+        batch *= 2;
+    }
+    if let Some(mut high) = fails {
+        for _ in 0..args.refine {
+            let mid = (fits + high) / 2;
+            if mid <= fits {
+                break;
+            }
+            if try_batch(mid)? {
+                fits = mid;
+            } else {
+                high = mid;
+            }
+        }
+    }
+    println!(
+        "{}",
+        json!({"prefill_tokens_per_s": context as f64 / prefill_s, "batches": batches})
+    );
+    Ok(())
+}
+
+/// One random sequence prefilled to `context` tokens in blocks; its state copied to the host.
+fn prefill(model: &Model, context: i64, chunk: i64) -> Result<ModelCache> {
+    let device = model.device();
+    let mut cache = model.new_cache(1)?;
+    let ids = random_ids(model.config(), 1, context, device);
+    let mut start = 0;
+    while start < context {
+        let len = chunk.min(context - start);
+        let _ = model.hidden_states(&ids.narrow(1, start, len), Some(&mut cache))?;
+        start += len;
+    }
+    synchronize(device);
+    model.fork_cache(&cache, 1, 0, Device::Cpu)
+}
+
+/// Greedy decoding of `tokens` steps (after untimed ones) for `batch` copies of the prefilled
+/// sequence; an out-of-memory failure (a libtorch panic) comes back as an error.
+fn decode(
+    model: &Model,
+    host: &ModelCache,
+    batch: i64,
+    tokens: i64,
+    probe: &MemoryProbe,
+    baseline: u64,
+) -> Result<Value> {
+    let device = model.device();
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Value> {
+        tch::no_grad(|| {
+            let mut cache = model.fork_cache(host, batch, WARMUP_STEPS + tokens, device)?;
+            let state_bytes = model.cache_bytes(&cache)?;
+            let mut next = random_ids(model.config(), batch, 1, device);
+            let mut step = |next: &mut Tensor| -> Result<()> {
+                let logits = model.forward(next, Some(&mut cache))?; // (b, 1, V)
+                *next = logits.argmax(-1, false).to_kind(Kind::Int64);
+                Ok(())
+            };
+            for _ in 0..WARMUP_STEPS {
+                step(&mut next)?;
+            }
+            synchronize(device);
+            let started = Instant::now();
+            for _ in 0..tokens {
+                step(&mut next)?;
+            }
+            synchronize(device);
+            let seconds = started.elapsed().as_secs_f64();
+            Ok(json!({
+                "batch": batch,
+                "status": "ok",
+                "tokens_per_s": (batch * tokens) as f64 / seconds,
+                "ms_per_step": seconds * 1e3 / tokens as f64,
+                "state_bytes_per_seq": state_bytes as f64 / batch as f64,
+                "peak_bytes": probe.peak_since(baseline)?,
+            }))
+        })
+    }));
+    std::panic::set_hook(quiet);
+    match outcome {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(anyhow::anyhow!("{message}"))
+        }
+    }
+}
+
+fn is_out_of_memory(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    text.contains("out of memory") || text.contains("CUDA error: out of memory")
+}
+
+fn table(results: &[Value]) -> String {
+    let mut out = String::from(
+        "| model | context | batch | tokens/s | ms/step | state MiB/seq | peak GiB | note |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in results {
+        out += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r["model"].as_str().unwrap_or(""),
+            r["context"],
+            r["batch"],
+            cell(&r["tokens_per_s"], 1.0, 1),
+            cell(&r["ms_per_step"], 1.0, 1),
+            cell(&r["state_bytes_per_seq"], MIB, 1),
+            cell(&r["peak_bytes"], GIB, 2),
+            r["note"].as_str().unwrap_or(""),
+        );
+    }
+    out
+}
+
+fn best_table(best: &[Value]) -> String {
+    let mut out = String::from(
+        "| context | teacher tok/s (b=1) | student tok/s (b=1) | teacher best tok/s (batch) | \
+         student best tok/s (batch) | student / teacher |\n|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for b in best {
+        out += &format!(
+            "| {} | {} | {} | {} ({}) | {} ({}) | {} |\n",
+            b["context"],
+            cell(&b["teacher_batch1_tokens_per_s"], 1.0, 1),
+            cell(&b["student_batch1_tokens_per_s"], 1.0, 1),
+            cell(&b["teacher_best_tokens_per_s"], 1.0, 0),
+            b["teacher_best_batch"],
+            cell(&b["student_best_tokens_per_s"], 1.0, 0),
+            b["student_best_batch"],
+            cell(&b["student_over_teacher"], 1.0, 1),
+        );
+    }
+    out
+}

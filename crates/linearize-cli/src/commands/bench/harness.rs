@@ -1,0 +1,115 @@
+//! What the benchmarks share: the machine's description, device synchronisation and timing,
+//! child processes that measure one case each, and the JSON output.
+use super::memory::CudaDriver;
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+use tch::Device;
+
+pub const GIB: f64 = (1u64 << 30) as f64;
+pub const MIB: f64 = (1u64 << 20) as f64;
+
+pub fn device_arg(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_string(),
+    }
+}
+
+/// The machine, in words.
+pub fn machine(device: Device) -> Result<String> {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".to_string());
+    let host = format!(
+        "{cpu}, {cores} logical cores, {} torch threads",
+        tch::get_num_threads()
+    );
+    Ok(match device {
+        Device::Cuda(i) => format!(
+            "{} (cuda:{i}); host {host}",
+            CudaDriver::load()?.device_name(i)?
+        ),
+        _ => host,
+    })
+}
+
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Median wall time of `iters` runs of `f`, each bracketed by device synchronisation.
+pub fn median_ms(iters: usize, device: Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        synchronize(device);
+        let start = Instant::now();
+        f()?;
+        synchronize(device);
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// This binary, to run one case in a child process.
+pub fn self_command() -> Result<Command> {
+    let exe = std::env::current_exe().context("locating the linearize binary")?;
+    Ok(Command::new(exe))
+}
+
+/// Runs a child that prints its report as the last line of stdout: the report, or why the
+/// child failed (its last line of stderr and its exit status).
+pub fn run_child(mut cmd: Command, what: &str) -> Result<std::result::Result<Value, String>> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running a benchmark child for {what}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let reason = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output");
+        let reason: String = reason.chars().take(200).collect();
+        return Ok(Err(format!("{} ({})", reason.trim(), out.status)));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .last()
+        .with_context(|| format!("benchmark child for {what} printed nothing"))?;
+    let report = serde_json::from_str(line)
+        .with_context(|| format!("benchmark child for {what} printed {line:?}"))?;
+    Ok(Ok(report))
+}
+
+/// Writes a report as pretty JSON, atomically.
+pub fn write_json(path: &Path, report: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(report)? + "\n";
+    linearize_models::atomic::write_file(path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    tracing::info!(path = %path.display(), "wrote results");
+    Ok(())
+}
+
+/// A number for a table: `value / scale` with `digits` decimals, or a dash.
+pub fn cell(value: &Value, scale: f64, digits: usize) -> String {
+    value
+        .as_f64()
+        .map(|x| format!("{:.*}", digits, x / scale))
+        .unwrap_or_else(|| "–".into())
+}

@@ -1,0 +1,341 @@
+//! `bench stages`: tokens/s and peak memory of the training stages beside the teacher's
+//! forward-only pass on the same batch (the floor of attention transfer, which must run it).
+//! Stage steps run the real trainers (`run_stage1`, `run_stage2`) on random tokens; their
+//! throughput is read from the `metrics.jsonl` they write, after `--warmup` updates. Each case
+//! runs in its own child process, so each peak-memory reading starts from a clean allocator and
+//! an out-of-memory failure only loses that case.
+use super::harness::{
+    cell, device_arg, machine, median_ms, run_child, self_command, write_json, GIB,
+};
+use super::memory::MemoryProbe;
+use super::model::{random_ids, ModelArgs};
+use anyhow::{bail, ensure, Context, Result};
+use linearize_train::data::{Batcher, PackedSequences};
+use linearize_train::lora::{LoraAdapters, LoraSettings};
+use linearize_train::metrics::MetricsWriter;
+use linearize_train::stage::{StageData, StageJob};
+use linearize_train::stage1::{run_stage1, Stage1Config};
+use linearize_train::stage2::{run_stage2, Stage2Config};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StageCase {
+    /// The teacher's forward pass without gradients: hidden states, and with the LM head.
+    Teacher,
+    /// Attention transfer into every layer.
+    Stage1,
+    /// LoRA on the converted model with next-token cross-entropy.
+    Stage2,
+}
+
+impl StageCase {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Teacher => "teacher",
+            Self::Stage1 => "stage1",
+            Self::Stage2 => "stage2",
+        }
+    }
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct StageArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Context lengths (tokens per sequence).
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096")]
+    ctx: Vec<i64>,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 1)]
+    batch: i64,
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "teacher,stage1,stage2"
+    )]
+    cases: Vec<StageCase>,
+    /// Timed updates (or forward passes) per case.
+    #[arg(long, default_value_t = 8)]
+    steps: u64,
+    /// Untimed updates first (allocator, cuBLAS and kernel selection).
+    #[arg(long, default_value_t = 3)]
+    warmup: u64,
+    /// LoRA rank of stage 2 (on q, k, v, o).
+    #[arg(long, default_value_t = 8)]
+    lora_rank: i64,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Internal: run one `CASE:CTX` in this process and print its result as JSON.
+    #[arg(long, hide = true)]
+    worker: Option<String>,
+}
+
+pub fn run(args: StageArgs) -> Result<()> {
+    ensure!(args.steps >= 2, "--steps must be >= 2");
+    ensure!(args.batch >= 1, "--batch must be >= 1");
+    if let Some(spec) = &args.worker {
+        return worker(&args, spec);
+    }
+    if let Some(&bad) = args.ctx.iter().find(|&&l| l < 2) {
+        bail!("--ctx: {bad} is not a context length (>= 2)");
+    }
+    let device = args.model.device()?;
+    let machine = machine(device)?;
+    let cfg = args.model.model_config()?;
+    tracing::info!(%machine, config = %args.model.config.display(), "benchmarking stages");
+    let mut results = Vec::new();
+    for &ctx in &args.ctx {
+        for &case in &args.cases {
+            let spec = format!("{}:{ctx}", case.name());
+            let mut cmd = self_command()?;
+            cmd.args(["bench", "stages"]).args(args.model.child_args());
+            for (flag, value) in [
+                ("--batch", args.batch),
+                ("--steps", args.steps as i64),
+                ("--warmup", args.warmup as i64),
+                ("--lora-rank", args.lora_rank),
+            ] {
+                cmd.args([flag.to_string(), value.to_string()]);
+            }
+            cmd.args(["--worker", &spec]);
+            let mut outcome = json!({"case": case.name(), "ctx": ctx, "batch": args.batch});
+            match run_child(cmd, &spec)? {
+                Ok(report) => {
+                    outcome["status"] = json!("ok");
+                    for (k, v) in report.as_object().into_iter().flatten() {
+                        outcome[k] = v.clone();
+                    }
+                }
+                Err(reason) => {
+                    outcome["status"] = json!("failed");
+                    outcome["note"] = json!(reason);
+                }
+            }
+            tracing::info!(case = case.name(), ctx, result = %outcome, "case done");
+            results.push(outcome);
+        }
+    }
+    add_ratios(&mut results);
+    println!("{}", table(&results));
+    if let Some(path) = &args.json {
+        let report = json!({
+            "machine": machine,
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "settings": {
+                "device": device_arg(device), "dtype": args.model.runtime.dtype,
+                "config": args.model.config.display().to_string(),
+                "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+                "attention": args.model.attention_config()?,
+                "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+                "lora_rank": args.lora_rank,
+            },
+            "results": results,
+        });
+        write_json(path, &report)?;
+    }
+    Ok(())
+}
+
+/// Each stage's tokens/s as a fraction of the teacher's forward-only tokens/s at the same ctx:
+/// stage 1 against the hidden-states pass it must run, stage 2 against the pass with the LM head.
+fn add_ratios(results: &mut [Value]) {
+    let teacher: Vec<(i64, Value)> = results
+        .iter()
+        .filter(|r| r["case"] == "teacher" && r["status"] == "ok")
+        .map(|r| (r["ctx"].as_i64().unwrap_or(0), r.clone()))
+        .collect();
+    for r in results.iter_mut() {
+        let Some((_, t)) = teacher
+            .iter()
+            .find(|(ctx, _)| Some(*ctx) == r["ctx"].as_i64())
+        else {
+            continue;
+        };
+        let floor = match r["case"].as_str() {
+            Some("stage1") => &t["tokens_per_s"],
+            Some("stage2") => &t["tokens_per_s_logits"],
+            _ => continue,
+        };
+        if let (Some(x), Some(f)) = (r["tokens_per_s"].as_f64(), floor.as_f64()) {
+            r["vs_teacher_forward"] = json!(x / f);
+        }
+    }
+}
+
+fn parse_spec(spec: &str) -> Result<(StageCase, i64)> {
+    use clap::ValueEnum;
+    let (case, ctx) = spec
+        .split_once(':')
+        .with_context(|| format!("--worker {spec:?}: expected CASE:CTX"))?;
+    let case = StageCase::from_str(case, false)
+        .map_err(|e| anyhow::anyhow!("--worker case {case:?}: {e}"))?;
+    let ctx = ctx
+        .parse()
+        .with_context(|| format!("--worker ctx {ctx:?}"))?;
+    Ok((case, ctx))
+}
+
+/// The child's side: build the model, measure one case, print one JSON line.
+fn worker(args: &StageArgs, spec: &str) -> Result<()> {
+    let (case, ctx) = parse_spec(spec)?;
+    let device = args.model.device()?;
+    let probe = MemoryProbe::new(device)?;
+    let report = match case {
+        StageCase::Teacher => {
+            let model = args.model.teacher()?;
+            let baseline = probe.start()?;
+            let ids = random_ids(model.config(), args.batch, ctx, device);
+            let iters = (args.warmup + args.steps) as usize;
+            let tokens = (args.batch * ctx) as f64;
+            let hidden_ms = tch::no_grad(|| {
+                median_ms(iters, device, || model.hidden_states(&ids, None).map(drop))
+            })?;
+            let logits_ms =
+                tch::no_grad(|| median_ms(iters, device, || model.forward(&ids, None).map(drop)))?;
+            json!({
+                "tokens_per_s": tokens / hidden_ms * 1e3,
+                "tokens_per_s_logits": tokens / logits_ms * 1e3,
+                "step_ms": hidden_ms,
+                "peak_bytes": probe.peak_since(baseline)?,
+            })
+        }
+        StageCase::Stage1 | StageCase::Stage2 => {
+            let mut student = args.model.student()?;
+            let baseline = probe.start()?;
+            let run_dir = tempfile::tempdir().context("creating a scratch run directory")?;
+            let metrics_path = run_dir.path().join("metrics.jsonl");
+            let mut metrics = MetricsWriter::create(&metrics_path)?;
+            let updates = args.warmup + args.steps;
+            let targets = case == StageCase::Stage2;
+            let window = ctx as usize + usize::from(targets);
+            let sequences = updates as usize * args.batch as usize;
+            let cfg = student.model.config();
+            let tokens: Vec<u32> = Vec::<i64>::try_from(
+                random_ids(cfg, 1, (sequences * window) as i64, tch::Device::Cpu).view([-1]),
+            )?
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+            let data = StageData {
+                train: Batcher::new(
+                    PackedSequences::from_tokens(ctx as usize, targets, tokens)?,
+                    args.batch as usize,
+                    0,
+                )?,
+                seq_len: ctx as usize,
+                val: None,
+            };
+            let job = StageJob {
+                run_dir: run_dir.path(),
+                metrics: &mut metrics,
+                recipe_hash: "bench",
+                seed: 0,
+                run_step_offset: 0,
+                resume: None,
+                preemption: None,
+            };
+            if case == StageCase::Stage1 {
+                let cfg = Stage1Config {
+                    max_steps: Some(updates),
+                    eval_every: 0,
+                    eval_at_start: false,
+                    save_every: 0,
+                    log_every: 1,
+                    verify_frozen: false,
+                    ..Stage1Config::default()
+                };
+                run_stage1(&mut student.model, &student.converted, data, &cfg, job)?;
+            } else {
+                let cfg = Stage2Config {
+                    max_steps: Some(updates),
+                    lora: LoraSettings {
+                        rank: args.lora_rank,
+                        ..LoraSettings::default()
+                    },
+                    eval_every: 0,
+                    eval_at_start: false,
+                    save_every: 0,
+                    log_every: 1,
+                    verify_frozen: false,
+                    ..Stage2Config::default()
+                };
+                let lora = LoraAdapters::install(&mut student.model, &cfg.lora, 0)?;
+                run_stage2(
+                    &mut student.model,
+                    &student.converted,
+                    &lora,
+                    data,
+                    &cfg,
+                    job,
+                )?;
+            }
+            let peak = probe.peak_since(baseline)?;
+            let (tokens_per_s, step_ms) = steady_rate(&metrics_path, args.warmup)?;
+            json!({"tokens_per_s": tokens_per_s, "step_ms": step_ms, "peak_bytes": peak})
+        }
+    };
+    println!("{report}");
+    Ok(())
+}
+
+/// Tokens/s and ms per update over the training records after the first `warmup` updates.
+fn steady_rate(metrics: &Path, warmup: u64) -> Result<(f64, f64)> {
+    let text = std::fs::read_to_string(metrics)
+        .with_context(|| format!("reading {}", metrics.display()))?;
+    let train: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<Vec<Value>, _>>()
+        .with_context(|| format!("parsing {}", metrics.display()))?
+        .into_iter()
+        .filter(|r| r["split"] == "train")
+        .collect();
+    let at = |step: u64| {
+        train
+            .iter()
+            .find(|r| r["step"].as_u64() == Some(step))
+            .and_then(|r| Some((r["tokens"].as_f64()?, r["elapsed_s"].as_f64()?)))
+    };
+    let last = train
+        .iter()
+        .filter_map(|r| r["step"].as_u64())
+        .max()
+        .context("the stage logged no training step")?;
+    let ((t0, s0), (t1, s1)) = (
+        at(warmup).context("no record of the last warm-up step")?,
+        at(last).context("no record of the last step")?,
+    );
+    ensure!(
+        last > warmup && s1 > s0,
+        "too few timed steps ({last} after {warmup} warm-up)"
+    );
+    Ok((
+        (t1 - t0) / (s1 - s0),
+        (s1 - s0) * 1e3 / (last - warmup) as f64,
+    ))
+}
+
+fn table(results: &[Value]) -> String {
+    let mut out = String::from(
+        "| case | ctx | batch | tokens/s | ms/step | x teacher fwd | peak GiB | note |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in results {
+        out += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r["case"].as_str().unwrap_or(""),
+            r["ctx"],
+            r["batch"],
+            cell(&r["tokens_per_s"], 1.0, 0),
+            cell(&r["step_ms"], 1.0, 1),
+            cell(&r["vs_teacher_forward"], 1.0, 2),
+            cell(&r["peak_bytes"], GIB, 2),
+            r["note"].as_str().unwrap_or(""),
+        );
+    }
+    out
+}

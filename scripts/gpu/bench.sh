@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU benchmarks of issue #9 on one H100/H200 with random weights (no weights travel).
+#   scripts/gpu/bench.sh kernels-stages   # kernels at 1k..64k, then stage 1/2 vs teacher forward
+#   scripts/gpu/bench.sh decode           # decoding at 4k, 32k, 128k: teacher vs student
+# The binary is target/release/linearize-gpu (built on the CPU machine, carried); results and
+# logs go to $OUT (default ./bench-out).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-bench-out}
+mkdir -p "$OUT"
+BIN=${BIN:-target/release/linearize-gpu}
+torch_lib=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
+export LD_LIBRARY_PATH="$torch_lib:${LD_LIBRARY_PATH:-}"
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+MODEL=${MODEL:-configs/models/llama3_8b/config.json}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+
+case "${1:-}" in
+  kernels-stages)
+    "$BIN" bench kernels --device cuda --dtype bf16 --lengths 1024,4096,16384,65536 \
+      --forms chunked --heads 32 --head-dim 128 --json "$OUT/kernels.json" 2>"$OUT/kernels.log" \
+      | tee "$OUT/kernels.md"
+    "$BIN" bench stages --device cuda --dtype bf16 --config "$MODEL" --ctx 1024,2048,4096 \
+      --steps ${STEPS:-6} --warmup 2 --json "$OUT/stages.json" 2>"$OUT/stages.log" \
+      | tee "$OUT/stages.md"
+    ;;
+  decode)
+    "$BIN" bench decode --device cuda --dtype bf16 --config "$MODEL" \
+      --contexts ${CONTEXTS:-4096,32768,131072} --tokens ${TOKENS:-8} --refine 2 \
+      --json "$OUT/decode.json" 2>"$OUT/decode.log" | tee "$OUT/decode.md"
+    ;;
+  *)
+    echo "usage: $0 kernels-stages|decode" >&2
+    exit 2
+    ;;
+esac
