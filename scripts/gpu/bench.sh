@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmarks of issue #9 on one H100/H200 with random weights (no weights travel).
 #   scripts/gpu/bench.sh kernels-stages   # kernels at 1k..64k, then stage 1/2 vs teacher forward
+#   scripts/gpu/bench.sh stages-batched   # stage 1 at batch 8 x 1024, stage 2 at 2 x 2048
 #   scripts/gpu/bench.sh decode           # decoding at 4k, 32k, 128k: teacher vs student
 # The binary is target/release/linearize-gpu (built on the CPU machine, carried); results and
 # logs go to $OUT (default ./bench-out).
@@ -12,7 +13,7 @@ BIN=${BIN:-target/release/linearize-gpu}
 torch_lib=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
 export LD_LIBRARY_PATH="$torch_lib:${LD_LIBRARY_PATH:-}"
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-MODEL=${MODEL:-configs/models/llama3_8b/config.json}
+MODEL=${MODEL:-configs/models/llama3.1_8b/config.json}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 case "${1:-}" in
@@ -24,13 +25,22 @@ case "${1:-}" in
       --steps ${STEPS:-6} --warmup 2 --json "$OUT/stages.json" 2>"$OUT/stages.log" \
       | tee "$OUT/stages.md"
     ;;
+  stages-batched)
+    # Larger batches amortise the per-operation launch cost of the student's kernels.
+    "$BIN" bench stages --device cuda --dtype bf16 --config "$MODEL" --ctx 1024 --batch 8 \
+      --cases teacher,stage1 --steps 4 --warmup 2 --json "$OUT/stages_b8.json" \
+      2>"$OUT/stages_b8.log" | tee "$OUT/stages_b8.md"
+    "$BIN" bench stages --device cuda --dtype bf16 --config "$MODEL" --ctx 2048 --batch 2 \
+      --cases teacher,stage2 --steps 4 --warmup 2 --json "$OUT/stages_b2.json" \
+      2>"$OUT/stages_b2.log" | tee "$OUT/stages_b2.md"
+    ;;
   decode)
     "$BIN" bench decode --device cuda --dtype bf16 --config "$MODEL" \
       --contexts ${CONTEXTS:-4096,32768,131072} --tokens ${TOKENS:-8} --refine 2 \
       --json "$OUT/decode.json" 2>"$OUT/decode.log" | tee "$OUT/decode.md"
     ;;
   *)
-    echo "usage: $0 kernels-stages|decode" >&2
+    echo "usage: $0 kernels-stages|stages-batched|decode" >&2
     exit 2
     ;;
 esac

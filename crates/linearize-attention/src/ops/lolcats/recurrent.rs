@@ -26,10 +26,10 @@ pub fn step(state: &mut LolcatsState, x: &LolcatsInputs, cfg: &LolcatsConfig) ->
         cat(&current.phi_k, x.phi_k),
         cat(&current.v, x.v),
     ); // (b, h, m+1, ·)
-    let inside: Vec<bool> = (t - m..=t).map(|pos| window.contains(t, pos)).collect();
-    let inside = Tensor::from_slice(&inside)
-        .to_device(device)
-        .to_kind(Kind::Bool);
+    // Built on the device: a mask copied from the host would make every layer's step wait for
+    // the device to catch up, leaving decoding bound by launch latency.
+    let positions = |start: i64, end: i64| Tensor::arange_start(start, end, (Kind::Int64, device));
+    let (inside, _) = window.masks(&positions(t, t + 1), &positions(t - m, t + 1)); // (m+1,)
 
     let q = prepare(x.q, kind, h); // (b, h, 1, d)
     let phi_q = prepare(x.phi_q, kind, h); // (b, h, 1, f)
