@@ -215,7 +215,8 @@ impl RunFiles {
         } else {
             Vec::new()
         };
-        let teacher_val = optional_json(&dir.join("teacher_val.json"))?.and_then(|v| v["ppl"].as_f64());
+        let teacher_val =
+            optional_json(&dir.join("teacher_val.json"))?.and_then(|v| v["ppl"].as_f64());
         let wall_s = optional_json(&dir.join("timing.json"))?.and_then(|v| v["wall_s"].as_f64());
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -646,7 +647,12 @@ mod tests {
             25.0,
             &[
                 record("attention_transfer", 0, "val", json!({"attn_mse": 0.1})),
-                record("attention_transfer", 4000, "train", json!({"attn_mse": 0.05})),
+                record(
+                    "attention_transfer",
+                    4000,
+                    "train",
+                    json!({"attn_mse": 0.05}),
+                ),
                 record("lora", 0, "val", json!({"ppl": 40.0})),
                 record("lora", 2000, "val", json!({"ppl": 30.0})),
                 record("lora", 4000, "val", json!({"ppl": 24.0})),
@@ -670,19 +676,17 @@ mod tests {
             ],
             22.0,
             &[
-                record("attention_transfer", 4000, "train", json!({"attn_mse": 0.05})),
+                record(
+                    "attention_transfer",
+                    4000,
+                    "train",
+                    json!({"attn_mse": 0.05}),
+                ),
                 record("lora", 4000, "val", json!({"ppl": 22.0})),
             ],
             false,
         );
-        let untrained = fake_run(
-            tmp.path(),
-            "untrained",
-            &["liger-sw64"; 4],
-            80.0,
-            &[],
-            true,
-        );
+        let untrained = fake_run(tmp.path(), "untrained", &["liger-sw64"; 4], 80.0, &[], true);
 
         let c = compare(&[lolcats, hybrid, untrained], None).unwrap();
         assert_eq!(c.context, Some(4096));
@@ -698,7 +702,10 @@ mod tests {
         assert_eq!(l.ppl_ratio, Some(1.25));
         assert_eq!(
             l.tokens,
-            [("attention_transfer".to_string(), 4000), ("lora".into(), 4000)]
+            [
+                ("attention_transfer".to_string(), 4000),
+                ("lora".into(), 4000)
+            ]
         );
         assert_eq!(l.decode_mib, Some(8.0));
         assert_eq!(l.wall_s, Some(321.4));
@@ -766,9 +773,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join(RESOLVED_RECIPE), "name: x\n").unwrap();
         let err = compare(&[tmp.path().to_path_buf()], None).unwrap_err();
-        assert!(format!("{err:#}").contains("report/eval.json: missing"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("report/eval.json: missing"),
+            "{err:#}"
+        );
         let err = compare(&[tmp.path().join("nope")], None).unwrap_err();
-        assert!(format!("{err:#}").contains("not a run directory"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("not a run directory"),
+            "{err:#}"
+        );
     }
 
     #[test]

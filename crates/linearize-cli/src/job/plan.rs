@@ -73,11 +73,13 @@ pub fn describe(loaded: &LoadedRecipe, run_dir: &Path) -> Result<String> {
         data.batch_size,
         data.max_tokens
             .map_or(String::new(), |t| format!(", data.max_tokens {t}")),
-        data.teacher_samples.as_ref().map_or(String::new(), |t| format!(
-            "; plus {} sequences sampled from the teacher before stage 1 ({} tokens)",
-            t.num_sequences,
-            t.num_sequences * (data.seq_len + usize::from(data.next_token_targets))
-        ))
+        data.teacher_samples
+            .as_ref()
+            .map_or(String::new(), |t| format!(
+                "; plus {} sequences sampled from the teacher before stage 1 ({} tokens)",
+                t.num_sequences,
+                t.num_sequences * (data.seq_len + usize::from(data.next_token_targets))
+            ))
     )?;
     if let Some(stage) = &recipe.attention_transfer {
         let per_step = stage.grad_accum * data.batch_size as u64 * data.seq_len as u64;
