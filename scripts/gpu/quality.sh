@@ -121,7 +121,7 @@ if [ "$SMOKE" = 1 ]; then
         --set "eval.passkey={min_length: 128, max_length: 128, trials: 1}"
         --set "eval.mqar={num_pairs: 4, trials: 1}"
         --set "eval.speed={context_lengths: [64, 128], decode_tokens: 4}"
-        --set "eval.generations.max_new_tokens=4")
+        --set "eval.generations.max_new_tokens=4" --set eval.multiple_choice.limit=2)
 fi
 # Speed is measured afterwards, one process at a time (device memory is measured device-wide).
 TRAIN_SETS=("${SETS[@]}" --set eval.speed.enabled=false)
