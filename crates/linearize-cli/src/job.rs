@@ -8,6 +8,7 @@ mod evaluate;
 mod plan;
 mod run_dir;
 mod stage_output;
+mod teacher_data;
 
 use crate::recipe::{resolve_data_paths, ExportSection, LoadedRecipe};
 use crate::runtime::{parse_device, parse_dtype};
@@ -102,7 +103,26 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
     let mut model = Model::load(&loaded.model_dir, device, kind)?;
     let encoder = ModelEncoder::from_dir(&loaded.model_dir)?;
     let data = resolve_data_paths(&recipe.data)?;
-    let datasets = build_datasets(&data, &encoder).context("data")?;
+    let mut datasets = build_datasets(&data, &encoder).context("data")?;
+    // Both need the original model: they run before any layer is converted.
+    teacher_data::add_teacher_samples(
+        &model,
+        encoder.tokenizer(),
+        &recipe.data,
+        &loaded.model_dir,
+        run_dir,
+        &mut datasets,
+    )?;
+    if let Some(stage) = &recipe.lora {
+        teacher_data::write_teacher_val(
+            &model,
+            datasets.val.as_ref(),
+            stage.eval_batch_size,
+            stage.max_eval_batches,
+            run_dir,
+        )
+        .context("the teacher's validation loss")?;
+    }
     tracing::info!(
         train_sequences = datasets.train.len(),
         val_sequences = datasets.val.as_ref().map_or(0, |v| v.len()),

@@ -43,6 +43,9 @@ enum Command {
     Fetch(commands::fetch::Args),
     /// Benchmark attention kernels (forward + backward time and peak memory).
     Bench(commands::bench::Args),
+    /// Compare finished runs: one table (perplexity ratio, KL, recall, speed, tokens, wall time)
+    /// and a plot of perplexity ratio against training tokens.
+    Compare(commands::compare::Args),
 }
 
 fn main() {
@@ -67,6 +70,7 @@ fn main() {
         Some(Command::Import(cmd)) => commands::import::run(cmd),
         Some(Command::Fetch(args)) => commands::fetch::run(args),
         Some(Command::Bench(args)) => commands::bench::run(args),
+        Some(Command::Compare(args)) => commands::compare::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -19,14 +19,19 @@ const PANEL_WIDTH: u32 = 640;
 const PANEL_HEIGHT: u32 = 420;
 const FONT: &str = "sans-serif";
 
-/// Teacher blue, student red, then further series.
-const COLORS: [RGBColor; 6] = [
+/// Teacher blue, student red, then further series (ten distinct colours, so a comparison of
+/// up to ten runs has no repeated colour).
+const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(255, 127, 14),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 /// One line of a chart.

@@ -527,18 +527,7 @@ fn write_plots(report: &EvalReport, curves: &[StageCurves], out_dir: &Path) -> R
         });
     }
     if let Some(m) = &report.mqar {
-        // Each bucket at the geometric middle of its distance range.
-        let points = |r: &MqarReport| {
-            r.by_distance
-                .iter()
-                .map(|b| {
-                    (
-                        ((b.min_distance * b.max_distance) as f64).sqrt(),
-                        b.accuracy,
-                    )
-                })
-                .collect()
-        };
+        let points = |r: &MqarReport| mqar_points(r);
         recall.push(Panel {
             title: "MQAR accuracy by key-query distance".into(),
             x_label: "distance (tokens)".into(),
@@ -633,6 +622,19 @@ fn write_plots(report: &EvalReport, curves: &[StageCurves], out_dir: &Path) -> R
         }
     }
     Ok(written)
+}
+
+/// MQAR accuracy per distance bucket, each at the geometric middle of its distance range
+/// rounded to a whole token: the log axis is ticked at these values, and a distance is a count
+/// of tokens (unrounded, the ticks read like `22.627`).
+fn mqar_points(r: &MqarReport) -> Vec<(f64, f64)> {
+    r.by_distance
+        .iter()
+        .map(|b| {
+            let middle = ((b.min_distance * b.max_distance) as f64).sqrt().round();
+            (middle.max(1.0), b.accuracy)
+        })
+        .collect()
 }
 
 /// A file name's last component, for legends.
@@ -932,4 +934,29 @@ pub fn validate(cfg: &EvalConfig) -> Result<()> {
         ensure!(file.is_file(), "{} does not exist", file.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recall::DistanceBucket;
+
+    #[test]
+    fn mqar_distances_plot_at_whole_tokens() {
+        let bucket = |min_distance, max_distance| DistanceBucket {
+            min_distance,
+            max_distance,
+            queries: 4,
+            accuracy: 0.5,
+        };
+        let report = MqarReport {
+            accuracy: 0.5,
+            queries: 12,
+            max_tokens: 128,
+            by_distance: vec![bucket(1, 2), bucket(16, 32), bucket(32, 64)],
+        };
+        let xs: Vec<f64> = mqar_points(&report).iter().map(|p| p.0).collect();
+        // Geometric middles 1.41, 22.63, 45.25.
+        assert_eq!(xs, [1.0, 23.0, 45.0]);
+    }
 }

@@ -59,14 +59,27 @@ pub fn describe(loaded: &LoadedRecipe, run_dir: &Path) -> Result<String> {
         100.0 * new_params as f64 / base_params as f64
     )?;
     out.push_str(&layer_lines);
+    if let Some(k) = recipe.conversion.softmax_by_error {
+        writeln!(
+            out,
+            "hybrid      after stage 1 the {k} converted layers with the largest validation attention MSE go back to softmax"
+        )?;
+    }
     writeln!(
         out,
-        "data        {} source(s), seq_len {}, batch {}{}",
+        "data        {} source(s), seq_len {}, batch {}{}{}",
         data.sources.len(),
         data.seq_len,
         data.batch_size,
         data.max_tokens
-            .map_or(String::new(), |t| format!(", data.max_tokens {t}"))
+            .map_or(String::new(), |t| format!(", data.max_tokens {t}")),
+        data.teacher_samples
+            .as_ref()
+            .map_or(String::new(), |t| format!(
+                "; plus {} sequences sampled from the teacher before stage 1 ({} tokens)",
+                t.num_sequences,
+                t.num_sequences * (data.seq_len + usize::from(data.next_token_targets))
+            ))
     )?;
     if let Some(stage) = &recipe.attention_transfer {
         let per_step = stage.grad_accum * data.batch_size as u64 * data.seq_len as u64;
