@@ -121,7 +121,8 @@ if [ "$SMOKE" = 1 ]; then
         --set "eval.passkey={min_length: 128, max_length: 128, trials: 1}"
         --set "eval.mqar={num_pairs: 4, trials: 1}"
         --set "eval.speed={context_lengths: [64, 128], decode_tokens: 4}"
-        --set "eval.generations.max_new_tokens=4" --set eval.multiple_choice.limit=2)
+        --set "eval.generations.max_new_tokens=4" --set eval.multiple_choice.limit=2
+        --set eval.decode_check.new_tokens=4)
 fi
 # Speed is measured afterwards, one process at a time (device memory is measured device-wide).
 TRAIN_SETS=("${SETS[@]}" --set eval.speed.enabled=false)
@@ -262,7 +263,9 @@ for m in methods:
         fit = (budget_s - gen_s) / spt
         best = fit if best is None else min(best, fit)
 if best is not None:
-    best = max(0, int(best // 100000 * 100000))
+    # Two significant digits (4,372,118 -> 4,300,000).
+    step = 10 ** max(0, len(str(int(max(best, 1)))) - 2)
+    best = max(0, int(best // step * step))
     print(f"TOKENS_PER_STAGE that fits {budget_s:.0f} s of training at this concurrency: {best}")
     open(os.path.join(root, "budget"), "w").write(str(best))
 PY
@@ -340,7 +343,7 @@ print([i for i,(s,t) in enumerate(zip(r['student']['attention'], r['teacher']['a
             --set eval.perplexity.enabled=false --set eval.attention_error.enabled=false \
             --set eval.passkey.enabled=false --set eval.mqar.enabled=false \
             --set eval.multiple_choice.enabled=false --set eval.generations.enabled=false \
-            --set export=null >"$LOGS/$m.speed.log" 2>&1 \
+            --set eval.decode_check.enabled=false --set export=null >"$LOGS/$m.speed.log" 2>&1 \
             && MEASURED[$key]=$RUNS/$m/speed \
             || log "speed of $m failed (see $m.speed.log)"
         log "speed of $m measured"

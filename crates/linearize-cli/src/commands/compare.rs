@@ -439,7 +439,17 @@ fn tokens_label(t: u64) -> String {
 }
 
 fn num(v: Option<f64>, decimals: usize) -> String {
-    v.map_or_else(|| "–".into(), |v| format!("{v:.decimals$}"))
+    v.map_or_else(
+        || "–".into(),
+        |v| {
+            let s = format!("{v:.decimals$}");
+            // A KL of -1e-9 (rounding) reads as 0, not -0.0000.
+            match s.strip_prefix('-') {
+                Some(rest) if rest.chars().all(|c| c == '0' || c == '.') => rest.to_string(),
+                _ => s,
+            }
+        },
+    )
 }
 
 fn markdown(c: &Comparison) -> String {
@@ -782,6 +792,13 @@ mod tests {
             format!("{err:#}").contains("not a run directory"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(num(Some(-0.000_000_1), 4), "0.0000");
+        assert_eq!(num(Some(-0.25), 2), "-0.25");
+        assert_eq!(num(None, 2), "–");
     }
 
     #[test]
