@@ -4,3 +4,4 @@ pub mod fetch;
 pub mod generate;
 pub mod import;
 pub mod inspect;
+pub mod launch;
