@@ -260,7 +260,10 @@ fn execute(
     group.barrier("the end of training")?;
     group.close();
     if !group.is_main() {
-        tracing::info!(rank = group.rank(), "training done; rank 0 writes the report and exports");
+        tracing::info!(
+            rank = group.rank(),
+            "training done; rank 0 writes the report and exports"
+        );
         return Ok(());
     }
     let table = match &recipe.eval {
@@ -301,11 +304,7 @@ fn stop_if_preempted(preemption: &Preemption, group: &ProcessGroup) -> Result<()
 /// The state stage `stage` resumes from: the newest valid one, as rank 0 finds it (rank 0 alone
 /// scans, which may also clean up leftovers of interrupted saves); the other ranks load the very
 /// same directory.
-fn resume_state(
-    run_dir: &Path,
-    stage: &str,
-    group: &ProcessGroup,
-) -> Result<Option<LoadedState>> {
+fn resume_state(run_dir: &Path, stage: &str, group: &ProcessGroup) -> Result<Option<LoadedState>> {
     let found = if group.is_main() {
         latest_valid_state(run_dir)?.filter(|s| s.state.stage == stage)
     } else {

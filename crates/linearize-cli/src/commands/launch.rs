@@ -37,7 +37,10 @@ pub struct Args {
 
 /// Runs the ranks; returns the exit status the launcher should end with.
 pub fn run(args: Args) -> Result<i32> {
-    ensure!(args.nproc_per_node >= 1, "--nproc-per-node must be at least 1");
+    ensure!(
+        args.nproc_per_node >= 1,
+        "--nproc-per-node must be at least 1"
+    );
     ensure!(
         args.grace.is_finite() && args.grace >= 0.0,
         "--grace must be a number of seconds"
