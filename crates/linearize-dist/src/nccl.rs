@@ -36,7 +36,7 @@
 use crate::bootstrap::Links;
 use crate::wire::{self, Kind, Received};
 use crate::ReduceOp;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 use cudarc::driver::result as cu;
 use cudarc::driver::sys::{CUevent_flags, CUresult};
 use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
@@ -244,18 +244,28 @@ fn cuda(result: std::result::Result<(), cudarc::driver::DriverError>, call: &str
     result.map_err(|e| anyhow::anyhow!("{call} failed: {e:?}"))
 }
 
-/// Makes `device`'s primary context (the one libtorch uses) current on this thread: NCCL binds
-/// a communicator to the current device.
-fn make_current(device: usize) -> Result<()> {
+/// `device`'s primary context (the one libtorch uses), made current on this thread: NCCL binds
+/// a communicator to the current device. Retained once; it lives as long as the process.
+fn primary_context(device: usize) -> Result<Context> {
     cuda(cu::init(), "cuInit")?;
     let dev = cu::device::get(device as c_int)
         .map_err(|e| anyhow::anyhow!("cuDeviceGet({device}) failed: {e:?}"))?;
     // SAFETY: `dev` is a valid device handle; retaining the primary context is what the runtime
     // (and so libtorch) does too, and the handle stays valid while retained.
-    unsafe {
-        let ctx = cu::primary_ctx::retain(dev)
-            .map_err(|e| anyhow::anyhow!("cuDevicePrimaryCtxRetain({device}) failed: {e:?}"))?;
-        cuda(cu::ctx::set_current(ctx), "cuCtxSetCurrent")
+    let ctx = unsafe { cu::primary_ctx::retain(dev) }
+        .map_err(|e| anyhow::anyhow!("cuDevicePrimaryCtxRetain({device}) failed: {e:?}"))?;
+    let ctx = Context(ctx);
+    ctx.make_current()?;
+    Ok(ctx)
+}
+
+/// A retained primary context.
+struct Context(cudarc::driver::sys::CUcontext);
+
+impl Context {
+    fn make_current(&self) -> Result<()> {
+        // SAFETY: the context is retained for the process's lifetime.
+        cuda(unsafe { cu::ctx::set_current(self.0) }, "cuCtxSetCurrent")
     }
 }
 
@@ -265,6 +275,7 @@ type Failure = Arc<Mutex<Option<String>>>;
 pub(crate) struct NcclBackend {
     rank: usize,
     device: usize,
+    context: Context,
     comm: ncclComm_t,
     timeout: Duration,
     failure: Failure,
@@ -312,7 +323,7 @@ impl NcclBackend {
         for (dst, &src) in unique.internal.iter_mut().zip(id) {
             *dst = src as c_char;
         }
-        make_current(device)?;
+        let context = primary_context(device)?;
         let mut comm: ncclComm_t = std::ptr::null_mut();
         // SAFETY: `comm` receives the new communicator; every rank passes the same id and world.
         lib.check(
@@ -360,6 +371,7 @@ impl NcclBackend {
         Ok(Self {
             rank: links.rank,
             device,
+            context,
             comm,
             timeout,
             failure,
@@ -376,7 +388,9 @@ impl NcclBackend {
     /// Enqueues `ops` (NCCL calls on the null stream) as one group and waits for them.
     fn run(&self, what: &str, ops: impl FnOnce(&NcclLib) -> Result<()>) -> Result<()> {
         self.ensure_alive(what)?;
-        make_current(self.device)?;
+        // libtorch may have switched devices on this thread (it does not here: one GPU per
+        // process), and the event below must belong to the communicator's context.
+        self.context.make_current()?;
         let lib = self.lib();
         lib.check(
             unsafe { (lib.group_start)() },
