@@ -128,13 +128,21 @@ fn torchrun(var: &dyn Fn(&str) -> Option<String>) -> Result<Launch> {
     }
     let master_addr = required("MASTER_ADDR")?;
     ensure!(!master_addr.trim().is_empty(), "MASTER_ADDR is empty");
+    let mut port = master_port(var)?;
+    if var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        // torchrun's agent already serves its own key-value store on MASTER_PORT (for
+        // torch.distributed, which this is not): rendezvous on the next port.
+        port = port.checked_add(1).with_context(|| {
+            format!("MASTER_PORT={port} is the last port: no room for the rendezvous after it")
+        })?;
+    }
     Ok(Launch {
         source: LaunchSource::Torchrun,
         rank,
         world_size,
         local_rank,
         master_addr: master_addr.trim().to_owned(),
-        master_port: master_port(var)?,
+        master_port: port,
     })
 }
 

@@ -51,6 +51,17 @@ fn torchrun_variables() {
     .unwrap();
     assert_eq!(l.master_port, DEFAULT_MASTER_PORT);
     assert_eq!(l.master(), "[::1]:29500");
+    // Under torchrun's agent (which serves its own store on MASTER_PORT) the next port.
+    let l = launch(&[
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29400"),
+        ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+    ])
+    .unwrap();
+    assert_eq!(l.master_port, 29401);
     // torchrun's variables win inside a SLURM allocation.
     let l = launch(&[
         ("RANK", "1"),
