@@ -96,7 +96,8 @@ step_of() { "$PY" "$HERE/dist_check.py" step "$1"; }
 wait_step() {
     local deadline=$(($(date +%s) + 300))
     while [ "$(step_of "$1")" -lt "$2" ]; do
-        if ! kill -0 "$3" 2>/dev/null; then
+        # (An exited child stays a zombie until `wait`: kill -0 alone would not notice.)
+        if ! kill -0 "$3" 2>/dev/null || [ "$(awk '{print $3}' "/proc/$3/stat" 2>/dev/null)" = Z ]; then
             echo "the job ended before step $2" >&2
             return 1
         fi
