@@ -173,6 +173,9 @@ if [ "$RC" -eq 0 ]; then
     exit 1
 fi
 
+# Until the resumed job opens metrics.jsonl, the file still shows the killed run's last steps:
+# wait for a step the killed run never reached.
+STOP_AT=$((STOP_AT > KILLED_AT_STEP + 2 ? STOP_AT : KILLED_AT_STEP + 2))
 echo "== resume on 1 GPU, SIGTERM after run step $STOP_AT (expect status 75)"
 "$BIN" resume "$KILL_DIR" >"$LOGS/resume1.log" 2>&1 &
 PID=$!

@@ -6,7 +6,7 @@
 use crate::bootstrap::Links;
 use crate::wire::{self, Kind};
 use crate::ReduceOp;
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use std::sync::Mutex;
 use std::time::Duration;
 use tch::{Device, Tensor};
@@ -72,14 +72,11 @@ impl TcpBackend {
             }
             let result = bytes_of(t)?;
             for (peer, stream) in links.iter_mut() {
-                wire::write_frame(stream, Kind::Data, result).with_context(|| {
-                    format!("rank 0: sending the result of {what} to rank {peer}")
-                })?;
+                wire::send(stream, Kind::Data, result, 0, peer, what)?;
             }
         } else {
             let stream = links.peers[0].as_mut().expect("linked to rank 0");
-            wire::write_frame(stream, Kind::Data, bytes_of(t)?)
-                .with_context(|| format!("rank {me}: sending {what} to rank 0"))?;
+            wire::send(stream, Kind::Data, bytes_of(t)?, me, 0, what)?;
             let bytes = wire::expect_frame(stream, Kind::Data, me, 0, what)?;
             let result = self.tensor_from(&bytes, t, 0, what)?;
             t.shallow_clone().f_copy_(&result)?;
@@ -104,14 +101,12 @@ impl TcpBackend {
             }
             let value = bytes_of(t)?;
             for (peer, stream) in links.iter_mut().filter(|(p, _)| *p != root) {
-                wire::write_frame(stream, Kind::Data, value)
-                    .with_context(|| format!("rank 0: sending {what} to rank {peer}"))?;
+                wire::send(stream, Kind::Data, value, 0, peer, what)?;
             }
         } else {
             let stream = links.peers[0].as_mut().expect("linked to rank 0");
             if me == root {
-                wire::write_frame(stream, Kind::Data, bytes_of(t)?)
-                    .with_context(|| format!("rank {me}: sending {what} to rank 0"))?;
+                wire::send(stream, Kind::Data, bytes_of(t)?, me, 0, what)?;
             } else {
                 let bytes = wire::expect_frame(stream, Kind::Data, me, 0, what)?;
                 let value = self.tensor_from(&bytes, t, 0, what)?;

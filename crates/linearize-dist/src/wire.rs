@@ -122,3 +122,29 @@ pub fn expect_frame(
         }
     }
 }
+
+/// Writes a frame to `peer`; a peer that is gone (broken pipe, reset) is reported as such.
+pub fn send(
+    stream: &mut TcpStream,
+    kind: Kind,
+    payload: &[u8],
+    me: usize,
+    peer: usize,
+    what: &str,
+) -> Result<()> {
+    match write_frame(stream, kind, payload) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+            ) =>
+        {
+            bail!(
+                "rank {me}: lost the connection to rank {peer} during {what}: its process ended \
+                 (killed, crashed or out of memory; see its log)"
+            )
+        }
+        Err(e) => Err(e).with_context(|| format!("rank {me}: sending {what} to rank {peer}")),
+    }
+}
