@@ -4,6 +4,12 @@
 //! Resumption works stage by stage: a finished stage leaves its trained tensors in
 //! `stages/<stage>.safetensors` and is not run again; the stage in progress continues from the
 //! newest valid state in `state/` (a damaged one is skipped for the one before it).
+//!
+//! Under a data-parallel launch (`linearize launch`, torchrun, `srun`; see docs/clusters.md) every
+//! rank runs this same job: rank 0 prepares the run directory and alone writes states, metrics,
+//! stage outputs, the report and exports; the others train their share of each batch, resume
+//! from the state rank 0 picked (the run directory must be on a filesystem every node sees), and
+//! end after the last training stage.
 mod evaluate;
 mod plan;
 mod run_dir;
@@ -11,8 +17,9 @@ mod stage_output;
 mod teacher_data;
 
 use crate::recipe::{resolve_data_paths, ExportSection, LoadedRecipe};
-use crate::runtime::{parse_device, parse_dtype};
+use crate::runtime::{job_device, parse_dtype};
 use anyhow::{Context, Result};
+use linearize_dist::{Launch, Options, ProcessGroup};
 use linearize_models::llama::Model;
 use linearize_train::convert::{convert, layers_with_largest_error, ConvertedLayers};
 use linearize_train::data::{build_datasets, Batcher, Budget, Datasets, ModelEncoder};
@@ -22,10 +29,13 @@ use linearize_train::metrics::MetricsWriter;
 use linearize_train::stage::{StageData, StageJob};
 use linearize_train::stage1::{run_stage1, Stage1Config, Stage1Summary};
 use linearize_train::stage2::{run_stage2, Stage2Summary};
-use linearize_train::state::{latest_valid_state, Preempted, Preemption, EXIT_PREEMPTED};
+use linearize_train::state::{
+    latest_valid_state, load_state_dir, states_dir, LoadedState, Preempted, Preemption,
+    EXIT_PREEMPTED,
+};
 use stage_output::{StageOutput, StageRecord};
 use std::path::{Path, PathBuf};
-use tch::nn;
+use tch::{nn, Device};
 
 pub use run_dir::RESOLVED_RECIPE;
 
@@ -62,19 +72,45 @@ pub fn run(recipe: &Path, args: &JobArgs) -> Result<()> {
         print!("{}", plan::describe(&loaded, &run_dir)?);
         return Ok(());
     }
-    let start = run_dir::prepare(&run_dir, &loaded, args.restart)?;
-    tracing::info!(run = %run_dir.display(), ?start, hash = %loaded.hash, "job");
-    let preemption = Preemption::install()?;
-    match execute(&loaded, &run_dir, &preemption) {
+    let launch = Launch::from_env().context("reading the launch environment")?;
+    let device = job_device(&loaded.recipe.model.device, &launch)
+        .with_context(|| format!("rank {}: model.device", launch.rank))?;
+    let group = ProcessGroup::init(&launch, device, &Options::from_env(&loaded.hash)?)?;
+    let result = (|| {
+        if group.is_main() {
+            let start = run_dir::prepare(&run_dir, &loaded, args.restart)?;
+            tracing::info!(run = %run_dir.display(), ?start, hash = %loaded.hash, "job");
+        }
+        group.barrier("waiting for rank 0 to prepare the run directory")?;
+        let preemption = Preemption::install()?;
+        execute(&loaded, &run_dir, device, &preemption, &group)
+    })();
+    let rank = |e: anyhow::Error| {
+        if group.is_distributed() && !format!("{e}").starts_with("rank ") {
+            e.context(format!("rank {} of {}", group.rank(), group.world_size()))
+        } else {
+            e
+        }
+    };
+    match result {
         Err(e) if e.downcast_ref::<Preempted>().is_some() => {
-            eprintln!(
-                "{e:#}; state saved in {}: `linearize resume {}` continues it",
-                run_dir.display(),
-                run_dir.display()
-            );
+            // Every rank stopped at the same step and rank 0 saved the state before the ranks
+            // passed the barrier that ended the stage.
+            group.close();
+            if group.is_main() {
+                eprintln!(
+                    "{e:#}; state saved in {}: `linearize resume {}` continues it",
+                    run_dir.display(),
+                    run_dir.display()
+                );
+            }
             std::process::exit(EXIT_PREEMPTED);
         }
-        other => other,
+        Err(e) => {
+            group.abort(&format!("{e:#}"));
+            Err(rank(e))
+        }
+        Ok(()) => Ok(()),
     }
 }
 
@@ -96,11 +132,16 @@ pub fn resume(run_dir: &Path, restart: bool) -> Result<()> {
     run(&recipe, &args)
 }
 
-fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Result<()> {
+fn execute(
+    loaded: &LoadedRecipe,
+    run_dir: &Path,
+    device: Device,
+    preemption: &Preemption,
+    group: &ProcessGroup,
+) -> Result<()> {
     let recipe = &loaded.recipe;
-    let device = parse_device(&recipe.model.device)?;
     let kind = parse_dtype(&recipe.model.dtype)?;
-    let mut model = Model::load(&loaded.model_dir, device, kind)?;
+    let mut model: Model = loaded.load_model(device, kind)?;
     let encoder = ModelEncoder::from_dir(&loaded.model_dir)?;
     let data = resolve_data_paths(&recipe.data)?;
     let mut datasets = build_datasets(&data, &encoder).context("data")?;
@@ -133,7 +174,11 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
     tch::manual_seed(recipe.seed as i64);
     let student = nn::VarStore::new(device);
     let mut converted = convert(&mut model, &recipe.conversion, &student)?;
-    let mut metrics = open_metrics(run_dir, loaded)?;
+    let mut metrics = if group.is_main() {
+        open_metrics(run_dir, loaded)?
+    } else {
+        MetricsWriter::disabled()
+    };
     let mut tokens = Vec::new();
     let mut run_steps = 0;
 
@@ -146,7 +191,7 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
                 (record, None)
             }
             None => {
-                let resume = latest_valid_state(run_dir)?.filter(|s| s.state.stage == stage.name);
+                let resume = resume_state(run_dir, &stage.name, group)?;
                 let job = StageJob {
                     run_dir,
                     metrics: &mut metrics,
@@ -155,6 +200,7 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
                     run_step_offset: run_steps,
                     resume: resume.as_ref(),
                     preemption: Some(preemption),
+                    group: Some(group),
                 };
                 let data = stage_data(&datasets, loaded)?;
                 let summary = run_stage1(&mut model, &converted, data, stage, job)?;
@@ -162,8 +208,10 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
                     steps: summary.steps,
                     tokens: summary.tokens,
                 };
-                output.save(&converted.named_parameters(), record)?;
-                print_stage1(&summary);
+                if group.is_main() {
+                    output.save(&converted.named_parameters(), record)?;
+                    print_stage1(&summary);
+                }
                 (record, Some(summary))
             }
         };
@@ -176,7 +224,7 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
         }
     }
 
-    stop_if_preempted(preemption)?;
+    stop_if_preempted(preemption, group)?;
     let lora = match &recipe.lora {
         None => None,
         Some(stage) => {
@@ -196,8 +244,7 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
                     record
                 }
                 None => {
-                    let resume =
-                        latest_valid_state(run_dir)?.filter(|s| s.state.stage == stage.name);
+                    let resume = resume_state(run_dir, &stage.name, group)?;
                     let job = StageJob {
                         run_dir,
                         metrics: &mut metrics,
@@ -206,6 +253,7 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
                         run_step_offset: run_steps,
                         resume: resume.as_ref(),
                         preemption: Some(preemption),
+                        group: Some(group),
                     };
                     let data = stage_data(&datasets, loaded)?;
                     let summary = run_stage2(&mut model, &converted, &adapters, data, stage, job)?;
@@ -213,8 +261,10 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
                         steps: summary.steps,
                         tokens: summary.tokens,
                     };
-                    output.save(&trained(&adapters), record)?;
-                    print_stage2(&summary);
+                    if group.is_main() {
+                        output.save(&trained(&adapters), record)?;
+                        print_stage2(&summary);
+                    }
                     record
                 }
             };
@@ -224,7 +274,18 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
         }
     };
 
-    stop_if_preempted(preemption)?;
+    stop_if_preempted(preemption, group)?;
+    // Training is over: the ranks part. Rank 0 alone evaluates and exports; the stage outputs it
+    // wrote hold everything the others trained.
+    group.barrier("the end of training")?;
+    group.close();
+    if !group.is_main() {
+        tracing::info!(
+            rank = group.rank(),
+            "training done; rank 0 writes the report and exports"
+        );
+        return Ok(());
+    }
     let table = match &recipe.eval {
         Some(eval) => evaluate::evaluate(eval, &mut model, encoder.tokenizer(), loaded, run_dir)?,
         None => None,
@@ -247,12 +308,49 @@ fn execute(loaded: &LoadedRecipe, run_dir: &Path, preemption: &Preemption) -> Re
     Ok(())
 }
 
-/// Between stages a signal stops the job at once: every finished stage is already saved.
-fn stop_if_preempted(preemption: &Preemption) -> Result<()> {
-    match preemption.requested() {
-        Some(signal) => Err(Preempted { signal }.into()),
-        None => Ok(()),
+/// Between stages a signal stops the job at once: every finished stage is already saved. All
+/// ranks agree (a signal may have reached only some of them).
+fn stop_if_preempted(preemption: &Preemption, group: &ProcessGroup) -> Result<()> {
+    let local = preemption.requested();
+    match group.any(local.is_some())? {
+        true => Err(Preempted {
+            signal: local.unwrap_or(libc::SIGTERM),
+        }
+        .into()),
+        false => Ok(()),
     }
+}
+
+/// The state stage `stage` resumes from: the newest valid one, as rank 0 finds it (rank 0 alone
+/// scans, which may also clean up leftovers of interrupted saves); the other ranks load the very
+/// same directory.
+fn resume_state(run_dir: &Path, stage: &str, group: &ProcessGroup) -> Result<Option<LoadedState>> {
+    let found = if group.is_main() {
+        latest_valid_state(run_dir)?.filter(|s| s.state.stage == stage)
+    } else {
+        None
+    };
+    if !group.is_distributed() {
+        return Ok(found);
+    }
+    let name = found
+        .as_ref()
+        .and_then(|s| s.dir.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = String::from_utf8(group.broadcast_bytes(name.as_bytes())?)
+        .context("the state directory name from rank 0")?;
+    if group.is_main() || name.is_empty() {
+        return Ok(found);
+    }
+    let dir = states_dir(run_dir).join(&name);
+    load_state_dir(&dir).map(Some).with_context(|| {
+        format!(
+            "rank {}: loading the state rank 0 resumes from; the run directory must be on a \
+             filesystem that every node sees",
+            group.rank()
+        )
+    })
 }
 
 /// `adapters.safetensors` and the merged `model/`.

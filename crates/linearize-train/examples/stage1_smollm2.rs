@@ -90,6 +90,7 @@ fn main() -> Result<()> {
                 run_step_offset: 0,
                 resume: None,
                 preemption: None,
+                group: None,
             };
             let summary = run_stage1(&mut model, &converted, data, &cfg, job)?;
             if let (Some(first), Some(last)) = (&summary.initial_val, &summary.final_val) {

@@ -107,6 +107,7 @@ fn main() -> Result<()> {
             run_step_offset: 0,
             resume: None,
             preemption: None,
+            group: None,
         },
     )?;
     let trained = started.elapsed().as_secs_f64();
@@ -148,6 +149,7 @@ fn main() -> Result<()> {
             run_step_offset: summary1.steps,
             resume: None,
             preemption: None,
+            group: None,
         },
     )?;
     let trained = started.elapsed().as_secs_f64();

@@ -138,7 +138,8 @@ fn map_nan_if_null<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f
 /// Appends records to `metrics.jsonl`, each line fsynced before [`MetricsWriter::write`] returns.
 pub struct MetricsWriter {
     path: PathBuf,
-    file: File,
+    /// `None`: a writer that drops records (data-parallel ranks other than 0).
+    file: Option<File>,
     elapsed_before: f64,
     started: Instant,
     last_sync: Instant,
@@ -200,11 +201,23 @@ impl MetricsWriter {
             .with_context(|| format!("opening {} for appending", path.display()))?;
         Ok(Self {
             path: path.to_owned(),
-            file,
+            file: Some(file),
             elapsed_before,
             last_sync: Instant::now(),
             started: Instant::now(),
         })
+    }
+
+    /// A writer that drops every record: what data-parallel ranks other than rank 0 get, so
+    /// that one process writes the file.
+    pub fn disabled() -> Self {
+        Self {
+            path: PathBuf::new(),
+            file: None,
+            elapsed_before: 0.0,
+            started: Instant::now(),
+            last_sync: Instant::now(),
+        }
     }
 
     /// Seconds of training in this run so far, across resumes.
@@ -226,14 +239,15 @@ impl MetricsWriter {
         record.time = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
         let mut line = serde_json::to_string(&record)?;
         line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
+        file.write_all(line.as_bytes())
             .with_context(|| format!("appending to {}", self.path.display()))?;
         if self.last_sync.elapsed() >= SYNC_INTERVAL {
-            self.file
-                .sync_data()
+            file.sync_data()
                 .with_context(|| format!("syncing {}", self.path.display()))?;
             self.last_sync = Instant::now();
         }

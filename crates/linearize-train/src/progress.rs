@@ -40,6 +40,7 @@ pub struct TrainProgress {
     log_every: u64,
     bar: Option<ProgressBar>,
     throughput: Throughput,
+    silent: bool,
 }
 
 impl TrainProgress {
@@ -72,7 +73,17 @@ impl TrainProgress {
             log_every: log_every.max(1),
             bar,
             throughput,
+            silent: false,
         }
+    }
+
+    /// No bar and no log lines (data-parallel ranks other than rank 0, which reports for all).
+    pub fn silent(mut self) -> Self {
+        if let Some(bar) = self.bar.take() {
+            bar.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        self.silent = true;
+        self
     }
 
     /// Reports that `step` updates are done, `tokens` consumed, with the latest training loss.
@@ -90,7 +101,7 @@ impl TrainProgress {
                 bar.set_position(step);
                 bar.set_message(line);
             }
-            None if step % self.log_every == 0 || step == self.total_steps => {
+            None if !self.silent && (step % self.log_every == 0 || step == self.total_steps) => {
                 tracing::info!(stage = %self.stage, step, total = self.total_steps, "{line}");
             }
             None => {}
@@ -106,7 +117,8 @@ impl TrainProgress {
     pub fn println(&self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => tracing::info!(stage = %self.stage, "{line}"),
+            None if !self.silent => tracing::info!(stage = %self.stage, "{line}"),
+            None => {}
         }
     }
 

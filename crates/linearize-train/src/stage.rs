@@ -2,6 +2,7 @@
 use crate::data::{Batcher, PackedSequences};
 use crate::metrics::MetricsWriter;
 use crate::state::{LoadedState, Preemption};
+use linearize_dist::ProcessGroup;
 use std::path::Path;
 
 /// The data of a stage.
@@ -34,4 +35,9 @@ pub struct StageJob<'a> {
     /// When given, SIGTERM/SIGINT save a state and stop the stage with
     /// [`crate::state::Preempted`].
     pub preemption: Option<&'a Preemption>,
+    /// The data-parallel ranks of the job (`None`: a single process). Each rank trains on its
+    /// share of every batch, gradients are averaged, a stop on a signal is agreed on by all,
+    /// and only rank 0 writes states (metrics go to rank 0's writer; give the others a
+    /// [`MetricsWriter::disabled`] one).
+    pub group: Option<&'a ProcessGroup>,
 }

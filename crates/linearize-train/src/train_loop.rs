@@ -1,13 +1,20 @@
 //! What the stages' training loops share: the trained parameters with their optimizer, schedule
 //! and seed stream, the position in the data, the best-validation bookkeeping and the resumable
 //! state. A stage adds its forward pass, its losses and its metrics on top.
+//!
+//! Data parallelism lives here too: with a [`ProcessGroup`] of N ranks, each rank takes its
+//! `1/N` share of every global batch ([`Batcher::split_across_ranks`]), the gradients are
+//! averaged before clipping and the update (so all ranks stay identical), losses are averaged
+//! for reporting, a stop on a signal is agreed on by all ranks, and only rank 0 writes states.
 use crate::data::{Batch, Batcher, DataCursor};
 use crate::optim::{AdamW, AdamWConfig, Trainable};
 use crate::schedule::{Schedule, ScheduleConfig};
-use crate::state::{self, LoadedState, SeedStream, StateTensors, TrainState};
+use crate::state::{self, LoadedState, Preemption, SeedStream, StateTensors, TrainState};
 use anyhow::{ensure, Context, Result};
+use linearize_dist::{ProcessGroup, ReduceOp};
+use sha2::{Digest, Sha256};
 use std::path::Path;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 /// The settings a loop takes from its stage's config and job.
 pub(crate) struct LoopSettings<'a> {
@@ -29,6 +36,8 @@ pub(crate) struct LoopSettings<'a> {
 
 pub(crate) struct LoopCore<'a> {
     pub settings: LoopSettings<'a>,
+    /// The data-parallel ranks (a world of one without a launch).
+    pub group: &'a ProcessGroup,
     pub train: Batcher,
     pub seq_len: usize,
     pub params: Trainable,
@@ -49,12 +58,23 @@ pub(crate) struct LoopCore<'a> {
 }
 
 impl<'a> LoopCore<'a> {
+    /// `train` serves the global batches; with a distributed `group` it is split across the
+    /// ranks here.
     pub fn new(
         settings: LoopSettings<'a>,
+        group: Option<&'a ProcessGroup>,
         train: Batcher,
         seq_len: usize,
         params: Trainable,
     ) -> Result<Self> {
+        let group = group.unwrap_or_else(|| ProcessGroup::single_ref());
+        let train = if group.is_distributed() {
+            train
+                .split_across_ranks(group.rank(), group.world_size())
+                .with_context(|| format!("stage '{}': data.batch_size", settings.stage))?
+        } else {
+            train
+        };
         let optimizer = AdamW::new(&params, settings.optimizer.clone())?;
         let total_steps = total_steps(&settings, &train, seq_len)?;
         let schedule = Schedule::new(
@@ -65,6 +85,7 @@ impl<'a> LoopCore<'a> {
         Ok(Self {
             seeds: SeedStream::new(settings.seed),
             settings,
+            group,
             train,
             seq_len,
             params,
@@ -121,6 +142,86 @@ impl<'a> LoopCore<'a> {
         Ok(())
     }
 
+    /// With several ranks, fails on every rank unless all start from the same trainable values,
+    /// optimizer step, data position and seeds (a rank that loaded another state, or
+    /// initialised its parameters differently, would silently train another model). Call after
+    /// [`LoopCore::resume`].
+    pub fn ensure_ranks_agree(&self) -> Result<()> {
+        if !self.group.is_distributed() {
+            return Ok(());
+        }
+        let mut hash = Sha256::new();
+        hash.update(serde_json::to_vec(&self.train_state()?)?);
+        for (name, t) in self.params.named() {
+            hash.update(name.as_bytes());
+            let cpu = t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;
+            let bytes = cpu.numel() * cpu.kind().elt_size_in_bytes();
+            let mut buf = vec![0u8; bytes];
+            cpu.f_copy_data_u8(&mut buf, cpu.numel())?;
+            hash.update(&buf);
+        }
+        self.group.ensure_same(
+            &format!(
+                "stage '{}': the starting state (trainable parameters, step, data cursor, seeds)",
+                self.settings.stage
+            ),
+            &hash.finalize(),
+        )
+    }
+
+    /// Whether the job should stop here after a signal: agreed on by every rank (a signal may
+    /// reach the ranks at different steps), so that all stop at the same step. Returns the
+    /// signal (SIGTERM if it reached only other ranks).
+    pub fn stop_requested(&self, preemption: Option<&Preemption>) -> Result<Option<i32>> {
+        let local = preemption.and_then(Preemption::requested);
+        if !self.group.is_distributed() {
+            return Ok(local);
+        }
+        let mut signal = [local.map_or(0.0, f64::from)];
+        self.group.all_reduce_f64(&mut signal, ReduceOp::Max)?;
+        Ok((signal[0] > 0.0).then(|| local.unwrap_or(signal[0] as i32)))
+    }
+
+    /// The mean of each value over the ranks (losses for reporting), in place.
+    pub fn mean_over_ranks(&self, values: &mut [f64]) -> Result<()> {
+        if self.group.is_distributed() {
+            self.group.all_reduce_f64(values, ReduceOp::Sum)?;
+            let n = self.group.world_size() as f64;
+            values.iter_mut().for_each(|v| *v /= n);
+        }
+        Ok(())
+    }
+
+    /// The sum of each value over the ranks (validation sums), in place.
+    pub fn sum_over_ranks(&self, values: &mut [f64]) -> Result<()> {
+        self.group.all_reduce_f64(values, ReduceOp::Sum)
+    }
+
+    /// This rank's validation batches: the first `max_batches` batches of `eval_batch_size`
+    /// (all of them without a cap) dealt round-robin to the ranks, so the ranks together score
+    /// exactly what one process would.
+    pub fn val_batches<'v>(
+        &self,
+        val: &'v crate::data::PackedSequences,
+        eval_batch_size: usize,
+        max_batches: Option<usize>,
+    ) -> Result<impl Iterator<Item = Tensor> + 'v> {
+        let (rank, world) = (self.group.rank(), self.group.world_size());
+        let mine = max_batches.map_or(usize::MAX, |max| {
+            if max > rank {
+                (max - rank).div_ceil(world)
+            } else {
+                0
+            }
+        });
+        Ok(val.eval_batches(eval_batch_size, rank, world)?.take(mine))
+    }
+
+    /// Whether this rank reports (progress, metrics, summaries).
+    pub fn is_main(&self) -> bool {
+        self.group.is_main()
+    }
+
     /// Starts an update: re-seeds torch from the seed stream (so random ops are a function of
     /// the step, identical after a resume) and clears the gradients.
     pub fn begin_step(&mut self) {
@@ -136,6 +237,9 @@ impl<'a> LoopCore<'a> {
     /// Ends an update: clips, applies AdamW at the schedule's learning rate (skipped on a
     /// non-finite gradient) and advances the counters. Returns `(lr, grad_norm before clipping)`.
     pub fn finish_step(&mut self) -> Result<(f64, f64)> {
+        // Before clipping: the norm is that of the global batch's gradient, the same on every
+        // rank, so every rank clips and skips alike.
+        self.params.average_gradients(self.group)?;
         let grad_norm = match self.settings.max_grad_norm {
             Some(max) => self.params.clip_grad_norm(max)?,
             None => self.params.grad_norm()?,
@@ -166,7 +270,9 @@ impl<'a> LoopCore<'a> {
                         .map(|(name, t)| (name.clone(), t.copy()))
                         .collect()
                 }));
-                state::save_best(self.settings.run_dir, &self.train_state()?, &self.tensors())?;
+                if self.group.is_main() {
+                    state::save_best(self.settings.run_dir, &self.train_state()?, &self.tensors())?;
+                }
             }
         }
         self.schedule.observe_val_loss(self.step, loss);
@@ -212,15 +318,29 @@ impl<'a> LoopCore<'a> {
         }
     }
 
-    /// Saves a resumable state of the current step.
+    /// Saves a resumable state of the current step (rank 0 only: every rank holds the same
+    /// values).
     pub fn save(&self) -> Result<()> {
-        state::save_state(
-            self.settings.run_dir,
-            &self.train_state()?,
-            &self.tensors(),
-            self.settings.keep_last,
-        )?;
+        if self.group.is_main() {
+            state::save_state(
+                self.settings.run_dir,
+                &self.train_state()?,
+                &self.tensors(),
+                self.settings.keep_last,
+            )?;
+        }
         Ok(())
+    }
+
+    /// [`LoopCore::save`], then waits until rank 0 has written it: before the ranks stop (a
+    /// signal, the end of the stage), so that none exits while the state is still being
+    /// written.
+    pub fn save_and_wait(&self) -> Result<()> {
+        self.save()?;
+        self.group.barrier(&format!(
+            "waiting for rank 0 to save the state of stage '{}' at step {}",
+            self.settings.stage, self.step
+        ))
     }
 }
 

@@ -124,6 +124,7 @@ fn run(
         run_step_offset: 0,
         resume: loaded.as_ref(),
         preemption: None,
+        group: None,
     };
     run_stage1(model, layers, data(), cfg, job).unwrap()
 }
@@ -272,6 +273,7 @@ fn hedgehog_cross_entropy_trains_linear_layers_only() {
         run_step_offset: 0,
         resume: None,
         preemption: None,
+        group: None,
     };
     let e = run_stage1(&mut model, &layers, data(), &cfg, job)
         .unwrap_err()

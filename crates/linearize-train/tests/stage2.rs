@@ -83,6 +83,7 @@ fn run(
         run_step_offset: 0,
         resume: loaded.as_ref(),
         preemption: None,
+        group: None,
     };
     run_stage2(model, layers, lora, data(), cfg, job).unwrap()
 }
@@ -98,6 +99,7 @@ fn attention_transfer(model: &mut Model, layers: &ConvertedLayers) {
         run_step_offset: 0,
         resume: None,
         preemption: None,
+        group: None,
     };
     let data = Stage1Data {
         train: Batcher::new(sequences(4, 9), 2, 3).unwrap(),

@@ -5,3 +5,4 @@ pub mod fetch;
 pub mod generate;
 pub mod import;
 pub mod inspect;
+pub mod launch;

@@ -24,7 +24,7 @@ pub fn evaluate(
         tracing::info!(report = %out.display(), "evaluation already done");
     } else {
         let eval = resolve_eval_paths(eval)?;
-        let teacher = Model::load(&loaded.model_dir, student.device(), student.kind())?;
+        let teacher = loaded.load_model(student.device(), student.kind())?;
         run_report(
             &teacher,
             student,

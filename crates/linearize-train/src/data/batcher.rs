@@ -116,6 +116,27 @@ impl Batcher {
         Ok(self)
     }
 
+    /// Splits every global batch of this batcher's `batch_size` sequences evenly across
+    /// `world_size` data-parallel ranks and serves `rank`'s part: rank `r` takes the `r`-th run
+    /// of `batch_size / world_size` sequences of each step. The union over ranks is exactly the
+    /// batch a single process would take, and the cursor (global sequences) is the same for any
+    /// world size, so a job resumed on another number of ranks continues where it stopped.
+    pub fn split_across_ranks(mut self, rank: usize, world_size: usize) -> Result<Self> {
+        ensure!(
+            self.world_size == 1,
+            "the batcher is already split across {} ranks",
+            self.world_size
+        );
+        ensure!(
+            world_size > 0 && self.batch_size % world_size == 0,
+            "batch_size {} does not split evenly across {world_size} ranks: the global batch is \
+             shared out, so batch_size must be a multiple of the number of ranks",
+            self.batch_size
+        );
+        self.batch_size /= world_size;
+        self.with_shard(rank, world_size)
+    }
+
     pub fn with_budget(mut self, budget: Budget) -> Self {
         self.budget = budget;
         self

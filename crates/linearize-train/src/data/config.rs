@@ -40,7 +40,9 @@ pub struct DataConfig {
     /// dropped.
     #[serde(default = "default_seq_len")]
     pub seq_len: usize,
-    /// Sequences per batch on each data-parallel rank.
+    /// Sequences per micro-batch, all data-parallel ranks together: each of N ranks takes
+    /// `batch_size / N` of them (so a job gives the same updates on any number of GPUs, and
+    /// `batch_size` must be a multiple of N).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Store `seq_len + 1` tokens per sequence (consecutive sequences share one token) so that

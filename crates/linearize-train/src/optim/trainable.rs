@@ -121,6 +121,31 @@ impl Trainable {
         Ok(norm)
     }
 
+    /// Averages the accumulated gradients over the data-parallel ranks of `group` (bucketed
+    /// all-reduce), so that every rank applies the same update: the gradient of the mean loss
+    /// over the global batch. A parameter that got no gradient on this rank contributes zeros
+    /// (its gradient is materialised first, so every rank reduces the same tensors).
+    pub fn average_gradients(&self, group: &linearize_dist::ProcessGroup) -> Result<()> {
+        if !group.is_distributed() {
+            return Ok(());
+        }
+        let mut grads = Vec::with_capacity(self.params.len());
+        for (name, param) in &self.params {
+            let mut grad = param.grad();
+            if !grad.defined() {
+                // d(0 * sum(p))/dp = 0: allocates a zero gradient the autograd way.
+                (param.sum(param.kind()) * 0.0)
+                    .f_backward()
+                    .with_context(|| format!("zero gradient of '{name}'"))?;
+                grad = param.grad();
+            }
+            grads.push(grad);
+        }
+        group
+            .all_reduce_mean(&mut grads)
+            .context("averaging the gradients across ranks")
+    }
+
     /// Sets every accumulated gradient to zero (gradients stay allocated, so a parameter that
     /// gets no gradient in a step is still updated from its moments, as with torch's
     /// `zero_grad(set_to_none=False)`).

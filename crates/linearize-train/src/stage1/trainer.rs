@@ -80,7 +80,7 @@ impl<'a> Trainer<'a> {
             keep_last: cfg.keep_last,
             keep_best: cfg.keep_best,
         };
-        let mut core = LoopCore::new(settings, data.train, data.seq_len, params)?;
+        let mut core = LoopCore::new(settings, job.group, data.train, data.seq_len, params)?;
         let frozen = cfg
             .verify_frozen
             .then(|| {
@@ -91,6 +91,7 @@ impl<'a> Trainer<'a> {
         if let Some(loaded) = job.resume {
             core.resume(loaded)?;
         }
+        core.ensure_ranks_agree()?;
         tracing::info!(
             stage = %cfg.name,
             layers = converted.len(),
@@ -120,6 +121,9 @@ impl<'a> Trainer<'a> {
             self.core.tokens,
             cfg.log_every,
         );
+        if !self.core.is_main() {
+            progress = progress.silent();
+        }
         let mut initial_val = None;
         let mut latest_val = None;
         if self.core.step == 0 && cfg.eval_at_start {
@@ -127,8 +131,8 @@ impl<'a> Trainer<'a> {
             latest_val.clone_from(&initial_val);
         }
         while self.core.step < self.core.total_steps {
-            if let Some(signal) = self.preemption.and_then(Preemption::requested) {
-                self.core.save()?;
+            if let Some(signal) = self.core.stop_requested(self.preemption)? {
+                self.core.save_and_wait()?;
                 progress.finish();
                 return Err(Preempted { signal }.into());
             }
@@ -154,7 +158,7 @@ impl<'a> Trainer<'a> {
         if latest_val.as_ref().is_none_or(|v| v.step != self.core.step) {
             latest_val = self.validate(model, &progress)?;
         }
-        self.core.save()?;
+        self.core.save_and_wait()?;
         progress.finish();
         let final_val = if self.core.restore_best()? {
             self.measure(model)?
@@ -195,7 +199,17 @@ impl<'a> Trainer<'a> {
             losses.extend(self.collect(take_losses(&self.tap)?)?);
         }
         let (lr, grad_norm) = self.core.finish_step()?;
-        Ok(Some(self.summarise(&losses, lr, grad_norm)))
+        let mut loss = self.summarise(&losses, lr, grad_norm);
+        // Each rank measured its share of the batch (equal shares): the batch's loss is the mean.
+        let mut values = vec![loss.attn_mse, loss.loss, loss.xent.unwrap_or(0.0)];
+        values.extend(loss.per_layer.iter().map(|(_, m)| *m));
+        self.core.mean_over_ranks(&mut values)?;
+        (loss.attn_mse, loss.loss) = (values[0], values[1]);
+        loss.xent = loss.xent.map(|_| values[2]);
+        for ((_, m), v) in loss.per_layer.iter_mut().zip(&values[3..]) {
+            *m = *v;
+        }
+        Ok(Some(loss))
     }
 
     /// Checks that every converted layer reported its loss once, in layer order.
@@ -274,9 +288,9 @@ impl<'a> Trainer<'a> {
         set_mode(&self.tap, TapMode::Eval)?;
         let mut sums = vec![0.0; self.layers.len()];
         let mut sequences = 0usize;
-        let batches = val
-            .eval_batches(self.cfg.eval_batch_size, 0, 1)?
-            .take(self.cfg.max_eval_batches.unwrap_or(usize::MAX));
+        let batches =
+            self.core
+                .val_batches(val, self.cfg.eval_batch_size, self.cfg.max_eval_batches)?;
         for tokens in batches {
             let n = tokens.size()[0] as usize;
             let ids = tokens
@@ -288,6 +302,10 @@ impl<'a> Trainer<'a> {
             }
             sequences += n;
         }
+        // Each rank scored its share of the batches: add the shares up.
+        sums.push(sequences as f64);
+        self.core.sum_over_ranks(&mut sums)?;
+        let sequences = sums.pop().expect("pushed above") as usize;
         ensure!(sequences > 0, "validation data holds no sequence");
         let per_layer: Vec<(usize, f64)> = self
             .layers

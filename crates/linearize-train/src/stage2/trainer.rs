@@ -67,7 +67,7 @@ impl<'a> Trainer<'a> {
             keep_last: cfg.keep_last,
             keep_best: cfg.keep_best,
         };
-        let mut core = LoopCore::new(settings, data.train, data.seq_len, params)?;
+        let mut core = LoopCore::new(settings, job.group, data.train, data.seq_len, params)?;
         // The base weights only: untrained student parameters cannot change (they are not
         // optimised and `run_stage2` turns their gradients off), but may still hold the zeroed
         // gradients stage 1 left, which the snapshot would report.
@@ -81,6 +81,7 @@ impl<'a> Trainer<'a> {
         if let Some(loaded) = job.resume {
             core.resume(loaded)?;
         }
+        core.ensure_ranks_agree()?;
         tracing::info!(
             stage = %cfg.name,
             adapters = lora.len(),
@@ -110,6 +111,9 @@ impl<'a> Trainer<'a> {
             self.core.tokens,
             cfg.log_every,
         );
+        if !self.core.is_main() {
+            progress = progress.silent();
+        }
         let mut initial_val = None;
         let mut latest_val = None;
         if self.core.step == 0 && cfg.eval_at_start {
@@ -117,8 +121,8 @@ impl<'a> Trainer<'a> {
             latest_val.clone_from(&initial_val);
         }
         while self.core.step < self.core.total_steps {
-            if let Some(signal) = self.preemption.and_then(Preemption::requested) {
-                self.core.save()?;
+            if let Some(signal) = self.core.stop_requested(self.preemption)? {
+                self.core.save_and_wait()?;
                 progress.finish();
                 return Err(Preempted { signal }.into());
             }
@@ -144,7 +148,7 @@ impl<'a> Trainer<'a> {
         if latest_val.as_ref().is_none_or(|v| v.step != self.core.step) {
             latest_val = self.validate(model, &progress)?;
         }
-        self.core.save()?;
+        self.core.save_and_wait()?;
         progress.finish();
         let final_val = if self.core.restore_best()? {
             self.measure(model)?
@@ -175,10 +179,13 @@ impl<'a> Trainer<'a> {
         };
         let (lr, grad_norm) = self.core.finish_step()?;
         let n = cfg.grad_accum as f64;
+        // Each rank measured its share of the batch (equal shares): the batch's loss is the mean.
+        let mut values = [lm / n, kl.unwrap_or(0.0) / n, loss / n];
+        self.core.mean_over_ranks(&mut values)?;
         Ok(Some(StepLoss {
-            lm_loss: lm / n,
-            kl: kl.map(|kl| kl / n),
-            loss: loss / n,
+            lm_loss: values[0],
+            kl: kl.map(|_| values[1]),
+            loss: values[2],
             lr,
             grad_norm,
         }))
@@ -262,9 +269,9 @@ impl<'a> Trainer<'a> {
         };
         let cfg = self.cfg;
         let (mut lm_sum, mut kl_sum, mut sequences) = (0.0, 0.0, 0usize);
-        let batches = val
-            .eval_batches(cfg.eval_batch_size, 0, 1)?
-            .take(cfg.max_eval_batches.unwrap_or(usize::MAX));
+        let batches = self
+            .core
+            .val_batches(val, cfg.eval_batch_size, cfg.max_eval_batches)?;
         for tokens in batches {
             let n = tokens.size()[0] as usize;
             let scored = Scored::new(&tokens, val.seq_len())?;
@@ -278,6 +285,11 @@ impl<'a> Trainer<'a> {
             }
             sequences += n;
         }
+        // Each rank scored its share of the batches: add the shares up.
+        let mut sums = [lm_sum, kl_sum, sequences as f64];
+        self.core.sum_over_ranks(&mut sums)?;
+        let [lm_sum, kl_sum, sequences] = sums;
+        let sequences = sequences as usize;
         ensure!(sequences > 0, "validation data holds no sequence");
         let lm = lm_sum / sequences as f64;
         let kl = cfg.loss.uses_teacher().then(|| kl_sum / sequences as f64);

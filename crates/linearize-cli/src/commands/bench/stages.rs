@@ -236,6 +236,7 @@ fn worker(args: &StageArgs, spec: &str) -> Result<()> {
                 run_step_offset: 0,
                 resume: None,
                 preemption: None,
+                group: None,
             };
             if case == StageCase::Stage1 {
                 let cfg = Stage1Config {

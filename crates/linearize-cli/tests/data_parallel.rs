@@ -1,0 +1,295 @@
+//! Data-parallel jobs end to end on the CPU (TCP backend) through `linearize launch`: two ranks
+//! with the same global batch train what one process trains; a job resumes with another number
+//! of ranks from the right data position; a killed rank stops the job with a clear error.
+mod common;
+
+use common::{linearize, run, stage_tensors, stderr, tiny_job, write_recipe};
+use serde_json::Value;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tch::Tensor;
+
+const EXIT_PREEMPTED: i32 = 75;
+/// Stage 1 takes 10 updates, LoRA 4 (run-wide steps 1..=14), each logged.
+const SETS: [&str; 10] = [
+    "--set",
+    "attention_transfer.max_steps=10",
+    "--set",
+    "lora.max_steps=4",
+    "--set",
+    "attention_transfer.eval_every=5",
+    "--set",
+    "attention_transfer.log_every=1",
+    "--set",
+    "lora.log_every=1",
+];
+
+struct Job {
+    dir: tempfile::TempDir,
+    recipe: PathBuf,
+}
+
+impl Job {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_job(dir.path());
+        let recipe = write_recipe(dir.path(), "");
+        Self { dir, recipe }
+    }
+
+    fn out(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `linearize` arguments of the job in `out`.
+    fn args(&self, out: &Path) -> Vec<String> {
+        let mut args = vec![
+            "--recipe".to_string(),
+            self.recipe.display().to_string(),
+            "--output".to_string(),
+            out.display().to_string(),
+        ];
+        args.extend(SETS.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// `linearize launch --nproc-per-node n -- <args>`, or the plain job for n = 1.
+    fn command(&self, out: &Path, ranks: usize) -> Vec<String> {
+        let mut command = Vec::new();
+        if ranks > 1 {
+            command.extend([
+                "launch".to_string(),
+                "--nproc-per-node".to_string(),
+                ranks.to_string(),
+                "--".to_string(),
+            ]);
+        }
+        command.extend(self.args(out));
+        command
+    }
+
+    fn complete(&self, out: &Path, ranks: usize) {
+        let args = self.command(out, ranks);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = run(&refs);
+        assert!(
+            output.status.success(),
+            "{ranks} rank(s): {}",
+            stderr(&output)
+        );
+    }
+
+    /// Starts the job and waits until its metrics show a training record at run-wide `step`;
+    /// stderr is collected in the background.
+    fn start_until(&self, out: &Path, ranks: usize, step: u64) -> (Child, Arc<Mutex<String>>) {
+        let args = self.command(out, ranks);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = linearize(&refs).stderr(Stdio::piped()).spawn().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the job ended before step {step}: {}",
+                log.lock().unwrap()
+            );
+            assert!(Instant::now() < deadline, "no step {step} within 300 s");
+            if train_records(out).iter().any(|r| run_step(r) >= step) {
+                return (child, log);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn records(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+fn train_records(out: &Path) -> Vec<Value> {
+    records(out)
+        .into_iter()
+        .filter(|r| r["split"] == "train")
+        .collect()
+}
+
+fn run_step(record: &Value) -> u64 {
+    let offset = if record["stage"] == "lora" { 10 } else { 0 };
+    offset + record["step"].as_u64().unwrap()
+}
+
+/// `(stage, step, split, tokens, loss)` of every record, the loss being the stage's main one.
+fn curve(out: &Path) -> Vec<(String, u64, String, u64, f64)> {
+    records(out)
+        .iter()
+        .map(|r| {
+            let loss = if r["stage"] == "lora" {
+                &r["lm_loss"]
+            } else {
+                &r["attn_mse"]
+            };
+            (
+                r["stage"].as_str().unwrap().to_owned(),
+                r["step"].as_u64().unwrap(),
+                r["split"].as_str().unwrap().to_owned(),
+                r["tokens"].as_u64().unwrap(),
+                loss.as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn assert_same_curves(want: &Path, got: &Path, what: &str) {
+    let (want, got) = (curve(want), curve(got));
+    assert_eq!(want.len(), got.len(), "{what}: {want:?} vs {got:?}");
+    for (a, b) in want.iter().zip(&got) {
+        assert_eq!((&a.0, a.1, &a.2, a.3), (&b.0, b.1, &b.2, b.3), "{what}");
+        let rel = (a.4 - b.4).abs() / a.4.abs().max(1e-12);
+        assert!(
+            rel < 1e-3,
+            "{what}: {a:?} vs {b:?} (relative difference {rel:.2e})"
+        );
+    }
+}
+
+/// The same trained tensors up to float reassociation (a batch's gradient summed in two halves).
+fn assert_close(want: &[(String, Tensor)], got: &[(String, Tensor)], what: &str) {
+    assert_eq!(want.len(), got.len(), "{what}");
+    for ((name, a), (other, b)) in want.iter().zip(got) {
+        assert_eq!(name, other, "{what}");
+        let diff = (a - b).abs().max().double_value(&[]);
+        let scale = a.abs().max().double_value(&[]).max(1e-3);
+        assert!(
+            diff <= 1e-3 * scale,
+            "{what}: '{name}' differs by {diff:.3e} (scale {scale:.3e})"
+        );
+    }
+}
+
+#[test]
+fn two_ranks_train_what_one_trains_and_resume_across_world_sizes() {
+    let job = Job::new();
+    let single = job.out("single");
+    job.complete(&single, 1);
+    let want = stage_tensors(&single);
+
+    // Two ranks, each with half of every batch of 2: the same losses and trained tensors.
+    let dual = job.out("dual");
+    job.complete(&dual, 2);
+    assert_same_curves(&single, &dual, "2 ranks vs 1");
+    assert_close(&want, &stage_tensors(&dual), "2 ranks vs 1");
+    // Only rank 0 wrote: one record per step, one export.
+    let steps: Vec<u64> = train_records(&dual).iter().map(run_step).collect();
+    assert_eq!(steps, (1..=14).collect::<Vec<_>>());
+
+    // SIGTERM to the launcher during stage 1: every rank stops at the same step, rank 0 saves,
+    // the launcher exits 75; the job then resumes on ONE process at the right data position.
+    let shrunk = job.out("shrunk");
+    let (child, log) = job.start_until(&shrunk, 2, 4);
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = wait(child, Duration::from_secs(120));
+    let log = log.lock().unwrap().clone();
+    assert_eq!(status, Some(EXIT_PREEMPTED), "{log}");
+    assert!(log.contains("linearize resume"), "{log}");
+    let stopped_at = train_records(&shrunk).len();
+    assert!((4..14).contains(&stopped_at), "{stopped_at}");
+    job.complete(&shrunk, 1);
+    assert_same_curves(&single, &shrunk, "2 ranks, then 1");
+    assert_close(&want, &stage_tensors(&shrunk), "2 ranks, then 1");
+
+    // And the other way: one process preempted, resumed on two ranks.
+    let grown = job.out("grown");
+    let (child, _log) = job.start_until(&grown, 1, 6);
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(wait(child, Duration::from_secs(120)), Some(EXIT_PREEMPTED));
+    job.complete(&grown, 2);
+    assert_same_curves(&single, &grown, "1 rank, then 2");
+    assert_close(&want, &stage_tensors(&grown), "1 rank, then 2");
+}
+
+#[test]
+fn a_killed_rank_stops_the_job_with_a_clear_error() {
+    let job = Job::new();
+    let out = job.out("killed");
+    let (child, log) = job.start_until(&out, 2, 3);
+    // The launcher names its ranks' pids; kill rank 1 the hard way.
+    let pids: Vec<u32> = {
+        let log = log.lock().unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("(pids "))
+            .unwrap_or_else(|| panic!("no pid line: {log}"))
+            .to_owned();
+        let list = line.split("(pids ").nth(1).unwrap().trim_end_matches(')');
+        list.split(", ").map(|p| p.parse().unwrap()).collect()
+    };
+    assert_eq!(pids.len(), 2);
+    let started = Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-KILL", &pids[1].to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = wait(child, Duration::from_secs(60));
+    let log = log.lock().unwrap().clone();
+    assert_eq!(status, Some(128 + 9), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(log.contains("rank 1 (pid"), "{log}");
+    assert!(log.contains("SIGKILL"), "{log}");
+    // Rank 0 stopped by itself, saying which rank it lost.
+    assert!(log.contains("lost the connection to rank 1"), "{log}");
+    assert!(!log.contains("did not stop within"), "{log}");
+
+    // The job resumes from the last saved state, on two ranks again, and finishes.
+    job.complete(&out, 2);
+    let steps: Vec<u64> = train_records(&out).iter().map(run_step).collect();
+    assert_eq!(steps, (1..=14).collect::<Vec<_>>());
+}
+
+fn wait(mut child: Child, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the job did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
