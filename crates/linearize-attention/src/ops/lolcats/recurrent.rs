@@ -26,8 +26,8 @@ pub fn step(state: &mut LolcatsState, x: &LolcatsInputs, cfg: &LolcatsConfig) ->
         cat(&current.phi_k, x.phi_k),
         cat(&current.v, x.v),
     ); // (b, h, m+1, ·)
-    // Built on the device: a mask copied from the host would make every layer's step wait for
-    // the device to catch up, leaving decoding bound by launch latency.
+       // Built on the device: a mask copied from the host would make every layer's step wait for
+       // the device to catch up, leaving decoding bound by launch latency.
     let positions = |start: i64, end: i64| Tensor::arange_start(start, end, (Kind::Int64, device));
     let (inside, _) = window.masks(&positions(t, t + 1), &positions(t - m, t + 1)); // (m+1,)
 
