@@ -5,11 +5,12 @@
 //! the device (doubling, then bisecting after the first out-of-memory failure), decoding greedily
 //! from each.
 use super::harness::{
-    cell, device_arg, machine, run_child, self_command, synchronize, write_json, GIB, MIB,
+    cell, device_arg, machine, parse_worker_spec, run_child, self_command, synchronize, write_json,
+    GIB, MIB,
 };
 use super::memory::MemoryProbe;
 use super::model::{random_ids, ModelArgs};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use linearize_models::llama::{Model, ModelCache};
 use serde_json::{json, Value};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -195,22 +196,9 @@ fn best_rows(results: &[Value]) -> Vec<Value> {
         .collect()
 }
 
-fn parse_spec(spec: &str) -> Result<(Decoder, i64)> {
-    use clap::ValueEnum;
-    let (model, context) = spec
-        .split_once(':')
-        .with_context(|| format!("--worker {spec:?}: expected MODEL:CONTEXT"))?;
-    let model = Decoder::from_str(model, false)
-        .map_err(|e| anyhow::anyhow!("--worker model {model:?}: {e}"))?;
-    let context = context
-        .parse()
-        .with_context(|| format!("--worker context {context:?}"))?;
-    Ok((model, context))
-}
-
 /// The child's side.
 fn worker(args: &DecodeArgs, spec: &str) -> Result<()> {
-    let (decoder, context) = parse_spec(spec)?;
+    let (decoder, context) = parse_worker_spec::<Decoder>(spec)?;
     let device = args.model.device()?;
     let probe = MemoryProbe::new(device)?;
     // The student's converted parameters must outlive its model's use.

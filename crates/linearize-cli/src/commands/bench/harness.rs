@@ -113,3 +113,16 @@ pub fn cell(value: &Value, scale: f64, digits: usize) -> String {
         .map(|x| format!("{:.*}", digits, x / scale))
         .unwrap_or_else(|| "–".into())
 }
+
+/// A child's `--worker` spec `CASE:LENGTH`: one value of a case enum and a length.
+pub fn parse_worker_spec<E: clap::ValueEnum>(spec: &str) -> Result<(E, i64)> {
+    let (case, len) = spec
+        .split_once(':')
+        .with_context(|| format!("--worker {spec:?}: expected CASE:LENGTH"))?;
+    let case =
+        E::from_str(case, false).map_err(|e| anyhow::anyhow!("--worker case {case:?}: {e}"))?;
+    let len = len
+        .parse()
+        .with_context(|| format!("--worker length {len:?}"))?;
+    Ok((case, len))
+}

@@ -5,7 +5,8 @@
 //! runs in its own child process, so each peak-memory reading starts from a clean allocator and
 //! an out-of-memory failure only loses that case.
 use super::harness::{
-    cell, device_arg, machine, median_ms, run_child, self_command, write_json, GIB,
+    cell, device_arg, machine, median_ms, parse_worker_spec, run_child, self_command, write_json,
+    GIB,
 };
 use super::memory::MemoryProbe;
 use super::model::{random_ids, ModelArgs};
@@ -165,22 +166,9 @@ fn add_ratios(results: &mut [Value]) {
     }
 }
 
-fn parse_spec(spec: &str) -> Result<(StageCase, i64)> {
-    use clap::ValueEnum;
-    let (case, ctx) = spec
-        .split_once(':')
-        .with_context(|| format!("--worker {spec:?}: expected CASE:CTX"))?;
-    let case = StageCase::from_str(case, false)
-        .map_err(|e| anyhow::anyhow!("--worker case {case:?}: {e}"))?;
-    let ctx = ctx
-        .parse()
-        .with_context(|| format!("--worker ctx {ctx:?}"))?;
-    Ok((case, ctx))
-}
-
 /// The child's side: build the model, measure one case, print one JSON line.
 fn worker(args: &StageArgs, spec: &str) -> Result<()> {
-    let (case, ctx) = parse_spec(spec)?;
+    let (case, ctx) = parse_worker_spec::<StageCase>(spec)?;
     let device = args.model.device()?;
     let probe = MemoryProbe::new(device)?;
     let report = match case {
