@@ -206,7 +206,7 @@ fn worker(args: &DecodeArgs, spec: &str) -> Result<()> {
         Decoder::Teacher => (args.model.teacher()?, None),
         Decoder::Student => {
             let s = args.model.student()?;
-            (s.model, Some((s.converted, s._store)))
+            (s.model, Some((s.converted, s.store)))
         }
     };
     let baseline = probe.start()?;

@@ -29,7 +29,7 @@ pub struct Student {
     pub model: Model,
     pub converted: ConvertedLayers,
     /// Owns the converted layers' parameters.
-    pub _store: nn::VarStore,
+    pub store: nn::VarStore,
 }
 
 impl ModelArgs {
@@ -104,7 +104,7 @@ impl ModelArgs {
         Ok(Student {
             model,
             converted,
-            _store: store,
+            store,
         })
     }
 }
