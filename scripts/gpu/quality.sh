@@ -21,6 +21,8 @@
 #   METHODS            which recipes/quality/smollm2_<method>.yaml to run [all ten]
 #   JOBS               runs at once, 0 = all [0]
 #   SPEED              1: measure decode speed/memory after training, one run at a time [1]
+#   SPEED_ONLY         1: no training: only the speed phase, for the layout of every method in
+#                      METHODS, and a table of it in $OUT/speed.md [0]
 #   DEADLINE_S         seconds after start when unfinished runs are stopped (SIGTERM: they save
 #                      a state) and what finished is reported [540]
 #   CALIBRATE          1: calibration run (see above) [0]; CAL_TOKENS per stage [300000];
@@ -46,6 +48,8 @@ CALIBRATE=${CALIBRATE:-0}
 SMOKE=${SMOKE:-0}
 JOBS=${JOBS:-0}
 SPEED=${SPEED:-1}
+SPEED_ONLY=${SPEED_ONLY:-0}
+[ "$SPEED_ONLY" = 1 ] && SPEED=1
 DEADLINE_S=${DEADLINE_S:-540}
 CAL_TOKENS=${CAL_TOKENS:-300000}
 TRAIN_S=${TRAIN_S:-300}
@@ -274,7 +278,7 @@ PY
 # --- calibration (TOKENS_PER_STAGE=auto or CALIBRATE=1) ----------------------------------------
 TRAINED=""
 for m in $METHODS; do [ -n "$(stages_of "$m")" ] && TRAINED="$TRAINED $m"; done
-if [ "$CALIBRATE" = 1 ] || [ "$TOKENS_PER_STAGE" = auto ]; then
+if [ "$SPEED_ONLY" != 1 ] && { [ "$CALIBRATE" = 1 ] || [ "$TOKENS_PER_STAGE" = auto ]; }; then
     log "calibration: $CAL_TOKENS tokens per stage of every trained method at once, no evaluation"
     (
         export TOKENS_PER_STAGE=$CAL_TOKENS
@@ -300,12 +304,15 @@ if [ "$CALIBRATE" = 1 ] || [ "$TOKENS_PER_STAGE" = auto ]; then
 fi
 
 # --- phase 1: every run at once, training and evaluation ---------------------------------------
-log "phase 1: $(echo $METHODS | wc -w) runs, TOKENS_PER_STAGE=$TOKENS_PER_STAGE"
-run_all "$WORK" "$METHODS"
-log "training and evaluation done; failed or stopped: ${FAILED[*]:-none}"
+FAILED=()
+if [ "$SPEED_ONLY" != 1 ]; then
+    log "phase 1: $(echo $METHODS | wc -w) runs, TOKENS_PER_STAGE=$TOKENS_PER_STAGE"
+    run_all "$WORK" "$METHODS"
+    log "training and evaluation done; failed or stopped: ${FAILED[*]:-none}"
 
-throughput "$WORK" "$TRAINED" "$TOKENS_PER_STAGE" >"$OUT/throughput.txt" || true
-cat "$OUT/throughput.txt"
+    throughput "$WORK" "$TRAINED" "$TOKENS_PER_STAGE" >"$OUT/throughput.txt" || true
+    cat "$OUT/throughput.txt"
+fi
 
 # --- phase 2: speed and memory, one process at a time -----------------------------------------
 # Speed does not depend on weights: the untrained conversion of the same layout is measured
@@ -317,37 +324,80 @@ speed_recipe() {
     *) echo "$1" ;;
     esac
 }
+# The softmax layers of a run's layout, as a YAML list: those its report lists (hybrids keep the
+# layers stage 1 chose), else for a hybrid recipe that did not run (SPEED_ONLY) its count of
+# layers spread evenly over the depth (speed depends on how many, not which).
+softmax_layers() {
+    local m=$1 n
+    if [ -f "$RUNS/$m/report/eval.json" ]; then
+        python3 -c "
+import json,sys; r=json.load(open(sys.argv[1]))
+print([i for i,(s,t) in enumerate(zip(r['student']['attention'], r['teacher']['attention'])) if s==t])" \
+            "$RUNS/$m/report/eval.json" | tr -d ' '
+        return
+    fi
+    n=$(sed -n 's/.*softmax_by_error: *\([0-9]*\).*/\1/p' "$(recipe "$m")")
+    python3 -c "
+import sys; n, depth = int(sys.argv[1] or 0), 30
+print([round((i + 0.5) * depth / n) for i in range(n)] if n else [])" "$n" | tr -d ' '
+}
+# measure_speed METHOD: decode speed and memory of its layout, into $RUNS/METHOD/speed.
+declare -A MEASURED
+measure_speed() {
+    local m=$1 base layers key
+    base=$(speed_recipe "$m")
+    layers=$(softmax_layers "$m")
+    key="$base:$layers"
+    if [ -n "${MEASURED[$key]:-}" ]; then
+        mkdir -p "$RUNS/$m" && cp -r "${MEASURED[$key]}" "$RUNS/$m/speed"
+        return
+    fi
+    "$BIN" --recipe "$(recipe "$base")" --output "$RUNS/$m/speed" "${SETS[@]}" \
+        --set attention_transfer=null --set lora=null --set conversion.softmax_by_error=null \
+        --set "conversion.softmax_layers=$layers" --set data.teacher_samples=null \
+        --set 'data.sources=[{kind: text, path: "offline:text", split: train}]' \
+        --set eval.perplexity.enabled=false --set eval.attention_error.enabled=false \
+        --set eval.passkey.enabled=false --set eval.mqar.enabled=false \
+        --set eval.multiple_choice.enabled=false --set eval.generations.enabled=false \
+        --set eval.decode_check.enabled=false --set export=null >"$LOGS/$m.speed.log" 2>&1 \
+        && MEASURED[$key]=$RUNS/$m/speed \
+        || { log "speed of $m failed (see $m.speed.log)"; return; }
+    log "speed of $m measured (softmax layers $layers)"
+}
 if [ "$SPEED" = 1 ]; then
-    declare -A MEASURED
     for m in $METHODS; do
-        [ -f "$RUNS/$m/report/eval.json" ] || continue
+        [ -f "$RUNS/$m/report/eval.json" ] || [ "$SPEED_ONLY" = 1 ] || continue
         if [ $(( $(date +%s) - START + 30 )) -ge "$DEADLINE_S" ]; then
             log "deadline: speed of $m not measured"
             continue
         fi
-        base=$(speed_recipe "$m")
-        # The layout the run ended with: hybrids keep the softmax layers stage 1 chose.
-        layers=$(python3 -c "
-import json,sys; r=json.load(open(sys.argv[1]))
-print([i for i,(s,t) in enumerate(zip(r['student']['attention'], r['teacher']['attention'])) if s==t])" \
-            "$RUNS/$m/report/eval.json" | tr -d ' ')
-        key="$base:$layers"
-        if [ -n "${MEASURED[$key]:-}" ]; then
-            cp -r "${MEASURED[$key]}" "$RUNS/$m/speed"
-            continue
-        fi
-        "$BIN" --recipe "$(recipe "$base")" --output "$RUNS/$m/speed" "${SETS[@]}" \
-            --set attention_transfer=null --set lora=null --set conversion.softmax_by_error=null \
-            --set "conversion.softmax_layers=$layers" --set data.teacher_samples=null \
-            --set 'data.sources=[{kind: text, path: "offline:text", split: train}]' \
-            --set eval.perplexity.enabled=false --set eval.attention_error.enabled=false \
-            --set eval.passkey.enabled=false --set eval.mqar.enabled=false \
-            --set eval.multiple_choice.enabled=false --set eval.generations.enabled=false \
-            --set eval.decode_check.enabled=false --set export=null >"$LOGS/$m.speed.log" 2>&1 \
-            && MEASURED[$key]=$RUNS/$m/speed \
-            || log "speed of $m failed (see $m.speed.log)"
-        log "speed of $m measured"
+        measure_speed "$m"
     done
+fi
+if [ "$SPEED_ONLY" = 1 ]; then
+    python3 - "$RUNS" $METHODS <<'PY' | tee "$OUT/speed.md"
+import json, os, sys
+runs, methods = sys.argv[1], sys.argv[2:]
+print("| layout | context | prefill tok/s | decode tok/s | prefill MiB | decode MiB |")
+print("|---|---:|---:|---:|---:|---:|")
+teacher_done = False
+mib = lambda b: "–" if b is None else f"{b / 2**20:,.1f}"
+for m in methods:
+    path = os.path.join(runs, m, "speed", "report", "eval.json")
+    if not os.path.exists(path):
+        print(f"| {m} | not measured | | | | |")
+        continue
+    speed = json.load(open(path))["speed"]
+    for model in ("student", "teacher"):
+        if model == "teacher" and teacher_done:
+            continue
+        name = "teacher (softmax, KV cache)" if model == "teacher" else m
+        for p in speed[model]["points"]:
+            print(f"| {name} | {p['context']} | {p['prefill_tokens_per_s']:,.0f} | "
+                  f"{p['decode_tokens_per_s']:,.1f} | {mib(p.get('prefill_peak_bytes'))} | "
+                  f"{mib(p.get('decode_peak_bytes'))} |")
+    teacher_done = True
+PY
 fi
 
 # --- the comparison ---------------------------------------------------------------------------

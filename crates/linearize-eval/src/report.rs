@@ -583,6 +583,14 @@ fn write_plots(report: &EvalReport, curves: &[StageCurves], out_dir: &Path) -> R
                     ..Panel::default()
                 },
                 Panel {
+                    title: "Cache after decoding".into(),
+                    x_label: "context length (tokens)".into(),
+                    y_label: "KV cache / recurrent state (MiB)".into(),
+                    series: series(|p| Some(p.cache_bytes? as f64 / MIB)),
+                    log_x: true,
+                    ..Panel::default()
+                },
+                Panel {
                     title: "Prefill speed".into(),
                     x_label: "context length (tokens)".into(),
                     y_label: "tokens/s".into(),
@@ -591,7 +599,7 @@ fn write_plots(report: &EvalReport, curves: &[StageCurves], out_dir: &Path) -> R
                     ..Panel::default()
                 },
             ],
-            3,
+            2,
         )?;
     }
     for stage in curves {
@@ -802,25 +810,29 @@ fn markdown(r: &EvalReport) -> String {
     if let Some(s) = &r.speed {
         let _ = writeln!(
             w,
-            "## Speed and memory\n\nOn {}, {} decoded tokens per length; memory: {:?}.\n",
+            "## Speed and memory\n\nOn {}, {} decoded tokens per length; memory: {:?}. \
+             Cache: the bytes the model's decoding cache holds after the last token (the \
+             teacher's KV cache, the student's recurrent states and window caches).\n",
             s.teacher.device, s.teacher.decode_tokens, s.teacher.memory
         );
         let _ = writeln!(
             w,
-            "| context | teacher prefill tok/s | student prefill tok/s | teacher decode tok/s | student decode tok/s | teacher decode MiB | student decode MiB |"
+            "| context | teacher prefill tok/s | student prefill tok/s | teacher decode tok/s | student decode tok/s | teacher decode MiB | student decode MiB | teacher cache MiB | student cache MiB |"
         );
-        let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (t, st) in s.teacher.points.iter().zip(&s.student.points) {
             let _ = writeln!(
                 w,
-                "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {} |",
+                "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} |",
                 t.context,
                 t.prefill_tokens_per_s,
                 st.prefill_tokens_per_s,
                 t.decode_tokens_per_s,
                 st.decode_tokens_per_s,
                 mib(t.decode_peak_bytes),
-                mib(st.decode_peak_bytes)
+                mib(st.decode_peak_bytes),
+                mib(t.cache_bytes),
+                mib(st.cache_bytes)
             );
         }
         if !s.teacher.skipped_lengths.is_empty() {

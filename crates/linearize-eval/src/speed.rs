@@ -72,6 +72,10 @@ pub struct SpeedPoint {
     pub prefill_peak_bytes: Option<u64>,
     /// Peak memory added during decoding (the cache of the prefill included), bytes.
     pub decode_peak_bytes: Option<u64>,
+    /// Bytes the model's cache holds after the last decoded token (KV cache or recurrent state),
+    /// where the model reports it: unlike the peaks, independent of allocator caching.
+    #[serde(default)]
+    pub cache_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -128,12 +132,12 @@ pub fn measure<M: CausalLm>(
         let point = run_once(model, &ids, cfg.decode_tokens, cfg.prefill_chunk, &meter)
             .with_context(|| format!("speed at context {context}"))?;
         tracing::info!(
-            "context {context}: prefill {:.0} tok/s, decode {:.1} tok/s, decode memory {}",
+            "context {context}: prefill {:.0} tok/s, decode {:.1} tok/s, decode memory {}, \
+             cache {}",
             point.prefill_tokens_per_s,
             point.decode_tokens_per_s,
-            point
-                .decode_peak_bytes
-                .map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
+            mib(point.decode_peak_bytes),
+            mib(point.cache_bytes)
         );
         points.push(point);
     }
@@ -144,6 +148,10 @@ pub fn measure<M: CausalLm>(
         points,
         skipped_lengths,
     })
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
 }
 
 fn random_ids(rng: &mut ChaCha8Rng, n: usize, vocab_size: usize) -> Vec<i64> {
@@ -196,12 +204,14 @@ fn run_once<M: CausalLm>(
     let _ = next.to_kind(Kind::Int64).int64_value(&[0, 0]);
     let decode_s = started.elapsed().as_secs_f64();
     decode_peak = decode_peak.max(meter.peak_since(baseline)?);
+    let cache_bytes = model.cache_bytes(&cache)?;
     Ok(SpeedPoint {
         context: ids.len(),
         prefill_tokens_per_s: ids.len() as f64 / prefill_s,
         decode_tokens_per_s: decode as f64 / decode_s,
         prefill_peak_bytes: prefill_peak,
         decode_peak_bytes: decode_peak,
+        cache_bytes,
     })
 }
 

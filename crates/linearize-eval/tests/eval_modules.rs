@@ -17,7 +17,7 @@ use linearize_eval::speed::{self, MemorySource, SpeedConfig};
 use linearize_eval::training::read_metrics;
 use linearize_models::lm::CausalLm;
 use std::path::Path;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 const CONTEXT: i64 = 512;
 
@@ -310,6 +310,14 @@ fn speed_reports_every_length_that_fits() {
         );
         assert!(p.decode_peak_bytes.is_some() && p.prefill_peak_bytes.is_some());
     }
+    // The cache after decoding is what the model reports for a cache that saw as many tokens.
+    let mut cache = student.new_cache(1).unwrap();
+    let ids = Tensor::zeros([1, 16 + 6], (Kind::Int64, Device::Cpu));
+    CausalLm::forward_cached(&student, &ids, &mut cache).unwrap();
+    assert_eq!(
+        report.points[0].cache_bytes,
+        Some(student.cache_bytes(&cache).unwrap())
+    );
 }
 
 #[test]

@@ -590,6 +590,10 @@ impl CausalLm for Model {
         tch::no_grad(|| Model::forward(self, ids, Some(cache)))
     }
 
+    fn cache_bytes(&self, cache: &ModelCache) -> Result<Option<u64>> {
+        Model::cache_bytes(self, cache).map(Some)
+    }
+
     fn device(&self) -> Device {
         Model::device(self)
     }

@@ -20,6 +20,12 @@ pub trait CausalLm {
         self.forward_cached(ids, &mut cache)
     }
 
+    /// Bytes `cache` holds on its device (KV cache, recurrent states, window caches), where the
+    /// model can tell.
+    fn cache_bytes(&self, _cache: &Self::Cache) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
     fn device(&self) -> Device;
 
     /// Largest context the model was trained for, if known.

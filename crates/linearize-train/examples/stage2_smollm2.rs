@@ -8,8 +8,8 @@
 //! target/release/linearize generate --model OUT_DIR --chat --prompt "What is the capital of France?"
 //! ```
 //! Prints the held-out perplexity (mean next-token NLL over the first validation windows of the
-//! corpus, the same windows for every model) of the teacher, after attention transfer and after
-//! LoRA.
+//! corpus, the same windows for every model) of the teacher, of the untrained conversion, after
+//! attention transfer and after LoRA.
 use anyhow::{bail, Context, Result};
 use linearize_attention::linearized::{AttentionConfig, Method};
 use linearize_models::llama::Model;
@@ -79,6 +79,8 @@ fn main() -> Result<()> {
         &ConversionConfig::all(AttentionConfig::new(Method::Lolcats)),
         &student,
     )?;
+    let untrained_ppl = perplexity(&model, &val)?;
+    println!("untrained         held-out ppl {untrained_ppl:>9.3}  (converted, nothing trained)");
     let run_dir = tempfile::tempdir()?;
     let mut metrics = MetricsWriter::create(&run_dir.path().join("metrics.jsonl"))?;
     // The stages get no validation data: the held-out windows are scored here, once per model.
@@ -179,6 +181,7 @@ fn main() -> Result<()> {
             columns: vec![format!("held-out ppl ({VAL_SEQUENCES} x {ctx} tokens)")],
             rows: [
                 ("teacher", teacher_ppl),
+                ("converted, untrained", untrained_ppl),
                 ("after attention transfer", stage1_ppl),
                 ("after LoRA", stage2_ppl),
             ]

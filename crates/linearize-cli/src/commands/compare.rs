@@ -48,6 +48,8 @@ pub struct TeacherRow {
     pub mqar: Option<f64>,
     pub decode_tokens_per_s: Option<f64>,
     pub decode_mib: Option<f64>,
+    /// The decoding cache (KV cache or recurrent state) after the last decoded token.
+    pub cache_mib: Option<f64>,
 }
 
 /// One run's row.
@@ -69,6 +71,8 @@ pub struct RunRow {
     pub mqar: Option<f64>,
     pub decode_tokens_per_s: Option<f64>,
     pub decode_mib: Option<f64>,
+    /// The decoding cache (KV cache or recurrent state) after the last decoded token.
+    pub cache_mib: Option<f64>,
     /// Whole job (timing.json) or training only (metrics.jsonl), see `wall_source`.
     pub wall_s: Option<f64>,
     pub wall_source: Option<String>,
@@ -151,6 +155,7 @@ pub fn compare(runs: &[PathBuf], context: Option<usize>) -> Result<Comparison> {
         );
         fill(&mut teacher.decode_tokens_per_s, speed.0);
         fill(&mut teacher.decode_mib, speed.1);
+        fill(&mut teacher.cache_mib, speed.2);
         rows.push(row);
     }
     Ok(Comparison {
@@ -229,24 +234,29 @@ impl RunFiles {
         })
     }
 
-    /// Decode tokens/s and MiB of `model` (`teacher` or `student`) at `context`.
-    fn speed_at(&self, context: Option<usize>, model: &str) -> (Option<f64>, Option<f64>) {
+    /// Decode tokens/s, device MiB and cache MiB of `model` (`teacher` or `student`) at
+    /// `context`.
+    fn speed_at(
+        &self,
+        context: Option<usize>,
+        model: &str,
+    ) -> (Option<f64>, Option<f64>, Option<f64>) {
         let Some(context) = context else {
-            return (None, None);
+            return (None, None, None);
         };
         let point = self.speed[model]["points"]
             .as_array()
             .into_iter()
             .flatten()
             .find(|p| p["context"].as_u64() == Some(context as u64));
+        let mib = |p: &Value, key: &str| p[key].as_f64().map(|b| b / (1024.0 * 1024.0));
         match point {
             Some(p) => (
                 p["decode_tokens_per_s"].as_f64(),
-                p["decode_peak_bytes"]
-                    .as_f64()
-                    .map(|b| b / (1024.0 * 1024.0)),
+                mib(p, "decode_peak_bytes"),
+                mib(p, "cache_bytes"),
             ),
-            None => (None, None),
+            None => (None, None, None),
         }
     }
 
@@ -299,7 +309,7 @@ impl RunFiles {
         let text = &self.eval["perplexity"][0]["comparison"];
         let ppl = text["student"]["perplexity"].as_f64();
         let teacher_ppl = text["teacher"]["perplexity"].as_f64();
-        let (decode_tokens_per_s, decode_mib) = self.speed_at(context, "student");
+        let (decode_tokens_per_s, decode_mib, cache_mib) = self.speed_at(context, "student");
         let tokens = self.stage_tokens();
         let (wall_s, wall_source) = match self.wall_s {
             Some(w) => (Some(w), Some("job".to_string())),
@@ -345,6 +355,7 @@ impl RunFiles {
             mqar: self.eval["mqar"]["student"]["accuracy"].as_f64(),
             decode_tokens_per_s,
             decode_mib,
+            cache_mib,
             wall_s,
             wall_source,
             curve_reference: (!curve.is_empty()).then_some(reference_name).flatten(),
@@ -467,26 +478,29 @@ fn markdown(c: &Comparison) -> String {
         w,
         "Perplexity on `{file}` (ppl ratio = student / teacher, same windows); KL(teacher ‖ \
          student) per token and top-1 agreement on the same predictions; passkey and MQAR: \
-         accuracy over all lengths/queries; {speed}: greedy decode tokens/s and the device memory \
-         the decode adds (prefill cache included). Tokens: per stage, stage 1 + LoRA.\n"
+         accuracy over all lengths/queries; {speed}: greedy decode tokens/s, the device memory \
+         the decode adds (prefill cache included; 0 where the allocator had the memory cached \
+         already) and the bytes of the decoding cache (KV cache or recurrent state) after the \
+         last token. Tokens: per stage, stage 1 + LoRA.\n"
     );
     let _ = writeln!(
         w,
-        "| run | method | softmax layers | tokens | ppl | ppl ratio | KL | top-1 | passkey | MQAR | {speed} tok/s | {speed} MiB | wall |"
+        "| run | method | softmax layers | tokens | ppl | ppl ratio | KL | top-1 | passkey | MQAR | {speed} tok/s | {speed} MiB | cache MiB | wall |"
     );
     let _ = writeln!(
         w,
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let layers = c.runs.first().map_or(0, |r| r.layers);
     let _ = writeln!(
         w,
-        "| teacher | softmax | {layers} | – | {} | 1.000 | 0 | 1.000 | {} | {} | {} | {} | – |",
+        "| teacher | softmax | {layers} | – | {} | 1.000 | 0 | 1.000 | {} | {} | {} | {} | {} | – |",
         num(t.ppl, 3),
         num(t.passkey, 2),
         num(t.mqar, 2),
         num(t.decode_tokens_per_s, 1),
         num(t.decode_mib, 1),
+        num(t.cache_mib, 1),
     );
     for r in &c.runs {
         let tokens = if r.tokens.is_empty() {
@@ -508,7 +522,7 @@ fn markdown(c: &Comparison) -> String {
         });
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.run,
             r.method,
             r.softmax_layers,
@@ -521,6 +535,7 @@ fn markdown(c: &Comparison) -> String {
             num(r.mqar, 2),
             num(r.decode_tokens_per_s, 1),
             num(r.decode_mib, 1),
+            num(r.cache_mib, 1),
             wall,
         );
     }
@@ -612,7 +627,8 @@ mod tests {
         std::fs::write(dir.join(RESOLVED_RECIPE), format!("name: {name}\n")).unwrap();
         let point = |tps: f64, bytes: u64| {
             json!({"context": 4096, "prefill_tokens_per_s": 1000.0,
-                   "decode_tokens_per_s": tps, "decode_peak_bytes": bytes})
+                   "decode_tokens_per_s": tps, "decode_peak_bytes": bytes,
+                   "cache_bytes": bytes / 2})
         };
         let eval = json!({
             "teacher": {"attention": vec!["softmax"; 4]},
@@ -717,7 +733,7 @@ mod tests {
                 ("lora".into(), 4000)
             ]
         );
-        assert_eq!(l.decode_mib, Some(8.0));
+        assert_eq!((l.decode_mib, l.cache_mib), (Some(8.0), Some(4.0)));
         assert_eq!(l.wall_s, Some(321.4));
         // Curve against the teacher's validation perplexity, tokens of stage 1 added.
         let ratios: Vec<(u64, u64, f64)> = l
@@ -746,15 +762,15 @@ mod tests {
         };
         assert_eq!(
             line("teacher"),
-            "| teacher | softmax | 4 | – | 20.000 | 1.000 | 0 | 1.000 | 1.00 | 0.90 | 100.0 | 64.0 | – |"
+            "| teacher | softmax | 4 | – | 20.000 | 1.000 | 0 | 1.000 | 1.00 | 0.90 | 100.0 | 64.0 | 32.0 | – |"
         );
         assert_eq!(
             line("lolcats"),
-            "| lolcats | lolcats-sw64+hedgehog64 | 0 | 4k + 4k | 25.000 | 1.250 | 0.1250 | 0.750 | 0.50 | 0.25 | 150.0 | 8.0 | 321 s |"
+            "| lolcats | lolcats-sw64+hedgehog64 | 0 | 4k + 4k | 25.000 | 1.250 | 0.1250 | 0.750 | 0.50 | 0.25 | 150.0 | 8.0 | 4.0 | 321 s |"
         );
         assert_eq!(
             line("hybrid"),
-            "| hybrid | lolcats-sw64+hedgehog64 | 2 | 4k + 4k | 22.000 | 1.100 | 0.1250 | 0.750 | 0.50 | 0.25 | – | – | 4 s (training) |"
+            "| hybrid | lolcats-sw64+hedgehog64 | 2 | 4k + 4k | 22.000 | 1.100 | 0.1250 | 0.750 | 0.50 | 0.25 | – | – | – | 4 s (training) |"
         );
         assert!(line("untrained").contains("| 0 (untrained) | 80.000 | 4.000 |"));
         assert!(md.contains("decode @ 4096 tok/s"));
