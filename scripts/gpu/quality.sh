@@ -23,6 +23,7 @@
 #   SPEED              1: measure decode speed/memory after training, one run at a time [1]
 #   SPEED_ONLY         1: no training: only the speed phase, for the layout of every method in
 #                      METHODS, and a table of it in $OUT/speed.md [0]
+#   SOFTMAX_LAYERS_<m> the softmax layers of method m's layout in the speed phase, e.g. "[23,24]"
 #   DEADLINE_S         seconds after start when unfinished runs are stopped (SIGTERM: they save
 #                      a state) and what finished is reported [540]
 #   CALIBRATE          1: calibration run (see above) [0]; CAL_TOKENS per stage [300000];
@@ -324,11 +325,16 @@ speed_recipe() {
     *) echo "$1" ;;
     esac
 }
-# The softmax layers of a run's layout, as a YAML list: those its report lists (hybrids keep the
-# layers stage 1 chose), else for a hybrid recipe that did not run (SPEED_ONLY) its count of
-# layers spread evenly over the depth (speed depends on how many, not which).
+# The softmax layers of a run's layout, as a YAML list: SOFTMAX_LAYERS_<method> if set (e.g.
+# SOFTMAX_LAYERS_hybrid2="[23,24]", the layers an earlier run chose), else those its report lists
+# (hybrids keep the layers stage 1 chose), else for a hybrid recipe that did not run (SPEED_ONLY)
+# its count of layers spread evenly over the depth (speed depends on how many, not which).
 softmax_layers() {
-    local m=$1 n
+    local m=$1 n override="SOFTMAX_LAYERS_$1"
+    if [ -n "${!override:-}" ]; then
+        echo "${!override}"
+        return
+    fi
     if [ -f "$RUNS/$m/report/eval.json" ]; then
         python3 -c "
 import json,sys; r=json.load(open(sys.argv[1]))
@@ -378,14 +384,14 @@ if [ "$SPEED_ONLY" = 1 ]; then
     python3 - "$RUNS" $METHODS <<'PY' | tee "$OUT/speed.md"
 import json, os, sys
 runs, methods = sys.argv[1], sys.argv[2:]
-print("| layout | context | prefill tok/s | decode tok/s | prefill MiB | decode MiB |")
-print("|---|---:|---:|---:|---:|---:|")
+print("| layout | context | prefill tok/s | decode tok/s | prefill MiB | decode MiB | cache MiB |")
+print("|---|---:|---:|---:|---:|---:|---:|")
 teacher_done = False
 mib = lambda b: "–" if b is None else f"{b / 2**20:,.1f}"
 for m in methods:
     path = os.path.join(runs, m, "speed", "report", "eval.json")
     if not os.path.exists(path):
-        print(f"| {m} | not measured | | | | |")
+        print(f"| {m} | not measured | | | | | |")
         continue
     speed = json.load(open(path))["speed"]
     for model in ("student", "teacher"):
@@ -395,7 +401,7 @@ for m in methods:
         for p in speed[model]["points"]:
             print(f"| {name} | {p['context']} | {p['prefill_tokens_per_s']:,.0f} | "
                   f"{p['decode_tokens_per_s']:,.1f} | {mib(p.get('prefill_peak_bytes'))} | "
-                  f"{mib(p.get('decode_peak_bytes'))} |")
+                  f"{mib(p.get('decode_peak_bytes'))} | {mib(p.get('cache_bytes'))} |")
     teacher_done = True
 PY
 fi

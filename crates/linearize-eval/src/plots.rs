@@ -142,12 +142,23 @@ fn fit(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     (lo - 0.05 * span, hi + 0.05 * span)
 }
 
+/// The smallest max/min ratio drawn on a logarithmic y axis.
+const LOG_AXIS_MIN_SPAN: f64 = 10.0;
+
 fn draw_panel(area: &DrawingArea<BitMapBackend, Shift>, panel: &Panel) -> Result<()> {
     let points: Vec<Vec<(f64, f64)>> = panel.series.iter().map(|s| visible(panel, s)).collect();
     let (x0, x1) = fit(points.iter().flatten().map(|p| p.0), panel.log_x);
-    let (y0, y1) = panel
-        .y_range
-        .unwrap_or_else(|| fit(points.iter().flatten().map(|p| p.1), panel.log_y));
+    let fit_y = |log| {
+        panel
+            .y_range
+            .unwrap_or_else(|| fit(points.iter().flatten().map(|p| p.1), log))
+    };
+    let (mut y0, mut y1) = fit_y(panel.log_y);
+    // A log axis spanning less than a decade gets no labelled tick; a linear one reads better.
+    let log_y = panel.log_y && y1 / y0 >= LOG_AXIS_MIN_SPAN;
+    if panel.log_y && !log_y {
+        (y0, y1) = fit_y(false);
+    }
     let ticks = panel.x_ticks.clone().or_else(|| {
         let mut xs: Vec<f64> = points.iter().flatten().map(|p| p.0).collect();
         xs.sort_by(f64::total_cmp);
@@ -162,7 +173,7 @@ fn draw_panel(area: &DrawingArea<BitMapBackend, Shift>, panel: &Panel) -> Result
         inner: LogCoord::from((x0..x1).log_scale()),
         ticks: ticks.clone(),
     };
-    match (panel.log_x, panel.log_y) {
+    match (panel.log_x, log_y) {
         (false, false) => draw_axes(area, panel, &points, linear_x(), y0..y1),
         (true, false) => draw_axes(area, panel, &points, log_x(), y0..y1),
         (false, true) => draw_axes(area, panel, &points, linear_x(), (y0..y1).log_scale()),

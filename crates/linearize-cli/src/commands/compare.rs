@@ -109,7 +109,7 @@ pub fn run(args: Args) -> Result<()> {
     let json = serde_json::to_string_pretty(&comparison)?;
     atomic::write_file(&args.out.join("results.json"), json.as_bytes())?;
     if let Some(panels) = ratio_panels(&comparison) {
-        write_png(&args.out.join("ppl_ratio.png"), &panels, 2)?;
+        write_png(&args.out.join("ppl_ratio.png"), &panels, 3)?;
     }
     print!("{md}");
     println!(
@@ -559,7 +559,12 @@ fn markdown(c: &Comparison) -> String {
     md
 }
 
-/// Ratio against LoRA-stage tokens and against all training tokens.
+/// Curves above this ratio leave the close-up panel: on the log panels an untrained start (ratios
+/// of thousands) flattens everything near 1, where the methods differ.
+const CLOSE_UP_MAX_RATIO: f64 = 2.0;
+
+/// Ratio against LoRA-stage tokens and against all training tokens, and a close-up of the
+/// second on a linear axis.
 fn ratio_panels(c: &Comparison) -> Option<Vec<Panel>> {
     let runs: Vec<&RunRow> = c.runs.iter().filter(|r| !r.curve.is_empty()).collect();
     if runs.is_empty() {
@@ -578,12 +583,16 @@ fn ratio_panels(c: &Comparison) -> Option<Vec<Panel>> {
     } else {
         "val ppl / teacher ppl (see results.md)".to_string()
     };
-    let series = |x: fn(&CurvePoint) -> u64| -> Vec<Series> {
+    let series = |x: fn(&CurvePoint) -> u64, max_ratio: f64| -> Vec<Series> {
         runs.iter()
             .map(|r| {
                 Series::new(
                     r.run.clone(),
-                    r.curve.iter().map(|p| (x(p) as f64, p.ratio)).collect(),
+                    r.curve
+                        .iter()
+                        .filter(|p| p.ratio <= max_ratio)
+                        .map(|p| (x(p) as f64, p.ratio))
+                        .collect(),
                 )
             })
             .collect()
@@ -593,16 +602,23 @@ fn ratio_panels(c: &Comparison) -> Option<Vec<Panel>> {
             title: "Perplexity ratio during LoRA".into(),
             x_label: "LoRA-stage training tokens".into(),
             y_label: y_label.clone(),
-            series: series(|p| p.stage_tokens),
+            series: series(|p| p.stage_tokens, f64::INFINITY),
             log_y: true,
             ..Panel::default()
         },
         Panel {
             title: "Perplexity ratio against all training tokens".into(),
             x_label: "training tokens, stage 1 + LoRA".into(),
-            y_label,
-            series: series(|p| p.total_tokens),
+            y_label: y_label.clone(),
+            series: series(|p| p.total_tokens, f64::INFINITY),
             log_y: true,
+            ..Panel::default()
+        },
+        Panel {
+            title: format!("Close-up: ratios up to {CLOSE_UP_MAX_RATIO}"),
+            x_label: "training tokens, stage 1 + LoRA".into(),
+            y_label,
+            series: series(|p| p.total_tokens, CLOSE_UP_MAX_RATIO),
             ..Panel::default()
         },
     ])
