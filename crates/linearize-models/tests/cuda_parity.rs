@@ -6,42 +6,12 @@
 //! ```text
 //! cargo test --release -p linearize-models --test cuda_parity -- --ignored
 //! ```
+mod common;
+
+use common::{fixture, max_diff, reference, FIXTURES};
 use linearize_models::llama::Model;
 use linearize_models::lm::CausalLm;
-use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
-
-const FIXTURES: [&str; 5] = [
-    "llama3_tied_sharded",
-    "llama_untied_bias",
-    "mistral_sliding",
-    "qwen2",
-    "qwen3_bf16",
-];
-
-/// `LINEARIZE_MODEL_FIXTURES` overrides where the fixtures are: the test binary travels to the
-/// GPU machine without the checkout it was built in.
-fn fixture(name: &str) -> PathBuf {
-    std::env::var_os("LINEARIZE_MODEL_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
-        .join(name)
-}
-
-/// (input ids (b, L), HF logits (b, L, vocab) f32), as `tests/parity.rs` reads them.
-fn reference(name: &str) -> (Tensor, Tensor) {
-    let path = fixture(name).join("reference.safetensors");
-    let tensors = Tensor::read_safetensors(&path).unwrap();
-    let get = |key: &str| {
-        tensors
-            .iter()
-            .find(|(n, _)| n == key)
-            .unwrap_or_else(|| panic!("{}: no tensor {key}", path.display()))
-            .1
-            .shallow_clone()
-    };
-    (get("input_ids"), get("logits"))
-}
 
 fn cuda() -> Device {
     assert!(
@@ -57,11 +27,6 @@ fn logits(name: &str, device: Device, kind: Kind, ids: &Tensor) -> Tensor {
     tch::no_grad(|| model.forward(&ids.to_device(device), None))
         .unwrap()
         .to_device(Device::Cpu)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
 }
 
 #[test]

@@ -1,15 +1,12 @@
 //! Loading damaged or mismatched model directories: each problem is a one-line error that names
 //! the file and the key or tensor at fault.
+mod common;
+
+use common::{fixture, reference};
 use linearize_models::llama::Model;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 /// A writable copy of a fixture directory.
 fn copy_of(name: &str) -> tempfile::TempDir {
@@ -37,13 +34,6 @@ fn edit_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
     edit(&mut tensors);
     let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     Tensor::write_safetensors(&named, &path).unwrap();
-}
-
-fn reference_logits(name: &str) -> (Tensor, Tensor) {
-    let mut t = Tensor::read_safetensors(fixture(name).join("reference.safetensors")).unwrap();
-    t.sort_by(|a, b| a.0.cmp(&b.0));
-    let logits = t.pop().unwrap().1;
-    (t.pop().unwrap().1, logits)
 }
 
 #[test]
@@ -155,7 +145,7 @@ fn saved_lm_head_of_a_tied_model_is_accepted() {
         tensors.push(("lm_head.weight".into(), embed));
     });
     let model = Model::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
-    let (ids, want) = reference_logits("qwen2");
+    let (ids, want) = reference("qwen2");
     let got = tch::no_grad(|| model.forward(&ids, None)).unwrap();
     assert!((got - want).abs().max().double_value(&[]) <= 1e-4);
 

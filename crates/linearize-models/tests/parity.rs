@@ -1,46 +1,16 @@
 //! The decoder against Hugging Face transformers on the tiny random models that
 //! `scripts/make_model_fixtures.py` writes: full forward, cached decoding, and bf16 compute.
+mod common;
+
+use common::{fixture, max_diff, reference, FIXTURES};
 use linearize_models::config::{Family, RopeScaling};
 use linearize_models::llama::Model;
 use linearize_models::lm::CausalLm;
 use linearize_models::weights::Checkpoint;
-use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
-
-const FIXTURES: [&str; 5] = [
-    "llama3_tied_sharded",
-    "llama_untied_bias",
-    "mistral_sliding",
-    "qwen2",
-    "qwen3_bf16",
-];
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-/// (input ids (b, L), HF logits (b, L, vocab) f32).
-fn reference(name: &str) -> (Tensor, Tensor) {
-    let path = fixture(name).join("reference.safetensors");
-    let mut tensors = Tensor::read_safetensors(&path).unwrap();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let [(ids_name, ids), (logits_name, logits)] = <[_; 2]>::try_from(tensors).unwrap();
-    assert_eq!(
-        (ids_name.as_str(), logits_name.as_str()),
-        ("input_ids", "logits")
-    );
-    (ids, logits)
-}
 
 fn load(name: &str, kind: Kind) -> Model {
     Model::load(&fixture(name), Device::Cpu, kind).unwrap_or_else(|e| panic!("{name}: {e:#}"))
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
 }
 
 #[test]
