@@ -7,11 +7,15 @@
 //! averaged before clipping and the update (so all ranks stay identical), losses are averaged
 //! for reporting, a stop on a signal is agreed on by all ranks, and only rank 0 writes states.
 use crate::data::{Batch, Batcher, DataCursor};
-use crate::optim::{AdamW, AdamWConfig, Trainable};
+use crate::optim::{AdamW, AdamWConfig, FrozenSnapshot, Trainable};
+use crate::progress::TrainProgress;
 use crate::schedule::{Schedule, ScheduleConfig};
-use crate::state::{self, LoadedState, Preemption, SeedStream, StateTensors, TrainState};
+use crate::state::{
+    self, LoadedState, Preempted, Preemption, SeedStream, StateTensors, TrainState,
+};
 use anyhow::{ensure, Context, Result};
 use linearize_dist::{ProcessGroup, ReduceOp};
+use linearize_models::llama::Model;
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use tch::{Device, Tensor};
@@ -32,6 +36,129 @@ pub(crate) struct LoopSettings<'a> {
     pub max_grad_norm: Option<f64>,
     pub keep_last: usize,
     pub keep_best: bool,
+}
+
+/// How often a stage logs, validates and saves, from its config.
+pub(crate) struct Cadence {
+    pub log_every: u64,
+    /// 0: only at the start and the end.
+    pub eval_every: u64,
+    /// 0: only at the end and on a signal.
+    pub save_every: u64,
+    pub eval_at_start: bool,
+}
+
+/// What a stage puts into the loop that [`run_stage`] drives: its update, its validation and
+/// its metrics.
+pub(crate) trait Stage<'a> {
+    /// The losses of one update.
+    type Step;
+    /// One validation's numbers.
+    type Val: Clone;
+
+    fn core(&mut self) -> &mut LoopCore<'a>;
+    fn cadence(&self) -> Cadence;
+    fn preemption(&self) -> Option<&'a Preemption>;
+    /// Checked after training: frozen weights untouched.
+    fn frozen(&self) -> Option<&FrozenSnapshot>;
+    /// One optimizer update over `grad_accum` micro-batches; `None` when the data ran out.
+    fn train_step(&mut self, model: &mut Model) -> Result<Option<Self::Step>>;
+    /// The loss the progress bar shows.
+    fn shown_loss(step: &Self::Step) -> f64;
+    fn log_train(&mut self, step: &Self::Step, tokens_per_s: Option<f64>) -> Result<()>;
+    /// Validates, records the result, tracks the best state and feeds a plateau schedule.
+    fn validate(
+        &mut self,
+        model: &mut Model,
+        progress: &TrainProgress,
+    ) -> Result<Option<Self::Val>>;
+    /// Validation numbers of the current parameters, recorded nowhere.
+    fn measure(&self, model: &mut Model) -> Result<Option<Self::Val>>;
+    fn val_step(val: &Self::Val) -> u64;
+}
+
+/// The validations that bracket a stage.
+pub(crate) struct StageEnd<V> {
+    /// Before the first update, when the stage starts at step 0 and validates there.
+    pub initial_val: Option<V>,
+    /// Of the parameters the stage ends with (the best ones when it keeps the best).
+    pub final_val: Option<V>,
+}
+
+/// The training loop of every stage: updates until the budget or the data ends, with logging,
+/// validation and states at the stage's cadence; a signal saves a state and ends the stage with
+/// [`Preempted`]; at the end the best parameters are restored (when kept) and frozen weights
+/// checked.
+pub(crate) fn run_stage<'a, S: Stage<'a>>(
+    stage: &mut S,
+    model: &mut Model,
+    name: &str,
+) -> Result<StageEnd<S::Val>> {
+    let cadence = stage.cadence();
+    let preemption = stage.preemption();
+    let core = stage.core();
+    let mut progress = TrainProgress::new(
+        name,
+        core.step,
+        core.total_steps,
+        core.tokens,
+        cadence.log_every,
+    );
+    if !core.is_main() {
+        progress = progress.silent();
+    }
+    let mut initial_val = None;
+    let mut latest_val = None;
+    if stage.core().step == 0 && cadence.eval_at_start {
+        initial_val = stage.validate(model, &progress)?;
+        latest_val.clone_from(&initial_val);
+    }
+    while stage.core().step < stage.core().total_steps {
+        if let Some(signal) = stage.core().stop_requested(preemption)? {
+            stage.core().save_and_wait()?;
+            progress.finish();
+            return Err(Preempted { signal }.into());
+        }
+        let Some(loss) = stage.train_step(model)? else {
+            tracing::warn!(
+                step = stage.core().step,
+                "training data ran out before the step budget"
+            );
+            break;
+        };
+        let (step, tokens, total_steps) = {
+            let core = stage.core();
+            (core.step, core.tokens, core.total_steps)
+        };
+        progress.update(step, tokens, S::shown_loss(&loss));
+        if step % cadence.log_every.max(1) == 0 || step == total_steps {
+            stage.log_train(&loss, progress.tokens_per_s())?;
+        }
+        if cadence.eval_every > 0 && step % cadence.eval_every == 0 {
+            latest_val = stage.validate(model, &progress)?;
+        }
+        if cadence.save_every > 0 && step % cadence.save_every == 0 {
+            stage.core().save()?;
+        }
+    }
+    let step = stage.core().step;
+    if latest_val.as_ref().is_none_or(|v| S::val_step(v) != step) {
+        latest_val = stage.validate(model, &progress)?;
+    }
+    stage.core().save_and_wait()?;
+    progress.finish();
+    let final_val = if stage.core().restore_best()? {
+        stage.measure(model)?
+    } else {
+        latest_val
+    };
+    if let Some(frozen) = stage.frozen() {
+        frozen.verify()?;
+    }
+    Ok(StageEnd {
+        initial_val,
+        final_val,
+    })
 }
 
 pub(crate) struct LoopCore<'a> {

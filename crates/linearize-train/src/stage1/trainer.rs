@@ -7,8 +7,8 @@ use crate::data::PackedSequences;
 use crate::metrics::{MetricRecord, MetricsWriter, Split};
 use crate::optim::{FrozenSnapshot, Trainable};
 use crate::progress::TrainProgress;
-use crate::state::{Preempted, Preemption};
-use crate::train_loop::{mean, LoopCore, LoopSettings};
+use crate::state::Preemption;
+use crate::train_loop::{mean, run_stage, Cadence, LoopCore, LoopSettings, Stage};
 use anyhow::{bail, ensure, Context, Result};
 use linearize_attention::linearized::Method;
 use linearize_models::llama::Model;
@@ -25,7 +25,7 @@ pub(super) struct Trainer<'a> {
 }
 
 /// Mean training loss terms of one update.
-struct StepLoss {
+pub(super) struct StepLoss {
     attn_mse: f64,
     /// The objective: `mse_factor * attn_mse (+ xent_factor * xent)`.
     loss: f64,
@@ -112,104 +112,16 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    pub(super) fn run(mut self, model: &Model) -> Result<Stage1Summary> {
+    pub(super) fn run(mut self, model: &mut Model) -> Result<Stage1Summary> {
         let cfg = self.cfg;
-        let mut progress = TrainProgress::new(
-            &cfg.name,
-            self.core.step,
-            self.core.total_steps,
-            self.core.tokens,
-            cfg.log_every,
-        );
-        if !self.core.is_main() {
-            progress = progress.silent();
-        }
-        let mut initial_val = None;
-        let mut latest_val = None;
-        if self.core.step == 0 && cfg.eval_at_start {
-            initial_val = self.validate(model, &progress)?;
-            latest_val.clone_from(&initial_val);
-        }
-        while self.core.step < self.core.total_steps {
-            if let Some(signal) = self.core.stop_requested(self.preemption)? {
-                self.core.save_and_wait()?;
-                progress.finish();
-                return Err(Preempted { signal }.into());
-            }
-            let Some(loss) = self.train_step(model)? else {
-                tracing::warn!(
-                    step = self.core.step,
-                    "training data ran out before the step budget"
-                );
-                break;
-            };
-            let step = self.core.step;
-            progress.update(step, self.core.tokens, loss.attn_mse);
-            if step % cfg.log_every.max(1) == 0 || step == self.core.total_steps {
-                self.log_train(&loss, progress.tokens_per_s())?;
-            }
-            if cfg.eval_every > 0 && step % cfg.eval_every == 0 {
-                latest_val = self.validate(model, &progress)?;
-            }
-            if cfg.save_every > 0 && step % cfg.save_every == 0 {
-                self.core.save()?;
-            }
-        }
-        if latest_val.as_ref().is_none_or(|v| v.step != self.core.step) {
-            latest_val = self.validate(model, &progress)?;
-        }
-        self.core.save_and_wait()?;
-        progress.finish();
-        let final_val = if self.core.restore_best()? {
-            self.measure(model)?
-        } else {
-            latest_val
-        };
-        if let Some(frozen) = &self.frozen {
-            frozen.verify()?;
-        }
+        let end = run_stage(&mut self, model, &cfg.name)?;
         Ok(Stage1Summary {
             steps: self.core.step,
             tokens: self.core.tokens,
-            initial_val,
-            final_val,
+            initial_val: end.initial_val,
+            final_val: end.final_val,
             best_val_mse: self.core.best_val,
         })
-    }
-
-    /// One optimizer update over `grad_accum` micro-batches; `None` when the data ran out.
-    fn train_step(&mut self, model: &Model) -> Result<Option<StepLoss>> {
-        let cfg = self.cfg;
-        self.core.begin_step();
-        let scale = 1.0 / (self.layers.len() as f64 * cfg.grad_accum as f64);
-        set_mode(
-            &self.tap,
-            TapMode::Train {
-                backward_scale: scale,
-            },
-        )?;
-        let mut losses = Vec::new();
-        for _ in 0..cfg.grad_accum {
-            let Some(batch) = self.core.next_batch() else {
-                return Ok(None);
-            };
-            // The wrapped layers backpropagate their losses; the hidden states are not needed.
-            let ids = batch.inputs().to_device(model.device()); // (b, L)
-            let _ = model.hidden_states(&ids, None)?;
-            losses.extend(self.collect(take_losses(&self.tap)?)?);
-        }
-        let (lr, grad_norm) = self.core.finish_step()?;
-        let mut loss = self.summarise(&losses, lr, grad_norm);
-        // Each rank measured its share of the batch (equal shares): the batch's loss is the mean.
-        let mut values = vec![loss.attn_mse, loss.loss, loss.xent.unwrap_or(0.0)];
-        values.extend(loss.per_layer.iter().map(|(_, m)| *m));
-        self.core.mean_over_ranks(&mut values)?;
-        (loss.attn_mse, loss.loss) = (values[0], values[1]);
-        loss.xent = loss.xent.map(|_| values[2]);
-        for ((_, m), v) in loss.per_layer.iter_mut().zip(&values[3..]) {
-            *m = *v;
-        }
-        Ok(Some(loss))
     }
 
     /// Checks that every converted layer reported its loss once, in layer order.
@@ -242,7 +154,75 @@ impl<'a> Trainer<'a> {
             grad_norm,
         }
     }
+}
 
+impl<'a> Stage<'a> for Trainer<'a> {
+    type Step = StepLoss;
+    type Val = ValMse;
+
+    fn core(&mut self) -> &mut LoopCore<'a> {
+        &mut self.core
+    }
+
+    fn cadence(&self) -> Cadence {
+        Cadence {
+            log_every: self.cfg.log_every,
+            eval_every: self.cfg.eval_every,
+            save_every: self.cfg.save_every,
+            eval_at_start: self.cfg.eval_at_start,
+        }
+    }
+
+    fn preemption(&self) -> Option<&'a Preemption> {
+        self.preemption
+    }
+
+    fn frozen(&self) -> Option<&FrozenSnapshot> {
+        self.frozen.as_ref()
+    }
+
+    fn shown_loss(step: &StepLoss) -> f64 {
+        step.attn_mse
+    }
+
+    fn val_step(val: &ValMse) -> u64 {
+        val.step
+    }
+
+    /// One optimizer update over `grad_accum` micro-batches; `None` when the data ran out.
+    fn train_step(&mut self, model: &mut Model) -> Result<Option<StepLoss>> {
+        let cfg = self.cfg;
+        self.core.begin_step();
+        let scale = 1.0 / (self.layers.len() as f64 * cfg.grad_accum as f64);
+        set_mode(
+            &self.tap,
+            TapMode::Train {
+                backward_scale: scale,
+            },
+        )?;
+        let mut losses = Vec::new();
+        for _ in 0..cfg.grad_accum {
+            let Some(batch) = self.core.next_batch() else {
+                return Ok(None);
+            };
+            // The wrapped layers backpropagate their losses; the hidden states are not needed.
+            let ids = batch.inputs().to_device(model.device()); // (b, L)
+            let _ = model.hidden_states(&ids, None)?;
+            losses.extend(self.collect(take_losses(&self.tap)?)?);
+        }
+        let (lr, grad_norm) = self.core.finish_step()?;
+        let mut loss = self.summarise(&losses, lr, grad_norm);
+        // Each rank measured its share of the batch (equal shares): the batch's loss is the mean.
+        let mut values = vec![loss.attn_mse, loss.loss, loss.xent.unwrap_or(0.0)];
+        values.extend(loss.per_layer.iter().map(|(_, m)| *m));
+        self.core.mean_over_ranks(&mut values)?;
+        (loss.attn_mse, loss.loss) = (values[0], values[1]);
+        loss.xent = loss.xent.map(|_| values[2]);
+        for ((_, m), v) in loss.per_layer.iter_mut().zip(&values[3..]) {
+            *m = *v;
+        }
+        Ok(Some(loss))
+    }
     fn log_train(&mut self, loss: &StepLoss, tokens_per_s: Option<f64>) -> Result<()> {
         let mut record = MetricRecord::new(
             &self.cfg.name,
@@ -261,9 +241,8 @@ impl<'a> Trainer<'a> {
         record.tokens_per_s = tokens_per_s;
         self.metrics.write(record)
     }
-
     /// Validates, records the result, tracks the best state and feeds a plateau schedule.
-    fn validate(&mut self, model: &Model, progress: &TrainProgress) -> Result<Option<ValMse>> {
+    fn validate(&mut self, model: &mut Model, progress: &TrainProgress) -> Result<Option<ValMse>> {
         let Some(val) = self.measure(model)? else {
             return Ok(None);
         };
@@ -279,9 +258,8 @@ impl<'a> Trainer<'a> {
         self.core.record_val(val.attn_mse)?;
         Ok(Some(val))
     }
-
     /// Mean validation attention MSE per layer, weighting batches by their sequences.
-    fn measure(&self, model: &Model) -> Result<Option<ValMse>> {
+    fn measure(&self, model: &mut Model) -> Result<Option<ValMse>> {
         let Some(val) = &self.val else {
             return Ok(None);
         };

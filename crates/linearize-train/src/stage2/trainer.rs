@@ -9,8 +9,8 @@ use crate::lora::LoraAdapters;
 use crate::metrics::{MetricRecord, MetricsWriter, Split};
 use crate::optim::{FrozenSnapshot, Trainable};
 use crate::progress::TrainProgress;
-use crate::state::{Preempted, Preemption};
-use crate::train_loop::{LoopCore, LoopSettings};
+use crate::state::Preemption;
+use crate::train_loop::{run_stage, Cadence, LoopCore, LoopSettings, Stage};
 use anyhow::{ensure, Result};
 use linearize_models::llama::Model;
 use tch::Tensor;
@@ -27,7 +27,7 @@ pub(super) struct Trainer<'a> {
 }
 
 /// Mean training losses of one update.
-struct StepLoss {
+pub(super) struct StepLoss {
     lm_loss: f64,
     kl: Option<f64>,
     /// The weighted objective.
@@ -104,91 +104,14 @@ impl<'a> Trainer<'a> {
 
     pub(super) fn run(mut self, model: &mut Model) -> Result<Stage2Summary> {
         let cfg = self.cfg;
-        let mut progress = TrainProgress::new(
-            &cfg.name,
-            self.core.step,
-            self.core.total_steps,
-            self.core.tokens,
-            cfg.log_every,
-        );
-        if !self.core.is_main() {
-            progress = progress.silent();
-        }
-        let mut initial_val = None;
-        let mut latest_val = None;
-        if self.core.step == 0 && cfg.eval_at_start {
-            initial_val = self.validate(model, &progress)?;
-            latest_val.clone_from(&initial_val);
-        }
-        while self.core.step < self.core.total_steps {
-            if let Some(signal) = self.core.stop_requested(self.preemption)? {
-                self.core.save_and_wait()?;
-                progress.finish();
-                return Err(Preempted { signal }.into());
-            }
-            let Some(loss) = self.train_step(model)? else {
-                tracing::warn!(
-                    step = self.core.step,
-                    "training data ran out before the step budget"
-                );
-                break;
-            };
-            let step = self.core.step;
-            progress.update(step, self.core.tokens, loss.loss);
-            if step % cfg.log_every.max(1) == 0 || step == self.core.total_steps {
-                self.log_train(&loss, progress.tokens_per_s())?;
-            }
-            if cfg.eval_every > 0 && step % cfg.eval_every == 0 {
-                latest_val = self.validate(model, &progress)?;
-            }
-            if cfg.save_every > 0 && step % cfg.save_every == 0 {
-                self.core.save()?;
-            }
-        }
-        if latest_val.as_ref().is_none_or(|v| v.step != self.core.step) {
-            latest_val = self.validate(model, &progress)?;
-        }
-        self.core.save_and_wait()?;
-        progress.finish();
-        let final_val = if self.core.restore_best()? {
-            self.measure(model)?
-        } else {
-            latest_val
-        };
-        if let Some(frozen) = &self.frozen {
-            frozen.verify()?;
-        }
+        let end = run_stage(&mut self, model, &cfg.name)?;
         Ok(Stage2Summary {
             steps: self.core.step,
             tokens: self.core.tokens,
-            initial_val,
-            final_val,
+            initial_val: end.initial_val,
+            final_val: end.final_val,
             best_val_loss: self.core.best_val,
         })
-    }
-
-    /// One optimizer update over `grad_accum` micro-batches; `None` when the data ran out.
-    fn train_step(&mut self, model: &mut Model) -> Result<Option<StepLoss>> {
-        let cfg = self.cfg;
-        self.core.begin_step();
-        self.lora.attach(model, true)?;
-        let result = self.accumulate(model);
-        self.lora.attach(model, false)?;
-        let Some((lm, kl, loss)) = result? else {
-            return Ok(None);
-        };
-        let (lr, grad_norm) = self.core.finish_step()?;
-        let n = cfg.grad_accum as f64;
-        // Each rank measured its share of the batch (equal shares): the batch's loss is the mean.
-        let mut values = [lm / n, kl.unwrap_or(0.0) / n, loss / n];
-        self.core.mean_over_ranks(&mut values)?;
-        Ok(Some(StepLoss {
-            lm_loss: values[0],
-            kl: kl.map(|_| values[1]),
-            loss: values[2],
-            lr,
-            grad_norm,
-        }))
     }
 
     /// Forward and backward passes of one update's micro-batches; the summed `(lm_loss, kl,
@@ -220,7 +143,64 @@ impl<'a> Trainer<'a> {
         }
         Ok(Some((lm_sum, kl_sum, loss_sum)))
     }
+}
 
+impl<'a> Stage<'a> for Trainer<'a> {
+    type Step = StepLoss;
+    type Val = ValLoss;
+
+    fn core(&mut self) -> &mut LoopCore<'a> {
+        &mut self.core
+    }
+
+    fn cadence(&self) -> Cadence {
+        Cadence {
+            log_every: self.cfg.log_every,
+            eval_every: self.cfg.eval_every,
+            save_every: self.cfg.save_every,
+            eval_at_start: self.cfg.eval_at_start,
+        }
+    }
+
+    fn preemption(&self) -> Option<&'a Preemption> {
+        self.preemption
+    }
+
+    fn frozen(&self) -> Option<&FrozenSnapshot> {
+        self.frozen.as_ref()
+    }
+
+    fn shown_loss(step: &StepLoss) -> f64 {
+        step.loss
+    }
+
+    fn val_step(val: &ValLoss) -> u64 {
+        val.step
+    }
+
+    /// One optimizer update over `grad_accum` micro-batches; `None` when the data ran out.
+    fn train_step(&mut self, model: &mut Model) -> Result<Option<StepLoss>> {
+        let cfg = self.cfg;
+        self.core.begin_step();
+        self.lora.attach(model, true)?;
+        let result = self.accumulate(model);
+        self.lora.attach(model, false)?;
+        let Some((lm, kl, loss)) = result? else {
+            return Ok(None);
+        };
+        let (lr, grad_norm) = self.core.finish_step()?;
+        let n = cfg.grad_accum as f64;
+        // Each rank measured its share of the batch (equal shares): the batch's loss is the mean.
+        let mut values = [lm / n, kl.unwrap_or(0.0) / n, loss / n];
+        self.core.mean_over_ranks(&mut values)?;
+        Ok(Some(StepLoss {
+            lm_loss: values[0],
+            kl: kl.map(|_| values[1]),
+            loss: values[2],
+            lr,
+            grad_norm,
+        }))
+    }
     fn log_train(&mut self, loss: &StepLoss, tokens_per_s: Option<f64>) -> Result<()> {
         let mut record = MetricRecord::new(
             &self.cfg.name,
@@ -238,7 +218,6 @@ impl<'a> Trainer<'a> {
         record.tokens_per_s = tokens_per_s;
         self.metrics.write(record)
     }
-
     /// Validates, records the result, tracks the best state and feeds a plateau schedule.
     fn validate(&mut self, model: &mut Model, progress: &TrainProgress) -> Result<Option<ValLoss>> {
         let Some(val) = self.measure(model)? else {
@@ -261,7 +240,6 @@ impl<'a> Trainer<'a> {
         self.core.record_val(val.loss)?;
         Ok(Some(val))
     }
-
     /// Mean validation losses per scored token (all sequences score the same number).
     fn measure(&self, model: &mut Model) -> Result<Option<ValLoss>> {
         let Some(val) = &self.val else {
