@@ -12,6 +12,9 @@
 //! All kernels take (batch, heads, len, dim) tensors; keys, values (and key features, gates) may
 //! have fewer heads than queries when their count divides it (GQA). They accumulate in f32 for
 //! f16 / bf16 inputs (f64 for f64) and return `v`'s dtype; the chunked forms are differentiable.
+//! For f16 / bf16 inputs the chunked forms' matmuls take operands in that dtype (tensor cores;
+//! products accumulate in f32, results come back rounded), while running sums, gates, softmax
+//! statistics and normalisers stay in f32, as in flash-linear-attention.
 //! `chunked(.., state)` continues from a state and returns the final one, so a prompt is
 //! prefilled with `chunked` and decoded with `step`; `recurrent` is `step` over a sequence.
 //!

@@ -1,4 +1,5 @@
-//! Shape checks, GQA head expansion and the fp32 compute dtype shared by every kernel.
+//! Shape checks, GQA head expansion and the dtypes (fp32 sums, input-dtype matmul operands) shared
+//! by every kernel.
 use crate::error::{Error, Result};
 use tch::{Kind, Tensor};
 
@@ -68,6 +69,63 @@ pub(crate) fn compute_kind(tensor: &'static str, t: &Tensor) -> Result<Kind> {
         Kind::Double => Ok(Kind::Double),
         Kind::Float | Kind::Half | Kind::BFloat16 => Ok(Kind::Float),
         got => Err(Error::Dtype { tensor, got }),
+    }
+}
+
+/// The dtypes of one chunked call. Running sums across chunks, cumulative gates, softmax maxima
+/// and exponentials, normalisers and divisions are carried in `acc` (f32; f64 for f64 inputs).
+/// Matmul operands are `operand`: the input dtype for f16 / bf16, so that GEMMs run on tensor
+/// cores (cuBLAS accumulates f16 / bf16 products in f32; only the result is rounded), as
+/// flash-linear-attention does; `acc` otherwise, which leaves f32 and f64 inputs exactly as they
+/// were.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Precision {
+    pub acc: Kind,
+    pub operand: Kind,
+}
+
+impl Precision {
+    /// The precision for inputs in `t`'s dtype (`tensor` names it in errors).
+    pub fn of(tensor: &'static str, t: &Tensor) -> Result<Self> {
+        let acc = compute_kind(tensor, t)?;
+        let operand = match t.kind() {
+            Kind::Half | Kind::BFloat16 => t.kind(),
+            _ => acc,
+        };
+        Ok(Self { acc, operand })
+    }
+
+    /// Everything in `kind`: for the recurrent forms, bound by launch latency rather than by GEMM
+    /// throughput, so low-precision operands would cost accuracy and gain nothing.
+    pub fn uniform(kind: Kind) -> Self {
+        Self {
+            acc: kind,
+            operand: kind,
+        }
+    }
+
+    /// `a @ b` (batched, broadcasting) on operands cast to `operand` (f32 accumulations such as
+    /// attention weights included, as FLA casts P before P·V), returned in `acc`.
+    pub fn mm(&self, a: &Tensor, b: &Tensor) -> Tensor {
+        a.to_kind(self.operand)
+            .matmul(&b.to_kind(self.operand))
+            .to_kind(self.acc)
+    }
+
+    /// [`Self::mm`] with `state` (.., k, m) a running sum over the sequence, which grows with its
+    /// length: f16 (max 65504) would overflow where bf16 (f32's range) does not, so for f16 each
+    /// (k, m) matrix is scaled to a max of one for the cast and the product scaled back in `acc`.
+    /// The scale is a constant to autograd: the function does not depend on it.
+    pub fn mm_state(&self, a: &Tensor, state: &Tensor) -> Tensor {
+        if self.operand != Kind::Half {
+            return self.mm(a, state);
+        }
+        let scale = state
+            .abs()
+            .amax([-2i64, -1].as_slice(), true)
+            .clamp_min(f64::from(f32::MIN_POSITIVE))
+            .detach(); // (.., 1, 1)
+        self.mm(a, &(state / &scale)) * scale
     }
 }
 

@@ -231,3 +231,85 @@ fn positive_log_gates_are_rejected() {
         .to_string();
     assert!(err.starts_with("state.s:"), "{err}");
 }
+
+/// Output and gradient bound of the f16 / bf16 chunked form against the f32 naive form on the
+/// same values: the rounding of the log-gates, of the matmul operands (decayed q and k, the
+/// carried state) and results (bf16 keeps 8 significant bits) and of the output.
+const LOW_PRECISION_TOL: f64 = 3e-2;
+
+#[test]
+fn low_precision_chunked_matches_the_f32_naive_with_gradients() {
+    seed(37);
+    for low in LOW_PRECISION {
+        // Moderate gates, and strong ones (alpha about 0.02 per step).
+        for shift in [0.0, -60.0] {
+            let x = inputs(2, 3 * CHUNK + 5, Kind::Float, shift);
+            let (q, q32) = rounded(&x.q, low);
+            let (k, k32) = rounded(&x.k, low);
+            let (v, v32) = rounded(&x.v, low);
+            let (logits, logits32) = rounded(&x.logits, low);
+            let gates = |logits: &Tensor| logits.log_sigmoid() / 16.0;
+            let (out, state) = gla::chunked(&q, &k, &v, &gates(&logits), &cfg(), None).unwrap();
+            assert_eq!(state.s.kind(), Kind::Float);
+            let reference = gla::naive(&q32, &k32, &v32, &gates(&logits32)).unwrap();
+            assert_matches_f32_reference(
+                &format!("{low:?} shift {shift}"),
+                &out,
+                &[("q", &q), ("k", &k), ("v", &v), ("gate logits", &logits)],
+                &reference,
+                &[&q32, &k32, &v32, &logits32],
+                LOW_PRECISION_TOL,
+            );
+        }
+    }
+}
+
+#[test]
+fn low_precision_strongly_decaying_gates_stay_finite() {
+    seed(38);
+    let len = 3 * CHUNK + 5;
+    for low in LOW_PRECISION {
+        // alpha = 1e-6 per step, at the default chunking and at the test chunking.
+        for c in [GlaConfig::default(), cfg()] {
+            let what = format!("{low:?} 1e-6 gates, chunk {}", c.chunk_size);
+            let x = inputs(2, len, Kind::Float, 0.0);
+            let (q, q32) = rounded(&x.q, low);
+            let (k, k32) = rounded(&x.k, low);
+            let (v, v32) = rounded(&x.v, low);
+            let (g, g32) = rounded(&(x.logits.zeros_like() + 1e-6f64.ln()), low);
+            let (out, state) = gla::chunked(&q, &k, &v, &g, &c, None).unwrap();
+            assert_finite("state", &state.s);
+            let reference = gla::naive(&q32, &k32, &v32, &g32).unwrap();
+            let grads = low_precision_grads(
+                &what,
+                &out,
+                &[("q", &q), ("k", &k), ("v", &v), ("g", &g)],
+                &reference,
+                &[&q32, &k32, &v32, &g32],
+                LOW_PRECISION_TOL,
+            );
+            for (name, (low_grad, ref_grad)) in ["q", "k", "v"].iter().zip(&grads) {
+                assert_close(
+                    &format!("{what}: grad {name}"),
+                    low_grad,
+                    ref_grad,
+                    LOW_PRECISION_TOL,
+                );
+            }
+            // Per position, the gate gradient is the q-side minus the k-side sum of products that
+            // also make up q's and k's gradients; at alpha = 1e-6 they cancel to about 1e-5, so
+            // its error is measured against q's gradient. Rounding either side's sums to bf16
+            // (rather than keeping the diagonal blocks in f32) left 7e-3 of it.
+            let (g_low, g_ref) = &grads[3];
+            let err = (g_low.to_kind(Kind::Float) - g_ref)
+                .abs()
+                .max()
+                .double_value(&[]);
+            let scale = grads[0].1.abs().max().double_value(&[]);
+            assert!(
+                err <= 1e-4 * scale,
+                "{what}: grad g off by {err:e}, q's gradient reaches {scale:e}"
+            );
+        }
+    }
+}

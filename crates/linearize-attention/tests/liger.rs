@@ -72,6 +72,31 @@ impl Qkv {
             v: part(&self.v),
         }
     }
+
+    /// The inputs rounded to `low`, and f32 copies of the rounded values (both leaves).
+    fn rounded(&self, low: Kind) -> (Qkv, Qkv) {
+        let (q, q32) = rounded(&self.q, low);
+        let (k, k32) = rounded(&self.k, low);
+        let (q_rope, q_rope32) = rounded(&self.q_rope, low);
+        let (k_rope, k_rope32) = rounded(&self.k_rope, low);
+        let (v, v32) = rounded(&self.v, low);
+        (
+            Qkv {
+                q,
+                k,
+                q_rope,
+                k_rope,
+                v,
+            },
+            Qkv {
+                q: q32,
+                k: k32,
+                q_rope: q_rope32,
+                k_rope: k_rope32,
+                v: v32,
+            },
+        )
+    }
 }
 
 #[test]
@@ -212,4 +237,35 @@ fn bf16_inputs_accumulate_in_f32() {
     let (out, _) = liger::chunked(&b.inputs(), &cfg(), None).unwrap();
     assert_eq!(out.kind(), Kind::BFloat16);
     assert_close("bf16 vs f32", &out, &reference, 3e-2);
+}
+
+/// Output and gradient bounds of the f16 / bf16 chunked form against the f32 naive form on the
+/// same values: both halves' rounding (window results, GLA operands and results) and the output's.
+const LOW_PRECISION_TOL: f64 = 3e-2;
+
+#[test]
+fn low_precision_chunked_matches_the_f32_naive_with_gradients() {
+    seed(47);
+    for low in LOW_PRECISION {
+        // Ordinary keys, and keys near -221: alpha about 1e-6 per step.
+        for (shift, c) in [
+            (0.0, cfg()),
+            (-221.0, cfg()),
+            (-221.0, LigerConfig::default()),
+        ] {
+            let x = qkv(2, 3 * CHUNK + 5, Kind::Float, shift);
+            let (x, x32) = x.rounded(low);
+            let (out, _) = liger::chunked(&x.inputs(), &c, None).unwrap();
+            let reference = liger::naive(&x32.inputs(), &c).unwrap();
+            let ref_inputs: Vec<&Tensor> = x32.named().into_iter().map(|(_, t)| t).collect();
+            assert_matches_f32_reference(
+                &format!("{low:?} key shift {shift}, chunk {}", c.chunk_size),
+                &out,
+                &x.named(),
+                &reference,
+                &ref_inputs,
+                LOW_PRECISION_TOL,
+            );
+        }
+    }
 }

@@ -209,3 +209,68 @@ fn bad_inputs_are_named() {
         .to_string()
         .starts_with("chunk_size"));
 }
+
+/// Output and gradient bound of the f16 / bf16 chunked form against the f32 naive form: the
+/// inputs are the same values, so what remains is the rounding of the feature maps' outputs, of
+/// the matmul operands and results (bf16 keeps 8 significant bits) and of the output.
+const LOW_PRECISION_TOL: f64 = 2e-2;
+
+#[test]
+fn low_precision_chunked_matches_the_f32_naive_with_gradients() {
+    seed(5);
+    for low in LOW_PRECISION {
+        let s = setup(2, 3 * CHUNK + 5, Kind::Float);
+        let (q, q32) = rounded(&s.q, low);
+        let (k, k32) = rounded(&s.k, low);
+        let (v, v32) = rounded(&s.v, low);
+        let (out, state) = linear_attn::chunked(
+            &s.map_q.forward(&q).unwrap(),
+            &s.map_k.forward(&k).unwrap(),
+            &v,
+            &cfg(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (state.kv.kind(), state.k_sum.kind()),
+            (Kind::Float, Kind::Float)
+        );
+        let reference = linear_attn::naive(
+            &s.map_q.forward(&q32).unwrap(),
+            &s.map_k.forward(&k32).unwrap(),
+            &v32,
+            &cfg(),
+        )
+        .unwrap();
+        let weights = s.weights();
+        let mut low_inputs: Vec<(&str, &Tensor)> = vec![("q", &q), ("k", &k), ("v", &v)];
+        low_inputs.extend(weights.iter().map(|(n, t)| (n.as_str(), t)));
+        let mut ref_inputs = vec![&q32, &k32, &v32];
+        ref_inputs.extend(weights.iter().map(|(_, t)| t));
+        assert_matches_f32_reference(
+            &format!("{low:?}"),
+            &out,
+            &low_inputs,
+            &reference,
+            &ref_inputs,
+            LOW_PRECISION_TOL,
+        );
+    }
+}
+
+#[test]
+fn f16_states_beyond_the_f16_range_stay_accurate() {
+    seed(6);
+    // Values near 1000 over 1000 tokens: the linear sums reach about 1e5, past f16's 65504, while
+    // every output (an average of values) stays near 1000.
+    let len = 1000;
+    let s = setup(1, len, Kind::Float);
+    let (pq, pk) = tch::no_grad(|| s.phi());
+    let v = (randn(&[1, 2, len, D], Kind::Float) * 10.0 + 1000.0).to_kind(Kind::Half);
+    let half = |x: &Tensor| x.to_kind(Kind::Half);
+    let (out, _) = linear_attn::chunked(&half(&pq), &half(&pk), &v, &cfg(), None).unwrap();
+    assert_finite("output", &out);
+    let float = |x: &Tensor| half(x).to_kind(Kind::Float);
+    let reference = linear_attn::naive(&float(&pq), &float(&pk), &float(&v), &cfg()).unwrap();
+    assert_close("f16 vs f32", &out, &reference, 1e-3);
+}

@@ -382,3 +382,105 @@ fn a_state_from_another_window_is_rejected() {
         .to_string();
     assert!(err.starts_with("state.k:"), "{err}");
 }
+
+/// Output and gradient bound of the f16 / bf16 chunked form against the f32 naive form on the
+/// same values: the rounding of the feature maps' outputs, of the matmul operands and results
+/// and of the output (bf16 keeps 8 significant bits).
+const LOW_PRECISION_TOL: f64 = 3e-2;
+
+/// Bound on q's and k's gradients by [`rms_err`]. The scores come back from the matmul rounded,
+/// so where two window scores lie within rounding of each other the max picks another key than
+/// in f32 (or splits a tie), and the max's share of the gradient goes to that key: a few rows
+/// differ by O(1) (2e-2 by rms in this test, 5e-2 by max; 3e-3 with f32 scores). LoLCATs' own
+/// bf16 code rounds its scores the same way.
+const LOW_PRECISION_QK_RMS_TOL: f64 = 5e-2;
+
+#[test]
+fn low_precision_chunked_matches_the_f32_naive_with_gradients() {
+    seed(18);
+    for low in LOW_PRECISION {
+        for shape in SHAPES {
+            let s = setup(2, 3 * CHUNK + 5, Kind::Float);
+            let (q, q32) = rounded(&s.q, low);
+            let (k, k32) = rounded(&s.k, low);
+            let (v, v32) = rounded(&s.v, low);
+            let run = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                let (phi_q, phi_k) = (s.map_q.forward(q).unwrap(), s.map_k.forward(k).unwrap());
+                let x = LolcatsInputs {
+                    q,
+                    k,
+                    v,
+                    phi_q: &phi_q,
+                    phi_k: &phi_k,
+                    window_factors: &s.factors.logits,
+                };
+                if q.kind() == Kind::Float {
+                    lolcats::naive(&x, &cfg(shape)).unwrap()
+                } else {
+                    let (y, state) = lolcats::chunked(&x, &cfg(shape), None).unwrap();
+                    assert_eq!(state.linear.kv.kind(), Kind::Float);
+                    y
+                }
+            };
+            let (out, reference) = (run(&q, &k, &v), run(&q32, &k32, &v32));
+            let params = s.params();
+            let mut low_inputs: Vec<(&str, &Tensor)> = vec![("q", &q), ("k", &k), ("v", &v)];
+            low_inputs.extend(params.iter().map(|(n, t)| (n.as_str(), t)));
+            let mut ref_inputs = vec![&q32, &k32, &v32];
+            ref_inputs.extend(params.iter().map(|(_, t)| t));
+            let what = format!("{low:?} {shape:?}");
+            let grads = low_precision_grads(
+                &what,
+                &out,
+                &low_inputs,
+                &reference,
+                &ref_inputs,
+                LOW_PRECISION_TOL,
+            );
+            for ((name, _), (g, r)) in low_inputs.iter().zip(&grads) {
+                let what = format!("{what}: grad {name}");
+                if ["q", "k"].contains(name) {
+                    let err = rms_err(g, r);
+                    assert!(err <= LOW_PRECISION_QK_RMS_TOL, "{what}: rms error {err:e}");
+                } else {
+                    assert_close(&what, g, r, LOW_PRECISION_TOL);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f16_linear_sums_beyond_the_f16_range_stay_accurate() {
+    seed(19);
+    // Values near 1000 over 1000 tokens: the linear sums reach about 1e5, past f16's 65504, while
+    // every output (an average of values) stays near 1000.
+    let len = 1000;
+    let s = setup(1, len, Kind::Float);
+    let f = tch::no_grad(|| s.features());
+    let half = |x: &Tensor| x.detach().to_kind(Kind::Half);
+    let v = (randn(&[1, KV_HEADS, len, D], Kind::Float) * 10.0 + 1000.0).to_kind(Kind::Half);
+    let (q, k, pq, pk) = (half(&s.q), half(&s.k), half(&f.phi_q), half(&f.phi_k));
+    let x = LolcatsInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        phi_q: &pq,
+        phi_k: &pk,
+        window_factors: &s.factors.logits,
+    };
+    let (out, _) = tch::no_grad(|| lolcats::chunked(&x, &cfg(WindowShape::Sw), None)).unwrap();
+    assert_finite("output", &out);
+    let float = |x: &Tensor| x.to_kind(Kind::Float);
+    let (q, k, v, pq, pk) = (float(&q), float(&k), float(&v), float(&pq), float(&pk));
+    let x = LolcatsInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        phi_q: &pq,
+        phi_k: &pk,
+        window_factors: &s.factors.logits,
+    };
+    let reference = tch::no_grad(|| lolcats::naive(&x, &cfg(WindowShape::Sw))).unwrap();
+    assert_close("f16 vs f32", &out, &reference, 1e-3);
+}

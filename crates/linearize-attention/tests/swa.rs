@@ -153,3 +153,30 @@ fn bf16_inputs_accumulate_in_f32() {
     assert_eq!(out.kind(), Kind::BFloat16);
     assert_close("bf16 vs f32", &out, &reference, 3e-2);
 }
+
+/// Output and gradient bounds of the f16 / bf16 chunked form against the f32 naive form on the
+/// same values: SDPA keeps the softmax statistics in f32, so only the rounding of its results
+/// and of the output remain.
+const LOW_PRECISION_TOL: f64 = 3e-2;
+
+#[test]
+fn low_precision_chunked_matches_the_f32_naive_with_gradients() {
+    seed(26);
+    for low in LOW_PRECISION {
+        let (q, k, v) = qkv(2, 3 * CHUNK + 5, Kind::Float);
+        let (q, q32) = rounded(&q, low);
+        let (k, k32) = rounded(&k, low);
+        let (v, v32) = rounded(&v, low);
+        let (out, state) = swa::chunked(&q, &k, &v, &cfg(), None).unwrap();
+        assert_eq!(state.k.kind(), Kind::Float);
+        let reference = swa::naive(&q32, &k32, &v32, &cfg()).unwrap();
+        assert_matches_f32_reference(
+            &format!("{low:?}"),
+            &out,
+            &[("q", &q), ("k", &k), ("v", &v)],
+            &reference,
+            &[&q32, &k32, &v32],
+            LOW_PRECISION_TOL,
+        );
+    }
+}

@@ -107,8 +107,10 @@ pub fn gla_inputs(
     ))
 }
 
-fn mix(window: Tensor, gla: Tensor, v: &Tensor) -> Tensor {
-    ((window.to_kind(gla.kind()) + gla) * 0.5).to_kind(v.kind())
+/// The two halves' average, taken in the compute dtype and returned in `v`'s.
+fn mix(window: Tensor, gla: Tensor, v: &Tensor) -> Result<Tensor> {
+    let kind = compute_kind("v", v)?;
+    Ok(((window.to_kind(kind) + gla.to_kind(kind)) * 0.5).to_kind(v.kind()))
 }
 
 fn upcast(x: &Tensor) -> Result<Tensor> {
@@ -119,22 +121,27 @@ pub fn naive(x: &LigerInputs, cfg: &LigerConfig) -> Result<Tensor> {
     let v = upcast(x.v)?;
     let (q, k, g) = gla_inputs(x.q, x.k, cfg.gate_normalizer)?;
     let window = swa::naive(x.q_rope, x.k_rope, &v, &cfg.swa())?;
-    Ok(mix(window, gla::naive(&q, &k, &v, &g)?, x.v))
+    mix(window, gla::naive(&q, &k, &v, &g)?, x.v)
 }
 
 /// Runs the sequence on from `state` (empty when `None`); returns the output and the final state.
+/// `v` goes in its own dtype, so that f16 / bf16 inputs get both halves' low-precision matmuls.
 pub fn chunked(
     x: &LigerInputs,
     cfg: &LigerConfig,
     state: Option<&LigerState>,
 ) -> Result<(Tensor, LigerState)> {
-    let v = upcast(x.v)?;
     let (q, k, g) = gla_inputs(x.q, x.k, cfg.gate_normalizer)?;
-    let (window, window_state) =
-        swa::chunked(x.q_rope, x.k_rope, &v, &cfg.swa(), state.map(|s| &s.window))?;
-    let (linear, gla_state) = gla::chunked(&q, &k, &v, &g, &cfg.gla(), state.map(|s| &s.gla))?;
+    let (window, window_state) = swa::chunked(
+        x.q_rope,
+        x.k_rope,
+        x.v,
+        &cfg.swa(),
+        state.map(|s| &s.window),
+    )?;
+    let (linear, gla_state) = gla::chunked(&q, &k, x.v, &g, &cfg.gla(), state.map(|s| &s.gla))?;
     Ok((
-        mix(window, linear, x.v),
+        mix(window, linear, x.v)?,
         LigerState {
             window: window_state,
             gla: gla_state,
@@ -151,7 +158,7 @@ pub fn step(state: &mut LigerState, x: &LigerInputs, cfg: &LigerConfig) -> Resul
     let window = swa::step(&mut next.window, x.q_rope, x.k_rope, &v, &cfg.swa())?;
     let linear = gla::step(&mut next.gla, &q, &k, &v, &g)?;
     *state = next;
-    Ok(mix(window, linear, x.v))
+    mix(window, linear, x.v)
 }
 
 /// Runs a whole sequence token by token, from `state` (empty when `None`).
@@ -169,7 +176,7 @@ pub fn recurrent(
     let (window, window_state) = swa::recurrent(x.q_rope, x.k_rope, &v, &cfg.swa(), window_state)?;
     let (linear, gla_state) = gla::recurrent(&q, &k, &v, &g, gla_state)?;
     Ok((
-        mix(window, linear, x.v),
+        mix(window, linear, x.v)?,
         LigerState {
             window: window_state,
             gla: gla_state,

@@ -70,3 +70,73 @@ pub fn assert_same_grads(what: &str, a: &Tensor, b: &Tensor, inputs: &[(&str, &T
         assert_close(&format!("{what}: grad {name}"), x, y, tol);
     }
 }
+
+/// The f16 / bf16 kinds every chunked kernel is checked in against its f32 reference.
+pub const LOW_PRECISION: [Kind; 2] = [Kind::BFloat16, Kind::Half];
+
+/// `x` rounded to `low`, and an f32 copy of the rounded values: both leaves that collect
+/// gradients, the same inputs for a low-precision run and its f32 reference.
+pub fn rounded(x: &Tensor, low: Kind) -> (Tensor, Tensor) {
+    let low_x = x.detach().to_kind(low);
+    let f32_x = low_x.to_kind(Kind::Float).set_requires_grad(true);
+    (low_x.set_requires_grad(true), f32_x)
+}
+
+/// rms(a - b) / rms(b), flash-linear-attention's measure for low-precision gradients: it counts
+/// rounding noise spread over all entries, not the few entries where a max resolves differently
+/// once its arguments are rounded (LoLCATs' window max, whose gradient jumps between keys).
+pub fn rms_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    let a = a.to_kind(Kind::Double);
+    let b = b.to_kind(Kind::Double);
+    let rms = |x: &Tensor| x.square().mean(Kind::Double).sqrt().double_value(&[]);
+    rms(&(&a - &b)) / rms(&b).max(f64::MIN_POSITIVE)
+}
+
+/// Checks `low`, computed in a low precision from `low_inputs`, against `reference`, computed in
+/// f32 from `ref_inputs` (the same values, in the same order): its dtype and its output (by
+/// [`rel_err`], within `tol`). Returns, per input, the low-precision gradient (checked to be
+/// finite and of the input's dtype) and the reference one, for one probe whose values both
+/// dtypes hold exactly.
+#[track_caller]
+pub fn low_precision_grads(
+    what: &str,
+    low: &Tensor,
+    low_inputs: &[(&str, &Tensor)],
+    reference: &Tensor,
+    ref_inputs: &[&Tensor],
+    tol: f64,
+) -> Vec<(Tensor, Tensor)> {
+    assert_eq!(
+        low_inputs.len(),
+        ref_inputs.len(),
+        "{what}: input lists differ"
+    );
+    assert_eq!(low.kind(), low_inputs[0].1.kind(), "{what}: output dtype");
+    assert_close(&format!("{what}: output"), low, reference, tol);
+    let probe = reference.randn_like().to_kind(low.kind()).detach();
+    let low_tensors: Vec<&Tensor> = low_inputs.iter().map(|(_, t)| *t).collect();
+    let low_grads = grads(low, &probe, &low_tensors);
+    let ref_grads = grads(reference, &probe.to_kind(reference.kind()), ref_inputs);
+    for ((name, x), g) in low_inputs.iter().zip(&low_grads) {
+        assert_eq!(g.kind(), x.kind(), "{what}: grad {name} dtype");
+        assert_finite(&format!("{what}: grad {name}"), g);
+    }
+    low_grads.into_iter().zip(ref_grads).collect()
+}
+
+/// [`low_precision_grads`], with every gradient within `tol` of the reference by [`rel_err`].
+#[track_caller]
+pub fn assert_matches_f32_reference(
+    what: &str,
+    low: &Tensor,
+    low_inputs: &[(&str, &Tensor)],
+    reference: &Tensor,
+    ref_inputs: &[&Tensor],
+    tol: f64,
+) {
+    let grads = low_precision_grads(what, low, low_inputs, reference, ref_inputs, tol);
+    for ((name, _), (g, r)) in low_inputs.iter().zip(&grads) {
+        assert_close(&format!("{what}: grad {name}"), g, r, tol);
+    }
+}

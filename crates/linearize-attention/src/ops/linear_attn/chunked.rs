@@ -1,8 +1,10 @@
 //! Chunked form for training and prefill: causal C x C products inside a chunk, a running state
-//! (f x d) and normaliser (f) across chunks, all chunks at once through batched matmuls.
+//! (f x d) and normaliser (f) across chunks, all chunks at once through batched matmuls. For
+//! f16 / bf16 inputs the matmuls take operands in the input dtype while the sums stay in f32
+//! (`tensors::Precision`).
 use super::{check_inputs, LinearAttnConfig, LinearState};
 use crate::error::Result;
-use crate::tensors::{ceil_div, compute_kind, exclusive_cumsum, pad_seq, prepare};
+use crate::tensors::{ceil_div, exclusive_cumsum, pad_seq, prepare, Precision};
 use tch::{Kind, Tensor};
 
 /// Runs the sequence on from `state` (the empty state when `None`) and returns the output
@@ -16,27 +18,28 @@ pub fn chunked(
 ) -> Result<(Tensor, LinearState)> {
     cfg.validate()?;
     let s = check_inputs(phi_q, phi_k, v)?;
-    let kind = compute_kind("v", v)?;
-    let init = LinearState::initial(state, &s, (kind, v.device()))?;
+    let p = Precision::of("v", v)?;
+    let init = LinearState::initial(state, &s, (p.acc, v.device()))?;
     let (b, h, c) = (s.batch, s.heads, cfg.chunk_size);
     let n = ceil_div(s.len, c);
     let chunks = |x: &Tensor| {
-        let x = prepare(x, kind, h);
+        let x = prepare(x, p.operand, h);
         let width = x.size()[3];
         pad_seq(&x, 0, n * c - s.len).reshape([b, h, n, c, width])
     };
     let (q, k, values) = (chunks(phi_q), chunks(phi_k), chunks(v)); // (b, h, n, C, f|d)
 
-    // What each chunk adds to the state, and the state before each chunk.
-    let kv_chunk = k.transpose(-1, -2).matmul(&values); // (b, h, n, f, d)
-    let k_chunk = k.sum_dim_intlist(-2, false, kind); // (b, h, n, f)
+    // What each chunk adds to the state, and the state before each chunk (sums in `acc`).
+    let kv_chunk = p.mm(&k.transpose(-1, -2), &values); // (b, h, n, f, d)
+    let k_chunk = k.sum_dim_intlist(-2, false, p.acc); // (b, h, n, f)
     let kv_before = exclusive_cumsum(&kv_chunk, 2) + init.kv.unsqueeze(2);
     let k_before = exclusive_cumsum(&k_chunk, 2) + init.k_sum.unsqueeze(2);
 
     let future = Tensor::ones([c, c], (Kind::Bool, v.device())).triu(1);
-    let a = q.matmul(&k.transpose(-1, -2)).masked_fill(&future, 0.0); // (b, h, n, C, C)
-    let num = a.matmul(&values) + q.matmul(&kv_before); // (b, h, n, C, d)
-    let den = a.sum_dim_intlist(-1, true, kind) + q.matmul(&k_before.unsqueeze(-1)); // (.., C, 1)
+    let a = p.mm(&q, &k.transpose(-1, -2)).masked_fill(&future, 0.0); // (b, h, n, C, C)
+                                                                      // (b, h, n, C, d) and (b, h, n, C, 1)
+    let num = p.mm(&a, &values) + p.mm_state(&q, &kv_before);
+    let den = a.sum_dim_intlist(-1, true, p.acc) + p.mm_state(&q, &k_before.unsqueeze(-1));
     let y = (num / (den + cfg.eps))
         .reshape([b, h, n * c, s.head_dim])
         .narrow(2, 0, s.len);

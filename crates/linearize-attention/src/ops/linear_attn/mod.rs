@@ -3,7 +3,8 @@
 //!
 //! Inputs: `phi_q` (b, h, L, f), `phi_k` (b, h_k, L, f), `v` (b, h_v, L, d) with `h_k` and `h_v`
 //! dividing `h` (GQA; heads are repeated as Hugging Face's `repeat_kv` does). The output is
-//! (b, h, L, d) in `v`'s dtype; sums run in f32 (f64 for f64 inputs).
+//! (b, h, L, d) in `v`'s dtype; sums run in f32 (f64 for f64 inputs), the chunked form's matmuls
+//! on f16 / bf16 operands for f16 / bf16 inputs.
 mod chunked;
 mod naive;
 mod recurrent;
@@ -13,7 +14,7 @@ pub use naive::naive;
 pub use recurrent::{recurrent, step};
 
 use crate::error::{config, Result};
-use crate::tensors::Dims;
+use crate::tensors::{Dims, Precision};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -92,11 +93,12 @@ impl LinearState {
         vec![&self.kv, &self.k_sum]
     }
 
-    /// The state with `phi_k` (b, h, n, f) and `v` (b, h, n, d) added.
-    pub(crate) fn absorb(&self, phi_k: &Tensor, v: &Tensor) -> Self {
+    /// The state with `phi_k` (b, h, n, f) and `v` (b, h, n, d) added, the product's operands in
+    /// `p.operand`.
+    pub(crate) fn absorb(&self, phi_k: &Tensor, v: &Tensor, p: Precision) -> Self {
         Self {
-            kv: &self.kv + phi_k.transpose(-1, -2).matmul(v),
-            k_sum: &self.k_sum + phi_k.sum_dim_intlist(-2, false, phi_k.kind()),
+            kv: &self.kv + p.mm(&phi_k.transpose(-1, -2), v),
+            k_sum: &self.k_sum + phi_k.sum_dim_intlist(-2, false, p.acc),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Recurrent form for decoding: one token at a time against the (f x d) state.
 use super::{check_inputs, LinearAttnConfig, LinearState};
 use crate::error::Result;
-use crate::tensors::{compute_kind, prepare, Dims};
+use crate::tensors::{compute_kind, prepare, Dims, Precision};
 use tch::Tensor;
 
 /// Adds one token (len 1) to `state` and returns its output (b, h, 1, d).
@@ -17,9 +17,11 @@ pub fn step(
     Dims::of("phi_q", phi_q)?.check_single("phi_q", phi_q)?;
     let kind = compute_kind("v", v)?;
     let q = prepare(phi_q, kind, s.heads);
-    *state = state
-        .for_call(&s, kind)?
-        .absorb(&prepare(phi_k, kind, s.heads), &prepare(v, kind, s.heads));
+    *state = state.for_call(&s, kind)?.absorb(
+        &prepare(phi_k, kind, s.heads),
+        &prepare(v, kind, s.heads),
+        Precision::uniform(kind),
+    );
 
     let num = q.matmul(&state.kv); // (b, h, 1, d)
     let den = q.matmul(&state.k_sum.unsqueeze(-1)) + cfg.eps; // (b, h, 1, 1)

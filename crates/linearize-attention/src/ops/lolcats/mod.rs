@@ -25,7 +25,7 @@ pub use recurrent::{recurrent, step};
 use super::linear_attn::{self, LinearState};
 use super::window::{Window, WindowShape};
 use crate::error::{config, Error, Result};
-use crate::tensors::{compute_kind, repeat_heads, shape, Dims};
+use crate::tensors::{compute_kind, repeat_heads, shape, Dims, Precision};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -190,7 +190,7 @@ impl LolcatsState {
     }
 
     /// The state after appending `k`, `phi_k`, `v` (b, ·, n, ·) to the cache: the last `reach`
-    /// tokens stay, the ones before join the linear sums.
+    /// tokens stay, the ones before join the linear sums (products on `p.operand` operands).
     pub(crate) fn advance(
         &self,
         k: &Tensor,
@@ -198,6 +198,7 @@ impl LolcatsState {
         v: &Tensor,
         heads: i64,
         window: &Window,
+        p: Precision,
     ) -> Self {
         let added = k.size()[2];
         let (k, phi_k, v) = (
@@ -211,6 +212,7 @@ impl LolcatsState {
         let linear = self.linear.absorb(
             &repeat_heads(&phi_k.narrow(2, 0, leaving), heads),
             &repeat_heads(&v.narrow(2, 0, leaving), heads),
+            p,
         );
         Self {
             k: k.narrow(2, leaving, keep),

@@ -1,7 +1,7 @@
 //! Recurrent form for decoding: one token against the window cache and the linear sums.
 use super::{check_inputs, gammas, LolcatsConfig, LolcatsInputs, LolcatsState};
 use crate::error::Result;
-use crate::tensors::{compute_kind, prepare, repeat_heads, Dims};
+use crate::tensors::{compute_kind, prepare, repeat_heads, Dims, Precision};
 use tch::{Kind, Tensor};
 
 /// Adds one token (len 1) to `state` and returns its output (b, h, 1, d_v).
@@ -50,6 +50,7 @@ pub fn step(state: &mut LolcatsState, x: &LolcatsInputs, cfg: &LolcatsConfig) ->
         &x.v.to_kind(kind),
         h,
         &window,
+        Precision::uniform(kind),
     );
     Ok((num / den).to_kind(x.v.kind()))
 }

@@ -1,10 +1,11 @@
 //! Chunked form for training and prefill: each query chunk attends to its local block of keys
 //! (its own chunk plus the earlier chunks its windows reach) through libtorch's
-//! `scaled_dot_product_attention` with a banded mask, so cost and memory are O(L·(C + w)).
+//! `scaled_dot_product_attention` with a banded mask, so cost and memory are O(L·(C + w)). f16 /
+//! bf16 inputs reach SDPA in their own dtype: its kernels keep the softmax statistics in f32.
 use super::{check_inputs, SwaConfig, SwaState};
 use crate::error::Result;
 use crate::ops::window::LocalBlocks;
-use crate::tensors::{compute_kind, prepare, repeat_heads};
+use crate::tensors::{prepare, repeat_heads, Precision};
 use tch::Tensor;
 
 /// Runs the sequence on from `state` (empty when `None`) and returns the output (b, h, L, d_v) and
@@ -18,22 +19,25 @@ pub fn chunked(
 ) -> Result<(Tensor, SwaState)> {
     cfg.validate()?;
     let s = check_inputs(q, k, v)?;
-    let kind = compute_kind("v", v)?;
+    let p = Precision::of("v", v)?;
     let window = cfg.window();
-    let start = SwaState::initial(state, &s, &window, (kind, v.device()))?;
+    let start = SwaState::initial(state, &s, &window, (p.acc, v.device()))?;
     let blocks = LocalBlocks::new(&window, cfg.chunk_size, s.len, start.cached(), start.pos)?;
     let (b, h, n) = (s.batch, s.heads, blocks.chunks);
 
     let local = |cache: &Tensor, new: &Tensor| {
-        let slots = blocks.slot_keys(&Tensor::cat(&[cache, &new.to_kind(kind)], 2));
+        let joined = Tensor::cat(&[cache.to_kind(p.operand), new.to_kind(p.operand)], 2);
+        let slots = blocks.slot_keys(&joined);
         let block = blocks.local(&repeat_heads(&slots, h)); // (b, h, n, K, ·)
         let width = block.size()[4];
         block.reshape([b * h, n, blocks.block_len(), width])
     };
-    let queries =
-        blocks
-            .query_chunks(&prepare(q, kind, h))
-            .reshape([b * h, n, blocks.chunk, s.head_dim]);
+    let queries = blocks.query_chunks(&prepare(q, p.operand, h)).reshape([
+        b * h,
+        n,
+        blocks.chunk,
+        s.head_dim,
+    ]);
     let (window_mask, _) = blocks.masks(&window, v.device()); // (n, C, K)
 
     let y = Tensor::scaled_dot_product_attention(
@@ -48,6 +52,6 @@ pub fn chunked(
     ); // (b*h, n, C, d_v)
     let y = blocks.unchunk(&y.reshape([b, h, n, blocks.chunk, s.value_dim]));
 
-    let end = start.advance(&k.to_kind(kind), &v.to_kind(kind), &window);
+    let end = start.advance(&k.to_kind(p.acc), &v.to_kind(p.acc), &window);
     Ok((y.to_kind(v.kind()), end))
 }
