@@ -313,7 +313,7 @@ fn speed_reports_every_length_that_fits() {
     // The cache after decoding is what the model reports for a cache that saw as many tokens.
     let mut cache = student.new_cache(1).unwrap();
     let ids = Tensor::zeros([1, 16 + 6], (Kind::Int64, Device::Cpu));
-    CausalLm::forward_cached(&student, &ids, &mut cache).unwrap();
+    let _ = CausalLm::forward_cached(&student, &ids, &mut cache).unwrap();
     assert_eq!(
         report.points[0].cache_bytes,
         Some(student.cache_bytes(&cache).unwrap())
