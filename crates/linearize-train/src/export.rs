@@ -121,7 +121,9 @@ fn section(
 }
 
 /// Writes `adapters.safetensors` to `path` (atomically): the converted layers' parameters and
-/// the LoRA tensors in f32, with the metadata described in the module docs.
+/// the LoRA tensors in f32, with the metadata described in the module docs. A conversion without
+/// parameters or adapters (Liger, untrained) gives a file of metadata only: the methods per
+/// layer are what base + adapters needs to rebuild it.
 pub fn export_adapters(
     path: &Path,
     model: &Model,
@@ -131,11 +133,6 @@ pub fn export_adapters(
 ) -> Result<()> {
     let mut named = converted.named_parameters();
     named.extend(lora.map(LoraAdapters::named_parameters).unwrap_or_default());
-    ensure!(
-        !named.is_empty(),
-        "nothing to export to {}: no converted layer has parameters and there are no adapters",
-        path.display()
-    );
     let tensors = named
         .iter()
         .map(|(name, t)| Ok((name.clone(), HostTensor::new(name, t, Kind::Float)?)))

@@ -3,11 +3,14 @@
 //! writes an index; bad inputs give errors naming the file and tensor.
 mod common;
 
-use common::{converted, max_abs_diff, probe_logits, rng_lock, save_hf_dir, tiny_config};
+use common::{
+    converted, max_abs_diff, probe_logits, rng_lock, save_hf_dir, tiny_config, tiny_model,
+};
+use linearize_attention::linearized::{AttentionConfig, Method};
 use linearize_models::config::ModelConfig;
 use linearize_models::llama::Model;
 use linearize_models::weights::{Checkpoint, INDEX_FILE, SINGLE_FILE};
-use linearize_train::convert::ConvertedLayers;
+use linearize_train::convert::{convert, ConversionConfig, ConvertedLayers};
 use linearize_train::export::{
     export_adapters, export_model, load_model, EvalRow, EvalTable, ExportInfo, ExportOptions,
     LinearizeSection, SECTION_KEY,
@@ -15,7 +18,7 @@ use linearize_train::export::{
 use linearize_train::lora::{LoraAdapters, LoraSettings};
 use safetensors::tensor::{Dtype, SafeTensors};
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 /// A converted tiny model with adapters whose tensors are all random (a trained state: B is
 /// not zero, so the adapters change the logits), and its base model saved beside it.
@@ -182,6 +185,37 @@ fn base_plus_adapters_round_trips() {
     assert!(diff <= 1e-5, "base + adapters logits differ by {diff}");
     assert_eq!(loaded.lora.as_ref().unwrap().len(), 15);
     assert_eq!(loaded.section.unwrap().recipe_hash, "test-recipe");
+}
+
+#[test]
+fn a_conversion_without_parameters_exports_and_reloads() {
+    let _rng = rng_lock();
+    let root = tempfile::tempdir().unwrap();
+    let base = root.path().join("base");
+    let mut model = tiny_model();
+    save_hf_dir(&model, &base);
+    std::fs::write(base.join("tokenizer.json"), "{}").unwrap();
+    let student = nn::VarStore::new(Device::Cpu);
+    let liger = AttentionConfig {
+        window_size: Some(4),
+        chunk_size: Some(8),
+        sub_chunk: Some(4),
+        ..AttentionConfig::new(Method::Liger)
+    };
+    let layers = convert(&mut model, &ConversionConfig::all(liger), &student).unwrap();
+    assert!(layers.named_parameters().is_empty());
+    let want = probe_logits(&model);
+
+    let path = root.path().join("adapters.safetensors");
+    export_adapters(&path, &model, &layers, None, &info(&base)).unwrap();
+    let loaded = load_model(&base, Some(&path), Device::Cpu, Kind::Float).unwrap();
+    let diff = max_abs_diff(&probe_logits(&loaded.model), &want);
+    assert!(
+        diff <= 1e-5,
+        "base + empty adapters logits differ by {diff}"
+    );
+    let names: Vec<String> = (0..3).map(|i| loaded.model.mixer(i).name()).collect();
+    assert!(names.iter().all(|n| n.starts_with("liger")), "{names:?}");
 }
 
 #[test]
