@@ -21,7 +21,7 @@ pub use section::{LinearizeSection, ModelShape, SECTION_FORMAT, SECTION_KEY};
 
 use crate::convert::ConvertedLayers;
 use crate::lora::LoraAdapters;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use linearize_models::atomic::{self, AtomicDir};
 use linearize_models::llama::Model;
 use std::collections::HashMap;
