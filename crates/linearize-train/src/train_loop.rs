@@ -20,6 +20,36 @@ use sha2::{Digest, Sha256};
 use std::path::Path;
 use tch::{Device, Tensor};
 
+/// The [`LoopSettings`] of a stage from its config and job, whose fields of the same names
+/// every stage has (the stage configs are separate types: each validates its own keys).
+macro_rules! loop_settings {
+    ($cfg:expr, $job:expr) => {
+        $crate::train_loop::LoopSettings {
+            stage: &$cfg.name,
+            run_dir: $job.run_dir,
+            recipe_hash: $job.recipe_hash,
+            run_step_offset: $job.run_step_offset,
+            seed: $job.seed,
+            optimizer: $cfg.optimizer.clone(),
+            schedule: $cfg.schedule.clone(),
+            max_steps: $cfg.max_steps,
+            max_tokens: $cfg.max_tokens,
+            grad_accum: $cfg.grad_accum,
+            max_grad_norm: $cfg.max_grad_norm,
+            keep_last: $cfg.keep_last,
+            keep_best: $cfg.keep_best,
+            cadence: $crate::train_loop::Cadence {
+                log_every: $cfg.log_every,
+                eval_every: $cfg.eval_every,
+                save_every: $cfg.save_every,
+                eval_at_start: $cfg.eval_at_start,
+            },
+            preemption: $job.preemption,
+        }
+    };
+}
+pub(crate) use loop_settings;
+
 /// The settings a loop takes from its stage's config and job.
 pub(crate) struct LoopSettings<'a> {
     /// The stage's name (states, metrics, messages).
@@ -36,9 +66,13 @@ pub(crate) struct LoopSettings<'a> {
     pub max_grad_norm: Option<f64>,
     pub keep_last: usize,
     pub keep_best: bool,
+    pub cadence: Cadence,
+    /// Asked to stop (a signal) when set.
+    pub preemption: Option<&'a Preemption>,
 }
 
 /// How often a stage logs, validates and saves, from its config.
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Cadence {
     pub log_every: u64,
     /// 0: only at the start and the end.
@@ -57,10 +91,6 @@ pub(crate) trait Stage<'a> {
     type Val: Clone;
 
     fn core(&mut self) -> &mut LoopCore<'a>;
-    fn cadence(&self) -> Cadence;
-    fn preemption(&self) -> Option<&'a Preemption>;
-    /// Checked after training: frozen weights untouched.
-    fn frozen(&self) -> Option<&FrozenSnapshot>;
     /// One optimizer update over `grad_accum` micro-batches; `None` when the data ran out.
     fn train_step(&mut self, model: &mut Model) -> Result<Option<Self::Step>>;
     /// The loss the progress bar shows.
@@ -94,9 +124,8 @@ pub(crate) fn run_stage<'a, S: Stage<'a>>(
     model: &mut Model,
     name: &str,
 ) -> Result<StageEnd<S::Val>> {
-    let cadence = stage.cadence();
-    let preemption = stage.preemption();
     let core = stage.core();
+    let (cadence, preemption) = (core.settings.cadence, core.settings.preemption);
     let mut progress = TrainProgress::new(
         name,
         core.step,
@@ -152,7 +181,7 @@ pub(crate) fn run_stage<'a, S: Stage<'a>>(
     } else {
         latest_val
     };
-    if let Some(frozen) = stage.frozen() {
+    if let Some(frozen) = &stage.core().frozen {
         frozen.verify()?;
     }
     Ok(StageEnd {
@@ -182,6 +211,8 @@ pub(crate) struct LoopCore<'a> {
     best_params: Option<Vec<(String, Tensor)>>,
     /// Whether the latest validation was the best so far (then the current parameters are).
     latest_is_best: bool,
+    /// The model's own weights as they were, to check after training.
+    pub frozen: Option<FrozenSnapshot>,
 }
 
 impl<'a> LoopCore<'a> {
@@ -224,7 +255,16 @@ impl<'a> LoopCore<'a> {
             best_val: None,
             best_params: None,
             latest_is_best: false,
+            frozen: None,
         })
+    }
+
+    /// Snapshots the model's own weights (not the students' or adapters', which live in other
+    /// stores) to check after training that they are bit-identical and gradient-free.
+    pub fn capture_frozen(&mut self, model: &Model) -> Result<()> {
+        let named: Vec<(String, Tensor)> = model.named_parameters().into_iter().collect();
+        self.frozen = Some(FrozenSnapshot::capture(&named)?);
+        Ok(())
     }
 
     /// Continues from a saved state of this stage: parameters, optimizer, schedule, data

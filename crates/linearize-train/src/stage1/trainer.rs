@@ -5,10 +5,9 @@ use super::{Stage1Config, Stage1Data, Stage1Job, Stage1Summary, ValMse};
 use crate::convert::ConvertedLayers;
 use crate::data::PackedSequences;
 use crate::metrics::{MetricRecord, MetricsWriter, Split};
-use crate::optim::{FrozenSnapshot, Trainable};
+use crate::optim::Trainable;
 use crate::progress::TrainProgress;
-use crate::state::Preemption;
-use crate::train_loop::{mean, run_stage, Cadence, LoopCore, LoopSettings, Stage};
+use crate::train_loop::{loop_settings, mean, run_stage, LoopCore, Stage};
 use anyhow::{bail, ensure, Context, Result};
 use linearize_attention::linearized::Method;
 use linearize_models::llama::Model;
@@ -16,10 +15,8 @@ use linearize_models::llama::Model;
 pub(super) struct Trainer<'a> {
     cfg: &'a Stage1Config,
     metrics: &'a mut MetricsWriter,
-    preemption: Option<&'a Preemption>,
     tap: SharedTap,
     layers: Vec<usize>,
-    frozen: Option<FrozenSnapshot>,
     val: Option<PackedSequences>,
     core: LoopCore<'a>,
 }
@@ -65,29 +62,11 @@ impl<'a> Trainer<'a> {
         }
         let params = Trainable::new(converted.named_parameters())
             .context("the converted layers have no trainable parameters to transfer into")?;
-        let settings = LoopSettings {
-            stage: &cfg.name,
-            run_dir: job.run_dir,
-            recipe_hash: job.recipe_hash,
-            run_step_offset: job.run_step_offset,
-            seed: job.seed,
-            optimizer: cfg.optimizer.clone(),
-            schedule: cfg.schedule.clone(),
-            max_steps: cfg.max_steps,
-            max_tokens: cfg.max_tokens,
-            grad_accum: cfg.grad_accum,
-            max_grad_norm: cfg.max_grad_norm,
-            keep_last: cfg.keep_last,
-            keep_best: cfg.keep_best,
-        };
+        let settings = loop_settings!(cfg, job);
         let mut core = LoopCore::new(settings, job.group, data.train, data.seq_len, params)?;
-        let frozen = cfg
-            .verify_frozen
-            .then(|| {
-                let named: Vec<_> = model.named_parameters().into_iter().collect();
-                FrozenSnapshot::capture(&named)
-            })
-            .transpose()?;
+        if cfg.verify_frozen {
+            core.capture_frozen(model)?;
+        }
         if let Some(loaded) = job.resume {
             core.resume(loaded)?;
         }
@@ -103,10 +82,8 @@ impl<'a> Trainer<'a> {
         Ok(Self {
             cfg,
             metrics: job.metrics,
-            preemption: job.preemption,
             tap,
             layers: converted.indices(),
-            frozen,
             val: data.val,
             core,
         })
@@ -162,23 +139,6 @@ impl<'a> Stage<'a> for Trainer<'a> {
 
     fn core(&mut self) -> &mut LoopCore<'a> {
         &mut self.core
-    }
-
-    fn cadence(&self) -> Cadence {
-        Cadence {
-            log_every: self.cfg.log_every,
-            eval_every: self.cfg.eval_every,
-            save_every: self.cfg.save_every,
-            eval_at_start: self.cfg.eval_at_start,
-        }
-    }
-
-    fn preemption(&self) -> Option<&'a Preemption> {
-        self.preemption
-    }
-
-    fn frozen(&self) -> Option<&FrozenSnapshot> {
-        self.frozen.as_ref()
     }
 
     fn shown_loss(step: &StepLoss) -> f64 {

@@ -7,21 +7,17 @@ use crate::convert::ConvertedLayers;
 use crate::data::PackedSequences;
 use crate::lora::LoraAdapters;
 use crate::metrics::{MetricRecord, MetricsWriter, Split};
-use crate::optim::{FrozenSnapshot, Trainable};
+use crate::optim::Trainable;
 use crate::progress::TrainProgress;
-use crate::state::Preemption;
-use crate::train_loop::{run_stage, Cadence, LoopCore, LoopSettings, Stage};
+use crate::train_loop::{loop_settings, run_stage, LoopCore, Stage};
 use anyhow::{ensure, Result};
 use linearize_models::llama::Model;
-use tch::Tensor;
 
 pub(super) struct Trainer<'a> {
     cfg: &'a Stage2Config,
     metrics: &'a mut MetricsWriter,
-    preemption: Option<&'a Preemption>,
     converted: &'a ConvertedLayers,
     lora: &'a LoraAdapters,
-    frozen: Option<FrozenSnapshot>,
     val: Option<PackedSequences>,
     core: LoopCore<'a>,
 }
@@ -52,32 +48,14 @@ impl<'a> Trainer<'a> {
             params.sort_by(|a, b| a.0.cmp(&b.0));
         }
         let params = Trainable::new(params)?;
-        let settings = LoopSettings {
-            stage: &cfg.name,
-            run_dir: job.run_dir,
-            recipe_hash: job.recipe_hash,
-            run_step_offset: job.run_step_offset,
-            seed: job.seed,
-            optimizer: cfg.optimizer.clone(),
-            schedule: cfg.schedule.clone(),
-            max_steps: cfg.max_steps,
-            max_tokens: cfg.max_tokens,
-            grad_accum: cfg.grad_accum,
-            max_grad_norm: cfg.max_grad_norm,
-            keep_last: cfg.keep_last,
-            keep_best: cfg.keep_best,
-        };
+        let settings = loop_settings!(cfg, job);
         let mut core = LoopCore::new(settings, job.group, data.train, data.seq_len, params)?;
         // The base weights only: untrained student parameters cannot change (they are not
         // optimised and `run_stage2` turns their gradients off), but may still hold the zeroed
         // gradients stage 1 left, which the snapshot would report.
-        let frozen = cfg
-            .verify_frozen
-            .then(|| {
-                let named: Vec<(String, Tensor)> = model.named_parameters().into_iter().collect();
-                FrozenSnapshot::capture(&named)
-            })
-            .transpose()?;
+        if cfg.verify_frozen {
+            core.capture_frozen(model)?;
+        }
         if let Some(loaded) = job.resume {
             core.resume(loaded)?;
         }
@@ -93,10 +71,8 @@ impl<'a> Trainer<'a> {
         Ok(Self {
             cfg,
             metrics: job.metrics,
-            preemption: job.preemption,
             converted,
             lora,
-            frozen,
             val: data.val,
             core,
         })
@@ -151,23 +127,6 @@ impl<'a> Stage<'a> for Trainer<'a> {
 
     fn core(&mut self) -> &mut LoopCore<'a> {
         &mut self.core
-    }
-
-    fn cadence(&self) -> Cadence {
-        Cadence {
-            log_every: self.cfg.log_every,
-            eval_every: self.cfg.eval_every,
-            save_every: self.cfg.save_every,
-            eval_at_start: self.cfg.eval_at_start,
-        }
-    }
-
-    fn preemption(&self) -> Option<&'a Preemption> {
-        self.preemption
-    }
-
-    fn frozen(&self) -> Option<&FrozenSnapshot> {
-        self.frozen.as_ref()
     }
 
     fn shown_loss(step: &StepLoss) -> f64 {
