@@ -3,16 +3,17 @@
 //! of ranks from the right data position; a killed rank stops the job with a clear error.
 mod common;
 
-use common::{linearize, run, stage_tensors, stderr, tiny_job, write_recipe};
+use common::{
+    linearize, run, send_signal, stage_tensors, stderr, train_records, TinyJob, EXIT_PREEMPTED,
+};
 use serde_json::Value;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tch::Tensor;
 
-const EXIT_PREEMPTED: i32 = 75;
 /// Stage 1 takes 10 updates, LoRA 4 (run-wide steps 1..=14), each logged.
 const SETS: [&str; 10] = [
     "--set",
@@ -27,23 +28,7 @@ const SETS: [&str; 10] = [
     "lora.log_every=1",
 ];
 
-struct Job {
-    dir: tempfile::TempDir,
-    recipe: PathBuf,
-}
-
-impl Job {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        tiny_job(dir.path());
-        let recipe = write_recipe(dir.path(), "");
-        Self { dir, recipe }
-    }
-
-    fn out(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
+impl TinyJob {
     /// `linearize` arguments of the job in `out`.
     fn args(&self, out: &Path) -> Vec<String> {
         let mut args = vec![
@@ -126,13 +111,6 @@ fn records(out: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn train_records(out: &Path) -> Vec<Value> {
-    records(out)
-        .into_iter()
-        .filter(|r| r["split"] == "train")
-        .collect()
-}
-
 fn run_step(record: &Value) -> u64 {
     let offset = if record["stage"] == "lora" { 10 } else { 0 };
     offset + record["step"].as_u64().unwrap()
@@ -188,7 +166,7 @@ fn assert_close(want: &[(String, Tensor)], got: &[(String, Tensor)], what: &str)
 
 #[test]
 fn two_ranks_train_what_one_trains_and_resume_across_world_sizes() {
-    let job = Job::new();
+    let job = TinyJob::new();
     let single = job.out("single");
     job.complete(&single, 1);
     let want = stage_tensors(&single);
@@ -206,12 +184,7 @@ fn two_ranks_train_what_one_trains_and_resume_across_world_sizes() {
     // the launcher exits 75; the job then resumes on ONE process at the right data position.
     let shrunk = job.out("shrunk");
     let (child, log) = job.start_until(&shrunk, 2, 4);
-    let pid = child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    send_signal("TERM", child.id());
     let status = wait(child, Duration::from_secs(120));
     let log = log.lock().unwrap().clone();
     assert_eq!(status, Some(EXIT_PREEMPTED), "{log}");
@@ -225,12 +198,7 @@ fn two_ranks_train_what_one_trains_and_resume_across_world_sizes() {
     // And the other way: one process preempted, resumed on two ranks.
     let grown = job.out("grown");
     let (child, _log) = job.start_until(&grown, 1, 6);
-    let pid = child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    send_signal("TERM", child.id());
     assert_eq!(wait(child, Duration::from_secs(120)), Some(EXIT_PREEMPTED));
     job.complete(&grown, 2);
     assert_same_curves(&single, &grown, "1 rank, then 2");
@@ -239,7 +207,7 @@ fn two_ranks_train_what_one_trains_and_resume_across_world_sizes() {
 
 #[test]
 fn a_killed_rank_stops_the_job_with_a_clear_error() {
-    let job = Job::new();
+    let job = TinyJob::new();
     let out = job.out("killed");
     let (child, log) = job.start_until(&out, 2, 3);
     // The launcher names its ranks' pids; kill rank 1 the hard way.
@@ -255,11 +223,7 @@ fn a_killed_rank_stops_the_job_with_a_clear_error() {
     };
     assert_eq!(pids.len(), 2);
     let started = Instant::now();
-    assert!(std::process::Command::new("kill")
-        .args(["-KILL", &pids[1].to_string()])
-        .status()
-        .unwrap()
-        .success());
+    send_signal("KILL", pids[1]);
     let status = wait(child, Duration::from_secs(60));
     let log = log.lock().unwrap().clone();
     assert_eq!(status, Some(128 + 9), "{log}");

@@ -3,32 +3,15 @@
 //! resume and names what changed.
 mod common;
 
-use common::{linearize, run, stage_tensors, stderr, tiny_job, write_recipe};
+use common::{
+    linearize, run, send_signal, stage_tensors, stderr, train_records, TinyJob, EXIT_PREEMPTED,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tch::Tensor;
 
-/// Exit status of a job stopped by SIGTERM/SIGINT after saving a state (docs/clusters.md).
-const EXIT_PREEMPTED: i32 = 75;
-
-struct Job {
-    dir: tempfile::TempDir,
-    recipe: PathBuf,
-}
-
-impl Job {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        tiny_job(dir.path());
-        let recipe = write_recipe(dir.path(), "");
-        Self { dir, recipe }
-    }
-
-    fn run_dir(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
+impl TinyJob {
     fn args<'a>(&'a self, out: &'a Path) -> Vec<&'a str> {
         vec![
             "--recipe",
@@ -51,7 +34,6 @@ impl Job {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let metrics = out.join("metrics.jsonl");
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             assert!(
@@ -59,12 +41,7 @@ impl Job {
                 "the job ended before step {step}"
             );
             assert!(Instant::now() < deadline, "no step {step} within 300 s");
-            let text = std::fs::read_to_string(&metrics).unwrap_or_default();
-            if text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .any(|r| r["split"] == "train" && run_step(&r) >= step)
-            {
+            if train_records(out).iter().any(|r| run_step(r) >= step) {
                 return child;
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -101,13 +78,13 @@ fn assert_identical(want: &[(String, Tensor)], got: &[(String, Tensor)]) {
 
 #[test]
 fn killed_terminated_and_damaged_jobs_resume_bit_identically() {
-    let job = Job::new();
-    let straight = job.run_dir("straight");
+    let job = TinyJob::new();
+    let straight = job.out("straight");
     job.complete(&straight);
     let want = stage_tensors(&straight);
 
     // SIGKILL at a random step, then `linearize resume`.
-    let killed = job.run_dir("killed");
+    let killed = job.out("killed");
     let step = random_step();
     let mut child = job.start_until(&killed, step);
     child.kill().unwrap();
@@ -122,15 +99,10 @@ fn killed_terminated_and_damaged_jobs_resume_bit_identically() {
 
     // SIGTERM during stage 1: a state is saved and the job exits with the documented status;
     // re-running the same command resumes it.
-    let terminated = job.run_dir("terminated");
+    let terminated = job.out("terminated");
     let step = 3 + random_step() % 18;
     let child = job.start_until(&terminated, step);
-    let pid = child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    send_signal("TERM", child.id());
     let output = child.wait_with_output().unwrap();
     assert_eq!(
         output.status.code(),
@@ -143,7 +115,7 @@ fn killed_terminated_and_damaged_jobs_resume_bit_identically() {
     assert_identical(&want, &stage_tensors(&terminated));
 
     // A truncated latest state: reported, and the one before it is used.
-    let damaged = job.run_dir("damaged");
+    let damaged = job.out("damaged");
     let mut child = job.start_until(&damaged, random_step());
     child.kill().unwrap();
     child.wait().unwrap();
@@ -171,8 +143,8 @@ fn killed_terminated_and_damaged_jobs_resume_bit_identically() {
 
 #[test]
 fn a_changed_recipe_refuses_to_resume_unless_restarted() {
-    let job = Job::new();
-    let out = job.run_dir("run");
+    let job = TinyJob::new();
+    let out = job.out("run");
     let mut child = job.start_until(&out, 2);
     child.kill().unwrap();
     child.wait().unwrap();

@@ -114,3 +114,46 @@ pub fn stage_tensors(run_dir: &Path) -> Vec<(String, Tensor)> {
     named.sort_by(|a, b| a.0.cmp(&b.0));
     named
 }
+
+/// Exit status of a job stopped by SIGTERM/SIGINT after saving a state (docs/clusters.md).
+pub const EXIT_PREEMPTED: i32 = 75;
+
+/// The tiny job in a temporary directory, with its recipe; run directories go beside it.
+pub struct TinyJob {
+    pub dir: tempfile::TempDir,
+    pub recipe: PathBuf,
+}
+
+impl TinyJob {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_job(dir.path());
+        let recipe = write_recipe(dir.path(), "");
+        Self { dir, recipe }
+    }
+
+    /// A run directory of the job.
+    pub fn out(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// The training records in `run_dir/metrics.jsonl` so far (a record still being written is
+/// skipped).
+pub fn train_records(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["split"] == "train")
+        .collect()
+}
+
+/// Sends `signal` (`TERM`, `KILL`, ...) to process `pid`.
+pub fn send_signal(signal: &str, pid: u32) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}: {status}");
+}
