@@ -126,36 +126,35 @@ fn a_different_job_is_refused_at_the_rendezvous() {
     }
 }
 
-#[test]
-fn a_missing_rank_is_an_error_within_the_timeout() {
-    let port = free_port();
+/// The error of rank `rank` of `world` that meets no other rank, with a timeout of `secs`;
+/// checks that it comes well within 10 s.
+fn lone_rank_error(rank: usize, world: usize, secs: f64) -> String {
     let start = Instant::now();
-    let e = ProcessGroup::init(&launch(0, 3, port), Device::Cpu, &options("job", 1.5))
-        .err()
-        .unwrap();
-    let e = format!("{e:#}");
+    let e = ProcessGroup::init(
+        &launch(rank, world, free_port()),
+        Device::Cpu,
+        &options("job", secs),
+    )
+    .err()
+    .unwrap();
     assert!(
         start.elapsed() < Duration::from_secs(10),
         "{:?}",
         start.elapsed()
     );
+    format!("{e:#}")
+}
+
+#[test]
+fn a_missing_rank_is_an_error_within_the_timeout() {
+    let e = lone_rank_error(0, 3, 1.5);
     assert!(
         e.contains("timed out after 1 s waiting for rank(s) [1, 2] of 3"),
         "{e}"
     );
 
     // A rank whose rank 0 never comes.
-    let port = free_port();
-    let start = Instant::now();
-    let e = ProcessGroup::init(&launch(1, 2, port), Device::Cpu, &options("job", 1.0))
-        .err()
-        .unwrap();
-    let e = format!("{e:#}");
-    assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        start.elapsed()
-    );
+    let e = lone_rank_error(1, 2, 1.0);
     assert!(
         e.contains("rank 1: could not reach rank 0 at 127.0.0.1"),
         "{e}"
