@@ -3,6 +3,7 @@
 #   scripts/gpu/bench.sh kernels-stages   # kernels at 1k..64k, then stage 1/2 vs teacher forward
 #   scripts/gpu/bench.sh stages-batched   # stage 1 at batch 8 x 1024, stage 2 at 2 x 2048
 #   scripts/gpu/bench.sh decode           # decoding at 4k, 32k, 128k: teacher vs student
+#   scripts/gpu/bench.sh profile          # the stages-batched cases under libtorch's profiler
 # The binary is target/release/linearize-gpu (built on the CPU machine, carried); results and
 # logs go to $OUT (default ./bench-out).
 set -euo pipefail
@@ -34,13 +35,25 @@ case "${1:-}" in
       --cases teacher,stage2 --steps 4 --warmup 2 --json "$OUT/stages_b2.json" \
       2>"$OUT/stages_b2.log" | tee "$OUT/stages_b2.md"
     ;;
+  profile)
+    # Device time per range, operator and kernel of one update (summaries printed to the .md
+    # files; traces, summaries and logs in profile.tar.xz).
+    P=$(mktemp -d)
+    "$BIN" bench stages --device cuda --dtype bf16 --config "$MODEL" --ctx 1024 --batch 8 \
+      --cases teacher,stage1 --steps 2 --warmup 2 --profile "$P" --json "$P/stages_b8.json" \
+      2>"$P/stages_b8.log" | tee "$OUT/profile_b8.md"
+    "$BIN" bench stages --device cuda --dtype bf16 --config "$MODEL" --ctx 2048 --batch 2 \
+      --cases teacher,stage2 --steps 2 --warmup 2 --profile "$P" --json "$P/stages_b2.json" \
+      2>"$P/stages_b2.log" | tee "$OUT/profile_b2.md"
+    tar -cf - -C "$P" . | xz -6 -T0 >"$OUT/profile.tar.xz"
+    ;;
   decode)
     "$BIN" bench decode --device cuda --dtype bf16 --config "$MODEL" \
       --contexts ${CONTEXTS:-4096,32768,131072} --tokens ${TOKENS:-8} --refine 2 \
       --json "$OUT/decode.json" 2>"$OUT/decode.log" | tee "$OUT/decode.md"
     ;;
   *)
-    echo "usage: $0 kernels-stages|stages-batched|decode" >&2
+    echo "usage: $0 kernels-stages|stages-batched|profile|decode" >&2
     exit 2
     ;;
 esac

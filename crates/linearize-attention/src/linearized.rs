@@ -543,6 +543,7 @@ impl LinearizedMixer {
                 };
                 let phi_q = feature_map_q.forward(x.q)?; // (b, h, L, f)
                 let phi_k = feature_map_k.forward(x.k)?; // (b, h, L, f), GQA heads repeated
+                let _range = linearize_profile::range("attention kernel");
                 let (y, next) = linear_attn::chunked(&phi_q, &phi_k, x.v, cfg, state)?;
                 (y, KernelState::Linear(next))
             }
@@ -559,6 +560,7 @@ impl LinearizedMixer {
                 let phi_q = feature_map_q.forward(x.q)?;
                 let phi_k = feature_map_k.forward(x.k)?;
                 let inputs = lolcats_inputs(x, &phi_q, &phi_k, window_factors);
+                let _range = linearize_profile::range("attention kernel");
                 let (y, next) = lolcats::chunked(&inputs, cfg, state)?;
                 (y, KernelState::Lolcats(next))
             }
@@ -567,6 +569,7 @@ impl LinearizedMixer {
                     Some(KernelState::SlidingWindow(s)) => Some(s),
                     _ => None,
                 };
+                let _range = linearize_profile::range("attention kernel");
                 let (y, next) = swa::chunked(x.q, x.k, x.v, cfg, state)?;
                 (y, KernelState::SlidingWindow(next))
             }
@@ -579,6 +582,7 @@ impl LinearizedMixer {
                     _ => None,
                 };
                 let (q, k, g) = liger::gla_inputs(x.q_raw, x.k_raw, *gate_normalizer)?;
+                let _range = linearize_profile::range("attention kernel");
                 let (y, next) = gla::chunked(&q, &k, x.v, &g, cfg, state)?;
                 (y, KernelState::LigerGla(next))
             }
@@ -587,6 +591,7 @@ impl LinearizedMixer {
                     Some(KernelState::Liger(s)) => Some(s),
                     _ => None,
                 };
+                let _range = linearize_profile::range("attention kernel");
                 let (y, next) = liger::chunked(&liger_inputs(x), cfg, state)?;
                 (y, KernelState::Liger(next))
             }

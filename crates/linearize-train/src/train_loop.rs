@@ -148,7 +148,10 @@ pub(crate) fn run_stage<'a, S: Stage<'a>>(
             progress.finish();
             return Err(Preempted { signal }.into());
         }
-        let Some(loss) = stage.train_step(model)? else {
+        let update = linearize_profile::range("update");
+        let step_loss = stage.train_step(model)?;
+        drop(update);
+        let Some(loss) = step_loss else {
             tracing::warn!(
                 step = stage.core().step,
                 "training data ran out before the step budget"
@@ -404,6 +407,7 @@ impl<'a> LoopCore<'a> {
     /// Ends an update: clips, applies AdamW at the schedule's learning rate (skipped on a
     /// non-finite gradient) and advances the counters. Returns `(lr, grad_norm before clipping)`.
     pub fn finish_step(&mut self) -> Result<(f64, f64)> {
+        let _range = linearize_profile::range("optimizer");
         // Before clipping: the norm is that of the global batch's gradient, the same on every
         // rank, so every rank clips and skips alike.
         self.params.average_gradients(self.group)?;

@@ -114,7 +114,11 @@ impl Mixer for TransferMixer {
             "attention transfer runs whole sequences, without a decoding state"
         );
         let mode = lock(&self.tap)?.mode;
-        let teacher = self.teacher.forward(input, None)?; // (b, h, L, d)
+        let teacher = {
+            let _range = linearize_profile::range("transfer.teacher");
+            self.teacher.forward(input, None)? // (b, h, L, d)
+        };
+        let student_range = linearize_profile::range("transfer.student");
         let student = self.student.forward(input, None)?; // (b, h, L, d)
         let mse = (student.to_kind(Kind::Float) - teacher.to_kind(Kind::Float))
             .square()
@@ -126,7 +130,9 @@ impl Mixer for TransferMixer {
             Some(xent) => &mse * self.objective.mse_factor + xent * self.objective.xent_factor,
             None => &mse * self.objective.mse_factor,
         };
+        drop(student_range);
         if let TapMode::Train { backward_scale } = mode {
+            let _range = linearize_profile::range("transfer.backward");
             (loss * backward_scale).f_backward()?;
         }
         lock(&self.tap)?.losses.push(PendingLoss {

@@ -104,13 +104,21 @@ impl<'a> Trainer<'a> {
             let teacher = cfg
                 .loss
                 .uses_teacher()
-                .then(|| teacher_logits(model, self.converted, self.lora, true, &ids))
+                .then(|| {
+                    let _range = linearize_profile::range("teacher");
+                    teacher_logits(model, self.converted, self.lora, true, &ids)
+                })
                 .transpose()?;
+            let forward = linearize_profile::range("forward");
             let logits = scored.positions(&model.forward(&ids, None)?); // (b, n, V)
             let lm = lm_loss(&logits, &scored.targets);
             let kl = teacher.map(|t| kl_to_teacher(&logits, &scored.positions(&t)));
             let loss = cfg.loss.combine(&lm, kl.as_ref());
-            (&loss / cfg.grad_accum as f64).f_backward()?;
+            drop(forward);
+            {
+                let _range = linearize_profile::range("backward");
+                (&loss / cfg.grad_accum as f64).f_backward()?;
+            }
             lm_sum += lm.double_value(&[]);
             if let Some(kl) = kl {
                 *kl_sum.get_or_insert(0.0) += kl.double_value(&[]);

@@ -11,6 +11,8 @@ use super::harness::{
 use super::memory::MemoryProbe;
 use super::model::{random_ids, ModelArgs};
 use anyhow::{bail, ensure, Context, Result};
+use linearize_profile::summary::Summary;
+use linearize_profile::{range, Profiler};
 use linearize_train::data::{Batcher, PackedSequences};
 use linearize_train::lora::{LoraAdapters, LoraSettings};
 use linearize_train::metrics::MetricsWriter;
@@ -69,6 +71,14 @@ pub struct StageArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Profile each case with libtorch's profiler: write its trace (Chrome trace JSON) and a
+    /// summary of device time per range, operator and kernel over the timed updates to this
+    /// directory, and print the summaries. Profiling slows the cases it measures.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Rows of each profile table.
+    #[arg(long, default_value_t = 25)]
+    profile_top: usize,
     /// Internal: run one `CASE:CTX` in this process and print its result as JSON.
     #[arg(long, hide = true)]
     worker: Option<String>,
@@ -101,6 +111,10 @@ pub fn run(args: StageArgs) -> Result<()> {
             ] {
                 cmd.args([flag.to_string(), value.to_string()]);
             }
+            if let Some(dir) = &args.profile {
+                cmd.arg("--profile").arg(dir);
+                cmd.args(["--profile-top", &args.profile_top.to_string()]);
+            }
             cmd.args(["--worker", &spec]);
             let mut outcome = json!({"case": case.name(), "ctx": ctx, "batch": args.batch});
             match run_child(cmd, &spec)? {
@@ -121,6 +135,20 @@ pub fn run(args: StageArgs) -> Result<()> {
     }
     add_ratios(&mut results);
     println!("{}", table(&results));
+    if args.profile.is_some() {
+        println!("Under the profiler: these rates are slowed by its recording.\n");
+        for r in &results {
+            if let Some(md) = r["profile"]["summary_md"].as_str() {
+                let text = std::fs::read_to_string(md).with_context(|| format!("reading {md}"))?;
+                println!(
+                    "### {} ctx {} batch {}\n\n{text}",
+                    r["case"].as_str().unwrap_or(""),
+                    r["ctx"],
+                    r["batch"]
+                );
+            }
+        }
+    }
     if let Some(path) = &args.json {
         let report = json!({
             "machine": machine,
@@ -171,7 +199,12 @@ fn worker(args: &StageArgs, spec: &str) -> Result<()> {
     let (case, ctx) = parse_worker_spec::<StageCase>(spec)?;
     let device = args.model.device()?;
     let probe = MemoryProbe::new(device)?;
-    let report = match case {
+    let profiler = args
+        .profile
+        .as_ref()
+        .map(|_| Profiler::start(device.is_cuda()))
+        .transpose()?;
+    let mut report = match case {
         StageCase::Teacher => {
             let model = args.model.teacher()?;
             let baseline = probe.start()?;
@@ -179,7 +212,10 @@ fn worker(args: &StageArgs, spec: &str) -> Result<()> {
             let iters = (args.warmup + args.steps) as usize;
             let tokens = (args.batch * ctx) as f64;
             let hidden_ms = tch::no_grad(|| {
-                median_ms(iters, device, || model.hidden_states(&ids, None).map(drop))
+                median_ms(iters, device, || {
+                    let _update = range("update");
+                    model.hidden_states(&ids, None).map(drop)
+                })
             })?;
             let logits_ms =
                 tch::no_grad(|| median_ms(iters, device, || model.forward(&ids, None).map(drop)))?;
@@ -266,6 +302,23 @@ fn worker(args: &StageArgs, spec: &str) -> Result<()> {
             json!({"tokens_per_s": tokens_per_s, "step_ms": step_ms, "peak_bytes": peak})
         }
     };
+    if let (Some(profiler), Some(dir)) = (profiler, &args.profile) {
+        let stem = dir.join(format!("{}_ctx{ctx}_b{}", case.name(), args.batch));
+        let trace = stem.with_extension("trace.json");
+        profiler.finish(&trace)?;
+        let summary = Summary::from_trace(&trace, "update", args.warmup as usize)?;
+        let md = stem.with_extension("profile.md");
+        linearize_models::atomic::write_file(&md, summary.markdown(args.profile_top).as_bytes())
+            .with_context(|| format!("writing {}", md.display()))?;
+        write_json(
+            &stem.with_extension("profile.json"),
+            &serde_json::to_value(&summary)?,
+        )?;
+        report["profile"] = json!({
+            "trace": trace.display().to_string(),
+            "summary_md": md.display().to_string(),
+        });
+    }
     println!("{report}");
     Ok(())
 }
