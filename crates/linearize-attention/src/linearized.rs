@@ -523,6 +523,26 @@ impl LinearizedMixer {
         }
     }
 
+    /// The chunked form's output (b, h, L, d) from the empty state, for whole sequences
+    /// (training, scoring): kernels that can skip building the final state do.
+    fn output(&self, x: &MixerInput) -> Result<Tensor> {
+        match &self.kernel {
+            Kernel::Lolcats {
+                feature_map_q,
+                feature_map_k,
+                window_factors,
+                cfg,
+            } => {
+                let phi_q = feature_map_q.forward(x.q)?;
+                let phi_k = feature_map_k.forward(x.k)?;
+                let inputs = lolcats_inputs(x, &phi_q, &phi_k, window_factors);
+                let _range = linearize_profile::range("attention kernel");
+                Ok(lolcats::chunked_output(&inputs, cfg)?)
+            }
+            _ => Ok(self.chunked(x, None)?.0),
+        }
+    }
+
     /// Runs the kernel's chunked form from `state` (the empty state when `None`) and returns the
     /// output (b, h, L, d) with the final state.
     fn chunked(
@@ -688,7 +708,7 @@ impl Mixer for LinearizedMixer {
             return teacher.forward(input, state);
         }
         let Some(state) = state else {
-            return Ok(self.chunked(input, None)?.0);
+            return self.output(input);
         };
         let name = self.name();
         let state = state

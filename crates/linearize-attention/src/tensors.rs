@@ -104,6 +104,13 @@ impl Precision {
         }
     }
 
+    /// `a @ b` (batched, broadcasting) on operands cast to `operand`, returned in `operand`:
+    /// for results that only feed other matmuls or elementwise operations that read them in
+    /// `acc` on the fly.
+    pub fn mm_operand(&self, a: &Tensor, b: &Tensor) -> Tensor {
+        a.to_kind(self.operand).matmul(&b.to_kind(self.operand))
+    }
+
     /// `a @ b` (batched, broadcasting) on operands cast to `operand` (f32 accumulations such as
     /// attention weights included, as FLA casts P before P·V), returned in `acc`.
     pub fn mm(&self, a: &Tensor, b: &Tensor) -> Tensor {

@@ -187,7 +187,7 @@ fn gqa_inputs_are_repeated_to_the_maps_heads() {
 }
 
 #[test]
-fn half_precision_inputs_are_mapped_in_f32() {
+fn half_precision_inputs_are_projected_on_their_own_dtype_and_normalised_in_f32() {
     seed(57);
     let vs = nn::VarStore::new(Device::Cpu);
     let map = FeatureMap::new(
@@ -200,12 +200,10 @@ fn half_precision_inputs_are_mapped_in_f32() {
     let x = randn(&[1, 2, 9, 8], Kind::Float).to_kind(Kind::BFloat16);
     let out = map.forward(&x).unwrap();
     assert_eq!(out.kind(), Kind::BFloat16);
-    // Computed from the same bf16 values in f32, then rounded once.
-    let reference = map
-        .forward(&x.to_kind(Kind::Float))
-        .unwrap()
-        .to_kind(Kind::BFloat16);
-    assert_close("bf16", &out, &reference, 0.0);
+    // The projection's result is rounded to bf16 (as a bf16 GEMM rounds it); the softmax reads it
+    // in f32 and rounds once more. An f32 map of the same values differs by that rounding only.
+    let reference = map.forward(&x.to_kind(Kind::Float)).unwrap();
+    assert_close("bf16", &out.to_kind(Kind::Float), &reference, 2e-2);
 }
 
 #[test]

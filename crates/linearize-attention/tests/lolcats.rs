@@ -189,6 +189,32 @@ fn chunked_matches_naive_forward_and_gradients() {
 }
 
 #[test]
+fn the_output_alone_is_the_chunked_output_with_the_same_gradients() {
+    seed(20);
+    for kind in [Kind::Float, Kind::BFloat16] {
+        for shape in SHAPES {
+            let s = setup(2, 3 * CHUNK + 5, Kind::Float);
+            let (q, k, v) = (s.q.to_kind(kind), s.k.to_kind(kind), s.v.to_kind(kind));
+            let (phi_q, phi_k) = (s.map_q.forward(&q).unwrap(), s.map_k.forward(&k).unwrap());
+            let x = LolcatsInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                phi_q: &phi_q,
+                phi_k: &phi_k,
+                window_factors: &s.factors.logits,
+            };
+            let (full, _) = lolcats::chunked(&x, &cfg(shape), None).unwrap();
+            let alone = lolcats::chunked_output(&x, &cfg(shape)).unwrap();
+            let params = s.params();
+            let mut inputs: Vec<(&str, &Tensor)> = vec![("q", &s.q), ("k", &s.k), ("v", &s.v)];
+            inputs.extend(params.iter().map(|(n, t)| (n.as_str(), t)));
+            assert_same_grads(&format!("{kind:?} {shape:?}"), &alone, &full, &inputs, 0.0);
+        }
+    }
+}
+
+#[test]
 fn chunks_smaller_than_the_window() {
     seed(12);
     for shape in SHAPES {

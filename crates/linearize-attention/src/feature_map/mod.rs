@@ -18,9 +18,9 @@ pub use softmax_dim::SoftmaxDim;
 pub use t2r::T2r;
 
 use crate::error::{config, Result};
-use crate::tensors::{compute_kind, repeat_heads, shape, Dims};
+use crate::tensors::{compute_kind, repeat_heads, shape, Dims, Precision};
 use serde::{Deserialize, Serialize};
-use tch::{nn, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// How a learned map's weight starts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +210,18 @@ pub(crate) struct MapInput {
 impl MapInput {
     /// `x` (b, h', L, d) with its heads repeated to `heads`, in the compute dtype.
     pub fn prepare(&self, x: &Tensor) -> Result<Tensor> {
+        let kind = compute_kind("feature map input", x)?;
+        self.prepare_as(x, kind)
+    }
+
+    /// [`Self::prepare`] in the matmul operand dtype: f16 / bf16 inputs stay as they are, so a
+    /// projection runs on tensor cores (products accumulated in f32, the result rounded).
+    pub fn prepare_operand(&self, x: &Tensor) -> Result<Tensor> {
+        let kind = Precision::of("feature map input", x)?.operand;
+        self.prepare_as(x, kind)
+    }
+
+    fn prepare_as(&self, x: &Tensor, kind: Kind) -> Result<Tensor> {
         let dims = Dims::of("feature map input", x)?;
         if dims.dim != self.head_dim || self.heads % dims.heads != 0 {
             let expected = format!(
@@ -218,7 +230,6 @@ impl MapInput {
             );
             return Err(shape("feature map input", &expected, x));
         }
-        let kind = compute_kind("feature map input", x)?;
         Ok(repeat_heads(&x.to_kind(kind), self.heads))
     }
 }

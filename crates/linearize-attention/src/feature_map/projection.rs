@@ -49,9 +49,10 @@ impl HeadProjection {
         }
     }
 
-    /// (b, h', L, d) -> xW + b (b, h, L, f) in the compute dtype.
+    /// (b, h', L, d) -> xW + b (b, h, L, f) in the matmul operand dtype (f16 / bf16 inputs keep
+    /// theirs; what follows, a softmax or a ReLU, reads them in f32 where it needs to).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.input.prepare(x)?;
+        let x = self.input.prepare_operand(x)?;
         let projected = x.matmul(&self.weight.to_kind(x.kind()));
         Ok(match &self.bias {
             Some(b) => projected + b.to_kind(x.kind()).unsqueeze(1),

@@ -3,7 +3,7 @@
 //! before that block are, for every query of the chunk, outside the window, so they enter as
 //! linear sums carried across chunks. Cost O(L·(C + w)·d + L·f·d), memory linear in L. For f16 /
 //! bf16 inputs the matmuls take operands in the input dtype, the sums stay in f32.
-use super::{check_inputs, gammas, LolcatsConfig, LolcatsInputs, LolcatsState};
+use super::{check_inputs, gammas, LolcatsConfig, LolcatsInputs, LolcatsState, Shapes};
 use crate::error::Result;
 use crate::ops::window::LocalBlocks;
 use crate::tensors::{exclusive_cumsum, prepare, repeat_heads, Precision};
@@ -16,65 +16,113 @@ pub fn chunked(
     cfg: &LolcatsConfig,
     state: Option<&LolcatsState>,
 ) -> Result<(Tensor, LolcatsState)> {
-    cfg.validate()?;
-    let s = check_inputs(x)?;
-    let p = Precision::of("v", x.v)?;
-    let window = cfg.window();
-    let device = x.v.device();
-    let start = LolcatsState::initial(state, &s, &window, (p.acc, device))?;
-    let blocks = LocalBlocks::new(&window, cfg.chunk_size, s.len, start.cached(), start.pos)?;
-    let h = s.heads;
-
-    // Cached tokens followed by the new ones, laid out in slots (b, h, S, ·). Only matmuls read
-    // them, so they are laid out in the operand dtype (the cache holds values of that dtype).
-    let slots = |cache: &Tensor, new: &Tensor| {
-        let joined = Tensor::cat(&[cache.to_kind(p.operand), new.to_kind(p.operand)], 2);
-        repeat_heads(&blocks.slot_keys(&joined), h)
-    };
-    let k_slots = slots(&start.k, x.k);
-    let phi_k_slots = slots(&start.phi_k, x.phi_k);
-    let v_slots = slots(&start.v, x.v);
-
-    // Linear sums over the keys before each chunk's local block (b, h, n, f, d_v) and (b, h, n, f),
-    // summed across chunks in `acc`.
-    let phi_k_chunks = blocks.slot_chunks(&phi_k_slots);
-    let kv_before = exclusive_cumsum(
-        &p.mm(
-            &phi_k_chunks.transpose(-1, -2),
-            &blocks.slot_chunks(&v_slots),
-        ),
-        2,
-    ) + start.linear.kv.unsqueeze(2);
-    let k_before = exclusive_cumsum(&phi_k_chunks.sum_dim_intlist(-2, false, p.acc), 2)
-        + start.linear.k_sum.unsqueeze(2);
-
-    let q = blocks.query_chunks(&prepare(x.q, p.operand, h)); // (b, h, n, C, d)
-    let phi_q = blocks.query_chunks(&prepare(x.phi_q, p.operand, h)); // (b, h, n, C, f)
-    let (window_mask, linear_mask) = blocks.masks(&window, device); // (n, C, K)
-
-    // Scores come back rounded to the operand dtype (as in eager bf16 attention); the max, the
-    // exponentials and every sum below are in `acc`.
-    let scores = p.mm(&q, &blocks.local(&k_slots).transpose(-1, -2)) / (s.head_dim as f64).sqrt();
-    let scores = scores.masked_fill(&window_mask.logical_not(), f64::NEG_INFINITY); // (b, h, n, C, K)
-    let max = scores.amax([-1i64].as_slice(), true);
-    let a_window = (scores - max).exp() * gammas(x.window_factors, h, p.acc, 5);
-    let a_linear = p
-        .mm(&phi_q, &blocks.local(&phi_k_slots).transpose(-1, -2))
-        .masked_fill(&linear_mask.logical_not(), 0.0);
-    let a = a_window + a_linear;
-
-    // (b, h, n, C, d_v) and (b, h, n, C, 1)
-    let num = p.mm(&a, &blocks.local(&v_slots)) + p.mm_state(&phi_q, &kv_before);
-    let den = a.sum_dim_intlist(-1, true, p.acc) + p.mm_state(&phi_q, &k_before.unsqueeze(-1));
-    let y = blocks.unchunk(&(num / den));
-
-    let end = start.advance(
-        &x.k.to_kind(p.acc),
-        &x.phi_k.to_kind(p.acc),
-        &x.v.to_kind(p.acc),
-        h,
-        &window,
-        p,
+    let call = Call::new(x, cfg, state)?;
+    let y = call.output(x);
+    let end = call.start.advance(
+        &x.k.to_kind(call.p.acc),
+        &x.phi_k.to_kind(call.p.acc),
+        &x.v.to_kind(call.p.acc),
+        call.s.heads,
+        &cfg.window(),
+        call.p,
     );
-    Ok((y.to_kind(x.v.kind()), end))
+    Ok((y, end))
+}
+
+/// [`chunked`]'s output from an empty state, without building the state after the last token
+/// (training needs only the output).
+pub fn chunked_output(x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Tensor> {
+    Ok(Call::new(x, cfg, None)?.output(x))
+}
+
+/// One call's checked sizes, dtypes, starting state and block layout.
+struct Call {
+    s: Shapes,
+    p: Precision,
+    start: LolcatsState,
+    /// Whether the call starts from the empty state (no cache to join, no sums to add).
+    fresh: bool,
+    blocks: LocalBlocks,
+    cfg: LolcatsConfig,
+}
+
+impl Call {
+    fn new(x: &LolcatsInputs, cfg: &LolcatsConfig, state: Option<&LolcatsState>) -> Result<Self> {
+        cfg.validate()?;
+        let s = check_inputs(x)?;
+        let p = Precision::of("v", x.v)?;
+        let window = cfg.window();
+        let start = LolcatsState::initial(state, &s, &window, (p.acc, x.v.device()))?;
+        let blocks = LocalBlocks::new(&window, cfg.chunk_size, s.len, start.cached(), start.pos)?;
+        Ok(Self {
+            s,
+            p,
+            fresh: state.is_none(),
+            start,
+            blocks,
+            cfg: *cfg,
+        })
+    }
+
+    fn output(&self, x: &LolcatsInputs) -> Tensor {
+        let (s, p, blocks, h) = (&self.s, self.p, &self.blocks, self.s.heads);
+        let window = self.cfg.window();
+
+        // Cached tokens followed by the new ones, laid out in slots (b, h, S, ·). Only matmuls
+        // read them, so they are laid out in the operand dtype (the cache holds values of that
+        // dtype).
+        let slots = |cache: &Tensor, new: &Tensor| {
+            let joined = if self.fresh {
+                new.to_kind(p.operand)
+            } else {
+                Tensor::cat(&[cache.to_kind(p.operand), new.to_kind(p.operand)], 2)
+            };
+            repeat_heads(&blocks.slot_keys(&joined), h)
+        };
+        let k_slots = slots(&self.start.k, x.k);
+        let phi_k_slots = slots(&self.start.phi_k, x.phi_k);
+        let v_slots = slots(&self.start.v, x.v);
+
+        // Linear sums over the keys before each chunk's local block (b, h, n, f, d_v) and
+        // (b, h, n, f), summed across chunks in `acc`.
+        let phi_k_chunks = blocks.slot_chunks(&phi_k_slots);
+        let mut kv_before = exclusive_cumsum(
+            &p.mm(
+                &phi_k_chunks.transpose(-1, -2),
+                &blocks.slot_chunks(&v_slots),
+            ),
+            2,
+        );
+        let mut k_before = exclusive_cumsum(&phi_k_chunks.sum_dim_intlist(-2, false, p.acc), 2);
+        if !self.fresh {
+            kv_before += self.start.linear.kv.unsqueeze(2);
+            k_before += self.start.linear.k_sum.unsqueeze(2);
+        }
+
+        let q = blocks.query_chunks(&prepare(x.q, p.operand, h)); // (b, h, n, C, d)
+        let phi_q = blocks.query_chunks(&prepare(x.phi_q, p.operand, h)); // (b, h, n, C, f)
+        let (window_mask, linear_mask) = blocks.masks(&window, x.v.device()); // (n, C, K)
+
+        // Scores stay in the operand dtype (as in eager bf16 attention); the max, the
+        // exponentials and every sum below are in `acc`. γ enters through the max,
+        // γ·exp(s − m) = exp(s − (m − log γ)), which saves a pass over the scores.
+        let mut scores = p.mm_operand(&q, &blocks.local(&k_slots).transpose(-1, -2));
+        scores /= (s.head_dim as f64).sqrt();
+        let _ = scores.masked_fill_(&window_mask.logical_not(), f64::NEG_INFINITY); // (b, h, n, C, K)
+        let shift = scores.amax([-1i64].as_slice(), true).to_kind(p.acc)
+            - gammas(x.window_factors, h, p.acc, 5).log();
+        let mut a_window = &scores - shift;
+        let _ = a_window.exp_();
+        // The weights go into the value matmul in the operand dtype (the sum is formed in `acc`
+        // and rounded once); the normaliser sums the same rounded weights, so numerator and
+        // denominator agree.
+        let mut a = p.mm_operand(&phi_q, &blocks.local(&phi_k_slots).transpose(-1, -2));
+        let _ = a.masked_fill_(&linear_mask.logical_not(), 0.0);
+        a += &a_window;
+
+        // (b, h, n, C, d_v) and (b, h, n, C, 1)
+        let num = p.mm_operand(&a, &blocks.local(&v_slots)) + p.mm_state(&phi_q, &kv_before);
+        let den = a.sum_dim_intlist(-1, true, p.acc) + p.mm_state(&phi_q, &k_before.unsqueeze(-1));
+        blocks.unchunk(&(num / den)).to_kind(x.v.kind())
+    }
 }

@@ -18,7 +18,7 @@ mod chunked;
 mod naive;
 mod recurrent;
 
-pub use chunked::chunked;
+pub use chunked::{chunked, chunked_output};
 pub use naive::naive;
 pub use recurrent::{recurrent, step};
 
