@@ -169,15 +169,14 @@ pub(crate) fn ceil_div(a: i64, b: i64) -> i64 {
     (a + b - 1) / b
 }
 
-/// Sums of all earlier entries along `dim` (zero for the first).
-pub(crate) fn exclusive_cumsum(x: &Tensor, dim: i64) -> Tensor {
+/// Sums of all earlier entries along `dim` (zero for the first), accumulated and returned in
+/// `kind`. The zero is joined before the scan, in `x`'s dtype, so a bf16 `x` is read once by a
+/// scan that writes f32 (no separate conversion pass), and the join's backward is a view.
+pub(crate) fn exclusive_cumsum(x: &Tensor, dim: i64, kind: Kind) -> Tensor {
     let n = x.size()[dim as usize];
-    let inclusive = x.cumsum(dim, x.kind());
     Tensor::cat(
-        &[
-            x.narrow(dim, 0, 1).zeros_like(),
-            inclusive.narrow(dim, 0, n - 1),
-        ],
+        &[x.narrow(dim, 0, 1).zeros_like(), x.narrow(dim, 0, n - 1)],
         dim,
     )
+    .cumsum(dim, kind)
 }

@@ -120,8 +120,8 @@ impl Mixer for TransferMixer {
         };
         let student_range = linearize_profile::range("transfer.student");
         let student = self.student.forward(input, None)?; // (b, h, L, d)
-        // The difference is rounded to the outputs' dtype (bf16: 2^-9 of itself), its mean of
-        // squares is summed in f32.
+                                                          // The difference is rounded to the outputs' dtype (bf16: 2^-9 of itself), its mean of
+                                                          // squares is summed in f32.
         let mse = (&student - &teacher).square().mean(Kind::Float);
         let xent = (self.objective.xent_factor > 0.0)
             .then(|| attention_xent(&self.student, input))

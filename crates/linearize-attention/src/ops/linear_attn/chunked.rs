@@ -32,8 +32,8 @@ pub fn chunked(
     // What each chunk adds to the state, and the state before each chunk (sums in `acc`).
     let kv_chunk = p.mm(&k.transpose(-1, -2), &values); // (b, h, n, f, d)
     let k_chunk = k.sum_dim_intlist(-2, false, p.acc); // (b, h, n, f)
-    let kv_before = exclusive_cumsum(&kv_chunk, 2) + init.kv.unsqueeze(2);
-    let k_before = exclusive_cumsum(&k_chunk, 2) + init.k_sum.unsqueeze(2);
+    let kv_before = exclusive_cumsum(&kv_chunk, 2, kv_chunk.kind()) + init.kv.unsqueeze(2);
+    let k_before = exclusive_cumsum(&k_chunk, 2, k_chunk.kind()) + init.k_sum.unsqueeze(2);
 
     let future = Tensor::ones([c, c], (Kind::Bool, v.device())).triu(1);
     let a = p.mm(&q, &k.transpose(-1, -2)).masked_fill(&future, 0.0); // (b, h, n, C, C)

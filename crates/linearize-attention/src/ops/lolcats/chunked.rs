@@ -86,14 +86,13 @@ impl Call {
         // Linear sums over the keys before each chunk's local block (b, h, n, f, d_v) and
         // (b, h, n, f), summed across chunks in `acc`.
         let phi_k_chunks = blocks.slot_chunks(&phi_k_slots);
-        let mut kv_before = exclusive_cumsum(
-            &p.mm(
-                &phi_k_chunks.transpose(-1, -2),
-                &blocks.slot_chunks(&v_slots),
-            ),
-            2,
+        let chunk_kv = p.mm_operand(
+            &phi_k_chunks.transpose(-1, -2),
+            &blocks.slot_chunks(&v_slots),
         );
-        let mut k_before = exclusive_cumsum(&phi_k_chunks.sum_dim_intlist(-2, false, p.acc), 2);
+        let mut kv_before = exclusive_cumsum(&chunk_kv, 2, p.acc);
+        let mut k_before =
+            exclusive_cumsum(&phi_k_chunks.sum_dim_intlist(-2, false, p.acc), 2, p.acc);
         if !self.fresh {
             kv_before += self.start.linear.kv.unsqueeze(2);
             k_before += self.start.linear.k_sum.unsqueeze(2);
@@ -106,7 +105,7 @@ impl Call {
         // Scores stay in the operand dtype (as in eager bf16 attention); the max, the
         // exponentials and every sum below are in `acc`. γ enters through the max,
         // γ·exp(s − m) = exp(s − (m − log γ)), which saves a pass over the scores.
-        let mut scores = p.mm_operand(&q, &blocks.local(&k_slots).transpose(-1, -2));
+        let mut scores = p.mm_operand(&q, &blocks.local(&k_slots).contiguous().transpose(-1, -2));
         scores /= (s.head_dim as f64).sqrt();
         let _ = scores.masked_fill_(&window_mask.logical_not(), f64::NEG_INFINITY); // (b, h, n, C, K)
         let shift = scores.amax([-1i64].as_slice(), true).to_kind(p.acc)
@@ -116,7 +115,10 @@ impl Call {
         // The weights go into the value matmul in the operand dtype (the sum is formed in `acc`
         // and rounded once); the normaliser sums the same rounded weights, so numerator and
         // denominator agree.
-        let mut a = p.mm_operand(&phi_q, &blocks.local(&phi_k_slots).transpose(-1, -2));
+        let mut a = p.mm_operand(
+            &phi_q,
+            &blocks.local(&phi_k_slots).contiguous().transpose(-1, -2),
+        );
         let _ = a.masked_fill_(&linear_mask.logical_not(), 0.0);
         a += &a_window;
 
