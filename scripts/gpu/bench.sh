@@ -50,7 +50,7 @@ case "${1:-}" in
   decode)
     "$BIN" bench decode --device cuda --dtype bf16 --config "$MODEL" \
       --contexts ${CONTEXTS:-4096,32768,131072} --tokens ${TOKENS:-8} --refine 2 \
-      --json "$OUT/decode.json" 2>"$OUT/decode.log" | tee "$OUT/decode.md"
+      --json "$OUT/decode.json" --plot "$OUT/decode.png" 2>"$OUT/decode.log" | tee "$OUT/decode.md"
     ;;
   *)
     echo "usage: $0 kernels-stages|stages-batched|profile|decode" >&2

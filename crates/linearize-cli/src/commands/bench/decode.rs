@@ -62,6 +62,9 @@ pub struct DecodeArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also draw tokens/s and memory against context here (PNG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Internal: run one `MODEL:CONTEXT` in this process and print its result as JSON.
     #[arg(long, hide = true)]
     worker: Option<String>,
@@ -137,6 +140,9 @@ pub fn run(args: DecodeArgs) -> Result<()> {
             "best": best,
         });
         write_json(path, &report)?;
+    }
+    if let Some(path) = &args.plot {
+        super::decode_plot::write(path, &results)?;
     }
     Ok(())
 }

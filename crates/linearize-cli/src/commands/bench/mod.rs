@@ -4,6 +4,7 @@
 //! `bench decode` decoding at long contexts, teacher against student.
 mod case;
 mod decode;
+mod decode_plot;
 mod harness;
 mod kernels;
 mod memory;
@@ -29,6 +30,8 @@ enum Command {
     Stages(stages::StageArgs),
     /// Decoding tokens/s and memory of teacher and student at long contexts.
     Decode(decode::DecodeArgs),
+    /// Draw decode tokens/s and memory against context from `bench decode --json` reports.
+    PlotDecode(decode_plot::PlotArgs),
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -91,5 +94,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Kernels(args) => kernels::run(args),
         Command::Stages(args) => stages::run(args),
         Command::Decode(args) => decode::run(args),
+        Command::PlotDecode(args) => decode_plot::run(args),
     }
 }
