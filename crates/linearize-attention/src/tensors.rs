@@ -169,6 +169,19 @@ pub(crate) fn ceil_div(a: i64, b: i64) -> i64 {
     (a + b - 1) / b
 }
 
+/// Sums of all earlier chunks along dim 2 of `x` (b, h, n, ..), zero for the first, as one
+/// matmul by the strictly lower-triangular (n, n) matrix of ones: products of the 0/1 matrix are
+/// exact, the sums accumulate in f32 for f16 / bf16 and come back in `x`'s dtype, and the
+/// backward is one matmul too.
+pub(crate) fn prefix_sums(x: &Tensor) -> Tensor {
+    let size = x.size();
+    let n = size[2];
+    let lower = Tensor::ones([n, n], (x.kind(), x.device())).tril(-1);
+    lower
+        .matmul(&x.reshape([size[0], size[1], n, -1]))
+        .reshape(size)
+}
+
 /// Sums of all earlier entries along `dim` (zero for the first), accumulated and returned in
 /// `kind`. The zero is joined before the scan, in `x`'s dtype, so a bf16 `x` is read once by a
 /// scan that writes f32 (no separate conversion pass), and the join's backward is a view.

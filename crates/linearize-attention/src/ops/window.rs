@@ -139,11 +139,17 @@ impl LocalBlocks {
         pad_seq(ext, front, self.slots() - front - self.cached - self.len)
     }
 
-    /// Slots (b, h, S, x) -> local blocks (b, h, chunks, block_len, x).
+    /// Slots (b, h, S, x) -> local blocks (b, h, chunks, block_len, x), contiguous: the
+    /// `history + 1` chunk-shifted views of the slots joined along the block. (An overlapping
+    /// `unfold` view would be copied by the matmul anyway, and its backward is a slow scatter;
+    /// the join's backward is views.)
     pub fn local(&self, slots: &Tensor) -> Tensor {
-        slots
-            .unfold(2, self.block_len(), self.chunk)
-            .transpose(-1, -2)
+        let s = slots.size();
+        let chunked = slots.reshape([s[0], s[1], self.history + self.chunks, self.chunk, s[3]]);
+        let shifted: Vec<Tensor> = (0..=self.history)
+            .map(|i| chunked.narrow(2, i, self.chunks))
+            .collect();
+        Tensor::cat(&shifted, 3)
     }
 
     /// The first `chunks` chunks of the slots (b, h, S, x) -> (b, h, chunks, C, x): the keys lying

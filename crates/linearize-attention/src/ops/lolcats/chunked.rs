@@ -6,8 +6,8 @@
 use super::{check_inputs, gammas, LolcatsConfig, LolcatsInputs, LolcatsState, Shapes};
 use crate::error::Result;
 use crate::ops::window::LocalBlocks;
-use crate::tensors::{exclusive_cumsum, prepare, repeat_heads, Precision};
-use tch::Tensor;
+use crate::tensors::{exclusive_cumsum, prefix_sums, prepare, repeat_heads, Precision};
+use tch::{Kind, Tensor};
 
 /// Runs the sequence on from `state` (empty when `None`) and returns the output (b, h, L, d_v) and
 /// the state after the last token.
@@ -90,11 +90,18 @@ impl Call {
             &phi_k_chunks.transpose(-1, -2),
             &blocks.slot_chunks(&v_slots),
         );
-        let mut kv_before = exclusive_cumsum(&chunk_kv, 2, p.acc);
+        // f16 sums can outgrow f16: they are formed in f32 and scaled for the matmul
+        // (`mm_state`). Otherwise one matmul by a strictly lower-triangular matrix forms them,
+        // accumulated in f32 and rounded once to the operand dtype the next matmul reads.
+        let mut kv_before = if p.operand == Kind::Half {
+            exclusive_cumsum(&chunk_kv, 2, p.acc)
+        } else {
+            prefix_sums(&chunk_kv)
+        };
         let mut k_before =
             exclusive_cumsum(&phi_k_chunks.sum_dim_intlist(-2, false, p.acc), 2, p.acc);
         if !self.fresh {
-            kv_before += self.start.linear.kv.unsqueeze(2);
+            kv_before = kv_before + self.start.linear.kv.unsqueeze(2);
             k_before += self.start.linear.k_sum.unsqueeze(2);
         }
 
@@ -105,7 +112,7 @@ impl Call {
         // Scores stay in the operand dtype (as in eager bf16 attention); the max, the
         // exponentials and every sum below are in `acc`. γ enters through the max,
         // γ·exp(s − m) = exp(s − (m − log γ)), which saves a pass over the scores.
-        let mut scores = p.mm_operand(&q, &blocks.local(&k_slots).contiguous().transpose(-1, -2));
+        let mut scores = p.mm_operand(&q, &blocks.local(&k_slots).transpose(-1, -2));
         scores /= (s.head_dim as f64).sqrt();
         let _ = scores.masked_fill_(&window_mask.logical_not(), f64::NEG_INFINITY); // (b, h, n, C, K)
         let shift = scores.amax([-1i64].as_slice(), true).to_kind(p.acc)
@@ -115,16 +122,17 @@ impl Call {
         // The weights go into the value matmul in the operand dtype (the sum is formed in `acc`
         // and rounded once); the normaliser sums the same rounded weights, so numerator and
         // denominator agree.
-        let mut a = p.mm_operand(
-            &phi_q,
-            &blocks.local(&phi_k_slots).contiguous().transpose(-1, -2),
-        );
+        let mut a = p.mm_operand(&phi_q, &blocks.local(&phi_k_slots).transpose(-1, -2));
         let _ = a.masked_fill_(&linear_mask.logical_not(), 0.0);
         a += &a_window;
 
         // (b, h, n, C, d_v) and (b, h, n, C, 1)
         let num = p.mm_operand(&a, &blocks.local(&v_slots)) + p.mm_state(&phi_q, &kv_before);
         let den = a.sum_dim_intlist(-1, true, p.acc) + p.mm_state(&phi_q, &k_before.unsqueeze(-1));
-        blocks.unchunk(&(num / den)).to_kind(x.v.kind())
+        // The normaliser is small (one value per query): multiplying by its reciprocal keeps
+        // the backward to one pass over the numerator.
+        blocks
+            .unchunk(&(num * den.reciprocal()))
+            .to_kind(x.v.kind())
     }
 }
