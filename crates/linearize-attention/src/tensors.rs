@@ -169,14 +169,14 @@ pub(crate) fn ceil_div(a: i64, b: i64) -> i64 {
     (a + b - 1) / b
 }
 
-/// Sums of all earlier chunks along dim 2 of `x` (b, h, n, ..), zero for the first, as one
-/// matmul by the strictly lower-triangular (n, n) matrix of ones: products of the 0/1 matrix are
-/// exact, the sums accumulate in f32 for f16 / bf16 and come back in `x`'s dtype, and the
-/// backward is one matmul too.
-pub(crate) fn prefix_sums(x: &Tensor) -> Tensor {
+/// Sums along dim 2 of `x` (b, h, n, ..) of the entries at least `offset` places earlier (zero
+/// for the first `offset`), as one matmul by the (n, n) matrix of ones below its `offset`-th
+/// subdiagonal: products of the 0/1 matrix are exact, the sums accumulate in f32 for f16 / bf16
+/// and come back in `x`'s dtype, and the backward is one matmul too.
+pub(crate) fn prefix_sums(x: &Tensor, offset: i64) -> Tensor {
     let size = x.size();
     let n = size[2];
-    let lower = Tensor::ones([n, n], (x.kind(), x.device())).tril(-1);
+    let lower = Tensor::ones([n, n], (x.kind(), x.device())).tril(-offset);
     lower
         .matmul(&x.reshape([size[0], size[1], n, -1]))
         .reshape(size)

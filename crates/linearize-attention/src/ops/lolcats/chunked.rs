@@ -64,13 +64,21 @@ impl Call {
         })
     }
 
-    fn output(&self, x: &LolcatsInputs) -> Tensor {
-        let (s, p, blocks, h) = (&self.s, self.p, &self.blocks, self.s.heads);
-        let window = self.cfg.window();
+    /// The local blocks and linear sums: from the chunks themselves for a fresh call (f16
+    /// excepted), else from slots that join the cache to the new tokens.
+    fn keys(&self, x: &LolcatsInputs) -> Keys {
+        if self.fresh && self.p.operand != Kind::Half {
+            self.fresh_keys(x)
+        } else {
+            self.slot_keys(x)
+        }
+    }
 
-        // Cached tokens followed by the new ones, laid out in slots (b, h, S, ·). Only matmuls
-        // read them, so they are laid out in the operand dtype (the cache holds values of that
-        // dtype).
+    /// Keys laid out in slots (b, h, S, ·) after the cached ones; local blocks cut from them.
+    fn slot_keys(&self, x: &LolcatsInputs) -> Keys {
+        let (p, blocks, h) = (self.p, &self.blocks, self.s.heads);
+        // Only matmuls read the slots, so they are laid out in the operand dtype (the cache
+        // holds values of that dtype).
         let slots = |cache: &Tensor, new: &Tensor| {
             let joined = if self.fresh {
                 new.to_kind(p.operand)
@@ -96,7 +104,7 @@ impl Call {
         let mut kv_before = if p.operand == Kind::Half {
             exclusive_cumsum(&chunk_kv, 2, p.acc)
         } else {
-            prefix_sums(&chunk_kv)
+            prefix_sums(&chunk_kv, 1)
         };
         let mut k_before =
             exclusive_cumsum(&phi_k_chunks.sum_dim_intlist(-2, false, p.acc), 2, p.acc);
@@ -104,6 +112,45 @@ impl Call {
             kv_before = kv_before + self.start.linear.kv.unsqueeze(2);
             k_before += self.start.linear.k_sum.unsqueeze(2);
         }
+        Keys {
+            k: vec![blocks.local(&k_slots)],
+            phi_k: vec![blocks.local(&phi_k_slots)],
+            v: blocks.local(&v_slots),
+            kv_before,
+            k_before,
+        }
+    }
+
+    /// A fresh call's keys straight from its chunks (b, h, n, C, ·), views of the inputs: block
+    /// j's pieces are chunks j − history, .., j (shifted by a matmul with a 0/1 matrix, exact,
+    /// whose backward is one matmul), and the keys before it are the chunks before j − history.
+    /// No slot padding, slicing or scan: their backward passes were most of this kernel's.
+    fn fresh_keys(&self, x: &LolcatsInputs) -> Keys {
+        let (p, blocks, h) = (self.p, &self.blocks, self.s.heads);
+        let chunks = |t: &Tensor| repeat_heads(&blocks.query_chunks(&t.to_kind(p.operand)), h);
+        let (k, phi_k, v) = (chunks(x.k), chunks(x.phi_k), chunks(x.v));
+        let hist = blocks.history;
+        let pieces =
+            |t: &Tensor| -> Vec<Tensor> { (0..=hist).map(|i| shift_chunks(t, hist - i)).collect() };
+        let chunk_kv = p.mm_operand(&phi_k.transpose(-1, -2), &v); // (b, h, n, f, d_v)
+        Keys {
+            kv_before: prefix_sums(&chunk_kv, hist + 1),
+            k_before: prefix_sums(&phi_k.sum_dim_intlist(-2, false, p.acc), hist + 1),
+            k: pieces(&k),
+            phi_k: pieces(&phi_k),
+            v: Tensor::cat(&pieces(&v), 3),
+        }
+    }
+
+    fn output(&self, x: &LolcatsInputs) -> Tensor {
+        let (s, p, blocks, h) = (&self.s, self.p, &self.blocks, self.s.heads);
+        let window = self.cfg.window();
+        let keys = self.keys(x);
+        let Keys {
+            kv_before,
+            k_before,
+            ..
+        } = &keys;
 
         let q = blocks.query_chunks(&prepare(x.q, p.operand, h)); // (b, h, n, C, d)
         let phi_q = blocks.query_chunks(&prepare(x.phi_q, p.operand, h)); // (b, h, n, C, f)
@@ -112,7 +159,7 @@ impl Call {
         // Scores stay in the operand dtype (as in eager bf16 attention); the max, the
         // exponentials and every sum below are in `acc`. γ enters through the max,
         // γ·exp(s − m) = exp(s − (m − log γ)), which saves a pass over the scores.
-        let mut scores = p.mm_operand(&q, &blocks.local(&k_slots).transpose(-1, -2));
+        let mut scores = block_products(&q, &keys.k, p);
         scores /= (s.head_dim as f64).sqrt();
         let _ = scores.masked_fill_(&window_mask.logical_not(), f64::NEG_INFINITY); // (b, h, n, C, K)
         let shift = scores.amax([-1i64].as_slice(), true).to_kind(p.acc)
@@ -122,12 +169,12 @@ impl Call {
         // The weights go into the value matmul in the operand dtype (the sum is formed in `acc`
         // and rounded once); the normaliser sums the same rounded weights, so numerator and
         // denominator agree.
-        let mut a = p.mm_operand(&phi_q, &blocks.local(&phi_k_slots).transpose(-1, -2));
+        let mut a = block_products(&phi_q, &keys.phi_k, p);
         let _ = a.masked_fill_(&linear_mask.logical_not(), 0.0);
         a += &a_window;
 
         // (b, h, n, C, d_v) and (b, h, n, C, 1)
-        let num = p.mm_operand(&a, &blocks.local(&v_slots)) + p.mm_state(&phi_q, &kv_before);
+        let num = p.mm_operand(&a, &keys.v) + p.mm_state(&phi_q, kv_before);
         let den = a.sum_dim_intlist(-1, true, p.acc) + p.mm_state(&phi_q, &k_before.unsqueeze(-1));
         // The normaliser is small (one value per query): multiplying by its reciprocal keeps
         // the backward to one pass over the numerator.
@@ -135,4 +182,47 @@ impl Call {
             .unchunk(&(num * den.reciprocal()))
             .to_kind(x.v.kind())
     }
+}
+
+/// Every query chunk's local block of keys, in pieces along the block, and the linear sums over
+/// the keys before it.
+struct Keys {
+    /// (b, h, n, ·, d) pieces that join into the (b, h, n, K, d) block.
+    k: Vec<Tensor>,
+    /// (b, h, n, ·, f) pieces, as `k`.
+    phi_k: Vec<Tensor>,
+    /// (b, h, n, K, d_v)
+    v: Tensor,
+    /// (b, h, n, f, d_v)
+    kv_before: Tensor,
+    /// (b, h, n, f)
+    k_before: Tensor,
+}
+
+/// `queries @ blockᵀ` (b, h, n, C, K) from the block's pieces, in the operand dtype.
+fn block_products(queries: &Tensor, pieces: &[Tensor], p: Precision) -> Tensor {
+    let products: Vec<Tensor> = pieces
+        .iter()
+        .map(|piece| p.mm_operand(queries, &piece.transpose(-1, -2)))
+        .collect();
+    match products.as_slice() {
+        [one] => one.shallow_clone(),
+        _ => Tensor::cat(&products, -1),
+    }
+}
+
+/// Chunks (b, h, n, ..) moved `by` chunks later along dim 2, zeros in front: a matmul by the
+/// (n, n) matrix with ones on its `by`-th subdiagonal.
+fn shift_chunks(chunks: &Tensor, by: i64) -> Tensor {
+    if by == 0 {
+        return chunks.shallow_clone();
+    }
+    let size = chunks.size();
+    let n = size[2];
+    let shift = Tensor::ones([n, n], (chunks.kind(), chunks.device()))
+        .tril(-by)
+        .triu(-by);
+    shift
+        .matmul(&chunks.reshape([size[0], size[1], n, -1]))
+        .reshape(size)
 }
