@@ -1,7 +1,9 @@
 //! Shape checks, GQA head expansion and the dtypes (fp32 sums, input-dtype matmul operands) shared
 //! by every kernel.
 use crate::error::{Error, Result};
-use tch::{Kind, Tensor};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
 
 /// Sizes of a `(batch, heads, len, dim)` tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,10 +178,53 @@ pub(crate) fn ceil_div(a: i64, b: i64) -> i64 {
 pub(crate) fn prefix_sums(x: &Tensor, offset: i64) -> Tensor {
     let size = x.size();
     let n = size[2];
-    let lower = Tensor::ones([n, n], (x.kind(), x.device())).tril(-offset);
-    lower
+    constant_matrix(Matrix::Prefix { n, offset }, x.kind(), x.device())
         .matmul(&x.reshape([size[0], size[1], n, -1]))
         .reshape(size)
+}
+
+/// Constant 0/1 matrices of the chunked forms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Matrix {
+    /// (n, n): ones below the `offset`-th subdiagonal.
+    Prefix { n: i64, offset: i64 },
+    /// ((hist+1)·n, n): block p shifts by `hist − p` rows (ones on that subdiagonal).
+    Shifts { n: i64, hist: i64 },
+}
+
+thread_local! {
+    /// Every layer of every call asks for the same few matrices: building one takes several
+    /// kernel launches, which small models cannot hide.
+    static MATRICES: RefCell<HashMap<(Matrix, Kind, Device), Tensor>> = RefCell::new(HashMap::new());
+}
+
+/// The matrix `m` in `kind` on `device`, built once per thread.
+pub(crate) fn constant_matrix(m: Matrix, kind: Kind, device: Device) -> Tensor {
+    MATRICES.with(|cache| {
+        cache
+            .borrow_mut()
+            .entry((m, kind, device))
+            .or_insert_with(|| {
+                tch::no_grad(|| {
+                    let band = |n: i64, below: i64| {
+                        Tensor::ones([n, n], (kind, device))
+                            .tril(-below)
+                            .triu(-below)
+                    };
+                    match m {
+                        Matrix::Prefix { n, offset } => {
+                            Tensor::ones([n, n], (kind, device)).tril(-offset)
+                        }
+                        Matrix::Shifts { n, hist } => {
+                            let blocks: Vec<Tensor> =
+                                (0..=hist).map(|p| band(n, hist - p)).collect();
+                            Tensor::cat(&blocks, 0)
+                        }
+                    }
+                })
+            })
+            .shallow_clone()
+    })
 }
 
 /// Sums of all earlier entries along `dim` (zero for the first), accumulated and returned in

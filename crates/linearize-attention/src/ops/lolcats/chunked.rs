@@ -6,7 +6,9 @@
 use super::{check_inputs, gammas, LolcatsConfig, LolcatsInputs, LolcatsState, Shapes};
 use crate::error::Result;
 use crate::ops::window::LocalBlocks;
-use crate::tensors::{exclusive_cumsum, prefix_sums, prepare, repeat_heads, Precision};
+use crate::tensors::{
+    constant_matrix, exclusive_cumsum, prefix_sums, prepare, repeat_heads, Matrix, Precision,
+};
 use tch::{Kind, Tensor};
 
 /// Runs the sequence on from `state` (empty when `None`) and returns the output (b, h, L, d_v) and
@@ -113,8 +115,8 @@ impl Call {
             k_before += self.start.linear.k_sum.unsqueeze(2);
         }
         Keys {
-            k: vec![blocks.local(&k_slots)],
-            phi_k: vec![blocks.local(&phi_k_slots)],
+            k: blocks.local(&k_slots),
+            phi_k: blocks.local(&phi_k_slots),
             v: blocks.local(&v_slots),
             kv_before,
             k_before,
@@ -122,23 +124,22 @@ impl Call {
     }
 
     /// A fresh call's keys straight from its chunks (b, h, n, C, ·), views of the inputs: block
-    /// j's pieces are chunks j − history, .., j (shifted by a matmul with a 0/1 matrix, exact,
-    /// whose backward is one matmul), and the keys before it are the chunks before j − history.
-    /// No slot padding, slicing or scan: their backward passes were most of this kernel's.
+    /// j is chunks j − history, .., j, and the keys before it are the chunks before
+    /// j − history, each formed by one matmul with a constant 0/1 matrix (exact; the backward
+    /// is one matmul). No slot padding, slicing or scan: their backward passes were most of
+    /// this kernel's.
     fn fresh_keys(&self, x: &LolcatsInputs) -> Keys {
         let (p, blocks, h) = (self.p, &self.blocks, self.s.heads);
         let chunks = |t: &Tensor| repeat_heads(&blocks.query_chunks(&t.to_kind(p.operand)), h);
         let (k, phi_k, v) = (chunks(x.k), chunks(x.phi_k), chunks(x.v));
         let hist = blocks.history;
-        let pieces =
-            |t: &Tensor| -> Vec<Tensor> { (0..=hist).map(|i| shift_chunks(t, hist - i)).collect() };
         let chunk_kv = p.mm_operand(&phi_k.transpose(-1, -2), &v); // (b, h, n, f, d_v)
         Keys {
             kv_before: prefix_sums(&chunk_kv, hist + 1),
             k_before: prefix_sums(&phi_k.sum_dim_intlist(-2, false, p.acc), hist + 1),
-            k: pieces(&k),
-            phi_k: pieces(&phi_k),
-            v: Tensor::cat(&pieces(&v), 3),
+            k: local_blocks(&k, hist),
+            phi_k: local_blocks(&phi_k, hist),
+            v: local_blocks(&v, hist),
         }
     }
 
@@ -159,7 +160,7 @@ impl Call {
         // Scores stay in the operand dtype (as in eager bf16 attention); the max, the
         // exponentials and every sum below are in `acc`. γ enters through the max,
         // γ·exp(s − m) = exp(s − (m − log γ)), which saves a pass over the scores.
-        let mut scores = block_products(&q, &keys.k, p);
+        let mut scores = p.mm_operand(&q, &keys.k.transpose(-1, -2));
         scores /= (s.head_dim as f64).sqrt();
         let _ = scores.masked_fill_(&window_mask.logical_not(), f64::NEG_INFINITY); // (b, h, n, C, K)
         let shift = scores.amax([-1i64].as_slice(), true).to_kind(p.acc)
@@ -169,7 +170,7 @@ impl Call {
         // The weights go into the value matmul in the operand dtype (the sum is formed in `acc`
         // and rounded once); the normaliser sums the same rounded weights, so numerator and
         // denominator agree.
-        let mut a = block_products(&phi_q, &keys.phi_k, p);
+        let mut a = p.mm_operand(&phi_q, &keys.phi_k.transpose(-1, -2));
         let _ = a.masked_fill_(&linear_mask.logical_not(), 0.0);
         a += &a_window;
 
@@ -187,10 +188,10 @@ impl Call {
 /// Every query chunk's local block of keys, in pieces along the block, and the linear sums over
 /// the keys before it.
 struct Keys {
-    /// (b, h, n, ·, d) pieces that join into the (b, h, n, K, d) block.
-    k: Vec<Tensor>,
-    /// (b, h, n, ·, f) pieces, as `k`.
-    phi_k: Vec<Tensor>,
+    /// (b, h, n, K, d)
+    k: Tensor,
+    /// (b, h, n, K, f)
+    phi_k: Tensor,
     /// (b, h, n, K, d_v)
     v: Tensor,
     /// (b, h, n, f, d_v)
@@ -199,30 +200,16 @@ struct Keys {
     k_before: Tensor,
 }
 
-/// `queries @ blockᵀ` (b, h, n, C, K) from the block's pieces, in the operand dtype.
-fn block_products(queries: &Tensor, pieces: &[Tensor], p: Precision) -> Tensor {
-    let products: Vec<Tensor> = pieces
-        .iter()
-        .map(|piece| p.mm_operand(queries, &piece.transpose(-1, -2)))
-        .collect();
-    match products.as_slice() {
-        [one] => one.shallow_clone(),
-        _ => Tensor::cat(&products, -1),
-    }
-}
-
-/// Chunks (b, h, n, ..) moved `by` chunks later along dim 2, zeros in front: a matmul by the
-/// (n, n) matrix with ones on its `by`-th subdiagonal.
-fn shift_chunks(chunks: &Tensor, by: i64) -> Tensor {
-    if by == 0 {
-        return chunks.shallow_clone();
-    }
-    let size = chunks.size();
-    let n = size[2];
-    let shift = Tensor::ones([n, n], (chunks.kind(), chunks.device()))
-        .tril(-by)
-        .triu(-by);
-    shift
-        .matmul(&chunks.reshape([size[0], size[1], n, -1]))
-        .reshape(size)
+/// Chunks (b, h, n, C, x) -> local blocks (b, h, n, (hist+1)·C, x), block j = chunks
+/// j − hist, .., j (zeros before the first): one matmul by the stacked 0/1 shift matrices
+/// ((hist+1)·n, n), then one copy into the block layout.
+fn local_blocks(chunks: &Tensor, hist: i64) -> Tensor {
+    let s = chunks.size();
+    let n = s[2];
+    let shifts = constant_matrix(Matrix::Shifts { n, hist }, chunks.kind(), chunks.device());
+    shifts
+        .matmul(&chunks.reshape([s[0], s[1], n, -1])) // (b, h, (hist+1)·n, C·x)
+        .reshape([s[0], s[1], hist + 1, n, s[3], s[4]])
+        .permute([0, 1, 3, 2, 4, 5])
+        .reshape([s[0], s[1], n, (hist + 1) * s[3], s[4]])
 }
