@@ -103,17 +103,22 @@ impl Call {
         // f16 sums can outgrow f16: they are formed in f32 and scaled for the matmul
         // (`mm_state`). Otherwise one matmul by a strictly lower-triangular matrix forms them,
         // accumulated in f32 and rounded once to the operand dtype the next matmul reads.
-        let mut kv_before = if p.operand == Kind::Half {
+        let kv_sums = if p.operand == Kind::Half {
             exclusive_cumsum(&chunk_kv, 2, p.acc)
         } else {
             prefix_sums(&chunk_kv, 1)
         };
-        let mut k_before =
-            exclusive_cumsum(&phi_k_chunks.sum_dim_intlist(-2, false, p.acc), 2, p.acc);
-        if !self.fresh {
-            kv_before = kv_before + self.start.linear.kv.unsqueeze(2);
-            k_before += self.start.linear.k_sum.unsqueeze(2);
-        }
+        let k_sums = exclusive_cumsum(&phi_k_chunks.sum_dim_intlist(-2, false, p.acc), 2, p.acc);
+        // The carried sums are f32: adding them promotes bf16 chunk sums to f32 (not in place,
+        // which would round the total to bf16).
+        let (kv_before, k_before) = if self.fresh {
+            (kv_sums, k_sums)
+        } else {
+            (
+                kv_sums + self.start.linear.kv.unsqueeze(2),
+                k_sums + self.start.linear.k_sum.unsqueeze(2),
+            )
+        };
         Keys {
             k: blocks.local(&k_slots),
             phi_k: blocks.local(&phi_k_slots),
