@@ -347,6 +347,81 @@ impl Model {
         Ok(self.norm.forward(&x))
     }
 
+    /// Backpropagates `loss(logits)` for `ids` (b, L) with activation checkpointing: the layers
+    /// run once without an autograd graph, keeping only each layer's input (b, L, hidden); then
+    /// again one at a time, last first, each with its graph, backpropagating the gradient of
+    /// its output (as the gradient of `sum(output · grad)`). Parameters' gradients accumulate as
+    /// from `loss.backward()` after a plain forward, for one more forward pass of compute and
+    /// one layer's activations of memory instead of all of them. Whole sequences only (no
+    /// decoding cache). Each layer runs both times from the same seed, so dropout (LoRA's)
+    /// draws the same masks; the recomputed last layer is checked against the first pass.
+    pub fn backward_checkpointed(
+        &self,
+        ids: &Tensor,
+        loss: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        let size = ids.size();
+        ensure!(
+            size.len() == 2 && ids.kind() == Kind::Int64,
+            "token ids must be an int64 (batch, length) tensor, got {:?} {size:?}",
+            ids.kind()
+        );
+        let (cos, sin) = self.rope.cos_sin(0, size[1])?;
+        let pos = Positions {
+            cos,
+            sin,
+            offset: 0,
+        };
+        let embedded = self.embed_tokens.forward(&ids.to_device(self.vs.device())); // (b, L, hidden)
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        // One draw from torch's generator, so the seeds follow the caller's seeding.
+        let seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
+        let seed_layer = |i: usize| tch::manual_seed(seed.wrapping_add(i as i64));
+        let top = tch::no_grad(|| -> Result<Tensor> {
+            let mut x = embedded.detach();
+            for (i, layer) in self.layers.iter().enumerate() {
+                seed_layer(i);
+                let next = layer
+                    .forward(&x, &pos, None)
+                    .with_context(|| format!("layer {i}"))?;
+                inputs.push(x);
+                x = next;
+            }
+            Ok(x)
+        })?;
+        let top_leaf = top.detach().set_requires_grad(true);
+        let value = loss(&self.logits(&self.norm.forward(&top_leaf)))?;
+        value.f_backward()?;
+        let mut grad = top_leaf.grad();
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            ensure!(
+                grad.defined(),
+                "activation checkpointing: the loss does not depend on layer {i}'s output"
+            );
+            let input = inputs[i].detach().set_requires_grad(true);
+            inputs.truncate(i);
+            seed_layer(i);
+            let out = layer
+                .forward(&input, &pos, None)
+                .with_context(|| format!("layer {i}, recomputed"))?;
+            if i + 1 == self.layers.len() {
+                let scale = top.abs().max().double_value(&[]).max(1e-6);
+                let drift = (&out.detach() - &top).abs().max().double_value(&[]);
+                ensure!(
+                    drift <= 1e-3 * scale,
+                    "activation checkpointing: layer {i} computed {drift:e} (of {scale:e}) \
+                     differently the second time; it must be deterministic"
+                );
+            }
+            (out * &grad).sum(Kind::Float).f_backward()?;
+            grad = input.grad();
+        }
+        if embedded.requires_grad() && grad.defined() {
+            (embedded * &grad).sum(Kind::Float).f_backward()?;
+        }
+        Ok(())
+    }
+
     /// hidden (b, L, hidden) -> logits (b, L, vocab) in f32.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         self.lm_head.forward(hidden).to_kind(Kind::Float)
@@ -628,6 +703,55 @@ mod tests {
             config("qwen2", json!({})),
             config("qwen3", json!({"head_dim": 8})),
         ]
+    }
+
+    type Objective<'a> = &'a mut dyn FnMut(&Tensor) -> Result<Tensor>;
+
+    /// Every parameter's gradient of `loss(logits)`, after clearing the gradients.
+    fn gradients(model: &Model, run: &dyn Fn(&Model, Objective)) -> BTreeMap<String, Tensor> {
+        let params = model.named_parameters();
+        for t in params.values() {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        tch::manual_seed(3);
+        let target = Tensor::randn([2, 7, 50], (Kind::Float, Device::Cpu));
+        run(model, &mut |logits: &Tensor| {
+            Ok((logits - &target).square().mean(Kind::Float))
+        });
+        params
+            .into_iter()
+            .map(|(n, t)| (n, t.grad().copy()))
+            .collect()
+    }
+
+    #[test]
+    fn checkpointed_backward_gives_the_plain_gradients() {
+        for cfg in [configs().remove(0), configs().remove(2)] {
+            tch::manual_seed(1);
+            let mut model = Model::new(&cfg, Device::Cpu, Kind::Float).unwrap();
+            model.var_store_mut().unfreeze();
+            let ids = Tensor::randint(50, [2, 7], (Kind::Int64, Device::Cpu));
+            let plain = gradients(&model, &|m, loss| {
+                loss(&m.forward(&ids, None).unwrap()).unwrap().backward();
+            });
+            let checkpointed = gradients(&model, &|m, loss| {
+                m.backward_checkpointed(&ids, loss).unwrap();
+            });
+            for (name, g) in &plain {
+                let c = &checkpointed[name];
+                assert!(g.defined() && c.defined(), "{name}: no gradient");
+                let scale = g.abs().max().double_value(&[]).max(1e-12);
+                let diff = (g - c).abs().max().double_value(&[]);
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "{}: {name} differs by {diff:e}",
+                    cfg.family
+                );
+            }
+        }
     }
 
     #[test]

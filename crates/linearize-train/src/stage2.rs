@@ -43,6 +43,11 @@ pub struct Stage2Config {
     /// Keep training the feature maps and window factors together with the adapters.
     #[serde(default)]
     pub train_attention: bool,
+    /// Keep only each layer's input during the forward pass and recompute the layers one at a
+    /// time in the backward: activation memory of one layer instead of all, for one more
+    /// forward pass of compute (longer contexts or larger batches on the same GPU).
+    #[serde(default)]
+    pub activation_checkpointing: bool,
     /// AdamW settings (LoLCATs: lr 1e-4, no weight decay).
     #[serde(default = "default_optimizer")]
     pub optimizer: AdamWConfig,

@@ -10,8 +10,9 @@ use crate::metrics::{MetricRecord, MetricsWriter, Split};
 use crate::optim::Trainable;
 use crate::progress::TrainProgress;
 use crate::train_loop::{loop_settings, run_stage, LoopCore, Stage};
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use linearize_models::llama::Model;
+use tch::Tensor;
 
 pub(super) struct Trainer<'a> {
     cfg: &'a Stage2Config,
@@ -109,16 +110,28 @@ impl<'a> Trainer<'a> {
                     teacher_logits(model, self.converted, self.lora, true, &ids)
                 })
                 .transpose()?;
-            let forward = linearize_profile::range("forward");
-            let logits = scored.positions(&model.forward(&ids, None)?); // (b, n, V)
-            let lm = lm_loss(&logits, &scored.targets);
-            let kl = teacher.map(|t| kl_to_teacher(&logits, &scored.positions(&t)));
-            let loss = cfg.loss.combine(&lm, kl.as_ref());
-            drop(forward);
-            {
+            let mut parts = None;
+            let mut objective = |logits: &Tensor| -> Result<Tensor> {
+                let logits = scored.positions(logits); // (b, n, V)
+                let lm = lm_loss(&logits, &scored.targets);
+                let kl = teacher
+                    .as_ref()
+                    .map(|t| kl_to_teacher(&logits, &scored.positions(t)));
+                let loss = cfg.loss.combine(&lm, kl.as_ref());
+                parts = Some((lm.detach(), kl.map(|k| k.detach()), loss.detach()));
+                Ok(loss / cfg.grad_accum as f64)
+            };
+            if cfg.activation_checkpointing {
+                let _range = linearize_profile::range("checkpointed forward and backward");
+                model.backward_checkpointed(&ids, &mut objective)?;
+            } else {
+                let forward = linearize_profile::range("forward");
+                let scaled = objective(&model.forward(&ids, None)?)?;
+                drop(forward);
                 let _range = linearize_profile::range("backward");
-                (&loss / cfg.grad_accum as f64).f_backward()?;
+                scaled.f_backward()?;
             }
+            let (lm, kl, loss) = parts.context("the stage-2 objective was not evaluated")?;
             lm_sum += lm.double_value(&[]);
             if let Some(kl) = kl {
                 *kl_sum.get_or_insert(0.0) += kl.double_value(&[]);

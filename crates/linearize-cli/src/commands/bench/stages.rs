@@ -68,6 +68,9 @@ pub struct StageArgs {
     /// LoRA rank of stage 2 (on q, k, v, o).
     #[arg(long, default_value_t = 8)]
     lora_rank: i64,
+    /// Stage 2 with activation checkpointing (layers recomputed in the backward).
+    #[arg(long)]
+    activation_checkpointing: bool,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -110,6 +113,9 @@ pub fn run(args: StageArgs) -> Result<()> {
                 ("--lora-rank", args.lora_rank),
             ] {
                 cmd.args([flag.to_string(), value.to_string()]);
+            }
+            if args.activation_checkpointing {
+                cmd.arg("--activation-checkpointing");
             }
             if let Some(dir) = &args.profile {
                 cmd.arg("--profile").arg(dir);
@@ -160,6 +166,7 @@ pub fn run(args: StageArgs) -> Result<()> {
                 "attention": args.model.attention_config()?,
                 "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
                 "lora_rank": args.lora_rank,
+                "activation_checkpointing": args.activation_checkpointing,
             },
             "results": results,
         });
@@ -285,6 +292,7 @@ fn worker(args: &StageArgs, spec: &str) -> Result<()> {
                     save_every: 0,
                     log_every: 1,
                     verify_frozen: false,
+                    activation_checkpointing: args.activation_checkpointing,
                     ..Stage2Config::default()
                 };
                 let lora = LoraAdapters::install(&mut student.model, &cfg.lora, 0)?;
