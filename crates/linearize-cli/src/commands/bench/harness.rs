@@ -78,14 +78,8 @@ pub fn run_child(mut cmd: Command, what: &str) -> Result<std::result::Result<Val
         .output()
         .with_context(|| format!("running a benchmark child for {what}"))?;
     if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let reason = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no output");
-        let reason: String = reason.chars().take(200).collect();
-        return Ok(Err(format!("{} ({})", reason.trim(), out.status)));
+        let reason = failure_reason(&String::from_utf8_lossy(&out.stderr));
+        return Ok(Err(format!("{reason} ({})", out.status)));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout
@@ -95,6 +89,26 @@ pub fn run_child(mut cmd: Command, what: &str) -> Result<std::result::Result<Val
     let report = serde_json::from_str(line)
         .with_context(|| format!("benchmark child for {what} printed {line:?}"))?;
     Ok(Ok(report))
+}
+
+/// The line of a failed child's stderr that says why: an out-of-memory message, else a panic's
+/// message (the line after "panicked at"), else the last line that is not a backtrace note.
+fn failure_reason(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let oom = lines.iter().find(|l| l.contains("out of memory"));
+    let panic = lines
+        .iter()
+        .position(|l| l.contains("panicked at"))
+        .and_then(|i| lines.get(i + 1));
+    let last = lines.iter().rev().find(|l| {
+        !l.starts_with("note:") && !l.starts_with("stack backtrace") && !l.starts_with("at ")
+    });
+    let reason = oom.or(panic).or(last).copied().unwrap_or("no output");
+    reason.chars().take(200).collect()
 }
 
 /// Writes a report as pretty JSON, atomically.
@@ -125,4 +139,25 @@ pub fn parse_worker_spec<E: clap::ValueEnum>(spec: &str) -> Result<(E, i64)> {
         .parse()
         .with_context(|| format!("--worker length {len:?}"))?;
     Ok((case, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failure_reason;
+
+    #[test]
+    fn failure_reasons_name_memory_then_panics_then_the_last_line() {
+        let oom = "thread 'main' panicked at src/x.rs:1:2:\nTorch(\"CUDA out of memory. Tried to \
+                   allocate 2.00 GiB\")\nnote: run with `RUST_BACKTRACE=1`";
+        assert!(failure_reason(oom).starts_with("Torch(\"CUDA out of memory"));
+        let panic = "thread 'main' panicked at src/x.rs:1:2:\nindex out of range\n\
+                     stack backtrace:\n   0: foo\n             at src/x.rs:1\n\
+                     note: Some details are omitted";
+        assert_eq!(failure_reason(panic), "index out of range");
+        assert_eq!(
+            failure_reason("Error: no such file\n"),
+            "Error: no such file"
+        );
+        assert_eq!(failure_reason(""), "no output");
+    }
 }
