@@ -205,21 +205,16 @@ pub(crate) fn constant_matrix(m: Matrix, kind: Kind, device: Device) -> Tensor {
             .borrow_mut()
             .entry((m, kind, device))
             .or_insert_with(|| {
-                tch::no_grad(|| {
-                    let band = |n: i64, below: i64| {
-                        Tensor::ones([n, n], (kind, device))
-                            .tril(-below)
-                            .triu(-below)
-                    };
-                    match m {
-                        Matrix::Prefix { n, offset } => {
-                            Tensor::ones([n, n], (kind, device)).tril(-offset)
-                        }
-                        Matrix::Shifts { n, hist } => {
-                            let blocks: Vec<Tensor> =
-                                (0..=hist).map(|p| band(n, hist - p)).collect();
-                            Tensor::cat(&blocks, 0)
-                        }
+                tch::no_grad(|| match m {
+                    Matrix::Prefix { n, offset } => {
+                        Tensor::ones([n, n], (kind, device)).tril(-offset)
+                    }
+                    Matrix::Shifts { n, hist } => {
+                        let ones = Tensor::ones([n, n], (kind, device));
+                        let bands: Vec<Tensor> = (0..=hist)
+                            .map(|p| ones.tril(p - hist).triu(p - hist))
+                            .collect();
+                        Tensor::cat(&bands, 0)
                     }
                 })
             })

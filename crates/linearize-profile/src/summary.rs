@@ -53,6 +53,11 @@ struct Activity {
     dur: f64,
 }
 
+/// An event's category ("" when it has none).
+fn cat(e: &Value) -> &str {
+    e["cat"].as_str().unwrap_or("")
+}
+
 fn num(v: &Value) -> Option<f64> {
     v.as_f64().or_else(|| v.as_str()?.parse().ok())
 }
@@ -89,7 +94,6 @@ impl Summary {
     }
 
     fn from_events(events: &[Value], unit: &str, skip: usize) -> Result<Self> {
-        let cat = |e: &Value| e["cat"].as_str().unwrap_or("").to_string();
         let mut ranges: Vec<Span> = events
             .iter()
             .filter(|e| cat(e) == "user_annotation")
@@ -112,12 +116,12 @@ impl Summary {
             .collect();
         let launches: HashMap<i64, f64> = events
             .iter()
-            .filter(|e| matches!(cat(e).as_str(), "cuda_runtime" | "cuda_driver"))
+            .filter(|e| matches!(cat(e), "cuda_runtime" | "cuda_driver"))
             .filter_map(|e| Some((arg_id(e, "correlation")?, num(&e["ts"])?)))
             .collect();
         let gpu_events: Vec<&Value> = events
             .iter()
-            .filter(|e| matches!(cat(e).as_str(), "kernel" | "gpu_memcpy" | "gpu_memset"))
+            .filter(|e| matches!(cat(e), "kernel" | "gpu_memcpy" | "gpu_memset"))
             .collect();
         let gpu = !gpu_events.is_empty();
         let activities: Vec<Activity> = if gpu {

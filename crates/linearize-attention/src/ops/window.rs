@@ -1,7 +1,7 @@
 //! Local softmax windows (LoLCATs `sw` / `tk`, Liger's sliding window) and the blocked key layout
 //! through which chunked forms reach them in O(L * (C + w)).
 use crate::error::{config, Result};
-use crate::tensors::{ceil_div, pad_seq};
+use crate::tensors::{ceil_div, constant_matrix, pad_seq, Matrix};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -150,6 +150,21 @@ impl LocalBlocks {
             .map(|i| chunked.narrow(2, i, self.chunks))
             .collect();
         Tensor::cat(&shifted, 3)
+    }
+
+    /// A call without cache: its query chunks (b, h, chunks, C, x) -> the same local blocks as
+    /// [`Self::local`] of its slots, block j = chunks j − history, .., j (zeros before the
+    /// first), by one matmul with the stacked 0/1 shift matrices ((history+1)·chunks, chunks),
+    /// exact, whose backward is one matmul, then one copy into the block layout.
+    pub fn local_from_chunks(&self, chunks: &Tensor) -> Tensor {
+        let s = chunks.size();
+        let (n, hist) = (self.chunks, self.history);
+        let shifts = constant_matrix(Matrix::Shifts { n, hist }, chunks.kind(), chunks.device());
+        shifts
+            .matmul(&chunks.reshape([s[0], s[1], n, -1])) // (b, h, (hist+1)·n, C·x)
+            .reshape([s[0], s[1], hist + 1, n, s[3], s[4]])
+            .permute([0, 1, 3, 2, 4, 5])
+            .reshape([s[0], s[1], n, (hist + 1) * s[3], s[4]])
     }
 
     /// The first `chunks` chunks of the slots (b, h, S, x) -> (b, h, chunks, C, x): the keys lying

@@ -6,9 +6,7 @@
 use super::{check_inputs, gammas, LolcatsConfig, LolcatsInputs, LolcatsState, Shapes};
 use crate::error::Result;
 use crate::ops::window::LocalBlocks;
-use crate::tensors::{
-    constant_matrix, exclusive_cumsum, prefix_sums, prepare, repeat_heads, Matrix, Precision,
-};
+use crate::tensors::{exclusive_cumsum, prefix_sums, prepare, repeat_heads, Precision};
 use tch::{Kind, Tensor};
 
 /// Runs the sequence on from `state` (empty when `None`) and returns the output (b, h, L, d_v) and
@@ -128,11 +126,10 @@ impl Call {
         }
     }
 
-    /// A fresh call's keys straight from its chunks (b, h, n, C, ·), views of the inputs: block
-    /// j is chunks j − history, .., j, and the keys before it are the chunks before
-    /// j − history, each formed by one matmul with a constant 0/1 matrix (exact; the backward
-    /// is one matmul). No slot padding, slicing or scan: their backward passes were most of
-    /// this kernel's.
+    /// A fresh call's keys straight from its chunks (b, h, n, C, ·), views of the inputs: the
+    /// blocks by [`LocalBlocks::local_from_chunks`], the keys before block j (the chunks before
+    /// j − history) by one prefix matmul. No slot padding, slicing or scan: their backward
+    /// passes were most of this kernel's.
     fn fresh_keys(&self, x: &LolcatsInputs) -> Keys {
         let (p, blocks, h) = (self.p, &self.blocks, self.s.heads);
         let chunks = |t: &Tensor| repeat_heads(&blocks.query_chunks(&t.to_kind(p.operand)), h);
@@ -142,9 +139,9 @@ impl Call {
         Keys {
             kv_before: prefix_sums(&chunk_kv, hist + 1),
             k_before: prefix_sums(&phi_k.sum_dim_intlist(-2, false, p.acc), hist + 1),
-            k: local_blocks(&k, hist),
-            phi_k: local_blocks(&phi_k, hist),
-            v: local_blocks(&v, hist),
+            k: blocks.local_from_chunks(&k),
+            phi_k: blocks.local_from_chunks(&phi_k),
+            v: blocks.local_from_chunks(&v),
         }
     }
 
@@ -152,11 +149,6 @@ impl Call {
         let (s, p, blocks, h) = (&self.s, self.p, &self.blocks, self.s.heads);
         let window = self.cfg.window();
         let keys = self.keys(x);
-        let Keys {
-            kv_before,
-            k_before,
-            ..
-        } = &keys;
 
         let q = blocks.query_chunks(&prepare(x.q, p.operand, h)); // (b, h, n, C, d)
         let phi_q = blocks.query_chunks(&prepare(x.phi_q, p.operand, h)); // (b, h, n, C, f)
@@ -180,8 +172,9 @@ impl Call {
         a += &a_window;
 
         // (b, h, n, C, d_v) and (b, h, n, C, 1)
-        let num = p.mm_operand(&a, &keys.v) + p.mm_state(&phi_q, kv_before);
-        let den = a.sum_dim_intlist(-1, true, p.acc) + p.mm_state(&phi_q, &k_before.unsqueeze(-1));
+        let num = p.mm_operand(&a, &keys.v) + p.mm_state(&phi_q, &keys.kv_before);
+        let den =
+            a.sum_dim_intlist(-1, true, p.acc) + p.mm_state(&phi_q, &keys.k_before.unsqueeze(-1));
         // The normaliser is small (one value per query): multiplying by its reciprocal keeps
         // the backward to one pass over the numerator.
         blocks
@@ -190,8 +183,7 @@ impl Call {
     }
 }
 
-/// Every query chunk's local block of keys, in pieces along the block, and the linear sums over
-/// the keys before it.
+/// Every query chunk's local block of keys and the linear sums over the keys before it.
 struct Keys {
     /// (b, h, n, K, d)
     k: Tensor,
@@ -203,18 +195,4 @@ struct Keys {
     kv_before: Tensor,
     /// (b, h, n, f)
     k_before: Tensor,
-}
-
-/// Chunks (b, h, n, C, x) -> local blocks (b, h, n, (hist+1)·C, x), block j = chunks
-/// j − hist, .., j (zeros before the first): one matmul by the stacked 0/1 shift matrices
-/// ((hist+1)·n, n), then one copy into the block layout.
-fn local_blocks(chunks: &Tensor, hist: i64) -> Tensor {
-    let s = chunks.size();
-    let n = s[2];
-    let shifts = constant_matrix(Matrix::Shifts { n, hist }, chunks.kind(), chunks.device());
-    shifts
-        .matmul(&chunks.reshape([s[0], s[1], n, -1])) // (b, h, (hist+1)·n, C·x)
-        .reshape([s[0], s[1], hist + 1, n, s[3], s[4]])
-        .permute([0, 1, 3, 2, 4, 5])
-        .reshape([s[0], s[1], n, (hist + 1) * s[3], s[4]])
 }
