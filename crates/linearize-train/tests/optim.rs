@@ -1,4 +1,5 @@
-//! AdamW against torch's numbers and an f64 formula, master weights, clipping, state round trip.
+//! AdamW against torch's numbers and an f64 formula, master weights, clipping, state round trip;
+//! each in both forms, the fused multi-tensor kernel and the per-tensor update.
 use linearize_train::optim::{AdamW, AdamWConfig, Trainable};
 use serde::Deserialize;
 use tch::{Kind, Tensor};
@@ -40,6 +41,14 @@ fn assert_close(actual: &[f64], expected: &[f64], tol: f64, what: &str) {
     }
 }
 
+/// `config` as the fused and as the per-tensor optimizer.
+fn both_forms(config: &AdamWConfig) -> [AdamWConfig; 2] {
+    [true, false].map(|fused| AdamWConfig {
+        fused,
+        ..config.clone()
+    })
+}
+
 #[derive(Deserialize)]
 struct Fixture {
     cases: Vec<Case>,
@@ -59,18 +68,21 @@ fn matches_torch_adamw_recorded_by_script() {
     let fixture: Fixture =
         serde_json::from_str(include_str!("fixtures/adamw_torch.json")).expect("fixture parses");
     for (index, case) in fixture.cases.iter().enumerate() {
-        let p = param(&case.initial, &case.shape, Kind::Float);
-        let params = Trainable::new(vec![("p".into(), p.shallow_clone())]).unwrap();
-        let mut opt = AdamW::new(&params, case.config.clone()).unwrap();
-        for (step, (grad, expected)) in case.grads.iter().zip(&case.after_each_step).enumerate() {
-            set_grads(&params, std::slice::from_ref(grad));
-            opt.step().unwrap();
-            assert_close(
-                &values(&p),
-                expected,
-                2e-6,
-                &format!("case {index} step {step}"),
-            );
+        for config in both_forms(&case.config) {
+            let p = param(&case.initial, &case.shape, Kind::Float);
+            let params = Trainable::new(vec![("p".into(), p.shallow_clone())]).unwrap();
+            let mut opt = AdamW::new(&params, config.clone()).unwrap();
+            for (step, (grad, expected)) in case.grads.iter().zip(&case.after_each_step).enumerate()
+            {
+                set_grads(&params, std::slice::from_ref(grad));
+                opt.step().unwrap();
+                assert_close(
+                    &values(&p),
+                    expected,
+                    2e-6,
+                    &format!("case {index} (fused {}) step {step}", config.fused),
+                );
+            }
         }
     }
 }
@@ -106,7 +118,14 @@ fn matches_f64_formula_for_several_tensors() {
         betas: [0.85, 0.98],
         eps: 1e-7,
         weight_decay: 0.2,
+        fused: true,
     };
+    for config in both_forms(&config) {
+        check_against_f64_formula(&config);
+    }
+}
+
+fn check_against_f64_formula(config: &AdamWConfig) {
     let init_a = [0.5f32, -1.25, 2.0, 0.125, -0.75, 1.5];
     let init_b = [3.0f32, -0.5];
     let params = Trainable::new(vec![
@@ -138,12 +157,12 @@ fn matches_f64_formula_for_several_tensors() {
         for ((name, tensor), (reference, grad)) in
             params.named().iter().zip(refs.iter_mut().zip(&grads))
         {
-            reference.step(grad, &config);
+            reference.step(grad, config);
             assert_close(
                 &values(tensor),
                 &reference.p,
                 1e-5,
-                &format!("{name} step {step}"),
+                &format!("{name} (fused {}) step {step}", config.fused),
             );
         }
     }
@@ -151,9 +170,14 @@ fn matches_f64_formula_for_several_tensors() {
 
 #[test]
 fn bf16_parameters_keep_full_precision_in_master_values() {
+    for config in both_forms(&AdamWConfig::with_lr(1e-4)) {
+        check_master_values(config);
+    }
+}
+
+fn check_master_values(config: AdamWConfig) {
     // Steps of ~1e-4 are far below bf16's resolution at 1.0 (2^-7): updating the bf16 tensor
     // directly would never move it. The master value accumulates them.
-    let config = AdamWConfig::with_lr(1e-4);
     let grads = vec![vec![0.5f32, -0.25, 1.0, -2.0]];
     let low = param(&[1.0, 1.0, -1.0, 0.5], &[4], Kind::BFloat16);
     let full = param(&[1.0, 1.0, -1.0, 0.5], &[4], Kind::Float);
@@ -208,6 +232,7 @@ fn clipping_before_step_uses_the_clipped_gradient() {
         betas: [0.9, 0.999],
         eps: 1e-8,
         weight_decay: 0.0,
+        fused: true,
     };
     let mut clipped = AdamW::new(&clipped_params, config.clone()).unwrap();
     let mut scaled = AdamW::new(&scaled_params, config).unwrap();
@@ -235,6 +260,12 @@ fn clipping_before_step_uses_the_clipped_gradient() {
 
 #[test]
 fn parameters_without_gradient_are_skipped() {
+    for config in both_forms(&AdamWConfig::with_lr(0.1)) {
+        check_skipped_without_gradient(config);
+    }
+}
+
+fn check_skipped_without_gradient(config: AdamWConfig) {
     let used = param(&[1.0, 2.0], &[2], Kind::Float);
     let unused = param(&[3.0], &[1], Kind::Float);
     let params = Trainable::new(vec![
@@ -242,7 +273,7 @@ fn parameters_without_gradient_are_skipped() {
         ("unused".into(), unused.shallow_clone()),
     ])
     .unwrap();
-    let mut opt = AdamW::new(&params, AdamWConfig::with_lr(0.1)).unwrap();
+    let mut opt = AdamW::new(&params, config).unwrap();
     (&used * 2.0).sum(Kind::Float).backward();
     opt.step().unwrap();
     let step_of = |name: &str| {
@@ -261,18 +292,25 @@ fn parameters_without_gradient_are_skipped() {
 
 #[test]
 fn restored_state_continues_bit_identically() {
+    let config = AdamWConfig {
+        lr: 0.01,
+        betas: [0.9, 0.99],
+        eps: 1e-8,
+        weight_decay: 0.05,
+        fused: true,
+    };
+    for config in both_forms(&config) {
+        check_resume(config);
+    }
+}
+
+fn check_resume(config: AdamWConfig) {
     let init = [0.3f32, -0.7, 1.1, 0.05];
     let grads_at = |step: usize| {
         vec![init
             .iter()
             .map(|x| (x * 3.0 + step as f32).cos())
             .collect::<Vec<f32>>()]
-    };
-    let config = AdamWConfig {
-        lr: 0.01,
-        betas: [0.9, 0.99],
-        eps: 1e-8,
-        weight_decay: 0.05,
     };
     let make = |values: &[f32]| {
         Trainable::new(vec![("w".into(), param(values, &[2, 2], Kind::BFloat16))]).unwrap()
@@ -367,4 +405,72 @@ fn config_rejects_bad_values_and_unknown_keys() {
         .unwrap_err()
         .to_string()
         .contains("optimizer.lr"));
+}
+
+#[test]
+fn fused_and_per_tensor_updates_agree_on_a_mixed_set() {
+    // f32 and bf16 parameters (one fused group of masters), one that gets no gradient in the
+    // first step, weight decay; random values so every element takes a different path.
+    tch::manual_seed(7);
+    let shapes: [(&str, &[i64], Kind); 4] = [
+        ("a", &[16, 8], Kind::Float),
+        ("b", &[8], Kind::BFloat16),
+        ("c", &[4, 4, 4], Kind::Float),
+        ("late", &[3], Kind::Float),
+    ];
+    let init: Vec<Tensor> = shapes
+        .iter()
+        .map(|(_, shape, kind)| {
+            Tensor::randn(*shape, (Kind::Float, tch::Device::Cpu)).to_kind(*kind)
+        })
+        .collect();
+    let config = AdamWConfig {
+        lr: 0.03,
+        betas: [0.9, 0.95],
+        eps: 1e-6,
+        weight_decay: 0.1,
+        fused: true,
+    };
+    let mut runs: Vec<(Trainable, AdamW)> = both_forms(&config)
+        .into_iter()
+        .map(|config| {
+            let params = Trainable::new(
+                shapes
+                    .iter()
+                    .zip(&init)
+                    .map(|((name, _, _), t)| (name.to_string(), t.copy().set_requires_grad(true)))
+                    .collect(),
+            )
+            .unwrap();
+            let opt = AdamW::new(&params, config).unwrap();
+            (params, opt)
+        })
+        .collect();
+    for step in 0..5 {
+        let grads: Vec<Tensor> = init
+            .iter()
+            .map(|t| Tensor::randn_like(&t.to_kind(Kind::Float)))
+            .collect();
+        for (params, opt) in &mut runs {
+            params.zero_grad();
+            let loss = params
+                .named()
+                .iter()
+                .zip(&grads)
+                .filter(|((name, _), _)| step > 0 || name != "late")
+                .map(|((_, p), g)| (p * g.to_kind(p.kind())).sum(Kind::Float))
+                .reduce(|a, b| a + b)
+                .unwrap();
+            loss.backward();
+            opt.step().unwrap();
+        }
+    }
+    let (fused, per_tensor) = (runs[0].1.state_tensors(), runs[1].1.state_tensors());
+    assert_eq!(fused.len(), per_tensor.len());
+    for ((name, a), (_, b)) in fused.iter().zip(&per_tensor) {
+        assert_close(&values(a), &values(b), 1e-6, name);
+    }
+    for ((name, a), (_, b)) in runs[0].0.named().iter().zip(runs[1].0.named()) {
+        assert_close(&values(a), &values(b), 1e-6, name);
+    }
 }
