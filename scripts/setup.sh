@@ -25,6 +25,12 @@ if ! "$VENV/bin/python" -c "import torch,sys; sys.exit(torch.__version__.split('
 fi
 torch_dir=$("$VENV/bin/python" -c 'import torch,os;print(os.path.dirname(torch.__file__))')
 ln -sfn "$torch_dir" "$VENV/libtorch"
+# The torch wheel's CUDA runtime headers lack crt/ (shipped with nvcc), which libtorch's CUDA
+# graph header includes: the small nvidia-cuda-crt package of the same CUDA release adds it.
+if [ -d "$torch_dir/../nvidia/cu13/include" ] && [ ! -e "$torch_dir/../nvidia/cu13/include/crt/host_config.h" ]; then
+  echo "setup: installing the CUDA crt headers (nvidia-cuda-crt 13.0)" >&2
+  "$VENV/bin/pip" install --quiet --no-cache-dir "nvidia-cuda-crt==13.0.*"
+fi
 
 # Python packages used only by the scripts that make test fixtures and reference numbers.
 if [ "${LINEARIZE_SETUP_PY_TOOLS:-0}" = 1 ]; then

@@ -1,8 +1,11 @@
 //! libtorch operations that tch does not bind, through a small C++ shim (`csrc/`): the fused
-//! multi-tensor AdamW step (`_fused_adamw_`) and the multi-tensor copy (`_foreach_copy_`).
+//! multi-tensor AdamW step (`_fused_adamw_`), the multi-tensor copy (`_foreach_copy_`) and CUDA
+//! graphs (`at::cuda::CUDAGraph`).
 pub mod adamw;
+pub mod cuda_graph;
 
 pub use adamw::{foreach_copy, fused_adamw, AdamWStep};
+pub use cuda_graph::CudaGraph;
 
 use anyhow::{bail, Result};
 use std::ffi::{c_char, c_int};
