@@ -32,11 +32,9 @@ fn cuda_include(torch_root: &Path) -> Option<PathBuf> {
         }
     }
     candidates.push(PathBuf::from("/usr/local/cuda/include"));
-    candidates
-        .into_iter()
-        .find(|dir| {
-            dir.join("cuda_runtime_api.h").exists() && dir.join("crt/host_config.h").exists()
-        })
+    candidates.into_iter().find(|dir| {
+        dir.join("cuda_runtime_api.h").exists() && dir.join("crt/host_config.h").exists()
+    })
 }
 
 fn main() {

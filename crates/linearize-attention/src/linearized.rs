@@ -644,7 +644,8 @@ impl LinearizedMixer {
             ) => {
                 let phi_q = feature_map_q.forward(x.q)?;
                 let phi_k = feature_map_k.forward(x.k)?;
-                lolcats::step(s, &lolcats_inputs(x, &phi_q, &phi_k, window_factors), cfg)?
+                let inputs = lolcats_inputs(x, &phi_q, &phi_k, window_factors);
+                lolcats::step(s, &inputs, cfg, x.position)?
             }
             (Kernel::SlidingWindow(cfg), KernelState::SlidingWindow(s)) => {
                 swa::step(s, x.q, x.k, x.v, cfg)?
@@ -771,6 +772,16 @@ impl Mixer for LinearizedMixer {
             batch: state.batch * times,
             seen: state.seen,
             kernel: state.kernel.as_ref().map(|k| k.map_tensors(&repeat)),
+        }))
+    }
+
+    fn state_tensors(&self, state: &MixerState) -> Result<Vec<Tensor>> {
+        if let Kernel::Softmax(teacher) = &self.kernel {
+            return teacher.state_tensors(state);
+        }
+        let state = self.own_state(state)?;
+        Ok(state.kernel.as_ref().map_or_else(Vec::new, |k| {
+            k.tensors().into_iter().map(Tensor::shallow_clone).collect()
         }))
     }
 

@@ -154,6 +154,64 @@ fn every_method_decodes_like_its_full_pass() {
 }
 
 #[test]
+fn every_method_decodes_at_a_device_position_like_its_full_pass() {
+    // The step a CUDA graph captures (`decode_step_at`) reads its position from the device.
+    let ids = ids(2, LEN);
+    let prefix = 11;
+    for cfg in methods() {
+        let mut model = tiny_model(json!({}));
+        let student = nn::VarStore::new(Device::Cpu);
+        convert_all(&mut model, &student, &cfg);
+        tch::no_grad(|| {
+            let full = model.forward(&ids, None).unwrap();
+            let mut cache = model.new_cache(2).unwrap();
+            let _ = model
+                .forward(&ids.narrow(1, 0, prefix), Some(&mut cache))
+                .unwrap();
+            let state_len = model.state_tensors(&cache).unwrap().len();
+            assert!(state_len > 0, "{}: a state with no tensors", cfg.name());
+            for t in prefix..LEN {
+                let position = Tensor::from(t);
+                let logits = model
+                    .decode_step_at(&ids.narrow(1, t, 1), &mut cache, &position)
+                    .unwrap();
+                let diff = max_diff(&logits, &full.narrow(1, t, 1));
+                assert!(
+                    diff <= 1e-4,
+                    "{} token {t}: differs by {diff:e}",
+                    cfg.name()
+                );
+            }
+            assert_eq!(cache.seen(), LEN);
+            assert_eq!(model.state_tensors(&cache).unwrap().len(), state_len);
+        });
+    }
+}
+
+#[test]
+fn graph_decoding_is_refused_for_a_kv_cache_and_off_the_gpu() {
+    let model = tiny_model(json!({}));
+    let ids = ids(1, 4);
+    let mut cache = model.new_cache(1).unwrap();
+    let _ = model.forward(&ids, Some(&mut cache)).unwrap();
+    let err = model
+        .decode_step_at(&ids.narrow(1, 3, 1), &mut cache, &Tensor::from(4i64))
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("cannot be captured into a CUDA graph"),
+        "{err:#}"
+    );
+    let err = linearize_models::graph_decode::GraphDecoder::new(
+        &model,
+        model.new_cache(1).unwrap(),
+        &ids.narrow(1, 0, 1),
+    )
+    .err()
+    .expect("a CPU model cannot decode with CUDA graphs");
+    assert!(format!("{err:#}").contains("need a CUDA device"), "{err:#}");
+}
+
+#[test]
 fn softmax_method_reproduces_the_original_model() {
     for extra in [
         json!({}),
@@ -222,6 +280,7 @@ fn parameters_are_named_under_the_layer_path_and_shared_by_shallow_clones() {
         q_raw: &q,
         k_raw: &k,
         offset: 0,
+        position: None,
     };
     let before = clone.forward(&input, None).unwrap();
     assert!(mixer.forward(&input, None).unwrap().equal(&before));

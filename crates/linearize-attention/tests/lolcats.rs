@@ -510,3 +510,62 @@ fn f16_linear_sums_beyond_the_f16_range_stay_accurate() {
     let reference = tch::no_grad(|| lolcats::naive(&x, &cfg(WindowShape::Sw))).unwrap();
     assert_close("f16 vs f32", &out, &reference, 1e-3);
 }
+
+#[test]
+fn steps_at_a_device_position_ignore_a_frozen_host_count() {
+    // Under a CUDA graph the host count stays at its value at capture while the position on the
+    // device advances: with the position given, every step must still match the full pass. The
+    // terrace window (tk) depends on the absolute position, so a stale count would show. The
+    // prefix fills the window cache first, as a graph's capture needs.
+    seed(16);
+    let len = 4 * W + 3;
+    let prefix = 2 * W + 1;
+    for shape in SHAPES {
+        let s = setup(2, len, Kind::Float);
+        let f = tch::no_grad(|| s.features());
+        let (full, _) =
+            tch::no_grad(|| lolcats::chunked(&s.inputs(&f), &cfg(shape), None)).unwrap();
+        let token = |x: &Tensor, t: i64| x.narrow(2, t, 1);
+        let head = |x: &Tensor| x.narrow(2, 0, prefix);
+        let (q0, k0, v0, pq0, pk0) = (
+            head(&s.q),
+            head(&s.k),
+            head(&s.v),
+            head(&f.phi_q),
+            head(&f.phi_k),
+        );
+        let prefill = LolcatsInputs {
+            q: &q0,
+            k: &k0,
+            v: &v0,
+            phi_q: &pq0,
+            phi_k: &pk0,
+            window_factors: &s.factors.logits,
+        };
+        tch::no_grad(|| {
+            let (_, mut state) = lolcats::chunked(&prefill, &cfg(shape), None).unwrap();
+            let frozen = state.pos;
+            for t in prefix..len {
+                let (q, k, v, pq, pk) = (
+                    token(&s.q, t),
+                    token(&s.k, t),
+                    token(&s.v, t),
+                    token(&f.phi_q, t),
+                    token(&f.phi_k, t),
+                );
+                let one = LolcatsInputs {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    phi_q: &pq,
+                    phi_k: &pk,
+                    window_factors: &s.factors.logits,
+                };
+                state.pos = frozen;
+                let position = Tensor::from(t);
+                let y = lolcats::step(&mut state, &one, &cfg(shape), Some(&position)).unwrap();
+                assert_close(&format!("{shape:?} token {t}"), &y, &token(&full, t), 1e-5);
+            }
+        });
+    }
+}

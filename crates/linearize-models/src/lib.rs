@@ -5,6 +5,7 @@ pub mod chat_template;
 pub mod config;
 pub mod generate;
 pub mod gguf;
+pub mod graph_decode;
 pub mod linear;
 pub mod llama;
 pub mod lm;

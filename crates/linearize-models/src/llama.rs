@@ -82,10 +82,12 @@ impl Mlp {
 }
 
 /// The cos/sin rows of the tokens of one forward pass, shared by all layers.
-struct Positions {
+struct Positions<'a> {
     cos: Tensor, // (L, head_dim)
     sin: Tensor, // (L, head_dim)
     offset: i64,
+    /// `offset` on the device, when decoding under a CUDA graph.
+    position: Option<&'a Tensor>,
 }
 
 pub struct Attention {
@@ -148,6 +150,7 @@ impl Attention {
             q_raw: &q_raw,
             k_raw: &k_raw,
             offset: pos.offset,
+            position: pos.position,
         };
         let y = self.mixer.forward(&input, state)?; // (b, h, L, d)
         let y = y
@@ -317,10 +320,33 @@ impl Model {
 
     /// ids (b, L) int64 -> final hidden states (b, L, hidden) after the last norm, in the model
     /// dtype. With `cache`, the tokens continue what it has seen and it is updated.
-    pub fn hidden_states(
+    pub fn hidden_states(&self, ids: &Tensor, cache: Option<&mut ModelCache>) -> Result<Tensor> {
+        self.hidden_states_at(ids, cache, None)
+    }
+
+    /// One decoding step whose position is read from `position` (an int64 scalar on the device
+    /// equal to `cache.seen()`) rather than from the host: the step a CUDA graph captures and
+    /// replays at every position (see [`crate::graph_decode`]). ids (b, 1) -> logits (b, 1, vocab)
+    /// in f32. Mixers whose step cannot be captured refuse.
+    pub fn decode_step_at(
+        &self,
+        ids: &Tensor,
+        cache: &mut ModelCache,
+        position: &Tensor,
+    ) -> Result<Tensor> {
+        ensure!(
+            ids.size().get(1) == Some(&1),
+            "a decoding step takes one token per sequence, got ids of shape {:?}",
+            ids.size()
+        );
+        Ok(self.logits(&self.hidden_states_at(ids, Some(cache), Some(position))?))
+    }
+
+    fn hidden_states_at(
         &self,
         ids: &Tensor,
         mut cache: Option<&mut ModelCache>,
+        position: Option<&Tensor>,
     ) -> Result<Tensor> {
         let size = ids.size();
         ensure!(
@@ -332,8 +358,16 @@ impl Model {
         if let Some(c) = &cache {
             self.check_cache(c)?;
         }
-        let (cos, sin) = self.rope.cos_sin(offset, size[1])?;
-        let pos = Positions { cos, sin, offset };
+        let (cos, sin) = match position {
+            Some(position) => self.rope.cos_sin_at(position, size[1]),
+            None => self.rope.cos_sin(offset, size[1])?,
+        };
+        let pos = Positions {
+            cos,
+            sin,
+            offset,
+            position,
+        };
         let mut x = self.embed_tokens.forward(&ids.to_device(self.vs.device())); // (b, L, hidden)
         for (i, layer) in self.layers.iter().enumerate() {
             let state = cache.as_deref_mut().map(|c| &mut c.states[i]);
@@ -371,6 +405,7 @@ impl Model {
             cos,
             sin,
             offset: 0,
+            position: None,
         };
         let embedded = self.embed_tokens.forward(&ids.to_device(self.vs.device())); // (b, L, hidden)
         let mut inputs = Vec::with_capacity(self.layers.len());
@@ -463,6 +498,22 @@ impl Model {
             states,
             seen: cache.seen,
         })
+    }
+
+    /// Every tensor of the decoding state, layer by layer (see [`Mixer::state_tensors`]).
+    pub fn state_tensors(&self, cache: &ModelCache) -> Result<Vec<Tensor>> {
+        self.check_cache(cache)?;
+        let mut all = Vec::new();
+        for (i, (layer, state)) in self.layers.iter().zip(&cache.states).enumerate() {
+            all.extend(
+                layer
+                    .self_attn
+                    .mixer
+                    .state_tensors(state)
+                    .with_context(|| format!("layer {i}"))?,
+            );
+        }
+        Ok(all)
     }
 
     /// Bytes of memory the decoding state holds, over all layers.

@@ -16,6 +16,10 @@ pub struct MixerInput<'a> {
     pub k_raw: &'a Tensor,
     /// Absolute position of the first of the L tokens.
     pub offset: i64,
+    /// `offset` as an int64 scalar on the device, given when the step is captured into a CUDA
+    /// graph: a host value would be frozen into the captured kernels, so a mixer whose step
+    /// depends on the absolute position reads it from here, or refuses to be captured.
+    pub position: Option<&'a Tensor>,
 }
 
 /// A mixer's decoding state for one layer (a KV cache, a recurrent state, ...); only the mixer
@@ -41,6 +45,13 @@ pub trait Mixer: Send {
     ) -> Result<MixerState> {
         let _ = (state, times, reserve, device);
         bail!("{} cannot fork a decoding state", self.name())
+    }
+
+    /// The tensors `state` holds, in a fixed order (a CUDA graph copies each step's new state
+    /// into the tensors it was captured with).
+    fn state_tensors(&self, state: &MixerState) -> Result<Vec<Tensor>> {
+        let _ = state;
+        bail!("{} cannot list its decoding state's tensors", self.name())
     }
 
     /// Bytes of memory `state` holds (reserved room included).
@@ -88,6 +99,11 @@ impl Mixer for SoftmaxMixer {
         let Some(state) = state else {
             return Ok(self.fresh(input.q, input.k, input.v));
         };
+        ensure!(
+            input.position.is_none(),
+            "softmax attention's KV cache grows by a token per step: its decoding cannot be \
+             captured into a CUDA graph"
+        );
         let cache = state
             .downcast_mut::<KvCache>()
             .context("softmax attention was given a decoding state made by another mixer")?;
@@ -411,6 +427,7 @@ mod tests {
             q_raw: q,
             k_raw: k,
             offset,
+            position: None,
         }
     }
 

@@ -44,6 +44,17 @@ impl Rope {
         ))
     }
 
+    /// The (cos, sin) rows for positions `position .. position + len`, each (len, head_dim), with
+    /// `position` an int64 scalar on the device (read there: nothing waits for it on the host,
+    /// which a CUDA graph needs). The caller checks the range.
+    pub fn cos_sin_at(&self, position: &Tensor, len: i64) -> (Tensor, Tensor) {
+        let rows = Tensor::arange(len, (Kind::Int64, position.device())) + position; // (len,)
+        (
+            self.cos.index_select(0, &rows),
+            self.sin.index_select(0, &rows),
+        )
+    }
+
     /// Rotates `x` (b, h, L, d) by the angles of its L positions (`cos`, `sin` from
     /// [`Rope::cos_sin`]).
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {

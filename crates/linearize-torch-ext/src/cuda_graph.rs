@@ -75,8 +75,9 @@ impl CudaGraph {
             let ctx: *mut c_void = (&mut body as *mut Body).cast();
             let mut status = 0;
             let result = call("capturing a CUDA graph", |err, len| {
-                status =
-                    unsafe { ffi::linearize_cuda_graph_capture(device, run_body, ctx, &mut raw, err, len) };
+                status = unsafe {
+                    ffi::linearize_cuda_graph_capture(device, run_body, ctx, &mut raw, err, len)
+                };
                 // 2: the body failed; its own error explains why.
                 if status == 2 {
                     0

@@ -260,6 +260,7 @@ mod tests {
             q_raw: q,
             k_raw: k,
             offset: 0,
+            position: None,
         }
     }
 

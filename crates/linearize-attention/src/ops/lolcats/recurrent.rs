@@ -4,8 +4,16 @@ use crate::error::Result;
 use crate::tensors::{compute_kind, prepare, repeat_heads, Dims, Precision};
 use tch::{Kind, Tensor};
 
-/// Adds one token (len 1) to `state` and returns its output (b, h, 1, d_v).
-pub fn step(state: &mut LolcatsState, x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Tensor> {
+/// Adds one token (len 1) to `state` and returns its output (b, h, 1, d_v). `position`, when
+/// given, is the token's absolute position (`state`'s count) as an int64 scalar on the device:
+/// the window masks are then built from it rather than from the host count, so that a CUDA graph
+/// capturing this step stays right when replayed at later positions.
+pub fn step(
+    state: &mut LolcatsState,
+    x: &LolcatsInputs,
+    cfg: &LolcatsConfig,
+    position: Option<&Tensor>,
+) -> Result<Tensor> {
     cfg.validate()?;
     let s = check_inputs(x)?;
     Dims::of("q", x.q)?.check_single("q", x.q)?;
@@ -28,7 +36,10 @@ pub fn step(state: &mut LolcatsState, x: &LolcatsInputs, cfg: &LolcatsConfig) ->
     ); // (b, h, m+1, ·)
        // Built on the device: a mask copied from the host would make every layer's step wait for
        // the device to catch up, leaving decoding bound by launch latency.
-    let positions = |start: i64, end: i64| Tensor::arange_start(start, end, (Kind::Int64, device));
+    let positions = |start: i64, end: i64| match position {
+        Some(p) => Tensor::arange_start(start - t, end - t, (Kind::Int64, device)) + p,
+        None => Tensor::arange_start(start, end, (Kind::Int64, device)),
+    };
     let (inside, _) = window.masks(&positions(t, t + 1), &positions(t - m, t + 1)); // (m+1,)
 
     let q = prepare(x.q, kind, h); // (b, h, 1, d)
@@ -83,7 +94,7 @@ pub fn recurrent(
             phi_k: &phi_k,
             window_factors: x.window_factors,
         };
-        outputs.push(step(&mut state, &one, cfg)?);
+        outputs.push(step(&mut state, &one, cfg, None)?);
     }
     Ok((Tensor::cat(&outputs, 2), state))
 }

@@ -1,0 +1,123 @@
+//! Greedy decoding with CUDA graphs: one decoding step of the whole model captured once and
+//! replayed per token. At small batches a step is thousands of small kernels (~30 per layer),
+//! and launching them one by one from the host takes longer than running them; a replay
+//! launches them all at once.
+//!
+//! The captured step reads the token ids, the position and the decoding state from fixed tensors
+//! and writes its greedy picks, its logits and the new state back into them, so that each replay
+//! continues where the last one stopped without the host. Host values frozen into the capture
+//! must not change between steps: positions are read on the device ([`Model::decode_step_at`]),
+//! and the state must have stopped changing shape (a window cache filled), which
+//! [`GraphDecoder::new`] checks. Softmax attention's KV cache grows every step: it is refused.
+use crate::llama::{Model, ModelCache};
+use anyhow::{bail, ensure, Context, Result};
+use linearize_torch_ext::CudaGraph;
+use tch::{Device, Kind, Tensor};
+
+pub struct GraphDecoder<'m> {
+    graph: CudaGraph,
+    /// (b, 1) int64: the ids the next replay reads; each replay overwrites them with its picks.
+    ids: Tensor,
+    /// (b, 1, vocab) f32: the last replay's logits.
+    logits: Tensor,
+    /// The state the graph reads and updates in place (kept alive here: the graph holds only
+    /// their addresses).
+    _state: Vec<Tensor>,
+    /// The model's per-layer state objects, which hold the capture's own tensors; their host
+    /// counters stopped at the capture.
+    _cache: ModelCache,
+    /// Tokens decoded so far, the prefix included: the position of the next replay.
+    seen: i64,
+    max_positions: i64,
+    /// The weights the graph reads must outlive it.
+    _model: &'m Model,
+}
+
+impl<'m> GraphDecoder<'m> {
+    /// Captures a greedy decoding step of `model` from `cache` (taken over) whose first input is
+    /// `ids` (b, 1). Decode eagerly first until the state stops growing (LoLCATs and SWA caches
+    /// hold a window of tokens) and at least once in this process, which does libtorch's and
+    /// cuBLAS's lazy set-up outside the capture.
+    pub fn new(model: &'m Model, mut cache: ModelCache, ids: &Tensor) -> Result<Self> {
+        let device = model.device();
+        let Device::Cuda(index) = device else {
+            bail!("CUDA graphs need a CUDA device; the model is on {device:?}");
+        };
+        let seen = cache.seen();
+        let state = model.state_tensors(&cache)?;
+        let ids = ids.to_device(device).to_kind(Kind::Int64).copy(); // (b, 1)
+        let position = Tensor::from(seen).to_device(device);
+        let mut logits = None;
+        let graph = tch::no_grad(|| {
+            CudaGraph::capture(index, || {
+                let out = model.decode_step_at(&ids, &mut cache, &position)?; // (b, 1, V)
+                let next = model.state_tensors(&cache)?;
+                ensure!(
+                    next.len() == state.len(),
+                    "the decoding state had {} tensors before the step and {} after",
+                    state.len(),
+                    next.len()
+                );
+                for (i, (old, new)) in state.iter().zip(&next).enumerate() {
+                    ensure!(
+                        old.size() == new.size() && old.kind() == new.kind(),
+                        "decoding state tensor {i} changes from {:?} {:?} to {:?} {:?} in a \
+                         step: decode eagerly until the state stops growing (a full window)",
+                        old.kind(),
+                        old.size(),
+                        new.kind(),
+                        new.size()
+                    );
+                    if old.data_ptr() != new.data_ptr() {
+                        old.shallow_clone().copy_(new);
+                    }
+                }
+                ids.shallow_clone().copy_(&out.argmax(-1, false));
+                let _ = position.shallow_clone().g_add_scalar_(1);
+                logits = Some(out);
+                Ok(())
+            })
+        })
+        .context("capturing a decoding step")?;
+        Ok(Self {
+            graph,
+            ids,
+            logits: logits.context("the captured step produced no logits")?,
+            _state: state,
+            _cache: cache,
+            seen,
+            max_positions: model.config().max_position_embeddings,
+            _model: model,
+        })
+    }
+
+    /// Decodes one token per sequence: the input ids at position [`GraphDecoder::seen`] go
+    /// through the model; its logits and greedy picks replace [`GraphDecoder::logits`] and
+    /// [`GraphDecoder::ids`]. Nothing waits for the device.
+    pub fn step(&mut self) -> Result<()> {
+        ensure!(
+            self.seen < self.max_positions,
+            "position {} is beyond max_position_embeddings = {} of the model",
+            self.seen,
+            self.max_positions
+        );
+        self.graph.replay()?;
+        self.seen += 1;
+        Ok(())
+    }
+
+    /// (b, 1) int64: the last step's greedy picks, which the next step decodes.
+    pub fn ids(&self) -> &Tensor {
+        &self.ids
+    }
+
+    /// (b, 1, vocab) f32: the last step's logits (overwritten by the next step).
+    pub fn logits(&self) -> &Tensor {
+        &self.logits
+    }
+
+    /// Tokens of the sequence so far; the position the next step decodes at.
+    pub fn seen(&self) -> i64 {
+        self.seen
+    }
+}
