@@ -2,7 +2,8 @@
 # GPU benchmarks of issue #9 on one H100/H200 with random weights (no weights travel).
 #   scripts/gpu/bench.sh kernels-stages   # kernels at 1k..64k, then stage 1/2 vs teacher forward
 #   scripts/gpu/bench.sh stages-batched   # stage 1 at batch 8 x 1024, stage 2 at 2 x 2048
-#   scripts/gpu/bench.sh decode           # decoding at 4k, 32k, 128k: teacher vs student
+#   scripts/gpu/bench.sh decode           # decoding at 4k, 32k, 128k: teacher vs student (eager
+#                                         # and by CUDA graph replays)
 #   scripts/gpu/bench.sh profile          # the stages-batched cases under libtorch's profiler
 # The binary is target/release/linearize-gpu (built on the CPU machine, carried); results and
 # logs go to $OUT (default ./bench-out).
@@ -48,7 +49,8 @@ case "${1:-}" in
     tar -cf - -C "$P" . | xz -6 -T0 >"$OUT/profile.tar.xz"
     ;;
   decode)
-    "$BIN" bench decode --device cuda --dtype bf16 --config "$MODEL" \
+    "$BIN" bench decode --device cuda --dtype bf16 --config "$MODEL" ${ATTENTION:+--attention "$ATTENTION"} \
+      --models ${MODELS:-teacher,student,student-graph} --max-batch ${MAX_BATCH:-4096} \
       --contexts ${CONTEXTS:-4096,32768,131072} --tokens ${TOKENS:-8} --refine 2 \
       --json "$OUT/decode.json" --plot "$OUT/decode.png" 2>"$OUT/decode.log" | tee "$OUT/decode.md"
     ;;

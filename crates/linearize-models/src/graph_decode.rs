@@ -20,6 +20,8 @@ pub struct GraphDecoder<'m> {
     ids: Tensor,
     /// (b, 1, vocab) f32: the last replay's logits.
     logits: Tensor,
+    /// () int64 on the device: the position the next replay decodes at, advanced by each.
+    position: Tensor,
     /// The state the graph reads and updates in place (kept alive here: the graph holds only
     /// their addresses).
     _state: Vec<Tensor>,
@@ -83,6 +85,7 @@ impl<'m> GraphDecoder<'m> {
             graph,
             ids,
             logits: logits.context("the captured step produced no logits")?,
+            position,
             _state: state,
             _cache: cache,
             seen,
@@ -114,6 +117,12 @@ impl<'m> GraphDecoder<'m> {
     /// (b, 1, vocab) f32: the last step's logits (overwritten by the next step).
     pub fn logits(&self) -> &Tensor {
         &self.logits
+    }
+
+    /// The position the next step decodes at, as the graph reads it on the device (the host
+    /// count is [`GraphDecoder::seen`]).
+    pub fn position(&self) -> &Tensor {
+        &self.position
     }
 
     /// Tokens of the sequence so far; the position the next step decodes at.

@@ -1,5 +1,6 @@
 //! `bench decode`: decoding tokens/s and memory at long contexts, for the teacher (KV cache) and
-//! the student (recurrent state), at batch 1 and at the largest batch that fits. Each (model,
+//! the student (recurrent state), at batch 1 and at the largest batch that fits; `student-graph`
+//! is the student decoding by CUDA graph replays ([`GraphDecoder`]). Each (model,
 //! context) runs in its own child process: it prefills one sequence of random tokens to the
 //! context length, keeps that state on the host, and forks it into batches of growing size on
 //! the device (doubling, then bisecting after the first out-of-memory failure), decoding greedily
@@ -11,6 +12,7 @@ use super::harness::{
 use super::memory::MemoryProbe;
 use super::model::{random_ids, ModelArgs};
 use anyhow::{bail, ensure, Result};
+use linearize_models::graph_decode::GraphDecoder;
 use linearize_models::llama::{Model, ModelCache};
 use serde_json::{json, Value};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -22,6 +24,8 @@ use tch::{Device, Kind, Tensor};
 pub enum Decoder {
     Teacher,
     Student,
+    /// The student, each step a replay of one captured CUDA graph.
+    StudentGraph,
 }
 
 impl Decoder {
@@ -29,6 +33,7 @@ impl Decoder {
         match self {
             Self::Teacher => "teacher",
             Self::Student => "student",
+            Self::StudentGraph => "student-graph",
         }
     }
 }
@@ -59,6 +64,10 @@ pub struct DecodeArgs {
     /// Prefill block length.
     #[arg(long, default_value_t = 4096)]
     prefill_chunk: i64,
+    /// `student-graph` at batch 1: greedy steps decoded both eagerly and by graph replays from
+    /// the same state, whose logits are compared (`graph_max_logit_diff`); 0 skips the check.
+    #[arg(long, default_value_t = 130)]
+    graph_check_steps: i64,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -96,6 +105,7 @@ pub fn run(args: DecodeArgs) -> Result<()> {
                 ("--max-batch", args.max_batch),
                 ("--refine", i64::from(args.refine)),
                 ("--prefill-chunk", args.prefill_chunk),
+                ("--graph-check-steps", args.graph_check_steps),
             ] {
                 cmd.args([flag.to_string(), value.to_string()]);
             }
@@ -135,6 +145,7 @@ pub fn run(args: DecodeArgs) -> Result<()> {
                 "attention": args.model.attention_config()?,
                 "tokens": args.tokens, "max_batch": args.max_batch,
                 "prefill_chunk": args.prefill_chunk,
+                "graph_check_steps": args.graph_check_steps,
             },
             "results": results,
             "best": best,
@@ -176,7 +187,8 @@ fn best_rows(results: &[Value]) -> Vec<Value> {
                     .find(|r| r["batch"] == 1)
                     .map(|r| r["tokens_per_s"].clone())
             };
-            let (teacher, student) = (best("teacher"), best("student"));
+            let (teacher, student, graph) =
+                (best("teacher"), best("student"), best("student-graph"));
             let speedup = match (teacher, student) {
                 (Some(t), Some(s)) => {
                     json!(
@@ -197,6 +209,9 @@ fn best_rows(results: &[Value]) -> Vec<Value> {
                 "teacher_state_bytes_per_seq": teacher.map(|r| r["state_bytes_per_seq"].clone()),
                 "student_state_bytes_per_seq": student.map(|r| r["state_bytes_per_seq"].clone()),
                 "student_over_teacher": speedup,
+                "student_graph_batch1_tokens_per_s": single("student-graph"),
+                "student_graph_best_tokens_per_s": graph.map(|r| r["tokens_per_s"].clone()),
+                "student_graph_best_batch": graph.map(|r| r["batch"].clone()),
             })
         })
         .collect()
@@ -210,7 +225,7 @@ fn worker(args: &DecodeArgs, spec: &str) -> Result<()> {
     // The student's converted parameters must outlive its model's use.
     let (model, _student) = match decoder {
         Decoder::Teacher => (args.model.teacher()?, None),
-        Decoder::Student => {
+        Decoder::Student | Decoder::StudentGraph => {
             let s = args.model.student()?;
             (s.model, Some((s.converted, s.store)))
         }
@@ -223,7 +238,17 @@ fn worker(args: &DecodeArgs, spec: &str) -> Result<()> {
 
     let mut batches = Vec::new();
     let mut try_batch = |batch: i64| -> Result<bool> {
-        let row = match decode(&model, &host, batch, args.tokens, &probe, baseline) {
+        let run = Run {
+            batch,
+            tokens: args.tokens,
+            graph: decoder == Decoder::StudentGraph,
+            check_steps: if batch == 1 {
+                args.graph_check_steps
+            } else {
+                0
+            },
+        };
+        let row = match decode(&model, &host, &run, &probe, baseline) {
             Ok(row) => row,
             Err(e) if is_out_of_memory(&e) => {
                 json!({"batch": batch, "status": "oom", "note": "out of memory"})
@@ -280,46 +305,64 @@ fn prefill(model: &Model, context: i64, chunk: i64) -> Result<ModelCache> {
     model.fork_cache(&cache, 1, 0, Device::Cpu)
 }
 
-/// Greedy decoding of `tokens` steps (after untimed ones) for `batch` copies of the prefilled
-/// sequence; an out-of-memory failure (a libtorch panic) comes back as an error.
+/// One batch size's decoding run.
+struct Run {
+    batch: i64,
+    /// Timed steps.
+    tokens: i64,
+    /// Replays of a captured CUDA graph instead of eager steps.
+    graph: bool,
+    /// Graph runs: steps compared with eager decoding first (0: none).
+    check_steps: i64,
+}
+
+/// Greedy decoding of `run.tokens` steps (after untimed ones) for `run.batch` copies of the
+/// prefilled sequence; an out-of-memory failure (a libtorch panic) comes back as an error.
 fn decode(
     model: &Model,
     host: &ModelCache,
-    batch: i64,
-    tokens: i64,
+    run: &Run,
     probe: &MemoryProbe,
     baseline: u64,
 ) -> Result<Value> {
     let device = model.device();
+    let batch = run.batch;
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Value> {
         tch::no_grad(|| {
-            let mut cache = model.fork_cache(host, batch, WARMUP_STEPS + tokens, device)?;
+            let reserve = WARMUP_STEPS + run.check_steps + run.tokens;
+            let mut cache = model.fork_cache(host, batch, reserve, device)?;
             let state_bytes = model.cache_bytes(&cache)?;
             let mut next = random_ids(model.config(), batch, 1, device);
-            let mut step = |next: &mut Tensor| -> Result<()> {
-                let logits = model.forward(next, Some(&mut cache))?; // (b, 1, V)
-                *next = logits.argmax(-1, false).to_kind(Kind::Int64);
-                Ok(())
-            };
             for _ in 0..WARMUP_STEPS {
-                step(&mut next)?;
+                eager_step(model, &mut cache, &mut next)?;
             }
+            let mut check = Value::Null;
+            if run.graph && run.check_steps > 0 {
+                check = json!(graph_logit_diff(model, &cache, &next, run.check_steps)?);
+            }
+            let mut step: Box<dyn FnMut() -> Result<()>> = if run.graph {
+                let mut graph = GraphDecoder::new(model, cache, &next)?;
+                Box::new(move || graph.step())
+            } else {
+                Box::new(move || eager_step(model, &mut cache, &mut next))
+            };
             synchronize(device);
             let started = Instant::now();
-            for _ in 0..tokens {
-                step(&mut next)?;
+            for _ in 0..run.tokens {
+                step()?;
             }
             synchronize(device);
             let seconds = started.elapsed().as_secs_f64();
             Ok(json!({
                 "batch": batch,
                 "status": "ok",
-                "tokens_per_s": (batch * tokens) as f64 / seconds,
-                "ms_per_step": seconds * 1e3 / tokens as f64,
+                "tokens_per_s": (batch * run.tokens) as f64 / seconds,
+                "ms_per_step": seconds * 1e3 / run.tokens as f64,
                 "state_bytes_per_seq": state_bytes as f64 / batch as f64,
                 "peak_bytes": probe.peak_since(baseline)?,
+                "graph_max_logit_diff": check,
             }))
         })
     }));
@@ -337,6 +380,38 @@ fn decode(
     }
 }
 
+/// One eager greedy step: `next` (b, 1) goes through the model and is replaced by its picks.
+fn eager_step(model: &Model, cache: &mut ModelCache, next: &mut Tensor) -> Result<()> {
+    let logits = model.forward(next, Some(cache))?; // (b, 1, V)
+    *next = logits.argmax(-1, false).to_kind(Kind::Int64);
+    Ok(())
+}
+
+/// The largest difference between the logits of `steps` greedy steps decoded eagerly and by
+/// graph replays, each from a copy of `cache` starting at `next`; both follow the eager picks,
+/// so one differing pick does not send the two runs apart.
+fn graph_logit_diff(model: &Model, cache: &ModelCache, next: &Tensor, steps: i64) -> Result<f64> {
+    let device = model.device();
+    let mut eager_cache = model.fork_cache(cache, 1, steps, device)?;
+    let mut ids = next.copy();
+    let mut eager = Vec::with_capacity(steps as usize);
+    for _ in 0..steps {
+        let logits = model.forward(&ids, Some(&mut eager_cache))?; // (b, 1, V)
+        eager.push((ids.copy(), logits.copy()));
+        ids = logits.argmax(-1, false).to_kind(Kind::Int64);
+    }
+    drop(eager_cache);
+    let mut graph = GraphDecoder::new(model, model.fork_cache(cache, 1, steps, device)?, next)?;
+    let mut worst = 0f64;
+    for (input, logits) in &eager {
+        graph.ids().shallow_clone().copy_(input);
+        graph.step()?;
+        let diff = (graph.logits() - logits).abs().max().double_value(&[]);
+        worst = worst.max(diff);
+    }
+    Ok(worst)
+}
+
 fn is_out_of_memory(e: &anyhow::Error) -> bool {
     let text = format!("{e:#}");
     text.contains("out of memory") || text.contains("CUDA error: out of memory")
@@ -344,12 +419,12 @@ fn is_out_of_memory(e: &anyhow::Error) -> bool {
 
 fn table(results: &[Value]) -> String {
     let mut out = String::from(
-        "| model | context | batch | tokens/s | ms/step | state MiB/seq | peak GiB | note |\n\
-         |---|---:|---:|---:|---:|---:|---:|---|\n",
+        "| model | context | batch | tokens/s | ms/step | state MiB/seq | peak GiB | graph vs eager \
+         max logit diff | note |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in results {
         out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r["model"].as_str().unwrap_or(""),
             r["context"],
             r["batch"],
@@ -357,6 +432,9 @@ fn table(results: &[Value]) -> String {
             cell(&r["ms_per_step"], 1.0, 1),
             cell(&r["state_bytes_per_seq"], MIB, 1),
             cell(&r["peak_bytes"], GIB, 2),
+            r["graph_max_logit_diff"]
+                .as_f64()
+                .map_or(String::new(), |d| format!("{d:.2e}")),
             r["note"].as_str().unwrap_or(""),
         );
     }
@@ -366,11 +444,12 @@ fn table(results: &[Value]) -> String {
 fn best_table(best: &[Value]) -> String {
     let mut out = String::from(
         "| context | teacher tok/s (b=1) | student tok/s (b=1) | teacher best tok/s (batch) | \
-         student best tok/s (batch) | student / teacher |\n|---:|---:|---:|---:|---:|---:|\n",
+         student best tok/s (batch) | student / teacher | student graph tok/s (b=1) | \
+         student graph best tok/s (batch) |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for b in best {
         out += &format!(
-            "| {} | {} | {} | {} ({}) | {} ({}) | {} |\n",
+            "| {} | {} | {} | {} ({}) | {} ({}) | {} | {} | {} ({}) |\n",
             b["context"],
             cell(&b["teacher_batch1_tokens_per_s"], 1.0, 1),
             cell(&b["student_batch1_tokens_per_s"], 1.0, 1),
@@ -379,6 +458,9 @@ fn best_table(best: &[Value]) -> String {
             cell(&b["student_best_tokens_per_s"], 1.0, 0),
             b["student_best_batch"],
             cell(&b["student_over_teacher"], 1.0, 1),
+            cell(&b["student_graph_batch1_tokens_per_s"], 1.0, 1),
+            cell(&b["student_graph_best_tokens_per_s"], 1.0, 0),
+            b["student_graph_best_batch"],
         );
     }
     out

@@ -50,7 +50,7 @@ pub fn write(path: &Path, results: &[Value]) -> Result<()> {
 fn panels(results: &[Value]) -> Vec<Panel> {
     let ok: Vec<&Value> = results.iter().filter(|r| r["status"] == "ok").collect();
     let series = |pick: &dyn Fn(&[&Value]) -> Option<f64>| {
-        ["teacher", "student"]
+        ["teacher", "student", "student-graph"]
             .into_iter()
             .filter_map(|model| {
                 let mut contexts: Vec<i64> = ok
