@@ -409,6 +409,12 @@ fn graph_logit_diff(model: &Model, cache: &ModelCache, next: &Tensor, steps: i64
         let diff = (graph.logits() - logits).abs().max().double_value(&[]);
         worst = worst.max(diff);
     }
+    let position = graph.position().int64_value(&[]);
+    ensure!(
+        position == graph.seen(),
+        "after {steps} replays the graph's position is {position}, the host count {}",
+        graph.seen()
+    );
     Ok(worst)
 }
 
