@@ -242,8 +242,12 @@ fn worker(args: &DecodeArgs, spec: &str) -> Result<()> {
             batch,
             tokens: args.tokens,
             graph: decoder == Decoder::StudentGraph,
+            // The check decodes from the same position as the timed run, on a copy: it may not
+            // step past the model's positions either.
             check_steps: if batch == 1 {
                 args.graph_check_steps
+                    .min(model.config().max_position_embeddings - context - WARMUP_STEPS)
+                    .max(0)
             } else {
                 0
             },
