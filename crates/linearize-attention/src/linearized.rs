@@ -775,6 +775,26 @@ impl Mixer for LinearizedMixer {
         }))
     }
 
+    fn step_capturable(&self, state: &MixerState) -> bool {
+        let Ok(state) = self.own_state(state) else {
+            return false;
+        };
+        match (&self.kernel, &state.kernel) {
+            (Kernel::Linear { .. }, Some(KernelState::Linear(_)))
+            | (Kernel::LigerGla { .. }, Some(KernelState::LigerGla(_))) => true,
+            (Kernel::Lolcats { cfg, .. }, Some(KernelState::Lolcats(s))) => {
+                s.cached() >= cfg.window().reach()
+            }
+            (Kernel::SlidingWindow(cfg), Some(KernelState::SlidingWindow(s))) => {
+                s.cached() >= cfg.window().reach()
+            }
+            (Kernel::Liger(cfg), Some(KernelState::Liger(s))) => {
+                s.window.cached() >= cfg.swa().window().reach()
+            }
+            _ => false,
+        }
+    }
+
     fn state_tensors(&self, state: &MixerState) -> Result<Vec<Tensor>> {
         if let Kernel::Softmax(teacher) = &self.kernel {
             return teacher.state_tensors(state);

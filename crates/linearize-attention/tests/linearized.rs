@@ -212,6 +212,109 @@ fn graph_decoding_is_refused_for_a_kv_cache_and_off_the_gpu() {
 }
 
 #[test]
+fn steps_become_capturable_once_the_window_cache_is_full() {
+    let model = tiny_model(json!({}));
+    let shape = LayerShape::of(model.config());
+    let inputs = |len: i64| {
+        tch::manual_seed(5);
+        let q = Tensor::randn([1, 4, len, 8], (Kind::Float, Device::Cpu));
+        let k = Tensor::randn([1, 2, len, 8], (Kind::Float, Device::Cpu));
+        let v = Tensor::randn([1, 2, len, 8], (Kind::Float, Device::Cpu));
+        (q, k, v)
+    };
+    let feed = |mixer: &LinearizedMixer, state: &mut linearize_models::mixer::MixerState, len| {
+        let (q, k, v) = inputs(len);
+        let input = MixerInput {
+            q: &q,
+            k: &k,
+            v: &v,
+            q_raw: &q,
+            k_raw: &k,
+            offset: 0,
+            position: None,
+        };
+        let _ = tch::no_grad(|| mixer.forward(&input, Some(state))).unwrap();
+    };
+    for cfg in methods() {
+        let store = nn::VarStore::new(Device::Cpu);
+        let mixer = LinearizedMixer::new(&store.root(), &shape, &cfg).unwrap();
+        let windowed = cfg.window_size.is_some();
+        let mut state = mixer.new_state(1).unwrap();
+        assert!(
+            !mixer.step_capturable(&state),
+            "{}: empty state",
+            cfg.name()
+        );
+        feed(&mixer, &mut state, 1);
+        assert_eq!(
+            mixer.step_capturable(&state),
+            !windowed,
+            "{}: after one token",
+            cfg.name()
+        );
+        let mut state = mixer.new_state(1).unwrap();
+        feed(&mixer, &mut state, 2 * cfg.window_size.unwrap_or(1));
+        assert!(
+            mixer.step_capturable(&state),
+            "{}: a full window",
+            cfg.name()
+        );
+    }
+    let teacher = linearize_models::mixer::SoftmaxMixer::new(None);
+    let mut state = teacher.new_state(1).unwrap();
+    let (q, k, v) = inputs(3);
+    let input = MixerInput {
+        q: &q,
+        k: &k,
+        v: &v,
+        q_raw: &q,
+        k_raw: &k,
+        offset: 0,
+        position: None,
+    };
+    let _ = teacher.forward(&input, Some(&mut state)).unwrap();
+    assert!(!teacher.step_capturable(&state), "a KV cache grows");
+}
+
+#[test]
+fn generation_by_graph_replays_matches_eager_generation_on_cuda() {
+    // Runs where a GPU is: the CPU test machines check the pieces (device positions, readiness)
+    // above; the replay itself needs CUDA.
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: graph replays are checked on the GPU machine only");
+        return;
+    }
+    use linearize_models::generate::{generate, GenerateConfig, SamplingConfig};
+    use linearize_models::lm::CausalLm;
+    let device = Device::Cuda(0);
+    for cfg in methods() {
+        tch::manual_seed(7);
+        let mut model = Model::new(&model_config(json!({})), device, Kind::Float).unwrap();
+        let student = nn::VarStore::new(device);
+        convert_all(&mut model, &student, &cfg);
+        let prompt: Vec<u32> = (0..9).map(|i| (i * 7 % 61) as u32).collect();
+        let run = |cuda_graphs| {
+            let config = GenerateConfig {
+                max_new_tokens: 40,
+                sampling: SamplingConfig::greedy(),
+                stop_ids: vec![],
+                cuda_graphs,
+            };
+            generate(&model, &prompt, &config, |_| Ok(()))
+                .unwrap()
+                .tokens
+        };
+        let mut cache = model.new_cache(1).unwrap();
+        let ids = Tensor::from_slice(&[1i64; 20])
+            .view([1, 20])
+            .to_device(device);
+        let _ = model.forward_cached(&ids, &mut cache).unwrap();
+        assert!(model.graph_ready(&cache), "{}: not graph-ready", cfg.name());
+        assert_eq!(run(true), run(false), "{}", cfg.name());
+    }
+}
+
+#[test]
 fn softmax_method_reproduces_the_original_model() {
     for extra in [
         json!({}),

@@ -69,6 +69,7 @@ pub fn side_by_side<T: CausalLm, S: CausalLm>(
         max_new_tokens: cfg.max_new_tokens,
         sampling: SamplingConfig::greedy(),
         stop_ids: tokenizer.eos_ids().to_vec(),
+        cuda_graphs: true,
     };
     cfg.prompts
         .iter()
@@ -142,6 +143,7 @@ pub fn recurrent_vs_full<M: CausalLm>(
         max_new_tokens: new_tokens,
         sampling: SamplingConfig::greedy(),
         stop_ids: Vec::new(),
+        cuda_graphs: true,
     };
     let recurrent = generate(model, prompt, &config, |_| Ok(()))
         .context("recurrent decoding")?

@@ -198,6 +198,7 @@ pub fn passkey<M: CausalLm>(
             max_new_tokens: prompt.answer_tokens,
             sampling: SamplingConfig::greedy(),
             stop_ids: tokenizer.eos_ids().to_vec(),
+            cuda_graphs: true,
         };
         let generation = generate(model, &prompt.ids, &config, |_| Ok(()))
             .with_context(|| format!("passkey prompt of {} tokens", prompt.ids.len()))?;

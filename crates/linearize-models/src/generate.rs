@@ -1,8 +1,10 @@
 //! Text generation over any [`CausalLm`]: the prompt is prefilled in one call, then tokens are
-//! decoded one at a time through the model's cache. The next token is chosen on the CPU from
+//! decoded one at a time through the model's cache; on a GPU, once the model's state stops
+//! growing, by replaying one captured CUDA graph per token ([`CausalLm::graph_decoder`]), which
+//! computes the same logits without the launch cost of each kernel. The next token is chosen on the CPU from
 //! the f32 logits (greedy, or temperature / top-k / top-p sampling with a seeded RNG of its own,
 //! so a seed reproduces a generation whatever else uses libtorch's global RNG).
-use crate::lm::CausalLm;
+use crate::lm::{CausalLm, ReplayDecoder};
 use anyhow::{bail, ensure, Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -152,6 +154,13 @@ pub struct GenerateConfig {
     ///
     /// [`eos_ids`]: crate::tokenizer::Tokenizer::eos_ids
     pub stop_ids: Vec<u32>,
+    /// Decode by CUDA graph replays where the model can ([`CausalLm::graph_ready`]).
+    #[serde(default = "default_cuda_graphs")]
+    pub cuda_graphs: bool,
+}
+
+fn default_cuda_graphs() -> bool {
+    true
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,7 +200,10 @@ pub fn generate<M: CausalLm>(
     let mut sampler = Sampler::new(config.sampling.clone())?;
     let _no_grad = tch::no_grad_guard();
     let device = model.device();
-    let mut cache = model.new_cache(1)?;
+    let mut cache = Some(model.new_cache(1)?);
+    let mut replay: Option<Box<dyn ReplayDecoder + '_>> = None;
+    // A capture must follow an eager one-token step (lazy set-up), not only the prefill.
+    let mut eager_steps = 0;
     let mut tokens = Vec::new();
     if config.max_new_tokens == 0 {
         return Ok(Generation {
@@ -199,7 +211,9 @@ pub fn generate<M: CausalLm>(
             stop: StopReason::MaxNewTokens,
         });
     }
-    let mut logits = last_logits(model.forward_cached(&ids_tensor(prompt, device), &mut cache)?)?;
+    let prefill = ids_tensor(prompt, device);
+    let mut logits =
+        last_logits(model.forward_cached(&prefill, cache.as_mut().context("no cache")?)?)?;
     loop {
         let next = sampler.sample(&logits)?;
         if config.stop_ids.contains(&next) {
@@ -222,7 +236,19 @@ pub fn generate<M: CausalLm>(
                 stop: StopReason::ContextFull,
             });
         }
-        logits = last_logits(model.forward_cached(&ids_tensor(&[next], device), &mut cache)?)?;
+        if replay.is_none() && config.cuda_graphs && eager_steps > 0 {
+            if let Some(ready) = cache.take_if(|c| model.graph_ready(c)) {
+                replay = Some(model.graph_decoder(ready)?);
+            }
+        }
+        logits = match (replay.as_mut(), cache.as_mut()) {
+            (Some(replay), _) => replay.decode(next)?,
+            (None, Some(cache)) => {
+                eager_steps += 1;
+                last_logits(model.forward_cached(&ids_tensor(&[next], device), cache)?)?
+            }
+            (None, None) => bail!("generation lost its decoding state"),
+        };
     }
 }
 

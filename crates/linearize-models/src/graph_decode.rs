@@ -10,6 +10,7 @@
 //! and the state must have stopped changing shape (a window cache filled), which
 //! [`GraphDecoder::new`] checks. Softmax attention's KV cache grows every step: it is refused.
 use crate::llama::{Model, ModelCache};
+use crate::lm::ReplayDecoder;
 use anyhow::{bail, ensure, Context, Result};
 use linearize_torch_ext::CudaGraph;
 use tch::{Device, Kind, Tensor};
@@ -109,6 +110,12 @@ impl<'m> GraphDecoder<'m> {
         Ok(())
     }
 
+    /// Decodes the given ids (b, 1) instead of the last step's picks (sampling on the host).
+    pub fn step_with(&mut self, ids: &Tensor) -> Result<()> {
+        self.ids.copy_(ids);
+        self.step()
+    }
+
     /// (b, 1) int64: the last step's greedy picks, which the next step decodes.
     pub fn ids(&self) -> &Tensor {
         &self.ids
@@ -128,5 +135,19 @@ impl<'m> GraphDecoder<'m> {
     /// Tokens of the sequence so far; the position the next step decodes at.
     pub fn seen(&self) -> i64 {
         self.seen
+    }
+}
+
+impl ReplayDecoder for GraphDecoder<'_> {
+    fn decode(&mut self, id: u32) -> Result<Vec<f32>> {
+        ensure!(
+            self.ids.size() == [1, 1],
+            "decoding one token needs a decoder of one sequence, this one has ids {:?}",
+            self.ids.size()
+        );
+        let id = Tensor::from_slice(&[i64::from(id)]).view([1, 1]);
+        self.step_with(&id)?;
+        let logits = self.logits.view([-1]).to_device(Device::Cpu);
+        Vec::<f32>::try_from(&logits).context("copying logits to the CPU")
     }
 }

@@ -3,8 +3,9 @@
 //! code can freeze parameters or save subsets of them by name. The attention core of every layer
 //! is a swappable [`Mixer`].
 use crate::config::ModelConfig;
+use crate::graph_decode::GraphDecoder;
 use crate::linear::{Linear, ParamInit};
-use crate::lm::CausalLm;
+use crate::lm::{CausalLm, ReplayDecoder};
 use crate::mixer::{Mixer, MixerInput, MixerState, SoftmaxMixer};
 use crate::rope::Rope;
 use crate::weights::{self, Checkpoint, ExtraTensorPolicy};
@@ -500,6 +501,18 @@ impl Model {
         })
     }
 
+    /// Whether decoding from `cache` can go on by CUDA graph replays ([`crate::graph_decode`]):
+    /// the model is on a CUDA device and every layer's step is capturable from its state.
+    pub fn graph_ready(&self, cache: &ModelCache) -> bool {
+        matches!(self.device(), Device::Cuda(_))
+            && cache.states.len() == self.layers.len()
+            && self
+                .layers
+                .iter()
+                .zip(&cache.states)
+                .all(|(layer, state)| layer.self_attn.mixer.step_capturable(state))
+    }
+
     /// Every tensor of the decoding state, layer by layer (see [`Mixer::state_tensors`]).
     pub fn state_tensors(&self, cache: &ModelCache) -> Result<Vec<Tensor>> {
         self.check_cache(cache)?;
@@ -714,6 +727,15 @@ impl CausalLm for Model {
     /// Runs without autograd: this is the inference interface (generation, evaluation).
     fn forward_cached(&self, ids: &Tensor, cache: &mut ModelCache) -> Result<Tensor> {
         tch::no_grad(|| Model::forward(self, ids, Some(cache)))
+    }
+
+    fn graph_ready(&self, cache: &ModelCache) -> bool {
+        Model::graph_ready(self, cache)
+    }
+
+    fn graph_decoder<'a>(&'a self, cache: ModelCache) -> Result<Box<dyn ReplayDecoder + 'a>> {
+        let first = Tensor::zeros([1, 1], (Kind::Int64, self.device()));
+        Ok(Box::new(GraphDecoder::new(self, cache, &first)?))
     }
 
     fn cache_bytes(&self, cache: &ModelCache) -> Result<Option<u64>> {

@@ -1,6 +1,14 @@
 //! The interface generation and evaluation use to drive any causal language model.
-use anyhow::Result;
+use anyhow::{bail, Result};
 use tch::{Device, Tensor};
+
+/// Decoding one token per call by replaying a captured CUDA graph (see
+/// [`CausalLm::graph_decoder`]).
+pub trait ReplayDecoder {
+    /// Decodes `id` as the next token of the sequence and returns the logits (vocab,) that
+    /// follow it, on the CPU.
+    fn decode(&mut self, id: u32) -> Result<Vec<f32>>;
+}
 
 /// A causal LM that decodes incrementally through a cache it owns the layout of (a KV cache for
 /// softmax layers, a recurrent state for linear ones).
@@ -27,6 +35,20 @@ pub trait CausalLm {
     }
 
     fn device(&self) -> Device;
+
+    /// Whether decoding one sequence from `cache` on can replay a captured CUDA graph per token
+    /// ([`CausalLm::graph_decoder`]).
+    fn graph_ready(&self, _cache: &Self::Cache) -> bool {
+        false
+    }
+
+    /// Takes `cache` (one sequence, [`CausalLm::graph_ready`]) over into a decoder that replays
+    /// one captured CUDA graph per token. Call it after at least one eager one-token step, which
+    /// does the lazy set-up a capture must not.
+    fn graph_decoder<'a>(&'a self, cache: Self::Cache) -> Result<Box<dyn ReplayDecoder + 'a>> {
+        let _ = cache;
+        bail!("this model cannot decode by CUDA graph replays")
+    }
 
     /// Largest context the model was trained for, if known.
     fn max_context(&self) -> Option<i64>;

@@ -47,6 +47,14 @@ pub trait Mixer: Send {
         bail!("{} cannot fork a decoding state", self.name())
     }
 
+    /// Whether the one-token steps from `state` on can be captured into a CUDA graph and
+    /// replayed at later positions: the state keeps its tensors' shapes from step to step (a
+    /// window cache is full) and the step reads positions from [`MixerInput::position`].
+    fn step_capturable(&self, state: &MixerState) -> bool {
+        let _ = state;
+        false
+    }
+
     /// The tensors `state` holds, in a fixed order (a CUDA graph copies each step's new state
     /// into the tensors it was captured with).
     fn state_tensors(&self, state: &MixerState) -> Result<Vec<Tensor>> {

@@ -78,6 +78,7 @@ fn greedy(max_new_tokens: usize, stop_ids: Vec<u32>) -> GenerateConfig {
         max_new_tokens,
         sampling: SamplingConfig::greedy(),
         stop_ids,
+        cuda_graphs: true,
     }
 }
 
@@ -173,6 +174,7 @@ fn seeds_reproduce_and_differ() {
             max_new_tokens: 40,
             sampling: sampled(seed, 1.0, 1.0, None),
             stop_ids: vec![],
+            cuda_graphs: true,
         };
         generate(&model, &[0], &config, |_| Ok(())).unwrap().tokens
     };

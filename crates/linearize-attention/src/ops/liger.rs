@@ -39,7 +39,7 @@ impl Default for LigerConfig {
 }
 
 impl LigerConfig {
-    fn swa(&self) -> SwaConfig {
+    pub(crate) fn swa(&self) -> SwaConfig {
         SwaConfig {
             window_size: self.window_size,
             chunk_size: self.chunk_size,

@@ -42,6 +42,9 @@ pub struct Args {
     /// Seed of the sampler (the same seed gives the same text).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Decode every token eagerly: no CUDA graph replays on a GPU.
+    #[arg(long)]
+    pub no_cuda_graphs: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -72,6 +75,7 @@ pub fn run(args: Args) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         sampling,
         stop_ids: tokenizer.eos_ids().to_vec(),
+        cuda_graphs: !args.no_cuda_graphs,
     };
 
     let start = Instant::now();

@@ -408,8 +408,7 @@ fn graph_logit_diff(model: &Model, cache: &ModelCache, next: &Tensor, steps: i64
     let mut graph = GraphDecoder::new(model, model.fork_cache(cache, 1, steps, device)?, next)?;
     let mut worst = 0f64;
     for (input, logits) in &eager {
-        graph.ids().shallow_clone().copy_(input);
-        graph.step()?;
+        graph.step_with(input)?;
         let diff = (graph.logits() - logits).abs().max().double_value(&[]);
         worst = worst.max(diff);
     }
