@@ -3,10 +3,21 @@
 //! before that block are, for every query of the chunk, outside the window, so they enter as
 //! linear sums carried across chunks. Cost O(L·(C + w)·d + L·f·d), memory linear in L. For f16 /
 //! bf16 inputs the matmuls take operands in the input dtype, the sums stay in f32.
+//!
+//! A call without state ([`Call::fresh_output`]: training, scoring, a first prefill) splits the
+//! sums instead: the window part, `exp(s − m)` over the local blocks, and the linear part, plain
+//! causal linear attention over the keys far enough back (for `sw` the keys delayed by w tokens,
+//! for `tk` the terrace blocks two back), meet only in per-token sums. The window factor γ then
+//! scales per-token sums rather than block scores, and the linear scores are C × C per chunk
+//! instead of C × block: when q and k need no gradient (attention transfer), nothing of the
+//! block size enters the backward pass.
 use super::{check_inputs, gammas, LolcatsConfig, LolcatsInputs, LolcatsState, Shapes};
 use crate::error::Result;
 use crate::ops::window::LocalBlocks;
-use crate::tensors::{exclusive_cumsum, prefix_sums, prepare, repeat_heads, Precision};
+use crate::ops::window::WindowShape;
+use crate::tensors::{
+    ceil_div, exclusive_cumsum, pad_seq, prefix_sums, prepare, repeat_heads, Precision,
+};
 use tch::{Kind, Tensor};
 
 /// Runs the sequence on from `state` (empty when `None`) and returns the output (b, h, L, d_v) and
@@ -64,16 +75,6 @@ impl Call {
         })
     }
 
-    /// The local blocks and linear sums: from the chunks themselves for a fresh call (f16
-    /// excepted), else from slots that join the cache to the new tokens.
-    fn keys(&self, x: &LolcatsInputs) -> Keys {
-        if self.fresh && self.p.operand != Kind::Half {
-            self.fresh_keys(x)
-        } else {
-            self.slot_keys(x)
-        }
-    }
-
     /// Keys laid out in slots (b, h, S, ·) after the cached ones; local blocks cut from them.
     fn slot_keys(&self, x: &LolcatsInputs) -> Keys {
         let (p, blocks, h) = (self.p, &self.blocks, self.s.heads);
@@ -126,29 +127,110 @@ impl Call {
         }
     }
 
-    /// A fresh call's keys straight from its chunks (b, h, n, C, ·), views of the inputs: the
-    /// blocks by [`LocalBlocks::local_from_chunks`], the keys before block j (the chunks before
-    /// j − history) by one prefix matmul. No slot padding, slicing or scan: their backward
-    /// passes were most of this kernel's.
-    fn fresh_keys(&self, x: &LolcatsInputs) -> Keys {
-        let (p, blocks, h) = (self.p, &self.blocks, self.s.heads);
-        let chunks = |t: &Tensor| repeat_heads(&blocks.query_chunks(&t.to_kind(p.operand)), h);
-        let (k, phi_k, v) = (chunks(x.k), chunks(x.phi_k), chunks(x.v));
-        let hist = blocks.history;
-        let chunk_kv = p.mm_operand(&phi_k.transpose(-1, -2), &v); // (b, h, n, f, d_v)
-        Keys {
-            kv_before: prefix_sums(&chunk_kv, hist + 1),
-            k_before: prefix_sums(&phi_k.sum_dim_intlist(-2, false, p.acc), hist + 1),
-            k: blocks.local_from_chunks(&k),
-            phi_k: blocks.local_from_chunks(&phi_k),
-            v: blocks.local_from_chunks(&v),
+    /// The output (b, h, L, d_v): by [`Call::fresh_output`] for a fresh call (f16 excepted:
+    /// its sums can outgrow f16 and need the scaled state products), else from slots that join
+    /// the cache to the new tokens.
+    fn output(&self, x: &LolcatsInputs) -> Tensor {
+        if self.fresh && self.p.operand != Kind::Half {
+            self.fresh_output(x)
+        } else {
+            self.slot_output(x)
         }
     }
 
-    fn output(&self, x: &LolcatsInputs) -> Tensor {
+    /// A fresh call: `y = (γ·W_num + L_num) / (γ·W_den + L_den)` with the window part `W` from
+    /// the local blocks and the linear part `L` from the keys outside every window.
+    fn fresh_output(&self, x: &LolcatsInputs) -> Tensor {
+        let (p, h) = (self.p, self.s.heads);
+        let (w_num, w_den) = self.window_part(x); // (b, h, L, d_v), (b, h, L, 1)
+        let (l_num, l_den) = match self.cfg.window_shape {
+            WindowShape::Sw => self.delayed_linear_part(x),
+            WindowShape::Tk => self.terrace_linear_part(x),
+        };
+        let gamma = gammas(x.window_factors, h, p.acc, 4);
+        let num = &gamma * w_num + l_num;
+        let den = gamma * w_den + l_den;
+        (num * den.reciprocal()).to_kind(x.v.kind())
+    }
+
+    /// `Σ exp(s − m)·v` and `Σ exp(s − m)` over each query's window (b, h, L, ·), `m` the
+    /// window's largest score. The weights are rounded once to the operand dtype; both sums
+    /// read the same rounded weights.
+    fn window_part(&self, x: &LolcatsInputs) -> (Tensor, Tensor) {
+        let (s, p, blocks, h) = (&self.s, self.p, &self.blocks, self.s.heads);
+        let chunks = |t: &Tensor| repeat_heads(&blocks.query_chunks(&t.to_kind(p.operand)), h);
+        let q = blocks.query_chunks(&prepare(x.q, p.operand, h)); // (b, h, n, C, d)
+        let k = blocks.local_from_chunks(&chunks(x.k)); // (b, h, n, K, d)
+        let v = blocks.local_from_chunks(&chunks(x.v)); // (b, h, n, K, d_v)
+        let (window_mask, _) = blocks.masks(&self.cfg.window(), x.v.device()); // (n, C, K)
+        let mut scores = p.mm_operand(&q, &k.transpose(-1, -2));
+        scores /= (s.head_dim as f64).sqrt();
+        let _ = scores.masked_fill_(&window_mask.logical_not(), f64::NEG_INFINITY);
+        let max = scores.amax([-1i64].as_slice(), true).to_kind(p.acc);
+        let mut weights = &scores - max; // (b, h, n, C, K) in acc
+        let weights = weights.exp_().to_kind(p.operand);
+        (
+            blocks.unchunk(&p.mm(&weights, &v)),
+            blocks.unchunk(&weights.sum_dim_intlist(-1, true, p.acc)),
+        )
+    }
+
+    /// `sw`: the keys outside the window of query t are those at t − w and before, so the linear
+    /// part is causal linear attention (diagonal included) over the keys and values delayed by
+    /// w positions, chunk by chunk: C × C scores within a chunk, sums carried across chunks.
+    fn delayed_linear_part(&self, x: &LolcatsInputs) -> (Tensor, Tensor) {
+        let (p, blocks, h) = (self.p, &self.blocks, self.s.heads);
+        let len = self.s.len;
+        let delay = self.cfg.window_size.min(len);
+        let delayed = |t: &Tensor| {
+            let t = pad_seq(&t.to_kind(p.operand), delay, 0).narrow(2, 0, len);
+            repeat_heads(&blocks.query_chunks(&t), h)
+        };
+        let (phi_k, v) = (delayed(x.phi_k), delayed(x.v)); // (b, h, n, C, ·)
+        let phi_q = blocks.query_chunks(&prepare(x.phi_q, p.operand, h)); // (b, h, n, C, f)
+        let mut scores = p.mm_operand(&phi_q, &phi_k.transpose(-1, -2)); // (b, h, n, C, C)
+        let _ = scores.tril_(0);
+        let kv_before = prefix_sums(&p.mm_operand(&phi_k.transpose(-1, -2), &v), 1);
+        let k_before = prefix_sums(&phi_k.sum_dim_intlist(-2, false, p.acc), 1);
+        let num = p.mm(&scores, &v) + p.mm_state(&phi_q, &kv_before);
+        let den =
+            scores.sum_dim_intlist(-1, true, p.acc) + p.mm_state(&phi_q, &k_before.unsqueeze(-1));
+        (blocks.unchunk(&num), blocks.unchunk(&den))
+    }
+
+    /// `tk`: the keys outside the window of a query in terrace block B (of w tokens) are the
+    /// blocks before B − 1, the same for the whole block: one linear sum per block.
+    fn terrace_linear_part(&self, x: &LolcatsInputs) -> (Tensor, Tensor) {
+        let (p, h) = (self.p, self.s.heads);
+        let (len, w) = (self.s.len, self.cfg.window_size);
+        let n = ceil_div(len, w);
+        let in_blocks = |t: &Tensor| {
+            let size = t.size();
+            pad_seq(&t.to_kind(p.operand), 0, n * w - len)
+                .reshape([size[0], size[1], n, w, size[3]])
+        };
+        let phi_k = repeat_heads(&in_blocks(x.phi_k), h); // (b, h, n, w, f)
+        let v = repeat_heads(&in_blocks(x.v), h); // (b, h, n, w, d_v)
+        let phi_q = in_blocks(&prepare(x.phi_q, p.operand, h)); // (b, h, n, w, f)
+        let kv_before = prefix_sums(&p.mm_operand(&phi_k.transpose(-1, -2), &v), 2);
+        let k_before = prefix_sums(&phi_k.sum_dim_intlist(-2, false, p.acc), 2);
+        let tokens = |t: Tensor| {
+            let size = t.size();
+            t.reshape([size[0], size[1], n * w, size[4]])
+                .narrow(2, 0, len)
+        };
+        (
+            tokens(p.mm_state(&phi_q, &kv_before)),
+            tokens(p.mm_state(&phi_q, &k_before.unsqueeze(-1))),
+        )
+    }
+
+    /// A call from a state (or f16): every key in slots after the cached ones, local blocks cut
+    /// from them, one normaliser over window and linear scores of the block.
+    fn slot_output(&self, x: &LolcatsInputs) -> Tensor {
         let (s, p, blocks, h) = (&self.s, self.p, &self.blocks, self.s.heads);
         let window = self.cfg.window();
-        let keys = self.keys(x);
+        let keys = self.slot_keys(x);
 
         let q = blocks.query_chunks(&prepare(x.q, p.operand, h)); // (b, h, n, C, d)
         let phi_q = blocks.query_chunks(&prepare(x.phi_q, p.operand, h)); // (b, h, n, C, f)
