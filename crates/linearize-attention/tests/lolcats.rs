@@ -189,6 +189,40 @@ fn chunked_matches_naive_forward_and_gradients() {
 }
 
 #[test]
+fn attention_transfer_gradients_match_the_naive_form() {
+    // Attention transfer: q, k, v are the teacher's (no gradient); only the feature maps and the
+    // window factors train. The chunked form then takes its split path for both window shapes.
+    seed(12);
+    for shape in SHAPES {
+        for len in lengths(W, CHUNK) {
+            let s = setup(2, len, Kind::Float);
+            let (q, k, v) = (s.q.detach(), s.k.detach(), s.v.detach());
+            let (phi_q, phi_k) = (s.map_q.forward(&q).unwrap(), s.map_k.forward(&k).unwrap());
+            let x = LolcatsInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                phi_q: &phi_q,
+                phi_k: &phi_k,
+                window_factors: &s.factors.logits,
+            };
+            let naive = lolcats::naive(&x, &cfg(shape)).unwrap();
+            let chunked = lolcats::chunked_output(&x, &cfg(shape)).unwrap();
+            let params = s.params();
+            let inputs: Vec<(&str, &Tensor)> =
+                params.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            assert_same_grads(
+                &format!("{shape:?} len {len}"),
+                &chunked,
+                &naive,
+                &inputs,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
 fn the_output_alone_is_the_chunked_output_with_the_same_gradients() {
     seed(20);
     for kind in [Kind::Float, Kind::BFloat16] {

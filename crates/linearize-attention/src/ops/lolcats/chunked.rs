@@ -127,24 +127,51 @@ impl Call {
         }
     }
 
-    /// The output (b, h, L, d_v): by [`Call::fresh_output`] for a fresh call (f16 excepted:
-    /// its sums can outgrow f16 and need the scaled state products), else from slots that join
-    /// the cache to the new tokens.
+    /// The output (b, h, L, d_v). A fresh call (f16 excepted: its sums can outgrow f16 and need
+    /// the scaled state products) splits window and linear parts ([`Call::fresh_output`]) for
+    /// `tk`, and for `sw` when the scores need no gradient (attention transfer, inference); `sw`
+    /// with gradients through q and k (LoRA) measured faster with one normaliser over the local
+    /// block's window and linear scores (docs/BENCHMARKS.md, session 6), the form every call
+    /// from a state takes, with keys joined to the cache in slots.
     fn output(&self, x: &LolcatsInputs) -> Tensor {
-        if self.fresh && self.p.operand != Kind::Half {
+        let fresh = self.fresh && self.p.operand != Kind::Half;
+        let scores_need_grad = x.q.requires_grad() || x.k.requires_grad();
+        if fresh && (self.cfg.window_shape == WindowShape::Tk || !scores_need_grad) {
             self.fresh_output(x)
+        } else if fresh {
+            self.block_output(x, self.fresh_keys(x))
         } else {
-            self.slot_output(x)
+            self.block_output(x, self.slot_keys(x))
+        }
+    }
+
+    /// A fresh call's keys straight from its chunks (b, h, n, C, ·): the blocks by
+    /// [`LocalBlocks::local_from_chunks`], the keys before block j (the chunks before
+    /// j − history) by one prefix matmul.
+    fn fresh_keys(&self, x: &LolcatsInputs) -> Keys {
+        let (p, blocks, h) = (self.p, &self.blocks, self.s.heads);
+        let chunks = |t: &Tensor| repeat_heads(&blocks.query_chunks(&t.to_kind(p.operand)), h);
+        let (k, phi_k, v) = (chunks(x.k), chunks(x.phi_k), chunks(x.v));
+        let hist = blocks.history;
+        let chunk_kv = p.mm_operand(&phi_k.transpose(-1, -2), &v); // (b, h, n, f, d_v)
+        Keys {
+            kv_before: prefix_sums(&chunk_kv, hist + 1),
+            k_before: prefix_sums(&phi_k.sum_dim_intlist(-2, false, p.acc), hist + 1),
+            k: blocks.local_from_chunks(&k),
+            phi_k: blocks.local_from_chunks(&phi_k),
+            v: blocks.local_from_chunks(&v),
         }
     }
 
     /// A fresh call: `y = (γ·W_num + L_num) / (γ·W_den + L_den)` with the window part `W` from
     /// the local blocks and the linear part `L` from the keys outside every window.
     fn fresh_output(&self, x: &LolcatsInputs) -> Tensor {
-        let (p, h) = (self.p, self.s.heads);
-        let (w_num, w_den) = self.window_part(x); // (b, h, L, d_v), (b, h, L, 1)
+        let (p, blocks, h) = (self.p, &self.blocks, self.s.heads);
+        let chunks = |t: &Tensor| repeat_heads(&blocks.query_chunks(&t.to_kind(p.operand)), h);
+        let v = blocks.local_from_chunks(&chunks(x.v)); // (b, h, n, K, d_v)
+        let (w_num, w_den) = self.window_part(x, &v); // (b, h, L, d_v), (b, h, L, 1)
         let (l_num, l_den) = match self.cfg.window_shape {
-            WindowShape::Sw => self.delayed_linear_part(x),
+            WindowShape::Sw => self.delayed_linear_part(x, &v),
             WindowShape::Tk => self.terrace_linear_part(x),
         };
         let gamma = gammas(x.window_factors, h, p.acc, 4);
@@ -154,14 +181,13 @@ impl Call {
     }
 
     /// `Σ exp(s − m)·v` and `Σ exp(s − m)` over each query's window (b, h, L, ·), `m` the
-    /// window's largest score. The weights are rounded once to the operand dtype; both sums
-    /// read the same rounded weights.
-    fn window_part(&self, x: &LolcatsInputs) -> (Tensor, Tensor) {
+    /// window's largest score, from the local value blocks `v`. The weights are rounded once to
+    /// the operand dtype; both sums read the same rounded weights.
+    fn window_part(&self, x: &LolcatsInputs, v: &Tensor) -> (Tensor, Tensor) {
         let (s, p, blocks, h) = (&self.s, self.p, &self.blocks, self.s.heads);
         let chunks = |t: &Tensor| repeat_heads(&blocks.query_chunks(&t.to_kind(p.operand)), h);
         let q = blocks.query_chunks(&prepare(x.q, p.operand, h)); // (b, h, n, C, d)
         let k = blocks.local_from_chunks(&chunks(x.k)); // (b, h, n, K, d)
-        let v = blocks.local_from_chunks(&chunks(x.v)); // (b, h, n, K, d_v)
         let (window_mask, _) = blocks.masks(&self.cfg.window(), x.v.device()); // (n, C, K)
         let mut scores = p.mm_operand(&q, &k.transpose(-1, -2));
         scores /= (s.head_dim as f64).sqrt();
@@ -170,7 +196,7 @@ impl Call {
         let mut weights = &scores - max; // (b, h, n, C, K) in acc
         let weights = weights.exp_().to_kind(p.operand);
         (
-            blocks.unchunk(&p.mm(&weights, &v)),
+            blocks.unchunk(&p.mm_operand(&weights, v)),
             blocks.unchunk(&weights.sum_dim_intlist(-1, true, p.acc)),
         )
     }
@@ -178,21 +204,29 @@ impl Call {
     /// `sw`: the keys outside the window of query t are those at t − w and before, so the linear
     /// part is causal linear attention (diagonal included) over the keys and values delayed by
     /// w positions, chunk by chunk: C × C scores within a chunk, sums carried across chunks.
-    fn delayed_linear_part(&self, x: &LolcatsInputs) -> (Tensor, Tensor) {
+    /// When w is a whole number of chunks, the delayed value chunks are the first chunk of each
+    /// local value block `v_blocks` (views, no copy).
+    fn delayed_linear_part(&self, x: &LolcatsInputs, v_blocks: &Tensor) -> (Tensor, Tensor) {
         let (p, blocks, h) = (self.p, &self.blocks, self.s.heads);
-        let len = self.s.len;
-        let delay = self.cfg.window_size.min(len);
+        let (len, w, c) = (self.s.len, self.cfg.window_size, blocks.chunk);
         let delayed = |t: &Tensor| {
-            let t = pad_seq(&t.to_kind(p.operand), delay, 0).narrow(2, 0, len);
+            let t = pad_seq(&t.to_kind(p.operand), w.min(len), 0).narrow(2, 0, len);
             repeat_heads(&blocks.query_chunks(&t), h)
         };
-        let (phi_k, v) = (delayed(x.phi_k), delayed(x.v)); // (b, h, n, C, ·)
+        let phi_k = delayed(x.phi_k); // (b, h, n, C, f)
+        let v = if w % c == 0 && w / c == blocks.history {
+            v_blocks.narrow(3, 0, c)
+        } else {
+            delayed(x.v)
+        }; // (b, h, n, C, d_v)
         let phi_q = blocks.query_chunks(&prepare(x.phi_q, p.operand, h)); // (b, h, n, C, f)
-        let mut scores = p.mm_operand(&phi_q, &phi_k.transpose(-1, -2)); // (b, h, n, C, C)
+                                                                          // One transposed view for both products: their gradients meet in one layout.
+        let phi_k_t = phi_k.transpose(-1, -2);
+        let mut scores = p.mm_operand(&phi_q, &phi_k_t); // (b, h, n, C, C)
         let _ = scores.tril_(0);
-        let kv_before = prefix_sums(&p.mm_operand(&phi_k.transpose(-1, -2), &v), 1);
+        let kv_before = prefix_sums(&p.mm_operand(&phi_k_t, &v), 1);
         let k_before = prefix_sums(&phi_k.sum_dim_intlist(-2, false, p.acc), 1);
-        let num = p.mm(&scores, &v) + p.mm_state(&phi_q, &kv_before);
+        let num = p.mm_operand(&scores, &v) + p.mm_state(&phi_q, &kv_before);
         let den =
             scores.sum_dim_intlist(-1, true, p.acc) + p.mm_state(&phi_q, &k_before.unsqueeze(-1));
         (blocks.unchunk(&num), blocks.unchunk(&den))
@@ -225,12 +259,11 @@ impl Call {
         )
     }
 
-    /// A call from a state (or f16): every key in slots after the cached ones, local blocks cut
-    /// from them, one normaliser over window and linear scores of the block.
-    fn slot_output(&self, x: &LolcatsInputs) -> Tensor {
+    /// One normaliser over the window and linear scores of each chunk's local block of `keys`,
+    /// plus the linear sums before the block.
+    fn block_output(&self, x: &LolcatsInputs, keys: Keys) -> Tensor {
         let (s, p, blocks, h) = (&self.s, self.p, &self.blocks, self.s.heads);
         let window = self.cfg.window();
-        let keys = self.slot_keys(x);
 
         let q = blocks.query_chunks(&prepare(x.q, p.operand, h)); // (b, h, n, C, d)
         let phi_q = blocks.query_chunks(&prepare(x.phi_q, p.operand, h)); // (b, h, n, C, f)
