@@ -1,7 +1,7 @@
 //! Greedy decoding with CUDA graphs: one decoding step of the whole model captured once and
-//! replayed per token. At small batches a step is thousands of small kernels (~30 per layer),
-//! and launching them one by one from the host takes longer than running them; a replay
-//! launches them all at once.
+//! replayed per token. At small batches a step is a long series of small kernels, and launching
+//! them one by one from the host takes longer than running them; a replay launches them all at
+//! once.
 //!
 //! The captured step reads the token ids, the position and the decoding state from fixed tensors
 //! and writes its greedy picks, its logits and the new state back into them, so that each replay
