@@ -87,15 +87,33 @@ impl LoraLinear {
     /// The change to the layer's output for input `x` (..., in): (..., out) in `x`'s dtype.
     /// Dropout applies only when `train`.
     pub fn delta(&self, x: &Tensor, train: bool) -> Tensor {
-        let kind = x.kind();
+        self.down(x, train).matmul(&self.scaled_up(x.kind()).tr())
+    }
+
+    /// `y + delta(x)` for `y` (..., out) in `x`'s dtype, the sum formed by the last product
+    /// itself (`addmm`): no separate pass over the layer's output, forward or backward.
+    pub fn add_delta(&self, x: &Tensor, y: &Tensor, train: bool) -> Tensor {
+        let h = self.down(x, train); // (..., r)
+        let out = y.size();
+        let rank = self.a.size()[0];
+        y.reshape([-1, out[out.len() - 1]])
+            .addmm(&h.reshape([-1, rank]), &self.scaled_up(x.kind()).tr())
+            .reshape(&out)
+    }
+
+    /// dropout(x) A^T (..., r).
+    fn down(&self, x: &Tensor, train: bool) -> Tensor {
         let x = if train && self.dropout > 0.0 {
             x.dropout(self.dropout, true)
         } else {
             x.shallow_clone()
         };
-        x.matmul(&self.a.to_kind(kind).tr())
-            .matmul(&self.b.to_kind(kind).tr())
-            * self.scaling
+        x.matmul(&self.a.to_kind(x.kind()).tr())
+    }
+
+    /// `scaling · B` (out, r) in `kind`: the scale rides on the small matrix, not the output.
+    fn scaled_up(&self, kind: Kind) -> Tensor {
+        (&self.b * self.scaling).to_kind(kind)
     }
 
     /// `scaling · B A` (out, in) in f32 (f64 if the adapter is f64).

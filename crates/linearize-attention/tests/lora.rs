@@ -105,3 +105,34 @@ fn dropout_applies_only_in_training() {
     )
     .is_err());
 }
+
+#[test]
+fn added_delta_is_the_sum_with_the_same_gradients() {
+    // `add_delta` forms y + delta(x) inside its last product; values and the gradients of y, x,
+    // A and B must be those of the plain sum.
+    seed(63);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let cfg = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+    };
+    let lora = trained(&vs, &cfg);
+    let x = randn(&[2, 3, 16], Kind::Float).set_requires_grad(true);
+    let y = randn(&[2, 3, 12], Kind::Float).set_requires_grad(true);
+    let probe = randn(&[2, 3, 12], Kind::Float);
+    let leaves = [&x, &y, &lora.a, &lora.b];
+    let grads_of = |out: &Tensor| {
+        let loss = (out * &probe).sum(Kind::Float);
+        Tensor::run_backward(&[loss], &leaves, false, false)
+    };
+    let fused = lora.add_delta(&x, &y, false);
+    let plain = &y + lora.delta(&x, false);
+    assert_close("value", &fused, &plain, 1e-6);
+    for (name, (a, b)) in ["x", "y", "A", "B"]
+        .iter()
+        .zip(grads_of(&fused).iter().zip(&grads_of(&plain)))
+    {
+        assert_close(name, a, b, 1e-6);
+    }
+}

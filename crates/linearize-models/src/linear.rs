@@ -7,6 +7,12 @@ pub trait LinearAdapter: Send {
     /// The term added to x W^T + b, same shape as the output.
     fn delta(&self, x: &Tensor) -> Tensor;
 
+    /// `y + delta(x)` for the layer's output `y` (x W^T + b); adapters may fold the sum into
+    /// their last product.
+    fn add_delta(&self, x: &Tensor, y: Tensor) -> Tensor {
+        y + self.delta(x)
+    }
+
     /// The (out, in) matrix dW with delta(x) = x dW^T, when the adapter is linear in x; lets
     /// [`Linear::merge_adapter`] fold it into the weight.
     fn weight_delta(&self) -> Option<Tensor> {
@@ -81,7 +87,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let y = x.linear(&self.weight, self.bias.as_ref());
         match &self.adapter {
-            Some(adapter) => y + adapter.delta(x),
+            Some(adapter) => adapter.add_delta(x, y),
             None => y,
         }
     }

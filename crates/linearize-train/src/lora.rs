@@ -114,6 +114,10 @@ impl LinearAdapter for InstalledLora {
         self.lora.delta(x, self.train)
     }
 
+    fn add_delta(&self, x: &Tensor, y: Tensor) -> Tensor {
+        self.lora.add_delta(x, &y, self.train)
+    }
+
     fn weight_delta(&self) -> Option<Tensor> {
         Some(self.lora.delta_weight())
     }
