@@ -64,6 +64,9 @@ int linearize_cuda_graph_capture(int device, linearize_graph_body body, void* ct
       StreamScope scope(stream);
       // The side stream must not start before the work already queued on the current one.
       c10::cuda::device_synchronize();
+      // The graph allocates from a private pool: blocks the caching allocator keeps free for
+      // eager work would sit unused beside it, so they go back to the device first.
+      c10::cuda::CUDACachingAllocator::emptyCache();
       // Thread-local mode: other threads (a memory probe, a logger) may keep calling CUDA.
       captured->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
       if (body(ctx) != 0) {
