@@ -8,7 +8,7 @@ mod libtorch;
 
 use std::path::{Path, PathBuf};
 
-const SOURCES: [&str; 2] = ["csrc/adamw.cpp", "csrc/cuda_graph.cpp"];
+const SOURCES: [&str; 3] = ["csrc/adamw.cpp", "csrc/cuda_graph.cpp", "csrc/profiler.cpp"];
 
 fn cuda_include(torch_root: &Path) -> Option<PathBuf> {
     println!("cargo:rerun-if-env-changed=CUDA_HOME");

@@ -1,8 +1,9 @@
 //! libtorch operations that tch does not bind, through a small C++ shim (`csrc/`): the fused
-//! multi-tensor AdamW step (`_fused_adamw_`), the multi-tensor copy (`_foreach_copy_`) and CUDA
-//! graphs (`at::cuda::CUDAGraph`).
+//! multi-tensor AdamW step (`_fused_adamw_`), the multi-tensor copy (`_foreach_copy_`), CUDA
+//! graphs (`at::cuda::CUDAGraph`) and the Kineto profiler.
 pub mod adamw;
 pub mod cuda_graph;
+pub mod profiler;
 
 pub use adamw::{foreach_copy, fused_adamw, AdamWStep};
 pub use cuda_graph::CudaGraph;
