@@ -106,6 +106,19 @@ fn methods() -> Vec<AttentionConfig> {
     ]
 }
 
+/// q, k, v (q and k also as the pre-RoPE projections) as the first tokens of a sequence.
+fn fresh_input<'a>(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> MixerInput<'a> {
+    MixerInput {
+        q,
+        k,
+        v,
+        q_raw: q,
+        k_raw: k,
+        offset: 0,
+        position: None,
+    }
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
@@ -224,15 +237,7 @@ fn steps_become_capturable_once_the_window_cache_is_full() {
     };
     let feed = |mixer: &LinearizedMixer, state: &mut linearize_models::mixer::MixerState, len| {
         let (q, k, v) = inputs(len);
-        let input = MixerInput {
-            q: &q,
-            k: &k,
-            v: &v,
-            q_raw: &q,
-            k_raw: &k,
-            offset: 0,
-            position: None,
-        };
+        let input = fresh_input(&q, &k, &v);
         let _ = tch::no_grad(|| mixer.forward(&input, Some(state))).unwrap();
     };
     for cfg in methods() {
@@ -263,15 +268,7 @@ fn steps_become_capturable_once_the_window_cache_is_full() {
     let teacher = linearize_models::mixer::SoftmaxMixer::new(None);
     let mut state = teacher.new_state(1).unwrap();
     let (q, k, v) = inputs(3);
-    let input = MixerInput {
-        q: &q,
-        k: &k,
-        v: &v,
-        q_raw: &q,
-        k_raw: &k,
-        offset: 0,
-        position: None,
-    };
+    let input = fresh_input(&q, &k, &v);
     let _ = teacher.forward(&input, Some(&mut state)).unwrap();
     assert!(!teacher.step_capturable(&state), "a KV cache grows");
 }
@@ -376,15 +373,7 @@ fn parameters_are_named_under_the_layer_path_and_shared_by_shallow_clones() {
     let q = Tensor::randn([1, 4, 9, 8], (Kind::Float, Device::Cpu));
     let k = Tensor::randn([1, 2, 9, 8], (Kind::Float, Device::Cpu));
     let v = Tensor::randn([1, 2, 9, 8], (Kind::Float, Device::Cpu));
-    let input = MixerInput {
-        q: &q,
-        k: &k,
-        v: &v,
-        q_raw: &q,
-        k_raw: &k,
-        offset: 0,
-        position: None,
-    };
+    let input = fresh_input(&q, &k, &v);
     let before = clone.forward(&input, None).unwrap();
     assert!(mixer.forward(&input, None).unwrap().equal(&before));
     tch::no_grad(|| {

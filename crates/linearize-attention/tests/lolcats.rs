@@ -84,6 +84,68 @@ impl Setup {
     fn params(&self) -> Vec<(String, Tensor)> {
         self.vs.variables().into_iter().collect()
     }
+
+    /// q, k, v through `f` (a dtype change, a detach) with their features.
+    fn sequence_with(&self, f: impl Fn(&Tensor) -> Tensor) -> Sequence {
+        let (q, k, v) = (f(&self.q), f(&self.k), f(&self.v));
+        let (phi_q, phi_k) = (
+            self.map_q.forward(&q).unwrap(),
+            self.map_k.forward(&k).unwrap(),
+        );
+        Sequence {
+            q,
+            k,
+            v,
+            phi_q,
+            phi_k,
+        }
+    }
+
+    /// The setup's q, k, v with the features `f`.
+    fn sequence(&self, f: &Features) -> Sequence {
+        Sequence {
+            q: self.q.shallow_clone(),
+            k: self.k.shallow_clone(),
+            v: self.v.shallow_clone(),
+            phi_q: f.phi_q.shallow_clone(),
+            phi_k: f.phi_k.shallow_clone(),
+        }
+    }
+
+    /// `x` with the setup's window factors, as one call's inputs.
+    fn inputs_of<'a>(&'a self, x: &'a Sequence) -> LolcatsInputs<'a> {
+        LolcatsInputs {
+            q: &x.q,
+            k: &x.k,
+            v: &x.v,
+            phi_q: &x.phi_q,
+            phi_k: &x.phi_k,
+            window_factors: &self.factors.logits,
+        }
+    }
+}
+
+/// The five per-token tensors of a call (b, heads, L, ·).
+struct Sequence {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    phi_q: Tensor,
+    phi_k: Tensor,
+}
+
+impl Sequence {
+    /// Tokens `from .. from + n` of every tensor.
+    fn narrow(&self, from: i64, n: i64) -> Self {
+        let part = |t: &Tensor| t.narrow(2, from, n);
+        Self {
+            q: part(&self.q),
+            k: part(&self.k),
+            v: part(&self.v),
+            phi_q: part(&self.phi_q),
+            phi_k: part(&self.phi_k),
+        }
+    }
 }
 
 fn cfg(shape: WindowShape) -> LolcatsConfig {
@@ -196,16 +258,8 @@ fn attention_transfer_gradients_match_the_naive_form() {
     for shape in SHAPES {
         for len in lengths(W, CHUNK) {
             let s = setup(2, len, Kind::Float);
-            let (q, k, v) = (s.q.detach(), s.k.detach(), s.v.detach());
-            let (phi_q, phi_k) = (s.map_q.forward(&q).unwrap(), s.map_k.forward(&k).unwrap());
-            let x = LolcatsInputs {
-                q: &q,
-                k: &k,
-                v: &v,
-                phi_q: &phi_q,
-                phi_k: &phi_k,
-                window_factors: &s.factors.logits,
-            };
+            let sequence = s.sequence_with(Tensor::detach);
+            let x = s.inputs_of(&sequence);
             let naive = lolcats::naive(&x, &cfg(shape)).unwrap();
             let chunked = lolcats::chunked_output(&x, &cfg(shape)).unwrap();
             let params = s.params();
@@ -228,16 +282,8 @@ fn the_output_alone_is_the_chunked_output_with_the_same_gradients() {
     for kind in [Kind::Float, Kind::BFloat16] {
         for shape in SHAPES {
             let s = setup(2, 3 * CHUNK + 5, Kind::Float);
-            let (q, k, v) = (s.q.to_kind(kind), s.k.to_kind(kind), s.v.to_kind(kind));
-            let (phi_q, phi_k) = (s.map_q.forward(&q).unwrap(), s.map_k.forward(&k).unwrap());
-            let x = LolcatsInputs {
-                q: &q,
-                k: &k,
-                v: &v,
-                phi_q: &phi_q,
-                phi_k: &phi_k,
-                window_factors: &s.factors.logits,
-            };
+            let sequence = s.sequence_with(|t| t.to_kind(kind));
+            let x = s.inputs_of(&sequence);
             let (full, _) = lolcats::chunked(&x, &cfg(shape), None).unwrap();
             let alone = lolcats::chunked_output(&x, &cfg(shape)).unwrap();
             let params = s.params();
@@ -312,35 +358,13 @@ fn prefill_then_decode_matches_the_full_sequence() {
         let f = tch::no_grad(|| s.features());
         let (full, _) =
             tch::no_grad(|| lolcats::chunked(&s.inputs(&f), &cfg(shape), None)).unwrap();
+        let sequence = s.sequence(&f);
         for split in [1, 5, W, W + 3, CHUNK + 1, len - 1] {
-            let part = |x: &Tensor, from: i64, n: i64| x.narrow(2, from, n);
-            let slice = |from: i64, n: i64| {
-                (
-                    part(&s.q, from, n),
-                    part(&s.k, from, n),
-                    part(&s.v, from, n),
-                    part(&f.phi_q, from, n),
-                    part(&f.phi_k, from, n),
-                )
-            };
-            let (q0, k0, v0, pq0, pk0) = slice(0, split);
-            let (q1, k1, v1, pq1, pk1) = slice(split, len - split);
-            let head = LolcatsInputs {
-                q: &q0,
-                k: &k0,
-                v: &v0,
-                phi_q: &pq0,
-                phi_k: &pk0,
-                window_factors: &s.factors.logits,
-            };
-            let tail = LolcatsInputs {
-                q: &q1,
-                k: &k1,
-                v: &v1,
-                phi_q: &pq1,
-                phi_k: &pk1,
-                window_factors: &s.factors.logits,
-            };
+            let (first, rest) = (
+                sequence.narrow(0, split),
+                sequence.narrow(split, len - split),
+            );
+            let (head, tail) = (s.inputs_of(&first), s.inputs_of(&rest));
             tch::no_grad(|| {
                 let (y0, state) = lolcats::chunked(&head, &cfg(shape), None).unwrap();
                 let (decoded, _) =
@@ -559,46 +583,24 @@ fn steps_at_a_device_position_ignore_a_frozen_host_count() {
         let f = tch::no_grad(|| s.features());
         let (full, _) =
             tch::no_grad(|| lolcats::chunked(&s.inputs(&f), &cfg(shape), None)).unwrap();
-        let token = |x: &Tensor, t: i64| x.narrow(2, t, 1);
-        let head = |x: &Tensor| x.narrow(2, 0, prefix);
-        let (q0, k0, v0, pq0, pk0) = (
-            head(&s.q),
-            head(&s.k),
-            head(&s.v),
-            head(&f.phi_q),
-            head(&f.phi_k),
-        );
-        let prefill = LolcatsInputs {
-            q: &q0,
-            k: &k0,
-            v: &v0,
-            phi_q: &pq0,
-            phi_k: &pk0,
-            window_factors: &s.factors.logits,
-        };
+        let sequence = s.sequence(&f);
+        let first = sequence.narrow(0, prefix);
+        let prefill = s.inputs_of(&first);
         tch::no_grad(|| {
             let (_, mut state) = lolcats::chunked(&prefill, &cfg(shape), None).unwrap();
             let frozen = state.pos;
             for t in prefix..len {
-                let (q, k, v, pq, pk) = (
-                    token(&s.q, t),
-                    token(&s.k, t),
-                    token(&s.v, t),
-                    token(&f.phi_q, t),
-                    token(&f.phi_k, t),
-                );
-                let one = LolcatsInputs {
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    phi_q: &pq,
-                    phi_k: &pk,
-                    window_factors: &s.factors.logits,
-                };
+                let token = sequence.narrow(t, 1);
+                let one = s.inputs_of(&token);
                 state.pos = frozen;
                 let position = Tensor::from(t);
                 let y = lolcats::step(&mut state, &one, &cfg(shape), Some(&position)).unwrap();
-                assert_close(&format!("{shape:?} token {t}"), &y, &token(&full, t), 1e-5);
+                assert_close(
+                    &format!("{shape:?} token {t}"),
+                    &y,
+                    &full.narrow(2, t, 1),
+                    1e-5,
+                );
             }
         });
     }
