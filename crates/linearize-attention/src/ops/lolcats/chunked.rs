@@ -145,13 +145,18 @@ impl Call {
         }
     }
 
+    /// `t` (b, h', L, ·) in query chunks (b, h, n, C, ·) of the operand dtype, heads repeated.
+    fn chunks(&self, t: &Tensor) -> Tensor {
+        self.blocks
+            .query_chunks(&prepare(t, self.p.operand, self.s.heads))
+    }
+
     /// A fresh call's keys straight from its chunks (b, h, n, C, ·): the blocks by
     /// [`LocalBlocks::local_from_chunks`], the keys before block j (the chunks before
     /// j − history) by one prefix matmul.
     fn fresh_keys(&self, x: &LolcatsInputs) -> Keys {
-        let (p, blocks, h) = (self.p, &self.blocks, self.s.heads);
-        let chunks = |t: &Tensor| repeat_heads(&blocks.query_chunks(&t.to_kind(p.operand)), h);
-        let (k, phi_k, v) = (chunks(x.k), chunks(x.phi_k), chunks(x.v));
+        let (p, blocks) = (self.p, &self.blocks);
+        let (k, phi_k, v) = (self.chunks(x.k), self.chunks(x.phi_k), self.chunks(x.v));
         let hist = blocks.history;
         let chunk_kv = p.mm_operand(&phi_k.transpose(-1, -2), &v); // (b, h, n, f, d_v)
         Keys {
@@ -167,8 +172,7 @@ impl Call {
     /// the local blocks and the linear part `L` from the keys outside every window.
     fn fresh_output(&self, x: &LolcatsInputs) -> Tensor {
         let (p, blocks, h) = (self.p, &self.blocks, self.s.heads);
-        let chunks = |t: &Tensor| repeat_heads(&blocks.query_chunks(&t.to_kind(p.operand)), h);
-        let v = blocks.local_from_chunks(&chunks(x.v)); // (b, h, n, K, d_v)
+        let v = blocks.local_from_chunks(&self.chunks(x.v)); // (b, h, n, K, d_v)
         let (w_num, w_den) = self.window_part(x, &v); // (b, h, L, d_v), (b, h, L, 1)
         let (l_num, l_den) = match self.cfg.window_shape {
             WindowShape::Sw => self.delayed_linear_part(x, &v),
@@ -184,10 +188,9 @@ impl Call {
     /// window's largest score, from the local value blocks `v`. The weights are rounded once to
     /// the operand dtype; both sums read the same rounded weights.
     fn window_part(&self, x: &LolcatsInputs, v: &Tensor) -> (Tensor, Tensor) {
-        let (s, p, blocks, h) = (&self.s, self.p, &self.blocks, self.s.heads);
-        let chunks = |t: &Tensor| repeat_heads(&blocks.query_chunks(&t.to_kind(p.operand)), h);
-        let q = blocks.query_chunks(&prepare(x.q, p.operand, h)); // (b, h, n, C, d)
-        let k = blocks.local_from_chunks(&chunks(x.k)); // (b, h, n, K, d)
+        let (s, p, blocks) = (&self.s, self.p, &self.blocks);
+        let q = self.chunks(x.q); // (b, h, n, C, d)
+        let k = blocks.local_from_chunks(&self.chunks(x.k)); // (b, h, n, K, d)
         let (window_mask, _) = blocks.masks(&self.cfg.window(), x.v.device()); // (n, C, K)
         let mut scores = p.mm_operand(&q, &k.transpose(-1, -2));
         scores /= (s.head_dim as f64).sqrt();
@@ -219,8 +222,8 @@ impl Call {
         } else {
             delayed(x.v)
         }; // (b, h, n, C, d_v)
-        let phi_q = blocks.query_chunks(&prepare(x.phi_q, p.operand, h)); // (b, h, n, C, f)
-                                                                          // One transposed view for both products: their gradients meet in one layout.
+        let phi_q = self.chunks(x.phi_q); // (b, h, n, C, f)
+                                          // One transposed view for both products: their gradients meet in one layout.
         let phi_k_t = phi_k.transpose(-1, -2);
         let mut scores = p.mm_operand(&phi_q, &phi_k_t); // (b, h, n, C, C)
         let _ = scores.tril_(0);
@@ -265,8 +268,8 @@ impl Call {
         let (s, p, blocks, h) = (&self.s, self.p, &self.blocks, self.s.heads);
         let window = self.cfg.window();
 
-        let q = blocks.query_chunks(&prepare(x.q, p.operand, h)); // (b, h, n, C, d)
-        let phi_q = blocks.query_chunks(&prepare(x.phi_q, p.operand, h)); // (b, h, n, C, f)
+        let q = self.chunks(x.q); // (b, h, n, C, d)
+        let phi_q = self.chunks(x.phi_q); // (b, h, n, C, f)
         let (window_mask, linear_mask) = blocks.masks(&window, x.v.device()); // (n, C, K)
 
         // Scores stay in the operand dtype (as in eager bf16 attention); the max, the
