@@ -1,8 +1,8 @@
 //! Text generation over any [`CausalLm`]: the prompt is prefilled in one call, then tokens are
 //! decoded one at a time through the model's cache; on a GPU, once the model's state stops
 //! growing, by replaying one captured CUDA graph per token ([`CausalLm::graph_decoder`]), which
-//! computes the same logits without the launch cost of each kernel. The next token is chosen on the CPU from
-//! the f32 logits (greedy, or temperature / top-k / top-p sampling with a seeded RNG of its own,
+//! computes the same logits without the launch cost of each kernel. The next token is chosen on
+//! the CPU from the f32 logits (greedy, or temperature / top-k / top-p sampling with a seeded RNG of its own,
 //! so a seed reproduces a generation whatever else uses libtorch's global RNG).
 use crate::lm::{CausalLm, ReplayDecoder};
 use anyhow::{bail, ensure, Context, Result};
@@ -200,10 +200,7 @@ pub fn generate<M: CausalLm>(
     let mut sampler = Sampler::new(config.sampling.clone())?;
     let _no_grad = tch::no_grad_guard();
     let device = model.device();
-    let mut cache = Some(model.new_cache(1)?);
-    let mut replay: Option<Box<dyn ReplayDecoder + '_>> = None;
-    // A capture must follow an eager one-token step (lazy set-up), not only the prefill.
-    let mut eager_steps = 0;
+    let mut cache = model.new_cache(1)?;
     let mut tokens = Vec::new();
     if config.max_new_tokens == 0 {
         return Ok(Generation {
@@ -211,9 +208,12 @@ pub fn generate<M: CausalLm>(
             stop: StopReason::MaxNewTokens,
         });
     }
-    let prefill = ids_tensor(prompt, device);
-    let mut logits =
-        last_logits(model.forward_cached(&prefill, cache.as_mut().context("no cache")?)?)?;
+    let mut logits = last_logits(model.forward_cached(&ids_tensor(prompt, device), &mut cache)?)?;
+    // Held until a graph decoder takes it over.
+    let mut cache = Some(cache);
+    let mut replay: Option<Box<dyn ReplayDecoder + '_>> = None;
+    // A capture must follow an eager one-token step (lazy set-up), not only the prefill.
+    let mut eager_steps = 0;
     loop {
         let next = sampler.sample(&logits)?;
         if config.stop_ids.contains(&next) {

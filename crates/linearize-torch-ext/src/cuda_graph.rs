@@ -70,33 +70,15 @@ impl CudaGraph {
         };
         let mut raw: *mut c_void = std::ptr::null_mut();
         let device = c_int::try_from(device)?;
-        let mut captured = Ok(());
-        let status = {
-            let ctx: *mut c_void = (&mut body as *mut Body).cast();
-            let mut status = 0;
-            let result = call("capturing a CUDA graph", |err, len| {
-                status = unsafe {
-                    ffi::linearize_cuda_graph_capture(device, run_body, ctx, &mut raw, err, len)
-                };
-                // 2: the body failed; its own error explains why.
-                if status == 2 {
-                    0
-                } else {
-                    status
-                }
-            });
-            if let Err(e) = result {
-                captured = Err(e);
-            }
-            status
-        };
-        captured?;
-        if status == 2 {
-            return Err(match body.outcome {
-                Some(Err(e)) => e.context("the work captured into a CUDA graph failed"),
-                _ => anyhow!("the work captured into a CUDA graph failed"),
-            });
+        let ctx: *mut c_void = (&mut body as *mut Body).cast();
+        let captured = call("capturing a CUDA graph", |err, len| unsafe {
+            ffi::linearize_cuda_graph_capture(device, run_body, ctx, &mut raw, err, len)
+        });
+        // A failed body (the shim's return 2) carries its own error.
+        if let Some(Err(e)) = body.outcome {
+            return Err(e.context("the work captured into a CUDA graph failed"));
         }
+        captured?;
         match NonNull::new(raw) {
             Some(raw) => Ok(Self { raw }),
             None => bail!("capturing a CUDA graph returned no graph"),

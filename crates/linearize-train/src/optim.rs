@@ -300,6 +300,7 @@ impl AdamW {
 /// Every parameter with a gradient updated by `_fused_adamw_`, one call per device and dtype;
 /// bf16 / f16 parameters are then rounded from their master values in one multi-tensor copy.
 fn fused_update(params: &[(String, Tensor)], slots: &mut [Slot], hyper: &AdamWStep) -> Result<()> {
+    #[derive(Default)]
     struct Group<'a> {
         targets: Vec<&'a Tensor>,
         grads: Vec<Tensor>,
@@ -327,14 +328,7 @@ fn fused_update(params: &[(String, Tensor)], slots: &mut [Slot], hyper: &AdamWSt
         let at = match groups.iter().position(|(k, _)| *k == key) {
             Some(at) => at,
             None => {
-                let group = Group {
-                    targets: Vec::new(),
-                    grads: Vec::new(),
-                    exp_avgs: Vec::new(),
-                    exp_avg_sqs: Vec::new(),
-                    steps: Vec::new(),
-                };
-                groups.push((key, group));
+                groups.push((key, Group::default()));
                 groups.len() - 1
             }
         };
