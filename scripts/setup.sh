@@ -32,6 +32,13 @@ if [ -d "$torch_dir/../nvidia/cu13/include" ] && [ ! -e "$torch_dir/../nvidia/cu
   "$VENV/bin/pip" install --quiet --no-cache-dir "nvidia-cuda-crt==13.0.*"
 fi
 
+# Triton (installed with the CUDA torch wheel) compiles the fused kernels at build time; its
+# interpreter, which checks them on the CPU in the tests, needs numpy and fails with numpy 2.4.
+if ! "$VENV/bin/python" -c "import numpy,sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" 2>/dev/null; then
+  echo "setup: installing numpy<2.4 (Triton's interpreter)" >&2
+  "$VENV/bin/pip" install --quiet --no-cache-dir "numpy<2.4"
+fi
+
 # Python packages used only by the scripts that make test fixtures and reference numbers.
 if [ "${LINEARIZE_SETUP_PY_TOOLS:-0}" = 1 ]; then
   "$VENV/bin/pip" install --quiet -r scripts/requirements-tools.txt

@@ -2,13 +2,23 @@
 //! headers next to libtorch's `lib` directory. CUDA graphs are compiled in (`LINEARIZE_CUDA`)
 //! when libtorch has CUDA and the CUDA runtime headers (with `crt/`, which `scripts/setup.sh`
 //! adds to the pip wheel's) are found: `$CUDA_HOME/include`, the pip wheel's `nvidia/cu*/include`
-//! beside torch, or `/usr/local/cuda/include`.
+//! beside torch, or `/usr/local/cuda/include`. With CUDA, the Triton kernels (`triton/*.py`) are
+//! compiled ahead of time by the Python beside libtorch (`$LINEARIZE_PYTHON` overrides it) when
+//! it finds Triton, which the CUDA torch wheel installs; without it the fused kernels are left out.
 #[path = "../../build/libtorch.rs"]
 mod libtorch;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
-const SOURCES: [&str; 3] = ["csrc/adamw.cpp", "csrc/cuda_graph.cpp", "csrc/profiler.cpp"];
+const SOURCES: [&str; 5] = [
+    "csrc/adamw.cpp",
+    "csrc/cuda_graph.cpp",
+    "csrc/lolcats_sw.cpp",
+    "csrc/profiler.cpp",
+    "csrc/triton_launch.cpp",
+];
+const TRITON_SOURCES: [&str; 2] = ["triton/compile.py", "triton/lolcats_sw.py"];
 
 fn cuda_include(torch_root: &Path) -> Option<PathBuf> {
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
@@ -37,8 +47,51 @@ fn cuda_include(torch_root: &Path) -> Option<PathBuf> {
     })
 }
 
+/// The Python that can import Triton: `$LINEARIZE_PYTHON`, the virtual environment's that holds
+/// torch (`<venv>/lib/pythonX.Y/site-packages/torch`), or `python3`.
+fn triton_python(torch_root: &Path) -> Option<PathBuf> {
+    println!("cargo:rerun-if-env-changed=LINEARIZE_PYTHON");
+    let venv = torch_root
+        .canonicalize()
+        .ok()
+        .and_then(|t| Some(t.ancestors().nth(4)?.join("bin/python3")));
+    let candidates = std::env::var_os("LINEARIZE_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(venv.filter(|p| p.exists()))
+        .chain([PathBuf::from("python3")]);
+    candidates.into_iter().find(|python| {
+        Command::new(python)
+            .args(["-c", "import triton"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// Compiles the Triton kernels into `$OUT_DIR/triton` and turns on `cfg(linearize_triton)`.
+fn compile_triton(torch_root: &Path) {
+    let Some(python) = triton_python(torch_root) else {
+        println!("cargo:warning=building without the fused Triton kernels: no Python with Triton");
+        return;
+    };
+    let out =
+        PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("triton");
+    let status = Command::new(&python)
+        .arg("triton/compile.py")
+        .arg(&out)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    assert!(
+        status.success(),
+        "triton/compile.py failed ({status}) with {}",
+        python.display()
+    );
+    println!("cargo:rustc-cfg=linearize_triton");
+}
+
 fn main() {
-    for source in SOURCES {
+    println!("cargo::rustc-check-cfg=cfg(linearize_triton)");
+    for source in SOURCES.iter().chain(&TRITON_SOURCES) {
         println!("cargo:rerun-if-changed={source}");
     }
     let lib_dir = libtorch::link().expect(
@@ -68,6 +121,7 @@ fn main() {
         Some(cuda_include) => {
             build.define("LINEARIZE_CUDA", None).include(cuda_include);
             println!("cargo:rustc-link-lib=dylib=c10_cuda");
+            compile_triton(root);
         }
         None => println!(
             "cargo:warning=building without CUDA graphs: no CUDA libtorch or CUDA headers found"
@@ -76,4 +130,5 @@ fn main() {
     build.compile("linearize_torch_ext");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-link-lib=dylib=dl");
 }

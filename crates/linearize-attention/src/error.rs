@@ -21,6 +21,9 @@ pub enum Error {
         setting: &'static str,
         message: String,
     },
+    /// A fused kernel failed to run (its message names the kernel).
+    #[error("{0:#}")]
+    Kernel(anyhow::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

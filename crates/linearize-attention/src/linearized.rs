@@ -85,6 +85,10 @@ pub struct AttentionConfig {
     /// Default 16.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub_chunk: Option<i64>,
+    /// `lolcats`: run whole sequences through the fused CUDA kernels where they apply (`sw`, bf16,
+    /// no gradient to q, k, v: attention transfer and scoring). Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fused_kernels: Option<bool>,
 }
 
 const DEFAULT_FEATURE_MAP: FeatureMapConfig = FeatureMapConfig::Hedgehog {
@@ -100,7 +104,7 @@ const DEFAULT_GATE_NORMALIZER: f64 = 16.0;
 const DEFAULT_SUB_CHUNK: i64 = 16;
 
 /// The optional fields of [`AttentionConfig`] and the methods that use each.
-const FIELD_USERS: [(&str, &[Method]); 7] = [
+const FIELD_USERS: [(&str, &[Method]); 8] = [
     ("feature_map", &[Method::Linear, Method::Lolcats]),
     ("window_shape", &[Method::Lolcats]),
     (
@@ -120,6 +124,7 @@ const FIELD_USERS: [(&str, &[Method]); 7] = [
     ("eps", &[Method::Linear]),
     ("gate_normalizer", &[Method::LigerGla, Method::Liger]),
     ("sub_chunk", &[Method::LigerGla, Method::Liger]),
+    ("fused_kernels", &[Method::Lolcats]),
 ];
 
 impl AttentionConfig {
@@ -134,6 +139,7 @@ impl AttentionConfig {
             eps: None,
             gate_normalizer: None,
             sub_chunk: None,
+            fused_kernels: None,
         }
     }
 
@@ -193,6 +199,7 @@ impl AttentionConfig {
             "eps" => self.eps.is_some(),
             "gate_normalizer" => self.gate_normalizer.is_some(),
             "sub_chunk" => self.sub_chunk.is_some(),
+            "fused_kernels" => self.fused_kernels.is_some(),
             other => unreachable!("no attention field {other}"),
         }
     }
@@ -216,6 +223,7 @@ impl AttentionConfig {
             gate_normalizer: uses("gate_normalizer")
                 .then(|| self.gate_normalizer.unwrap_or(DEFAULT_GATE_NORMALIZER)),
             sub_chunk: uses("sub_chunk").then(|| self.sub_chunk.unwrap_or(DEFAULT_SUB_CHUNK)),
+            fused_kernels: uses("fused_kernels").then(|| self.fused_kernels.unwrap_or(true)),
         }
     }
 
@@ -244,6 +252,7 @@ impl AttentionConfig {
             window_shape: self.window_shape.unwrap_or(WindowShape::Sw),
             window_size: self.window(),
             chunk_size: self.chunk(),
+            fused: self.fused_kernels.unwrap_or(true),
         }
     }
 

@@ -153,6 +153,7 @@ fn cfg(shape: WindowShape) -> LolcatsConfig {
         window_shape: shape,
         window_size: W,
         chunk_size: CHUNK,
+        fused: true,
     }
 }
 
@@ -173,6 +174,7 @@ fn naive_is_the_design_formula() {
             window_shape: shape,
             window_size: 2,
             chunk_size: 4,
+            fused: true,
         };
         let x = LolcatsInputs {
             q: &q,
@@ -604,4 +606,131 @@ fn steps_at_a_device_position_ignore_a_frozen_host_count() {
             }
         });
     }
+}
+
+/// The fused CUDA kernels (attention transfer's `sw` call) against the naive form in f64 on the
+/// same bf16 inputs: output and gradients to φq, φk and the window factors, with GQA, ragged
+/// lengths, windows of one and two chunks and every compiled head and feature size. On a GPU
+/// machine: `cargo test --release -p linearize-attention --test lolcats -- --ignored`.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn fused_sliding_window_matches_naive_on_cuda() {
+    use linearize_torch_ext::lolcats as fused;
+    assert!(
+        tch::Cuda::is_available(),
+        "no CUDA device: this test is for a GPU machine"
+    );
+    let dev = Device::Cuda(0);
+    let cases = [
+        // batch, heads, kv heads, length, head size, features, window
+        (2, 4, 2, 300, 64, 128, 64),
+        (1, 4, 1, 200, 128, 128, 128),
+        (1, 2, 2, 50, 128, 64, 64),
+        (2, 8, 2, 1024, 128, 256, 64),
+        (1, 3, 1, 129, 64, 64, 192),
+    ];
+    for (i, &(b, h, hk, len, d, f, w)) in cases.iter().enumerate() {
+        seed(40 + i as i64);
+        let bf16 = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, dev)).to_kind(Kind::BFloat16);
+        let features = |shape: &[i64]| {
+            Tensor::randn(shape, (Kind::Float, dev))
+                .softmax(-1, Kind::Float)
+                .to_kind(Kind::BFloat16)
+                .set_requires_grad(true)
+        };
+        let (q, k, v) = (
+            bf16(&[b, h, len, d]),
+            bf16(&[b, hk, len, d]),
+            bf16(&[b, hk, len, d]),
+        );
+        let (phi_q, phi_k) = (features(&[b, h, len, f]), features(&[b, h, len, f]));
+        let logits = (Tensor::rand([h], (Kind::Float, dev)) * 3.0 - 2.0).set_requires_grad(true);
+        let cfg = LolcatsConfig {
+            window_shape: WindowShape::Sw,
+            window_size: w,
+            chunk_size: 64,
+            fused: true,
+        };
+        let gammas = logits.sigmoid();
+        let call = fused::SlidingWindowInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            phi_q: &phi_q,
+            phi_k: &phi_k,
+            gammas: &gammas,
+        };
+        assert_eq!(fused::unsupported(&call, w), None, "case {i}");
+        let inputs = LolcatsInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            phi_q: &phi_q,
+            phi_k: &phi_k,
+            window_factors: &logits,
+        };
+        let y = lolcats::chunked_output(&inputs, &cfg).unwrap();
+
+        let f64_leaf = |t: &Tensor| t.detach().to_kind(Kind::Double).set_requires_grad(true);
+        let (phi_q64, phi_k64, logits64) = (f64_leaf(&phi_q), f64_leaf(&phi_k), f64_leaf(&logits));
+        let (q64, k64, v64) = (
+            q.to_kind(Kind::Double),
+            k.to_kind(Kind::Double),
+            v.to_kind(Kind::Double),
+        );
+        let reference = lolcats::naive(
+            &LolcatsInputs {
+                q: &q64,
+                k: &k64,
+                v: &v64,
+                phi_q: &phi_q64,
+                phi_k: &phi_k64,
+                window_factors: &logits64,
+            },
+            &cfg,
+        )
+        .unwrap();
+        let what = format!("case {i} (b {b}, h {h}/{hk}, L {len}, d {d}, f {f}, w {w})");
+        assert_close(&format!("{what}: output"), &y, &reference, 2e-2);
+        let probe = reference.randn_like();
+        let got = grads(
+            &y,
+            &probe.to_kind(Kind::BFloat16),
+            &[&phi_q, &phi_k, &logits],
+        );
+        let want = grads(&reference, &probe, &[&phi_q64, &phi_k64, &logits64]);
+        for (name, (g, e)) in ["phi_q", "phi_k", "window factors"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            let err = (g.to_kind(Kind::Double) - e).abs().max().double_value(&[])
+                / e.abs().max().double_value(&[]).max(1e-6);
+            assert!(err < 3e-2, "{what}: grad {name}: relative error {err:e}");
+        }
+    }
+}
+
+/// The fused kernels leave calls they do not cover to the libtorch kernels, and say why.
+#[test]
+fn fused_kernels_decline_what_they_do_not_cover() {
+    use linearize_torch_ext::lolcats as fused;
+    seed(3);
+    let s = setup(1, 70, Kind::Float);
+    let f = s.features();
+    let gammas = s.factors.logits.sigmoid();
+    let call = fused::SlidingWindowInputs {
+        q: &s.q,
+        k: &s.k,
+        v: &s.v,
+        phi_q: &f.phi_q,
+        phi_k: &f.phi_k,
+        gammas: &gammas,
+    };
+    let why = fused::unsupported(&call, 64).expect("the CPU is not covered");
+    assert!(why.contains("CUDA"), "{why}");
+    let mut cfg = cfg(WindowShape::Sw);
+    let with = lolcats::chunked_output(&s.inputs(&f), &cfg).unwrap();
+    cfg.fused = false;
+    let without = lolcats::chunked_output(&s.inputs(&f), &cfg).unwrap();
+    assert!(with.equal(&without));
 }

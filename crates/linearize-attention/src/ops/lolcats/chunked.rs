@@ -12,12 +12,13 @@
 //! instead of C × block: when q and k need no gradient (attention transfer), nothing of the
 //! block size enters the backward pass.
 use super::{check_inputs, gammas, LolcatsConfig, LolcatsInputs, LolcatsState, Shapes};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::window::LocalBlocks;
 use crate::ops::window::WindowShape;
 use crate::tensors::{
     ceil_div, exclusive_cumsum, pad_seq, prefix_sums, prepare, repeat_heads, Precision,
 };
+use linearize_torch_ext::lolcats as fused;
 use tch::{Kind, Tensor};
 
 /// Runs the sequence on from `state` (empty when `None`) and returns the output (b, h, L, d_v) and
@@ -41,9 +42,25 @@ pub fn chunked(
 }
 
 /// [`chunked`]'s output from an empty state, without building the state after the last token
-/// (training needs only the output).
+/// (training needs only the output). With `cfg.fused`, `sw` calls that the fused CUDA kernels
+/// support (bf16, no gradient to q, k, v, a window of whole 64-token chunks) take them.
 pub fn chunked_output(x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Tensor> {
-    Ok(Call::new(x, cfg, None)?.output(x))
+    let call = Call::new(x, cfg, None)?;
+    if cfg.fused && cfg.window_shape == WindowShape::Sw {
+        let gammas = x.window_factors.to_kind(Kind::Float).sigmoid(); // (h)
+        let fused = fused::SlidingWindowInputs {
+            q: x.q,
+            k: x.k,
+            v: x.v,
+            phi_q: x.phi_q,
+            phi_k: x.phi_k,
+            gammas: &gammas,
+        };
+        if fused::unsupported(&fused, cfg.window_size).is_none() {
+            return fused::sliding_window(&fused, cfg.window_size).map_err(Error::Kernel);
+        }
+    }
+    Ok(call.output(x))
 }
 
 /// One call's checked sizes, dtypes, starting state and block layout.

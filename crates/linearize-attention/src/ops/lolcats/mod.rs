@@ -42,6 +42,8 @@ pub struct LolcatsConfig {
     pub window_size: i64,
     /// Query tokens per chunk in the chunked form.
     pub chunk_size: i64,
+    /// Whether whole sequences take the fused CUDA kernels where they apply ([`chunked_output`]).
+    pub fused: bool,
 }
 
 impl Default for LolcatsConfig {
@@ -50,6 +52,7 @@ impl Default for LolcatsConfig {
             window_shape: WindowShape::Sw,
             window_size: 64,
             chunk_size: 64,
+            fused: true,
         }
     }
 }

@@ -56,6 +56,9 @@ impl Method {
 pub enum Form {
     Naive,
     Chunked,
+    /// Attention transfer's call: whole sequences, gradients to the features and window factors
+    /// only (q, k, v are the teacher's). LoLCATs `sw` runs its fused CUDA kernels here.
+    Fused,
 }
 
 impl Form {
@@ -63,6 +66,7 @@ impl Form {
         match self {
             Self::Naive => "naive",
             Self::Chunked => "chunked",
+            Self::Fused => "fused",
         }
     }
 }
@@ -81,7 +85,7 @@ pub struct Shape {
     pub device: Device,
 }
 
-/// Inputs of one case (all leaves that collect gradients) and how to run it.
+/// Inputs of one case (leaves; the fused form's q, k, v take no gradient) and how to run it.
 pub struct Case {
     method: Method,
     form: Form,
@@ -129,9 +133,12 @@ impl Case {
                 normal(s.kv_heads, s.head_dim),
             ],
         };
+        // In the fused form q, k and v (the first three LoLCATs inputs) are the teacher's.
+        let frozen = if form == Form::Fused { 3 } else { 0 };
         let leaves = leaves
             .into_iter()
-            .map(|t| t.detach().set_requires_grad(true))
+            .enumerate()
+            .map(|(i, t)| t.detach().set_requires_grad(i >= frozen))
             .collect();
         Self {
             method,
@@ -144,7 +151,7 @@ impl Case {
     pub fn forward(&self) -> Result<Tensor> {
         let x = &self.leaves;
         let s = &self.shape;
-        let chunked = self.form == Form::Chunked;
+        let chunked = self.form != Form::Naive;
         Ok(match self.method {
             Method::Linear => {
                 let cfg = linear_attn::LinearAttnConfig {
@@ -167,6 +174,7 @@ impl Case {
                     window_shape,
                     window_size: s.window,
                     chunk_size: s.chunk,
+                    fused: self.form == Form::Fused,
                 };
                 let inputs = LolcatsInputs {
                     q: &x[0],
@@ -176,10 +184,10 @@ impl Case {
                     phi_k: &x[4],
                     window_factors: &x[5],
                 };
-                if chunked {
-                    lolcats::chunked(&inputs, &cfg, None)?.0
-                } else {
-                    lolcats::naive(&inputs, &cfg)?
+                match self.form {
+                    Form::Naive => lolcats::naive(&inputs, &cfg)?,
+                    Form::Chunked => lolcats::chunked(&inputs, &cfg, None)?.0,
+                    Form::Fused => lolcats::chunked_output(&inputs, &cfg)?,
                 }
             }
             Method::Sdpa => {
@@ -257,11 +265,13 @@ impl Case {
         })
     }
 
-    /// One forward and the backward to every input; the gradients are dropped.
+    /// One forward and the backward to every input that takes a gradient; the gradients are
+    /// dropped.
     pub fn forward_backward(&self) -> Result<()> {
         let y = self.forward()?;
         let loss = y.sum(y.kind());
-        Tensor::f_run_backward(&[loss], &self.leaves, false, false)?;
+        let inputs: Vec<&Tensor> = self.leaves.iter().filter(|t| t.requires_grad()).collect();
+        Tensor::f_run_backward(&[loss], &inputs, false, false)?;
         Ok(())
     }
 }

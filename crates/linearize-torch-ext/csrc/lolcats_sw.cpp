@@ -1,0 +1,145 @@
+// Fused LoLCATs sliding-window attention (triton/lolcats_sw.py) as an autograd function: the
+// forward, and a backward to the feature maps and the window factors. q, k and v take no
+// gradient (attention transfer trains only φ and γ); the Rust side checks that before calling.
+#include "triton_launch.h"
+
+#include <cmath>
+#include <cstdio>
+#include <exception>
+
+#ifdef LINEARIZE_CUDA
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kChunk = 64;
+constexpr int64_t kFeatureBlock = 64;
+
+std::string variant(const char* kernel, int64_t d, int64_t f) {
+  return std::string(kernel) + "/d" + std::to_string(d) + "/f" + std::to_string(f);
+}
+
+// Exclusive sums over chunks of a_c^T b_c (bh, n, F, D) in b's dtype and of w·a (bh, n, F) in
+// f32: over the chunks before each chunk, or after it when `reverse` (then w = `weights`).
+std::pair<at::Tensor, at::Tensor> chunk_sums(const at::Tensor& a, const at::Tensor& b,
+                                             const at::Tensor* weights, int64_t heads,
+                                             bool reverse) {
+  int64_t batch = a.size(0), len = a.size(2), f = a.size(3), d = b.size(3);
+  int64_t n = (len + kChunk - 1) / kChunk;
+  auto sums = at::empty({batch * heads, n, f, d}, b.options());
+  auto weight_sums = at::empty({batch * heads, n, f}, b.options().dtype(at::kFloat));
+  auto key = variant("chunk_sums", d, f) + (reverse ? "/reverse" : "/forward");
+  using linearize::KernelArg;
+  linearize::launch(key, a.device(), batch * heads, f / kFeatureBlock,
+                    {KernelArg::ptr(a), KernelArg::ptr(b),
+                     KernelArg::ptr(weights ? *weights : weight_sums), KernelArg::ptr(sums),
+                     KernelArg::ptr(weight_sums), KernelArg::i32(len), KernelArg::i32(n),
+                     KernelArg::i32(heads), KernelArg::i32(a.size(1)), KernelArg::i32(b.size(1))});
+  return {sums, weight_sums};
+}
+
+struct LolcatsSw : public torch::autograd::Function<LolcatsSw> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& phi_q, const at::Tensor& phi_k,
+                            const at::Tensor& gammas, int64_t window) {
+    int64_t batch = q.size(0), heads = q.size(1), len = q.size(2), d = q.size(3);
+    int64_t f = phi_q.size(3), n = (len + kChunk - 1) / kChunk;
+    auto [sums, k_sums] = chunk_sums(phi_k, v, nullptr, heads, false);
+    auto y = at::empty_like(q);
+    auto den = at::empty({batch, heads, len}, q.options().dtype(at::kFloat));
+    using linearize::KernelArg;
+    linearize::launch(
+        variant("forward", d, f), q.device(), n, batch * heads,
+        {KernelArg::ptr(q), KernelArg::ptr(k), KernelArg::ptr(v), KernelArg::ptr(phi_q),
+         KernelArg::ptr(phi_k), KernelArg::ptr(sums), KernelArg::ptr(k_sums),
+         KernelArg::ptr(gammas), KernelArg::ptr(y), KernelArg::ptr(den), KernelArg::i32(len),
+         KernelArg::i32(n), KernelArg::i32(heads), KernelArg::i32(k.size(1)),
+         KernelArg::i32(v.size(1)), KernelArg::i32(window / kChunk),
+         KernelArg::f32(1.0 / std::sqrt(static_cast<double>(d)))});
+    ctx->save_for_backward({v, phi_q, phi_k, gammas, y});
+    ctx->saved_data["den"] = den;
+    ctx->saved_data["sums"] = sums;
+    ctx->saved_data["k_sums"] = k_sums;
+    ctx->saved_data["window"] = window;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto &v = saved[0], &phi_q = saved[1], &phi_k = saved[2], &gammas = saved[3],
+               &y = saved[4];
+    auto den = ctx->saved_data["den"].toTensor();
+    auto sums = ctx->saved_data["sums"].toTensor();
+    auto k_sums = ctx->saved_data["k_sums"].toTensor();
+    int64_t window = ctx->saved_data["window"].toInt();
+    int64_t batch = y.size(0), heads = y.size(1), len = y.size(2), d = y.size(3);
+    int64_t f = phi_q.size(3), n = (len + kChunk - 1) / kChunk;
+
+    // g/den and −g·y/den: the gradients of the numerator and the normaliser.
+    auto g = grads[0].to(at::kFloat);
+    auto grad_num = (g / den.unsqueeze(-1)).to(y.scalar_type()).contiguous();
+    auto grad_den = (-(g * y.to(at::kFloat)).sum(-1) / den).contiguous();
+
+    using linearize::KernelArg;
+    auto d_phi_q = at::empty_like(phi_q);
+    linearize::launch(variant("backward_phi_q", d, f), y.device(), n, batch * heads,
+                      {KernelArg::ptr(grad_num), KernelArg::ptr(grad_den), KernelArg::ptr(v),
+                       KernelArg::ptr(phi_k), KernelArg::ptr(sums), KernelArg::ptr(k_sums),
+                       KernelArg::ptr(d_phi_q), KernelArg::i32(len), KernelArg::i32(n),
+                       KernelArg::i32(heads), KernelArg::i32(v.size(1)),
+                       KernelArg::i32(window / kChunk)});
+    auto [q_sums, q_den_sums] = chunk_sums(phi_q, grad_num, &grad_den, heads, true);
+    auto d_phi_k = at::empty_like(phi_k);
+    linearize::launch(variant("backward_phi_k", d, f), y.device(), n, batch * heads,
+                      {KernelArg::ptr(grad_num), KernelArg::ptr(grad_den), KernelArg::ptr(v),
+                       KernelArg::ptr(phi_q), KernelArg::ptr(q_sums), KernelArg::ptr(q_den_sums),
+                       KernelArg::ptr(d_phi_k), KernelArg::i32(len), KernelArg::i32(n),
+                       KernelArg::i32(heads), KernelArg::i32(v.size(1)),
+                       KernelArg::i32(window / kChunk)});
+    // y is unchanged when γ and φq scale together: dγ_h = −Σ φq·dφq / γ_h.
+    auto d_gammas =
+        -(phi_q.to(at::kFloat) * d_phi_q.to(at::kFloat)).sum({0, 2, 3}) / gammas;
+    return {at::Tensor(), at::Tensor(), at::Tensor(), d_phi_q, d_phi_k, d_gammas, at::Tensor()};
+  }
+};
+
+void set_error(char* err, size_t len, const char* what) {
+  if (err != nullptr && len > 0) {
+    std::snprintf(err, len, "%s", what);
+  }
+}
+
+}  // namespace
+#endif
+
+extern "C" {
+
+// y = LoLCATs sw attention of contiguous bf16 q (b, h, L, d), k (b, h_k, L, d), v (b, h_v, L, d),
+// φq and φk (b, h, L, f), with window factors γ (h) in f32 and a window of `window` tokens (a
+// multiple of 64), into `*out` (a new tensor).
+int linearize_lolcats_sw(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                         const at::Tensor* phi_q, const at::Tensor* phi_k,
+                         const at::Tensor* gammas, int64_t window, at::Tensor** out, char* err,
+                         size_t err_len) {
+#ifdef LINEARIZE_CUDA
+  try {
+    auto y = LolcatsSw::apply(*q, *k, *v, *phi_q, *phi_k, *gammas, window);
+    *out = new at::Tensor(std::move(y));
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, err_len, e.what());
+    return 1;
+  }
+#else
+  (void)q, (void)k, (void)v, (void)phi_q, (void)phi_k, (void)gammas, (void)window, (void)out;
+  if (err != nullptr && err_len > 0) {
+    std::snprintf(err, err_len, "%s", "built without CUDA");
+  }
+  return 1;
+#endif
+}
+}

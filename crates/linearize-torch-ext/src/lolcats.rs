@@ -1,0 +1,97 @@
+//! Fused LoLCATs sliding-window attention on CUDA (`triton/lolcats_sw.py`): whole sequences from
+//! the empty state, with gradients to the feature maps and the window factors only, which is what
+//! attention transfer trains. Other calls take the libtorch kernels.
+use crate::{call, triton};
+use anyhow::Result;
+use std::ffi::c_char;
+use tch::{Kind, Tensor};
+use torch_sys::C_tensor;
+
+/// Tokens per chunk of the fused kernels; windows are whole chunks.
+pub const CHUNK: i64 = 64;
+
+extern "C" {
+    fn linearize_lolcats_sw(
+        q: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+        phi_q: *const C_tensor,
+        phi_k: *const C_tensor,
+        gammas: *const C_tensor,
+        window: i64,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+}
+
+/// One call's tensors: `q` (b, h, L, d), `k` (b, h_k, L, d), `v` (b, h_v, L, d), `phi_q` and
+/// `phi_k` (b, h, L, f), `gammas` (h) the window factors γ (not their logits).
+pub struct SlidingWindowInputs<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub phi_q: &'a Tensor,
+    pub phi_k: &'a Tensor,
+    pub gammas: &'a Tensor,
+}
+
+/// Why the fused kernels cannot run `x` with a window of `window` tokens, or `None` when they
+/// can.
+pub fn unsupported(x: &SlidingWindowInputs, window: i64) -> Option<String> {
+    if !x.q.device().is_cuda() {
+        return Some(format!("runs on CUDA, not {:?}", x.q.device()));
+    }
+    let tensors = [x.q, x.k, x.v, x.phi_q, x.phi_k];
+    if tensors.iter().any(|t| t.kind() != Kind::BFloat16) {
+        return Some("needs bf16 q, k, v and features".into());
+    }
+    if [x.q, x.k, x.v].iter().any(|t| t.requires_grad()) {
+        return Some("gives no gradient to q, k or v".into());
+    }
+    if window < CHUNK || window % CHUNK != 0 {
+        return Some(format!(
+            "needs a window of whole {CHUNK}-token chunks, not {window}"
+        ));
+    }
+    let [d, f] = [x.q.size()[3], x.phi_q.size()[3]];
+    let heads = x.q.size()[1];
+    if x.phi_q.size()[1] != heads || x.phi_k.size()[1] != heads || x.v.size()[3] != d {
+        return Some("needs one feature map per query head and values of the head size".into());
+    }
+    let kernels = ["forward", "backward_phi_q", "backward_phi_k"];
+    if !kernels
+        .iter()
+        .all(|k| triton::has_kernel(&format!("{k}/d{d}/f{f}")))
+    {
+        return Some(format!("has no kernels for head size {d} and {f} features"));
+    }
+    None
+}
+
+/// LoLCATs `sw` attention (b, h, L, d) in bf16 through the fused kernels, differentiable with
+/// respect to `phi_q`, `phi_k` and `gammas`. Call only when [`unsupported`] returns `None`.
+pub fn sliding_window(x: &SlidingWindowInputs, window: i64) -> Result<Tensor> {
+    let [q, k, v, phi_q, phi_k] = [x.q, x.k, x.v, x.phi_q, x.phi_k].map(Tensor::contiguous);
+    let gammas = x.gammas.to_kind(Kind::Float).contiguous();
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    call(
+        "fused LoLCATs sliding-window attention",
+        |err, len| unsafe {
+            linearize_lolcats_sw(
+                q.as_ptr(),
+                k.as_ptr(),
+                v.as_ptr(),
+                phi_q.as_ptr(),
+                phi_k.as_ptr(),
+                gammas.as_ptr(),
+                window,
+                &mut out,
+                err,
+                len,
+            )
+        },
+    )?;
+    // SAFETY: on success the shim stored a new tensor, now owned here.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}

@@ -1,0 +1,60 @@
+//! The Triton kernels compiled ahead of time by `triton/compile.py` at build time (when libtorch
+//! has CUDA and Python finds Triton), embedded in the binary and handed to the C++ launcher once.
+use std::ffi::{c_char, c_int, CString};
+use std::sync::OnceLock;
+
+/// One compiled kernel: its cubin and what a launch needs.
+pub(crate) struct KernelImage {
+    pub key: &'static str,
+    pub symbol: &'static str,
+    pub shared_bytes: c_int,
+    pub warps: c_int,
+    pub params: c_int,
+    pub cubin: &'static [u8],
+}
+
+#[cfg(linearize_triton)]
+include!(concat!(env!("OUT_DIR"), "/triton/kernels.rs"));
+
+#[cfg(not(linearize_triton))]
+pub(crate) const KERNELS: &[KernelImage] = &[];
+
+extern "C" {
+    fn linearize_triton_register(
+        key: *const c_char,
+        symbol: *const c_char,
+        cubin: *const u8,
+        cubin_len: usize,
+        shared_bytes: c_int,
+        warps: c_int,
+        params: c_int,
+    ) -> c_int;
+}
+
+/// Whether a kernel was compiled under `key` (and the launcher can run it).
+pub(crate) fn has_kernel(key: &str) -> bool {
+    static LAUNCHABLE: OnceLock<bool> = OnceLock::new();
+    let launchable = *LAUNCHABLE.get_or_init(|| {
+        KERNELS.iter().all(|k| {
+            let (key, symbol) = (cstring(k.key), cstring(k.symbol));
+            // SAFETY: the strings and the cubin outlive the call, which copies them.
+            let registered = unsafe {
+                linearize_triton_register(
+                    key.as_ptr(),
+                    symbol.as_ptr(),
+                    k.cubin.as_ptr(),
+                    k.cubin.len(),
+                    k.shared_bytes,
+                    k.warps,
+                    k.params,
+                )
+            };
+            registered == 1
+        })
+    });
+    launchable && KERNELS.iter().any(|k| k.key == key)
+}
+
+fn cstring(s: &str) -> CString {
+    CString::new(s).expect("kernel keys and symbols have no NUL")
+}

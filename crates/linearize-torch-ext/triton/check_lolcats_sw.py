@@ -1,0 +1,108 @@
+"""Runs the fused LoLCATs `sw` kernels (lolcats_sw.py) in Triton's interpreter on the CPU and
+compares their output and gradients with the quadratic definition, on random inputs with GQA,
+ragged lengths and windows of one and two chunks. Exits non-zero on a mismatch.
+
+    TRITON_INTERPRET=1 python check_lolcats_sw.py
+"""
+import math
+import os
+import sys
+
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lolcats_sw as k  # noqa: E402
+
+C = 16
+
+
+def reference(q, kk, v, phi_q, phi_k, gamma, w):
+    """The quadratic definition (DESIGN.md "LoLCATs"), f64."""
+    h = q.shape[1]
+    kk = kk.repeat_interleave(h // kk.shape[1], 1)
+    v = v.repeat_interleave(h // v.shape[1], 1)
+    L = q.shape[2]
+    t = torch.arange(L)[:, None]
+    s = torch.arange(L)[None, :]
+    window = (s <= t) & (s > t - w)
+    linear = s <= t - w
+    scores = q @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~window, float("-inf"))
+    m = scores.amax(-1, keepdim=True)
+    a = gamma.view(1, -1, 1, 1) * (scores - m).exp()
+    a = a + (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~linear, 0.0)
+    return (a @ v) / a.sum(-1, keepdim=True)
+
+
+def fused(q, kk, v, phi_q, phi_k, gamma, w, g):
+    b, h, L, D = q.shape
+    F = phi_q.shape[-1]
+    hk, hv = kk.shape[1], v.shape[1]
+    n = -(-L // C)
+    M = w // C
+    BF = min(F, 64)
+    sums = torch.empty(b * h, n, F, D, dtype=v.dtype)
+    k_sums = torch.empty(b * h, n, F, dtype=torch.float32)
+    k.chunk_sums[(b * h, F // BF)](phi_k, v, k_sums, sums, k_sums, L, n, h, h, hv, C=C, F=F, D=D,
+                                   BF=BF, REVERSE=False, WEIGHTED=False)
+    y = torch.empty_like(q)
+    den = torch.empty(b, h, L, dtype=torch.float32)
+    k.forward[(n, b * h)](q, kk, v, phi_q, phi_k, sums, k_sums, gamma, y, den, L, n, h, hk, hv, M,
+                          1.0 / math.sqrt(D), C=C, D=D, F=F)
+    gn = (g.float() / den[..., None]).to(v.dtype)
+    gd = -(g.float() * y.float()).sum(-1) / den
+    d_phi_q = torch.empty_like(phi_q)
+    k.backward_phi_q[(n, b * h)](gn, gd, v, phi_k, sums, k_sums, d_phi_q, L, n, h, hv, M, C=C,
+                                 D=D, F=F)
+    q_sums = torch.empty(b * h, n, F, D, dtype=v.dtype)
+    q_gd_sums = torch.empty(b * h, n, F, dtype=torch.float32)
+    k.chunk_sums[(b * h, F // BF)](phi_q, gn, gd, q_sums, q_gd_sums, L, n, h, h, h, C=C, F=F,
+                                   D=D, BF=BF, REVERSE=True, WEIGHTED=True)
+    d_phi_k = torch.empty_like(phi_k)
+    k.backward_phi_k[(n, b * h)](gn, gd, v, phi_q, q_sums, q_gd_sums, d_phi_k, L, n, h, hv, M,
+                                 C=C, D=D, F=F)
+    d_gamma = -(phi_q.double() * d_phi_q.double()).sum((0, 2, 3)) / gamma.double()
+    return y, d_phi_q, d_phi_k, d_gamma
+
+
+def case(seed, b, h, hk, hv, L, D, F, w):
+    torch.manual_seed(seed)
+    q = torch.randn(b, h, L, D)
+    kk = torch.randn(b, hk, L, D)
+    v = torch.randn(b, hv, L, D)
+    phi_q = torch.softmax(torch.randn(b, h, L, F), -1)
+    phi_k = torch.softmax(torch.randn(b, h, L, F), -1)
+    gamma = torch.rand(h) * 0.8 + 0.1
+    g = torch.randn(b, h, L, D)
+
+    leaves = [t.double().requires_grad_() for t in (phi_q, phi_k, gamma)]
+    want = reference(q.double(), kk.double(), v.double(), *leaves, w)
+    want.backward(g.double())
+    got = fused(q, kk, v, phi_q, phi_k, gamma, w, g)
+    worst = 0.0
+    for name, a, e in zip(["y", "d_phi_q", "d_phi_k", "d_gamma"], got,
+                          [want.detach()] + [t.grad for t in leaves]):
+        err = (a.double() - e).abs().max().item() / max(e.abs().max().item(), 1e-6)
+        worst = max(worst, err)
+        if err > 1e-4:
+            print(f"MISMATCH seed {seed} L={L} w={w} {name}: relative error {err:.3g}")
+            return False
+    print(f"ok seed {seed} b={b} h={h}/{hk}/{hv} L={L} D={D} F={F} w={w}: worst {worst:.2g}")
+    return True
+
+
+def main():
+    cases = [
+        (0, 2, 4, 2, 1, 64, 16, 32, C),
+        (1, 1, 4, 4, 4, 53, 32, 16, C),
+        (2, 2, 2, 1, 2, 71, 16, 16, 2 * C),
+        (3, 1, 2, 2, 2, 10, 16, 16, C),
+        (4, 1, 2, 1, 1, 40, 16, 128, 2 * C),
+    ]
+    ok = all([case(*c) for c in cases])
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
