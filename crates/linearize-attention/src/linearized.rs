@@ -85,8 +85,8 @@ pub struct AttentionConfig {
     /// Default 16.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub_chunk: Option<i64>,
-    /// `lolcats`: run whole sequences through the fused CUDA kernels where they apply (`sw`, bf16,
-    /// no gradient to q, k, v: attention transfer and scoring). Default true.
+    /// `lolcats`: run whole sequences (training, scoring) through the fused CUDA kernels where
+    /// they apply (`sw` with a window of whole 64-token chunks, bf16). Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fused_kernels: Option<bool>,
 }

@@ -608,10 +608,11 @@ fn steps_at_a_device_position_ignore_a_frozen_host_count() {
     }
 }
 
-/// The fused CUDA kernels (attention transfer's `sw` call) against the naive form in f64 on the
-/// same bf16 inputs: output and gradients to φq, φk and the window factors, with GQA, ragged
-/// lengths, windows of one and two chunks and every compiled head and feature size. On a GPU
-/// machine: `cargo test --release -p linearize-attention --test lolcats -- --ignored`.
+/// The fused CUDA kernels (`sw`) against the naive form in f64 on the same bf16 inputs: output
+/// and gradients to every input (or, as attention transfer calls them, to φq, φk and the window
+/// factors only), with GQA, ragged lengths, windows of one to three chunks and every compiled head
+/// and feature size. On a GPU machine:
+/// `cargo test --release -p linearize-attention --test lolcats -- --ignored`.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn fused_sliding_window_matches_naive_on_cuda() {
@@ -622,16 +623,21 @@ fn fused_sliding_window_matches_naive_on_cuda() {
     );
     let dev = Device::Cuda(0);
     let cases = [
-        // batch, heads, kv heads, length, head size, features, window
-        (2, 4, 2, 300, 64, 128, 64),
-        (1, 4, 1, 200, 128, 128, 128),
-        (1, 2, 2, 50, 128, 64, 64),
-        (2, 8, 2, 1024, 128, 256, 64),
-        (1, 3, 1, 129, 64, 64, 192),
+        // batch, heads, kv heads, length, head size, features, window, q/k/v gradients
+        (2, 4, 2, 300, 64, 128, 64, true),
+        (2, 4, 2, 300, 64, 128, 64, false),
+        (1, 4, 1, 200, 128, 128, 128, true),
+        (1, 2, 2, 50, 128, 64, 64, false),
+        (2, 8, 2, 1024, 128, 256, 64, true),
+        (1, 3, 1, 129, 64, 64, 192, true),
     ];
-    for (i, &(b, h, hk, len, d, f, w)) in cases.iter().enumerate() {
+    for (i, &(b, h, hk, len, d, f, w, qkv_grads)) in cases.iter().enumerate() {
         seed(40 + i as i64);
-        let bf16 = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, dev)).to_kind(Kind::BFloat16);
+        let bf16 = |shape: &[i64]| {
+            Tensor::randn(shape, (Kind::Float, dev))
+                .to_kind(Kind::BFloat16)
+                .set_requires_grad(qkv_grads)
+        };
         let features = |shape: &[i64]| {
             Tensor::randn(shape, (Kind::Float, dev))
                 .softmax(-1, Kind::Float)
@@ -671,41 +677,49 @@ fn fused_sliding_window_matches_naive_on_cuda() {
         };
         let y = lolcats::chunked_output(&inputs, &cfg).unwrap();
 
-        let f64_leaf = |t: &Tensor| t.detach().to_kind(Kind::Double).set_requires_grad(true);
-        let (phi_q64, phi_k64, logits64) = (f64_leaf(&phi_q), f64_leaf(&phi_k), f64_leaf(&logits));
-        let (q64, k64, v64) = (
-            q.to_kind(Kind::Double),
-            k.to_kind(Kind::Double),
-            v.to_kind(Kind::Double),
-        );
+        let f64_leaf = |t: &Tensor| {
+            t.detach()
+                .to_kind(Kind::Double)
+                .set_requires_grad(t.requires_grad())
+        };
+        let ours = [&q, &k, &v, &phi_q, &phi_k, &logits];
+        let theirs = ours.map(f64_leaf);
         let reference = lolcats::naive(
             &LolcatsInputs {
-                q: &q64,
-                k: &k64,
-                v: &v64,
-                phi_q: &phi_q64,
-                phi_k: &phi_k64,
-                window_factors: &logits64,
+                q: &theirs[0],
+                k: &theirs[1],
+                v: &theirs[2],
+                phi_q: &theirs[3],
+                phi_k: &theirs[4],
+                window_factors: &theirs[5],
             },
             &cfg,
         )
         .unwrap();
         let what = format!("case {i} (b {b}, h {h}/{hk}, L {len}, d {d}, f {f}, w {w})");
         assert_close(&format!("{what}: output"), &y, &reference, 2e-2);
+        let names = ["q", "k", "v", "phi_q", "phi_k", "window factors"];
+        let trained: Vec<usize> = (0..6).filter(|&j| ours[j].requires_grad()).collect();
+        assert_eq!(trained.len(), if qkv_grads { 6 } else { 3 });
         let probe = reference.randn_like();
         let got = grads(
             &y,
             &probe.to_kind(Kind::BFloat16),
-            &[&phi_q, &phi_k, &logits],
+            &trained.iter().map(|&j| ours[j]).collect::<Vec<_>>(),
         );
-        let want = grads(&reference, &probe, &[&phi_q64, &phi_k64, &logits64]);
-        for (name, (g, e)) in ["phi_q", "phi_k", "window factors"]
-            .iter()
-            .zip(got.iter().zip(&want))
-        {
+        let want = grads(
+            &reference,
+            &probe,
+            &trained.iter().map(|&j| &theirs[j]).collect::<Vec<_>>(),
+        );
+        for (j, (g, e)) in trained.iter().zip(got.iter().zip(&want)) {
             let err = (g.to_kind(Kind::Double) - e).abs().max().double_value(&[])
                 / e.abs().max().double_value(&[]).max(1e-6);
-            assert!(err < 3e-2, "{what}: grad {name}: relative error {err:e}");
+            assert!(
+                err < 3e-2,
+                "{what}: grad {}: relative error {err:e}",
+                names[*j]
+            );
         }
     }
 }

@@ -1,6 +1,6 @@
-// Fused LoLCATs sliding-window attention (triton/lolcats_sw.py) as an autograd function: the
-// forward, and a backward to the feature maps and the window factors. q, k and v take no
-// gradient (attention transfer trains only φ and γ); the Rust side checks that before calling.
+// Fused LoLCATs sliding-window attention (triton/lolcats_sw.py) as an autograd function. The
+// backward always forms the feature-map and window-factor gradients (attention transfer trains
+// only those) and adds the q, k and v gradients, which need passes over the window, when asked.
 #include "triton_launch.h"
 
 #include <cmath>
@@ -51,17 +51,22 @@ struct LolcatsSw : public torch::autograd::Function<LolcatsSw> {
     auto [sums, k_sums] = chunk_sums(phi_k, v, nullptr, heads, false);
     auto y = at::empty_like(q);
     auto den = at::empty({batch, heads, len}, q.options().dtype(at::kFloat));
+    auto maxes = at::empty_like(den);
+    auto argmaxes = at::empty({batch, heads, len}, q.options().dtype(at::kInt));
     using linearize::KernelArg;
     linearize::launch(
         variant("forward", d, f), q.device(), n, batch * heads,
         {KernelArg::ptr(q), KernelArg::ptr(k), KernelArg::ptr(v), KernelArg::ptr(phi_q),
          KernelArg::ptr(phi_k), KernelArg::ptr(sums), KernelArg::ptr(k_sums),
-         KernelArg::ptr(gammas), KernelArg::ptr(y), KernelArg::ptr(den), KernelArg::i32(len),
+         KernelArg::ptr(gammas), KernelArg::ptr(y), KernelArg::ptr(den), KernelArg::ptr(maxes),
+         KernelArg::ptr(argmaxes), KernelArg::i32(len),
          KernelArg::i32(n), KernelArg::i32(heads), KernelArg::i32(k.size(1)),
          KernelArg::i32(v.size(1)), KernelArg::i32(window / kChunk),
          KernelArg::f32(1.0 / std::sqrt(static_cast<double>(d)))});
-    ctx->save_for_backward({v, phi_q, phi_k, gammas, y});
+    ctx->save_for_backward({q, k, v, phi_q, phi_k, gammas, y});
     ctx->saved_data["den"] = den;
+    ctx->saved_data["maxes"] = maxes;
+    ctx->saved_data["argmaxes"] = argmaxes;
     ctx->saved_data["sums"] = sums;
     ctx->saved_data["k_sums"] = k_sums;
     ctx->saved_data["window"] = window;
@@ -70,9 +75,11 @@ struct LolcatsSw : public torch::autograd::Function<LolcatsSw> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const auto &v = saved[0], &phi_q = saved[1], &phi_k = saved[2], &gammas = saved[3],
-               &y = saved[4];
+    const auto &q = saved[0], &k = saved[1], &v = saved[2], &phi_q = saved[3], &phi_k = saved[4],
+               &gammas = saved[5], &y = saved[6];
     auto den = ctx->saved_data["den"].toTensor();
+    auto maxes = ctx->saved_data["maxes"].toTensor();
+    auto argmaxes = ctx->saved_data["argmaxes"].toTensor();
     auto sums = ctx->saved_data["sums"].toTensor();
     auto k_sums = ctx->saved_data["k_sums"].toTensor();
     int64_t window = ctx->saved_data["window"].toInt();
@@ -86,10 +93,12 @@ struct LolcatsSw : public torch::autograd::Function<LolcatsSw> {
 
     using linearize::KernelArg;
     auto d_phi_q = at::empty_like(phi_q);
+    auto mu = at::empty_like(den);
     linearize::launch(variant("backward_phi_q", d, f), y.device(), n, batch * heads,
                       {KernelArg::ptr(grad_num), KernelArg::ptr(grad_den), KernelArg::ptr(v),
-                       KernelArg::ptr(phi_k), KernelArg::ptr(sums), KernelArg::ptr(k_sums),
-                       KernelArg::ptr(d_phi_q), KernelArg::i32(len), KernelArg::i32(n),
+                       KernelArg::ptr(phi_q), KernelArg::ptr(phi_k), KernelArg::ptr(sums),
+                       KernelArg::ptr(k_sums), KernelArg::ptr(d_phi_q), KernelArg::ptr(mu),
+                       KernelArg::i32(len), KernelArg::i32(n),
                        KernelArg::i32(heads), KernelArg::i32(v.size(1)),
                        KernelArg::i32(window / kChunk)});
     auto [q_sums, q_den_sums] = chunk_sums(phi_q, grad_num, &grad_den, heads, true);
@@ -101,9 +110,40 @@ struct LolcatsSw : public torch::autograd::Function<LolcatsSw> {
                        KernelArg::i32(heads), KernelArg::i32(v.size(1)),
                        KernelArg::i32(window / kChunk)});
     // y is unchanged when γ and φq scale together: dγ_h = −Σ φq·dφq / γ_h.
-    auto d_gammas =
-        -(phi_q.to(at::kFloat) * d_phi_q.to(at::kFloat)).sum({0, 2, 3}) / gammas;
-    return {at::Tensor(), at::Tensor(), at::Tensor(), d_phi_q, d_phi_k, d_gammas, at::Tensor()};
+    auto d_gammas = -mu.sum(at::IntArrayRef{0, 2}) / gammas;
+
+    double scale = 1.0 / std::sqrt(static_cast<double>(d));
+    at::Tensor dq, dk, dv;
+    if (ctx->needs_input_grad(0)) {
+      dq = at::empty_like(q);
+      linearize::launch(
+          "backward_q/d" + std::to_string(d), y.device(), n, batch * heads,
+          {KernelArg::ptr(q), KernelArg::ptr(k), KernelArg::ptr(v), KernelArg::ptr(grad_num),
+           KernelArg::ptr(grad_den), KernelArg::ptr(maxes), KernelArg::ptr(argmaxes),
+           KernelArg::ptr(mu), KernelArg::ptr(gammas), KernelArg::ptr(dq), KernelArg::i32(len),
+           KernelArg::i32(heads), KernelArg::i32(k.size(1)), KernelArg::i32(v.size(1)),
+           KernelArg::i32(window / kChunk), KernelArg::f32(scale)});
+    }
+    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+      // Per query head, then summed over the heads that share a key or value head.
+      auto dk_heads = at::empty_like(q);
+      auto dv_heads = at::empty_like(q);
+      linearize::launch(
+          variant("backward_kv", d, f), y.device(), n, batch * heads,
+          {KernelArg::ptr(q), KernelArg::ptr(k), KernelArg::ptr(v), KernelArg::ptr(phi_q),
+           KernelArg::ptr(phi_k), KernelArg::ptr(grad_num), KernelArg::ptr(grad_den),
+           KernelArg::ptr(maxes), KernelArg::ptr(argmaxes), KernelArg::ptr(mu),
+           KernelArg::ptr(gammas), KernelArg::ptr(q_sums), KernelArg::ptr(dk_heads),
+           KernelArg::ptr(dv_heads), KernelArg::i32(len), KernelArg::i32(n),
+           KernelArg::i32(heads), KernelArg::i32(k.size(1)), KernelArg::i32(v.size(1)),
+           KernelArg::i32(window / kChunk), KernelArg::f32(scale)});
+      auto per_head = [&](const at::Tensor& g, int64_t shared) {
+        return g.view({batch, shared, heads / shared, len, d}).sum(2);
+      };
+      dk = per_head(dk_heads, k.size(1));
+      dv = per_head(dv_heads, v.size(1));
+    }
+    return {dq, dk, dv, d_phi_q, d_phi_k, d_gammas, at::Tensor()};
   }
 };
 

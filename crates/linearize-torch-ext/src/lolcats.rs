@@ -1,6 +1,6 @@
 //! Fused LoLCATs sliding-window attention on CUDA (`triton/lolcats_sw.py`): whole sequences from
-//! the empty state, with gradients to the feature maps and the window factors only, which is what
-//! attention transfer trains. Other calls take the libtorch kernels.
+//! the empty state (training, scoring), differentiable. Attention transfer's backward (feature
+//! maps and window factors only) skips the passes that q, k and v gradients need.
 use crate::{call, triton};
 use anyhow::Result;
 use std::ffi::c_char;
@@ -46,9 +46,6 @@ pub fn unsupported(x: &SlidingWindowInputs, window: i64) -> Option<String> {
     if tensors.iter().any(|t| t.kind() != Kind::BFloat16) {
         return Some("needs bf16 q, k, v and features".into());
     }
-    if [x.q, x.k, x.v].iter().any(|t| t.requires_grad()) {
-        return Some("gives no gradient to q, k or v".into());
-    }
     if window < CHUNK || window % CHUNK != 0 {
         return Some(format!(
             "needs a window of whole {CHUNK}-token chunks, not {window}"
@@ -59,10 +56,11 @@ pub fn unsupported(x: &SlidingWindowInputs, window: i64) -> Option<String> {
     if x.phi_q.size()[1] != heads || x.phi_k.size()[1] != heads || x.v.size()[3] != d {
         return Some("needs one feature map per query head and values of the head size".into());
     }
-    let kernels = ["forward", "backward_phi_q", "backward_phi_k"];
+    let kernels = ["forward", "backward_phi_q", "backward_phi_k", "backward_kv"];
     if !kernels
         .iter()
         .all(|k| triton::has_kernel(&format!("{k}/d{d}/f{f}")))
+        || !triton::has_kernel(&format!("backward_q/d{d}"))
     {
         return Some(format!("has no kernels for head size {d} and {f} features"));
     }
@@ -70,7 +68,7 @@ pub fn unsupported(x: &SlidingWindowInputs, window: i64) -> Option<String> {
 }
 
 /// LoLCATs `sw` attention (b, h, L, d) in bf16 through the fused kernels, differentiable with
-/// respect to `phi_q`, `phi_k` and `gammas`. Call only when [`unsupported`] returns `None`.
+/// respect to every input. Call only when [`unsupported`] returns `None`.
 pub fn sliding_window(x: &SlidingWindowInputs, window: i64) -> Result<Tensor> {
     let [q, k, v, phi_q, phi_k] = [x.q, x.k, x.v, x.phi_q, x.phi_k].map(Tensor::contiguous);
     let gammas = x.gammas.to_kind(Kind::Float).contiguous();

@@ -47,14 +47,17 @@ def fused(q, kk, v, phi_q, phi_k, gamma, w, g):
     k.chunk_sums[(b * h, F // BF)](phi_k, v, k_sums, sums, k_sums, L, n, h, h, hv, C=C, F=F, D=D,
                                    BF=BF, REVERSE=False, WEIGHTED=False)
     y = torch.empty_like(q)
-    den = torch.empty(b, h, L, dtype=torch.float32)
-    k.forward[(n, b * h)](q, kk, v, phi_q, phi_k, sums, k_sums, gamma, y, den, L, n, h, hk, hv, M,
-                          1.0 / math.sqrt(D), C=C, D=D, F=F)
+    den, maxes = (torch.empty(b, h, L, dtype=torch.float32) for _ in range(2))
+    argmaxes = torch.empty(b, h, L, dtype=torch.int32)
+    scale = 1.0 / math.sqrt(D)
+    k.forward[(n, b * h)](q, kk, v, phi_q, phi_k, sums, k_sums, gamma, y, den, maxes, argmaxes, L,
+                          n, h, hk, hv, M, scale, C=C, D=D, F=F)
     gn = (g.float() / den[..., None]).to(v.dtype)
     gd = -(g.float() * y.float()).sum(-1) / den
     d_phi_q = torch.empty_like(phi_q)
-    k.backward_phi_q[(n, b * h)](gn, gd, v, phi_k, sums, k_sums, d_phi_q, L, n, h, hv, M, C=C,
-                                 D=D, F=F)
+    mu = torch.empty(b, h, L, dtype=torch.float32)
+    k.backward_phi_q[(n, b * h)](gn, gd, v, phi_q, phi_k, sums, k_sums, d_phi_q, mu, L, n, h, hv,
+                                 M, C=C, D=D, F=F)
     q_sums = torch.empty(b * h, n, F, D, dtype=v.dtype)
     q_gd_sums = torch.empty(b * h, n, F, dtype=torch.float32)
     k.chunk_sums[(b * h, F // BF)](phi_q, gn, gd, q_sums, q_gd_sums, L, n, h, h, h, C=C, F=F,
@@ -62,8 +65,16 @@ def fused(q, kk, v, phi_q, phi_k, gamma, w, g):
     d_phi_k = torch.empty_like(phi_k)
     k.backward_phi_k[(n, b * h)](gn, gd, v, phi_q, q_sums, q_gd_sums, d_phi_k, L, n, h, hv, M,
                                  C=C, D=D, F=F)
-    d_gamma = -(phi_q.double() * d_phi_q.double()).sum((0, 2, 3)) / gamma.double()
-    return y, d_phi_q, d_phi_k, d_gamma
+    d_gamma = -mu.double().sum((0, 2)) / gamma.double()
+    dq = torch.empty_like(q)
+    k.backward_q[(n, b * h)](q, kk, v, gn, gd, maxes, argmaxes, mu, gamma, dq, L, h, hk, hv, M,
+                             scale, C=C, D=D)
+    dk, dv = torch.empty_like(q), torch.empty_like(q)
+    k.backward_kv[(n, b * h)](q, kk, v, phi_q, phi_k, gn, gd, maxes, argmaxes, mu, gamma, q_sums,
+                              dk, dv, L, n, h, hk, hv, M, scale, C=C, D=D, F=F)
+    dk = dk.view(b, hk, h // hk, L, D).sum(2)
+    dv = dv.view(b, hv, h // hv, L, D).sum(2)
+    return y, d_phi_q, d_phi_k, d_gamma, dq, dk, dv
 
 
 def case(seed, b, h, hk, hv, L, D, F, w):
@@ -76,12 +87,12 @@ def case(seed, b, h, hk, hv, L, D, F, w):
     gamma = torch.rand(h) * 0.8 + 0.1
     g = torch.randn(b, h, L, D)
 
-    leaves = [t.double().requires_grad_() for t in (phi_q, phi_k, gamma)]
-    want = reference(q.double(), kk.double(), v.double(), *leaves, w)
+    leaves = [t.double().requires_grad_() for t in (phi_q, phi_k, gamma, q, kk, v)]
+    want = reference(*leaves[3:], *leaves[:3], w)
     want.backward(g.double())
     got = fused(q, kk, v, phi_q, phi_k, gamma, w, g)
     worst = 0.0
-    for name, a, e in zip(["y", "d_phi_q", "d_phi_k", "d_gamma"], got,
+    for name, a, e in zip(["y", "d_phi_q", "d_phi_k", "d_gamma", "dq", "dk", "dv"], got,
                           [want.detach()] + [t.grad for t in leaves]):
         err = (a.double() - e).abs().max().item() / max(e.abs().max().item(), 1e-6)
         worst = max(worst, err)

@@ -17,11 +17,19 @@ FEATURE_DIMS = [64, 128, 256]
 
 POINTERS = {
     "chunk_sums": ["a", "bm", "weights", "sums", "weight_sums"],
-    "forward": ["q", "k", "v", "phi_q", "phi_k", "sums", "k_sums", "gammas", "y", "den"],
-    "backward_phi_q": ["grad_num", "grad_den", "v", "phi_k", "sums", "k_sums", "d_phi_q"],
+    "forward": ["q", "k", "v", "phi_q", "phi_k", "sums", "k_sums", "gammas", "y", "den", "maxes",
+                "argmaxes"],
+    "backward_phi_q": ["grad_num", "grad_den", "v", "phi_q", "phi_k", "sums", "k_sums", "d_phi_q",
+                       "mu"],
     "backward_phi_k": ["grad_num", "grad_den", "v", "phi_q", "sums", "q_sums", "d_phi_k"],
+    "backward_q": ["q", "k", "v", "grad_num", "grad_den", "maxes", "argmaxes", "mu", "gammas",
+                   "dq"],
+    "backward_kv": ["q", "k", "v", "phi_q", "phi_k", "grad_num", "grad_den", "maxes", "argmaxes",
+                    "mu", "gammas", "sums", "dk", "dv"],
 }
-F32_POINTERS = {"weights", "weight_sums", "k_sums", "gammas", "den", "grad_den", "q_sums"}
+F32_POINTERS = {"weights", "weight_sums", "k_sums", "gammas", "den", "grad_den", "q_sums", "maxes",
+                "mu"}
+I32_POINTERS = {"argmaxes"}
 INTS = {"L", "n_chunks", "H", "HA", "HB", "HK", "HV", "M"}
 
 
@@ -32,8 +40,10 @@ def variants():
         for reverse in (False, True):
             yield ("chunk_sums", f"chunk_sums/d{d}/f{f}/{'reverse' if reverse else 'forward'}",
                    {**base, "BF": 64, "REVERSE": reverse, "WEIGHTED": reverse}, 4)
-        for name in ("forward", "backward_phi_q", "backward_phi_k"):
+        for name in ("forward", "backward_phi_q", "backward_phi_k", "backward_kv"):
             yield (name, f"{name}/d{d}/f{f}", base, 8 if max(d, f) > 64 else 4)
+    for d in HEAD_DIMS:
+        yield ("backward_q", f"backward_q/d{d}", {"C": CHUNK, "D": d}, 8 if d > 64 else 4)
 
 
 def compile_one(job):
@@ -51,7 +61,8 @@ def compile_one(job):
         if arg in constexprs:
             signature[arg] = "constexpr"
         elif arg in POINTERS[name]:
-            signature[arg] = "*fp32" if arg in F32_POINTERS else "*bf16"
+            signature[arg] = ("*fp32" if arg in F32_POINTERS else
+                              "*i32" if arg in I32_POINTERS else "*bf16")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg in INTS:
             signature[arg] = "i32"

@@ -1,16 +1,18 @@
 """Fused LoLCATs sliding-window attention (DESIGN.md "LoLCATs", `sw`) for whole sequences from the
-empty state, forward and the backward to the feature maps and the window factors, in chunks of C
-tokens. The window is w = M·C tokens: query t sees keys t − w < s <= t through γ·exp(s − m_t), the
-keys s <= t − w through φq_t·φk_s, one normaliser over both.
+empty state, forward and backward, in chunks of C tokens. The window is w = M·C tokens: query t
+sees keys t − w < s <= t through γ·exp(s − m_t), m_t the window's largest score, and the keys
+s <= t − w through φq_t·φk_s, one normaliser over both.
 
 For query chunk j the linear keys are every chunk before j − M (one carried sum) and the tokens of
 chunk j − M at or before the query's place in its chunk; the window keys are the rest of chunk
 j − M and chunks j − M + 1 … j. Tensors are contiguous (b, heads, L, dim); program (i, bh) works on
 chunk i of batch-head bh; key and value heads are shared by H / HK and H / HV query heads.
 
-The backward needs no pass over the window: with g = dL/dy, gn_t = g_t / den_t and
-gd_t = −g_t·y_t / den_t, the linear scores' gradient is gn_t·v_s + gd_t, and y is unchanged when
-γ and φq scale together, so dγ = −Σ_t φq_t·dφq_t / γ (summed by the caller).
+Backward, with g = dL/dy, gn_t = g_t / den_t and gd_t = −g_t·y_t / den_t: a linear score's
+gradient is gn_t·v_s + gd_t, a window score's γ·e_ts·(gn_t·v_s + gd_t). y is unchanged when γ and
+φq scale together, so the window's total share is −mu_t with mu_t = φq_t·dφq_t; mu_t is also the
+gradient of m_t, which goes to the largest score, and dγ = −Σ_t mu_t / γ (summed by the caller).
+The feature-map gradients need no pass over the window; q, k and v gradients do.
 """
 import triton
 import triton.language as tl
@@ -65,10 +67,11 @@ def chunk_sums(a, bm, weights, sums, weight_sums, L, n_chunks, H, HA, HB,
 
 
 @triton.jit
-def forward(q, k, v, phi_q, phi_k, sums, k_sums, gammas, y, den, L, n_chunks, H, HK, HV, M,
-            scale, C: tl.constexpr, D: tl.constexpr, F: tl.constexpr):
-    """y (b, h, L, D) in v's dtype and the normaliser den (b, h, L) in f32, from the key-feature
-    sums `sums` (bh, n, F, D) / `k_sums` (bh, n, F) over the chunks before each chunk."""
+def forward(q, k, v, phi_q, phi_k, sums, k_sums, gammas, y, den, maxes, argmaxes, L, n_chunks, H,
+            HK, HV, M, scale, C: tl.constexpr, D: tl.constexpr, F: tl.constexpr):
+    """y (b, h, L, D) in v's dtype, and per query (b, h, L) the normaliser `den`, the window's
+    largest score `maxes` (f32) and its key `argmaxes` (i32), from the key-feature sums `sums`
+    (bh, n, F, D) / `k_sums` (bh, n, F) over the chunks before each chunk."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     rows = tl.arange(0, C)
@@ -81,6 +84,7 @@ def forward(q, k, v, phi_q, phi_k, sums, k_sums, gammas, y, den, L, n_chunks, H,
 
     # Window: chunk j first (its diagonal makes every row's max finite), then back to j − M.
     m = tl.full([C], float("-inf"), tl.float32)
+    star = tl.zeros([C], tl.int32)
     w_den = tl.zeros([C], tl.float32)
     w_num = tl.zeros([C, D], tl.float32)
     for i in tl.range(0, M + 1):
@@ -94,7 +98,9 @@ def forward(q, k, v, phi_q, phi_k, sums, k_sums, gammas, y, den, L, n_chunks, H,
             key = c * C + rows
             inside = (key[None, :] <= t[:, None]) & (key[None, :] > t[:, None] - M * C)
             s = tl.where(inside, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
+            block_max = tl.max(s, 1)
+            star = tl.where(block_max > m, c * C + tl.argmax(s, 1), star)
+            m_new = tl.maximum(m, block_max)
             alpha = tl.exp(m - m_new)
             # Numerator and denominator read the same rounded weights.
             p = tl.exp(s - m_new[:, None]).to(v.dtype.element_ty)
@@ -127,12 +133,16 @@ def forward(q, k, v, phi_q, phi_k, sums, k_sums, gammas, y, den, L, n_chunks, H,
     y_ptrs, _ = _chunk(y + bh64 * L * D, j, L, D, C)
     tl.store(y_ptrs, (num / total[:, None]).to(y.dtype.element_ty), mask=live)
     tl.store(den + bh64 * L + t, total, mask=t < L)
+    tl.store(maxes + bh64 * L + t, m, mask=t < L)
+    tl.store(argmaxes + bh64 * L + t, star, mask=t < L)
 
 
 @triton.jit
-def backward_phi_q(grad_num, grad_den, v, phi_k, sums, k_sums, d_phi_q, L, n_chunks, H, HV, M,
-                   C: tl.constexpr, D: tl.constexpr, F: tl.constexpr):
-    """dφq_t = Σ_{s <= t − w} (gn_t·v_s + gd_t) φk_s, from the forward's sums."""
+def backward_phi_q(grad_num, grad_den, v, phi_q, phi_k, sums, k_sums, d_phi_q, mu, L, n_chunks, H,
+                   HV, M, C: tl.constexpr, D: tl.constexpr, F: tl.constexpr):
+    """dφq_t = Σ_{s <= t − w} (gn_t·v_s + gd_t) φk_s, from the forward's sums, and
+    mu_t = φq_t·dφq_t (b, h, L) in f32: minus the window's share of the gradient, which is also the
+    gradient of the window's largest score m_t (the linear terms are not scaled by exp(−m_t))."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     rows = tl.arange(0, C)
@@ -159,6 +169,9 @@ def backward_phi_q(grad_num, grad_den, v, phi_k, sums, k_sums, d_phi_q, L, n_chu
         e = tl.dot(gn, tl.trans(v_c)) + gd[:, None]
         e = tl.where(rows[None, :] <= rows[:, None], e, 0.0).to(phi_k.dtype.element_ty)
         grad += tl.dot(e, phi_k_c)
+    fq_ptrs, _ = _chunk(phi_q + bh64 * L * F, j, L, F, C)
+    phi_q_j = tl.load(fq_ptrs, mask=live, other=0.0)
+    tl.store(mu + bh64 * L + t, tl.sum(phi_q_j.to(tl.float32) * grad, 1), mask=t < L)
     tl.store(out_ptrs, grad.to(d_phi_q.dtype.element_ty), mask=live)
 
 
@@ -196,3 +209,114 @@ def backward_phi_k(grad_num, grad_den, v, phi_q, sums, q_sums, d_phi_k, L, n_chu
         e = tl.where(rows[:, None] <= rows[None, :], e, 0.0).to(phi_q.dtype.element_ty)
         grad += tl.dot(e, phi_q_j)
     tl.store(out_ptrs, grad.to(d_phi_k.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu, gamma, t, key, M, scale,
+                       C: tl.constexpr):
+    """The window weights e = exp(s − m) of one (query chunk, key chunk) pair [C, C] (zero outside
+    the windows) and the scores' gradient: γ·e·(gn_t·v_s + gd_t), plus mu_t at each query's
+    largest score (through m_t)."""
+    s = tl.dot(q_j, tl.trans(k_c)) * scale
+    inside = (key[None, :] <= t[:, None]) & (key[None, :] > t[:, None] - M * C)
+    e = tl.where(inside, tl.exp(s - m[:, None]), 0.0)
+    d = tl.dot(gn, tl.trans(v_c)) + gd[:, None]
+    ds = gamma * e * d + tl.where(key[None, :] == star[:, None], mu[:, None], 0.0)
+    return e, ds
+
+
+@triton.jit
+def backward_q(q, k, v, grad_num, grad_den, maxes, argmaxes, mu, gammas, dq, L, H, HK, HV, M,
+               scale, C: tl.constexpr, D: tl.constexpr):
+    """dq (b, h, L, D): only window scores depend on q."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = tl.arange(0, C)
+    t = j * C + rows
+    bh64 = bh.to(tl.int64)
+    k_base = k + _head(bh, H, HK).to(tl.int64) * L * D
+    v_base = v + _head(bh, H, HV).to(tl.int64) * L * D
+    q_ptrs, live = _chunk(q + bh64 * L * D, j, L, D, C)
+    gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
+    q_j = tl.load(q_ptrs, mask=live, other=0.0)
+    gn = tl.load(gn_ptrs, mask=live, other=0.0)
+    row = bh64 * L + t
+    gd = tl.load(grad_den + row, mask=t < L, other=0.0)
+    m = tl.load(maxes + row, mask=t < L, other=0.0)
+    star = tl.load(argmaxes + row, mask=t < L, other=-1)
+    mu_j = tl.load(mu + row, mask=t < L, other=0.0)
+    gamma = tl.load(gammas + bh % H)
+    grad = tl.zeros([C, D], tl.float32)
+    for i in tl.range(0, M + 1):
+        c = j - i
+        if c >= 0:
+            k_ptrs, keys_live = _chunk(k_base, c, L, D, C)
+            v_ptrs, _ = _chunk(v_base, c, L, D, C)
+            k_c = tl.load(k_ptrs, mask=keys_live, other=0.0)
+            v_c = tl.load(v_ptrs, mask=keys_live, other=0.0)
+            ds = _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu_j, gamma, t, c * C + rows,
+                                    M, scale, C)[1]
+            grad += tl.dot(ds.to(k_c.dtype), k_c)
+    dq_ptrs, _ = _chunk(dq + bh64 * L * D, j, L, D, C)
+    tl.store(dq_ptrs, (grad * scale).to(dq.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def backward_kv(q, k, v, phi_q, phi_k, grad_num, grad_den, maxes, argmaxes, mu, gammas, sums,
+                dk, dv, L, n_chunks, H, HK, HV, M, scale,
+                C: tl.constexpr, D: tl.constexpr, F: tl.constexpr):
+    """dk and dv (b, h, L, D) per query head (the caller sums heads that share a key or value
+    head): window scores over the query chunks c … c + M, and for dv the linear terms, from
+    `sums` (bh, n, F, D) = Σ φq^T gn over the chunks after each chunk."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = tl.arange(0, C)
+    key = c * C + rows
+    bh64 = bh.to(tl.int64)
+    k_ptrs, live = _chunk(k + _head(bh, H, HK).to(tl.int64) * L * D, c, L, D, C)
+    v_ptrs, _ = _chunk(v + _head(bh, H, HV).to(tl.int64) * L * D, c, L, D, C)
+    k_c = tl.load(k_ptrs, mask=live, other=0.0)
+    v_c = tl.load(v_ptrs, mask=live, other=0.0)
+    gamma = tl.load(gammas + bh % H)
+    grad_k = tl.zeros([C, D], tl.float32)
+    grad_v = tl.zeros([C, D], tl.float32)
+    for i in tl.range(0, M + 1):
+        j = c + i
+        if j < n_chunks:
+            t = j * C + rows
+            q_ptrs, later = _chunk(q + bh64 * L * D, j, L, D, C)
+            gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
+            q_j = tl.load(q_ptrs, mask=later, other=0.0)
+            gn = tl.load(gn_ptrs, mask=later, other=0.0)
+            row = bh64 * L + t
+            gd = tl.load(grad_den + row, mask=t < L, other=0.0)
+            m = tl.load(maxes + row, mask=t < L, other=0.0)
+            star = tl.load(argmaxes + row, mask=t < L, other=-1)
+            mu_j = tl.load(mu + row, mask=t < L, other=0.0)
+            e, ds = _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu_j, gamma, t, key, M,
+                                       scale, C)
+            # Padded queries (t >= L) have zero gn, gd and mu, so they add nothing.
+            grad_v += tl.dot(tl.trans((gamma * e).to(gn.dtype)), gn)
+            grad_k += tl.dot(tl.trans(ds.to(q_j.dtype)), q_j)
+    j = c + M
+    if j < n_chunks:
+        t = j * C + rows
+        later = t < L
+        # Σ φq^T gn over the chunks after j, (F, D)
+        s_ptrs = sums + (bh64 * n_chunks + j) * F * D + tl.arange(0, F)[:, None] * D \
+            + tl.arange(0, D)[None, :]
+        qg = tl.load(s_ptrs)
+        fk_ptrs, _ = _chunk(phi_k + bh64 * L * F, c, L, F, C)
+        fq_ptrs, _ = _chunk(phi_q + bh64 * L * F, j, L, F, C)
+        gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
+        phi_k_c = tl.load(fk_ptrs)
+        phi_q_j = tl.load(fq_ptrs, mask=later[:, None], other=0.0)
+        gn = tl.load(gn_ptrs, mask=later[:, None], other=0.0)
+        grad_v += tl.dot(phi_k_c, qg)
+        # a[s, t] = φq_t·φk_s for query place t at or after key place s
+        a = tl.dot(phi_k_c, tl.trans(phi_q_j))
+        a = tl.where(rows[:, None] <= rows[None, :], a, 0.0).to(gn.dtype)
+        grad_v += tl.dot(a, gn)
+    out = bh64 * L * D + key[:, None] * D + tl.arange(0, D)[None, :]
+    tl.store(dk + out, (grad_k * scale).to(dk.dtype.element_ty), mask=live)
+    tl.store(dv + out, grad_v.to(dv.dtype.element_ty), mask=live)

@@ -43,7 +43,7 @@ pub fn chunked(
 
 /// [`chunked`]'s output from an empty state, without building the state after the last token
 /// (training needs only the output). With `cfg.fused`, `sw` calls that the fused CUDA kernels
-/// support (bf16, no gradient to q, k, v, a window of whole 64-token chunks) take them.
+/// support (bf16, a window of whole 64-token chunks, one feature map per query head) take them.
 pub fn chunked_output(x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Tensor> {
     let call = Call::new(x, cfg, None)?;
     if cfg.fused && cfg.window_shape == WindowShape::Sw {

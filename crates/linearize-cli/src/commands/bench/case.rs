@@ -56,9 +56,11 @@ impl Method {
 pub enum Form {
     Naive,
     Chunked,
-    /// Attention transfer's call: whole sequences, gradients to the features and window factors
-    /// only (q, k, v are the teacher's). LoLCATs `sw` runs its fused CUDA kernels here.
+    /// The fused CUDA kernels (LoLCATs `sw` only), gradients to every input.
     Fused,
+    /// Attention transfer's call of the fused kernels: gradients to the features and window
+    /// factors only (q, k, v are the teacher's).
+    Transfer,
 }
 
 impl Form {
@@ -67,6 +69,7 @@ impl Form {
             Self::Naive => "naive",
             Self::Chunked => "chunked",
             Self::Fused => "fused",
+            Self::Transfer => "transfer",
         }
     }
 }
@@ -85,7 +88,7 @@ pub struct Shape {
     pub device: Device,
 }
 
-/// Inputs of one case (leaves; the fused form's q, k, v take no gradient) and how to run it.
+/// Inputs of one case (leaves; the transfer form's q, k, v take no gradient) and how to run it.
 pub struct Case {
     method: Method,
     form: Form,
@@ -133,8 +136,8 @@ impl Case {
                 normal(s.kv_heads, s.head_dim),
             ],
         };
-        // In the fused form q, k and v (the first three LoLCATs inputs) are the teacher's.
-        let frozen = if form == Form::Fused { 3 } else { 0 };
+        // In the transfer form q, k and v (the first three LoLCATs inputs) are the teacher's.
+        let frozen = if form == Form::Transfer { 3 } else { 0 };
         let leaves = leaves
             .into_iter()
             .enumerate()
@@ -174,7 +177,7 @@ impl Case {
                     window_shape,
                     window_size: s.window,
                     chunk_size: s.chunk,
-                    fused: self.form == Form::Fused,
+                    fused: matches!(self.form, Form::Fused | Form::Transfer),
                 };
                 let inputs = LolcatsInputs {
                     q: &x[0],
@@ -187,7 +190,7 @@ impl Case {
                 match self.form {
                     Form::Naive => lolcats::naive(&inputs, &cfg)?,
                     Form::Chunked => lolcats::chunked(&inputs, &cfg, None)?.0,
-                    Form::Fused => lolcats::chunked_output(&inputs, &cfg)?,
+                    Form::Fused | Form::Transfer => lolcats::chunked_output(&inputs, &cfg)?,
                 }
             }
             Method::Sdpa => {

@@ -33,7 +33,8 @@ pub fn run(args: KernelArgs) -> Result<()> {
     for &method in &args.methods {
         for &len in &args.lengths {
             for &form in &args.forms {
-                let outcome = if form == Form::Fused && method != Method::LolcatsSw {
+                let fused = matches!(form, Form::Fused | Form::Transfer);
+                let outcome = if fused && method != Method::LolcatsSw {
                     skipped(method, form, len, "only lolcats-sw has a fused form".into())
                 } else if form == Form::Naive && method.naive_bytes(&shape, len) > budget {
                     let need = method.naive_bytes(&shape, len) / GIB;
