@@ -14,11 +14,11 @@ use std::process::Command;
 const SOURCES: [&str; 5] = [
     "csrc/adamw.cpp",
     "csrc/cuda_graph.cpp",
-    "csrc/lolcats_sw.cpp",
+    "csrc/lolcats.cpp",
     "csrc/profiler.cpp",
     "csrc/triton_launch.cpp",
 ];
-const TRITON_SOURCES: [&str; 2] = ["triton/compile.py", "triton/lolcats_sw.py"];
+const TRITON_SOURCES: [&str; 2] = ["triton/compile.py", "triton/lolcats.py"];
 
 fn cuda_include(torch_root: &Path) -> Option<PathBuf> {
     println!("cargo:rerun-if-env-changed=CUDA_HOME");

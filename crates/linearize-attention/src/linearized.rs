@@ -86,7 +86,7 @@ pub struct AttentionConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub_chunk: Option<i64>,
     /// `lolcats`: run whole sequences (training, scoring) through the fused CUDA kernels where
-    /// they apply (`sw` with a window of whole 64-token chunks, bf16). Default true.
+    /// they apply (bf16, a window of whole 64-token chunks). Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fused_kernels: Option<bool>,
 }

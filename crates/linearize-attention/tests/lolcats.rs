@@ -608,30 +608,33 @@ fn steps_at_a_device_position_ignore_a_frozen_host_count() {
     }
 }
 
-/// The fused CUDA kernels (`sw`) against the naive form in f64 on the same bf16 inputs: output
-/// and gradients to every input (or, as attention transfer calls them, to φq, φk and the window
-/// factors only), with GQA, ragged lengths, windows of one to three chunks and every compiled head
-/// and feature size. On a GPU machine:
+/// The fused CUDA kernels against the naive form in f64 on the same bf16 inputs: output and
+/// gradients to every input (or, as attention transfer calls them, to φq, φk and the window
+/// factors only), for both window shapes, with GQA, ragged lengths, windows of one to three chunks
+/// and every compiled head and feature size. On a GPU machine:
 /// `cargo test --release -p linearize-attention --test lolcats -- --ignored`.
 #[test]
 #[ignore = "needs a CUDA device"]
-fn fused_sliding_window_matches_naive_on_cuda() {
+fn fused_kernels_match_naive_on_cuda() {
     use linearize_torch_ext::lolcats as fused;
     assert!(
         tch::Cuda::is_available(),
         "no CUDA device: this test is for a GPU machine"
     );
     let dev = Device::Cuda(0);
-    let cases = [
+    let sizes = [
         // batch, heads, kv heads, length, head size, features, window, q/k/v gradients
         (2, 4, 2, 300, 64, 128, 64, true),
         (2, 4, 2, 300, 64, 128, 64, false),
         (1, 4, 1, 200, 128, 128, 128, true),
         (1, 2, 2, 50, 128, 64, 64, false),
         (2, 8, 2, 1024, 128, 256, 64, true),
-        (1, 3, 1, 129, 64, 64, 192, true),
+        (1, 3, 1, 329, 64, 64, 192, true),
     ];
-    for (i, &(b, h, hk, len, d, f, w, qkv_grads)) in cases.iter().enumerate() {
+    let cases = SHAPES
+        .iter()
+        .flat_map(|&shape| sizes.map(|size| (shape, size)));
+    for (i, (shape, (b, h, hk, len, d, f, w, qkv_grads))) in cases.enumerate() {
         seed(40 + i as i64);
         let bf16 = |shape: &[i64]| {
             Tensor::randn(shape, (Kind::Float, dev))
@@ -652,13 +655,17 @@ fn fused_sliding_window_matches_naive_on_cuda() {
         let (phi_q, phi_k) = (features(&[b, h, len, f]), features(&[b, h, len, f]));
         let logits = (Tensor::rand([h], (Kind::Float, dev)) * 3.0 - 2.0).set_requires_grad(true);
         let cfg = LolcatsConfig {
-            window_shape: WindowShape::Sw,
+            window_shape: shape,
             window_size: w,
             chunk_size: 64,
             fused: true,
         };
+        let window = match shape {
+            WindowShape::Sw => fused::Window::Sw(w),
+            WindowShape::Tk => fused::Window::Tk(w),
+        };
         let gammas = logits.sigmoid();
-        let call = fused::SlidingWindowInputs {
+        let call = fused::LolcatsInputs {
             q: &q,
             k: &k,
             v: &v,
@@ -666,7 +673,7 @@ fn fused_sliding_window_matches_naive_on_cuda() {
             phi_k: &phi_k,
             gammas: &gammas,
         };
-        assert_eq!(fused::unsupported(&call, w), None, "case {i}");
+        assert_eq!(fused::unsupported(&call, window), None, "case {i}");
         let inputs = LolcatsInputs {
             q: &q,
             k: &k,
@@ -696,7 +703,7 @@ fn fused_sliding_window_matches_naive_on_cuda() {
             &cfg,
         )
         .unwrap();
-        let what = format!("case {i} (b {b}, h {h}/{hk}, L {len}, d {d}, f {f}, w {w})");
+        let what = format!("case {i} ({shape:?}, b {b}, h {h}/{hk}, L {len}, d {d}, f {f}, w {w})");
         assert_close(&format!("{what}: output"), &y, &reference, 2e-2);
         let names = ["q", "k", "v", "phi_q", "phi_k", "window factors"];
         let trained: Vec<usize> = (0..6).filter(|&j| ours[j].requires_grad()).collect();
@@ -732,7 +739,7 @@ fn fused_kernels_decline_what_they_do_not_cover() {
     let s = setup(1, 70, Kind::Float);
     let f = s.features();
     let gammas = s.factors.logits.sigmoid();
-    let call = fused::SlidingWindowInputs {
+    let call = fused::LolcatsInputs {
         q: &s.q,
         k: &s.k,
         v: &s.v,
@@ -740,7 +747,7 @@ fn fused_kernels_decline_what_they_do_not_cover() {
         phi_k: &f.phi_k,
         gammas: &gammas,
     };
-    let why = fused::unsupported(&call, 64).expect("the CPU is not covered");
+    let why = fused::unsupported(&call, fused::Window::Sw(64)).expect("the CPU is not covered");
     assert!(why.contains("CUDA"), "{why}");
     let mut cfg = cfg(WindowShape::Sw);
     let with = lolcats::chunked_output(&s.inputs(&f), &cfg).unwrap();

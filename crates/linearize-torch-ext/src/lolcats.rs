@@ -1,4 +1,4 @@
-//! Fused LoLCATs sliding-window attention on CUDA (`triton/lolcats_sw.py`): whole sequences from
+//! Fused LoLCATs attention on CUDA (`triton/lolcats.py`), both window shapes: whole sequences from
 //! the empty state (training, scoring), differentiable. Attention transfer's backward (feature
 //! maps and window factors only) skips the passes that q, k and v gradients need.
 use crate::{call, triton};
@@ -10,14 +10,32 @@ use torch_sys::C_tensor;
 /// Tokens per chunk of the fused kernels; windows are whole chunks.
 pub const CHUNK: i64 = 64;
 
+/// The keys of a query's window: the last w tokens (`Sw`), or its terrace block of w tokens and
+/// the block before (`Tk`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Window {
+    Sw(i64),
+    Tk(i64),
+}
+
+impl Window {
+    fn parts(self) -> (&'static str, i64) {
+        match self {
+            Self::Sw(w) => ("sw", w),
+            Self::Tk(w) => ("tk", w),
+        }
+    }
+}
+
 extern "C" {
-    fn linearize_lolcats_sw(
+    fn linearize_lolcats(
         q: *const C_tensor,
         k: *const C_tensor,
         v: *const C_tensor,
         phi_q: *const C_tensor,
         phi_k: *const C_tensor,
         gammas: *const C_tensor,
+        terrace: i32,
         window: i64,
         out: *mut *mut C_tensor,
         err: *mut c_char,
@@ -27,7 +45,7 @@ extern "C" {
 
 /// One call's tensors: `q` (b, h, L, d), `k` (b, h_k, L, d), `v` (b, h_v, L, d), `phi_q` and
 /// `phi_k` (b, h, L, f), `gammas` (h) the window factors γ (not their logits).
-pub struct SlidingWindowInputs<'a> {
+pub struct LolcatsInputs<'a> {
     pub q: &'a Tensor,
     pub k: &'a Tensor,
     pub v: &'a Tensor,
@@ -36,9 +54,9 @@ pub struct SlidingWindowInputs<'a> {
     pub gammas: &'a Tensor,
 }
 
-/// Why the fused kernels cannot run `x` with a window of `window` tokens, or `None` when they
-/// can.
-pub fn unsupported(x: &SlidingWindowInputs, window: i64) -> Option<String> {
+/// Why the fused kernels cannot run `x` with `window`, or `None` when they can.
+pub fn unsupported(x: &LolcatsInputs, window: Window) -> Option<String> {
+    let (shape, window) = window.parts();
     if !x.q.device().is_cuda() {
         return Some(format!("runs on CUDA, not {:?}", x.q.device()));
     }
@@ -59,37 +77,36 @@ pub fn unsupported(x: &SlidingWindowInputs, window: i64) -> Option<String> {
     let kernels = ["forward", "backward_phi_q", "backward_phi_k", "backward_kv"];
     if !kernels
         .iter()
-        .all(|k| triton::has_kernel(&format!("{k}/d{d}/f{f}")))
-        || !triton::has_kernel(&format!("backward_q/d{d}"))
+        .all(|k| triton::has_kernel(&format!("{k}/{shape}/d{d}/f{f}")))
+        || !triton::has_kernel(&format!("backward_q/{shape}/d{d}"))
     {
         return Some(format!("has no kernels for head size {d} and {f} features"));
     }
     None
 }
 
-/// LoLCATs `sw` attention (b, h, L, d) in bf16 through the fused kernels, differentiable with
-/// respect to every input. Call only when [`unsupported`] returns `None`.
-pub fn sliding_window(x: &SlidingWindowInputs, window: i64) -> Result<Tensor> {
+/// LoLCATs attention (b, h, L, d) in bf16 through the fused kernels, differentiable with respect
+/// to every input. Call only when [`unsupported`] returns `None`.
+pub fn attention(x: &LolcatsInputs, window: Window) -> Result<Tensor> {
+    let (shape, window) = window.parts();
     let [q, k, v, phi_q, phi_k] = [x.q, x.k, x.v, x.phi_q, x.phi_k].map(Tensor::contiguous);
     let gammas = x.gammas.to_kind(Kind::Float).contiguous();
     let mut out: *mut C_tensor = std::ptr::null_mut();
-    call(
-        "fused LoLCATs sliding-window attention",
-        |err, len| unsafe {
-            linearize_lolcats_sw(
-                q.as_ptr(),
-                k.as_ptr(),
-                v.as_ptr(),
-                phi_q.as_ptr(),
-                phi_k.as_ptr(),
-                gammas.as_ptr(),
-                window,
-                &mut out,
-                err,
-                len,
-            )
-        },
-    )?;
+    call("fused LoLCATs attention", |err, len| unsafe {
+        linearize_lolcats(
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            phi_q.as_ptr(),
+            phi_k.as_ptr(),
+            gammas.as_ptr(),
+            i32::from(shape == "tk"),
+            window,
+            &mut out,
+            err,
+            len,
+        )
+    })?;
     // SAFETY: on success the shim stored a new tensor, now owned here.
     Ok(unsafe { Tensor::from_ptr(out) })
 }

@@ -14,6 +14,7 @@ ARCH = 90
 CHUNK = 64
 HEAD_DIMS = [64, 128]
 FEATURE_DIMS = [64, 128, 256]
+SHAPES = ["sw", "tk"]
 
 POINTERS = {
     "chunk_sums": ["a", "bm", "weights", "sums", "weight_sums"],
@@ -40,10 +41,13 @@ def variants():
         for reverse in (False, True):
             yield ("chunk_sums", f"chunk_sums/d{d}/f{f}/{'reverse' if reverse else 'forward'}",
                    {**base, "BF": 64, "REVERSE": reverse, "WEIGHTED": reverse}, 4)
-        for name in ("forward", "backward_phi_q", "backward_phi_k", "backward_kv"):
-            yield (name, f"{name}/d{d}/f{f}", base, 8 if max(d, f) > 64 else 4)
-    for d in HEAD_DIMS:
-        yield ("backward_q", f"backward_q/d{d}", {"C": CHUNK, "D": d}, 8 if d > 64 else 4)
+        for name, shape in itertools.product(
+                ("forward", "backward_phi_q", "backward_phi_k", "backward_kv"), SHAPES):
+            yield (name, f"{name}/{shape}/d{d}/f{f}", {**base, "TERRACE": shape == "tk"},
+                   8 if max(d, f) > 64 else 4)
+    for d, shape in itertools.product(HEAD_DIMS, SHAPES):
+        yield ("backward_q", f"backward_q/{shape}/d{d}",
+               {"C": CHUNK, "D": d, "TERRACE": shape == "tk"}, 8 if d > 64 else 4)
 
 
 def compile_one(job):
@@ -53,9 +57,9 @@ def compile_one(job):
     from triton.compiler import ASTSource
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import lolcats_sw
+    import lolcats
 
-    fn = getattr(lolcats_sw, name)
+    fn = getattr(lolcats, name)
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
@@ -87,6 +91,9 @@ def compile_one(job):
 def main():
     out = os.path.abspath(sys.argv[1])
     os.makedirs(out, exist_ok=True)
+    for stale in os.listdir(out):
+        if stale.endswith(".cubin"):
+            os.remove(os.path.join(out, stale))
     jobs = [(*v, out) for v in variants()]
     with ProcessPoolExecutor() as pool:
         built = list(pool.map(compile_one, jobs))

@@ -42,13 +42,17 @@ pub fn chunked(
 }
 
 /// [`chunked`]'s output from an empty state, without building the state after the last token
-/// (training needs only the output). With `cfg.fused`, `sw` calls that the fused CUDA kernels
-/// support (bf16, a window of whole 64-token chunks, one feature map per query head) take them.
+/// (training needs only the output). With `cfg.fused`, calls that the fused CUDA kernels support
+/// (bf16, a window of whole 64-token chunks, one feature map per query head) take them.
 pub fn chunked_output(x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Tensor> {
     let call = Call::new(x, cfg, None)?;
-    if cfg.fused && cfg.window_shape == WindowShape::Sw {
+    if cfg.fused {
+        let window = match cfg.window_shape {
+            WindowShape::Sw => fused::Window::Sw(cfg.window_size),
+            WindowShape::Tk => fused::Window::Tk(cfg.window_size),
+        };
         let gammas = x.window_factors.to_kind(Kind::Float).sigmoid(); // (h)
-        let fused = fused::SlidingWindowInputs {
+        let fused = fused::LolcatsInputs {
             q: x.q,
             k: x.k,
             v: x.v,
@@ -56,8 +60,8 @@ pub fn chunked_output(x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Tensor> 
             phi_k: x.phi_k,
             gammas: &gammas,
         };
-        if fused::unsupported(&fused, cfg.window_size).is_none() {
-            return fused::sliding_window(&fused, cfg.window_size).map_err(Error::Kernel);
+        if fused::unsupported(&fused, window).is_none() {
+            return fused::attention(&fused, window).map_err(Error::Kernel);
         }
     }
     Ok(call.output(x))

@@ -56,7 +56,7 @@ impl Method {
 pub enum Form {
     Naive,
     Chunked,
-    /// The fused CUDA kernels (LoLCATs `sw` only), gradients to every input.
+    /// The fused CUDA kernels (LoLCATs only), gradients to every input.
     Fused,
     /// Attention transfer's call of the fused kernels: gradients to the features and window
     /// factors only (q, k, v are the teacher's).

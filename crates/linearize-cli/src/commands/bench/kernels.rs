@@ -34,8 +34,9 @@ pub fn run(args: KernelArgs) -> Result<()> {
         for &len in &args.lengths {
             for &form in &args.forms {
                 let fused = matches!(form, Form::Fused | Form::Transfer);
-                let outcome = if fused && method != Method::LolcatsSw {
-                    skipped(method, form, len, "only lolcats-sw has a fused form".into())
+                let lolcats = matches!(method, Method::LolcatsSw | Method::LolcatsTk);
+                let outcome = if fused && !lolcats {
+                    skipped(method, form, len, "only LoLCATs has fused forms".into())
                 } else if form == Form::Naive && method.naive_bytes(&shape, len) > budget {
                     let need = method.naive_bytes(&shape, len) / GIB;
                     skipped(

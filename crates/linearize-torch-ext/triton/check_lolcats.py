@@ -1,8 +1,8 @@
-"""Runs the fused LoLCATs `sw` kernels (lolcats_sw.py) in Triton's interpreter on the CPU and
-compares their output and gradients with the quadratic definition, on random inputs with GQA,
-ragged lengths and windows of one and two chunks. Exits non-zero on a mismatch.
+"""Runs the fused LoLCATs kernels (lolcats.py) in Triton's interpreter on the CPU and compares
+their output and gradients with the quadratic definition, for both window shapes, on random inputs
+with GQA, ragged lengths and windows of one to three chunks. Exits non-zero on a mismatch.
 
-    TRITON_INTERPRET=1 python check_lolcats_sw.py
+    TRITON_INTERPRET=1 python check_lolcats.py
 """
 import math
 import os
@@ -12,12 +12,12 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import lolcats_sw as k  # noqa: E402
+import lolcats as k  # noqa: E402
 
 C = 16
 
 
-def reference(q, kk, v, phi_q, phi_k, gamma, w):
+def reference(q, kk, v, phi_q, phi_k, gamma, w, terrace):
     """The quadratic definition (DESIGN.md "LoLCATs"), f64."""
     h = q.shape[1]
     kk = kk.repeat_interleave(h // kk.shape[1], 1)
@@ -25,8 +25,12 @@ def reference(q, kk, v, phi_q, phi_k, gamma, w):
     L = q.shape[2]
     t = torch.arange(L)[:, None]
     s = torch.arange(L)[None, :]
-    window = (s <= t) & (s > t - w)
-    linear = s <= t - w
+    if terrace:
+        window = (s <= t) & (s // w >= t // w - 1)
+        linear = s // w < t // w - 1
+    else:
+        window = (s <= t) & (s > t - w)
+        linear = s <= t - w
     scores = q @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~window, float("-inf"))
     m = scores.amax(-1, keepdim=True)
@@ -35,7 +39,7 @@ def reference(q, kk, v, phi_q, phi_k, gamma, w):
     return (a @ v) / a.sum(-1, keepdim=True)
 
 
-def fused(q, kk, v, phi_q, phi_k, gamma, w, g):
+def fused(q, kk, v, phi_q, phi_k, gamma, w, terrace, g):
     b, h, L, D = q.shape
     F = phi_q.shape[-1]
     hk, hv = kk.shape[1], v.shape[1]
@@ -51,33 +55,37 @@ def fused(q, kk, v, phi_q, phi_k, gamma, w, g):
     argmaxes = torch.empty(b, h, L, dtype=torch.int32)
     scale = 1.0 / math.sqrt(D)
     k.forward[(n, b * h)](q, kk, v, phi_q, phi_k, sums, k_sums, gamma, y, den, maxes, argmaxes, L,
-                          n, h, hk, hv, M, scale, C=C, D=D, F=F)
+                          n, h, hk, hv, M, scale, C=C, D=D, F=F,
+        TERRACE=terrace)
     gn = (g.float() / den[..., None]).to(v.dtype)
     gd = -(g.float() * y.float()).sum(-1) / den
     d_phi_q = torch.empty_like(phi_q)
     mu = torch.empty(b, h, L, dtype=torch.float32)
     k.backward_phi_q[(n, b * h)](gn, gd, v, phi_q, phi_k, sums, k_sums, d_phi_q, mu, L, n, h, hv,
-                                 M, C=C, D=D, F=F)
+                                 M, C=C, D=D, F=F,
+        TERRACE=terrace)
     q_sums = torch.empty(b * h, n, F, D, dtype=v.dtype)
     q_gd_sums = torch.empty(b * h, n, F, dtype=torch.float32)
     k.chunk_sums[(b * h, F // BF)](phi_q, gn, gd, q_sums, q_gd_sums, L, n, h, h, h, C=C, F=F,
                                    D=D, BF=BF, REVERSE=True, WEIGHTED=True)
     d_phi_k = torch.empty_like(phi_k)
     k.backward_phi_k[(n, b * h)](gn, gd, v, phi_q, q_sums, q_gd_sums, d_phi_k, L, n, h, hv, M,
-                                 C=C, D=D, F=F)
+                                 C=C, D=D, F=F,
+        TERRACE=terrace)
     d_gamma = -mu.double().sum((0, 2)) / gamma.double()
     dq = torch.empty_like(q)
     k.backward_q[(n, b * h)](q, kk, v, gn, gd, maxes, argmaxes, mu, gamma, dq, L, h, hk, hv, M,
-                             scale, C=C, D=D)
+                             scale, C=C, D=D, TERRACE=terrace)
     dk, dv = torch.empty_like(q), torch.empty_like(q)
     k.backward_kv[(n, b * h)](q, kk, v, phi_q, phi_k, gn, gd, maxes, argmaxes, mu, gamma, q_sums,
-                              dk, dv, L, n, h, hk, hv, M, scale, C=C, D=D, F=F)
+                              dk, dv, L, n, h, hk, hv, M, scale, C=C, D=D, F=F,
+        TERRACE=terrace)
     dk = dk.view(b, hk, h // hk, L, D).sum(2)
     dv = dv.view(b, hv, h // hv, L, D).sum(2)
     return y, d_phi_q, d_phi_k, d_gamma, dq, dk, dv
 
 
-def case(seed, b, h, hk, hv, L, D, F, w):
+def case(seed, b, h, hk, hv, L, D, F, w, terrace):
     torch.manual_seed(seed)
     q = torch.randn(b, h, L, D)
     kk = torch.randn(b, hk, L, D)
@@ -88,18 +96,18 @@ def case(seed, b, h, hk, hv, L, D, F, w):
     g = torch.randn(b, h, L, D)
 
     leaves = [t.double().requires_grad_() for t in (phi_q, phi_k, gamma, q, kk, v)]
-    want = reference(*leaves[3:], *leaves[:3], w)
+    want = reference(*leaves[3:], *leaves[:3], w, terrace)
     want.backward(g.double())
-    got = fused(q, kk, v, phi_q, phi_k, gamma, w, g)
+    got = fused(q, kk, v, phi_q, phi_k, gamma, w, terrace, g)
     worst = 0.0
     for name, a, e in zip(["y", "d_phi_q", "d_phi_k", "d_gamma", "dq", "dk", "dv"], got,
                           [want.detach()] + [t.grad for t in leaves]):
         err = (a.double() - e).abs().max().item() / max(e.abs().max().item(), 1e-6)
         worst = max(worst, err)
         if err > 1e-4:
-            print(f"MISMATCH seed {seed} L={L} w={w} {name}: relative error {err:.3g}")
+            print(f"MISMATCH seed {seed} L={L} w={w} terrace={terrace} {name}: relative error {err:.3g}")
             return False
-    print(f"ok seed {seed} b={b} h={h}/{hk}/{hv} L={L} D={D} F={F} w={w}: worst {worst:.2g}")
+    print(f"ok seed {seed} b={b} h={h}/{hk}/{hv} L={L} D={D} F={F} w={w} terrace={terrace}: worst {worst:.2g}")
     return True
 
 
@@ -110,8 +118,9 @@ def main():
         (2, 2, 2, 1, 2, 71, 16, 16, 2 * C),
         (3, 1, 2, 2, 2, 10, 16, 16, C),
         (4, 1, 2, 1, 1, 40, 16, 128, 2 * C),
+        (5, 1, 2, 1, 2, 150, 16, 16, 3 * C),
     ]
-    ok = all([case(*c) for c in cases])
+    ok = all([case(*c, terrace) for terrace in (False, True) for c in cases])
     sys.exit(0 if ok else 1)
 
 

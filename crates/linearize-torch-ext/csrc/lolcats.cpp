@@ -1,4 +1,4 @@
-// Fused LoLCATs sliding-window attention (triton/lolcats_sw.py) as an autograd function. The
+// Fused LoLCATs attention (triton/lolcats.py), both window shapes, as an autograd function. The
 // backward always forms the feature-map and window-factor gradients (attention transfer trains
 // only those) and adds the q, k and v gradients, which need passes over the window, when asked.
 #include "triton_launch.h"
@@ -19,8 +19,9 @@ using torch::autograd::variable_list;
 constexpr int64_t kChunk = 64;
 constexpr int64_t kFeatureBlock = 64;
 
-std::string variant(const char* kernel, int64_t d, int64_t f) {
-  return std::string(kernel) + "/d" + std::to_string(d) + "/f" + std::to_string(f);
+std::string variant(const char* kernel, bool terrace, int64_t d, int64_t f) {
+  return std::string(kernel) + (terrace ? "/tk" : "/sw") + "/d" + std::to_string(d) + "/f" +
+         std::to_string(f);
 }
 
 // Exclusive sums over chunks of a_c^T b_c (bh, n, F, D) in b's dtype and of w·a (bh, n, F) in
@@ -32,7 +33,8 @@ std::pair<at::Tensor, at::Tensor> chunk_sums(const at::Tensor& a, const at::Tens
   int64_t n = (len + kChunk - 1) / kChunk;
   auto sums = at::empty({batch * heads, n, f, d}, b.options());
   auto weight_sums = at::empty({batch * heads, n, f}, b.options().dtype(at::kFloat));
-  auto key = variant("chunk_sums", d, f) + (reverse ? "/reverse" : "/forward");
+  auto key = "chunk_sums/d" + std::to_string(d) + "/f" + std::to_string(f) +
+             (reverse ? "/reverse" : "/forward");
   using linearize::KernelArg;
   linearize::launch(key, a.device(), batch * heads, f / kFeatureBlock,
                     {KernelArg::ptr(a), KernelArg::ptr(b),
@@ -42,10 +44,10 @@ std::pair<at::Tensor, at::Tensor> chunk_sums(const at::Tensor& a, const at::Tens
   return {sums, weight_sums};
 }
 
-struct LolcatsSw : public torch::autograd::Function<LolcatsSw> {
+struct Lolcats : public torch::autograd::Function<Lolcats> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& phi_q, const at::Tensor& phi_k,
-                            const at::Tensor& gammas, int64_t window) {
+                            const at::Tensor& gammas, bool terrace, int64_t window) {
     int64_t batch = q.size(0), heads = q.size(1), len = q.size(2), d = q.size(3);
     int64_t f = phi_q.size(3), n = (len + kChunk - 1) / kChunk;
     auto [sums, k_sums] = chunk_sums(phi_k, v, nullptr, heads, false);
@@ -55,7 +57,7 @@ struct LolcatsSw : public torch::autograd::Function<LolcatsSw> {
     auto argmaxes = at::empty({batch, heads, len}, q.options().dtype(at::kInt));
     using linearize::KernelArg;
     linearize::launch(
-        variant("forward", d, f), q.device(), n, batch * heads,
+        variant("forward", terrace, d, f), q.device(), n, batch * heads,
         {KernelArg::ptr(q), KernelArg::ptr(k), KernelArg::ptr(v), KernelArg::ptr(phi_q),
          KernelArg::ptr(phi_k), KernelArg::ptr(sums), KernelArg::ptr(k_sums),
          KernelArg::ptr(gammas), KernelArg::ptr(y), KernelArg::ptr(den), KernelArg::ptr(maxes),
@@ -70,6 +72,7 @@ struct LolcatsSw : public torch::autograd::Function<LolcatsSw> {
     ctx->saved_data["sums"] = sums;
     ctx->saved_data["k_sums"] = k_sums;
     ctx->saved_data["window"] = window;
+    ctx->saved_data["terrace"] = terrace;
     return y;
   }
 
@@ -83,6 +86,7 @@ struct LolcatsSw : public torch::autograd::Function<LolcatsSw> {
     auto sums = ctx->saved_data["sums"].toTensor();
     auto k_sums = ctx->saved_data["k_sums"].toTensor();
     int64_t window = ctx->saved_data["window"].toInt();
+    bool terrace = ctx->saved_data["terrace"].toBool();
     int64_t batch = y.size(0), heads = y.size(1), len = y.size(2), d = y.size(3);
     int64_t f = phi_q.size(3), n = (len + kChunk - 1) / kChunk;
 
@@ -94,7 +98,7 @@ struct LolcatsSw : public torch::autograd::Function<LolcatsSw> {
     using linearize::KernelArg;
     auto d_phi_q = at::empty_like(phi_q);
     auto mu = at::empty_like(den);
-    linearize::launch(variant("backward_phi_q", d, f), y.device(), n, batch * heads,
+    linearize::launch(variant("backward_phi_q", terrace, d, f), y.device(), n, batch * heads,
                       {KernelArg::ptr(grad_num), KernelArg::ptr(grad_den), KernelArg::ptr(v),
                        KernelArg::ptr(phi_q), KernelArg::ptr(phi_k), KernelArg::ptr(sums),
                        KernelArg::ptr(k_sums), KernelArg::ptr(d_phi_q), KernelArg::ptr(mu),
@@ -103,7 +107,7 @@ struct LolcatsSw : public torch::autograd::Function<LolcatsSw> {
                        KernelArg::i32(window / kChunk)});
     auto [q_sums, q_den_sums] = chunk_sums(phi_q, grad_num, &grad_den, heads, true);
     auto d_phi_k = at::empty_like(phi_k);
-    linearize::launch(variant("backward_phi_k", d, f), y.device(), n, batch * heads,
+    linearize::launch(variant("backward_phi_k", terrace, d, f), y.device(), n, batch * heads,
                       {KernelArg::ptr(grad_num), KernelArg::ptr(grad_den), KernelArg::ptr(v),
                        KernelArg::ptr(phi_q), KernelArg::ptr(q_sums), KernelArg::ptr(q_den_sums),
                        KernelArg::ptr(d_phi_k), KernelArg::i32(len), KernelArg::i32(n),
@@ -117,7 +121,8 @@ struct LolcatsSw : public torch::autograd::Function<LolcatsSw> {
     if (ctx->needs_input_grad(0)) {
       dq = at::empty_like(q);
       linearize::launch(
-          "backward_q/d" + std::to_string(d), y.device(), n, batch * heads,
+          std::string("backward_q/") + (terrace ? "tk" : "sw") + "/d" + std::to_string(d),
+          y.device(), n, batch * heads,
           {KernelArg::ptr(q), KernelArg::ptr(k), KernelArg::ptr(v), KernelArg::ptr(grad_num),
            KernelArg::ptr(grad_den), KernelArg::ptr(maxes), KernelArg::ptr(argmaxes),
            KernelArg::ptr(mu), KernelArg::ptr(gammas), KernelArg::ptr(dq), KernelArg::i32(len),
@@ -129,7 +134,7 @@ struct LolcatsSw : public torch::autograd::Function<LolcatsSw> {
       auto dk_heads = at::empty_like(q);
       auto dv_heads = at::empty_like(q);
       linearize::launch(
-          variant("backward_kv", d, f), y.device(), n, batch * heads,
+          variant("backward_kv", terrace, d, f), y.device(), n, batch * heads,
           {KernelArg::ptr(q), KernelArg::ptr(k), KernelArg::ptr(v), KernelArg::ptr(phi_q),
            KernelArg::ptr(phi_k), KernelArg::ptr(grad_num), KernelArg::ptr(grad_den),
            KernelArg::ptr(maxes), KernelArg::ptr(argmaxes), KernelArg::ptr(mu),
@@ -143,7 +148,7 @@ struct LolcatsSw : public torch::autograd::Function<LolcatsSw> {
       dk = per_head(dk_heads, k.size(1));
       dv = per_head(dv_heads, v.size(1));
     }
-    return {dq, dk, dv, d_phi_q, d_phi_k, d_gammas, at::Tensor()};
+    return {dq, dk, dv, d_phi_q, d_phi_k, d_gammas, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -158,16 +163,15 @@ void set_error(char* err, size_t len, const char* what) {
 
 extern "C" {
 
-// y = LoLCATs sw attention of contiguous bf16 q (b, h, L, d), k (b, h_k, L, d), v (b, h_v, L, d),
+// y = LoLCATs attention of contiguous bf16 q (b, h, L, d), k (b, h_k, L, d), v (b, h_v, L, d),
 // φq and φk (b, h, L, f), with window factors γ (h) in f32 and a window of `window` tokens (a
-// multiple of 64), into `*out` (a new tensor).
-int linearize_lolcats_sw(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
-                         const at::Tensor* phi_q, const at::Tensor* phi_k,
-                         const at::Tensor* gammas, int64_t window, at::Tensor** out, char* err,
-                         size_t err_len) {
+// multiple of 64; terrace blocks when `terrace`), into `*out` (a new tensor).
+int linearize_lolcats(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                      const at::Tensor* phi_q, const at::Tensor* phi_k, const at::Tensor* gammas,
+                      int terrace, int64_t window, at::Tensor** out, char* err, size_t err_len) {
 #ifdef LINEARIZE_CUDA
   try {
-    auto y = LolcatsSw::apply(*q, *k, *v, *phi_q, *phi_k, *gammas, window);
+    auto y = Lolcats::apply(*q, *k, *v, *phi_q, *phi_k, *gammas, terrace != 0, window);
     *out = new at::Tensor(std::move(y));
     return 0;
   } catch (const std::exception& e) {
@@ -175,7 +179,8 @@ int linearize_lolcats_sw(const at::Tensor* q, const at::Tensor* k, const at::Ten
     return 1;
   }
 #else
-  (void)q, (void)k, (void)v, (void)phi_q, (void)phi_k, (void)gammas, (void)window, (void)out;
+  (void)q, (void)k, (void)v, (void)phi_q, (void)phi_k, (void)gammas, (void)terrace, (void)window,
+      (void)out;
   if (err != nullptr && err_len > 0) {
     std::snprintf(err, err_len, "%s", "built without CUDA");
   }

@@ -1,12 +1,16 @@
-"""Fused LoLCATs sliding-window attention (DESIGN.md "LoLCATs", `sw`) for whole sequences from the
-empty state, forward and backward, in chunks of C tokens. The window is w = M·C tokens: query t
-sees keys t − w < s <= t through γ·exp(s − m_t), m_t the window's largest score, and the keys
-s <= t − w through φq_t·φk_s, one normaliser over both.
+"""Fused LoLCATs attention (DESIGN.md "LoLCATs") for whole sequences from the empty state, forward
+and backward, in chunks of C tokens, for both window shapes of w = M·C tokens. Query t sees the
+keys of its window through γ·exp(s − m_t), m_t the window's largest score, and the keys before the
+window through φq_t·φk_s, one normaliser over both.
 
-For query chunk j the linear keys are every chunk before j − M (one carried sum) and the tokens of
-chunk j − M at or before the query's place in its chunk; the window keys are the rest of chunk
-j − M and chunks j − M + 1 … j. Tensors are contiguous (b, heads, L, dim); program (i, bh) works on
-chunk i of batch-head bh; key and value heads are shared by H / HK and H / HV query heads.
+`sw` (TERRACE false): the window is t − w < s <= t. For query chunk j the linear keys are every
+chunk before j − M (one carried sum) and the tokens of chunk j − M at or before the query's place
+in its chunk; the window keys are the rest of chunk j − M and chunks j − M + 1 … j.
+`tk` (TERRACE true): the window is the query's terrace block of w tokens (M chunks) and the block
+before, up to the query; the linear keys are the blocks before that, whole chunks only.
+
+Tensors are contiguous (b, heads, L, dim); program (i, bh) works on chunk i of batch-head bh; key
+and value heads are shared by H / HK and H / HV query heads.
 
 Backward, with g = dL/dy, gn_t = g_t / den_t and gd_t = −g_t·y_t / den_t: a linear score's
 gradient is gn_t·v_s + gd_t, a window score's γ·e_ts·(gn_t·v_s + gd_t). y is unchanged when γ and
@@ -29,6 +33,46 @@ def _chunk(base, chunk, L, DIM: tl.constexpr, C: tl.constexpr):
 def _head(bh, H, HX):
     """Row of (b·HX + head) for query batch-head bh when HX heads serve H query heads."""
     return (bh // H) * HX + (bh % H) // (H // HX)
+
+
+@triton.jit
+def _first_window_chunk(j, M, TERRACE: tl.constexpr):
+    """The first key chunk in the windows of query chunk j."""
+    if TERRACE:
+        first = (j // M - 1) * M
+    else:
+        first = j - M
+    return tl.maximum(first, 0)
+
+
+@triton.jit
+def _last_window_chunk(c, M, TERRACE: tl.constexpr):
+    """The last query chunk whose windows reach into key chunk c."""
+    if TERRACE:
+        last = (c // M + 2) * M - 1
+    else:
+        last = c + M
+    return last
+
+
+@triton.jit
+def _linear_chunk(j, M, TERRACE: tl.constexpr):
+    """The chunk whose exclusive key sums start query chunk j's linear terms (< 0: none); for sw
+    its own tokens at or before the query's place are linear too."""
+    if TERRACE:
+        first = (j // M - 1) * M
+    else:
+        first = j - M
+    return first
+
+
+@triton.jit
+def _in_window(t, key, M, C: tl.constexpr, TERRACE: tl.constexpr):
+    """[C, C] mask of the keys in the queries' windows, for key chunks within the window range."""
+    inside = key[None, :] <= t[:, None]
+    if not TERRACE:
+        inside = inside & (key[None, :] > t[:, None] - M * C)
+    return inside
 
 
 @triton.jit
@@ -68,7 +112,8 @@ def chunk_sums(a, bm, weights, sums, weight_sums, L, n_chunks, H, HA, HB,
 
 @triton.jit
 def forward(q, k, v, phi_q, phi_k, sums, k_sums, gammas, y, den, maxes, argmaxes, L, n_chunks, H,
-            HK, HV, M, scale, C: tl.constexpr, D: tl.constexpr, F: tl.constexpr):
+            HK, HV, M, scale, C: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+            TERRACE: tl.constexpr):
     """y (b, h, L, D) in v's dtype, and per query (b, h, L) the normaliser `den`, the window's
     largest score `maxes` (f32) and its key `argmaxes` (i32), from the key-feature sums `sums`
     (bh, n, F, D) / `k_sums` (bh, n, F) over the chunks before each chunk."""
@@ -82,36 +127,33 @@ def forward(q, k, v, phi_q, phi_k, sums, k_sums, gammas, y, den, maxes, argmaxes
     q_ptrs, live = _chunk(q + bh64 * L * D, j, L, D, C)
     q_j = tl.load(q_ptrs, mask=live, other=0.0)
 
-    # Window: chunk j first (its diagonal makes every row's max finite), then back to j − M.
+    # Window: chunk j first (its diagonal makes every row's max finite), then back.
     m = tl.full([C], float("-inf"), tl.float32)
     star = tl.zeros([C], tl.int32)
     w_den = tl.zeros([C], tl.float32)
     w_num = tl.zeros([C, D], tl.float32)
-    for i in tl.range(0, M + 1):
+    for i in tl.range(0, j - _first_window_chunk(j, M, TERRACE) + 1):
         c = j - i
-        if c >= 0:
-            k_ptrs, keys_live = _chunk(k_base, c, L, D, C)
-            v_ptrs, _ = _chunk(v_base, c, L, D, C)
-            k_c = tl.load(k_ptrs, mask=keys_live, other=0.0)
-            v_c = tl.load(v_ptrs, mask=keys_live, other=0.0)
-            s = tl.dot(q_j, tl.trans(k_c)) * scale
-            key = c * C + rows
-            inside = (key[None, :] <= t[:, None]) & (key[None, :] > t[:, None] - M * C)
-            s = tl.where(inside, s, float("-inf"))
-            block_max = tl.max(s, 1)
-            star = tl.where(block_max > m, c * C + tl.argmax(s, 1), star)
-            m_new = tl.maximum(m, block_max)
-            alpha = tl.exp(m - m_new)
-            # Numerator and denominator read the same rounded weights.
-            p = tl.exp(s - m_new[:, None]).to(v.dtype.element_ty)
-            w_den = w_den * alpha + tl.sum(p.to(tl.float32), 1)
-            w_num = w_num * alpha[:, None] + tl.dot(p, v_c)
-            m = m_new
+        k_ptrs, keys_live = _chunk(k_base, c, L, D, C)
+        v_ptrs, _ = _chunk(v_base, c, L, D, C)
+        k_c = tl.load(k_ptrs, mask=keys_live, other=0.0)
+        v_c = tl.load(v_ptrs, mask=keys_live, other=0.0)
+        s = tl.dot(q_j, tl.trans(k_c)) * scale
+        s = tl.where(_in_window(t, c * C + rows, M, C, TERRACE), s, float("-inf"))
+        block_max = tl.max(s, 1)
+        star = tl.where(block_max > m, c * C + tl.argmax(s, 1), star)
+        m_new = tl.maximum(m, block_max)
+        alpha = tl.exp(m - m_new)
+        # Numerator and denominator read the same rounded weights.
+        p = tl.exp(s - m_new[:, None]).to(v.dtype.element_ty)
+        w_den = w_den * alpha + tl.sum(p.to(tl.float32), 1)
+        w_num = w_num * alpha[:, None] + tl.dot(p, v_c)
+        m = m_new
 
     gamma = tl.load(gammas + bh % H)
     num = gamma * w_num
     total = gamma * w_den
-    c = j - M
+    c = _linear_chunk(j, M, TERRACE)
     if c >= 0:
         fq_ptrs, _ = _chunk(phi_q + bh64 * L * F, j, L, F, C)
         phi_q_j = tl.load(fq_ptrs, mask=live, other=0.0)
@@ -121,14 +163,15 @@ def forward(q, k, v, phi_q, phi_k, sums, k_sums, gammas, y, den, maxes, argmaxes
         z = tl.load(k_sums + (bh64 * n_chunks + c) * F + tl.arange(0, F))
         num += tl.dot(phi_q_j, kv)
         total += tl.sum(phi_q_j.to(tl.float32) * z[None, :], 1)
-        fk_ptrs, _ = _chunk(phi_k + bh64 * L * F, c, L, F, C)
-        v_ptrs, _ = _chunk(v_base, c, L, D, C)
-        phi_k_c = tl.load(fk_ptrs)
-        v_c = tl.load(v_ptrs)
-        a = tl.dot(phi_q_j, tl.trans(phi_k_c))
-        a = tl.where(rows[None, :] <= rows[:, None], a, 0.0).to(v.dtype.element_ty)
-        num += tl.dot(a, v_c)
-        total += tl.sum(a.to(tl.float32), 1)
+        if not TERRACE:
+            fk_ptrs, _ = _chunk(phi_k + bh64 * L * F, c, L, F, C)
+            v_ptrs, _ = _chunk(v_base, c, L, D, C)
+            phi_k_c = tl.load(fk_ptrs)
+            v_c = tl.load(v_ptrs)
+            a = tl.dot(phi_q_j, tl.trans(phi_k_c))
+            a = tl.where(rows[None, :] <= rows[:, None], a, 0.0).to(v.dtype.element_ty)
+            num += tl.dot(a, v_c)
+            total += tl.sum(a.to(tl.float32), 1)
 
     y_ptrs, _ = _chunk(y + bh64 * L * D, j, L, D, C)
     tl.store(y_ptrs, (num / total[:, None]).to(y.dtype.element_ty), mask=live)
@@ -139,8 +182,9 @@ def forward(q, k, v, phi_q, phi_k, sums, k_sums, gammas, y, den, maxes, argmaxes
 
 @triton.jit
 def backward_phi_q(grad_num, grad_den, v, phi_q, phi_k, sums, k_sums, d_phi_q, mu, L, n_chunks, H,
-                   HV, M, C: tl.constexpr, D: tl.constexpr, F: tl.constexpr):
-    """dφq_t = Σ_{s <= t − w} (gn_t·v_s + gd_t) φk_s, from the forward's sums, and
+                   HV, M, C: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+                   TERRACE: tl.constexpr):
+    """dφq_t = Σ_{s before t's window} (gn_t·v_s + gd_t) φk_s, from the forward's sums, and
     mu_t = φq_t·dφq_t (b, h, L) in f32: minus the window's share of the gradient, which is also the
     gradient of the window's largest score m_t (the linear terms are not scaled by exp(−m_t))."""
     j = tl.program_id(0)
@@ -150,7 +194,7 @@ def backward_phi_q(grad_num, grad_den, v, phi_q, phi_k, sums, k_sums, d_phi_q, m
     bh64 = bh.to(tl.int64)
     out_ptrs, live = _chunk(d_phi_q + bh64 * L * F, j, L, F, C)
     grad = tl.zeros([C, F], tl.float32)
-    c = j - M
+    c = _linear_chunk(j, M, TERRACE)
     if c >= 0:
         gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
         gn = tl.load(gn_ptrs, mask=live, other=0.0)
@@ -162,13 +206,14 @@ def backward_phi_q(grad_num, grad_den, v, phi_q, phi_k, sums, k_sums, d_phi_q, m
         z = tl.load(k_sums + (bh64 * n_chunks + c) * F + tl.arange(0, F))
         grad += tl.dot(gn, kv_t)
         grad += gd[:, None] * z[None, :]
-        v_ptrs, _ = _chunk(v + _head(bh, H, HV).to(tl.int64) * L * D, c, L, D, C)
-        fk_ptrs, _ = _chunk(phi_k + bh64 * L * F, c, L, F, C)
-        v_c = tl.load(v_ptrs)
-        phi_k_c = tl.load(fk_ptrs)
-        e = tl.dot(gn, tl.trans(v_c)) + gd[:, None]
-        e = tl.where(rows[None, :] <= rows[:, None], e, 0.0).to(phi_k.dtype.element_ty)
-        grad += tl.dot(e, phi_k_c)
+        if not TERRACE:
+            v_ptrs, _ = _chunk(v + _head(bh, H, HV).to(tl.int64) * L * D, c, L, D, C)
+            fk_ptrs, _ = _chunk(phi_k + bh64 * L * F, c, L, F, C)
+            v_c = tl.load(v_ptrs)
+            phi_k_c = tl.load(fk_ptrs)
+            e = tl.dot(gn, tl.trans(v_c)) + gd[:, None]
+            e = tl.where(rows[None, :] <= rows[:, None], e, 0.0).to(phi_k.dtype.element_ty)
+            grad += tl.dot(e, phi_k_c)
     fq_ptrs, _ = _chunk(phi_q + bh64 * L * F, j, L, F, C)
     phi_q_j = tl.load(fq_ptrs, mask=live, other=0.0)
     tl.store(mu + bh64 * L + t, tl.sum(phi_q_j.to(tl.float32) * grad, 1), mask=t < L)
@@ -177,16 +222,18 @@ def backward_phi_q(grad_num, grad_den, v, phi_q, phi_k, sums, k_sums, d_phi_q, m
 
 @triton.jit
 def backward_phi_k(grad_num, grad_den, v, phi_q, sums, q_sums, d_phi_k, L, n_chunks, H, HV, M,
-                   C: tl.constexpr, D: tl.constexpr, F: tl.constexpr):
-    """dφk_s = Σ_{t >= s + w} (gn_t·v_s + gd_t) φq_t, from `sums` (bh, n, F, D) = Σ φq^T gn and
-    `q_sums` (bh, n, F) = Σ gd φq over the chunks after each chunk."""
+                   C: tl.constexpr, D: tl.constexpr, F: tl.constexpr, TERRACE: tl.constexpr):
+    """dφk_s = Σ_{t whose window is after s} (gn_t·v_s + gd_t) φq_t, from `sums` (bh, n, F, D) =
+    Σ φq^T gn and `q_sums` (bh, n, F) = Σ gd φq over the chunks after each chunk."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     rows = tl.arange(0, C)
     bh64 = bh.to(tl.int64)
     out_ptrs, live = _chunk(d_phi_k + bh64 * L * F, c, L, F, C)
     grad = tl.zeros([C, F], tl.float32)
-    j = c + M
+    # sw: the queries of chunk j at or after the key's place, and every chunk after j; tk: the
+    # chunks after j, the last that still has key chunk c in its windows.
+    j = _last_window_chunk(c, M, TERRACE)
     if j < n_chunks:
         t = j * C + rows
         later = t < L
@@ -199,27 +246,27 @@ def backward_phi_k(grad_num, grad_den, v, phi_q, sums, q_sums, d_phi_k, L, n_chu
         r = tl.load(q_sums + (bh64 * n_chunks + j) * F + tl.arange(0, F))
         grad += tl.dot(v_c, qg_t)
         grad += r[None, :]
-        gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
-        fq_ptrs, _ = _chunk(phi_q + bh64 * L * F, j, L, F, C)
-        gn = tl.load(gn_ptrs, mask=later[:, None], other=0.0)
-        gd = tl.load(grad_den + bh64 * L + t, mask=later, other=0.0)
-        phi_q_j = tl.load(fq_ptrs, mask=later[:, None], other=0.0)
-        # e[s, t] = gn_t·v_s + gd_t for query place t at or after key place s
-        e = tl.dot(v_c, tl.trans(gn)) + gd[None, :]
-        e = tl.where(rows[:, None] <= rows[None, :], e, 0.0).to(phi_q.dtype.element_ty)
-        grad += tl.dot(e, phi_q_j)
+        if not TERRACE:
+            gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
+            fq_ptrs, _ = _chunk(phi_q + bh64 * L * F, j, L, F, C)
+            gn = tl.load(gn_ptrs, mask=later[:, None], other=0.0)
+            gd = tl.load(grad_den + bh64 * L + t, mask=later, other=0.0)
+            phi_q_j = tl.load(fq_ptrs, mask=later[:, None], other=0.0)
+            # e[s, t] = gn_t·v_s + gd_t for query place t at or after key place s
+            e = tl.dot(v_c, tl.trans(gn)) + gd[None, :]
+            e = tl.where(rows[:, None] <= rows[None, :], e, 0.0).to(phi_q.dtype.element_ty)
+            grad += tl.dot(e, phi_q_j)
     tl.store(out_ptrs, grad.to(d_phi_k.dtype.element_ty), mask=live)
 
 
 @triton.jit
 def _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu, gamma, t, key, M, scale,
-                       C: tl.constexpr):
+                       C: tl.constexpr, TERRACE: tl.constexpr):
     """The window weights e = exp(s − m) of one (query chunk, key chunk) pair [C, C] (zero outside
     the windows) and the scores' gradient: γ·e·(gn_t·v_s + gd_t), plus mu_t at each query's
     largest score (through m_t)."""
     s = tl.dot(q_j, tl.trans(k_c)) * scale
-    inside = (key[None, :] <= t[:, None]) & (key[None, :] > t[:, None] - M * C)
-    e = tl.where(inside, tl.exp(s - m[:, None]), 0.0)
+    e = tl.where(_in_window(t, key, M, C, TERRACE), tl.exp(s - m[:, None]), 0.0)
     d = tl.dot(gn, tl.trans(v_c)) + gd[:, None]
     ds = gamma * e * d + tl.where(key[None, :] == star[:, None], mu[:, None], 0.0)
     return e, ds
@@ -227,7 +274,7 @@ def _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu, gamma, t, key, M, sca
 
 @triton.jit
 def backward_q(q, k, v, grad_num, grad_den, maxes, argmaxes, mu, gammas, dq, L, H, HK, HV, M,
-               scale, C: tl.constexpr, D: tl.constexpr):
+               scale, C: tl.constexpr, D: tl.constexpr, TERRACE: tl.constexpr):
     """dq (b, h, L, D): only window scores depend on q."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
@@ -247,16 +294,15 @@ def backward_q(q, k, v, grad_num, grad_den, maxes, argmaxes, mu, gammas, dq, L, 
     mu_j = tl.load(mu + row, mask=t < L, other=0.0)
     gamma = tl.load(gammas + bh % H)
     grad = tl.zeros([C, D], tl.float32)
-    for i in tl.range(0, M + 1):
+    for i in tl.range(0, j - _first_window_chunk(j, M, TERRACE) + 1):
         c = j - i
-        if c >= 0:
-            k_ptrs, keys_live = _chunk(k_base, c, L, D, C)
-            v_ptrs, _ = _chunk(v_base, c, L, D, C)
-            k_c = tl.load(k_ptrs, mask=keys_live, other=0.0)
-            v_c = tl.load(v_ptrs, mask=keys_live, other=0.0)
-            ds = _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu_j, gamma, t, c * C + rows,
-                                    M, scale, C)[1]
-            grad += tl.dot(ds.to(k_c.dtype), k_c)
+        k_ptrs, keys_live = _chunk(k_base, c, L, D, C)
+        v_ptrs, _ = _chunk(v_base, c, L, D, C)
+        k_c = tl.load(k_ptrs, mask=keys_live, other=0.0)
+        v_c = tl.load(v_ptrs, mask=keys_live, other=0.0)
+        ds = _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu_j, gamma, t, c * C + rows, M,
+                                scale, C, TERRACE)[1]
+        grad += tl.dot(ds.to(k_c.dtype), k_c)
     dq_ptrs, _ = _chunk(dq + bh64 * L * D, j, L, D, C)
     tl.store(dq_ptrs, (grad * scale).to(dq.dtype.element_ty), mask=live)
 
@@ -264,10 +310,10 @@ def backward_q(q, k, v, grad_num, grad_den, maxes, argmaxes, mu, gammas, dq, L, 
 @triton.jit
 def backward_kv(q, k, v, phi_q, phi_k, grad_num, grad_den, maxes, argmaxes, mu, gammas, sums,
                 dk, dv, L, n_chunks, H, HK, HV, M, scale,
-                C: tl.constexpr, D: tl.constexpr, F: tl.constexpr):
+                C: tl.constexpr, D: tl.constexpr, F: tl.constexpr, TERRACE: tl.constexpr):
     """dk and dv (b, h, L, D) per query head (the caller sums heads that share a key or value
-    head): window scores over the query chunks c … c + M, and for dv the linear terms, from
-    `sums` (bh, n, F, D) = Σ φq^T gn over the chunks after each chunk."""
+    head): window scores over the query chunks whose windows reach key chunk c, and for dv the
+    linear terms, from `sums` (bh, n, F, D) = Σ φq^T gn over the chunks after each chunk."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     rows = tl.arange(0, C)
@@ -280,25 +326,24 @@ def backward_kv(q, k, v, phi_q, phi_k, grad_num, grad_den, maxes, argmaxes, mu, 
     gamma = tl.load(gammas + bh % H)
     grad_k = tl.zeros([C, D], tl.float32)
     grad_v = tl.zeros([C, D], tl.float32)
-    for i in tl.range(0, M + 1):
-        j = c + i
-        if j < n_chunks:
-            t = j * C + rows
-            q_ptrs, later = _chunk(q + bh64 * L * D, j, L, D, C)
-            gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
-            q_j = tl.load(q_ptrs, mask=later, other=0.0)
-            gn = tl.load(gn_ptrs, mask=later, other=0.0)
-            row = bh64 * L + t
-            gd = tl.load(grad_den + row, mask=t < L, other=0.0)
-            m = tl.load(maxes + row, mask=t < L, other=0.0)
-            star = tl.load(argmaxes + row, mask=t < L, other=-1)
-            mu_j = tl.load(mu + row, mask=t < L, other=0.0)
-            e, ds = _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu_j, gamma, t, key, M,
-                                       scale, C)
-            # Padded queries (t >= L) have zero gn, gd and mu, so they add nothing.
-            grad_v += tl.dot(tl.trans((gamma * e).to(gn.dtype)), gn)
-            grad_k += tl.dot(tl.trans(ds.to(q_j.dtype)), q_j)
-    j = c + M
+    last = tl.minimum(_last_window_chunk(c, M, TERRACE), n_chunks - 1)
+    for j in tl.range(c, last + 1):
+        t = j * C + rows
+        q_ptrs, later = _chunk(q + bh64 * L * D, j, L, D, C)
+        gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
+        q_j = tl.load(q_ptrs, mask=later, other=0.0)
+        gn = tl.load(gn_ptrs, mask=later, other=0.0)
+        row = bh64 * L + t
+        gd = tl.load(grad_den + row, mask=t < L, other=0.0)
+        m = tl.load(maxes + row, mask=t < L, other=0.0)
+        star = tl.load(argmaxes + row, mask=t < L, other=-1)
+        mu_j = tl.load(mu + row, mask=t < L, other=0.0)
+        e, ds = _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu_j, gamma, t, key, M,
+                                   scale, C, TERRACE)
+        # Padded queries (t >= L) have zero gn, gd and mu, so they add nothing.
+        grad_v += tl.dot(tl.trans((gamma * e).to(gn.dtype)), gn)
+        grad_k += tl.dot(tl.trans(ds.to(q_j.dtype)), q_j)
+    j = _last_window_chunk(c, M, TERRACE)
     if j < n_chunks:
         t = j * C + rows
         later = t < L
@@ -307,16 +352,17 @@ def backward_kv(q, k, v, phi_q, phi_k, grad_num, grad_den, maxes, argmaxes, mu, 
             + tl.arange(0, D)[None, :]
         qg = tl.load(s_ptrs)
         fk_ptrs, _ = _chunk(phi_k + bh64 * L * F, c, L, F, C)
-        fq_ptrs, _ = _chunk(phi_q + bh64 * L * F, j, L, F, C)
-        gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
         phi_k_c = tl.load(fk_ptrs)
-        phi_q_j = tl.load(fq_ptrs, mask=later[:, None], other=0.0)
-        gn = tl.load(gn_ptrs, mask=later[:, None], other=0.0)
         grad_v += tl.dot(phi_k_c, qg)
-        # a[s, t] = φq_t·φk_s for query place t at or after key place s
-        a = tl.dot(phi_k_c, tl.trans(phi_q_j))
-        a = tl.where(rows[:, None] <= rows[None, :], a, 0.0).to(gn.dtype)
-        grad_v += tl.dot(a, gn)
+        if not TERRACE:
+            fq_ptrs, _ = _chunk(phi_q + bh64 * L * F, j, L, F, C)
+            gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
+            phi_q_j = tl.load(fq_ptrs, mask=later[:, None], other=0.0)
+            gn = tl.load(gn_ptrs, mask=later[:, None], other=0.0)
+            # a[s, t] = φq_t·φk_s for query place t at or after key place s
+            a = tl.dot(phi_k_c, tl.trans(phi_q_j))
+            a = tl.where(rows[:, None] <= rows[None, :], a, 0.0).to(gn.dtype)
+            grad_v += tl.dot(a, gn)
     out = bh64 * L * D + key[:, None] * D + tl.arange(0, D)[None, :]
     tl.store(dk + out, (grad_k * scale).to(dk.dtype.element_ty), mask=live)
     tl.store(dv + out, grad_v.to(dv.dtype.element_ty), mask=live)
