@@ -683,6 +683,9 @@ fn fused_kernels_match_naive_on_cuda() {
             window_factors: &logits,
         };
         let y = lolcats::chunked_output(&inputs, &cfg).unwrap();
+        // A prefill (which also builds the state) takes the same kernels.
+        let (prefill, _) = lolcats::chunked(&inputs, &cfg, None).unwrap();
+        assert!(prefill.equal(&y), "case {i}: prefill output differs");
 
         let f64_leaf = |t: &Tensor| {
             t.detach()

@@ -28,6 +28,7 @@ struct Image {
 
 struct Driver {
   decltype(&cuDeviceGet) device_get;
+  decltype(&cuDeviceGetAttribute) device_get_attribute;
   decltype(&cuDevicePrimaryCtxRetain) primary_ctx_retain;
   decltype(&cuCtxSetCurrent) ctx_set_current;
   decltype(&cuModuleLoadData) module_load_data;
@@ -49,6 +50,7 @@ const Driver& driver() {
     TORCH_CHECK(lib != nullptr, "cannot load the CUDA driver (libcuda.so.1): ", dlerror());
     Driver d{};
     load_symbol(lib, "cuDeviceGet", &d.device_get);
+    load_symbol(lib, "cuDeviceGetAttribute", &d.device_get_attribute);
     load_symbol(lib, "cuDevicePrimaryCtxRetain", &d.primary_ctx_retain);
     load_symbol(lib, "cuCtxSetCurrent", &d.ctx_set_current);
     load_symbol(lib, "cuModuleLoadData", &d.module_load_data);
@@ -68,9 +70,18 @@ void check(CUresult result, const char* what, const std::string& key) {
   TORCH_CHECK(false, what, " (Triton kernel ", key, "): ", message ? message : "unknown error");
 }
 
+// What decides which compiled form a device runs, and whether it fits.
+struct DeviceInfo {
+  // "sm90/" on Hopper, "sm80/" on Ampere and Ada (sm_80 cubins run on sm_86 and sm_89), empty
+  // where nothing was compiled.
+  std::string arch;
+  int max_shared_bytes;
+};
+
 struct Registry {
   std::mutex mutex;
   std::map<std::string, Image> images;
+  std::map<int, DeviceInfo> devices;
   // Per device: its primary context (the one the CUDA runtime, and so libtorch, uses) and the
   // functions loaded into it.
   std::map<int, CUcontext> contexts;
@@ -82,12 +93,40 @@ Registry& registry() {
   return r;
 }
 
+// The device's DeviceInfo; the caller holds the registry's lock.
+const DeviceInfo& device_info(Registry& r, int index) {
+  auto found = r.devices.find(index);
+  if (found != r.devices.end()) return found->second;
+  const Driver& d = driver();
+  CUdevice dev;
+  check(d.device_get(&dev, index), "cuDeviceGet", "device query");
+  int major = 0, shared = 0;
+  check(d.device_get_attribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+        "cuDeviceGetAttribute", "device query");
+  check(d.device_get_attribute(&shared, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                               dev),
+        "cuDeviceGetAttribute", "device query");
+  std::string arch = major == 9 ? "sm90/" : major == 8 ? "sm80/" : "";
+  return r.devices.emplace(index, DeviceInfo{arch, shared}).first->second;
+}
+
+// The registered image that runs `key` on device `index`, or null.
+const Image* image_for(Registry& r, const std::string& key, int index) {
+  const DeviceInfo& info = device_info(r, index);
+  if (info.arch.empty()) return nullptr;
+  auto found = r.images.find(info.arch + key);
+  if (found == r.images.end() || found->second.shared_bytes > info.max_shared_bytes) {
+    return nullptr;
+  }
+  return &found->second;
+}
+
 }  // namespace
 
-bool has_kernel(const std::string& key) {
+bool has_kernel(const std::string& key, int device) {
   auto& r = registry();
   std::lock_guard<std::mutex> lock(r.mutex);
-  return r.images.count(key) > 0;
+  return image_for(r, key, device) != nullptr;
 }
 
 void launch(const std::string& key, const at::Device& device, int64_t grid_x, int64_t grid_y,
@@ -100,9 +139,8 @@ void launch(const std::string& key, const at::Device& device, int64_t grid_x, in
   const Image* image;
   {
     std::lock_guard<std::mutex> lock(r.mutex);
-    auto found = r.images.find(key);
-    TORCH_CHECK(found != r.images.end(), "no Triton kernel was compiled for ", key);
-    image = &found->second;
+    image = image_for(r, key, index);
+    TORCH_CHECK(image != nullptr, "no Triton kernel ", key, " was compiled for CUDA device ", index);
     auto ctx = r.contexts.find(index);
     if (ctx == r.contexts.end()) {
       CUdevice dev;
@@ -148,6 +186,21 @@ void launch(const std::string& key, const at::Device& device, int64_t grid_x, in
 #endif
 
 extern "C" {
+
+// Whether kernel `key` was compiled for CUDA device `device` and fits its shared memory.
+int linearize_triton_available(const char* key, int device, char* err, size_t err_len) {
+#ifdef LINEARIZE_CUDA
+  try {
+    return linearize::has_kernel(key, device) ? 1 : 0;
+  } catch (const std::exception& e) {
+    if (err != nullptr && err_len > 0) std::snprintf(err, err_len, "%s", e.what());
+    return -1;
+  }
+#else
+  (void)key, (void)device, (void)err, (void)err_len;
+  return 0;
+#endif
+}
 
 // Adds a compiled kernel to the registry (the image is copied). Without CUDA support there is
 // nothing to launch it with, and the call does nothing.

@@ -34,10 +34,11 @@ struct KernelArg {
   } value;
 };
 
-// Whether a kernel was compiled under `key`.
-bool has_kernel(const std::string& key);
+// Whether kernel `key` (without its architecture) was compiled for CUDA device `device` and fits
+// its shared memory.
+bool has_kernel(const std::string& key, int device);
 
-// Runs kernel `key` on a grid of (x, y) programs on the current stream of `device`; throws with
+// Runs the form of kernel `key` compiled for `device`'s architecture on a grid of (x, y) programs on the current stream of `device`; throws with
 // the driver's message on failure.
 void launch(const std::string& key, const at::Device& device, int64_t grid_x, int64_t grid_y,
             std::vector<KernelArg> args);

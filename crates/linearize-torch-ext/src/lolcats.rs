@@ -4,7 +4,7 @@
 use crate::{call, triton};
 use anyhow::Result;
 use std::ffi::c_char;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
 /// Tokens per chunk of the fused kernels; windows are whole chunks.
@@ -57,9 +57,9 @@ pub struct LolcatsInputs<'a> {
 /// Why the fused kernels cannot run `x` with `window`, or `None` when they can.
 pub fn unsupported(x: &LolcatsInputs, window: Window) -> Option<String> {
     let (shape, window) = window.parts();
-    if !x.q.device().is_cuda() {
+    let Device::Cuda(device) = x.q.device() else {
         return Some(format!("runs on CUDA, not {:?}", x.q.device()));
-    }
+    };
     let tensors = [x.q, x.k, x.v, x.phi_q, x.phi_k];
     if tensors.iter().any(|t| t.kind() != Kind::BFloat16) {
         return Some("needs bf16 q, k, v and features".into());
@@ -74,13 +74,22 @@ pub fn unsupported(x: &LolcatsInputs, window: Window) -> Option<String> {
     if x.phi_q.size()[1] != heads || x.phi_k.size()[1] != heads || x.v.size()[3] != d {
         return Some("needs one feature map per query head and values of the head size".into());
     }
-    let kernels = ["forward", "backward_phi_q", "backward_phi_k", "backward_kv"];
-    if !kernels
+    let mut keys: Vec<String> = ["forward", "backward_phi_q", "backward_phi_k", "backward_kv"]
         .iter()
-        .all(|k| triton::has_kernel(&format!("{k}/{shape}/d{d}/f{f}")))
-        || !triton::has_kernel(&format!("backward_q/{shape}/d{d}"))
-    {
-        return Some(format!("has no kernels for head size {d} and {f} features"));
+        .map(|k| format!("{k}/{shape}/d{d}/f{f}"))
+        .collect();
+    keys.push(format!("backward_q/{shape}/d{d}"));
+    for key in keys {
+        match triton::has_kernel(&key, device) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Some(format!(
+                    "has no kernel {key} for this GPU (compiled: sm_80/86/89 and sm_90; head \
+                     sizes 64, 128; 64, 128, 256 features)"
+                ))
+            }
+            Err(e) => return Some(format!("{e:#}")),
+        }
     }
     None
 }

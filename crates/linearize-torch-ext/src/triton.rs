@@ -20,6 +20,12 @@ include!(concat!(env!("OUT_DIR"), "/triton/kernels.rs"));
 pub(crate) const KERNELS: &[KernelImage] = &[];
 
 extern "C" {
+    fn linearize_triton_available(
+        key: *const c_char,
+        device: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn linearize_triton_register(
         key: *const c_char,
         symbol: *const c_char,
@@ -31,8 +37,9 @@ extern "C" {
     ) -> c_int;
 }
 
-/// Whether a kernel was compiled under `key` (and the launcher can run it).
-pub(crate) fn has_kernel(key: &str) -> bool {
+/// Whether kernel `key` (`<kernel>/<variant>`, no architecture) was compiled for CUDA device
+/// `device` and fits its shared memory; an error says why the device could not be asked.
+pub(crate) fn has_kernel(key: &str, device: usize) -> anyhow::Result<bool> {
     static LAUNCHABLE: OnceLock<bool> = OnceLock::new();
     let launchable = *LAUNCHABLE.get_or_init(|| {
         KERNELS.iter().all(|k| {
@@ -52,7 +59,17 @@ pub(crate) fn has_kernel(key: &str) -> bool {
             registered == 1
         })
     });
-    launchable && KERNELS.iter().any(|k| k.key == key)
+    if !launchable {
+        return Ok(false);
+    }
+    let key = cstring(key);
+    let mut available = 0;
+    crate::call("querying the CUDA device for Triton kernels", |err, len| {
+        // SAFETY: `key` outlives the call; the shim writes at most `len` bytes of `err`.
+        available = unsafe { linearize_triton_available(key.as_ptr(), device as c_int, err, len) };
+        c_int::from(available < 0)
+    })?;
+    Ok(available == 1)
 }
 
 fn cstring(s: &str) -> CString {

@@ -1,6 +1,7 @@
-"""Compiles the Triton kernels ahead of time for the GPUs this project targets (sm_90: H100 /
-H200) into cubins under OUT, and writes OUT/kernels.rs, which embeds them with what a launch
-needs. Triton ships its own ptxas, so no GPU and no CUDA toolkit is needed.
+"""Compiles the Triton kernels ahead of time into cubins under OUT, for Hopper (sm_90: H100, H200)
+and for Ampere and Ada (sm_80, whose cubins also run on sm_86 and sm_89), and writes
+OUT/kernels.rs, which embeds them with what a launch needs. Triton ships its own ptxas, so no GPU
+and no CUDA toolkit is needed. Keys read `sm<arch>/<kernel>/...`.
 
     python compile.py OUT
 """
@@ -10,7 +11,7 @@ import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-ARCH = 90
+ARCHS = [80, 90]
 CHUNK = 64
 HEAD_DIMS = [64, 128]
 FEATURE_DIMS = [64, 128, 256]
@@ -35,7 +36,7 @@ INTS = {"L", "n_chunks", "H", "HA", "HB", "HK", "HV", "M"}
 
 
 def variants():
-    """(kernel, key, constexprs, warps) for every compiled form."""
+    """(kernel, key, constexprs, warps) for every compiled form of one architecture."""
     for d, f in itertools.product(HEAD_DIMS, FEATURE_DIMS):
         base = {"C": CHUNK, "D": d, "F": f}
         for reverse in (False, True):
@@ -51,7 +52,8 @@ def variants():
 
 
 def compile_one(job):
-    name, key, constexprs, warps, out = job
+    name, key, constexprs, warps, arch, out = job
+    key = f"sm{arch}/{key}"
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -73,7 +75,7 @@ def compile_one(job):
         else:
             signature[arg] = "fp32"
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": warps, "num_stages": 2})
     ptx = kernel.asm["ptx"]
     entry = re.search(r"\.entry\s+(\w+)\(([^)]*)\)", ptx)
@@ -94,7 +96,7 @@ def main():
     for stale in os.listdir(out):
         if stale.endswith(".cubin"):
             os.remove(os.path.join(out, stale))
-    jobs = [(*v, out) for v in variants()]
+    jobs = [(*v, arch, out) for arch in ARCHS for v in variants()]
     with ProcessPoolExecutor() as pool:
         built = list(pool.map(compile_one, jobs))
     lines = [

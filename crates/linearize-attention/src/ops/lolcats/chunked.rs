@@ -22,14 +22,19 @@ use linearize_torch_ext::lolcats as fused;
 use tch::{Kind, Tensor};
 
 /// Runs the sequence on from `state` (empty when `None`) and returns the output (b, h, L, d_v) and
-/// the state after the last token.
+/// the state after the last token. From the empty state, with `cfg.fused`, the output comes from
+/// the fused CUDA kernels where they apply ([`chunked_output`]).
 pub fn chunked(
     x: &LolcatsInputs,
     cfg: &LolcatsConfig,
     state: Option<&LolcatsState>,
 ) -> Result<(Tensor, LolcatsState)> {
     let call = Call::new(x, cfg, state)?;
-    let y = call.output(x);
+    let fused = match state {
+        None => fused_output(x, cfg)?,
+        Some(_) => None,
+    };
+    let y = fused.unwrap_or_else(|| call.output(x));
     let end = call.start.advance(
         &x.k.to_kind(call.p.acc),
         &x.phi_k.to_kind(call.p.acc),
@@ -46,25 +51,37 @@ pub fn chunked(
 /// (bf16, a window of whole 64-token chunks, one feature map per query head) take them.
 pub fn chunked_output(x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Tensor> {
     let call = Call::new(x, cfg, None)?;
-    if cfg.fused {
-        let window = match cfg.window_shape {
-            WindowShape::Sw => fused::Window::Sw(cfg.window_size),
-            WindowShape::Tk => fused::Window::Tk(cfg.window_size),
-        };
-        let gammas = x.window_factors.to_kind(Kind::Float).sigmoid(); // (h)
-        let fused = fused::LolcatsInputs {
-            q: x.q,
-            k: x.k,
-            v: x.v,
-            phi_q: x.phi_q,
-            phi_k: x.phi_k,
-            gammas: &gammas,
-        };
-        if fused::unsupported(&fused, window).is_none() {
-            return fused::attention(&fused, window).map_err(Error::Kernel);
-        }
+    Ok(match fused_output(x, cfg)? {
+        Some(y) => y,
+        None => call.output(x),
+    })
+}
+
+/// The fused kernels' output from the empty state, or `None` when they do not apply (or
+/// `cfg.fused` is off). The caller has checked the inputs.
+fn fused_output(x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Option<Tensor>> {
+    if !cfg.fused {
+        return Ok(None);
     }
-    Ok(call.output(x))
+    let window = match cfg.window_shape {
+        WindowShape::Sw => fused::Window::Sw(cfg.window_size),
+        WindowShape::Tk => fused::Window::Tk(cfg.window_size),
+    };
+    let gammas = x.window_factors.to_kind(Kind::Float).sigmoid(); // (h)
+    let inputs = fused::LolcatsInputs {
+        q: x.q,
+        k: x.k,
+        v: x.v,
+        phi_q: x.phi_q,
+        phi_k: x.phi_k,
+        gammas: &gammas,
+    };
+    if fused::unsupported(&inputs, window).is_some() {
+        return Ok(None);
+    }
+    fused::attention(&inputs, window)
+        .map(Some)
+        .map_err(Error::Kernel)
 }
 
 /// One call's checked sizes, dtypes, starting state and block layout.
