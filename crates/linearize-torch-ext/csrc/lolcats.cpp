@@ -18,6 +18,8 @@ using torch::autograd::variable_list;
 
 constexpr int64_t kChunk = 64;
 constexpr int64_t kFeatureBlock = 64;
+// Rows per program of `grad_terms` (GRAD_ROWS in triton/compile.py).
+constexpr int64_t kGradRows = 32;
 
 std::string variant(const char* kernel, bool terrace, int64_t d, int64_t f) {
   return std::string(kernel) + (terrace ? "/tk" : "/sw") + "/d" + std::to_string(d) + "/f" +
@@ -91,11 +93,16 @@ struct Lolcats : public torch::autograd::Function<Lolcats> {
     int64_t f = phi_q.size(3), n = (len + kChunk - 1) / kChunk;
 
     // g/den and −g·y/den: the gradients of the numerator and the normaliser.
-    auto g = grads[0].to(at::kFloat);
-    auto grad_num = (g / den.unsqueeze(-1)).to(y.scalar_type()).contiguous();
-    auto grad_den = (-(g * y.to(at::kFloat)).sum(-1) / den).contiguous();
-
+    auto g = grads[0].to(y.scalar_type()).contiguous();
+    auto grad_num = at::empty_like(y);
+    auto grad_den = at::empty_like(den);
+    int64_t rows = batch * heads * len;
     using linearize::KernelArg;
+    linearize::launch("grad_terms/d" + std::to_string(d), y.device(),
+                      (rows + kGradRows - 1) / kGradRows, 1,
+                      {KernelArg::ptr(g), KernelArg::ptr(y), KernelArg::ptr(den),
+                       KernelArg::ptr(grad_num), KernelArg::ptr(grad_den), KernelArg::i32(rows)});
+
     auto d_phi_q = at::empty_like(phi_q);
     auto mu = at::empty_like(den);
     linearize::launch(variant("backward_phi_q", terrace, d, f), y.device(), n, batch * heads,

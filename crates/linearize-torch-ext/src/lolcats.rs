@@ -79,6 +79,7 @@ pub fn unsupported(x: &LolcatsInputs, window: Window) -> Option<String> {
         .map(|k| format!("{k}/{shape}/d{d}/f{f}"))
         .collect();
     keys.push(format!("backward_q/{shape}/d{d}"));
+    keys.push(format!("grad_terms/d{d}"));
     for key in keys {
         match triton::has_kernel(&key, device) {
             Ok(true) => {}

@@ -57,8 +57,10 @@ def fused(q, kk, v, phi_q, phi_k, gamma, w, terrace, g):
     k.forward[(n, b * h)](q, kk, v, phi_q, phi_k, sums, k_sums, gamma, y, den, maxes, argmaxes, L,
                           n, h, hk, hv, M, scale, C=C, D=D, F=F,
         TERRACE=terrace)
-    gn = (g.float() / den[..., None]).to(v.dtype)
-    gd = -(g.float() * y.float()).sum(-1) / den
+    gn = torch.empty_like(g)
+    gd = torch.empty_like(den)
+    rows = b * h * L
+    k.grad_terms[(-(-rows // 32),)](g, y, den, gn, gd, rows, D=D, ROWS=32)
     d_phi_q = torch.empty_like(phi_q)
     mu = torch.empty(b, h, L, dtype=torch.float32)
     k.backward_phi_q[(n, b * h)](gn, gd, v, phi_q, phi_k, sums, k_sums, d_phi_q, mu, L, n, h, hv,

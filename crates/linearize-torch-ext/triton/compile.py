@@ -16,8 +16,10 @@ CHUNK = 64
 HEAD_DIMS = [64, 128]
 FEATURE_DIMS = [64, 128, 256]
 SHAPES = ["sw", "tk"]
+GRAD_ROWS = 32
 
 POINTERS = {
+    "grad_terms": ["g", "y", "den", "grad_num", "grad_den"],
     "chunk_sums": ["a", "bm", "weights", "sums", "weight_sums"],
     "forward": ["q", "k", "v", "phi_q", "phi_k", "sums", "k_sums", "gammas", "y", "den", "maxes",
                 "argmaxes"],
@@ -32,7 +34,7 @@ POINTERS = {
 F32_POINTERS = {"weights", "weight_sums", "k_sums", "gammas", "den", "grad_den", "q_sums", "maxes",
                 "mu"}
 I32_POINTERS = {"argmaxes"}
-INTS = {"L", "n_chunks", "H", "HA", "HB", "HK", "HV", "M"}
+INTS = {"L", "n_chunks", "H", "HA", "HB", "HK", "HV", "M", "n_rows"}
 
 
 def variants():
@@ -46,6 +48,8 @@ def variants():
                 ("forward", "backward_phi_q", "backward_phi_k", "backward_kv"), SHAPES):
             yield (name, f"{name}/{shape}/d{d}/f{f}", {**base, "TERRACE": shape == "tk"},
                    8 if max(d, f) > 64 else 4)
+    for d in HEAD_DIMS:
+        yield ("grad_terms", f"grad_terms/d{d}", {"D": d, "ROWS": GRAD_ROWS}, 4)
     for d, shape in itertools.product(HEAD_DIMS, SHAPES):
         yield ("backward_q", f"backward_q/{shape}/d{d}",
                {"C": CHUNK, "D": d, "TERRACE": shape == "tk"}, 8 if d > 64 else 4)

@@ -76,6 +76,21 @@ def _in_window(t, key, M, C: tl.constexpr, TERRACE: tl.constexpr):
 
 
 @triton.jit
+def grad_terms(g, y, den, grad_num, grad_den, n_rows, D: tl.constexpr, ROWS: tl.constexpr):
+    """The backward's per-token terms from the output gradient g and the output y, (rows, D) in
+    y's dtype: gn = g / den in y's dtype and gd = −g·y / den (rows) in f32."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    live = r < n_rows
+    offsets = r.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+    g_r = tl.load(g + offsets, mask=live[:, None], other=0.0).to(tl.float32)
+    y_r = tl.load(y + offsets, mask=live[:, None], other=0.0).to(tl.float32)
+    den_r = tl.load(den + r, mask=live, other=1.0)
+    tl.store(grad_num + offsets, (g_r / den_r[:, None]).to(grad_num.dtype.element_ty),
+             mask=live[:, None])
+    tl.store(grad_den + r, -tl.sum(g_r * y_r, 1) / den_r, mask=live)
+
+
+@triton.jit
 def chunk_sums(a, bm, weights, sums, weight_sums, L, n_chunks, H, HA, HB,
                C: tl.constexpr, F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr,
                REVERSE: tl.constexpr, WEIGHTED: tl.constexpr):
