@@ -98,7 +98,8 @@ pub fn unsupported(x: &LolcatsInputs, window: Window) -> Option<String> {
 /// LoLCATs attention (b, h, L, d) in bf16 through the fused kernels, differentiable with respect
 /// to every input. Call only when [`unsupported`] returns `None`.
 pub fn attention(x: &LolcatsInputs, window: Window) -> Result<Tensor> {
-    let (shape, window) = window.parts();
+    let terrace = i32::from(matches!(window, Window::Tk(_)));
+    let (_, size) = window.parts();
     let [q, k, v, phi_q, phi_k] = [x.q, x.k, x.v, x.phi_q, x.phi_k].map(Tensor::contiguous);
     let gammas = x.gammas.to_kind(Kind::Float).contiguous();
     let mut out: *mut C_tensor = std::ptr::null_mut();
@@ -110,8 +111,8 @@ pub fn attention(x: &LolcatsInputs, window: Window) -> Result<Tensor> {
             phi_q.as_ptr(),
             phi_k.as_ptr(),
             gammas.as_ptr(),
-            i32::from(shape == "tk"),
-            window,
+            terrace,
+            size,
             &mut out,
             err,
             len,

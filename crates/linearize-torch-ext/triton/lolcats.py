@@ -288,25 +288,33 @@ def _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu, gamma, t, key, M, sca
 
 
 @triton.jit
+def _query_terms(q, grad_num, grad_den, maxes, argmaxes, mu, bh64, j, L, D: tl.constexpr,
+                 C: tl.constexpr):
+    """What the window backward reads of query chunk j: its places t, its rows' mask, q, gn, gd,
+    the window max and argmax, and mu. Rows past L read zeros, so they add nothing."""
+    t = j * C + tl.arange(0, C)
+    q_ptrs, live = _chunk(q + bh64 * L * D, j, L, D, C)
+    gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
+    row = bh64 * L + t
+    return (t, live, tl.load(q_ptrs, mask=live, other=0.0), tl.load(gn_ptrs, mask=live, other=0.0),
+            tl.load(grad_den + row, mask=t < L, other=0.0),
+            tl.load(maxes + row, mask=t < L, other=0.0),
+            tl.load(argmaxes + row, mask=t < L, other=-1),
+            tl.load(mu + row, mask=t < L, other=0.0))
+
+
+@triton.jit
 def backward_q(q, k, v, grad_num, grad_den, maxes, argmaxes, mu, gammas, dq, L, H, HK, HV, M,
                scale, C: tl.constexpr, D: tl.constexpr, TERRACE: tl.constexpr):
     """dq (b, h, L, D): only window scores depend on q."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     rows = tl.arange(0, C)
-    t = j * C + rows
     bh64 = bh.to(tl.int64)
     k_base = k + _head(bh, H, HK).to(tl.int64) * L * D
     v_base = v + _head(bh, H, HV).to(tl.int64) * L * D
-    q_ptrs, live = _chunk(q + bh64 * L * D, j, L, D, C)
-    gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
-    q_j = tl.load(q_ptrs, mask=live, other=0.0)
-    gn = tl.load(gn_ptrs, mask=live, other=0.0)
-    row = bh64 * L + t
-    gd = tl.load(grad_den + row, mask=t < L, other=0.0)
-    m = tl.load(maxes + row, mask=t < L, other=0.0)
-    star = tl.load(argmaxes + row, mask=t < L, other=-1)
-    mu_j = tl.load(mu + row, mask=t < L, other=0.0)
+    t, live, q_j, gn, gd, m, star, mu_j = _query_terms(q, grad_num, grad_den, maxes, argmaxes, mu,
+                                                        bh64, j, L, D, C)
     gamma = tl.load(gammas + bh % H)
     grad = tl.zeros([C, D], tl.float32)
     for i in tl.range(0, j - _first_window_chunk(j, M, TERRACE) + 1):
@@ -343,19 +351,10 @@ def backward_kv(q, k, v, phi_q, phi_k, grad_num, grad_den, maxes, argmaxes, mu, 
     grad_v = tl.zeros([C, D], tl.float32)
     last = tl.minimum(_last_window_chunk(c, M, TERRACE), n_chunks - 1)
     for j in tl.range(c, last + 1):
-        t = j * C + rows
-        q_ptrs, later = _chunk(q + bh64 * L * D, j, L, D, C)
-        gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
-        q_j = tl.load(q_ptrs, mask=later, other=0.0)
-        gn = tl.load(gn_ptrs, mask=later, other=0.0)
-        row = bh64 * L + t
-        gd = tl.load(grad_den + row, mask=t < L, other=0.0)
-        m = tl.load(maxes + row, mask=t < L, other=0.0)
-        star = tl.load(argmaxes + row, mask=t < L, other=-1)
-        mu_j = tl.load(mu + row, mask=t < L, other=0.0)
+        t, _, q_j, gn, gd, m, star, mu_j = _query_terms(q, grad_num, grad_den, maxes, argmaxes, mu,
+                                                         bh64, j, L, D, C)
         e, ds = _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu_j, gamma, t, key, M,
                                    scale, C, TERRACE)
-        # Padded queries (t >= L) have zero gn, gd and mu, so they add nothing.
         grad_v += tl.dot(tl.trans((gamma * e).to(gn.dtype)), gn)
         grad_k += tl.dot(tl.trans(ds.to(q_j.dtype)), q_j)
     j = _last_window_chunk(c, M, TERRACE)
