@@ -151,12 +151,16 @@ fn assert_same_curves(want: &Path, got: &Path, what: &str) {
 }
 
 /// The same trained tensors up to float reassociation (a batch's gradient summed in two halves).
+/// AdamW's first steps divide each gradient by its own size (plus eps), so reassociation noise in
+/// a near-zero gradient moves that parameter by a visible fraction of the learning rate (a CI run
+/// saw 7.4e-6 on a LoRA B of 2.5e-3 after 4 steps at lr 1e-3): the scale has a floor of 1e-2,
+/// which allows 1e-5, 1 % of the LoRA learning rate.
 fn assert_close(want: &[(String, Tensor)], got: &[(String, Tensor)], what: &str) {
     assert_eq!(want.len(), got.len(), "{what}");
     for ((name, a), (other, b)) in want.iter().zip(got) {
         assert_eq!(name, other, "{what}");
         let diff = (a - b).abs().max().double_value(&[]);
-        let scale = a.abs().max().double_value(&[]).max(1e-3);
+        let scale = a.abs().max().double_value(&[]).max(1e-2);
         assert!(
             diff <= 1e-3 * scale,
             "{what}: '{name}' differs by {diff:.3e} (scale {scale:.3e})"
