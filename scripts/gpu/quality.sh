@@ -18,7 +18,7 @@
 #                      training, evaluation and speed phase fit DEADLINE_S [auto]
 #   TEACHER_SEQUENCES  sequences of 1025 tokens sampled from the teacher for the teacher-data
 #                      variant [1024]
-#   METHODS            which recipes/quality/smollm2_<method>.yaml to run [all ten]
+#   METHODS            which recipes/quality/smollm2_<method>.yaml to run [all of ALL_METHODS]
 #   JOBS               runs at once, 0 = all [0]
 #   SPEED              1: measure decode speed/memory after training, one run at a time [1]
 #   SPEED_ONLY         1: no training: only the speed phase, for the layout of every method in
@@ -36,6 +36,9 @@
 #   LINEARIZE_CACHE    cache of model and text [$WORK/cache]
 #   EVAL_S, SPEED_S    seconds `auto` keeps for the evaluation and the speed phase [100, 100]
 #   EXTRA_SETS         more `--set k=v` for every training run, space separated
+#   RESUME             1: keep $WORK's run directories and continue them (a later device call on
+#                      the same warm machine, after an earlier call's deadline stopped them: the
+#                      jobs resume from their saved states; give the same TOKENS_PER_STAGE) [0]
 set -uo pipefail
 START=$(date +%s)
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -62,7 +65,7 @@ fi
 EVAL_S=${EVAL_S:-100}
 SPEED_S=${SPEED_S:-100}
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-ALL_METHODS="hedgehog lolcats_sw lolcats_tk liger t2r hybrid2 hybrid4 lolcats_sw_teacher_data untrained liger_untrained"
+ALL_METHODS="hedgehog lolcats_sw lolcats_tk lolcats_tk_xent liger t2r hybrid2 hybrid4 lolcats_sw_teacher_data untrained liger_untrained"
 METHODS=${METHODS:-$ALL_METHODS}
 if [ "$SMOKE" = 1 ]; then
     export TOKENS_PER_STAGE=${TOKENS_PER_STAGE:-256} TEACHER_SEQUENCES=${TEACHER_SEQUENCES:-4}
@@ -93,7 +96,13 @@ fi
 mkdir -p "$OUT" "$WORK" || die "cannot create $OUT or $WORK"
 RUNS=$WORK/runs
 LOGS=$WORK/logs
-rm -rf "$RUNS" "$LOGS" "$WORK/calibration"
+RESUME=${RESUME:-0}
+if [ "$RESUME" = 1 ]; then
+    [ -d "$RUNS" ] || { echo "quality.sh: RESUME=1 but $RUNS does not exist (the machine was given back?)" >&2; exit 1; }
+    [ "$TOKENS_PER_STAGE" != auto ] || { echo "quality.sh: RESUME=1 needs the TOKENS_PER_STAGE of the first call" >&2; exit 1; }
+else
+    rm -rf "$RUNS" "$LOGS" "$WORK/calibration"
+fi
 mkdir -p "$RUNS" "$LOGS" "$LINEARIZE_CACHE/gguf"
 
 # --- the offline model and corpus, where `offline:smollm2` and `offline:text` look ---------
@@ -121,7 +130,7 @@ SETS=(--set "model.device=$DEVICE" --set "data.cache_dir=$WORK/token-cache")
 [ "$DEVICE" = cpu ] && SETS+=(--set model.dtype=f32)
 if [ "$SMOKE" = 1 ]; then
     SETS+=(--set data.seq_len=64 --set data.batch_size=2 --set data.max_val_sequences=2
-        --set "eval.perplexity={files: [\"offline:text/test\"], ctx: 64, max_windows: 2}"
+        --set "eval.perplexity={files: [\"offline:text/heldout\", \"offline:text/test\"], ctx: 64, max_windows: 2}"
         --set "eval.attention_error={ctx: 64, max_windows: 1}"
         --set "eval.passkey={min_length: 128, max_length: 128, trials: 1}"
         --set "eval.mqar={num_pairs: 4, trials: 1}"
@@ -176,7 +185,7 @@ run_one() {
     mapfile -t sets < <(method_sets "$m")
     t0=$(date +%s%N)
     "$BIN" --recipe "$(recipe "$m")" --output "$dir/runs/$m" "${TRAIN_SETS[@]}" "${sets[@]}" "$@" \
-        >"$dir/logs/$m.log" 2>&1 &
+        >>"$dir/logs/$m.log" 2>&1 &
     echo $! >"$dir/logs/$m.pid"
     wait $!
     rc=$?
@@ -321,6 +330,7 @@ fi
 speed_recipe() {
     case $1 in
     untrained | lolcats_sw_teacher_data) echo lolcats_sw ;;
+    lolcats_tk_xent) echo lolcats_tk ;;
     liger_untrained) echo liger ;;
     *) echo "$1" ;;
     esac

@@ -353,6 +353,8 @@ enum Kernel {
         feature_map_k: FeatureMap,
         window_factors: WindowFactors,
         cfg: LolcatsConfig,
+        /// False in [`LinearizedMixer::window_only`]: φ(q) is zero, so the linear terms vanish.
+        linear: bool,
     },
     SlidingWindow(SwaConfig),
     LigerGla {
@@ -449,6 +451,7 @@ impl LinearizedMixer {
                     feature_map_k,
                     window_factors: WindowFactors::new(path, shape.num_heads),
                     cfg: config.lolcats_config(),
+                    linear: true,
                 }
             }
             Method::SlidingWindow => Kernel::SlidingWindow(config.swa_config()),
@@ -482,6 +485,7 @@ impl LinearizedMixer {
                 feature_map_k,
                 window_factors,
                 cfg,
+                linear,
             } => Kernel::Lolcats {
                 feature_map_q: feature_map_q.shallow_clone(),
                 feature_map_k: feature_map_k.shallow_clone(),
@@ -489,6 +493,7 @@ impl LinearizedMixer {
                     logits: window_factors.logits.shallow_clone(),
                 },
                 cfg: *cfg,
+                linear: *linear,
             },
             Kernel::SlidingWindow(cfg) => Kernel::SlidingWindow(*cfg),
             Kernel::LigerGla {
@@ -504,6 +509,32 @@ impl LinearizedMixer {
             kernel,
             config: self.config.clone(),
         }
+    }
+
+    /// The mixer with its linear part switched off, over the same parameters: the ablation that
+    /// shows how much the linear (recurrent) path contributes, which trained hybrids can learn
+    /// to bypass. LoLCATs keeps its window softmax alone (with φ(q) = 0 the linear terms leave
+    /// numerator and normaliser, and γ cancels); Liger keeps its sliding-window half at full
+    /// weight; softmax and sliding-window layers are unchanged. `None` for the methods with no
+    /// window (`linear`, `liger_gla`).
+    pub fn window_only(&self) -> Option<Self> {
+        let mut mixer = self.shallow_clone();
+        match &mut mixer.kernel {
+            Kernel::Lolcats { linear, .. } => *linear = false,
+            Kernel::Liger(cfg) => {
+                mixer.config = AttentionConfig {
+                    method: Method::SlidingWindow,
+                    window_size: Some(cfg.window_size),
+                    chunk_size: Some(cfg.chunk_size),
+                    ..AttentionConfig::new(Method::SlidingWindow)
+                }
+                .resolved();
+                mixer.kernel = Kernel::SlidingWindow(cfg.swa());
+            }
+            Kernel::Softmax(_) | Kernel::SlidingWindow(_) => {}
+            Kernel::Linear { .. } | Kernel::LigerGla { .. } => return None,
+        }
+        Some(mixer)
     }
 
     /// The resolved config this mixer runs.
@@ -541,8 +572,9 @@ impl LinearizedMixer {
                 feature_map_k,
                 window_factors,
                 cfg,
+                linear,
             } => {
-                let phi_q = feature_map_q.forward(x.q)?;
+                let phi_q = lolcats_phi_q(feature_map_q, x, *linear)?;
                 let phi_k = feature_map_k.forward(x.k)?;
                 let inputs = lolcats_inputs(x, &phi_q, &phi_k, window_factors);
                 let _range = linearize_profile::range("attention kernel");
@@ -581,12 +613,13 @@ impl LinearizedMixer {
                 feature_map_k,
                 window_factors,
                 cfg,
+                linear,
             } => {
                 let state = match state {
                     Some(KernelState::Lolcats(s)) => Some(s),
                     _ => None,
                 };
-                let phi_q = feature_map_q.forward(x.q)?;
+                let phi_q = lolcats_phi_q(feature_map_q, x, *linear)?;
                 let phi_k = feature_map_k.forward(x.k)?;
                 let inputs = lolcats_inputs(x, &phi_q, &phi_k, window_factors);
                 let _range = linearize_profile::range("attention kernel");
@@ -648,10 +681,11 @@ impl LinearizedMixer {
                     feature_map_k,
                     window_factors,
                     cfg,
+                    linear,
                 },
                 KernelState::Lolcats(s),
             ) => {
-                let phi_q = feature_map_q.forward(x.q)?;
+                let phi_q = lolcats_phi_q(feature_map_q, x, *linear)?;
                 let phi_k = feature_map_k.forward(x.k)?;
                 let inputs = lolcats_inputs(x, &phi_q, &phi_k, window_factors);
                 lolcats::step(s, &inputs, cfg, x.position)?
@@ -672,6 +706,12 @@ impl LinearizedMixer {
             _ => bail!("{}: decoding state of another method", self.name()),
         })
     }
+}
+
+/// φ(q) of a LoLCATs layer, or zeros of its shape when the linear part is switched off.
+fn lolcats_phi_q(feature_map_q: &FeatureMap, x: &MixerInput, linear: bool) -> Result<Tensor> {
+    let phi_q = feature_map_q.forward(x.q)?;
+    Ok(if linear { phi_q } else { phi_q.zeros_like() })
 }
 
 fn lolcats_inputs<'a>(
@@ -828,6 +868,7 @@ impl Mixer for LinearizedMixer {
     fn name(&self) -> String {
         match &self.kernel {
             Kernel::Softmax(teacher) => teacher.name(),
+            Kernel::Lolcats { linear: false, .. } => format!("{}-window_only", self.config.name()),
             _ => self.config.name(),
         }
     }

@@ -476,3 +476,86 @@ fn recipes_parse_strictly_and_resolve_defaults() {
         .to_string();
     assert!(e.contains("mamba"), "{e}");
 }
+
+/// Every converted layer of `model` replaced by its mixer's `window_only` form.
+fn window_only_all(model: &mut Model, student: &nn::VarStore, cfg: &AttentionConfig) -> bool {
+    let shape = LayerShape::of(model.config());
+    for i in 0..model.num_layers() {
+        let path = student
+            .root()
+            .sub("model")
+            .sub("layers")
+            .sub(i)
+            .sub("self_attn");
+        let Some(mixer) = LinearizedMixer::new(&path, &shape, cfg)
+            .unwrap()
+            .window_only()
+        else {
+            return false;
+        };
+        model.set_mixer(i, Box::new(mixer)).unwrap();
+    }
+    true
+}
+
+#[test]
+fn window_only_keeps_the_window_softmax_alone() {
+    let ids = ids(2, LEN);
+    let logits_of = |cfg: &AttentionConfig, window_only: bool| {
+        let mut model = tiny_model(json!({}));
+        let student = nn::VarStore::new(Device::Cpu);
+        if window_only {
+            if !window_only_all(&mut model, &student, cfg) {
+                return None;
+            }
+        } else {
+            convert_all(&mut model, &student, cfg);
+        }
+        let full = tch::no_grad(|| model.forward(&ids, None).unwrap());
+        let decoded = tch::no_grad(|| decoded_logits(&model, &ids));
+        assert!(
+            max_diff(&full, &decoded) <= 1e-4,
+            "{}",
+            model.mixer(0).name()
+        );
+        Some((full, model.mixer(0).name()))
+    };
+    let swa = |window| AttentionConfig {
+        chunk_size: Some(8),
+        window_size: Some(window),
+        ..AttentionConfig::new(Method::SlidingWindow)
+    };
+    for cfg in methods() {
+        let ablated = logits_of(&cfg, true);
+        match cfg.method {
+            // No window to keep.
+            Method::Linear | Method::LigerGla => assert!(ablated.is_none(), "{}", cfg.name()),
+            // Without its linear terms LoLCATs sw is softmax over the same sliding window (the
+            // window factor cancels), and Liger its window half alone.
+            Method::Lolcats | Method::Liger | Method::SlidingWindow
+                if cfg.window_shape != Some(WindowShape::Tk) =>
+            {
+                let (ablated, name) = ablated.unwrap();
+                let (reference, _) = logits_of(&swa(cfg.window_size.unwrap()), false).unwrap();
+                let diff = max_diff(&ablated, &reference);
+                assert!(diff <= 1e-4, "{name}: {diff:e} from the sliding window");
+                let (whole, _) = logits_of(&cfg, false).unwrap();
+                if cfg.method != Method::SlidingWindow {
+                    assert!(
+                        max_diff(&whole, &ablated) > 1e-3,
+                        "{name}: nothing switched off"
+                    );
+                }
+            }
+            _ => {
+                let (ablated, name) = ablated.unwrap();
+                assert!(name.ends_with("-window_only"), "{name}");
+                let (whole, _) = logits_of(&cfg, false).unwrap();
+                assert!(
+                    max_diff(&whole, &ablated) > 1e-3,
+                    "{name}: nothing switched off"
+                );
+            }
+        }
+    }
+}

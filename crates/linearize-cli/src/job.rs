@@ -287,7 +287,14 @@ fn execute(
         return Ok(());
     }
     let table = match &recipe.eval {
-        Some(eval) => evaluate::evaluate(eval, &mut model, encoder.tokenizer(), loaded, run_dir)?,
+        Some(eval) => evaluate::evaluate(
+            eval,
+            &mut model,
+            Some(&converted),
+            encoder.tokenizer(),
+            loaded,
+            run_dir,
+        )?,
         None => None,
     };
     if let Some(export) = &recipe.export {

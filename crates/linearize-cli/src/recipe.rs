@@ -130,7 +130,7 @@ pub fn resolve_data_paths(data: &DataConfig) -> Result<DataConfig> {
     Ok(data)
 }
 
-/// `eval` with `offline:text/<split>` file paths (`train`, `validation`, `test`) replaced by the
+/// `eval` with `offline:text/<split>` file paths (`train`, `validation`, `test`, `heldout`) replaced by the
 /// corpus files, fetched on first use.
 pub fn resolve_eval_paths(eval: &EvalConfig) -> Result<EvalConfig> {
     let mut eval = eval.clone();
@@ -150,7 +150,7 @@ pub fn resolve_eval_paths(eval: &EvalConfig) -> Result<EvalConfig> {
             .find(|s| s.name() == split)
             .with_context(|| {
                 format!(
-                    "{}: no such split (train, validation or test)",
+                    "{}: no such split (train, validation, test or heldout)",
                     file.display()
                 )
             })?;

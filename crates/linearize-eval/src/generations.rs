@@ -8,6 +8,7 @@ use linearize_models::generate::{generate, GenerateConfig, SamplingConfig};
 use linearize_models::lm::CausalLm;
 use linearize_models::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -15,6 +16,10 @@ use tch::{Device, Kind, Tensor};
 pub struct GenerationsConfig {
     pub enabled: bool,
     pub prompts: Vec<String>,
+    /// A text file of more prompts, one a line (blank lines and lines starting with `#` are
+    /// skipped), asked after `prompts`; e.g. `data/prompts/chat_facts.txt` with `chat: true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompts_file: Option<PathBuf>,
     pub max_new_tokens: usize,
     /// Wrap each prompt as a user message in the tokenizer's chat template (instruct models).
     pub chat: bool,
@@ -29,10 +34,35 @@ impl Default for GenerationsConfig {
                 "Once upon a time, in a small village by the sea,".into(),
                 "The three primary colors are".into(),
             ],
+            prompts_file: None,
             max_new_tokens: 32,
             chat: false,
         }
     }
+}
+
+impl GenerationsConfig {
+    /// `prompts` followed by those of `prompts_file`.
+    pub fn all_prompts(&self) -> Result<Vec<String>> {
+        let mut prompts = self.prompts.clone();
+        if let Some(path) = &self.prompts_file {
+            prompts.extend(read_prompts(path)?);
+        }
+        Ok(prompts)
+    }
+}
+
+fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the prompts file {}", path.display()))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    ensure!(!prompts.is_empty(), "{}: no prompts", path.display());
+    Ok(prompts)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,6 +74,57 @@ pub struct GenerationPair {
     pub student_tokens: Vec<u32>,
     /// Leading generated tokens the two share.
     pub common_prefix: usize,
+    /// The whole greedy answers are the same tokens.
+    pub exact: bool,
+    /// The answers' first sentences ([`first_sentence`]) are the same text.
+    pub first_sentence_match: bool,
+}
+
+/// How often the student's greedy answers agree with the teacher's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerationAgreement {
+    pub prompts: usize,
+    /// Answers identical token for token.
+    pub exact: usize,
+    /// Answers whose first sentences are identical.
+    pub first_sentence: usize,
+    pub exact_rate: f64,
+    pub first_sentence_rate: f64,
+}
+
+impl GenerationAgreement {
+    pub fn of(pairs: &[GenerationPair]) -> Option<Self> {
+        let n = pairs.len();
+        (n > 0).then(|| {
+            let exact = pairs.iter().filter(|p| p.exact).count();
+            let first_sentence = pairs.iter().filter(|p| p.first_sentence_match).count();
+            Self {
+                prompts: n,
+                exact,
+                first_sentence,
+                exact_rate: exact as f64 / n as f64,
+                first_sentence_rate: first_sentence as f64 / n as f64,
+            }
+        })
+    }
+}
+
+/// The text up to and including the first `.`, `!` or `?` that ends a sentence (followed by
+/// whitespace or the end), or up to the first line break, without surrounding whitespace: the
+/// part of an answer that states the fact ("The capital of France is Paris.").
+pub fn first_sentence(text: &str) -> &str {
+    let text = text.trim();
+    let bytes = text.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        let ends = i + 1 == bytes.len() || bytes[i + 1].is_ascii_whitespace();
+        if b == b'\n' {
+            return text[..i].trim_end();
+        }
+        if matches!(b, b'.' | b'!' | b'?') && ends {
+            return &text[..=i];
+        }
+    }
+    text
 }
 
 /// The prompt's ids: plain text with the tokenizer's special tokens, or a chat turn.
@@ -71,18 +152,23 @@ pub fn side_by_side<T: CausalLm, S: CausalLm>(
         stop_ids: tokenizer.eos_ids().to_vec(),
         cuda_graphs: true,
     };
-    cfg.prompts
-        .iter()
+    cfg.all_prompts()?
+        .into_iter()
         .map(|prompt| {
-            let ids = encode_prompt(tokenizer, prompt, cfg.chat)?;
+            let ids = encode_prompt(tokenizer, &prompt, cfg.chat)?;
             let t = generate(teacher, &ids, &config, |_| Ok(()))
                 .with_context(|| format!("teacher on {prompt:?}"))?;
             let s = generate(student, &ids, &config, |_| Ok(()))
                 .with_context(|| format!("student on {prompt:?}"))?;
+            let teacher_text = tokenizer.decode(&t.tokens, true)?;
+            let student_text = tokenizer.decode(&s.tokens, true)?;
             Ok(GenerationPair {
-                prompt: prompt.clone(),
-                teacher: tokenizer.decode(&t.tokens, true)?,
-                student: tokenizer.decode(&s.tokens, true)?,
+                prompt,
+                exact: t.tokens == s.tokens,
+                first_sentence_match: first_sentence(&teacher_text)
+                    == first_sentence(&student_text),
+                teacher: teacher_text,
+                student: student_text,
                 common_prefix: t
                     .tokens
                     .iter()
@@ -177,4 +263,67 @@ pub fn recurrent_vs_full<M: CausalLm>(
         recurrent,
         full_forward,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_sentence_ends_at_a_full_stop_or_line_break() {
+        assert_eq!(
+            first_sentence("  The capital of France is Paris. It is large."),
+            "The capital of France is Paris."
+        );
+        assert_eq!(
+            first_sentence("It is 3.14 or so! Yes."),
+            "It is 3.14 or so!"
+        );
+        assert_eq!(first_sentence("Paris\nThe city"), "Paris");
+        assert_eq!(first_sentence("No stop at all"), "No stop at all");
+        assert_eq!(first_sentence("Why? Because."), "Why?");
+    }
+
+    #[test]
+    fn agreement_counts_exact_and_first_sentence_matches() {
+        let pair = |t: &str, s: &str, tt: &[u32], st: &[u32]| GenerationPair {
+            prompt: "q".into(),
+            teacher: t.into(),
+            student: s.into(),
+            teacher_tokens: tt.to_vec(),
+            student_tokens: st.to_vec(),
+            common_prefix: 0,
+            exact: tt == st,
+            first_sentence_match: first_sentence(t) == first_sentence(s),
+        };
+        let pairs = [
+            pair("Paris. Big.", "Paris. Big.", &[1, 2], &[1, 2]),
+            pair("Paris. Big.", "Paris. Small.", &[1, 2], &[1, 3]),
+            pair("Paris.", "Lyon.", &[1], &[4]),
+            pair("Rome.", "Rome!", &[5], &[6]),
+        ];
+        let a = GenerationAgreement::of(&pairs).unwrap();
+        assert_eq!((a.prompts, a.exact, a.first_sentence), (4, 1, 2));
+        assert_eq!((a.exact_rate, a.first_sentence_rate), (0.25, 0.5));
+        assert!(GenerationAgreement::of(&[]).is_none());
+    }
+
+    #[test]
+    fn prompts_file_adds_its_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.txt");
+        std::fs::write(&path, "# comment\nFirst?\n\n  Second?  \n").unwrap();
+        let cfg = GenerationsConfig {
+            prompts: vec!["Zero".into()],
+            prompts_file: Some(path.clone()),
+            ..GenerationsConfig::default()
+        };
+        assert_eq!(cfg.all_prompts().unwrap(), ["Zero", "First?", "Second?"]);
+        std::fs::write(&path, "# only comments\n").unwrap();
+        assert!(cfg
+            .all_prompts()
+            .unwrap_err()
+            .to_string()
+            .contains("no prompts"));
+    }
 }

@@ -13,4 +13,4 @@ pub mod report;
 pub mod speed;
 pub mod training;
 
-pub use report::{run_report, EvalConfig, EvalReport};
+pub use report::{run_report, EvalConfig, EvalReport, WindowOnlyConfig};

@@ -8,8 +8,8 @@
 //! paths are taken from the working directory.
 use crate::attention_error::{attention_error, converted_layers, AttentionErrorReport};
 use crate::generations::{
-    encode_prompt, recurrent_vs_full, side_by_side, DecodeCheck, DecodeCheckConfig, GenerationPair,
-    GenerationsConfig,
+    encode_prompt, recurrent_vs_full, side_by_side, DecodeCheck, DecodeCheckConfig,
+    GenerationAgreement, GenerationPair, GenerationsConfig,
 };
 use crate::kl::{kl_report, KlReport};
 use crate::multiple_choice::{score_task, McReport, McTask};
@@ -44,6 +44,37 @@ pub struct EvalConfig {
     pub speed: SpeedConfig,
     pub generations: GenerationsConfig,
     pub decode_check: DecodeCheckConfig,
+    /// The ablation of the converted layers' linear part, run by the recipe runner.
+    pub window_only: WindowOnlyConfig,
+}
+
+/// A second perplexity, KL and agreement measurement, with the converted layers' linear part
+/// switched off (`LinearizedMixer::window_only`), into `report/window_only/`: how much the
+/// student relies on its linear path rather than on its window alone. Off by default; skipped
+/// with a note when a converted layer has no window part (`linear`, `liger_gla`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowOnlyConfig {
+    pub enabled: bool,
+}
+
+impl EvalConfig {
+    /// Only the perplexity section of `self` (same files and windows), every other one off.
+    pub fn perplexity_only(&self) -> Self {
+        let mut cfg = Self {
+            seed: self.seed,
+            perplexity: self.perplexity.clone(),
+            ..Self::default()
+        };
+        cfg.attention_error.enabled = false;
+        cfg.passkey.enabled = false;
+        cfg.mqar.enabled = false;
+        cfg.multiple_choice.enabled = false;
+        cfg.speed.enabled = false;
+        cfg.generations.enabled = false;
+        cfg.decode_check.enabled = false;
+        cfg
+    }
 }
 
 /// Perplexity of both models, KL and top-1 agreement, by DESIGN.md's protocol.
@@ -175,6 +206,8 @@ pub struct EvalReport {
     pub multiple_choice: Option<Vec<Pair<McReport>>>,
     pub speed: Option<Pair<SpeedReport>>,
     pub generations: Option<Vec<GenerationPair>>,
+    /// How often the student's greedy answers agree with the teacher's.
+    pub generation_agreement: Option<GenerationAgreement>,
     /// Recurrent decoding of the student against its full forward.
     pub decode_check: Option<DecodeCheck>,
     pub training: Option<Vec<StageSummary>>,
@@ -339,7 +372,8 @@ pub fn run_report(
         None
     };
 
-    let generations = if cfg.generations.enabled && !cfg.generations.prompts.is_empty() {
+    let has_prompts = !cfg.generations.prompts.is_empty() || cfg.generations.prompts_file.is_some();
+    let generations = if cfg.generations.enabled && has_prompts {
         tracing::info!("eval: generations");
         Some(side_by_side(teacher, student, tokenizer, &cfg.generations)?)
     } else {
@@ -386,6 +420,7 @@ pub fn run_report(
         mqar: mqar_result,
         multiple_choice,
         speed: speed_result,
+        generation_agreement: generations.as_deref().and_then(GenerationAgreement::of),
         generations,
         decode_check,
         training: curves
@@ -858,6 +893,18 @@ fn markdown(r: &EvalReport) -> String {
     }
     if let Some(gens) = &r.generations {
         let _ = writeln!(w, "## Generations (greedy)\n");
+        if let Some(a) = &r.generation_agreement {
+            let _ = writeln!(
+                w,
+                "The student's answer equals the teacher's on {} of {} prompts ({:.0}%); its \
+                 first sentence on {} ({:.0}%).\n",
+                a.exact,
+                a.prompts,
+                100.0 * a.exact_rate,
+                a.first_sentence,
+                100.0 * a.first_sentence_rate
+            );
+        }
         for g in gens {
             let _ = writeln!(w, "**Prompt:** {}\n", g.prompt.trim());
             let _ = writeln!(w, "| teacher | student |\n|---|---|");
@@ -940,6 +987,10 @@ pub fn validate(cfg: &EvalConfig) -> Result<()> {
         (
             cfg.multiple_choice.enabled,
             cfg.multiple_choice.tasks.iter().collect(),
+        ),
+        (
+            cfg.generations.enabled,
+            cfg.generations.prompts_file.iter().collect(),
         ),
     ];
     for file in files.iter().filter(|f| f.0).flat_map(|f| &f.1) {

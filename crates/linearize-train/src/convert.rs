@@ -285,6 +285,39 @@ impl ConvertedLayers {
         named
     }
 
+    /// The converted layers with their linear part switched off
+    /// ([`LinearizedMixer::window_only`]), over the same parameters; an error names the first
+    /// layer whose method has no window part.
+    pub fn window_only(&self) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mixer = l.mixer.window_only().with_context(|| {
+                    format!(
+                        "layer {} ({}) has no window part to keep",
+                        l.index,
+                        l.mixer.method()
+                    )
+                })?;
+                Ok(ConvertedLayer {
+                    index: l.index,
+                    mixer,
+                    params: l
+                        .params
+                        .iter()
+                        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                        .collect(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            num_layers: self.num_layers,
+            teacher_window: self.teacher_window,
+            layers,
+        })
+    }
+
     /// (Re)installs the converted mixers into `model` (after stage 1 wrapped them).
     pub fn install(&self, model: &mut Model) -> Result<()> {
         for layer in &self.layers {

@@ -130,6 +130,43 @@ impl TrainProgress {
     }
 }
 
+/// Progress of a long task outside training (sampling from the teacher): a bar of `unit`s with
+/// rate and ETA on a terminal, nothing otherwise (the caller logs its own milestones).
+pub struct TaskProgress {
+    bar: Option<ProgressBar>,
+}
+
+impl TaskProgress {
+    pub fn new(task: &str, total: u64, unit: &str) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            let template = format!(
+                "{{prefix}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} | \
+                 {{per_sec}} | ETA {{eta}}"
+            );
+            let style = ProgressStyle::with_template(&template)
+                .expect("the template is valid")
+                .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_prefix(task.to_owned());
+            bar
+        });
+        Self { bar }
+    }
+
+    pub fn inc(&self, done: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(done);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
 /// Remaining time from the pace of the steps done since this process started.
 fn eta(elapsed: Duration, steps_done: u64, steps_left: u64) -> Option<Duration> {
     (steps_done > 0).then(|| elapsed.mul_f64(steps_left as f64 / steps_done as f64))

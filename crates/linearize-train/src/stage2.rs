@@ -1,12 +1,12 @@
 //! Stage 2, LoRA (DESIGN.md "Training"): the converted model runs with its student attention and
-//! LoRA adapters on its projections are trained with next-token cross-entropy, KL divergence to
-//! the teacher's logits, or a weighted mix of both; optionally the feature maps and window
+//! LoRA adapters on its projections are trained with KL divergence to the teacher's logits (the
+//! default), next-token cross-entropy, or a weighted mix of both; optionally the feature maps and window
 //! factors keep training too. Everything else stays frozen.
 //!
 //! ```yaml
 //! finetune:
 //!   lora: {rank: 8, alpha: 16, targets: [q_proj, k_proj, v_proj, o_proj]}
-//!   loss: xent                  # or kl, or {xent: 0.5, kl: 0.5}
+//!   loss: kl                    # default; or xent, or {xent: 0.5, kl: 0.5}
 //!   optimizer: {lr: 0.0001}
 //!   max_tokens: 20000000
 //!   grad_accum: 8
@@ -36,8 +36,8 @@ pub struct Stage2Config {
     /// Rank, alpha, dropout and target projections of the adapters.
     #[serde(default)]
     pub lora: LoraSettings,
-    /// `xent` (next-token cross-entropy), `kl` (KL(teacher || student) of the next-token
-    /// distributions) or `{xent: w1, kl: w2}`.
+    /// `kl` (KL(teacher || student) of the next-token distributions, the default), `xent`
+    /// (next-token cross-entropy) or `{xent: w1, kl: w2}`.
     #[serde(default)]
     pub loss: LossSpec,
     /// Keep training the feature maps and window factors together with the adapters.

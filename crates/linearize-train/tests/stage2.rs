@@ -13,7 +13,7 @@ use linearize_train::optim::AdamWConfig;
 use linearize_train::schedule::ScheduleConfig;
 use linearize_train::stage1::{run_stage1, Stage1Config, Stage1Data, Stage1Job};
 use linearize_train::stage2::{
-    run_stage2, LossMix, LossSpec, Stage2Config, Stage2Data, Stage2Job, Stage2Summary,
+    run_stage2, LossMix, LossName, LossSpec, Stage2Config, Stage2Data, Stage2Job, Stage2Summary,
 };
 use linearize_train::state::latest_valid_state;
 use std::collections::BTreeMap;
@@ -30,9 +30,11 @@ fn data() -> Stage2Data {
     }
 }
 
+/// Cross-entropy unless a test asks for KL: most tests here check the text loss falls.
 fn config(max_steps: u64) -> Stage2Config {
     Stage2Config {
         max_steps: Some(max_steps),
+        loss: LossSpec::Name(LossName::Xent),
         optimizer: AdamWConfig::with_lr(1e-2),
         lora: LoraSettings {
             dropout: 0.1,
@@ -299,7 +301,8 @@ fn config_is_strict_with_lolcats_defaults() {
         (8, 16.0, 0.0)
     );
     assert_eq!(cfg.lora.targets, ["q_proj", "k_proj", "v_proj", "o_proj"]);
-    assert_eq!(cfg.loss.weights(), (1.0, 0.0));
+    // KL to the teacher by default (issue 21): the student learns the teacher, not the corpus.
+    assert_eq!(cfg.loss.weights(), (0.0, 1.0));
     cfg.validate().unwrap();
     let cfg: Stage2Config =
         serde_yaml_ng::from_str("max_steps: 3\nloss: {xent: 0.2, kl: 0.8}\n").unwrap();

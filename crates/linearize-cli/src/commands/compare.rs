@@ -1,7 +1,9 @@
 //! `linearize compare RUN_DIR... [--out DIR]`: one table over finished runs of the recipe
 //! runner (docs/RESULTS.md), from what each run directory already holds:
 //! - `report/eval.json` (the job's evaluation against the teacher): perplexity, KL, top-1
-//!   agreement on the first perplexity file, passkey and MQAR accuracy, decode speed and memory;
+//!   agreement on the first perplexity file (the headline: the held-out source), the perplexity
+//!   ratio on the second (the in-domain test split), passkey and MQAR accuracy, decode speed and
+//!   memory;
 //!   speed comes from `<run>/speed/report/eval.json` instead when the run's own report has none
 //!   (scripts/gpu/quality.sh measures speed there, one process at a time, because device memory
 //!   is measured device-wide and concurrent runs would distort it);
@@ -41,8 +43,10 @@ pub struct Args {
 /// The teacher's numbers (from the first run that has each).
 #[derive(Debug, Clone, PartialEq, Serialize, Default)]
 pub struct TeacherRow {
-    /// File the perplexity was measured on.
+    /// File the perplexity was measured on (the headline: the first perplexity file).
     pub ppl_file: Option<String>,
+    /// The second perplexity file, when the evaluation had one.
+    pub second_ppl_file: Option<String>,
     pub ppl: Option<f64>,
     pub passkey: Option<f64>,
     pub mqar: Option<f64>,
@@ -67,6 +71,9 @@ pub struct RunRow {
     pub ppl_ratio: Option<f64>,
     pub kl: Option<f64>,
     pub top1: Option<f64>,
+    /// Perplexity ratio on the second perplexity file (the in-domain test split beside the
+    /// held-out headline), when the evaluation had one.
+    pub second_ppl_ratio: Option<f64>,
     pub passkey: Option<f64>,
     pub mqar: Option<f64>,
     pub decode_tokens_per_s: Option<f64>,
@@ -142,6 +149,12 @@ pub fn compare(runs: &[PathBuf], context: Option<usize>) -> Result<Comparison> {
             first_text["file"].as_str().map(str::to_string),
         );
         fill(
+            &mut teacher.second_ppl_file,
+            run.eval["perplexity"][1]["file"]
+                .as_str()
+                .map(str::to_string),
+        );
+        fill(
             &mut teacher.ppl,
             first_text["comparison"]["teacher"]["perplexity"].as_f64(),
         );
@@ -156,13 +169,50 @@ pub fn compare(runs: &[PathBuf], context: Option<usize>) -> Result<Comparison> {
         fill(&mut teacher.decode_tokens_per_s, speed.0);
         fill(&mut teacher.decode_mib, speed.1);
         fill(&mut teacher.cache_mib, speed.2);
+        let ablation = run
+            .window_only
+            .as_ref()
+            .map(|eval| window_only_row(&row, eval));
         rows.push(row);
+        rows.extend(ablation);
     }
     Ok(Comparison {
         teacher,
         context,
         runs: rows,
     })
+}
+
+/// The reference row of `row`'s student with its linear part switched off (measured on the same
+/// perplexity files; nothing else was measured).
+fn window_only_row(row: &RunRow, eval: &Value) -> RunRow {
+    let ratio = |text: &Value| {
+        let c = &text["comparison"];
+        c["student"]["perplexity"]
+            .as_f64()
+            .zip(c["teacher"]["perplexity"].as_f64())
+            .map(|(s, t)| s / t)
+    };
+    let first = &eval["perplexity"][0];
+    RunRow {
+        run: format!("{} (linear part off)", row.run),
+        method: format!("{}, window only", row.method),
+        ppl: first["comparison"]["student"]["perplexity"].as_f64(),
+        ppl_ratio: ratio(first),
+        kl: first["comparison"]["kl_teacher_student"].as_f64(),
+        top1: first["comparison"]["top1_agreement"].as_f64(),
+        second_ppl_ratio: ratio(&eval["perplexity"][1]),
+        passkey: None,
+        mqar: None,
+        decode_tokens_per_s: None,
+        decode_mib: None,
+        cache_mib: None,
+        wall_s: None,
+        wall_source: None,
+        curve: Vec::new(),
+        curve_reference: None,
+        ..row.clone()
+    }
 }
 
 fn fill<T>(slot: &mut Option<T>, value: Option<T>) {
@@ -181,6 +231,8 @@ struct RunFiles {
     metrics: Vec<MetricRecord>,
     teacher_val: Option<f64>,
     wall_s: Option<f64>,
+    /// `report/window_only/eval.json`: the student with its linear part switched off.
+    window_only: Option<Value>,
 }
 
 impl RunFiles {
@@ -223,6 +275,7 @@ impl RunFiles {
         let teacher_val =
             optional_json(&dir.join("teacher_val.json"))?.and_then(|v| v["ppl"].as_f64());
         let wall_s = optional_json(&dir.join("timing.json"))?.and_then(|v| v["wall_s"].as_f64());
+        let window_only = optional_json(&dir.join("report/window_only/eval.json"))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             name,
@@ -231,6 +284,7 @@ impl RunFiles {
             metrics,
             teacher_val,
             wall_s,
+            window_only,
         })
     }
 
@@ -309,6 +363,11 @@ impl RunFiles {
         let text = &self.eval["perplexity"][0]["comparison"];
         let ppl = text["student"]["perplexity"].as_f64();
         let teacher_ppl = text["teacher"]["perplexity"].as_f64();
+        let second = &self.eval["perplexity"][1]["comparison"];
+        let second_ppl_ratio = second["student"]["perplexity"]
+            .as_f64()
+            .zip(second["teacher"]["perplexity"].as_f64())
+            .map(|(s, t)| s / t);
         let (decode_tokens_per_s, decode_mib, cache_mib) = self.speed_at(context, "student");
         let tokens = self.stage_tokens();
         let (wall_s, wall_source) = match self.wall_s {
@@ -351,6 +410,7 @@ impl RunFiles {
             ppl_ratio: ppl.zip(teacher_ppl).map(|(s, t)| s / t),
             kl: text["kl_teacher_student"].as_f64(),
             top1: text["top1_agreement"].as_f64(),
+            second_ppl_ratio,
             passkey: self.eval["passkey"]["student"]["accuracy"].as_f64(),
             mqar: self.eval["mqar"]["student"]["accuracy"].as_f64(),
             decode_tokens_per_s,
@@ -473,29 +533,45 @@ fn markdown(c: &Comparison) -> String {
         .map_or("decode (no speed measured)".to_string(), |n| {
             format!("decode @ {n}")
         });
+    let second = t.second_ppl_file.as_deref().map(file_label);
+    let second_column = second
+        .as_deref()
+        .map_or(String::new(), |f| format!(" ppl ratio `{f}` |"));
     let _ = writeln!(w, "# Quality: converted models against the teacher\n");
     let _ = writeln!(
         w,
-        "Perplexity on `{file}` (ppl ratio = student / teacher, same windows); KL(teacher ‖ \
-         student) per token and top-1 agreement on the same predictions; passkey and MQAR: \
-         accuracy over all lengths/queries; {speed}: greedy decode tokens/s, the device memory \
-         the decode adds (prefill cache included; 0 where the allocator had the memory cached \
-         already) and the bytes of the decoding cache (KV cache or recurrent state) after the \
-         last token. Tokens: per stage, stage 1 + LoRA.\n"
+        "Headline on `{file}`: KL(teacher ‖ student) per token, top-1 agreement of the next-token \
+         predictions and perplexity (ppl ratio = student / teacher, same windows){}; passkey and \
+         MQAR: accuracy over all lengths/queries; {speed}: greedy decode tokens/s, the device \
+         memory the decode adds (prefill cache included; 0 where the allocator had the memory \
+         cached already) and the bytes of the decoding cache (KV cache or recurrent state) after \
+         the last token. Tokens: per stage, stage 1 + LoRA.\n",
+        second.as_deref().map_or(String::new(), |f| format!(
+            "; beside it the ppl ratio on `{f}`, the second evaluation file"
+        )),
     );
     let _ = writeln!(
         w,
-        "| run | method | softmax layers | tokens | ppl | ppl ratio | KL | top-1 | passkey | MQAR | {speed} tok/s | {speed} MiB | cache MiB | wall |"
+        "| run | method | softmax layers | tokens | KL | top-1 | ppl | ppl ratio |{second_column} passkey | MQAR | {speed} tok/s | {speed} MiB | cache MiB | wall |"
     );
     let _ = writeln!(
         w,
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---|---:|---:|---:|---:|{}---:|---:|---:|---:|---:|---:|",
+        if second.is_some() { "---:|" } else { "" }
     );
+    let second_cell = |v: Option<f64>| {
+        if second.is_some() {
+            format!(" {} |", num(v, 3))
+        } else {
+            String::new()
+        }
+    };
     let layers = c.runs.first().map_or(0, |r| r.layers);
     let _ = writeln!(
         w,
-        "| teacher | softmax | {layers} | – | {} | 1.000 | 0 | 1.000 | {} | {} | {} | {} | {} | – |",
+        "| teacher | softmax | {layers} | – | 0 | 1.000 | {} | 1.000 |{} {} | {} | {} | {} | {} | – |",
         num(t.ppl, 3),
+        second_cell(Some(1.0)),
         num(t.passkey, 2),
         num(t.mqar, 2),
         num(t.decode_tokens_per_s, 1),
@@ -522,15 +598,16 @@ fn markdown(c: &Comparison) -> String {
         });
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |{} {} | {} | {} | {} | {} | {} |",
             r.run,
             r.method,
             r.softmax_layers,
             tokens,
-            num(r.ppl, 3),
-            num(r.ppl_ratio, 3),
             num(r.kl, 4),
             num(r.top1, 3),
+            num(r.ppl, 3),
+            num(r.ppl_ratio, 3),
+            second_cell(r.second_ppl_ratio),
             num(r.passkey, 2),
             num(r.mqar, 2),
             num(r.decode_tokens_per_s, 1),
@@ -707,6 +784,30 @@ mod tests {
         )
         .unwrap();
         std::fs::write(lolcats.join("timing.json"), r#"{"wall_s": 321.4}"#).unwrap();
+        // The headline file first, the in-domain test split second; and the ablation with the
+        // linear part switched off.
+        let text = |file: &str, student: f64, kl: f64| {
+            json!({"file": file, "comparison": {
+                "teacher": {"perplexity": 20.0}, "student": {"perplexity": student},
+                "kl_teacher_student": kl, "top1_agreement": 0.5}})
+        };
+        let eval_path = lolcats.join("report/eval.json");
+        let mut eval: Value = read_json(&eval_path).unwrap();
+        eval["perplexity"] = json!([
+            text("/cache/text/heldout.txt", 25.0, 0.125),
+            text("/cache/text/test.txt", 18.0, 0.1)
+        ]);
+        std::fs::write(&eval_path, eval.to_string()).unwrap();
+        std::fs::create_dir_all(lolcats.join("report/window_only")).unwrap();
+        std::fs::write(
+            lolcats.join("report/window_only/eval.json"),
+            json!({"perplexity": [
+                text("/cache/text/heldout.txt", 40.0, 0.5),
+                text("/cache/text/test.txt", 30.0, 0.4)
+            ]})
+            .to_string(),
+        )
+        .unwrap();
         let hybrid = fake_run(
             tmp.path(),
             "hybrid",
@@ -734,9 +835,21 @@ mod tests {
         assert_eq!(c.context, Some(4096));
         assert_eq!(c.teacher.ppl, Some(20.0));
         assert_eq!(c.teacher.decode_tokens_per_s, Some(100.0));
-        let [l, h, u] = &c.runs[..] else {
-            panic!("three rows expected")
+        let [l, w, h, u] = &c.runs[..] else {
+            panic!("four rows expected")
         };
+        assert_eq!(
+            c.teacher.second_ppl_file.as_deref(),
+            Some("/cache/text/test.txt")
+        );
+        assert_eq!(l.second_ppl_ratio, Some(0.9));
+        assert_eq!(w.run, "lolcats (linear part off)");
+        assert_eq!(
+            (w.ppl_ratio, w.kl, w.second_ppl_ratio),
+            (Some(2.0), Some(0.5), Some(1.5))
+        );
+        assert_eq!((w.passkey, w.decode_tokens_per_s), (None, None));
+        assert_eq!(h.second_ppl_ratio, None);
         assert_eq!(
             (l.method.as_str(), l.softmax_layers),
             ("lolcats-sw64+hedgehog64", 0)
@@ -778,18 +891,23 @@ mod tests {
         };
         assert_eq!(
             line("teacher"),
-            "| teacher | softmax | 4 | – | 20.000 | 1.000 | 0 | 1.000 | 1.00 | 0.90 | 100.0 | 64.0 | 32.0 | – |"
+            "| teacher | softmax | 4 | – | 0 | 1.000 | 20.000 | 1.000 | 1.000 | 1.00 | 0.90 | 100.0 | 64.0 | 32.0 | – |"
         );
         assert_eq!(
             line("lolcats"),
-            "| lolcats | lolcats-sw64+hedgehog64 | 0 | 4k + 4k | 25.000 | 1.250 | 0.1250 | 0.750 | 0.50 | 0.25 | 150.0 | 8.0 | 4.0 | 321 s |"
+            "| lolcats | lolcats-sw64+hedgehog64 | 0 | 4k + 4k | 0.1250 | 0.500 | 25.000 | 1.250 | 0.900 | 0.50 | 0.25 | 150.0 | 8.0 | 4.0 | 321 s |"
+        );
+        assert_eq!(
+            line("lolcats (linear part off)"),
+            "| lolcats (linear part off) | lolcats-sw64+hedgehog64, window only | 0 | 4k + 4k | 0.5000 | 0.500 | 40.000 | 2.000 | 1.500 | – | – | – | – | – | – |"
         );
         assert_eq!(
             line("hybrid"),
-            "| hybrid | lolcats-sw64+hedgehog64 | 2 | 4k + 4k | 22.000 | 1.100 | 0.1250 | 0.750 | 0.50 | 0.25 | – | – | – | 4 s (training) |"
+            "| hybrid | lolcats-sw64+hedgehog64 | 2 | 4k + 4k | 0.1250 | 0.750 | 22.000 | 1.100 | – | 0.50 | 0.25 | – | – | – | 4 s (training) |"
         );
-        assert!(line("untrained").contains("| 0 (untrained) | 80.000 | 4.000 |"));
+        assert!(line("untrained").contains("| 0 (untrained) | 0.1250 | 0.750 | 80.000 | 4.000 |"));
         assert!(md.contains("decode @ 4096 tok/s"));
+        assert!(md.contains("Headline on `heldout.txt`") && md.contains("ppl ratio `test.txt`"));
 
         // The command writes the three files.
         let out = tmp.path().join("out");

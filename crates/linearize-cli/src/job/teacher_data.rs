@@ -162,6 +162,11 @@ fn generate(
         batch,
         "sampling training sequences from the teacher"
     );
+    let progress = linearize_train::progress::TaskProgress::new(
+        "teacher samples",
+        (store.remaining() * window) as u64,
+        "tok",
+    );
     let _no_grad = tch::no_grad_guard();
     while !store.is_complete() {
         let begin = store.len();
@@ -169,27 +174,13 @@ fn generate(
         // Each chunk from its own seed: a resumed job samples the chunk it was in again the same
         // way (on the same device and build).
         tch::manual_seed(settings.seed.wrapping_add(begin as u64) as i64);
-        // Sequences that continue the same prompt run together (prompts differ in length).
-        let mut rows: Vec<Option<Vec<u32>>> = vec![None; end - begin];
-        let mut groups: Vec<(Vec<u32>, Vec<usize>)> = Vec::new();
-        for index in begin..end {
-            let ids = start_ids(index)?;
-            match groups.iter_mut().find(|(p, _)| *p == ids) {
-                Some((_, members)) => members.push(index - begin),
-                None => groups.push((ids, vec![index - begin])),
-            }
-        }
-        for (prompt, members) in groups {
-            let sampled = sample_batch(model, &prompt, members.len(), window, config)?;
-            for (row, tokens) in members.into_iter().zip(sampled) {
-                rows[row] = Some(tokens);
-            }
-        }
-        let tokens: Vec<u32> = rows
+        let prompts = (begin..end).map(start_ids).collect::<Result<Vec<_>>>()?;
+        let tokens: Vec<u32> = sample_batch(model, &prompts, window, config)?
             .into_iter()
-            .flat_map(|r| r.expect("every row sampled"))
+            .flatten()
             .collect();
         store.append(&tokens)?;
+        progress.inc(((end - begin) * window) as u64);
         let done = store.len() - first;
         let secs = started.elapsed().as_secs_f64();
         tracing::info!(
@@ -199,33 +190,55 @@ fn generate(
             "teacher samples"
         );
     }
+    progress.finish();
     Ok(())
 }
 
-/// `n` sequences of `window` tokens that start with `prompt` and continue it by sampling (with
-/// the teacher's KV cache, on its device).
+/// One sequence of `window` tokens per prompt: the prompt (at most `window` tokens, at least
+/// one), continued by sampling, all rows in one batch with the teacher's KV cache on its device.
+/// Prompts differ in length, so the batch runs in step: the tokens every prompt has are one
+/// prefill, then each step feeds a row its next prompt token while it has one and its sampled
+/// token afterwards (no padding, so every row sees exactly its own prefix).
 fn sample_batch(
     model: &Model,
-    prompt: &[u32],
-    n: usize,
+    prompts: &[Vec<u32>],
     window: usize,
     config: &TeacherSamplesConfig,
 ) -> Result<Vec<Vec<u32>>> {
     let device = model.device();
-    let ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
-    let prompt_ids = Tensor::from_slice(&ids)
-        .view([1, -1])
-        .expand([n as i64, ids.len() as i64], false)
-        .contiguous()
+    let n = prompts.len();
+    ensure!(
+        prompts.iter().all(|p| !p.is_empty() && p.len() <= window),
+        "every prompt needs 1 to {window} tokens"
+    );
+    let shared = prompts.iter().map(Vec::len).min().unwrap_or(0);
+    // Each row's prompt, padded to the window; `forced[i, t]` while t is inside row i's prompt.
+    let mut padded = vec![0i64; n * window];
+    let mut forced = vec![false; n * window];
+    for (i, prompt) in prompts.iter().enumerate() {
+        for (t, &id) in prompt.iter().enumerate() {
+            padded[i * window + t] = i64::from(id);
+            forced[i * window + t] = true;
+        }
+    }
+    let padded = Tensor::from_slice(&padded)
+        .view([n as i64, window as i64])
         .to_device(device);
-    let mut pieces = vec![prompt_ids.shallow_clone()];
-    if prompt.len() < window {
+    let forced = Tensor::from_slice(&forced)
+        .view([n as i64, window as i64])
+        .to_device(device);
+    let mut pieces = vec![padded.narrow(1, 0, shared as i64)]; // (n, shared)
+    if shared < window {
         let mut cache = model.new_cache(n as i64)?;
-        let mut logits = model.forward(&prompt_ids, Some(&mut cache))?.select(1, -1);
-        for produced in prompt.len()..window {
-            let next = sample_next(&logits, config.temperature, config.top_p); // (n, 1)
+        let mut logits = model.forward(&pieces[0], Some(&mut cache))?.select(1, -1);
+        for t in shared..window {
+            let sampled = sample_next(&logits, config.temperature, config.top_p); // (n, 1)
+            let t = t as i64;
+            let next = forced
+                .narrow(1, t, 1)
+                .where_self(&padded.narrow(1, t, 1), &sampled);
             pieces.push(next.shallow_clone());
-            if produced + 1 < window {
+            if t + 1 < window as i64 {
                 logits = model.forward(&next, Some(&mut cache))?.select(1, -1);
             }
         }

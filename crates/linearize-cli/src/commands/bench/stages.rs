@@ -18,7 +18,7 @@ use linearize_train::lora::{LoraAdapters, LoraSettings};
 use linearize_train::metrics::MetricsWriter;
 use linearize_train::stage::{StageData, StageJob};
 use linearize_train::stage1::{run_stage1, Stage1Config};
-use linearize_train::stage2::{run_stage2, Stage2Config};
+use linearize_train::stage2::{run_stage2, LossName, LossSpec, Stage2Config};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -38,6 +38,28 @@ impl StageCase {
             Self::Teacher => "teacher",
             Self::Stage1 => "stage1",
             Self::Stage2 => "stage2",
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Stage2Loss {
+    Xent,
+    Kl,
+}
+
+impl Stage2Loss {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Xent => "xent",
+            Self::Kl => "kl",
+        }
+    }
+
+    fn loss(self) -> LossName {
+        match self {
+            Self::Xent => LossName::Xent,
+            Self::Kl => LossName::Kl,
         }
     }
 }
@@ -71,6 +93,10 @@ pub struct StageArgs {
     /// Stage 2 with activation checkpointing (layers recomputed in the backward).
     #[arg(long)]
     activation_checkpointing: bool,
+    /// Stage 2's objective: `xent` (the benchmarks of docs/BENCHMARKS.md) or `kl` (the recipes'
+    /// default: one more forward pass of the teacher per update).
+    #[arg(long, value_enum, default_value = "xent")]
+    stage2_loss: Stage2Loss,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -117,6 +143,7 @@ pub fn run(args: StageArgs) -> Result<()> {
             if args.activation_checkpointing {
                 cmd.arg("--activation-checkpointing");
             }
+            cmd.args(["--stage2-loss", args.stage2_loss.name()]);
             if let Some(dir) = &args.profile {
                 cmd.arg("--profile").arg(dir);
                 cmd.args(["--profile-top", &args.profile_top.to_string()]);
@@ -167,6 +194,7 @@ pub fn run(args: StageArgs) -> Result<()> {
                 "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
                 "lora_rank": args.lora_rank,
                 "activation_checkpointing": args.activation_checkpointing,
+                "stage2_loss": args.stage2_loss.name(),
             },
             "results": results,
         });
@@ -293,6 +321,7 @@ fn worker(args: &StageArgs, spec: &str) -> Result<()> {
                     log_every: 1,
                     verify_frozen: false,
                     activation_checkpointing: args.activation_checkpointing,
+                    loss: LossSpec::Name(args.stage2_loss.loss()),
                     ..Stage2Config::default()
                 };
                 let lora = LoraAdapters::install(&mut student.model, &cfg.lora, 0)?;
