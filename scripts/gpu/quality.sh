@@ -132,7 +132,8 @@ if [ "$SMOKE" = 1 ]; then
     SETS+=(--set data.seq_len=64 --set data.batch_size=2 --set data.max_val_sequences=2
         --set "eval.perplexity={files: [\"offline:text/heldout\", \"offline:text/test\"], ctx: 64, max_windows: 2}"
         --set "eval.attention_error={ctx: 64, max_windows: 1}"
-        --set "eval.passkey={min_length: 128, max_length: 128, trials: 1}"
+        --set "eval.passkey={min_length: 128, max_length: 128, depths: [0.5], trials: 1}"
+        --set "eval.multikey={min_length: 256, max_length: 256, keys: 2, trials: 1}"
         --set "eval.mqar={num_pairs: 4, trials: 1}"
         --set "eval.speed={context_lengths: [64, 128], decode_tokens: 4}"
         --set "eval.generations.max_new_tokens=4" --set eval.multiple_choice.limit=2
@@ -373,7 +374,8 @@ measure_speed() {
         --set "conversion.softmax_layers=$layers" --set data.teacher_samples=null \
         --set 'data.sources=[{kind: text, path: "offline:text", split: train}]' \
         --set eval.perplexity.enabled=false --set eval.attention_error.enabled=false \
-        --set eval.passkey.enabled=false --set eval.mqar.enabled=false \
+        --set eval.passkey.enabled=false --set eval.multikey.enabled=false \
+        --set eval.mqar.enabled=false \
         --set eval.multiple_choice.enabled=false --set eval.generations.enabled=false \
         --set eval.decode_check.enabled=false --set export=null >"$LOGS/$m.speed.log" 2>&1 \
         && MEASURED[$key]=$RUNS/$m/speed \

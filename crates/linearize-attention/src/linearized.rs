@@ -86,9 +86,13 @@ pub struct AttentionConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub_chunk: Option<i64>,
     /// `lolcats`: run whole sequences (training, scoring) through the fused CUDA kernels where
-    /// they apply (bf16, a window of whole 64-token chunks). Default true.
+    /// they apply (bf16, a window of whole 64-token chunks, no sinks). Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fused_kernels: Option<bool>,
+    /// `lolcats`, `sliding_window`, `liger`: the first `sinks` tokens stay softmax keys of every
+    /// query (StreamingLLM). Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sinks: Option<i64>,
 }
 
 const DEFAULT_FEATURE_MAP: FeatureMapConfig = FeatureMapConfig::Hedgehog {
@@ -104,7 +108,7 @@ const DEFAULT_GATE_NORMALIZER: f64 = 16.0;
 const DEFAULT_SUB_CHUNK: i64 = 16;
 
 /// The optional fields of [`AttentionConfig`] and the methods that use each.
-const FIELD_USERS: [(&str, &[Method]); 8] = [
+const FIELD_USERS: [(&str, &[Method]); 9] = [
     ("feature_map", &[Method::Linear, Method::Lolcats]),
     ("window_shape", &[Method::Lolcats]),
     (
@@ -125,6 +129,10 @@ const FIELD_USERS: [(&str, &[Method]); 8] = [
     ("gate_normalizer", &[Method::LigerGla, Method::Liger]),
     ("sub_chunk", &[Method::LigerGla, Method::Liger]),
     ("fused_kernels", &[Method::Lolcats]),
+    (
+        "sinks",
+        &[Method::Lolcats, Method::SlidingWindow, Method::Liger],
+    ),
 ];
 
 impl AttentionConfig {
@@ -140,6 +148,7 @@ impl AttentionConfig {
             gate_normalizer: None,
             sub_chunk: None,
             fused_kernels: None,
+            sinks: None,
         }
     }
 
@@ -167,6 +176,9 @@ impl AttentionConfig {
             if let Some(value) = value {
                 ensure!(value >= 1, "attention.{field} must be >= 1, got {value}");
             }
+        }
+        if let Some(sinks) = self.sinks {
+            ensure!(sinks >= 0, "attention.sinks must be >= 0, got {sinks}");
         }
         if let Some(eps) = self.eps {
             ensure!(
@@ -200,6 +212,7 @@ impl AttentionConfig {
             "gate_normalizer" => self.gate_normalizer.is_some(),
             "sub_chunk" => self.sub_chunk.is_some(),
             "fused_kernels" => self.fused_kernels.is_some(),
+            "sinks" => self.sinks.is_some(),
             other => unreachable!("no attention field {other}"),
         }
     }
@@ -224,6 +237,7 @@ impl AttentionConfig {
                 .then(|| self.gate_normalizer.unwrap_or(DEFAULT_GATE_NORMALIZER)),
             sub_chunk: uses("sub_chunk").then(|| self.sub_chunk.unwrap_or(DEFAULT_SUB_CHUNK)),
             fused_kernels: uses("fused_kernels").then(|| self.fused_kernels.unwrap_or(true)),
+            sinks: uses("sinks").then(|| self.sinks()),
         }
     }
 
@@ -240,6 +254,10 @@ impl AttentionConfig {
         self.chunk_size.unwrap_or(DEFAULT_CHUNK)
     }
 
+    fn sinks(&self) -> i64 {
+        self.sinks.unwrap_or(0)
+    }
+
     pub fn linear_attn_config(&self) -> LinearAttnConfig {
         LinearAttnConfig {
             chunk_size: self.chunk(),
@@ -253,6 +271,7 @@ impl AttentionConfig {
             window_size: self.window(),
             chunk_size: self.chunk(),
             fused: self.fused_kernels.unwrap_or(true),
+            sinks: self.sinks(),
         }
     }
 
@@ -260,6 +279,7 @@ impl AttentionConfig {
         SwaConfig {
             window_size: self.window(),
             chunk_size: self.chunk(),
+            sinks: self.sinks(),
         }
     }
 
@@ -276,11 +296,21 @@ impl AttentionConfig {
             gate_normalizer: self.gate_normalizer.unwrap_or(DEFAULT_GATE_NORMALIZER),
             chunk_size: self.chunk(),
             sub_chunk: self.sub_chunk.unwrap_or(DEFAULT_SUB_CHUNK),
+            sinks: self.sinks(),
         }
     }
 
-    /// Short name for reports, e.g. `lolcats-sw64+hedgehog64`, `linear+t2r32`, `liger-sw64`.
+    /// Short name for reports, e.g. `lolcats-sw64+hedgehog64`, `linear+t2r32`, `liger-sw64`,
+    /// `sliding_window-64+sinks4`.
     pub fn name(&self) -> String {
+        let base = self.base_name();
+        match self.sinks() {
+            0 => base,
+            n => format!("{base}+sinks{n}"),
+        }
+    }
+
+    fn base_name(&self) -> String {
         let fm = || feature_map_name(&self.feature_map());
         match self.method {
             Method::Softmax => "softmax".into(),
@@ -523,13 +553,13 @@ impl LinearizedMixer {
             Kernel::Lolcats { linear, .. } => *linear = false,
             Kernel::Liger(cfg) => {
                 mixer.config = AttentionConfig {
-                    method: Method::SlidingWindow,
                     window_size: Some(cfg.window_size),
                     chunk_size: Some(cfg.chunk_size),
+                    sinks: Some(cfg.sinks),
                     ..AttentionConfig::new(Method::SlidingWindow)
                 }
                 .resolved();
-                mixer.kernel = Kernel::SlidingWindow(cfg.swa());
+                mixer.kernel = Kernel::SlidingWindow(cfg.swa_config());
             }
             Kernel::Softmax(_) | Kernel::SlidingWindow(_) => {}
             Kernel::Linear { .. } | Kernel::LigerGla { .. } => return None,
@@ -831,14 +861,17 @@ impl Mixer for LinearizedMixer {
         match (&self.kernel, &state.kernel) {
             (Kernel::Linear { .. }, Some(KernelState::Linear(_)))
             | (Kernel::LigerGla { .. }, Some(KernelState::LigerGla(_))) => true,
+            // The window cache is full and the window has passed the sinks: the state's shapes
+            // (and the sinks each step sees) no longer change.
             (Kernel::Lolcats { cfg, .. }, Some(KernelState::Lolcats(s))) => {
-                s.cached() >= cfg.window().reach()
+                s.cached() >= cfg.window().reach() && s.pos >= cfg.sinks + cfg.window().reach()
             }
             (Kernel::SlidingWindow(cfg), Some(KernelState::SlidingWindow(s))) => {
-                s.cached() >= cfg.window().reach()
+                s.cached() >= cfg.window().reach() && s.pos >= cfg.sinks + cfg.window().reach()
             }
             (Kernel::Liger(cfg), Some(KernelState::Liger(s))) => {
-                s.window.cached() >= cfg.swa().window().reach()
+                let reach = cfg.swa_config().window().reach();
+                s.window.cached() >= reach && s.window.pos >= cfg.sinks + reach
             }
             _ => false,
         }

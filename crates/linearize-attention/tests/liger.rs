@@ -1,5 +1,5 @@
-//! Liger attention (0.5 sliding-window softmax + 0.5 GLA): the three forms agree and the
-//! combination is the one DESIGN.md describes.
+//! Liger attention (0.5 sliding-window softmax + 0.5 GLA): the three forms agree, with and
+//! without sink tokens, and the combination is the one DESIGN.md describes.
 mod common;
 
 use common::*;
@@ -111,12 +111,82 @@ fn naive_is_half_window_softmax_plus_half_gla_of_softmaxed_projections() {
         &SwaConfig {
             window_size: W,
             chunk_size: CHUNK,
+            sinks: 0,
         },
     )
     .unwrap();
     let (q, k) = (x.q.softmax(-1, Kind::Double), x.k.softmax(-1, Kind::Double));
     let linear = gla::naive(&q, &k, &x.v, &(x.k.log_sigmoid() / 16.0)).unwrap();
     assert_close("combination", &y, &(window * 0.5 + linear * 0.5), 1e-12);
+}
+
+#[test]
+fn sinks_join_the_window_half_only() {
+    seed(48);
+    let x = qkv(1, 20, Kind::Double, 0.0);
+    let with = LigerConfig { sinks: 3, ..cfg() };
+    let y = liger::naive(&x.inputs(), &with).unwrap();
+    let window = swa::naive(&x.q_rope, &x.k_rope, &x.v, &with.swa_config()).unwrap();
+    let (q, k) = (x.q.softmax(-1, Kind::Double), x.k.softmax(-1, Kind::Double));
+    let linear = gla::naive(&q, &k, &x.v, &(x.k.log_sigmoid() / 16.0)).unwrap();
+    assert_eq!(with.swa_config().sinks, 3);
+    assert_close("combination", &y, &(window * 0.5 + linear * 0.5), 1e-12);
+}
+
+#[test]
+fn sinks_forms_agree_with_gradients_and_prefill_then_decode_matches_the_full_sequence() {
+    seed(49);
+    for sinks in [1, 3, W + 5] {
+        let c = LigerConfig { sinks, ..cfg() };
+        for len in lengths(W, CHUNK) {
+            let x = qkv(2, len, Kind::Float, 0.0);
+            let naive = liger::naive(&x.inputs(), &c).unwrap();
+            let (chunked, _) = liger::chunked(&x.inputs(), &c, None).unwrap();
+            assert_same_grads(
+                &format!("sinks {sinks} len {len}"),
+                &chunked,
+                &naive,
+                &x.named(),
+                1e-5,
+            );
+        }
+        let len = 3 * CHUNK + 5;
+        let x = qkv(2, len, Kind::Float, 0.0);
+        tch::no_grad(|| {
+            let (full, end) = liger::chunked(&x.inputs(), &c, None).unwrap();
+            assert_eq!(end.window.sinks.len(), sinks);
+            let (recurrent, _) = liger::recurrent(&x.inputs(), &c, None).unwrap();
+            assert_close(
+                &format!("sinks {sinks}: recurrent"),
+                &recurrent,
+                &full,
+                1e-5,
+            );
+            for split in [2, W + 6, CHUNK + 1] {
+                let (head, tail) = (x.narrow(0, split), x.narrow(split, len - split));
+                let (y0, mut state) = liger::chunked(&head.inputs(), &c, None).unwrap();
+                let want = full.narrow(2, split, len - split);
+                let (continued, _) = liger::chunked(&tail.inputs(), &c, Some(&state)).unwrap();
+                let steps: Vec<Tensor> = (0..len - split)
+                    .map(|t| liger::step(&mut state, &tail.narrow(t, 1).inputs(), &c).unwrap())
+                    .collect();
+                let what = format!("sinks {sinks} split {split}");
+                assert_close(
+                    &format!("{what}: prefill"),
+                    &y0,
+                    &full.narrow(2, 0, split),
+                    1e-5,
+                );
+                assert_close(&format!("{what}: continued"), &continued, &want, 1e-5);
+                assert_close(
+                    &format!("{what}: steps"),
+                    &Tensor::cat(&steps, 2),
+                    &want,
+                    1e-5,
+                );
+            }
+        });
+    }
 }
 
 #[test]

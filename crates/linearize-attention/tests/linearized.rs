@@ -103,6 +103,31 @@ fn methods() -> Vec<AttentionConfig> {
             sub_chunk: Some(2),
             ..base(Method::Liger)
         },
+        // Sinks: each window method once, the terrace with more sinks than a block.
+        AttentionConfig {
+            feature_map: Some(hedgehog(6)),
+            window_size: Some(5),
+            sinks: Some(3),
+            ..base(Method::Lolcats)
+        },
+        AttentionConfig {
+            feature_map: Some(FeatureMapConfig::Elu),
+            window_shape: Some(WindowShape::Tk),
+            window_size: Some(4),
+            sinks: Some(6),
+            ..base(Method::Lolcats)
+        },
+        AttentionConfig {
+            window_size: Some(5),
+            sinks: Some(2),
+            ..base(Method::SlidingWindow)
+        },
+        AttentionConfig {
+            window_size: Some(6),
+            sub_chunk: Some(2),
+            sinks: Some(4),
+            ..base(Method::Liger)
+        },
     ]
 }
 
@@ -257,8 +282,21 @@ fn steps_become_capturable_once_the_window_cache_is_full() {
             "{}: after one token",
             cfg.name()
         );
+        // Sinks: capturable once the window has passed them (the sinks a step sees are fixed).
+        let sinks = cfg.sinks.unwrap_or(0);
+        if sinks > 0 {
+            let w = cfg.window_size.unwrap();
+            let reach = match cfg.window_shape {
+                Some(WindowShape::Tk) => 2 * w - 1,
+                _ => w - 1,
+            };
+            // A full window cache, one token short of the window passing the last sink.
+            let mut state = mixer.new_state(1).unwrap();
+            feed(&mixer, &mut state, reach + sinks - 1);
+            assert!(!mixer.step_capturable(&state), "{}: sinks", cfg.name());
+        }
         let mut state = mixer.new_state(1).unwrap();
-        feed(&mixer, &mut state, 2 * cfg.window_size.unwrap_or(1));
+        feed(&mixer, &mut state, 2 * cfg.window_size.unwrap_or(1) + sinks);
         assert!(
             mixer.step_capturable(&state),
             "{}: a full window",
@@ -442,6 +480,64 @@ fn config_fields_must_belong_to_the_method() {
     for cfg in methods() {
         cfg.validate().unwrap();
     }
+}
+
+#[test]
+fn sinks_are_read_checked_named_and_counted_in_the_cache() {
+    let e = AttentionConfig {
+        sinks: Some(4),
+        ..AttentionConfig::new(Method::Linear)
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("attention.sinks") && e.contains("`linear`"),
+        "{e}"
+    );
+    let e = AttentionConfig {
+        sinks: Some(-1),
+        ..AttentionConfig::new(Method::SlidingWindow)
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("attention.sinks must be >= 0"), "{e}");
+    let cfg: AttentionConfig = serde_yaml_ng::from_str(
+        "method: sliding_window
+sinks: 4
+",
+    )
+    .unwrap();
+    assert_eq!(cfg.name(), "sliding_window-64+sinks4");
+    assert_eq!(cfg.resolved().sinks, Some(4));
+    assert_eq!(cfg.swa_config().sinks, 4);
+    assert_eq!(
+        AttentionConfig::new(Method::Lolcats).resolved().sinks,
+        Some(0)
+    );
+    assert_eq!(AttentionConfig::new(Method::Linear).resolved().sinks, None);
+
+    // The decoding cache holds the sinks' keys and values: 3 tokens x (2 kv heads x 8) x 2 x f32.
+    let model = tiny_model(json!({}));
+    let shape = LayerShape::of(model.config());
+    let bytes = |sinks: i64| {
+        let cfg = AttentionConfig {
+            window_size: Some(5),
+            sinks: Some(sinks),
+            ..AttentionConfig::new(Method::SlidingWindow)
+        };
+        let store = nn::VarStore::new(Device::Cpu);
+        let mixer = LinearizedMixer::new(&store.root(), &shape, &cfg).unwrap();
+        let mut state = mixer.new_state(1).unwrap();
+        tch::manual_seed(6);
+        let q = Tensor::randn([1, 4, 20, 8], (Kind::Float, Device::Cpu));
+        let k = Tensor::randn([1, 2, 20, 8], (Kind::Float, Device::Cpu));
+        let v = Tensor::randn([1, 2, 20, 8], (Kind::Float, Device::Cpu));
+        let _ = tch::no_grad(|| mixer.forward(&fresh_input(&q, &k, &v), Some(&mut state))).unwrap();
+        mixer.state_bytes(&state).unwrap()
+    };
+    assert_eq!(bytes(3) - bytes(0), 3 * (2 * 8) * 2 * 4);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! LoLCATs sliding-window + linear attention: naive, chunked and recurrent forms agree, for both
-//! window shapes, and the naive form is DESIGN.md's formula.
+//! window shapes, with and without sink tokens, and the naive form is DESIGN.md's formula.
 mod common;
 
 use common::*;
@@ -154,10 +154,21 @@ fn cfg(shape: WindowShape) -> LolcatsConfig {
         window_size: W,
         chunk_size: CHUNK,
         fused: true,
+        sinks: 0,
     }
 }
 
 const SHAPES: [WindowShape; 2] = [WindowShape::Sw, WindowShape::Tk];
+
+/// Sink counts: one, a few, and more than a terrace window spans.
+const SINKS: [i64; 3] = [1, 3, 2 * W + 3];
+
+fn with_sinks(shape: WindowShape, sinks: i64) -> LolcatsConfig {
+    LolcatsConfig {
+        sinks,
+        ..cfg(shape)
+    }
+}
 
 #[test]
 fn naive_is_the_design_formula() {
@@ -169,12 +180,14 @@ fn naive_is_the_design_formula() {
     let phi_q = randn(&[1, 2, len, 4], Kind::Double).exp();
     let phi_k = randn(&[1, 1, len, 4], Kind::Double).exp();
     let w = Tensor::from_slice(&[-0.5f64, 1.0]);
-    for shape in SHAPES {
+    // Sinks join the window's softmax terms (same max, same γ) and leave the linear ones.
+    for (shape, sinks) in SHAPES.iter().flat_map(|&s| [(s, 0), (s, 1), (s, 3)]) {
         let cfg = LolcatsConfig {
             window_shape: shape,
             window_size: 2,
             chunk_size: 4,
             fused: true,
+            sinks,
         };
         let x = LolcatsInputs {
             q: &q,
@@ -189,9 +202,12 @@ fn naive_is_the_design_formula() {
         for h in 0..2 {
             let gamma = 1.0 / (1.0 + (-w.double_value(&[h])).exp());
             for t in 0..len {
-                let in_window = |s: i64| match shape {
-                    WindowShape::Sw => t - s < 2,
-                    WindowShape::Tk => s >= (t / 2 - 1) * 2,
+                let in_window = |s: i64| {
+                    s < sinks
+                        || match shape {
+                            WindowShape::Sw => t - s < 2,
+                            WindowShape::Tk => s >= (t / 2 - 1) * 2,
+                        }
                 };
                 let score = |s: i64| {
                     (0..d)
@@ -218,7 +234,7 @@ fn naive_is_the_design_formula() {
                     let got = at(&y, h, t, j);
                     assert!(
                         (got - want).abs() < 1e-12,
-                        "{shape:?} h {h} t {t} j {j}: {got} vs {want}"
+                        "{shape:?} sinks {sinks} h {h} t {t} j {j}: {got} vs {want}"
                     );
                 }
             }
@@ -659,6 +675,7 @@ fn fused_kernels_match_naive_on_cuda() {
             window_size: w,
             chunk_size: 64,
             fused: true,
+            sinks: 0,
         };
         let window = match shape {
             WindowShape::Sw => fused::Window::Sw(w),
@@ -757,4 +774,197 @@ fn fused_kernels_decline_what_they_do_not_cover() {
     cfg.fused = false;
     let without = lolcats::chunked_output(&s.inputs(&f), &cfg).unwrap();
     assert!(with.equal(&without));
+}
+
+#[test]
+fn sinks_chunked_matches_naive_forward_and_gradients() {
+    seed(50);
+    for kind in [Kind::Float, Kind::Double] {
+        let tol = if kind == Kind::Float { 1e-5 } else { 1e-10 };
+        for shape in SHAPES {
+            for sinks in SINKS {
+                for len in lengths(W, CHUNK) {
+                    for chunk in [5, CHUNK] {
+                        let c = LolcatsConfig {
+                            chunk_size: chunk,
+                            ..with_sinks(shape, sinks)
+                        };
+                        let s = setup(2, len, kind);
+                        let f = s.features();
+                        let naive = lolcats::naive(&s.inputs(&f), &c).unwrap();
+                        let (chunked, _) = lolcats::chunked(&s.inputs(&f), &c, None).unwrap();
+                        let params = s.params();
+                        let mut inputs: Vec<(&str, &Tensor)> =
+                            vec![("q", &s.q), ("k", &s.k), ("v", &s.v)];
+                        inputs.extend(params.iter().map(|(n, t)| (n.as_str(), t)));
+                        assert_same_grads(
+                            &format!("{kind:?} {shape:?} sinks {sinks} len {len} chunk {chunk}"),
+                            &chunked,
+                            &naive,
+                            &inputs,
+                            tol,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sinks_attention_transfer_gradients_match_the_naive_form() {
+    // The split path of a fresh call (q, k, v without gradient) with sinks.
+    seed(51);
+    for shape in SHAPES {
+        for sinks in SINKS {
+            for len in lengths(W, CHUNK) {
+                let s = setup(2, len, Kind::Float);
+                let sequence = s.sequence_with(Tensor::detach);
+                let x = s.inputs_of(&sequence);
+                let c = with_sinks(shape, sinks);
+                let naive = lolcats::naive(&x, &c).unwrap();
+                let chunked = lolcats::chunked_output(&x, &c).unwrap();
+                let params = s.params();
+                let inputs: Vec<(&str, &Tensor)> =
+                    params.iter().map(|(n, t)| (n.as_str(), t)).collect();
+                assert_same_grads(
+                    &format!("{shape:?} sinks {sinks} len {len}"),
+                    &chunked,
+                    &naive,
+                    &inputs,
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sinks_recurrent_and_prefill_then_decode_match_the_full_sequence() {
+    seed(52);
+    let len = 3 * CHUNK + 5;
+    for shape in SHAPES {
+        for sinks in SINKS {
+            let c = with_sinks(shape, sinks);
+            let s = setup(2, len, Kind::Float);
+            let f = tch::no_grad(|| s.features());
+            let sequence = s.sequence(&f);
+            tch::no_grad(|| {
+                let (full, end_c) = lolcats::chunked(&s.inputs(&f), &c, None).unwrap();
+                let (recurrent, end_r) = lolcats::recurrent(&s.inputs(&f), &c, None).unwrap();
+                let what = format!("{shape:?} sinks {sinks}");
+                assert_close(&format!("{what}: recurrent"), &recurrent, &full, 1e-5);
+                assert_same_state(&what, &end_r, &end_c);
+                assert_eq!(end_c.sinks.len(), sinks);
+                assert_close("sink keys", &end_c.sinks.k, &s.k.narrow(2, 0, sinks), 0.0);
+                assert_close("sink values", &end_r.sinks.v, &end_c.sinks.v, 0.0);
+                for split in [1, 2, 5, W, W + 3, 2 * W + 4, CHUNK + 1, len - 1] {
+                    let (first, rest) = (
+                        sequence.narrow(0, split),
+                        sequence.narrow(split, len - split),
+                    );
+                    let (head, tail) = (s.inputs_of(&first), s.inputs_of(&rest));
+                    let (y0, state) = lolcats::chunked(&head, &c, None).unwrap();
+                    assert_eq!(state.sinks.len(), split.min(sinks));
+                    let (decoded, _) =
+                        lolcats::recurrent(&tail, &c, Some(state.shallow_clone())).unwrap();
+                    let (continued, _) = lolcats::chunked(&tail, &c, Some(&state)).unwrap();
+                    let what = format!("{what} split {split}");
+                    let want = full.narrow(2, split, len - split);
+                    assert_close(
+                        &format!("{what}: prefill"),
+                        &y0,
+                        &full.narrow(2, 0, split),
+                        1e-5,
+                    );
+                    assert_close(&format!("{what}: decode"), &decoded, &want, 1e-5);
+                    assert_close(&format!("{what}: continued"), &continued, &want, 1e-5);
+                }
+            });
+        }
+    }
+}
+
+#[test]
+fn sinks_change_the_output_only_where_a_sink_left_the_window() {
+    // Queries whose window still holds every sink (t < w for sw) see the same keys either way.
+    seed(53);
+    let s = setup(1, 3 * W, Kind::Double);
+    let f = tch::no_grad(|| s.features());
+    let (plain, _) = lolcats::chunked(&s.inputs(&f), &cfg(WindowShape::Sw), None).unwrap();
+    let (sinks, _) =
+        lolcats::chunked(&s.inputs(&f), &with_sinks(WindowShape::Sw, 2), None).unwrap();
+    assert_close(
+        "inside",
+        &sinks.narrow(2, 0, W),
+        &plain.narrow(2, 0, W),
+        1e-12,
+    );
+    assert!(rel_err(&sinks.narrow(2, W, 2 * W), &plain.narrow(2, W, 2 * W)) > 1e-6);
+}
+
+/// With sinks, the fused CUDA kernels are bypassed: a config that would take them gives the
+/// libtorch chunked form's output, which matches the naive form.
+/// `cargo test --release -p linearize-attention --test lolcats -- --ignored`.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn sinks_bypass_the_fused_kernels_on_cuda() {
+    assert!(tch::Cuda::is_available(), "no CUDA device");
+    seed(54);
+    let dev = Device::Cuda(0);
+    let (b, h, len, d, f) = (1, 2, 200, 64, 64);
+    let bf16 = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, dev)).to_kind(Kind::BFloat16);
+    let (q, k, v) = (
+        bf16(&[b, h, len, d]),
+        bf16(&[b, h, len, d]),
+        bf16(&[b, h, len, d]),
+    );
+    let feats = |t: &Tensor| t.softmax(-1, Kind::Float).to_kind(Kind::BFloat16);
+    let (phi_q, phi_k) = (feats(&bf16(&[b, h, len, f])), feats(&bf16(&[b, h, len, f])));
+    let logits = Tensor::zeros([h], (Kind::Float, dev));
+    let x = LolcatsInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        phi_q: &phi_q,
+        phi_k: &phi_k,
+        window_factors: &logits,
+    };
+    for shape in SHAPES {
+        let fused_cfg = LolcatsConfig {
+            window_shape: shape,
+            window_size: 64,
+            chunk_size: 64,
+            fused: true,
+            sinks: 4,
+        };
+        let unfused = LolcatsConfig {
+            fused: false,
+            ..fused_cfg
+        };
+        let y = lolcats::chunked_output(&x, &fused_cfg).unwrap();
+        let want = lolcats::chunked_output(&x, &unfused).unwrap();
+        assert!(y.equal(&want), "{shape:?}: sinks took the fused kernels");
+        let double = |t: &Tensor| t.to_kind(Kind::Double);
+        let (qd, kd, vd, pqd, pkd) = (
+            double(&q),
+            double(&k),
+            double(&v),
+            double(&phi_q),
+            double(&phi_k),
+        );
+        let reference = lolcats::naive(
+            &LolcatsInputs {
+                q: &qd,
+                k: &kd,
+                v: &vd,
+                phi_q: &pqd,
+                phi_k: &pkd,
+                window_factors: &logits,
+            },
+            &unfused,
+        )
+        .unwrap();
+        assert_close(&format!("{shape:?}"), &y, &reference, 2e-2);
+    }
 }

@@ -1,4 +1,5 @@
-//! Sliding-window softmax attention: naive, chunked (SDPA on local blocks) and recurrent agree.
+//! Sliding-window softmax attention: naive, chunked (SDPA on local blocks) and recurrent agree,
+//! with and without sink tokens.
 mod common;
 
 use common::*;
@@ -13,7 +14,15 @@ fn cfg() -> SwaConfig {
     SwaConfig {
         window_size: W,
         chunk_size: CHUNK,
+        sinks: 0,
     }
+}
+
+/// Sink counts: one, a few, and more than the window holds.
+const SINKS: [i64; 3] = [1, 3, W + 5];
+
+fn with_sinks(sinks: i64) -> SwaConfig {
+    SwaConfig { sinks, ..cfg() }
 }
 
 fn qkv(batch: i64, len: i64, kind: Kind) -> (Tensor, Tensor, Tensor) {
@@ -58,6 +67,7 @@ fn a_window_longer_than_the_sequence_is_causal_softmax() {
     let wide = SwaConfig {
         window_size: 64,
         chunk_size: 8,
+        sinks: 0,
     };
     let (chunked, _) = swa::chunked(&q, &k, &v, &wide, None).unwrap();
     let reference =
@@ -179,4 +189,134 @@ fn low_precision_chunked_matches_the_f32_naive_with_gradients() {
             LOW_PRECISION_TOL,
         );
     }
+}
+
+#[test]
+fn sinks_naive_is_softmax_over_the_window_and_the_first_tokens() {
+    seed(27);
+    let len = 20;
+    let (q, k, v) = qkv(1, len, Kind::Double);
+    for sinks in SINKS {
+        let rows: Vec<bool> = (0..len)
+            .flat_map(|t| (0..len).map(move |s| s <= t && (t - s < W || s < sinks)))
+            .collect();
+        let mask = Tensor::from_slice(&rows).reshape([len, len]);
+        let reference = Tensor::scaled_dot_product_attention(
+            &q,
+            &k.repeat_interleave_self_int(2, 1, None),
+            &v.repeat_interleave_self_int(2, 1, None),
+            Some(mask),
+            0.0,
+            false,
+            None,
+            false,
+        );
+        let naive = swa::naive(&q, &k, &v, &with_sinks(sinks)).unwrap();
+        assert_close(&format!("sinks {sinks}"), &naive, &reference, 1e-12);
+    }
+}
+
+#[test]
+fn sinks_chunked_matches_naive_forward_and_gradients() {
+    seed(28);
+    for kind in [Kind::Float, Kind::Double] {
+        let tol = if kind == Kind::Float { 1e-5 } else { 1e-10 };
+        for sinks in SINKS {
+            for len in lengths(W, CHUNK) {
+                for chunk in [3, CHUNK] {
+                    let (q, k, v) = qkv(2, len, kind);
+                    let c = SwaConfig {
+                        chunk_size: chunk,
+                        ..with_sinks(sinks)
+                    };
+                    let naive = swa::naive(&q, &k, &v, &c).unwrap();
+                    let (chunked, _) = swa::chunked(&q, &k, &v, &c, None).unwrap();
+                    assert_same_grads(
+                        &format!("{kind:?} sinks {sinks} len {len} chunk {chunk}"),
+                        &chunked,
+                        &naive,
+                        &[("q", &q), ("k", &k), ("v", &v)],
+                        tol,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sinks_recurrent_matches_chunked_and_prefill_then_decode_matches_the_full_sequence() {
+    seed(29);
+    let len = 3 * CHUNK + 5;
+    let part = |x: &Tensor, from: i64, n: i64| x.narrow(2, from, n);
+    for sinks in SINKS {
+        let c = with_sinks(sinks);
+        let (q, k, v) = qkv(2, len, Kind::Float);
+        let (full, end) = swa::chunked(&q, &k, &v, &c, None).unwrap();
+        let (recurrent, end_r) = swa::recurrent(&q, &k, &v, &c, None).unwrap();
+        assert_close(
+            &format!("sinks {sinks}: recurrent"),
+            &recurrent,
+            &full,
+            1e-5,
+        );
+        assert_eq!(end.sinks.len(), sinks);
+        assert_close("sink keys", &end_r.sinks.k, &end.sinks.k, 0.0);
+        assert_close(
+            "sink keys are the first keys",
+            &end.sinks.k,
+            &part(&k, 0, sinks),
+            0.0,
+        );
+        assert_close("sink values", &end_r.sinks.v, &end.sinks.v, 0.0);
+        for split in [1, 2, 5, W, W + 6, CHUNK + 1, len - 1] {
+            let rest = len - split;
+            let (head, state) = swa::chunked(
+                &part(&q, 0, split),
+                &part(&k, 0, split),
+                &part(&v, 0, split),
+                &c,
+                None,
+            )
+            .unwrap();
+            assert_eq!(state.sinks.len(), split.min(sinks));
+            let (tail, _) = swa::recurrent(
+                &part(&q, split, rest),
+                &part(&k, split, rest),
+                &part(&v, split, rest),
+                &c,
+                Some(state.shallow_clone()),
+            )
+            .unwrap();
+            let (continued, _) = swa::chunked(
+                &part(&q, split, rest),
+                &part(&k, split, rest),
+                &part(&v, split, rest),
+                &c,
+                Some(&state),
+            )
+            .unwrap();
+            let what = format!("sinks {sinks} split {split}");
+            let want = full.narrow(2, split, rest);
+            assert_close(
+                &format!("{what}: prefill"),
+                &head,
+                &full.narrow(2, 0, split),
+                1e-5,
+            );
+            assert_close(&format!("{what}: decode"), &tail, &want, 1e-5);
+            assert_close(&format!("{what}: continued"), &continued, &want, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn a_state_with_other_sinks_is_refused() {
+    seed(30);
+    let (q, k, v) = qkv(1, 10, Kind::Float);
+    let (_, state) = swa::chunked(&q, &k, &v, &with_sinks(2), None).unwrap();
+    let err = swa::chunked(&q, &k, &v, &with_sinks(4), Some(&state)).unwrap_err();
+    assert!(err.to_string().contains("state.sinks.k"), "{err}");
+    let bad = SwaConfig { sinks: -1, ..cfg() };
+    assert!(swa::naive(&q, &k, &v, &bad).is_err());
 }

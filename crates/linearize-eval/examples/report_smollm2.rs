@@ -49,6 +49,7 @@ fn main() -> Result<()> {
         "perplexity: {{files: [{}], ctx: 256, max_windows: 4}}
 attention_error: {{ctx: 256, max_windows: 2}}
 passkey: {{min_length: 256, max_length: 512, trials: 2}}
+multikey: {{min_length: 256, max_length: 512, trials: 2}}
 mqar: {{num_pairs: 16, trials: 2}}
 multiple_choice: {{tasks: [{}]}}
 speed: {{context_lengths: [256, 512, 1024], decode_tokens: 16}}

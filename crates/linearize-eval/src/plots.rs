@@ -34,11 +34,13 @@ const COLORS: [RGBColor; 10] = [
     RGBColor(23, 190, 207),
 ];
 
-/// One line of a chart.
+/// One line of a chart, optionally with an interval (error bar) at each point.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// `(low, high)` of each point's y (as many as `points`), or empty: no error bars.
+    pub intervals: Vec<(f64, f64)>,
 }
 
 impl Series {
@@ -46,7 +48,14 @@ impl Series {
         Self {
             name: name.into(),
             points,
+            intervals: Vec::new(),
         }
+    }
+
+    /// The series with a vertical error bar `(low, high)` at each point.
+    pub fn with_intervals(mut self, intervals: Vec<(f64, f64)>) -> Self {
+        self.intervals = intervals;
+        self
     }
 }
 
@@ -112,16 +121,32 @@ fn register_font() -> Result<()> {
     Ok(())
 }
 
-/// The points of `series` that the axes can show (positive where an axis is logarithmic,
-/// finite everywhere).
+/// Whether the axes can show the point (positive where an axis is logarithmic, finite
+/// everywhere).
+fn shown(panel: &Panel, (x, y): (f64, f64)) -> bool {
+    x.is_finite() && y.is_finite() && (!panel.log_x || x > 0.0) && (!panel.log_y || y > 0.0)
+}
+
+/// The points of `series` that the axes can show.
 fn visible(panel: &Panel, series: &Series) -> Vec<(f64, f64)> {
     series
         .points
         .iter()
         .copied()
-        .filter(|&(x, y)| {
-            x.is_finite() && y.is_finite() && (!panel.log_x || x > 0.0) && (!panel.log_y || y > 0.0)
+        .filter(|&p| shown(panel, p))
+        .collect()
+}
+
+/// The error bars `(x, low, high)` of `series` at points the axes can show.
+fn visible_bars(panel: &Panel, series: &Series) -> Vec<(f64, f64, f64)> {
+    series
+        .points
+        .iter()
+        .zip(&series.intervals)
+        .filter(|&(&p, &(low, high))| {
+            shown(panel, p) && shown(panel, (p.0, low)) && high.is_finite()
         })
+        .map(|(&(x, _), &(low, high))| (x, low, high))
         .collect()
 }
 
@@ -256,6 +281,17 @@ where
         chart
             .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
             .map_err(plot_error)?;
+        // Error bars: a vertical line from low to high with 8-pixel caps.
+        for (x, low, high) in visible_bars(panel, series) {
+            let cap =
+                |y: f64| EmptyElement::at((x, y)) + PathElement::new(vec![(-4, 0), (4, 0)], color);
+            chart
+                .draw_series([PathElement::new(vec![(x, low), (x, high)], color)])
+                .map_err(plot_error)?;
+            chart
+                .draw_series([cap(low), cap(high)])
+                .map_err(plot_error)?;
+        }
     }
     if !panel.series.is_empty() {
         chart

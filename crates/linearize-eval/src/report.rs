@@ -16,8 +16,8 @@ use crate::multiple_choice::{score_task, McReport, McTask};
 use crate::perplexity::WindowOptions;
 use crate::plots::{write_png, Panel, Series};
 use crate::recall::{
-    mqar, mqar_samples, passkey, passkey_prompts, MqarConfig, MqarReport, PasskeyConfig,
-    PasskeyReport,
+    mqar, mqar_samples, multikey, multikey_prompts, passkey, passkey_prompts, Interval, MqarConfig,
+    MqarReport, MultiKeyConfig, MultiKeyReport, PasskeyConfig, PasskeyLength, PasskeyReport,
 };
 use crate::speed::{self, SpeedConfig, SpeedReport};
 use crate::training::{read_metrics, StageCurves, StageSummary};
@@ -39,6 +39,7 @@ pub struct EvalConfig {
     pub perplexity: PerplexityConfig,
     pub attention_error: AttentionErrorConfig,
     pub passkey: PasskeyConfig,
+    pub multikey: MultiKeyConfig,
     pub mqar: MqarConfig,
     pub multiple_choice: MultipleChoiceConfig,
     pub speed: SpeedConfig,
@@ -202,6 +203,7 @@ pub struct EvalReport {
     pub perplexity: Option<Vec<TextEval>>,
     pub attention_error: Option<AttentionErrorReport>,
     pub passkey: Option<Pair<PasskeyReport>>,
+    pub multikey: Option<Pair<MultiKeyReport>>,
     pub mqar: Option<Pair<MqarReport>>,
     pub multiple_choice: Option<Vec<Pair<McReport>>>,
     pub speed: Option<Pair<SpeedReport>>,
@@ -321,6 +323,18 @@ pub fn run_report(
         None
     };
 
+    let multikey_result = if cfg.multikey.enabled {
+        tracing::info!("eval: multi-key needle");
+        let prompts = multikey_prompts(tokenizer, &cfg.multikey, cfg.seed, Some(max_context))?;
+        Some(Pair {
+            teacher: multikey(teacher, tokenizer, &prompts).context("teacher multi-key")?,
+            student: multikey(student, tokenizer, &prompts).context("student multi-key")?,
+        })
+    } else {
+        skip("multikey", "disabled");
+        None
+    };
+
     let mqar_result = if cfg.mqar.enabled {
         tracing::info!("eval: multi-query associative recall");
         let samples = mqar_samples(tokenizer, &cfg.mqar, cfg.seed)?;
@@ -417,6 +431,7 @@ pub fn run_report(
         perplexity,
         attention_error: attention,
         passkey: passkey_result,
+        multikey: multikey_result,
         mqar: mqar_result,
         multiple_choice,
         speed: speed_result,
@@ -541,40 +556,50 @@ fn write_plots(report: &EvalReport, curves: &[StageCurves], out_dir: &Path) -> R
         )?;
     }
     let mut recall = Vec::new();
+    let accuracy_panel = |title: &str, x_label: &str, series: Vec<Series>| Panel {
+        title: title.into(),
+        x_label: x_label.into(),
+        y_label: "accuracy (95% Wilson interval)".into(),
+        series,
+        log_x: true,
+        y_range: Some((0.0, 1.05)),
+        ..Panel::default()
+    };
     if let Some(p) = &report.passkey {
-        let points = |r: &PasskeyReport| {
-            r.by_length
-                .iter()
-                .map(|b| (b.length as f64, b.accuracy))
-                .collect()
-        };
-        recall.push(Panel {
-            title: "Passkey retrieval".into(),
-            x_label: "context length (tokens)".into(),
-            y_label: "accuracy".into(),
-            series: vec![
-                Series::new("teacher", points(&p.teacher)),
-                Series::new("student", points(&p.student)),
+        recall.push(accuracy_panel(
+            "Passkey retrieval",
+            "context length (tokens)",
+            vec![
+                length_series("teacher", &p.teacher.by_length),
+                length_series("student", &p.student.by_length),
             ],
-            log_x: true,
-            y_range: Some((0.0, 1.05)),
-            ..Panel::default()
-        });
+        ));
+        recall.push(accuracy_panel(
+            "Passkey by needle depth",
+            "context length (tokens)",
+            depth_series(p),
+        ));
+    }
+    if let Some(m) = &report.multikey {
+        recall.push(accuracy_panel(
+            "Multi-key needle (one of several asked)",
+            "context length (tokens)",
+            vec![
+                length_series("teacher", &m.teacher.by_length),
+                length_series("student", &m.student.by_length),
+            ],
+        ));
     }
     if let Some(m) = &report.mqar {
-        let points = |r: &MqarReport| mqar_points(r);
-        recall.push(Panel {
-            title: "MQAR accuracy by key-query distance".into(),
-            x_label: "distance (tokens)".into(),
-            y_label: "accuracy".into(),
-            series: vec![
-                Series::new("teacher", points(&m.teacher)),
-                Series::new("student", points(&m.student)),
-            ],
-            log_x: true,
-            y_range: Some((0.0, 1.05)),
-            ..Panel::default()
-        });
+        let series = |name: &str, r: &MqarReport| {
+            let intervals = r.by_distance.iter().map(|b| bounds(b.ci95)).collect();
+            Series::new(name, mqar_points(r)).with_intervals(intervals)
+        };
+        recall.push(accuracy_panel(
+            "MQAR accuracy by key-query distance",
+            "distance (tokens)",
+            vec![series("teacher", &m.teacher), series("student", &m.student)],
+        ));
     }
     if !recall.is_empty() {
         plot("recall.png".into(), recall, 2)?;
@@ -665,6 +690,59 @@ fn write_plots(report: &EvalReport, curves: &[StageCurves], out_dir: &Path) -> R
         }
     }
     Ok(written)
+}
+
+fn bounds(ci: Interval) -> (f64, f64) {
+    (ci.low, ci.high)
+}
+
+/// Accuracy against prompt length, with intervals.
+fn length_series(name: &str, by_length: &[PasskeyLength]) -> Series {
+    Series::new(
+        name,
+        by_length
+            .iter()
+            .map(|b| (b.length as f64, b.accuracy))
+            .collect(),
+    )
+    .with_intervals(by_length.iter().map(|b| bounds(b.ci95)).collect())
+}
+
+/// Passkey accuracy against length, one line per model and depth (no intervals: the lines would
+/// hide each other).
+fn depth_series(p: &Pair<PasskeyReport>) -> Vec<Series> {
+    let mut series = Vec::new();
+    for (name, r) in [("teacher", &p.teacher), ("student", &p.student)] {
+        for &depth in &distinct_depths(r) {
+            let points = r
+                .by_depth
+                .iter()
+                .filter(|c| c.depth == depth)
+                .map(|c| (c.length as f64, c.accuracy))
+                .collect();
+            series.push(Series::new(format!("{name}, depth {depth}"), points));
+        }
+    }
+    series
+}
+
+/// The configured needle depths of a passkey report, in order.
+fn distinct_depths(r: &PasskeyReport) -> Vec<f64> {
+    let mut depths: Vec<f64> = Vec::new();
+    for c in &r.by_depth {
+        if !depths.contains(&c.depth) {
+            depths.push(c.depth);
+        }
+    }
+    depths
+}
+
+/// `accuracy [low, high] (correct/n)` for a table cell.
+fn scored(accuracy: f64, ci: Interval, correct: usize, n: usize) -> String {
+    format!(
+        "{accuracy:.2} [{:.2}, {:.2}] ({correct}/{n})",
+        ci.low, ci.high
+    )
 }
 
 /// MQAR accuracy per distance bucket, each at the geometric middle of its distance range
@@ -771,50 +849,117 @@ fn markdown(r: &EvalReport) -> String {
         }
         let _ = writeln!(w, "\n![Per-layer error](layer_error.png)\n");
     }
-    if r.passkey.is_some() || r.mqar.is_some() {
-        let _ = writeln!(w, "## Recall\n");
+    let recall = r.passkey.is_some() || r.multikey.is_some() || r.mqar.is_some();
+    if recall {
+        let _ = writeln!(
+            w,
+            "## Recall\n\nEach cell: accuracy [95% Wilson interval] (right / n).\n"
+        );
     }
     if let Some(p) = &r.passkey {
         let _ = writeln!(w, "Passkey retrieval (greedy answer contains the key):\n");
-        let _ = writeln!(w, "| length | trials | teacher | student |");
-        let _ = writeln!(w, "|---:|---:|---:|---:|");
+        let _ = writeln!(w, "| length | teacher | student |");
+        let _ = writeln!(w, "|---:|---:|---:|");
         for (t, s) in p.teacher.by_length.iter().zip(&p.student.by_length) {
             let _ = writeln!(
                 w,
-                "| {} | {} | {:.2} | {:.2} |",
-                t.length, t.trials, t.accuracy, s.accuracy
+                "| {} | {} | {} |",
+                t.length,
+                scored(t.accuracy, t.ci95, t.correct, t.trials),
+                scored(s.accuracy, s.ci95, s.correct, s.trials)
             );
         }
+        let (t, s) = (&p.teacher, &p.student);
         let _ = writeln!(
             w,
-            "| all | {} | {:.2} | {:.2} |\n",
-            p.teacher.trials.len(),
-            p.teacher.accuracy,
-            p.student.accuracy
+            "| all | {} | {} |\n",
+            scored(t.accuracy, t.ci95, t.correct, t.trials.len()),
+            scored(s.accuracy, s.ci95, s.correct, s.trials.len())
+        );
+        let depths = distinct_depths(&p.student);
+        let _ = writeln!(
+            w,
+            "Passkey by needle depth (fraction of the filler before the needle), student \
+             (teacher):\n"
+        );
+        let header: Vec<String> = depths.iter().map(|d| format!("depth {d}")).collect();
+        let _ = writeln!(w, "| length | {} |", header.join(" | "));
+        let _ = writeln!(w, "|---:|{}", "---:|".repeat(depths.len()));
+        for b in &p.student.by_length {
+            let cells: Vec<String> = depths
+                .iter()
+                .map(|&d| {
+                    let find = |r: &PasskeyReport| {
+                        r.by_depth
+                            .iter()
+                            .find(|c| c.length == b.length && c.depth == d)
+                            .cloned()
+                    };
+                    match (find(&p.student), find(&p.teacher)) {
+                        (Some(s), Some(t)) => format!(
+                            "{} ({:.2})",
+                            scored(s.accuracy, s.ci95, s.correct, s.trials),
+                            t.accuracy
+                        ),
+                        _ => "–".into(),
+                    }
+                })
+                .collect();
+            let _ = writeln!(w, "| {} | {} |", b.length, cells.join(" | "));
+        }
+        let _ = writeln!(w);
+    }
+    if let Some(m) = &r.multikey {
+        let keys = m.teacher.trials.first().map_or(0, |t| t.keys.len());
+        let _ = writeln!(
+            w,
+            "Multi-key needle ({keys} named keys in the filler, one asked; \"other key\": the \
+             answer was another needle's key):\n"
+        );
+        let _ = writeln!(w, "| length | teacher | student |");
+        let _ = writeln!(w, "|---:|---:|---:|");
+        for (t, s) in m.teacher.by_length.iter().zip(&m.student.by_length) {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} |",
+                t.length,
+                scored(t.accuracy, t.ci95, t.correct, t.trials),
+                scored(s.accuracy, s.ci95, s.correct, s.trials)
+            );
+        }
+        let (t, s) = (&m.teacher, &m.student);
+        let _ = writeln!(
+            w,
+            "| all | {} | {} |\n\nOther key: teacher {}, student {}.\n",
+            scored(t.accuracy, t.ci95, t.correct, t.trials.len()),
+            scored(s.accuracy, s.ci95, s.correct, s.trials.len()),
+            t.other_key,
+            s.other_key
         );
     }
     if let Some(m) = &r.mqar {
         let _ = writeln!(w, "Multi-query associative recall by key-query distance:\n");
-        let _ = writeln!(w, "| distance (tokens) | queries | teacher | student |");
-        let _ = writeln!(w, "|---|---:|---:|---:|");
+        let _ = writeln!(w, "| distance (tokens) | teacher | student |");
+        let _ = writeln!(w, "|---|---:|---:|");
         for (t, s) in m.teacher.by_distance.iter().zip(&m.student.by_distance) {
             let _ = writeln!(
                 w,
-                "| {}–{} | {} | {:.2} | {:.2} |",
+                "| {}–{} | {} | {} |",
                 t.min_distance,
                 t.max_distance - 1,
-                t.queries,
-                t.accuracy,
-                s.accuracy
+                scored(t.accuracy, t.ci95, t.correct, t.queries),
+                scored(s.accuracy, s.ci95, s.correct, s.queries)
             );
         }
+        let (t, s) = (&m.teacher, &m.student);
         let _ = writeln!(
             w,
-            "| all | {} | {:.2} | {:.2} |\n",
-            m.teacher.queries, m.teacher.accuracy, m.student.accuracy
+            "| all | {} | {} |\n",
+            scored(t.accuracy, t.ci95, t.correct, t.queries),
+            scored(s.accuracy, s.ci95, s.correct, s.queries)
         );
     }
-    if r.passkey.is_some() || r.mqar.is_some() {
+    if recall {
         let _ = writeln!(w, "![Recall](recall.png)\n");
     }
     if let Some(tasks) = &r.multiple_choice {
@@ -972,7 +1117,8 @@ pub fn validate(cfg: &EvalConfig) -> Result<()> {
         a.batch_size >= 1,
         "attention_error.batch_size must be at least 1"
     );
-    cfg.passkey.lengths(None).context("passkey")?;
+    cfg.passkey.validate()?;
+    cfg.multikey.validate()?;
     ensure!(
         cfg.mqar.num_pairs >= 1 && cfg.mqar.trials >= 1,
         "mqar needs num_pairs and trials of at least 1"
@@ -1002,7 +1148,7 @@ pub fn validate(cfg: &EvalConfig) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recall::DistanceBucket;
+    use crate::recall::{wilson, DistanceBucket};
 
     #[test]
     fn mqar_distances_plot_at_whole_tokens() {
@@ -1010,11 +1156,15 @@ mod tests {
             min_distance,
             max_distance,
             queries: 4,
+            correct: 2,
             accuracy: 0.5,
+            ci95: wilson(2, 4),
         };
         let report = MqarReport {
             accuracy: 0.5,
             queries: 12,
+            correct: 6,
+            ci95: wilson(6, 12),
             max_tokens: 128,
             by_distance: vec![bucket(1, 2), bucket(16, 32), bucket(32, 64)],
         };

@@ -10,7 +10,8 @@ use linearize_eval::multiple_choice::{encode_pair, loglikelihood, score_task, Mc
 use linearize_eval::perplexity::{compare, WindowOptions};
 use linearize_eval::plots::{render_png, Panel, Series};
 use linearize_eval::recall::{
-    mqar, mqar_samples, passkey, passkey_prompts, MqarConfig, PasskeyConfig,
+    mqar, mqar_samples, multikey, multikey_prompts, passkey, passkey_prompts, wilson, Interval,
+    MqarConfig, MultiKeyConfig, PasskeyConfig,
 };
 use linearize_eval::report::{run_report, EvalConfig};
 use linearize_eval::speed::{self, MemorySource, SpeedConfig};
@@ -136,12 +137,29 @@ fn passkey_prompts_are_deterministic_and_a_copying_model_finds_every_key() {
     let tokenizer = tokenizer();
     let cfg = PasskeyConfig {
         min_length: 256,
-        max_length: 600,
-        trials: 3,
+        max_length: Some(600),
+        depths: vec![0.2, 0.5, 0.8],
+        trials: 1,
         ..PasskeyConfig::default()
     };
     assert_eq!(cfg.lengths(None).unwrap(), vec![256, 512, 600]);
     assert_eq!(cfg.lengths(Some(400)).unwrap(), vec![256, 400]);
+    // By default the lengths run to the model's context.
+    let to_context = PasskeyConfig::default();
+    assert_eq!(
+        to_context.lengths(Some(2048)).unwrap(),
+        [256, 512, 1024, 2048]
+    );
+    assert!(to_context.lengths(None).is_err());
+    let bad = PasskeyConfig {
+        depths: vec![0.5, 1.5],
+        ..PasskeyConfig::default()
+    };
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("passkey.depths"));
     let prompts = passkey_prompts(&tokenizer, &cfg, 5, None).unwrap();
     assert_eq!(prompts.len(), 9);
     assert_eq!(prompts, passkey_prompts(&tokenizer, &cfg, 5, None).unwrap());
@@ -164,13 +182,33 @@ fn passkey_prompts_are_deterministic_and_a_copying_model_finds_every_key() {
     }
     let depths: Vec<f64> = prompts[..3].iter().map(|p| p.depth).collect();
     assert!(depths[0] < depths[1] && depths[1] < depths[2], "{depths:?}");
+    // The needle goes between whole filler sentences (a few dozen here): near its target.
+    for p in &prompts {
+        assert!((p.depth - p.target_depth).abs() < 0.15, "{p:?}");
+    }
 
     let vocab = tokenizer.vocab_size() as i64;
     let report = passkey(&Copier { vocab }, &tokenizer, &prompts).unwrap();
     assert_eq!(report.accuracy, 1.0, "{:?}", report.trials);
     let lengths: Vec<usize> = report.by_length.iter().map(|b| b.length).collect();
     assert_eq!(lengths, vec![256, 512, 600]);
-    assert!(report.by_length.iter().all(|b| b.trials == 3));
+    assert!(report
+        .by_length
+        .iter()
+        .all(|b| b.trials == 3 && b.correct == 3));
+    // Every length at every depth, one trial each: 1 of 1 right.
+    let cells: Vec<(usize, f64)> = report
+        .by_depth
+        .iter()
+        .map(|c| (c.length, c.depth))
+        .collect();
+    assert_eq!(cells.len(), 9);
+    assert_eq!(cells[..3], [(256, 0.2), (256, 0.5), (256, 0.8)]);
+    assert!(report
+        .by_depth
+        .iter()
+        .all(|c| c.trials == 1 && c.ci95 == wilson(1, 1)));
+    assert_eq!((report.correct, report.ci95), (9, wilson(9, 9)));
     assert!(report.trials[0]
         .answer
         .trim_start()
@@ -207,10 +245,117 @@ fn mqar_is_deterministic_scored_by_distance_and_solved_by_copying() {
         assert!(b.min_distance.is_power_of_two() && b.max_distance == 2 * b.min_distance);
     }
 
+    assert_eq!((perfect.correct, perfect.ci95), (36, wilson(36, 36)));
+    for b in &perfect.by_distance {
+        assert_eq!(
+            (b.correct, b.ci95),
+            (b.queries, wilson(b.queries, b.queries))
+        );
+    }
+
     let _guard = rng_lock();
     let random = mqar(&tiny_model(CONTEXT), &samples).unwrap();
     assert!(random.accuracy < 0.5, "{}", random.accuracy);
     assert_eq!(random.queries, 36);
+    let right: usize = random.by_distance.iter().map(|b| b.correct).sum();
+    assert_eq!(right, random.correct);
+    for b in &random.by_distance {
+        assert_eq!(b.ci95, wilson(b.correct, b.queries));
+        assert!(
+            b.ci95.low <= b.accuracy && b.accuracy <= b.ci95.high,
+            "{b:?}"
+        );
+    }
+}
+
+#[test]
+fn wilson_intervals_match_hand_computed_values() {
+    // 8 of 10: p = 0.8, z = 1.96, z²/n = 0.38415; centre (0.8 + 0.19207) / 1.38415 = 0.71673,
+    // half-width 1.95996 / 1.38415 · sqrt(0.016 + 0.0096037) = 0.22658 (Wilson 1927; the
+    // textbook value is [0.490, 0.943]).
+    let close = |got: Interval, low: f64, high: f64| {
+        assert!(
+            (got.low - low).abs() < 5e-5 && (got.high - high).abs() < 5e-5,
+            "{got:?} vs [{low}, {high}]"
+        );
+    };
+    close(wilson(8, 10), 0.49016, 0.94331);
+    // None and all right: one bound at the edge, the other 0.27753 (= 3.8415 / 13.8415) away.
+    close(wilson(0, 10), 0.0, 0.27753);
+    close(wilson(10, 10), 0.72247, 1.0);
+    // Symmetric about one half, and narrower with more trials.
+    close(wilson(50, 100), 0.40383, 0.59617);
+    assert_eq!(
+        wilson(0, 0),
+        Interval {
+            low: 0.0,
+            high: 1.0
+        }
+    );
+    let (wide, narrow) = (wilson(3, 4), wilson(75, 100));
+    assert!(wide.high - wide.low > 2.0 * (narrow.high - narrow.low));
+}
+
+#[test]
+fn multikey_prompts_hold_every_needle_and_copying_finds_the_asked_one() {
+    let tokenizer = tokenizer();
+    // The test tokenizer spends many tokens on a needle: longer prompts than the passkey's.
+    let cfg = MultiKeyConfig {
+        min_length: 512,
+        max_length: Some(1024),
+        keys: 4,
+        trials: 3,
+        ..MultiKeyConfig::default()
+    };
+    let prompts = multikey_prompts(&tokenizer, &cfg, 2, None).unwrap();
+    assert_eq!(prompts.len(), 6);
+    assert_eq!(
+        prompts,
+        multikey_prompts(&tokenizer, &cfg, 2, None).unwrap()
+    );
+    for p in &prompts {
+        assert!(p.ids.len() + p.answer_tokens <= p.length);
+        let text = tokenizer.decode(&p.ids, true).unwrap();
+        assert_eq!(p.keys.len(), 4);
+        let mut at = Vec::new();
+        for key in &p.keys {
+            let needle = format!(" pass key is {key}. Remember it. {key} is the ");
+            at.push(text.find(&needle).expect("every needle is in the prompt"));
+        }
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "needles in order");
+        let asked = &text[at[p.asked]..];
+        let name = text[..at[p.asked]].rsplit(' ').next().unwrap();
+        assert!(asked.contains(&p.keys[p.asked].to_string()));
+        assert!(
+            text.ends_with(&format!(
+                "What is the {name} pass key? The {name} pass key is"
+            )),
+            "{name}: {text}"
+        );
+    }
+    let asked: std::collections::BTreeSet<usize> = prompts.iter().map(|p| p.asked).collect();
+    assert!(asked.len() > 1, "the asked needle varies: {asked:?}");
+    let bad = MultiKeyConfig {
+        keys: 9,
+        ..MultiKeyConfig::default()
+    };
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("multikey.keys"));
+
+    let vocab = tokenizer.vocab_size() as i64;
+    let report = multikey(&Copier { vocab }, &tokenizer, &prompts).unwrap();
+    assert_eq!(report.accuracy, 1.0, "{:?}", report.trials);
+    assert_eq!((report.correct, report.other_key), (6, 0));
+    let lengths: Vec<(usize, usize)> = report
+        .by_length
+        .iter()
+        .map(|b| (b.length, b.trials))
+        .collect();
+    assert_eq!(lengths, [(512, 3), (1024, 3)]);
+    assert_eq!(report.by_length[0].ci95, wilson(3, 3));
 }
 
 #[test]
@@ -438,6 +583,7 @@ fn report_writes_every_section_and_valid_plots() {
 perplexity: {{files: [{text}], ctx: 32, max_windows: 3, batch_size: 2, position_buckets: 4}}
 attention_error: {{ctx: 32, max_windows: 2}}
 passkey: {{min_length: 256, max_length: 512, trials: 2}}
+multikey: {{min_length: 512, max_length: 512, keys: 2, trials: 2}}
 mqar: {{num_pairs: 8, trials: 2}}
 multiple_choice: {{tasks: [{task}], limit: 3}}
 speed: {{context_lengths: [16, 64], decode_tokens: 4}}
@@ -472,6 +618,7 @@ decode_check: {{new_tokens: 12}}
         "perplexity",
         "attention_error",
         "passkey",
+        "multikey",
         "mqar",
         "multiple_choice",
         "speed",
@@ -485,6 +632,22 @@ decode_check: {{new_tokens: 12}}
         );
     }
     assert!(json["perplexity"][0]["comparison"]["student"]["perplexity"].is_number());
+    // Recall: every point has its n and a 95% interval; the passkey ran at both lengths and the
+    // three default depths, 2 prompts each.
+    let cells = json["passkey"]["student"]["by_depth"].as_array().unwrap();
+    assert_eq!(cells.len(), 2 * 3);
+    for cell in cells {
+        assert_eq!(cell["trials"], 2);
+        let (low, high) = (
+            cell["ci95"]["low"].as_f64().unwrap(),
+            cell["ci95"]["high"].as_f64().unwrap(),
+        );
+        let acc = cell["accuracy"].as_f64().unwrap();
+        assert!(low <= acc && acc <= high && high - low > 0.3, "{cell}");
+    }
+    assert_eq!(json["passkey"]["teacher"]["by_length"][1]["trials"], 6);
+    assert!(json["multikey"]["teacher"]["by_length"][0]["ci95"]["high"].is_number());
+    assert!(json["mqar"]["student"]["by_distance"][0]["ci95"]["low"].is_number());
     assert_eq!(
         json["attention_error"]["layers"].as_array().unwrap().len(),
         3
@@ -508,7 +671,10 @@ decode_check: {{new_tokens: 12}}
         "## Perplexity",
         "## Attention output error",
         "Passkey",
+        "Passkey by needle depth",
+        "Multi-key needle",
         "associative recall",
+        "95% Wilson interval",
         "## Multiple choice",
         "## Speed and memory",
         "## Recurrent decoding",
@@ -534,7 +700,8 @@ decode_check: {{new_tokens: 12}}
 
     // With nothing configured that needs files, those parts are skipped with a reason.
     let minimal: EvalConfig = serde_yaml_ng::from_str(
-        "passkey: {enabled: false}\nmqar: {enabled: false}\nspeed: {enabled: false}\n\
+        "passkey: {enabled: false}\nmultikey: {enabled: false}\nmqar: {enabled: false}\n\
+         speed: {enabled: false}\n\
          generations: {enabled: false}\ndecode_check: {enabled: false}",
     )
     .unwrap();

@@ -3,6 +3,11 @@
 //! `k~ = softmax_d(k)`, log-gates `g = logsigmoid(k) / 16` (the raw key projection); the window
 //! half (w = 64) uses q and k after RoPE.
 //!
+//! Sinks (`sinks = N`) join the window half only: keys `s < N` stay softmax keys of every query.
+//! The GLA half sums over every token, the window's included, by Liger's design (the two halves
+//! are separate mixtures, not one normaliser split between softmax and linear keys), so it keeps
+//! the sink tokens as it keeps the window's: nothing is counted twice within either half.
+//!
 //! Inputs ([`LigerInputs`]): `q` (b, h, L, d) and `k` (b, h_k, L, d) before RoPE, `q_rope`,
 //! `k_rope` of the same shapes after it, `v` (b, h_v, L, d_v). Output (b, h, L, d_v) in `v`'s
 //! dtype. Each form combines the same form of [`super::swa`] and [`super::gla`].
@@ -25,6 +30,8 @@ pub struct LigerConfig {
     pub chunk_size: i64,
     /// Sub-chunk of the GLA half (see [`GlaConfig`]).
     pub sub_chunk: i64,
+    /// Sink tokens of the window half (see [`SwaConfig::sinks`]).
+    pub sinks: i64,
 }
 
 impl Default for LigerConfig {
@@ -34,15 +41,18 @@ impl Default for LigerConfig {
             gate_normalizer: 16.0,
             chunk_size: 64,
             sub_chunk: 16,
+            sinks: 0,
         }
     }
 }
 
 impl LigerConfig {
-    pub(crate) fn swa(&self) -> SwaConfig {
+    /// The settings of the window half.
+    pub fn swa_config(&self) -> SwaConfig {
         SwaConfig {
             window_size: self.window_size,
             chunk_size: self.chunk_size,
+            sinks: self.sinks,
         }
     }
 
@@ -120,7 +130,7 @@ fn upcast(x: &Tensor) -> Result<Tensor> {
 pub fn naive(x: &LigerInputs, cfg: &LigerConfig) -> Result<Tensor> {
     let v = upcast(x.v)?;
     let (q, k, g) = gla_inputs(x.q, x.k, cfg.gate_normalizer)?;
-    let window = swa::naive(x.q_rope, x.k_rope, &v, &cfg.swa())?;
+    let window = swa::naive(x.q_rope, x.k_rope, &v, &cfg.swa_config())?;
     mix(window, gla::naive(&q, &k, &v, &g)?, x.v)
 }
 
@@ -136,7 +146,7 @@ pub fn chunked(
         x.q_rope,
         x.k_rope,
         x.v,
-        &cfg.swa(),
+        &cfg.swa_config(),
         state.map(|s| &s.window),
     )?;
     let (linear, gla_state) = gla::chunked(&q, &k, x.v, &g, &cfg.gla(), state.map(|s| &s.gla))?;
@@ -155,7 +165,7 @@ pub fn step(state: &mut LigerState, x: &LigerInputs, cfg: &LigerConfig) -> Resul
     let (q, k, g) = gla_inputs(x.q, x.k, cfg.gate_normalizer)?;
     // Both halves advance or neither does.
     let mut next = state.shallow_clone();
-    let window = swa::step(&mut next.window, x.q_rope, x.k_rope, &v, &cfg.swa())?;
+    let window = swa::step(&mut next.window, x.q_rope, x.k_rope, &v, &cfg.swa_config())?;
     let linear = gla::step(&mut next.gla, &q, &k, &v, &g)?;
     *state = next;
     mix(window, linear, x.v)
@@ -173,7 +183,8 @@ pub fn recurrent(
         Some(s) => (Some(s.window), Some(s.gla)),
         None => (None, None),
     };
-    let (window, window_state) = swa::recurrent(x.q_rope, x.k_rope, &v, &cfg.swa(), window_state)?;
+    let (window, window_state) =
+        swa::recurrent(x.q_rope, x.k_rope, &v, &cfg.swa_config(), window_state)?;
     let (linear, gla_state) = gla::recurrent(&q, &k, &v, &g, gla_state)?;
     Ok((
         mix(window, linear, x.v)?,

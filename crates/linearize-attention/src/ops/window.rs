@@ -1,5 +1,12 @@
-//! Local softmax windows (LoLCATs `sw` / `tk`, Liger's sliding window) and the blocked key layout
-//! through which chunked forms reach them in O(L * (C + w)).
+//! Local softmax windows (LoLCATs `sw` / `tk`, Liger's sliding window), the sink tokens that
+//! stay visible beside them, and the blocked key layout through which chunked forms reach them in
+//! O(L * (C + w)).
+//!
+//! Sinks (StreamingLLM): with `sinks = N`, key `s < N` is a softmax key of every query `t >= s`,
+//! whether or not the window holds it, and never a linear key, so no key is counted twice. A
+//! chunked call appends the N sink keys to every local block; a sink that the query's window also
+//! holds is masked there (the window already counts it). For a query at `t` the sinks outside its
+//! window are exactly those before [`Window::start`]`(t)`, a prefix, which is what decoding reads.
 use crate::error::{config, Result};
 use crate::tensors::{ceil_div, constant_matrix, pad_seq, Matrix};
 use serde::{Deserialize, Serialize};
@@ -67,21 +74,152 @@ impl Window {
         }
     }
 
-    /// Boolean masks `(window, linear)` for broadcastable i64 position tensors: `window` marks
-    /// causal keys inside the window, `linear` causal keys before it.
-    pub fn masks(&self, q_pos: &Tensor, k_pos: &Tensor) -> (Tensor, Tensor) {
-        let causal = k_pos.le_tensor(q_pos);
-        let inside = match self.shape {
+    /// The first key position inside the window of query `t` (0 when the window reaches the
+    /// start): the keys before it are linear keys, or sinks.
+    pub fn start(&self, t: i64) -> i64 {
+        let start = match self.shape {
+            WindowShape::Sw => t - self.size + 1,
+            WindowShape::Tk => (t / self.size - 1) * self.size,
+        };
+        start.max(0)
+    }
+
+    /// Whether keys lie inside the window of queries, for broadcastable i64 position tensors
+    /// (causality not applied).
+    fn inside(&self, q_pos: &Tensor, k_pos: &Tensor) -> Tensor {
+        match self.shape {
             WindowShape::Sw => (q_pos - k_pos).lt(self.size),
             WindowShape::Tk => {
                 let block_start = q_pos.floor_divide_scalar(self.size) * self.size;
                 k_pos.ge_tensor(&(block_start - self.size))
             }
-        };
-        let window = causal.logical_and(&inside);
-        let linear = causal.logical_and(&inside.logical_not());
+        }
+    }
+
+    /// Boolean masks `(window, linear)` for broadcastable i64 position tensors: `window` marks
+    /// causal keys inside the window, `linear` causal keys before it.
+    pub fn masks(&self, q_pos: &Tensor, k_pos: &Tensor) -> (Tensor, Tensor) {
+        self.masks_with_sinks(q_pos, k_pos, 0)
+    }
+
+    /// [`Self::masks`] with the first `sinks` keys moved from the linear to the softmax side:
+    /// `window` marks causal keys inside the window or before position `sinks`, `linear` the
+    /// other causal keys.
+    pub fn masks_with_sinks(&self, q_pos: &Tensor, k_pos: &Tensor, sinks: i64) -> (Tensor, Tensor) {
+        let causal = k_pos.le_tensor(q_pos);
+        let softmax = self.inside(q_pos, k_pos).logical_or(&k_pos.lt(sinks));
+        let window = causal.logical_and(&softmax);
+        let linear = causal.logical_and(&softmax.logical_not());
         (window, linear)
     }
+}
+
+/// Validates a sink count (config key `sinks`).
+pub fn validate_sinks(sinks: i64) -> Result<()> {
+    if sinks < 0 {
+        return Err(config("sinks", format!("must be >= 0, got {sinks}")));
+    }
+    Ok(())
+}
+
+/// The keys and values of the sink tokens seen so far, (b, h_k, n, d) and (b, h_v, n, d_v) at
+/// their own head counts, `n = min(tokens seen, sinks)`: what a decoder keeps of the first tokens
+/// beside its window cache.
+#[derive(Debug)]
+pub struct SinkCache {
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+impl SinkCache {
+    /// Sink tokens held.
+    pub fn len(&self) -> i64 {
+        self.k.size()[2]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// No sink yet, for keys (b, h_k, ·, d) and values (b, h_v, ·, d_v).
+    pub(crate) fn empty(k_shape: [i64; 3], v_shape: [i64; 3], opts: (Kind, Device)) -> Self {
+        let empty = |[b, h, d]: [i64; 3]| Tensor::zeros([b, h, 0, d], opts);
+        Self {
+            k: empty(k_shape),
+            v: empty(v_shape),
+        }
+    }
+
+    pub fn map_tensors(&self, f: &dyn Fn(&Tensor) -> Tensor) -> Self {
+        Self {
+            k: f(&self.k),
+            v: f(&self.v),
+        }
+    }
+
+    /// The cache checked against the call (shapes, and `min(pos, sinks)` tokens) and converted to
+    /// `kind`.
+    pub(crate) fn checked(
+        &self,
+        k_shape: [i64; 3],
+        v_shape: [i64; 3],
+        pos: i64,
+        sinks: i64,
+        kind: Kind,
+    ) -> Result<Self> {
+        let n = pos.min(sinks);
+        for (name, t, [b, h, d]) in [
+            ("state.sinks.k", &self.k, k_shape),
+            ("state.sinks.v", &self.v, v_shape),
+        ] {
+            if t.size() != [b, h, n, d] {
+                return Err(crate::tensors::shape(
+                    name,
+                    &format!(
+                        "{:?} (the first {n} of {pos} tokens, sinks {sinks})",
+                        [b, h, n, d]
+                    ),
+                    t,
+                ));
+            }
+        }
+        Ok(Self {
+            k: self.k.to_kind(kind),
+            v: self.v.to_kind(kind),
+        })
+    }
+
+    /// The cache after the tokens `k`, `v` (b, ·, len, ·) starting at position `pos`: those before
+    /// position `sinks` join it.
+    pub(crate) fn advance(&self, k: &Tensor, v: &Tensor, pos: i64, sinks: i64) -> Self {
+        let joining = (sinks - pos).clamp(0, k.size()[2]);
+        if joining == 0 {
+            return self.map_tensors(&Tensor::shallow_clone);
+        }
+        Self {
+            k: Tensor::cat(&[&self.k, &k.narrow(2, 0, joining)], 2),
+            v: Tensor::cat(&[&self.v, &v.narrow(2, 0, joining)], 2),
+        }
+    }
+
+    /// The sinks a query at position `t` sees as separate keys: those before its window's start
+    /// (the later ones are in its window), `(k, v)` narrowed to that prefix.
+    pub(crate) fn visible(&self, window: &Window, t: i64) -> (Tensor, Tensor) {
+        let n = self.len().min(window.start(t));
+        (self.k.narrow(2, 0, n), self.v.narrow(2, 0, n))
+    }
+}
+
+/// `phi_k` (b, h, len, f) of tokens starting at position `pos` with the rows of sink positions
+/// (`< sinks`) zeroed: a sink is never a linear key, so its features enter no linear sum.
+pub(crate) fn without_sinks(phi_k: &Tensor, pos: i64, sinks: i64) -> Tensor {
+    let len = phi_k.size()[2];
+    let n = (sinks - pos).clamp(0, len);
+    if n == 0 {
+        return phi_k.shallow_clone();
+    }
+    let zeros = phi_k.narrow(2, 0, n).zeros_like();
+    Tensor::cat(&[zeros, phi_k.narrow(2, n, len - n)], 2)
 }
 
 /// Layout of one chunked call: the new tokens' queries cut into `chunks` chunks of `chunk`
@@ -199,20 +337,47 @@ impl LocalBlocks {
             .narrow(2, 0, self.len)
     }
 
+    /// Absolute positions of the query chunks' tokens (chunks, C, 1).
+    fn query_positions(&self, device: Device) -> Tensor {
+        let (n, c) = (self.chunks, self.chunk);
+        (Tensor::arange(n * c, (Kind::Int64, device)) + self.pos0).reshape([n, c, 1])
+    }
+
     /// `(window, linear)` masks of shape (chunks, C, block_len); padding slots before the cache
     /// are excluded. Padding after the new tokens lies after every real query, so causality
-    /// excludes it, while each padded query still sees itself (no empty softmax rows).
-    pub fn masks(&self, window: &Window, device: Device) -> (Tensor, Tensor) {
+    /// excludes it, while each padded query still sees itself (no empty softmax rows). Keys
+    /// before position `sinks` are in neither mask: [`Self::sink_mask`] covers them.
+    pub fn masks(&self, window: &Window, sinks: i64, device: Device) -> (Tensor, Tensor) {
         let opts = (Kind::Int64, device);
         let (n, c, k) = (self.chunks, self.chunk, self.block_len());
-        let q_pos = (Tensor::arange(n * c, opts) + self.pos0).reshape([n, c, 1]);
+        let q_pos = self.query_positions(device);
         let first_slot = self.pos0 - self.history * c;
         let k_pos = (Tensor::arange(n, opts).reshape([n, 1, 1]) * c
             + Tensor::arange(k, opts).reshape([1, 1, k]))
             + first_slot;
         let (win, lin) = window.masks(&q_pos, &k_pos);
         let real = k_pos.ge(self.pos0 - self.cached);
+        let lin = lin.logical_and(&k_pos.ge(sinks));
         (win.logical_and(&real), lin.logical_and(&real))
+    }
+
+    /// Which of the `n` sink keys (positions 0..n), appended to every local block
+    /// ([`Self::with_sinks`]), each query sees: those before its window's start (chunks, C, n).
+    pub fn sink_mask(&self, window: &Window, n: i64, device: Device) -> Tensor {
+        let q_pos = self.query_positions(device);
+        let k_pos = Tensor::arange(n, (Kind::Int64, device)).reshape([1, 1, n]);
+        let (_, before_window) = window.masks(&q_pos, &k_pos);
+        before_window
+    }
+
+    /// Local blocks (b, h, chunks, K, x) with the sink rows (b, h, n, x) appended to each:
+    /// (b, h, chunks, K + n, x).
+    pub fn with_sinks(&self, blocks: &Tensor, sinks: &Tensor) -> Tensor {
+        let s = sinks.size();
+        let per_chunk = sinks
+            .unsqueeze(2)
+            .expand([s[0], s[1], self.chunks, s[2], s[3]], false);
+        Tensor::cat(&[blocks, &per_chunk.to_kind(blocks.kind())], 3)
     }
 }
 

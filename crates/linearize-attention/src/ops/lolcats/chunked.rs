@@ -11,10 +11,14 @@
 //! scales per-token sums rather than block scores, and the linear scores are C × C per chunk
 //! instead of C × block: when q and k need no gradient (attention transfer), nothing of the
 //! block size enters the backward pass.
+//!
+//! Sinks: the call's sink keys and values are appended to every local block with their own mask
+//! (softmax only), and the sink tokens' key features are zeroed before anything reads them, so no
+//! linear sum, in a block or carried, holds a sink. The fused kernels know no sinks; calls with
+//! sinks take the forms here.
 use super::{check_inputs, gammas, LolcatsConfig, LolcatsInputs, LolcatsState, Shapes};
 use crate::error::{Error, Result};
-use crate::ops::window::LocalBlocks;
-use crate::ops::window::WindowShape;
+use crate::ops::window::{without_sinks, LocalBlocks, WindowShape};
 use crate::tensors::{
     ceil_div, exclusive_cumsum, pad_seq, prefix_sums, prepare, repeat_heads, Precision,
 };
@@ -30,6 +34,11 @@ pub fn chunked(
     state: Option<&LolcatsState>,
 ) -> Result<(Tensor, LolcatsState)> {
     let call = Call::new(x, cfg, state)?;
+    let phi_k = without_sinks(x.phi_k, call.start.pos, cfg.sinks);
+    let x = &LolcatsInputs {
+        phi_k: &phi_k,
+        ..*x
+    };
     let fused = match state {
         None => fused_output(x, cfg)?,
         Some(_) => None,
@@ -40,7 +49,7 @@ pub fn chunked(
         &x.phi_k.to_kind(call.p.acc),
         &x.v.to_kind(call.p.acc),
         call.s.heads,
-        &cfg.window(),
+        cfg,
         call.p,
     );
     Ok((y, end))
@@ -51,6 +60,11 @@ pub fn chunked(
 /// (bf16, a window of whole 64-token chunks, one feature map per query head) take them.
 pub fn chunked_output(x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Tensor> {
     let call = Call::new(x, cfg, None)?;
+    let phi_k = without_sinks(x.phi_k, 0, cfg.sinks);
+    let x = &LolcatsInputs {
+        phi_k: &phi_k,
+        ..*x
+    };
     Ok(match fused_output(x, cfg)? {
         Some(y) => y,
         None => call.output(x),
@@ -58,9 +72,10 @@ pub fn chunked_output(x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Tensor> 
 }
 
 /// The fused kernels' output from the empty state, or `None` when they do not apply (or
-/// `cfg.fused` is off). The caller has checked the inputs.
+/// `cfg.fused` is off, or the config has sinks, which they do not know). The caller has checked
+/// the inputs.
 fn fused_output(x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Option<Tensor>> {
-    if !cfg.fused {
+    if !cfg.fused || cfg.sinks > 0 {
         return Ok(None);
     }
     let window = match cfg.window_shape {
@@ -93,6 +108,10 @@ struct Call {
     fresh: bool,
     blocks: LocalBlocks,
     cfg: LolcatsConfig,
+    /// Every sink key and value the call's queries can reach, the cached and the new ones
+    /// (b, h, N', ·), heads repeated, in the operand dtype; N' = 0 without sinks.
+    sink_k: Tensor,
+    sink_v: Tensor,
 }
 
 impl Call {
@@ -101,9 +120,17 @@ impl Call {
         let s = check_inputs(x)?;
         let p = Precision::of("v", x.v)?;
         let window = cfg.window();
-        let start = LolcatsState::initial(state, &s, &window, (p.acc, x.v.device()))?;
+        let start = LolcatsState::initial(state, &s, cfg, (p.acc, x.v.device()))?;
         let blocks = LocalBlocks::new(&window, cfg.chunk_size, s.len, start.cached(), start.pos)?;
+        let joining = (cfg.sinks - start.pos).clamp(0, s.len);
+        let new = |t: &Tensor| t.narrow(2, 0, joining).to_kind(p.acc);
+        let sinks = start
+            .sinks
+            .advance(&new(x.k), &new(x.v), start.pos, cfg.sinks);
+        let operand = |t: &Tensor| repeat_heads(&t.to_kind(p.operand), s.heads);
         Ok(Self {
+            sink_k: operand(&sinks.k),
+            sink_v: operand(&sinks.v),
             s,
             p,
             fresh: state.is_none(),
@@ -111,6 +138,32 @@ impl Call {
             blocks,
             cfg: *cfg,
         })
+    }
+
+    fn sinks(&self) -> i64 {
+        self.sink_k.size()[2]
+    }
+
+    /// Local blocks (b, h, n, K, x) with the sink rows (b, h, N', x) appended to each.
+    fn with_sinks(&self, block: Tensor, sinks: &Tensor) -> Tensor {
+        if self.sinks() == 0 {
+            return block;
+        }
+        self.blocks.with_sinks(&block, sinks)
+    }
+
+    /// `(window, linear)` masks (n, C, K + N') over the local blocks with the sinks appended:
+    /// a sink is a softmax key of the queries whose window lies past it, never a linear one.
+    fn masks(&self, device: tch::Device) -> (Tensor, Tensor) {
+        let window = self.cfg.window();
+        let (win, lin) = self.blocks.masks(&window, self.cfg.sinks, device);
+        let n = self.sinks();
+        if n == 0 {
+            return (win, lin);
+        }
+        let sink = self.blocks.sink_mask(&window, n, device); // (n, C, N')
+        let lin = Tensor::cat(&[lin, sink.zeros_like()], 2);
+        (Tensor::cat(&[win, sink], 2), lin)
     }
 
     /// Keys laid out in slots (b, h, S, ·) after the cached ones; local blocks cut from them.
@@ -228,8 +281,10 @@ impl Call {
     fn window_part(&self, x: &LolcatsInputs, v: &Tensor) -> (Tensor, Tensor) {
         let (s, p, blocks) = (&self.s, self.p, &self.blocks);
         let q = self.chunks(x.q); // (b, h, n, C, d)
-        let k = blocks.local_from_chunks(&self.chunks(x.k)); // (b, h, n, K, d)
-        let (window_mask, _) = blocks.masks(&self.cfg.window(), x.v.device()); // (n, C, K)
+        let k = blocks.local_from_chunks(&self.chunks(x.k));
+        let k = self.with_sinks(k, &self.sink_k); // (b, h, n, K + N', d)
+        let v = self.with_sinks(v.shallow_clone(), &self.sink_v);
+        let (window_mask, _) = self.masks(x.v.device()); // (n, C, K + N')
         let mut scores = p.mm_operand(&q, &k.transpose(-1, -2));
         scores /= (s.head_dim as f64).sqrt();
         let _ = scores.masked_fill_(&window_mask.logical_not(), f64::NEG_INFINITY);
@@ -237,7 +292,7 @@ impl Call {
         let mut weights = &scores - max; // (b, h, n, C, K) in acc
         let weights = weights.exp_().to_kind(p.operand);
         (
-            blocks.unchunk(&p.mm_operand(&weights, v)),
+            blocks.unchunk(&p.mm_operand(&weights, &v)),
             blocks.unchunk(&weights.sum_dim_intlist(-1, true, p.acc)),
         )
     }
@@ -304,11 +359,23 @@ impl Call {
     /// plus the linear sums before the block.
     fn block_output(&self, x: &LolcatsInputs, keys: Keys) -> Tensor {
         let (s, p, blocks, h) = (&self.s, self.p, &self.blocks, self.s.heads);
-        let window = self.cfg.window();
-
         let q = self.chunks(x.q); // (b, h, n, C, d)
         let phi_q = self.chunks(x.phi_q); // (b, h, n, C, f)
-        let (window_mask, linear_mask) = blocks.masks(&window, x.v.device()); // (n, C, K)
+        let (window_mask, linear_mask) = self.masks(x.v.device()); // (n, C, K + N')
+                                                                   // The sink rows' features are never read (masked as linear keys).
+        let sink_phi = {
+            let s = self.sink_k.size();
+            Tensor::zeros(
+                [s[0], s[1], s[2], self.s.feature_dim],
+                (keys.phi_k.kind(), keys.phi_k.device()),
+            )
+        };
+        let keys = Keys {
+            k: self.with_sinks(keys.k, &self.sink_k),
+            phi_k: self.with_sinks(keys.phi_k, &sink_phi),
+            v: self.with_sinks(keys.v, &self.sink_v),
+            ..keys
+        };
 
         // Scores stay in the operand dtype (as in eager bf16 attention); the max, the
         // exponentials and every sum below are in `acc`. γ enters through the max,

@@ -11,6 +11,15 @@
 //! As in LoLCATs' `hybrid_attention_quadratic`, the linear terms are not scaled by `exp(−m_t)`, so
 //! the max is part of the function (and of its gradient), not only a stabiliser.
 //!
+//! Sinks (`sinks = N`, StreamingLLM): the keys `s < N` join W(t) for every query `t >= s`, so they
+//! are softmax terms under the same max `m_t` (taken over the window and the sinks) and the same
+//! factor γ_h, and never linear terms. Sharing γ keeps one learned balance between exact and
+//! linear attention per head, with no new parameter; sharing the max keeps `a_ts` for a window
+//! key independent of whether a sink happens to score higher, up to that common scale (a sink
+//! that dominates, as sinks do in trained models, lowers `exp(s − m_t)` for every softmax key
+//! alike, as it would in the teacher's softmax). The linear sums skip the sinks: their key
+//! features are zeroed before any sum, so the chunked, recurrent and fused-free paths agree.
+//!
 //! Inputs ([`LolcatsInputs`]): `q` (b, h, L, d) and `k` (b, h_k, L, d) after RoPE, `v`
 //! (b, h_v, L, d_v), `phi_q` (b, h, L, f), `phi_k` (b, h_f, L, f), and the window-factor logits
 //! `w` (h elements); `h_k`, `h_v`, `h_f` divide `h`. Output (b, h, L, d_v) in `v`'s dtype.
@@ -23,7 +32,7 @@ pub use naive::naive;
 pub use recurrent::{recurrent, step};
 
 use super::linear_attn::{self, LinearState};
-use super::window::{Window, WindowShape};
+use super::window::{validate_sinks, SinkCache, Window, WindowShape};
 use crate::error::{config, Error, Result};
 use crate::tensors::{compute_kind, repeat_heads, shape, Dims, Precision};
 use serde::{Deserialize, Serialize};
@@ -44,6 +53,9 @@ pub struct LolcatsConfig {
     pub chunk_size: i64,
     /// Whether whole sequences take the fused CUDA kernels where they apply ([`chunked_output`]).
     pub fused: bool,
+    /// The first `sinks` tokens are softmax keys of every query (0: none). The fused kernels have
+    /// no sinks: calls with sinks take the libtorch chunked form.
+    pub sinks: i64,
 }
 
 impl Default for LolcatsConfig {
@@ -53,6 +65,7 @@ impl Default for LolcatsConfig {
             window_size: 64,
             chunk_size: 64,
             fused: true,
+            sinks: 0,
         }
     }
 }
@@ -67,6 +80,7 @@ impl LolcatsConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.window().validate()?;
+        validate_sinks(self.sinks)?;
         if self.chunk_size < 1 {
             return Err(config(
                 "chunk_size",
@@ -105,15 +119,17 @@ pub struct LolcatsInputs<'a> {
     pub window_factors: &'a Tensor,
 }
 
-/// What a LoLCATs layer remembers: the last `m <= reach` tokens' keys, key features and values
-/// (window cache, at their own head counts), linear sums over every token before them, and the
-/// number of tokens seen. Produced by [`chunked`] and carried on by [`step`] / [`recurrent`].
+/// What a LoLCATs layer remembers: the last `m <= reach` tokens' keys, key features (zero for
+/// sink tokens) and values (window cache, at their own head counts), linear sums over every token
+/// before them but the sinks, the sink tokens' keys and values, and the number of tokens seen.
+/// Produced by [`chunked`] and carried on by [`step`] / [`recurrent`].
 #[derive(Debug)]
 pub struct LolcatsState {
     pub k: Tensor,
     pub phi_k: Tensor,
     pub v: Tensor,
     pub linear: LinearState,
+    pub sinks: SinkCache,
     pub pos: i64,
 }
 
@@ -135,6 +151,7 @@ impl LolcatsState {
             phi_k: f(&self.phi_k),
             v: f(&self.v),
             linear: self.linear.map_tensors(f),
+            sinks: self.sinks.map_tensors(f),
             pos: self.pos,
         }
     }
@@ -142,6 +159,7 @@ impl LolcatsState {
     pub fn tensors(&self) -> Vec<&Tensor> {
         let mut all = vec![&self.k, &self.phi_k, &self.v];
         all.extend(self.linear.tensors());
+        all.extend([&self.sinks.k, &self.sinks.v]);
         all
     }
 
@@ -149,10 +167,13 @@ impl LolcatsState {
     pub(crate) fn initial(
         state: Option<&Self>,
         s: &Shapes,
-        window: &Window,
+        cfg: &LolcatsConfig,
         opts: (Kind, Device),
     ) -> Result<Self> {
+        let window = cfg.window();
         let lin = s.linear();
+        let k_shape = [s.batch, s.k_heads, s.head_dim];
+        let v_shape = [s.batch, s.v_heads, s.value_dim];
         let Some(state) = state else {
             let empty = |heads, dim| Tensor::zeros([s.batch, heads, 0, dim], opts);
             return Ok(Self {
@@ -160,6 +181,7 @@ impl LolcatsState {
                 phi_k: empty(s.phi_k_heads, s.feature_dim),
                 v: empty(s.v_heads, s.value_dim),
                 linear: LinearState::initial(None, &lin, opts)?,
+                sinks: SinkCache::empty(k_shape, v_shape, opts),
                 pos: 0,
             });
         };
@@ -188,22 +210,29 @@ impl LolcatsState {
             phi_k: state.phi_k.to_kind(opts.0),
             v: state.v.to_kind(opts.0),
             linear: state.linear.for_call(&lin, opts.0)?,
+            sinks: state
+                .sinks
+                .checked(k_shape, v_shape, state.pos, cfg.sinks, opts.0)?,
             pos: state.pos,
         })
     }
 
     /// The state after appending `k`, `phi_k`, `v` (b, ·, n, ·) to the cache: the last `reach`
-    /// tokens stay, the ones before join the linear sums (products on `p.operand` operands).
+    /// tokens stay, the ones before join the linear sums (products on `p.operand` operands), the
+    /// ones before position `sinks` join the sink cache. `phi_k` must have its sink rows zeroed
+    /// (`window::without_sinks`).
     pub(crate) fn advance(
         &self,
         k: &Tensor,
         phi_k: &Tensor,
         v: &Tensor,
         heads: i64,
-        window: &Window,
+        cfg: &LolcatsConfig,
         p: Precision,
     ) -> Self {
+        let window = cfg.window();
         let added = k.size()[2];
+        let sinks = self.sinks.advance(k, v, self.pos, cfg.sinks);
         let (k, phi_k, v) = (
             Tensor::cat(&[&self.k, k], 2),
             Tensor::cat(&[&self.phi_k, phi_k], 2),
@@ -222,6 +251,7 @@ impl LolcatsState {
             phi_k: phi_k.narrow(2, leaving, keep),
             v: v.narrow(2, leaving, keep),
             linear,
+            sinks,
             pos: self.pos + added,
         }
     }

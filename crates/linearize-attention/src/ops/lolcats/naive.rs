@@ -1,4 +1,5 @@
-//! Quadratic reference: the L x L weights with the window and linear masks (tests, short inputs).
+//! Quadratic reference: the L x L weights with the window (and sinks) and linear masks (tests,
+//! short inputs).
 use super::{check_inputs, gammas, LolcatsConfig, LolcatsInputs};
 use crate::error::Result;
 use crate::tensors::{compute_kind, prepare};
@@ -10,7 +11,9 @@ pub fn naive(x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Tensor> {
     let kind = compute_kind("v", x.v)?;
     let h = s.heads;
     let pos = Tensor::arange(s.len, (Kind::Int64, x.v.device()));
-    let (window_mask, linear_mask) = cfg.window().masks(&pos.unsqueeze(1), &pos.unsqueeze(0));
+    let (window_mask, linear_mask) =
+        cfg.window()
+            .masks_with_sinks(&pos.unsqueeze(1), &pos.unsqueeze(0), cfg.sinks);
 
     let scores = prepare(x.q, kind, h).matmul(&prepare(x.k, kind, h).transpose(-1, -2))
         / (s.head_dim as f64).sqrt();

@@ -1,6 +1,8 @@
-//! Recurrent form for decoding: one token against the window cache and the linear sums.
+//! Recurrent form for decoding: one token against the window cache, the sink tokens before its
+//! window and the linear sums.
 use super::{check_inputs, gammas, LolcatsConfig, LolcatsInputs, LolcatsState};
 use crate::error::Result;
+use crate::ops::window::without_sinks;
 use crate::tensors::{compute_kind, prepare, repeat_heads, Dims, Precision};
 use tch::{Kind, Tensor};
 
@@ -20,27 +22,36 @@ pub fn step(
     let kind = compute_kind("v", x.v)?;
     let window = cfg.window();
     let device = x.v.device();
-    let current = LolcatsState::initial(Some(state), &s, &window, (kind, device))?;
+    let current = LolcatsState::initial(Some(state), &s, cfg, (kind, device))?;
     let h = s.heads;
     let t = current.pos;
     let m = current.cached();
+    let phi_k = without_sinks(&x.phi_k.to_kind(kind), t, cfg.sinks);
 
-    // The cached keys (positions t-m .. t-1) and the new one; which of them the window holds.
-    let cat = |cache: &Tensor, new: &Tensor| {
-        repeat_heads(&Tensor::cat(&[cache, &new.to_kind(kind)], 2), h)
+    // The sinks before the window (n of them), the cached keys (positions t-m .. t-1) and the new
+    // one; which of the latter the window holds. Sinks are softmax keys: their features are
+    // never read (the linear weights are masked where the softmax ones are).
+    let (sink_k, sink_v) = current.sinks.visible(&window, t);
+    let n = sink_k.size()[2];
+    let sink_phi = Tensor::zeros([s.batch, s.phi_k_heads, n, s.feature_dim], (kind, device));
+    let cat = |sinks: &Tensor, cache: &Tensor, new: &Tensor| {
+        repeat_heads(&Tensor::cat(&[sinks, cache, &new.to_kind(kind)], 2), h)
     };
     let (keys, phi_keys, values) = (
-        cat(&current.k, x.k),
-        cat(&current.phi_k, x.phi_k),
-        cat(&current.v, x.v),
-    ); // (b, h, m+1, ·)
+        cat(&sink_k, &current.k, x.k),
+        cat(&sink_phi, &current.phi_k, &phi_k),
+        cat(&sink_v, &current.v, x.v),
+    ); // (b, h, n+m+1, ·)
        // Built on the device: a mask copied from the host would make every layer's step wait for
-       // the device to catch up, leaving decoding bound by launch latency.
+       // the device to catch up, leaving decoding bound by launch latency. The sink count `n` is
+       // the host's: it stops changing once the window has passed the sinks, before a CUDA graph
+       // may capture the step.
     let positions = |start: i64, end: i64| match position {
         Some(p) => Tensor::arange_start(start - t, end - t, (Kind::Int64, device)) + p,
         None => Tensor::arange_start(start, end, (Kind::Int64, device)),
     };
     let (inside, _) = window.masks(&positions(t, t + 1), &positions(t - m, t + 1)); // (m+1,)
+    let inside = Tensor::cat(&[Tensor::ones([n], (Kind::Bool, device)), inside], 0); // (n+m+1,)
 
     let q = prepare(x.q, kind, h); // (b, h, 1, d)
     let phi_q = prepare(x.phi_q, kind, h); // (b, h, 1, f)
@@ -57,10 +68,10 @@ pub fn step(
     let den = a.sum_dim_intlist(-1, true, kind) + phi_q.matmul(&current.linear.k_sum.unsqueeze(-1));
     *state = current.advance(
         &x.k.to_kind(kind),
-        &x.phi_k.to_kind(kind),
+        &phi_k,
         &x.v.to_kind(kind),
         h,
-        &window,
+        cfg,
         Precision::uniform(kind),
     );
     Ok((num / den).to_kind(x.v.kind()))
@@ -75,7 +86,7 @@ pub fn recurrent(
     cfg.validate()?;
     let s = check_inputs(x)?;
     let kind = compute_kind("v", x.v)?;
-    let mut state = LolcatsState::initial(state.as_ref(), &s, &cfg.window(), (kind, x.v.device()))?;
+    let mut state = LolcatsState::initial(state.as_ref(), &s, cfg, (kind, x.v.device()))?;
     let mut outputs = Vec::with_capacity(s.len as usize);
     for t in 0..s.len {
         let token = |x: &Tensor| x.narrow(2, t, 1);

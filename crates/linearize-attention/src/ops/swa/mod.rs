@@ -1,5 +1,6 @@
-//! Sliding-window softmax attention (Liger's local half):
-//! `y_t = Σ_{t-w < s <= t} softmax_s(q_t·k_s/√d) v_s`.
+//! Sliding-window softmax attention (Liger's local half), optionally with sink tokens
+//! (StreamingLLM): `y_t = Σ_{s in S(t)} softmax_s(q_t·k_s/√d) v_s`, `S(t)` the window
+//! `t-w < s <= t` joined with the first `sinks` positions `s < min(sinks, t+1)`.
 //!
 //! Inputs: `q` (b, h, L, d), `k` (b, h_k, L, d) (both after RoPE), `v` (b, h_v, L, d_v), `h_k` and
 //! `h_v` dividing `h`. Output (b, h, L, d_v) in `v`'s dtype, computed in f32 (f64 for f64).
@@ -11,7 +12,7 @@ pub use chunked::chunked;
 pub use naive::naive;
 pub use recurrent::{recurrent, step};
 
-use super::window::Window;
+use super::window::{validate_sinks, SinkCache, Window};
 use crate::error::{config, Error, Result};
 use crate::tensors::{compute_kind, shape, Dims};
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,8 @@ pub struct SwaConfig {
     pub window_size: i64,
     /// Query tokens per chunk in the chunked form.
     pub chunk_size: i64,
+    /// The first `sinks` tokens stay visible to every query (0: none).
+    pub sinks: i64,
 }
 
 impl Default for SwaConfig {
@@ -32,6 +35,7 @@ impl Default for SwaConfig {
         Self {
             window_size: 64,
             chunk_size: 64,
+            sinks: 0,
         }
     }
 }
@@ -43,6 +47,7 @@ impl SwaConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.window().validate()?;
+        validate_sinks(self.sinks)?;
         if self.chunk_size < 1 {
             return Err(config(
                 "chunk_size",
@@ -53,12 +58,13 @@ impl SwaConfig {
     }
 }
 
-/// The last `m <= w-1` tokens' keys and values (at their own head counts) and the number of tokens
-/// seen. Produced by [`chunked`] and carried on by [`step`] / [`recurrent`].
+/// The last `m <= w-1` tokens' keys and values (at their own head counts), the sink tokens' and
+/// the number of tokens seen. Produced by [`chunked`] and carried on by [`step`] / [`recurrent`].
 #[derive(Debug)]
 pub struct SwaState {
     pub k: Tensor,
     pub v: Tensor,
+    pub sinks: SinkCache,
     pub pos: i64,
 }
 
@@ -77,24 +83,29 @@ impl SwaState {
         Self {
             k: f(&self.k),
             v: f(&self.v),
+            sinks: self.sinks.map_tensors(f),
             pos: self.pos,
         }
     }
 
     pub fn tensors(&self) -> Vec<&Tensor> {
-        vec![&self.k, &self.v]
+        vec![&self.k, &self.v, &self.sinks.k, &self.sinks.v]
     }
 
     pub(crate) fn initial(
         state: Option<&Self>,
         s: &Shapes,
-        window: &Window,
+        cfg: &SwaConfig,
         opts: (Kind, Device),
     ) -> Result<Self> {
+        let window = cfg.window();
+        let k_shape = [s.batch, s.k_heads, s.head_dim];
+        let v_shape = [s.batch, s.v_heads, s.value_dim];
         let Some(state) = state else {
             return Ok(Self {
                 k: Tensor::zeros([s.batch, s.k_heads, 0, s.head_dim], opts),
                 v: Tensor::zeros([s.batch, s.v_heads, 0, s.value_dim], opts),
+                sinks: SinkCache::empty(k_shape, v_shape, opts),
                 pos: 0,
             });
         };
@@ -120,19 +131,26 @@ impl SwaState {
         Ok(Self {
             k: state.k.to_kind(opts.0),
             v: state.v.to_kind(opts.0),
+            sinks: state
+                .sinks
+                .checked(k_shape, v_shape, state.pos, cfg.sinks, opts.0)?,
             pos: state.pos,
         })
     }
 
-    /// The state after appending `k`, `v` (b, ·, n, ·): only the last `reach` tokens stay.
-    pub(crate) fn advance(&self, k: &Tensor, v: &Tensor, window: &Window) -> Self {
+    /// The state after appending `k`, `v` (b, ·, n, ·): only the last `reach` tokens stay in the
+    /// window cache; those before position `sinks` join the sink cache.
+    pub(crate) fn advance(&self, k: &Tensor, v: &Tensor, cfg: &SwaConfig) -> Self {
+        let window = cfg.window();
         let added = k.size()[2];
+        let sinks = self.sinks.advance(k, v, self.pos, cfg.sinks);
         let (k, v) = (Tensor::cat(&[&self.k, k], 2), Tensor::cat(&[&self.v, v], 2));
         let total = k.size()[2];
         let keep = total.min(window.reach());
         Self {
             k: k.narrow(2, total - keep, keep),
             v: v.narrow(2, total - keep, keep),
+            sinks,
             pos: self.pos + added,
         }
     }

@@ -1,4 +1,5 @@
-//! Recurrent form for decoding: one token against the cache of the last w-1 keys and values.
+//! Recurrent form for decoding: one token against the cache of the last w-1 keys and values and
+//! the sink tokens before its window.
 use super::{check_inputs, SwaConfig, SwaState};
 use crate::error::Result;
 use crate::tensors::{compute_kind, prepare, repeat_heads, Dims};
@@ -17,12 +18,20 @@ pub fn step(
     Dims::of("q", q)?.check_single("q", q)?;
     let kind = compute_kind("v", v)?;
     let window = cfg.window();
-    let current = SwaState::initial(Some(state), &s, &window, (kind, v.device()))?;
-    *state = current.advance(&k.to_kind(kind), &v.to_kind(kind), &window);
+    let current = SwaState::initial(Some(state), &s, cfg, (kind, v.device()))?;
+    *state = current.advance(&k.to_kind(kind), &v.to_kind(kind), cfg);
 
-    // The cache holds (up to) the w-1 tokens before this one: with it, exactly its window.
-    let keys = repeat_heads(&Tensor::cat(&[&current.k, &k.to_kind(kind)], 2), s.heads);
-    let values = repeat_heads(&Tensor::cat(&[&current.v, &v.to_kind(kind)], 2), s.heads);
+    // The cache holds (up to) the w-1 tokens before this one: with it, exactly its window; the
+    // sinks before the window join it.
+    let (sink_k, sink_v) = current.sinks.visible(&window, current.pos);
+    let keys = repeat_heads(
+        &Tensor::cat(&[&sink_k, &current.k, &k.to_kind(kind)], 2),
+        s.heads,
+    );
+    let values = repeat_heads(
+        &Tensor::cat(&[&sink_v, &current.v, &v.to_kind(kind)], 2),
+        s.heads,
+    );
     let scores =
         prepare(q, kind, s.heads).matmul(&keys.transpose(-1, -2)) / (s.head_dim as f64).sqrt();
     Ok(scores.softmax(-1, kind).matmul(&values).to_kind(v.kind()))
@@ -39,7 +48,7 @@ pub fn recurrent(
     cfg.validate()?;
     let s = check_inputs(q, k, v)?;
     let kind = compute_kind("v", v)?;
-    let mut state = SwaState::initial(state.as_ref(), &s, &cfg.window(), (kind, v.device()))?;
+    let mut state = SwaState::initial(state.as_ref(), &s, cfg, (kind, v.device()))?;
     let mut outputs = Vec::with_capacity(s.len as usize);
     for t in 0..s.len {
         let token = |x: &Tensor| x.narrow(2, t, 1);
