@@ -16,10 +16,12 @@
 //! divide `h` (GQA: repeated to `h`, one state per query head). Output (b, h, L, d_v) in `v`'s
 //! dtype, computed in f32 (f64 for f64 inputs).
 mod chunked;
+mod layer;
 mod naive;
 mod recurrent;
 
 pub use chunked::chunked;
+pub use layer::{DeltaGates, QkActivation};
 pub use naive::naive;
 pub use recurrent::{recurrent, step};
 
