@@ -2,6 +2,9 @@
 //! [`LinearizedMixer`] that runs it inside a linearize-models decoder. Full passes and prefill
 //! use the chunked kernels; a one-token step with a non-empty state uses the recurrent form.
 use crate::feature_map::{FeatureMap, FeatureMapConfig};
+use crate::ops::gated_deltanet::{
+    self, DeltaGates, GatedDeltaNetConfig, GatedDeltaNetState, QkActivation,
+};
 use crate::ops::gla::{self, GlaConfig, GlaState};
 use crate::ops::liger::{self, LigerConfig, LigerInputs, LigerState};
 use crate::ops::linear_attn::{self, LinearAttnConfig, LinearState};
@@ -31,6 +34,8 @@ pub enum Method {
     LigerGla,
     /// Liger attention: 0.5 sliding-window softmax + 0.5 GLA.
     Liger,
+    /// Gated DeltaNet: the delta rule with a learned decay and write strength per head and token.
+    GatedDeltanet,
 }
 
 impl Method {
@@ -42,6 +47,7 @@ impl Method {
             Self::SlidingWindow => "sliding_window",
             Self::LigerGla => "liger_gla",
             Self::Liger => "liger",
+            Self::GatedDeltanet => "gated_deltanet",
         }
     }
 }
@@ -59,7 +65,7 @@ impl fmt::Display for Method {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttentionConfig {
-    /// `softmax`, `linear`, `lolcats`, `sliding_window`, `liger_gla` or `liger`.
+    /// `softmax`, `linear`, `lolcats`, `sliding_window`, `liger_gla`, `liger` or `gated_deltanet`.
     pub method: Method,
     /// `linear`, `lolcats`: the map φ applied to q and k after RoPE (a separate map, with its own
     /// parameters, for each). Default: Hedgehog with feature_dim 64.
@@ -93,6 +99,19 @@ pub struct AttentionConfig {
     /// query (StreamingLLM). Default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sinks: Option<i64>,
+    /// `gated_deltanet`: read q and k after RoPE (true) or before (false). Default false: the
+    /// delta rule stores values under keys and overwrites by key similarity, which RoPE would make
+    /// depend on position (the same key written at two positions would not overwrite itself),
+    /// and recency is the decay gate's job; Gated DeltaNet has no RoPE. True keeps the teacher's
+    /// relative-position pattern in q·k (exact in the recurrence: keys are rotated once, at their
+    /// own position).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope: Option<bool>,
+    /// `gated_deltanet`: the map on q and k before their L2 norm, `identity` or `silu` (the
+    /// paper's). Default `identity`, which keeps the teacher's q·k directions for the untrained
+    /// layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qk_activation: Option<QkActivation>,
 }
 
 const DEFAULT_FEATURE_MAP: FeatureMapConfig = FeatureMapConfig::Hedgehog {
@@ -108,7 +127,7 @@ const DEFAULT_GATE_NORMALIZER: f64 = 16.0;
 const DEFAULT_SUB_CHUNK: i64 = 16;
 
 /// The optional fields of [`AttentionConfig`] and the methods that use each.
-const FIELD_USERS: [(&str, &[Method]); 9] = [
+const FIELD_USERS: [(&str, &[Method]); 11] = [
     ("feature_map", &[Method::Linear, Method::Lolcats]),
     ("window_shape", &[Method::Lolcats]),
     (
@@ -123,6 +142,7 @@ const FIELD_USERS: [(&str, &[Method]); 9] = [
             Method::SlidingWindow,
             Method::LigerGla,
             Method::Liger,
+            Method::GatedDeltanet,
         ],
     ),
     ("eps", &[Method::Linear]),
@@ -133,6 +153,8 @@ const FIELD_USERS: [(&str, &[Method]); 9] = [
         "sinks",
         &[Method::Lolcats, Method::SlidingWindow, Method::Liger],
     ),
+    ("rope", &[Method::GatedDeltanet]),
+    ("qk_activation", &[Method::GatedDeltanet]),
 ];
 
 impl AttentionConfig {
@@ -149,6 +171,8 @@ impl AttentionConfig {
             sub_chunk: None,
             fused_kernels: None,
             sinks: None,
+            rope: None,
+            qk_activation: None,
         }
     }
 
@@ -213,6 +237,8 @@ impl AttentionConfig {
             "sub_chunk" => self.sub_chunk.is_some(),
             "fused_kernels" => self.fused_kernels.is_some(),
             "sinks" => self.sinks.is_some(),
+            "rope" => self.rope.is_some(),
+            "qk_activation" => self.qk_activation.is_some(),
             other => unreachable!("no attention field {other}"),
         }
     }
@@ -238,6 +264,8 @@ impl AttentionConfig {
             sub_chunk: uses("sub_chunk").then(|| self.sub_chunk.unwrap_or(DEFAULT_SUB_CHUNK)),
             fused_kernels: uses("fused_kernels").then(|| self.fused_kernels.unwrap_or(true)),
             sinks: uses("sinks").then(|| self.sinks()),
+            rope: uses("rope").then(|| self.rope.unwrap_or(false)),
+            qk_activation: uses("qk_activation").then(|| self.qk_activation.unwrap_or_default()),
         }
     }
 
@@ -300,6 +328,12 @@ impl AttentionConfig {
         }
     }
 
+    pub fn gated_deltanet_config(&self) -> GatedDeltaNetConfig {
+        GatedDeltaNetConfig {
+            chunk_size: self.chunk(),
+        }
+    }
+
     /// Short name for reports, e.g. `lolcats-sw64+hedgehog64`, `linear+t2r32`, `liger-sw64`,
     /// `sliding_window-64+sinks4`.
     pub fn name(&self) -> String {
@@ -326,6 +360,17 @@ impl AttentionConfig {
             Method::SlidingWindow => format!("sliding_window-{}", self.window()),
             Method::LigerGla => "liger_gla".into(),
             Method::Liger => format!("liger-sw{}", self.window()),
+            Method::GatedDeltanet => {
+                let rope = if self.rope.unwrap_or(false) {
+                    "+rope"
+                } else {
+                    ""
+                };
+                match self.qk_activation.unwrap_or_default() {
+                    QkActivation::Identity => format!("gated_deltanet{rope}"),
+                    act => format!("gated_deltanet{rope}+{}", act.as_str()),
+                }
+            }
         }
     }
 }
@@ -392,6 +437,12 @@ enum Kernel {
         gate_normalizer: f64,
     },
     Liger(LigerConfig),
+    GatedDeltanet {
+        gates: DeltaGates,
+        cfg: GatedDeltaNetConfig,
+        rope: bool,
+        activation: QkActivation,
+    },
 }
 
 /// The attention core of a converted layer. Its parameters (feature maps `feature_map_q`,
@@ -416,6 +467,7 @@ enum KernelState {
     SlidingWindow(SwaState),
     LigerGla(GlaState),
     Liger(LigerState),
+    GatedDeltanet(GatedDeltaNetState),
 }
 
 impl KernelState {
@@ -426,6 +478,7 @@ impl KernelState {
             Self::SlidingWindow(s) => Self::SlidingWindow(s.map_tensors(f)),
             Self::LigerGla(s) => Self::LigerGla(s.map_tensors(f)),
             Self::Liger(s) => Self::Liger(s.map_tensors(f)),
+            Self::GatedDeltanet(s) => Self::GatedDeltanet(s.map_tensors(f)),
         }
     }
 
@@ -436,6 +489,7 @@ impl KernelState {
             Self::SlidingWindow(s) => s.tensors(),
             Self::LigerGla(s) => s.tensors(),
             Self::Liger(s) => s.tensors(),
+            Self::GatedDeltanet(s) => s.tensors(),
         }
     }
 }
@@ -490,6 +544,16 @@ impl LinearizedMixer {
                 gate_normalizer: config.liger_config().gate_normalizer,
             },
             Method::Liger => Kernel::Liger(config.liger_config()),
+            Method::GatedDeltanet => {
+                let resolved = config.resolved();
+                let width = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim;
+                Kernel::GatedDeltanet {
+                    gates: DeltaGates::new(path, shape.num_heads, width),
+                    cfg: config.gated_deltanet_config(),
+                    rope: resolved.rope.unwrap_or(false),
+                    activation: resolved.qk_activation.unwrap_or_default(),
+                }
+            }
         };
         Ok(Self {
             kernel,
@@ -534,6 +598,17 @@ impl LinearizedMixer {
                 gate_normalizer: *gate_normalizer,
             },
             Kernel::Liger(cfg) => Kernel::Liger(*cfg),
+            Kernel::GatedDeltanet {
+                gates,
+                cfg,
+                rope,
+                activation,
+            } => Kernel::GatedDeltanet {
+                gates: gates.shallow_clone(),
+                cfg: *cfg,
+                rope: *rope,
+                activation: *activation,
+            },
         };
         Self {
             kernel,
@@ -546,7 +621,7 @@ impl LinearizedMixer {
     /// to bypass. LoLCATs keeps its window softmax alone (with φ(q) = 0 the linear terms leave
     /// numerator and normaliser, and γ cancels); Liger keeps its sliding-window half at full
     /// weight; softmax and sliding-window layers are unchanged. `None` for the methods with no
-    /// window (`linear`, `liger_gla`).
+    /// window (`linear`, `liger_gla`, `gated_deltanet`).
     pub fn window_only(&self) -> Option<Self> {
         let mut mixer = self.shallow_clone();
         match &mut mixer.kernel {
@@ -562,7 +637,9 @@ impl LinearizedMixer {
                 mixer.kernel = Kernel::SlidingWindow(cfg.swa_config());
             }
             Kernel::Softmax(_) | Kernel::SlidingWindow(_) => {}
-            Kernel::Linear { .. } | Kernel::LigerGla { .. } => return None,
+            Kernel::Linear { .. } | Kernel::LigerGla { .. } | Kernel::GatedDeltanet { .. } => {
+                return None
+            }
         }
         Some(mixer)
     }
@@ -687,6 +764,22 @@ impl LinearizedMixer {
                 let (y, next) = liger::chunked(&liger_inputs(x), cfg, state)?;
                 (y, KernelState::Liger(next))
             }
+            Kernel::GatedDeltanet {
+                gates,
+                cfg,
+                rope,
+                activation,
+            } => {
+                let state = match state {
+                    Some(KernelState::GatedDeltanet(s)) => Some(s),
+                    _ => None,
+                };
+                let d = DeltaInputs::new(x, gates, *rope, *activation)?;
+                let _range = linearize_profile::range("attention kernel");
+                let (y, next) =
+                    gated_deltanet::chunked(&d.q, &d.k, x.v, &d.g, &d.beta, cfg, state)?;
+                (y, KernelState::GatedDeltanet(next))
+            }
         })
     }
 
@@ -733,6 +826,18 @@ impl LinearizedMixer {
                 gla::step(s, &q, &k, x.v, &g)?
             }
             (Kernel::Liger(cfg), KernelState::Liger(s)) => liger::step(s, &liger_inputs(x), cfg)?,
+            (
+                Kernel::GatedDeltanet {
+                    gates,
+                    rope,
+                    activation,
+                    ..
+                },
+                KernelState::GatedDeltanet(s),
+            ) => {
+                let d = DeltaInputs::new(x, gates, *rope, *activation)?;
+                gated_deltanet::step(s, &d.q, &d.k, x.v, &d.g, &d.beta)?
+            }
             _ => bail!("{}: decoding state of another method", self.name()),
         })
     }
@@ -757,6 +862,27 @@ fn lolcats_inputs<'a>(
         phi_q,
         phi_k,
         window_factors: &window_factors.logits,
+    }
+}
+
+/// Gated DeltaNet's unit q and k (after RoPE or before, as configured) and its gates.
+struct DeltaInputs {
+    q: Tensor,    // (b, h, L, d), unit rows
+    k: Tensor,    // (b, h_kv, L, d), unit rows
+    g: Tensor,    // (b, h, L) log-decays
+    beta: Tensor, // (b, h, L)
+}
+
+impl DeltaInputs {
+    fn new(x: &MixerInput, gates: &DeltaGates, rope: bool, act: QkActivation) -> Result<Self> {
+        let (q, k) = if rope { (x.q, x.k) } else { (x.q_raw, x.k_raw) };
+        let (g, beta) = gates.forward(x.q_raw, x.k_raw, x.v)?;
+        Ok(Self {
+            q: act.unit(q)?,
+            k: act.unit(k)?,
+            g,
+            beta,
+        })
     }
 }
 
@@ -860,7 +986,8 @@ impl Mixer for LinearizedMixer {
         };
         match (&self.kernel, &state.kernel) {
             (Kernel::Linear { .. }, Some(KernelState::Linear(_)))
-            | (Kernel::LigerGla { .. }, Some(KernelState::LigerGla(_))) => true,
+            | (Kernel::LigerGla { .. }, Some(KernelState::LigerGla(_)))
+            | (Kernel::GatedDeltanet { .. }, Some(KernelState::GatedDeltanet(_))) => true,
             // The window cache is full and the window has passed the sinks: the state's shapes
             // (and the sinks each step sees) no longer change.
             (Kernel::Lolcats { cfg, .. }, Some(KernelState::Lolcats(s))) => {

@@ -3,6 +3,7 @@
 //! `softmax` method reproduces the original model, and configs are checked field by field.
 use linearize_attention::feature_map::{FeatureMapConfig, FeatureMapInit};
 use linearize_attention::linearized::{AttentionConfig, LayerShape, LinearizedMixer, Method};
+use linearize_attention::ops::gated_deltanet::{DeltaGates, QkActivation};
 use linearize_attention::ops::window::WindowShape;
 use linearize_models::config::ModelConfig;
 use linearize_models::llama::Model;
@@ -127,6 +128,12 @@ fn methods() -> Vec<AttentionConfig> {
             sub_chunk: Some(2),
             sinks: Some(4),
             ..base(Method::Liger)
+        },
+        base(Method::GatedDeltanet),
+        AttentionConfig {
+            rope: Some(true),
+            qk_activation: Some(QkActivation::Silu),
+            ..base(Method::GatedDeltanet)
         },
     ]
 }
@@ -616,23 +623,26 @@ fn window_only_keeps_the_window_softmax_alone() {
         );
         Some((full, model.mixer(0).name()))
     };
-    let swa = |window| AttentionConfig {
+    let swa = |window, sinks| AttentionConfig {
         chunk_size: Some(8),
         window_size: Some(window),
+        sinks,
         ..AttentionConfig::new(Method::SlidingWindow)
     };
     for cfg in methods() {
         let ablated = logits_of(&cfg, true);
         match cfg.method {
             // No window to keep.
-            Method::Linear | Method::LigerGla => assert!(ablated.is_none(), "{}", cfg.name()),
+            Method::Linear | Method::LigerGla | Method::GatedDeltanet => {
+                assert!(ablated.is_none(), "{}", cfg.name())
+            }
             // Without its linear terms LoLCATs sw is softmax over the same sliding window (the
             // window factor cancels), and Liger its window half alone.
             Method::Lolcats | Method::Liger | Method::SlidingWindow
                 if cfg.window_shape != Some(WindowShape::Tk) =>
             {
                 let (ablated, name) = ablated.unwrap();
-                let (reference, _) = logits_of(&swa(cfg.window_size.unwrap()), false).unwrap();
+                let (reference, _) = logits_of(&swa(cfg.window_size.unwrap(), cfg.sinks), false).unwrap();
                 let diff = max_diff(&ablated, &reference);
                 assert!(diff <= 1e-4, "{name}: {diff:e} from the sliding window");
                 let (whole, _) = logits_of(&cfg, false).unwrap();
@@ -654,4 +664,91 @@ fn window_only_keeps_the_window_softmax_alone() {
             }
         }
     }
+
+#[test]
+fn gated_deltanet_layers_own_their_gates_and_start_with_slow_decays() {
+    let mut model = tiny_model(json!({}));
+    let student = nn::VarStore::new(Device::Cpu);
+    let cfg = AttentionConfig::new(Method::GatedDeltanet);
+    convert_all(&mut model, &student, &cfg);
+    let vars = student.variables();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    let layer0: Vec<&str> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix("model.layers.0.self_attn."))
+        .collect();
+    assert_eq!(layer0, ["A_log", "a_proj", "b_proj", "dt_bias"]);
+    assert_eq!(names.len(), 8);
+    // The gate input is every head of q, k and v: (4 + 2 + 2) x 8 values per token.
+    assert_eq!(vars["model.layers.0.self_attn.a_proj"].size(), [4, 64]);
+    assert_eq!(vars["model.layers.0.self_attn.dt_bias"].size(), [4]);
+
+    // Untrained: β = 1/2 everywhere, per-head decays from e^-0.001 to e^-0.1 per token,
+    // whatever the input.
+    let path = student.root().sub("probe");
+    let gates = DeltaGates::new(&path, 4, 64);
+    tch::manual_seed(3);
+    let q = Tensor::randn([2, 4, 5, 8], (Kind::Float, Device::Cpu));
+    let kv = Tensor::randn([2, 2, 5, 8], (Kind::Float, Device::Cpu));
+    let (g, beta) = gates.forward(&q, &kv, &kv).unwrap();
+    assert_eq!(g.size(), [2, 4, 5]);
+    assert!(beta.allclose(&beta.full_like(0.5), 1e-6, 1e-6, false));
+    let first = g.select(0, 0).select(1, 0); // (4): token 0 of sequence 0
+    let per_head = Vec::<f64>::try_from(&first).unwrap();
+    for (i, got) in per_head.iter().enumerate() {
+        let want = -(1e-3f64 * 100f64.powf(i as f64 / 3.0));
+        assert!((got - want).abs() < 1e-5 * want.abs(), "{per_head:?}");
+    }
+    assert!(
+        max_diff(&g, &first.view([1, 4, 1])) < 1e-7,
+        "untrained decays depend on the input"
+    );
+
+    // Its keys: resolved defaults, names, and refusal for other methods.
+    let resolved = cfg.resolved();
+    assert_eq!(
+        (resolved.rope, resolved.qk_activation, resolved.chunk_size),
+        (Some(false), Some(QkActivation::Identity), Some(64))
+    );
+    assert_eq!(cfg.name(), "gated_deltanet");
+    let parsed: AttentionConfig =
+        serde_yaml_ng::from_str("method: gated_deltanet\nrope: true\nqk_activation: silu\n")
+            .unwrap();
+    assert_eq!(parsed.name(), "gated_deltanet+rope+silu");
+    let e = AttentionConfig {
+        rope: Some(true),
+        ..AttentionConfig::new(Method::Liger)
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("attention.rope") && e.contains("gated_deltanet"),
+        "{e}"
+    );
+    let e =
+        serde_yaml_ng::from_str::<AttentionConfig>("method: gated_deltanet\nqk_activation: relu\n")
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("relu"), "{e}");
+}
+
+#[test]
+fn gated_deltanet_state_is_one_matrix_per_query_head_whatever_the_length() {
+    let mut model = tiny_model(json!({}));
+    let student = nn::VarStore::new(Device::Cpu);
+    convert_all(
+        &mut model,
+        &student,
+        &AttentionConfig::new(Method::GatedDeltanet),
+    );
+    let bytes = |len: i64| {
+        let mut cache = model.new_cache(2).unwrap();
+        let _ = tch::no_grad(|| model.forward(&ids(2, len), Some(&mut cache))).unwrap();
+        model.cache_bytes(&cache).unwrap()
+    };
+    // Two layers of (batch 2, 4 heads, 8 x 8) f32.
+    assert_eq!(bytes(3), 2 * 2 * 4 * 8 * 8 * 4);
+    assert_eq!(bytes(3), bytes(LEN));
 }

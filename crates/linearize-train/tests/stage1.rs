@@ -200,6 +200,62 @@ fn teacher_stays_frozen_and_student_learns() {
 }
 
 #[test]
+fn gated_deltanet_gates_are_trained_by_attention_transfer() {
+    let _rng = rng_lock();
+    let gdn = AttentionConfig {
+        chunk_size: Some(8),
+        ..AttentionConfig::new(Method::GatedDeltanet)
+    };
+    let (mut model, _student, layers) = converted(gdn, 1);
+    let before = values(&layers.named_parameters());
+    // a_proj, b_proj, A_log and dt_bias in each of the 3 layers.
+    assert_eq!(before.len(), 12);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Stage1Config {
+        eval_every: 10,
+        ..config(20)
+    };
+    let summary = run(&mut model, &layers, &cfg, dir.path(), false);
+    for (name, param) in layers.named_parameters() {
+        assert!(
+            !param.equal(&before[&name]),
+            "'{name}' did not change: stage 1 gave it no gradient"
+        );
+    }
+    let (initial, last) = (
+        summary.initial_val.as_ref().unwrap(),
+        summary.final_val.as_ref().unwrap(),
+    );
+    assert!(
+        last.attn_mse < initial.attn_mse,
+        "validation MSE {} -> {}",
+        initial.attn_mse,
+        last.attn_mse
+    );
+
+    // The trained layers decode as their full pass computes.
+    assert_eq!(model.mixer(0).name(), "gated_deltanet");
+    let ids = Tensor::from_slice(&[1i64, 5, 9, 2, 7, 3, 11, 4, 8, 6, 10]).view([1, 11]);
+    tch::no_grad(|| {
+        let full = model.forward(&ids, None).unwrap();
+        let mut cache = model.new_cache(1).unwrap();
+        let mut pieces = vec![model
+            .forward(&ids.narrow(1, 0, 6), Some(&mut cache))
+            .unwrap()];
+        for t in 6..11 {
+            pieces.push(
+                model
+                    .forward(&ids.narrow(1, t, 1), Some(&mut cache))
+                    .unwrap(),
+            );
+        }
+        let decoded = Tensor::cat(&pieces, 1);
+        let diff = (&full - &decoded).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "full vs decoded differ by {diff:e}");
+    });
+}
+
+#[test]
 fn resumed_run_matches_a_straight_run_bit_for_bit() {
     let _rng = rng_lock();
     let straight_dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,6 @@
 //! Attention kernels, one module per method, each with `naive` (L x L reference), `chunked`
 //! (training / prefill, takes and returns a state) and `recurrent` / `step` (decoding) forms.
+pub mod gated_deltanet;
 pub mod gla;
 pub mod liger;
 pub mod linear_attn;

@@ -1,0 +1,61 @@
+//! Recurrent form for decoding, in the delta form of the update: with the decayed state
+//! `S' = α_t S`, the correction `δ_t = β_t (v_t − k_t S')` replaces what `S'` holds for `k_t`:
+//! `S_t = S' + k_tᵀ δ_t`, `o_t = q_t S_t` (two (d_k, d_v) products per token, no (d_k, d_k) one).
+use super::{check_inputs, check_values, GatedDeltaNetState};
+use crate::error::Result;
+use crate::tensors::{compute_kind, prepare, Dims};
+use tch::Tensor;
+
+/// Adds one token (len 1) to `state` and returns its output (b, h, 1, d_v). It reads nothing back
+/// from the device (so it can be captured into a CUDA graph) and so does not check `g` and
+/// `beta`'s values, as [`super::chunked`] does.
+pub fn step(
+    state: &mut GatedDeltaNetState,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    beta: &Tensor,
+) -> Result<Tensor> {
+    let s = check_inputs(q, k, v, g, beta)?;
+    Dims::of("q", q)?.check_single("q", q)?;
+    let kind = compute_kind("v", v)?;
+    let h = s.heads;
+    let current = GatedDeltaNetState::initial(Some(state), &s, (kind, v.device()))?;
+    let per_token = |x: &Tensor| prepare(x, kind, h).unsqueeze(-1); // (b, h, 1, 1)
+    let decayed = per_token(g).exp() * current.s; // (b, h, d_k, d_v)
+    let k = prepare(k, kind, h); // (b, h, 1, d_k)
+    let delta = per_token(beta) * (prepare(v, kind, h) - k.matmul(&decayed)); // (b, h, 1, d_v)
+    *state = GatedDeltaNetState {
+        s: decayed + k.transpose(-1, -2).matmul(&delta),
+    };
+    Ok(prepare(q, kind, h).matmul(&state.s).to_kind(v.kind()))
+}
+
+/// Runs a whole sequence token by token through [`step`], from `state` (zero when `None`).
+pub fn recurrent(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    beta: &Tensor,
+    state: Option<GatedDeltaNetState>,
+) -> Result<(Tensor, GatedDeltaNetState)> {
+    let s = check_inputs(q, k, v, g, beta)?;
+    check_values(g, beta)?;
+    let kind = compute_kind("v", v)?;
+    let mut state = GatedDeltaNetState::initial(state.as_ref(), &s, (kind, v.device()))?;
+    let mut outputs = Vec::with_capacity(s.len as usize);
+    for t in 0..s.len {
+        let token = |x: &Tensor| x.narrow(2, t, 1);
+        outputs.push(step(
+            &mut state,
+            &token(q),
+            &token(k),
+            &token(v),
+            &token(g),
+            &token(beta),
+        )?);
+    }
+    Ok((Tensor::cat(&outputs, 2), state))
+}
