@@ -642,7 +642,8 @@ fn window_only_keeps_the_window_softmax_alone() {
                 if cfg.window_shape != Some(WindowShape::Tk) =>
             {
                 let (ablated, name) = ablated.unwrap();
-                let (reference, _) = logits_of(&swa(cfg.window_size.unwrap(), cfg.sinks), false).unwrap();
+                let (reference, _) =
+                    logits_of(&swa(cfg.window_size.unwrap(), cfg.sinks), false).unwrap();
                 let diff = max_diff(&ablated, &reference);
                 assert!(diff <= 1e-4, "{name}: {diff:e} from the sliding window");
                 let (whole, _) = logits_of(&cfg, false).unwrap();
@@ -664,6 +665,7 @@ fn window_only_keeps_the_window_softmax_alone() {
             }
         }
     }
+}
 
 #[test]
 fn gated_deltanet_layers_own_their_gates_and_start_with_slow_decays() {
