@@ -178,6 +178,7 @@ impl Case {
                     window_size: s.window,
                     chunk_size: s.chunk,
                     fused: matches!(self.form, Form::Fused | Form::Transfer),
+                    sinks: 0,
                 };
                 let inputs = LolcatsInputs {
                     q: &x[0],
@@ -227,6 +228,7 @@ impl Case {
                 let cfg = swa::SwaConfig {
                     window_size: s.window,
                     chunk_size: s.chunk,
+                    sinks: 0,
                 };
                 if chunked {
                     swa::chunked(&x[0], &x[1], &x[2], &cfg, None)?.0
