@@ -5,6 +5,8 @@
 #   scripts/gpu/bench.sh decode           # decoding at 4k, 32k, 128k: teacher vs student (eager
 #                                         # and by CUDA graph replays)
 #   scripts/gpu/bench.sh profile          # the stages-batched cases under libtorch's profiler
+#   scripts/gpu/bench.sh gated-deltanet   # chunked Gated DeltaNet at 16k, 64k (bf16, 32 heads,
+#                                         # d 128) beside fla's chunk_gated_delta_rule (needs fla)
 # The binary is target/release/linearize-gpu (built on the CPU machine, carried); results and
 # logs go to $OUT (default ./bench-out).
 set -euo pipefail
@@ -54,8 +56,15 @@ case "${1:-}" in
       --contexts ${CONTEXTS:-4096,32768,131072} --tokens ${TOKENS:-8} --refine 2 \
       --json "$OUT/decode.json" --plot "$OUT/decode.png" 2>"$OUT/decode.log" | tee "$OUT/decode.md"
     ;;
+  gated-deltanet)
+    "$BIN" bench kernels --device cuda --dtype bf16 --methods gated-deltanet --forms chunked \
+      --lengths ${LENGTHS:-16384,65536} --heads 32 --head-dim 128 --json "$OUT/gdn.json" \
+      2>"$OUT/gdn.log" | tee "$OUT/gdn.md"
+    python3 scripts/gpu/fla_gated_deltanet.py --lengths ${LENGTHS:-16384,65536} --heads 32 \
+      --head-dim 128 --dtype bf16 2>"$OUT/gdn_fla.log" | tee "$OUT/gdn_fla.jsonl"
+    ;;
   *)
-    echo "usage: $0 kernels-stages|stages-batched|profile|decode" >&2
+    echo "usage: $0 kernels-stages|stages-batched|profile|decode|gated-deltanet" >&2
     exit 2
     ;;
 esac

@@ -2,7 +2,7 @@
 use anyhow::Result;
 use linearize_attention::ops::lolcats::{LolcatsConfig, LolcatsInputs, WINDOW_FACTOR_INIT};
 use linearize_attention::ops::window::WindowShape;
-use linearize_attention::ops::{gla, liger, linear_attn, lolcats, swa};
+use linearize_attention::ops::{gated_deltanet, gla, liger, linear_attn, lolcats, swa};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -19,6 +19,9 @@ pub enum Method {
     Gla,
     /// Liger: 0.5 sliding window + 0.5 GLA.
     Liger,
+    /// Gated DeltaNet (unit keys, a log-decay and β per head and token): the naive form is the
+    /// per-token definition, the chunked one the WY / UT form.
+    GatedDeltanet,
     /// The teacher's causal softmax attention: libtorch's fused SDPA (flash on GPU) as the
     /// chunked form, the explicit L x L softmax as the naive one.
     Sdpa,
@@ -33,14 +36,17 @@ impl Method {
             Self::Swa => "swa",
             Self::Gla => "gla",
             Self::Liger => "liger",
+            Self::GatedDeltanet => "gated-deltanet",
             Self::Sdpa => "sdpa",
         }
     }
 
     /// Rough bytes the naive form holds at once (forward + backward): its (L x L) f32 buffers,
-    /// (L x L x d) for the gated forms.
+    /// (L x L x d) for the gated forms; Gated DeltaNet's per-token loop keeps a (d, d)
+    /// transition and a state per token for the backward.
     pub fn naive_bytes(self, shape: &Shape, len: i64) -> f64 {
-        let square = (shape.batch * shape.heads) as f64 * (len as f64).powi(2) * 4.0;
+        let heads = (shape.batch * shape.heads) as f64;
+        let square = heads * (len as f64).powi(2) * 4.0;
         let gated = 8.0 * shape.head_dim as f64;
         square
             * match self {
@@ -48,6 +54,10 @@ impl Method {
                 Self::LolcatsSw | Self::LolcatsTk => 10.0,
                 Self::Gla => gated,
                 Self::Liger => gated + 5.0,
+                Self::GatedDeltanet => {
+                    let d = shape.head_dim as f64;
+                    return heads * len as f64 * 3.0 * d * d * 4.0 * 3.0;
+                }
             }
     }
 }
@@ -135,6 +145,22 @@ impl Case {
                 normal(s.kv_heads, s.head_dim),
                 normal(s.kv_heads, s.head_dim),
             ],
+            Method::GatedDeltanet => {
+                // As the layer feeds the kernel (and fla's benchmarks): unit q and k, f32 gates
+                // (log-decays about -0.05 per token, β about 1/2) per query head.
+                let unit = |heads| {
+                    let x = normal(heads, s.head_dim);
+                    gated_deltanet::l2_normalize(&x).expect("a float dtype")
+                };
+                let gate = || Tensor::randn([s.batch, s.heads, len], (Kind::Float, s.device));
+                vec![
+                    unit(s.heads),
+                    unit(s.kv_heads),
+                    normal(s.kv_heads, s.head_dim),
+                    gate().log_sigmoid() / 16.0,
+                    gate().sigmoid(),
+                ]
+            }
         };
         // In the transfer form q, k and v (the first three LoLCATs inputs) are the teacher's.
         let frozen = if form == Form::Transfer { 3 } else { 0 };
@@ -265,6 +291,16 @@ impl Case {
                     liger::chunked(&inputs, &cfg, None)?.0
                 } else {
                     liger::naive(&inputs, &cfg)?
+                }
+            }
+            Method::GatedDeltanet => {
+                let cfg = gated_deltanet::GatedDeltaNetConfig {
+                    chunk_size: s.chunk,
+                };
+                if chunked {
+                    gated_deltanet::chunked(&x[0], &x[1], &x[2], &x[3], &x[4], &cfg, None)?.0
+                } else {
+                    gated_deltanet::naive(&x[0], &x[1], &x[2], &x[3], &x[4])?
                 }
             }
         })
