@@ -135,6 +135,7 @@ if [ "$SMOKE" = 1 ]; then
         --set "eval.passkey={min_length: 128, max_length: 128, depths: [0.5], trials: 1}"
         --set "eval.multikey={min_length: 256, max_length: 256, keys: 2, trials: 1}"
         --set "eval.mqar={num_pairs: 4, trials: 1}"
+        --set "eval.retrieval_heads={passkey_length: 256, passkey_probes: 1, mqar_probes: 1, mqar_pairs: 4}"
         --set "eval.speed={context_lengths: [64, 128], decode_tokens: 4}"
         --set "eval.generations.max_new_tokens=4" --set eval.multiple_choice.limit=2
         --set eval.decode_check.new_tokens=4)
@@ -375,7 +376,7 @@ measure_speed() {
         --set 'data.sources=[{kind: text, path: "offline:text", split: train}]' \
         --set eval.perplexity.enabled=false --set eval.attention_error.enabled=false \
         --set eval.passkey.enabled=false --set eval.multikey.enabled=false \
-        --set eval.mqar.enabled=false \
+        --set eval.mqar.enabled=false --set eval.retrieval_heads.enabled=false \
         --set eval.multiple_choice.enabled=false --set eval.generations.enabled=false \
         --set eval.decode_check.enabled=false --set export=null >"$LOGS/$m.speed.log" 2>&1 \
         && MEASURED[$key]=$RUNS/$m/speed \

@@ -28,7 +28,7 @@ fn main() -> Result<()> {
     let dir = ensure_smollm2(None)?;
     let validation = ensure_text()?.split_path(Split::Validation);
     let tokenizer = Tokenizer::from_dir(&dir)?;
-    let teacher = Model::load(&dir, Device::Cpu, Kind::Float)?;
+    let mut teacher = Model::load(&dir, Device::Cpu, Kind::Float)?;
     let mut student = Model::load(&dir, Device::Cpu, Kind::Float)?;
     let store = nn::VarStore::new(Device::Cpu);
     tch::manual_seed(0);
@@ -60,7 +60,7 @@ decode_check: {{new_tokens: 16}}
         task.display()
     );
     let cfg: EvalConfig = serde_yaml_ng::from_str(&yaml).context("example config")?;
-    let report = run_report(&teacher, &mut student, &tokenizer, &cfg, &out, None)?;
+    let report = run_report(&mut teacher, &mut student, &tokenizer, &cfg, &out, None)?;
     println!("{}", serde_json::to_string_pretty(&report.speed)?);
     println!("report in {}", out.display());
     Ok(())

@@ -1,7 +1,7 @@
 //! Evaluation of converted models against their teacher, on identical inputs: perplexity by the
 //! protocol of DESIGN.md with next-token KL and agreement, per-layer attention error, recall
-//! probes, multiple-choice tasks, speed and memory, generations, and a report with plots
-//! ([`report::run_report`]).
+//! probes, the teacher's retrieval heads, multiple-choice tasks, speed and memory, generations,
+//! and a report with plots ([`report::run_report`]).
 pub mod attention_error;
 pub mod generations;
 pub mod kl;
@@ -10,6 +10,7 @@ pub mod perplexity;
 pub mod plots;
 pub mod recall;
 pub mod report;
+pub mod retrieval_heads;
 pub mod speed;
 pub mod training;
 

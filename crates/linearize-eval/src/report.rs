@@ -19,6 +19,7 @@ use crate::recall::{
     mqar, mqar_samples, multikey, multikey_prompts, passkey, passkey_prompts, Interval, MqarConfig,
     MqarReport, MultiKeyConfig, MultiKeyReport, PasskeyConfig, PasskeyLength, PasskeyReport,
 };
+use crate::retrieval_heads::{retrieval_heads, RetrievalHeadsConfig, RetrievalHeadsReport};
 use crate::speed::{self, SpeedConfig, SpeedReport};
 use crate::training::{read_metrics, StageCurves, StageSummary};
 use anyhow::{ensure, Context, Result};
@@ -41,6 +42,7 @@ pub struct EvalConfig {
     pub passkey: PasskeyConfig,
     pub multikey: MultiKeyConfig,
     pub mqar: MqarConfig,
+    pub retrieval_heads: RetrievalHeadsConfig,
     pub multiple_choice: MultipleChoiceConfig,
     pub speed: SpeedConfig,
     pub generations: GenerationsConfig,
@@ -69,7 +71,9 @@ impl EvalConfig {
         };
         cfg.attention_error.enabled = false;
         cfg.passkey.enabled = false;
+        cfg.multikey.enabled = false;
         cfg.mqar.enabled = false;
+        cfg.retrieval_heads.enabled = false;
         cfg.multiple_choice.enabled = false;
         cfg.speed.enabled = false;
         cfg.generations.enabled = false;
@@ -205,6 +209,8 @@ pub struct EvalReport {
     pub passkey: Option<Pair<PasskeyReport>>,
     pub multikey: Option<Pair<MultiKeyReport>>,
     pub mqar: Option<Pair<MqarReport>>,
+    /// The teacher's heads by retrieval score.
+    pub retrieval_heads: Option<RetrievalHeadsReport>,
     pub multiple_choice: Option<Vec<Pair<McReport>>>,
     pub speed: Option<Pair<SpeedReport>>,
     pub generations: Option<Vec<GenerationPair>>,
@@ -219,12 +225,12 @@ pub struct EvalReport {
     pub skipped: BTreeMap<String, String>,
 }
 
-/// Runs every enabled part of `cfg` on the teacher and the converted `student` (which is
-/// borrowed mutably only to wrap its layers while their attention error is measured, and comes
-/// back unchanged), and writes `eval.json`, `eval.md` and the plots to `out_dir`. `metrics_jsonl`
+/// Runs every enabled part of `cfg` on the teacher and the converted `student` (both borrowed
+/// mutably only to wrap their layers while their attention is measured, and come back
+/// unchanged), and writes `eval.json`, `eval.md` and the plots to `out_dir`. `metrics_jsonl`
 /// is the training run's metrics file, plotted as training curves when given and present.
 pub fn run_report(
-    teacher: &Model,
+    teacher: &mut Model,
     student: &mut Model,
     tokenizer: &Tokenizer,
     cfg: &EvalConfig,
@@ -241,6 +247,18 @@ pub fn run_report(
     };
     let converted = converted_layers(teacher, student)?;
     let mut texts = TextCache::default();
+
+    let heads = if cfg.retrieval_heads.enabled {
+        tracing::info!("eval: retrieval heads of the teacher");
+        Some(
+            retrieval_heads(teacher, tokenizer, &cfg.retrieval_heads, cfg.seed)
+                .context("retrieval heads")?,
+        )
+    } else {
+        skip("retrieval_heads", "disabled");
+        None
+    };
+    let teacher: &Model = teacher;
 
     let perplexity = if !cfg.perplexity.enabled {
         skip("perplexity", "disabled");
@@ -433,6 +451,7 @@ pub fn run_report(
         passkey: passkey_result,
         multikey: multikey_result,
         mqar: mqar_result,
+        retrieval_heads: heads,
         multiple_choice,
         speed: speed_result,
         generation_agreement: generations.as_deref().and_then(GenerationAgreement::of),
@@ -604,6 +623,9 @@ fn write_plots(report: &EvalReport, curves: &[StageCurves], out_dir: &Path) -> R
     if !recall.is_empty() {
         plot("recall.png".into(), recall, 2)?;
     }
+    if let Some(h) = &report.retrieval_heads {
+        plot("retrieval_heads.png".into(), head_panels(h), 2)?;
+    }
     if let Some(s) = &report.speed {
         let series = |value: fn(&speed::SpeedPoint) -> Option<f64>| {
             [("teacher", &s.teacher), ("student", &s.student)]
@@ -690,6 +712,55 @@ fn write_plots(report: &EvalReport, curves: &[StageCurves], out_dir: &Path) -> R
         }
     }
     Ok(written)
+}
+
+/// Every head's scores sorted (how few heads retrieve), and the best head of each layer.
+fn head_panels(h: &RetrievalHeadsReport) -> Vec<Panel> {
+    let sorted = |scores: &[Vec<f64>]| {
+        let mut all: Vec<f64> = scores.iter().flatten().copied().collect();
+        all.sort_by(|a, b| b.total_cmp(a));
+        all.into_iter()
+            .enumerate()
+            .map(|(i, s)| ((i + 1) as f64, s))
+            .collect()
+    };
+    let best = |scores: &[Vec<f64>]| {
+        scores
+            .iter()
+            .enumerate()
+            .map(|(layer, heads)| (layer as f64, heads.iter().copied().fold(0.0, f64::max)))
+            .collect()
+    };
+    let layer_ticks =
+        (h.scores.len() <= 32).then(|| (0..h.scores.len()).map(|l| l as f64).collect());
+    vec![
+        Panel {
+            title: "Teacher heads by retrieval score".into(),
+            x_label: "head rank".into(),
+            y_label: "attention mass on the copied tokens".into(),
+            series: vec![
+                Series::new("mean", sorted(&h.scores)),
+                Series::new("passkey", sorted(&h.passkey)),
+                Series::new("MQAR", sorted(&h.mqar)),
+            ],
+            log_x: true,
+            y_range: Some((0.0, 1.05)),
+            ..Panel::default()
+        },
+        Panel {
+            title: "Best head of each layer".into(),
+            x_label: "layer".into(),
+            y_label: "retrieval score".into(),
+            series: vec![
+                Series::new("mean", best(&h.scores)),
+                Series::new("passkey", best(&h.passkey)),
+                Series::new("MQAR", best(&h.mqar)),
+            ],
+            y_range: Some((0.0, 1.05)),
+            x_ticks: layer_ticks,
+            ..Panel::default()
+        },
+    ]
 }
 
 fn bounds(ci: Interval) -> (f64, f64) {
@@ -962,6 +1033,38 @@ fn markdown(r: &EvalReport) -> String {
     if recall {
         let _ = writeln!(w, "![Recall](recall.png)\n");
     }
+    if let Some(h) = &r.retrieval_heads {
+        let heads: Vec<f64> = h.scores.iter().flatten().copied().collect();
+        let above = |t: f64| heads.iter().filter(|&&s| s >= t).count();
+        let _ = writeln!(
+            w,
+            "## Retrieval heads (teacher)\n\nPer head, the attention mass that the positions \
+             producing a copied answer put on the copied tokens ({} passkey and {} MQAR answer \
+             positions, teacher-forced); score = the mean of the two. Heads with score >= 0.5: \
+             {} of {} ({:.1}%); >= 0.1: {}.\n",
+            h.passkey_queries,
+            h.mqar_queries,
+            above(0.5),
+            heads.len(),
+            100.0 * above(0.5) as f64 / heads.len().max(1) as f64,
+            above(0.1)
+        );
+        let _ = writeln!(w, "| rank | layer | head | score | passkey | MQAR |");
+        let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|");
+        for (i, s) in h.top.iter().enumerate() {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {:.3} | {:.3} | {:.3} |",
+                i + 1,
+                s.layer,
+                s.head,
+                s.score,
+                s.passkey,
+                s.mqar
+            );
+        }
+        let _ = writeln!(w, "\n![Retrieval heads](retrieval_heads.png)\n");
+    }
     if let Some(tasks) = &r.multiple_choice {
         let _ = writeln!(w, "## Multiple choice\n");
         let _ = writeln!(
@@ -1119,6 +1222,7 @@ pub fn validate(cfg: &EvalConfig) -> Result<()> {
     );
     cfg.passkey.validate()?;
     cfg.multikey.validate()?;
+    cfg.retrieval_heads.validate()?;
     ensure!(
         cfg.mqar.num_pairs >= 1 && cfg.mqar.trials >= 1,
         "mqar needs num_pairs and trials of at least 1"

@@ -565,7 +565,7 @@ fn eval_config_parts_are_optional_and_unknown_keys_rejected() {
 #[test]
 fn report_writes_every_section_and_valid_plots() {
     let _guard = rng_lock();
-    let teacher = tiny_model(CONTEXT);
+    let mut teacher = tiny_model(CONTEXT);
     let (mut student, _store) = converted(CONTEXT, &lolcats(), &[0, 1, 2], 3);
     let dir = tempfile::tempdir().unwrap();
     let text_path = dir.path().join("val.txt");
@@ -585,6 +585,7 @@ attention_error: {{ctx: 32, max_windows: 2}}
 passkey: {{min_length: 256, max_length: 512, trials: 2}}
 multikey: {{min_length: 512, max_length: 512, keys: 2, trials: 2}}
 mqar: {{num_pairs: 8, trials: 2}}
+retrieval_heads: {{passkey_length: 256, passkey_probes: 2, mqar_probes: 1, mqar_pairs: 8, top: 5}}
 multiple_choice: {{tasks: [{task}], limit: 3}}
 speed: {{context_lengths: [16, 64], decode_tokens: 4}}
 generations: {{prompts: [Hello there, The sea], max_new_tokens: 6}}
@@ -597,7 +598,7 @@ decode_check: {{new_tokens: 12}}
     let out = dir.path().join("report");
     let tokenizer = tokenizer();
     let report = run_report(
-        &teacher,
+        &mut teacher,
         &mut student,
         &tokenizer,
         &cfg,
@@ -620,6 +621,7 @@ decode_check: {{new_tokens: 12}}
         "passkey",
         "multikey",
         "mqar",
+        "retrieval_heads",
         "multiple_choice",
         "speed",
         "generations",
@@ -657,6 +659,7 @@ decode_check: {{new_tokens: 12}}
         "kl_by_position.png",
         "layer_error.png",
         "recall.png",
+        "retrieval_heads.png",
         "speed.png",
         "training-attention_transfer.png",
     ];
@@ -675,6 +678,7 @@ decode_check: {{new_tokens: 12}}
         "Multi-key needle",
         "associative recall",
         "95% Wilson interval",
+        "## Retrieval heads (teacher)",
         "## Multiple choice",
         "## Speed and memory",
         "## Recurrent decoding",
@@ -701,15 +705,103 @@ decode_check: {{new_tokens: 12}}
     // With nothing configured that needs files, those parts are skipped with a reason.
     let minimal: EvalConfig = serde_yaml_ng::from_str(
         "passkey: {enabled: false}\nmultikey: {enabled: false}\nmqar: {enabled: false}\n\
+         retrieval_heads: {enabled: false}\n\
          speed: {enabled: false}\n\
          generations: {enabled: false}\ndecode_check: {enabled: false}",
     )
     .unwrap();
     let out = dir.path().join("minimal");
-    let report = run_report(&teacher, &mut student, &tokenizer, &minimal, &out, None).unwrap();
+    let report = run_report(&mut teacher, &mut student, &tokenizer, &minimal, &out, None).unwrap();
     assert!(report.perplexity.is_none() && report.attention_error.is_none());
     assert!(report.skipped["perplexity"].contains("no text files"));
     assert!(report.skipped.contains_key("training"));
     assert!(report.plots.is_empty());
     assert!(Path::new(&out.join("eval.md")).is_file());
+}
+
+#[test]
+fn retrieval_heads_score_every_teacher_head_and_restore_its_attention() {
+    use linearize_eval::retrieval_heads::{retrieval_heads, RetrievalHeadsConfig};
+    let _guard = rng_lock();
+    let mut teacher = tiny_model(CONTEXT);
+    let tokenizer = tokenizer();
+    let ids: Vec<u32> = tokens()[..40].to_vec();
+    let before = logits(&teacher, &ids);
+    let names: Vec<String> = (0..teacher.num_layers())
+        .map(|i| teacher.mixer(i).name())
+        .collect();
+    let cfg = RetrievalHeadsConfig {
+        passkey_length: 256,
+        passkey_probes: 2,
+        mqar_probes: 2,
+        mqar_pairs: 6,
+        top: 4,
+        ..RetrievalHeadsConfig::default()
+    };
+    let report = retrieval_heads(&mut teacher, &tokenizer, &cfg, 3).unwrap();
+    // One row per answer token: the pass key's tokens, and every MQAR value's tokens.
+    let prompts = passkey_prompts(
+        &tokenizer,
+        &PasskeyConfig {
+            min_length: 256,
+            max_length: Some(256),
+            depths: vec![0.25, 0.75],
+            trials: 1,
+            ..PasskeyConfig::default()
+        },
+        3,
+        None,
+    )
+    .unwrap();
+    let key_tokens: usize = prompts
+        .iter()
+        .map(|p| {
+            tokenizer
+                .encode(&format!(" {}", p.passkey), false)
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert_eq!(report.passkey_queries, key_tokens);
+    assert_eq!(report.passkey_skipped, 0);
+    let samples = mqar_samples(
+        &tokenizer,
+        &MqarConfig {
+            num_pairs: 6,
+            trials: 2,
+            ..MqarConfig::default()
+        },
+        3,
+    )
+    .unwrap();
+    let value_tokens: usize = samples
+        .iter()
+        .flat_map(|s| s.queries.iter().map(|q| q.value.len()))
+        .sum();
+    assert_eq!(report.mqar_queries, value_tokens);
+    // Every layer, every query head; shares of attention.
+    let heads = teacher.config().num_attention_heads as usize;
+    assert_eq!(report.scores.len(), teacher.num_layers());
+    for (scores, (p, m)) in report
+        .scores
+        .iter()
+        .zip(report.passkey.iter().zip(&report.mqar))
+    {
+        assert_eq!(scores.len(), heads);
+        for h in 0..heads {
+            assert!((0.0..=1.0).contains(&p[h]) && (0.0..=1.0).contains(&m[h]));
+            assert!((scores[h] - (p[h] + m[h]) / 2.0).abs() < 1e-12);
+        }
+    }
+    assert_eq!(report.top.len(), 4);
+    assert!(report.top.windows(2).all(|w| w[0].score >= w[1].score));
+    let best = report.scores.iter().flatten().copied().fold(0.0, f64::max);
+    assert_eq!(report.top[0].score, best);
+    assert!(best > 0.0);
+    // The teacher's own attention is back, computing what it did.
+    let after: Vec<String> = (0..teacher.num_layers())
+        .map(|i| teacher.mixer(i).name())
+        .collect();
+    assert_eq!(after, names);
+    assert!(logits(&teacher, &ids).equal(&before));
 }

@@ -73,13 +73,7 @@ fn report_config(args: &Args) -> Result<EvalConfig> {
         }
         // Only what the command line asks for: every section that needs no input of its own
         // is off.
-        None => serde_yaml_ng::from_str(
-            "attention_error: {enabled: false}\npasskey: {enabled: false}\n\
-             mqar: {enabled: false}\nmultiple_choice: {enabled: false}\n\
-             speed: {enabled: false}\ngenerations: {enabled: false}\n\
-             decode_check: {enabled: false}\n",
-        )
-        .expect("a valid eval section"),
+        None => EvalConfig::default().perplexity_only(),
     };
     if let Some(file) = &args.perplexity {
         let ctx = args.ctx.context("--perplexity needs --ctx")?;
@@ -103,12 +97,12 @@ fn report(args: &Args, teacher: &str, out: &Path) -> Result<()> {
     let cfg = report_config(args)?;
     let (dir, loaded) = runtime::load_model(&args.model, args.adapters.as_deref(), &args.runtime)?;
     let mut student = loaded.model;
-    let (_, original) = runtime::load_model(teacher, None, &args.runtime)?;
+    let (_, mut original) = runtime::load_model(teacher, None, &args.runtime)?;
     if original.converted.is_some() {
         bail!("--teacher {teacher}: a converted model; give the original (softmax) model");
     }
     let tokenizer = Tokenizer::from_dir(&dir)?;
-    run_report(&original.model, &mut student, &tokenizer, &cfg, out, None).context("evaluation")?;
+    run_report(&mut original.model, &mut student, &tokenizer, &cfg, out, None).context("evaluation")?;
     println!("report: {}", out.join("eval.md").display());
     Ok(())
 }

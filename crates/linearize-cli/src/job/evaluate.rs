@@ -33,10 +33,10 @@ pub fn evaluate(
         tracing::info!(report = %out.display(), "evaluation already done");
     } else {
         let eval = resolve_eval_paths(eval)?;
-        let teacher = loaded.load_model(student.device(), student.kind())?;
+        let mut teacher = loaded.load_model(student.device(), student.kind())?;
         if !json.exists() {
             run_report(
-                &teacher,
+                &mut teacher,
                 student,
                 tokenizer,
                 &eval,
@@ -46,7 +46,7 @@ pub fn evaluate(
             .context("evaluation")?;
         }
         if ablation_due {
-            window_only(&teacher, student, converted, tokenizer, &eval, &ablation)?;
+            window_only(&mut teacher, student, converted, tokenizer, &eval, &ablation)?;
         }
     }
     let text =
@@ -70,7 +70,7 @@ const SKIPPED: &str = "skipped.txt";
 /// off, into `out`; the student gets its own mixers back afterwards. A model whose layers have
 /// no window part gets a note in `out/skipped.txt` instead.
 fn window_only(
-    teacher: &Model,
+    teacher: &mut Model,
     student: &mut Model,
     converted: Option<&ConvertedLayers>,
     tokenizer: &Tokenizer,
