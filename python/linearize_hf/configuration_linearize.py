@@ -100,6 +100,7 @@ class LinearizeConfig(PretrainedConfig):
         sliding_window=None,
         use_sliding_window=False,
         tie_word_embeddings=False,
+        use_cache=True,
         linearize=None,
         **kwargs,
     ):
@@ -129,6 +130,7 @@ class LinearizeConfig(PretrainedConfig):
         self.mlp_bias = mlp_bias
         self.sliding_window = sliding_window
         self.use_sliding_window = use_sliding_window
+        self.use_cache = use_cache
         if rope_scaling is not None:
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
             if rope_type not in ("llama3", "default"):
