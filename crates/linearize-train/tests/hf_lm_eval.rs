@@ -18,7 +18,7 @@ use std::process::Command;
 use tch::{nn, Device, Kind, Tensor};
 
 const WORDS: &str = "the sky is blue green red grass sea fire color of a cat dog says meow woof \
-                     moo what night day sun moon shines at";
+                     moo what night day sun moon shines at and";
 
 /// Questions: (context, choices, answer).
 const TASK: [(&str, [&str; 3], usize); 4] = [
