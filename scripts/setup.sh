@@ -39,6 +39,18 @@ if ! "$VENV/bin/python" -c "import numpy,sys; sys.exit(tuple(map(int, numpy.__ve
   "$VENV/bin/pip" install --quiet --no-cache-dir "numpy<2.4"
 fi
 
+# transformers, PEFT and lm-evaluation-harness for the export tests (scripts/requirements-hf.txt),
+# checked by their installed versions first so that a set-up machine does not wait on pip.
+if ! "$VENV/bin/python" - scripts/requirements-hf.txt <<'PY' 2>/dev/null; then
+import sys
+from importlib.metadata import version
+pins = [l.split("#")[0].strip() for l in open(sys.argv[1])]
+sys.exit(any(version(name) != want for name, want in (p.split("==") for p in pins if p)))
+PY
+  echo "setup: installing transformers, PEFT and lm-eval (scripts/requirements-hf.txt)" >&2
+  "$VENV/bin/pip" install --quiet --no-cache-dir -r scripts/requirements-hf.txt "numpy<2.4" "torch==$TORCH_VERSION"
+fi
+
 # Python packages used only by the scripts that make test fixtures and reference numbers.
 if [ "${LINEARIZE_SETUP_PY_TOOLS:-0}" = 1 ]; then
   "$VENV/bin/pip" install --quiet -r scripts/requirements-tools.txt

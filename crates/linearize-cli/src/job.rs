@@ -23,7 +23,9 @@ use linearize_dist::{Launch, Options, ProcessGroup};
 use linearize_models::llama::Model;
 use linearize_train::convert::{convert, layers_with_largest_error, ConvertedLayers};
 use linearize_train::data::{build_datasets, Batcher, Budget, Datasets, ModelEncoder};
-use linearize_train::export::{export_adapters, export_model, ExportInfo, ExportOptions};
+use linearize_train::export::{
+    export_adapters, export_model, export_peft, ExportInfo, ExportOptions,
+};
 use linearize_train::lora::LoraAdapters;
 use linearize_train::metrics::MetricsWriter;
 use linearize_train::stage::{StageData, StageJob};
@@ -360,7 +362,7 @@ fn resume_state(run_dir: &Path, stage: &str, group: &ProcessGroup) -> Result<Opt
     })
 }
 
-/// `adapters.safetensors` and the merged `model/`.
+/// `adapters.safetensors`, the merged `model/` and `peft/`.
 fn write_exports(
     export: &ExportSection,
     run_dir: &Path,
@@ -374,14 +376,19 @@ fn write_exports(
         export_adapters(&path, model, converted, lora, info)?;
         println!("trained tensors: {}", path.display());
     }
+    let options = ExportOptions {
+        dtype: parse_dtype(&export.dtype)?,
+        max_shard_bytes: export.max_shard_bytes,
+    };
     if export.merged {
         let dir = run_dir.join("model");
-        let options = ExportOptions {
-            dtype: parse_dtype(&export.dtype)?,
-            max_shard_bytes: export.max_shard_bytes,
-        };
         export_model(&dir, model, converted, lora, info, &options)?;
         println!("merged model: {}", dir.display());
+    }
+    if let Some(lora) = lora.filter(|_| export.peft) {
+        let dir = run_dir.join("peft");
+        export_peft(&dir, model, converted, lora, info, &options)?;
+        println!("PEFT adapters and their base: {}", dir.display());
     }
     Ok(())
 }

@@ -56,6 +56,10 @@ pub struct ExportSection {
     /// Write `model/`: the merged model, loadable on its own.
     #[serde(default = "default_true")]
     pub merged: bool,
+    /// Write `peft/` when the run trained LoRA adapters: the adapters in PEFT's format and the
+    /// converted model without them.
+    #[serde(default = "default_true")]
+    pub peft: bool,
     /// dtype of the merged model's tensors: `bf16`, `f16` or `f32`.
     #[serde(default = "default_export_dtype")]
     pub dtype: String,

@@ -44,6 +44,11 @@ impl fmt::Display for Family {
     }
 }
 
+/// The `model_type` of a converted model exported by linearize: its own type, which no stock
+/// loader accepts (the export carries the modeling code that runs it), with the decoder family
+/// in `base_model_type`.
+pub const EXPORT_MODEL_TYPE: &str = "linearize";
+
 /// RoPE frequency scaling (`rope_scaling`); `None` in [`ModelConfig`] is the plain RoPE.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RopeScaling {
@@ -60,6 +65,9 @@ pub enum RopeScaling {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub family: Family,
+    /// Written as an export of linearize: `model_type` [`EXPORT_MODEL_TYPE`] and the family in
+    /// `base_model_type`.
+    pub exported: bool,
     pub vocab_size: i64,
     pub hidden_size: i64,
     pub intermediate_size: i64,
@@ -189,10 +197,17 @@ impl ModelConfig {
         };
 
         let model_type: String = keys.required("model_type", "a string")?;
-        let family = Family::from_model_type(&model_type).ok_or_else(|| {
+        let exported = model_type == EXPORT_MODEL_TYPE;
+        let (family_key, family_type) = if exported {
+            let base: String = keys.required("base_model_type", "a string")?;
+            ("base_model_type", base)
+        } else {
+            ("model_type", model_type)
+        };
+        let family = Family::from_model_type(&family_type).ok_or_else(|| {
             keys.origin.err(
-                "model_type",
-                &Value::from(model_type.clone()),
+                family_key,
+                &Value::from(family_type.clone()),
                 "is not supported (expected llama, mistral, qwen2 or qwen3)",
             )
         })?;
@@ -293,6 +308,7 @@ impl ModelConfig {
 
         Ok(Self {
             family,
+            exported,
             vocab_size: keys.positive("vocab_size", None)?,
             hidden_size,
             intermediate_size: keys.positive("intermediate_size", None)?,
@@ -325,10 +341,17 @@ impl ModelConfig {
     /// written over their keys (so edits to the fields are saved).
     pub fn to_json(&self) -> Value {
         let mut out = self.raw.clone();
+        let family = Value::from(self.family.model_type());
+        if self.exported {
+            out.insert("model_type".into(), EXPORT_MODEL_TYPE.into());
+            out.insert("base_model_type".into(), family);
+        } else {
+            out.insert("model_type".into(), family);
+            out.remove("base_model_type");
+        }
         let mut set = |k: &str, v: Value| {
             out.insert(k.to_string(), v);
         };
-        set("model_type", self.family.model_type().into());
         set("vocab_size", self.vocab_size.into());
         set("hidden_size", self.hidden_size.into());
         set("intermediate_size", self.intermediate_size.into());
@@ -636,6 +659,38 @@ mod tests {
         let mut expected = c.clone();
         expected.raw = back.raw.clone();
         assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn exports_keep_their_model_type_and_name_the_family() {
+        let v = with(
+            with(base("qwen3"), "model_type", json!(EXPORT_MODEL_TYPE)),
+            "base_model_type",
+            json!("qwen3"),
+        );
+        let c = parse(&v).unwrap();
+        assert!(c.exported && c.qk_norm);
+        assert_eq!(c.family, Family::Qwen3);
+        let back = c.to_json();
+        assert_eq!(back["model_type"], json!("linearize"));
+        assert_eq!(back["base_model_type"], json!("qwen3"));
+        let mut plain = c.clone();
+        plain.exported = false;
+        let back = plain.to_json();
+        assert_eq!(back["model_type"], json!("qwen3"));
+        assert!(back.get("base_model_type").is_none());
+
+        let e = err(&with(base("llama"), "model_type", json!("linearize")));
+        assert!(e.contains("missing key `base_model_type`"), "{e}");
+        let e = err(&with(
+            with(base("llama"), "model_type", json!("linearize")),
+            "base_model_type",
+            json!("gpt2"),
+        ));
+        assert!(
+            e.contains("base_model_type") && e.contains("\"gpt2\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -8,15 +8,23 @@
 //! - `model/`: the merged model (LoRA folded into the base weights) with the feature maps and
 //!   window factors, `config.json` with a `linearize` section, safetensors sharded above
 //!   `max_shard_bytes` with an index, the base model's tokenizer files and a `README.md` card.
+//!   Its `model_type` is `linearize` (the decoder family in `base_model_type`), with
+//!   `architectures: [LinearizeForCausalLM]`, an `auto_map` and the transformers modeling code
+//!   beside the weights ([`hf_code`]): `trust_remote_code=True` runs the converted model and a
+//!   stock loader refuses it.
+//! - `peft/`: the LoRA adapters in PEFT's format on the converted model without them ([`peft`]).
 //!
-//! [`load_model`] reads either form back.
+//! [`load_model`] reads `model/`, `peft/base/` and base + `adapters.safetensors` back.
 mod card;
+pub mod hf_code;
 mod load;
+pub mod peft;
 mod section;
 mod shards;
 mod tensor_file;
 
 pub use load::{load_model, LoadedModel};
+pub use peft::export_peft;
 pub use section::{LinearizeSection, ModelShape, SECTION_FORMAT, SECTION_KEY};
 
 use crate::convert::ConvertedLayers;
@@ -207,11 +215,17 @@ pub fn export_model(
     let section = section(converted, lora, info);
     let mut cfg = model.config().clone();
     cfg.torch_dtype = Some(dtype_name.to_owned());
+    cfg.exported = true;
+    cfg.set_extra("architectures", hf_code::architectures());
+    cfg.set_extra("auto_map", hf_code::auto_map());
     cfg.set_extra(SECTION_KEY, serde_json::to_value(&section)?);
     atomic::write_file(
         &out.path().join("config.json"),
         serde_json::to_string_pretty(&cfg.to_json())?.as_bytes(),
     )?;
+    for (file, code) in hf_code::FILES {
+        atomic::write_file(&out.path().join(file), code.as_bytes())?;
+    }
     for file in TOKENIZER_FILES {
         let src = info.base_dir.join(file);
         if src.is_file() {

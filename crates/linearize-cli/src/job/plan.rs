@@ -169,6 +169,7 @@ pub fn describe(loaded: &LoadedRecipe, run_dir: &Path) -> Result<String> {
         ("states", "state/"),
         ("trained tensors", "adapters.safetensors"),
         ("merged model", "model/"),
+        ("PEFT adapters", "peft/"),
         ("report", "report/"),
     ] {
         writeln!(out, "  {what:<16} {}", run_dir.join(path).display())?;

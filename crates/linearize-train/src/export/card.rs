@@ -72,8 +72,62 @@ pub(crate) fn model_card(info: &ExportInfo, section: &LinearizeSection, dtype: &
          The `linearize` section of `config.json` names the attention of every layer; the \
          converted layers' feature maps and window factors are stored with the weights."
     );
+    out.push_str(USE_ELSEWHERE);
+    if section.lora.is_some() {
+        out.push_str(USE_PEFT);
+    }
+    out.push_str(NOT_YET);
     out
 }
+
+const USE_ELSEWHERE: &str = r#"
+### Hugging Face transformers
+
+`config.json` has its own `model_type` (`linearize`, the decoder family in `base_model_type`)
+and `architectures: ["LinearizeForCausalLM"]`; `configuration_linearize.py` and
+`modeling_linearize.py` beside the weights run every layer's attention (prefill by the exact
+quadratic form, `generate` by the recurrent state). A stock load without remote code fails
+instead of running the softmax model the weights came from.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("<this directory>", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("<this directory>")
+```
+
+Without remote code: `pip install <linearize repository>/python`, then `import linearize_hf`
+registers the model type. Batches are one sequence each, or right-padded for scoring with
+`use_cache=False`: padding before or inside a sequence is refused.
+
+### lm-evaluation-harness
+
+```sh
+lm_eval --model hf --model_args pretrained=<this directory>,trust_remote_code=True,dtype=float32   --tasks hellaswag,arc_easy,piqa --batch_size 1
+```
+"#;
+
+const USE_PEFT: &str = r#"
+### PEFT
+
+The run's `peft/` directory holds the LoRA adapters in PEFT's format (`peft/adapter/`) and the
+converted model without them merged (`peft/base/`, feature maps and window factors included):
+
+```python
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained("peft/base", trust_remote_code=True)
+model = PeftModel.from_pretrained(base, "peft/adapter")  # the logits of this directory's model
+```
+"#;
+
+const NOT_YET: &str = r#"
+### Not supported yet
+
+vLLM, SGLang and llama.cpp (GGUF) cannot run this model: they have no kernels for its attention
+(linear attention through learned feature maps mixed with a softmax window, Liger's gated
+recurrence) and no decoding cache holding a recurrent state, and they do not load
+`LinearizeForCausalLM`. Renaming the architecture to a stock one would run the original softmax
+attention on these weights and silently give a different model.
+"#;
 
 /// Consecutive layers with the same attention, as `(layers, name, new parameters)`.
 fn runs(section: &LinearizeSection) -> Vec<(String, String, usize)> {

@@ -1,0 +1,358 @@
+//! Exports run in the Hugging Face ecosystem: for every attention method (and a hybrid of
+//! several), a tiny random model converted and exported by linearize is loaded by transformers
+//! with the modeling code the export carries, and must give linearize's logits (f32, CPU, 40
+//! tokens past a window of 8) and greedy tokens; a stock load must fail; PEFT must reproduce the
+//! merged model from the adapters in its format. The checks run in `.venv`'s python
+//! (python/tests/check_exports.py) with the packages scripts/setup.sh installs.
+mod common;
+
+use common::rng_lock;
+use linearize_attention::feature_map::{FeatureMapConfig, FeatureMapInit};
+use linearize_attention::linearized::{AttentionConfig, Method};
+use linearize_attention::ops::window::WindowShape;
+use linearize_models::config::ModelConfig;
+use linearize_models::generate::{generate, GenerateConfig, SamplingConfig};
+use linearize_models::llama::Model;
+use linearize_train::convert::{convert, ConversionConfig};
+use linearize_train::export::{export_model, export_peft, load_model, ExportInfo, ExportOptions};
+use linearize_train::lora::{LoraAdapters, LoraSettings};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tch::{nn, Device, Kind, Tensor};
+
+const VOCAB: i64 = 61;
+const WINDOW: i64 = 8;
+/// Tokens scored: five windows.
+const LEN: i64 = 40;
+const NEW_TOKENS: usize = 8;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `.venv`'s python, which scripts/setup.sh provides with transformers, safetensors and peft.
+fn python() -> PathBuf {
+    let python = repo_root().join(".venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run scripts/setup.sh (it installs the Python packages these tests need)",
+        python.display()
+    );
+    python
+}
+
+/// A tiny decoder of `family` (4 query heads, 2 key/value heads, 3 layers) with `extra` keys.
+fn tiny_config(family: &str, extra: Value) -> ModelConfig {
+    let mut cfg = json!({
+        "model_type": family, "vocab_size": VOCAB, "hidden_size": 32,
+        "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64, "initializer_range": 0.2,
+    });
+    cfg.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    ModelConfig::from_json_str(&cfg.to_string()).unwrap()
+}
+
+fn hedgehog() -> FeatureMapConfig {
+    FeatureMapConfig::Hedgehog {
+        feature_dim: 4,
+        half_space: false,
+        bias: true,
+        init: FeatureMapInit::Kaiming,
+    }
+}
+
+fn lolcats(shape: WindowShape) -> AttentionConfig {
+    AttentionConfig {
+        feature_map: Some(hedgehog()),
+        window_shape: Some(shape),
+        window_size: Some(WINDOW),
+        chunk_size: Some(16),
+        ..AttentionConfig::new(Method::Lolcats)
+    }
+}
+
+fn linear(feature_map: FeatureMapConfig) -> AttentionConfig {
+    AttentionConfig {
+        feature_map: Some(feature_map),
+        chunk_size: Some(16),
+        ..AttentionConfig::new(Method::Linear)
+    }
+}
+
+fn windowed(method: Method) -> AttentionConfig {
+    AttentionConfig {
+        window_size: Some(WINDOW),
+        chunk_size: Some(16),
+        ..AttentionConfig::new(method)
+    }
+}
+
+fn liger_gla() -> AttentionConfig {
+    AttentionConfig {
+        chunk_size: Some(16),
+        ..AttentionConfig::new(Method::LigerGla)
+    }
+}
+
+/// One exported model: its config, conversion and whether it carries trained LoRA adapters.
+struct Case {
+    name: &'static str,
+    config: ModelConfig,
+    conversion: ConversionConfig,
+    lora: bool,
+}
+
+/// Layer 1 stays softmax in every case (each is a hybrid); `attention` converts layers 0 and 2.
+fn hybrid(attention: AttentionConfig) -> ConversionConfig {
+    ConversionConfig {
+        softmax_layers: vec![1],
+        ..ConversionConfig::all(attention)
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let llama = || tiny_config("llama", json!({}));
+    let case = |name, config, conversion| Case {
+        name,
+        config,
+        conversion,
+        lora: false,
+    };
+    let t2r = FeatureMapConfig::T2r {
+        feature_dim: 8,
+        bias: true,
+        init: FeatureMapInit::Kaiming,
+    };
+    vec![
+        Case {
+            lora: true,
+            ..case("lolcats_sw", llama(), hybrid(lolcats(WindowShape::Sw)))
+        },
+        case(
+            "lolcats_tk_qwen3",
+            tiny_config("qwen3", json!({"head_dim": 8, "attention_bias": true})),
+            hybrid(lolcats(WindowShape::Tk)),
+        ),
+        case(
+            "liger_qwen2",
+            tiny_config("qwen2", json!({"tie_word_embeddings": true})),
+            hybrid(windowed(Method::Liger)),
+        ),
+        case("liger_gla", llama(), hybrid(liger_gla())),
+        case("hedgehog", llama(), hybrid(linear(hedgehog()))),
+        case("t2r", llama(), hybrid(linear(t2r))),
+        case("elu", llama(), hybrid(linear(FeatureMapConfig::Elu))),
+        case("based", llama(), hybrid(linear(FeatureMapConfig::Based))),
+        case(
+            "sliding_window_llama31",
+            tiny_config(
+                "llama",
+                json!({"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3",
+                "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}}),
+            ),
+            hybrid(windowed(Method::SlidingWindow)),
+        ),
+        // Every method in one model, and the teacher's own window on its softmax layer.
+        case(
+            "hybrid_mistral",
+            tiny_config(
+                "mistral",
+                json!({"sliding_window": 6, "num_hidden_layers": 6}),
+            ),
+            ConversionConfig {
+                softmax_layers: vec![3],
+                overrides: BTreeMap::from([
+                    (1, lolcats(WindowShape::Tk)),
+                    (2, windowed(Method::Liger)),
+                    (4, linear(t2r)),
+                    (5, windowed(Method::SlidingWindow)),
+                ]),
+                ..ConversionConfig::all(lolcats(WindowShape::Sw))
+            },
+        ),
+    ]
+}
+
+fn info(base_dir: &Path) -> ExportInfo {
+    ExportInfo {
+        base_model: "test/tiny".into(),
+        base_revision: None,
+        base_dir: base_dir.to_owned(),
+        recipe_hash: "test-recipe".into(),
+        data: "none".into(),
+        tokens: Vec::new(),
+        eval: None,
+    }
+}
+
+fn ids(batch: i64, len: i64, seed: i64) -> Tensor {
+    tch::manual_seed(seed);
+    Tensor::randint(VOCAB, [batch, len], (Kind::Int64, Device::Cpu))
+}
+
+/// Converts and exports `case` into `dir` (`model/`, and `peft/` with LoRA), with linearize's
+/// logits and greedy continuation in `reference.safetensors`.
+fn export_case(case: &Case, dir: &Path) {
+    tch::manual_seed(7);
+    let mut model = Model::new(&case.config, Device::Cpu, Kind::Float).unwrap();
+    let student = nn::VarStore::new(Device::Cpu);
+    let layers = convert(&mut model, &case.conversion, &student).unwrap();
+    let lora = case.lora.then(|| {
+        let settings = LoraSettings {
+            targets: ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+                .map(String::from)
+                .to_vec(),
+            ..LoraSettings::default()
+        };
+        LoraAdapters::install(&mut model, &settings, 3).unwrap()
+    });
+    // Trained-looking tensors: window factors that differ by head, adapters that matter.
+    tch::manual_seed(11);
+    tch::no_grad(|| {
+        let lora_params = lora
+            .as_ref()
+            .map(|l| l.named_parameters())
+            .unwrap_or_default();
+        for (_, t) in layers.named_parameters().iter().chain(&lora_params) {
+            let noise = Tensor::randn_like(t) * 0.1;
+            let _ = t.shallow_clone().g_add_(&noise);
+        }
+    });
+
+    let options = ExportOptions {
+        dtype: Kind::Float,
+        ..ExportOptions::default()
+    };
+    let base = dir.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    let info = info(&base);
+    export_model(
+        &dir.join("model"),
+        &model,
+        &layers,
+        lora.as_ref(),
+        &info,
+        &options,
+    )
+    .unwrap();
+    if let Some(lora) = &lora {
+        export_peft(&dir.join("peft"), &model, &layers, lora, &info, &options).unwrap();
+    }
+
+    let ids = ids(2, LEN, 5);
+    let logits = tch::no_grad(|| model.forward(&ids, None)).unwrap();
+    let prompt = ids.narrow(0, 0, 1);
+    let prompt_tokens: Vec<u32> = Vec::<i64>::try_from(prompt.view([-1]))
+        .unwrap()
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+    let config = GenerateConfig {
+        max_new_tokens: NEW_TOKENS,
+        sampling: SamplingConfig::greedy(),
+        stop_ids: Vec::new(),
+        cuda_graphs: false,
+    };
+    let generated = generate(&model, &prompt_tokens, &config, |_| Ok(())).unwrap();
+    assert_eq!(generated.tokens.len(), NEW_TOKENS, "{}", case.name);
+    let generated: Vec<i64> = generated.tokens.iter().map(|&t| t as i64).collect();
+    let reference = [
+        ("ids", ids.shallow_clone()),
+        ("logits", logits),
+        ("prompt", prompt),
+        ("generated", Tensor::from_slice(&generated).view([1, -1])),
+    ];
+    Tensor::write_safetensors(&reference, dir.join("reference.safetensors")).unwrap();
+
+    // linearize itself reads the export back as the same model.
+    let loaded = load_model(&dir.join("model"), None, Device::Cpu, Kind::Float).unwrap();
+    let again = tch::no_grad(|| loaded.model.forward(&ids, None)).unwrap();
+    let diff = (&again - &reference[1].1).abs().max().double_value(&[]);
+    assert!(
+        diff <= 1e-5,
+        "{}: reloaded export differs by {diff}",
+        case.name
+    );
+}
+
+fn run_python(args: &[&Path]) -> String {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(python())
+        .args(args)
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_OFFLINE", "1")
+        .env("HF_DATASETS_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{}", text);
+    text
+}
+
+#[test]
+fn exports_run_in_transformers_and_peft_as_in_linearize() {
+    let _rng = rng_lock();
+    let root = tempfile::tempdir().unwrap();
+    for case in cases() {
+        export_case(&case, &root.path().join(case.name));
+    }
+
+    // What a stock loader sees: our own type, architecture, auto_map and code.
+    let model_dir = root.path().join("lolcats_sw/model");
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["model_type"], "linearize");
+    assert_eq!(cfg["base_model_type"], "llama");
+    assert_eq!(cfg["architectures"], json!(["LinearizeForCausalLM"]));
+    assert_eq!(
+        cfg["auto_map"]["AutoModelForCausalLM"],
+        "modeling_linearize.LinearizeForCausalLM"
+    );
+    assert_eq!(
+        cfg["linearize"]["layers"][0]["attention"]["window_size"],
+        WINDOW
+    );
+    let package = repo_root().join("python/linearize_hf");
+    for file in ["modeling_linearize.py", "configuration_linearize.py"] {
+        assert_eq!(
+            std::fs::read_to_string(model_dir.join(file)).unwrap(),
+            std::fs::read_to_string(package.join(file)).unwrap(),
+            "{file} is not the package's copy"
+        );
+    }
+    let card = std::fs::read_to_string(model_dir.join("README.md")).unwrap();
+    for needle in ["trust_remote_code=True", "PeftModel", "lm_eval", "vLLM"] {
+        assert!(card.contains(needle), "card lacks {needle:?}:\n{card}");
+    }
+    let adapter: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            root.path()
+                .join("lolcats_sw/peft/adapter/adapter_config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (adapter["peft_type"].as_str(), adapter["r"].as_i64()),
+        (Some("LORA"), Some(8))
+    );
+
+    let script = repo_root().join("python/tests/check_exports.py");
+    let report = run_python(&[&script, root.path()]);
+    println!("{report}");
+    assert!(
+        report.contains(&format!("{} cases, 0 failed checks", cases().len())),
+        "{report}"
+    );
+}

@@ -1,0 +1,792 @@
+# PyTorch modeling code for models converted by linearize (https://github.com/linearize/linearize):
+# a Llama-family decoder whose attention layers each run their own method (softmax, linear
+# attention with a feature map, LoLCATs, sliding window, Liger GLA, Liger). This file is copied
+# into every export by the `linearize` binary; the copy in the repository's python/linearize_hf/
+# is the one source. The math follows linearize-attention's naive and recurrent forms
+# (crates/linearize-attention/src/ops/*): a whole sequence runs the quadratic (masked) form,
+# `generate` carries each layer's recurrent state as its cache and decodes one token at a time.
+#
+# Adding a method: one subclass of `LinearizeAttention` (its parameters, `forward_core` for a
+# fresh sequence, `prefill_state` and `step` for decoding) and one entry in `ATTENTION_CLASSES`,
+# plus its keys in configuration_linearize.METHOD_KEYS.
+"""LinearizeForCausalLM: a converted Llama-family decoder with linear or hybrid attention."""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_linearize import LinearizeConfig
+
+
+def compute_dtype(x):
+    """Kernels accumulate in f32 (f64 stays f64), whatever the input dtype, as linearize does."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def repeat_heads(x, heads):
+    """(b, h', L, d) -> (b, heads, L, d): head i of the result is head i // (heads / h') (HF's repeat_kv)."""
+    if x.shape[1] == heads:
+        return x
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def window_masks(shape, size, q_pos, k_pos):
+    """Boolean `(window, linear)` masks for broadcastable int64 positions: `window` marks causal keys
+    inside the softmax window of their query, `linear` the causal keys before it. `sw`: the last
+    `size` tokens; `tk` (terrace): the query's block of `size` tokens and the block before, blocks
+    aligned to position 0."""
+    causal = k_pos <= q_pos
+    if shape == "sw":
+        inside = (q_pos - k_pos) < size
+    else:
+        inside = k_pos >= (torch.div(q_pos, size, rounding_mode="floor") - 1) * size
+    return causal & inside, causal & ~inside
+
+
+def window_reach(shape, size):
+    """How many earlier tokens a query's window can reach: the decoding cache keeps that many."""
+    return size - 1 if shape == "sw" else 2 * size - 1
+
+
+# ----------------------------------------------------------------------------- feature maps
+class HeadProjection(nn.Module):
+    """The per-head `xW + b` of the learned maps: W (h, d, f), b (h, f)."""
+
+    def __init__(self, heads, head_dim, feature_dim, bias):
+        super().__init__()
+        self.heads = heads
+        self.W = nn.Parameter(torch.empty(heads, head_dim, feature_dim))
+        self.b = nn.Parameter(torch.zeros(heads, feature_dim)) if bias else None
+        nn.init.kaiming_uniform_(self.W, a=math.sqrt(5))
+
+    def project(self, x):
+        x = repeat_heads(x.to(compute_dtype(x)), self.heads)  # (b, h, L, d)
+        z = x @ self.W.to(x.dtype)  # (b, h, L, f)
+        return z if self.b is None else z + self.b.to(x.dtype)[:, None, :]
+
+
+class HedgehogMap(HeadProjection):
+    """Hedgehog: [softmax_f(xW + b), softmax_f(-(xW + b))], or the first half with `half_space`."""
+
+    def __init__(self, heads, head_dim, cfg):
+        super().__init__(heads, head_dim, cfg["feature_dim"], cfg["bias"])
+        self.half_space = cfg["half_space"]
+
+    def forward(self, x):
+        z = self.project(x)
+        if self.half_space:
+            return z.softmax(-1)
+        return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1)
+
+
+class T2rMap(HeadProjection):
+    """T2R: relu(xW + b)."""
+
+    def __init__(self, heads, head_dim, cfg):
+        super().__init__(heads, head_dim, cfg["feature_dim"], cfg["bias"])
+
+    def forward(self, x):
+        return self.project(x).relu()
+
+
+class EluMap(nn.Module):
+    """elu(x) + 1."""
+
+    def __init__(self, heads, head_dim, cfg):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, x):
+        return F.elu(repeat_heads(x.to(compute_dtype(x)), self.heads)) + 1.0
+
+
+class BasedMap(nn.Module):
+    """Based's 2nd-order Taylor map [1, x / d^(1/4), vec(x x^T) / (sqrt(2) sqrt(d))]."""
+
+    def __init__(self, heads, head_dim, cfg):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, x):
+        z = repeat_heads(x.to(compute_dtype(x)), self.heads)
+        d = z.shape[-1]
+        outer = (z.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)
+        return torch.cat([torch.ones_like(z[..., :1]), z / d**0.25, outer / (math.sqrt(2.0) * math.sqrt(d))], -1)
+
+
+class SoftmaxDimMap(nn.Module):
+    """softmax over the head dimension (Liger's parameter-free map)."""
+
+    def __init__(self, heads, head_dim, cfg):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, x):
+        return repeat_heads(x.to(compute_dtype(x)), self.heads).softmax(-1)
+
+
+FEATURE_MAPS = {
+    "hedgehog": HedgehogMap,
+    "t2r": T2rMap,
+    "elu": EluMap,
+    "based": BasedMap,
+    "softmax_dim": SoftmaxDimMap,
+}
+
+
+# ----------------------------------------------------------------------------- decoder parts
+class LinearizeRMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class LinearizeRotaryEmbedding(nn.Module):
+    """HF's rotate-half RoPE; inverse frequencies (with Llama 3.1 scaling) computed in f64, angles in f32."""
+
+    def __init__(self, config):
+        super().__init__()
+        d = config.head_dim
+        inv_freq = [1.0 / config.rope_theta ** (2.0 * i / d) for i in range(d // 2)]
+        scaling = config.rope_scaling
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "llama3":
+            factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+            old_len = scaling["original_max_position_embeddings"]
+            low_wavelen, high_wavelen = old_len / low, old_len / high
+            scaled = []
+            for f in inv_freq:
+                wavelen = 2.0 * math.pi / f
+                if wavelen < high_wavelen:
+                    scaled.append(f)
+                elif wavelen > low_wavelen:
+                    scaled.append(f / factor)
+                else:
+                    smooth = (old_len / wavelen - low) / (high - low)
+                    scaled.append((1.0 - smooth) * f / factor + smooth * f)
+            inv_freq = scaled
+        # A plain list, not a buffer: nothing to load, nothing lost when weights are loaded lazily.
+        self.inv_freq = inv_freq
+
+    def forward(self, positions, dtype):
+        """positions (L,) int64 -> cos, sin (L, d) in `dtype`."""
+        inv_freq = torch.tensor(self.inv_freq, dtype=torch.float64, device=positions.device).float()
+        freqs = positions.float()[:, None] * inv_freq[None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+class LinearizeMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.has_mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------- attention
+class LinearizeAttention(nn.Module):
+    """The projections of a layer (q/k/v/o, qwen3's q/k norms) around its attention core. A method
+    subclasses it and implements, on q, k (after RoPE), v and q_raw, k_raw (before RoPE), shapes
+    (b, h or h_kv, L, d):
+      - `forward_core(x)`: the output (b, h, L, d) of a fresh causal pass over the L tokens;
+      - `prefill_state(x)`: the decoding state after those tokens (a dict of tensors);
+      - `step(state, x)`: the output of one new token (L = 1), updating `state` in place.
+    `x` is a dict with q, k, v, q_raw, k_raw and `offset` (the absolute position of the first token).
+    """
+
+    def __init__(self, config, layer_idx, attention):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        nq, nkv = config.num_attention_heads, config.num_key_value_heads
+        self.layer_idx = layer_idx
+        self.attention = attention
+        self.num_heads, self.num_kv_heads, self.head_dim = nq, nkv, d
+        self.q_proj = nn.Linear(h, nq * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, nkv * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, nkv * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(nq * d, h, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = LinearizeRMSNorm(d, config.rms_norm_eps)
+            self.k_norm = LinearizeRMSNorm(d, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, hidden, cos, sin, offset, cache=None):
+        b, L, _ = hidden.shape
+
+        def heads(proj, n, norm):
+            y = proj(hidden).view(b, L, n, self.head_dim)
+            if norm is not None:
+                y = norm(y)
+            return y.transpose(1, 2)  # (b, n, L, d)
+
+        q_raw = heads(self.q_proj, self.num_heads, self.q_norm)
+        k_raw = heads(self.k_proj, self.num_kv_heads, self.k_norm)
+        v = heads(self.v_proj, self.num_kv_heads, None)
+        x = {
+            "q": apply_rope(q_raw, cos, sin),
+            "k": apply_rope(k_raw, cos, sin),
+            "v": v,
+            "q_raw": q_raw,
+            "k_raw": k_raw,
+            "offset": offset,
+        }
+        if cache is None:
+            y = self.forward_core(x)
+        else:
+            y = self.cached_core(x, cache)
+        y = y.to(v.dtype).transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim)
+        return self.o_proj(y)
+
+    def cached_core(self, x, cache):
+        """Runs the new tokens on from the layer's state in `cache`, which it updates."""
+        state = cache.states[self.layer_idx]
+        if state is None:
+            cache.states[self.layer_idx] = self.prefill_state(x)
+            return self.forward_core(x)
+        outputs = []
+        for t in range(x["q"].shape[2]):
+            token = {k: (v[:, :, t : t + 1] if torch.is_tensor(v) else v + t) for k, v in x.items()}
+            outputs.append(self.step(state, token))
+        return torch.cat(outputs, dim=2)
+
+    def forward_core(self, x):
+        raise NotImplementedError
+
+    def prefill_state(self, x):
+        raise NotImplementedError
+
+    def step(self, state, x):
+        raise NotImplementedError
+
+
+def scaled_scores(q, k):
+    """q (b, h, Lq, d), k (b, h_k, Lk, d) -> q.k / sqrt(d) (b, h, Lq, Lk) in the compute dtype."""
+    dtype = compute_dtype(q)
+    h = q.shape[1]
+    return (q.to(dtype) @ repeat_heads(k.to(dtype), h).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+
+
+class SoftmaxAttention(LinearizeAttention):
+    """The teacher's causal softmax attention (over its own `sliding_window` for mistral); the
+    decoding state is the KV cache."""
+
+    def __init__(self, config, layer_idx, attention):
+        super().__init__(config, layer_idx, attention)
+        self.window = config.teacher_window
+
+    def attend(self, q, k, v, q_offset, k_offset):
+        Lq, Lk = q.shape[2], k.shape[2]
+        q_pos = torch.arange(q_offset, q_offset + Lq, device=q.device)[:, None]
+        k_pos = torch.arange(k_offset, k_offset + Lk, device=q.device)[None, :]
+        allowed = k_pos <= q_pos
+        if self.window is not None:
+            allowed = allowed & ((q_pos - k_pos) < self.window)
+        scores = scaled_scores(q, k).masked_fill(~allowed, float("-inf"))
+        return scores.softmax(-1) @ repeat_heads(v.to(scores.dtype), q.shape[1])
+
+    def forward_core(self, x):
+        return self.attend(x["q"], x["k"], x["v"], x["offset"], x["offset"])
+
+    def prefill_state(self, x):
+        return {"k": x["k"], "v": x["v"], "start": x["offset"]}
+
+    def cached_core(self, x, cache):
+        state = cache.states[self.layer_idx]
+        if state is None:
+            cache.states[self.layer_idx] = self.prefill_state(x)
+            return self.forward_core(x)
+        state["k"] = torch.cat([state["k"], x["k"]], dim=2)
+        state["v"] = torch.cat([state["v"], x["v"]], dim=2)
+        return self.attend(x["q"], state["k"], state["v"], x["offset"], state["start"])
+
+
+class LinearAttention(LinearizeAttention):
+    """Normalised linear attention with a feature map phi (after RoPE; separate maps for q, k):
+    y_t = sum_{s<=t} (phi(q_t).phi(k_s)) v_s / (sum_{s<=t} phi(q_t).phi(k_s) + eps)."""
+
+    def __init__(self, config, layer_idx, attention):
+        super().__init__(config, layer_idx, attention)
+        fm = attention["feature_map"]
+        make = FEATURE_MAPS[fm["kind"]]
+        self.feature_map_q = make(self.num_heads, self.head_dim, fm)
+        self.feature_map_k = make(self.num_heads, self.head_dim, fm)
+        self.eps = attention["eps"]
+
+    def forward_core(self, x):
+        phi_q, phi_k = self.feature_map_q(x["q"]), self.feature_map_k(x["k"])  # (b, h, L, f)
+        L = phi_q.shape[2]
+        causal = torch.ones(L, L, dtype=torch.bool, device=phi_q.device).tril()
+        a = (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~causal, 0.0)
+        v = repeat_heads(x["v"].to(a.dtype), self.num_heads)
+        return (a @ v) / (a.sum(-1, keepdim=True) + self.eps)
+
+    def prefill_state(self, x):
+        phi_k = self.feature_map_k(x["k"])
+        v = repeat_heads(x["v"].to(phi_k.dtype), self.num_heads)
+        return {"kv": phi_k.transpose(-1, -2) @ v, "k_sum": phi_k.sum(2)}
+
+    def step(self, state, x):
+        phi_q, phi_k = self.feature_map_q(x["q"]), self.feature_map_k(x["k"])  # (b, h, 1, f)
+        v = repeat_heads(x["v"].to(phi_k.dtype), self.num_heads)
+        state["kv"] = state["kv"] + phi_k.transpose(-1, -2) @ v
+        state["k_sum"] = state["k_sum"] + phi_k.sum(2)
+        num = phi_q @ state["kv"]
+        den = phi_q @ state["k_sum"].unsqueeze(-1) + self.eps
+        return num / den
+
+
+class LolcatsAttention(LinearizeAttention):
+    """LoLCATs: softmax over a local window W(t) plus linear attention over the keys before it, one
+    shared normaliser, per-head window factor gamma = sigmoid(window_factors):
+      a_ts = gamma * exp(q_t.k_s / sqrt(d) - m_t)  for s in W(t)  (m_t: the max score in W(t))
+      a_ts = phi(q_t).phi(k_s)                      for s < t outside W(t)
+      y_t = sum_s a_ts v_s / sum_s a_ts."""
+
+    def __init__(self, config, layer_idx, attention):
+        super().__init__(config, layer_idx, attention)
+        fm = attention["feature_map"]
+        make = FEATURE_MAPS[fm["kind"]]
+        self.feature_map_q = make(self.num_heads, self.head_dim, fm)
+        self.feature_map_k = make(self.num_heads, self.head_dim, fm)
+        self.window_factors = nn.Parameter(torch.full((self.num_heads,), -2.1972))
+        self.window_shape = attention["window_shape"]
+        self.window_size = attention["window_size"]
+
+    def gammas(self, dtype):
+        return self.window_factors.to(dtype).sigmoid().view(1, -1, 1, 1)
+
+    def forward_core(self, x):
+        q, k, v = x["q"], x["k"], x["v"]
+        L, off = q.shape[2], x["offset"]
+        pos = torch.arange(off, off + L, device=q.device)
+        window, linear = window_masks(self.window_shape, self.window_size, pos[:, None], pos[None, :])
+        scores = scaled_scores(q, k).masked_fill(~window, float("-inf"))  # (b, h, L, L)
+        a_window = (scores - scores.amax(-1, keepdim=True)).exp() * self.gammas(scores.dtype)
+        phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
+        a_linear = (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~linear, 0.0)
+        a = a_window + a_linear
+        return (a @ repeat_heads(v.to(a.dtype), self.num_heads)) / a.sum(-1, keepdim=True)
+
+    def prefill_state(self, x):
+        """The last `reach` tokens' k, phi(k), v as the window cache; linear sums over the rest."""
+        k, v = x["k"], x["v"]
+        phi_k = self.feature_map_k(k)
+        L = k.shape[2]
+        keep = min(L, window_reach(self.window_shape, self.window_size))
+        leaving = L - keep
+        dtype = phi_k.dtype
+        v_rep = repeat_heads(v.to(dtype), self.num_heads)
+        return {
+            "k": k[:, :, leaving:].to(dtype),
+            "phi_k": phi_k[:, :, leaving:],
+            "v": v[:, :, leaving:].to(dtype),
+            "kv": phi_k[:, :, :leaving].transpose(-1, -2) @ v_rep[:, :, :leaving],
+            "k_sum": phi_k[:, :, :leaving].sum(2),
+            "pos": x["offset"] + L,
+        }
+
+    def step(self, state, x):
+        h, t = self.num_heads, state["pos"]
+        dtype = state["kv"].dtype
+        m = state["k"].shape[2]
+        phi_q, phi_k = self.feature_map_q(x["q"]), self.feature_map_k(x["k"])
+        keys = torch.cat([state["k"], x["k"].to(dtype)], 2)  # (b, h_k, m+1, d)
+        phi_keys = torch.cat([state["phi_k"], phi_k], 2)  # (b, h, m+1, f)
+        values = torch.cat([state["v"], x["v"].to(dtype)], 2)  # (b, h_v, m+1, d)
+        device = keys.device
+        inside, _ = window_masks(
+            self.window_shape,
+            self.window_size,
+            torch.tensor([t], device=device)[:, None],
+            torch.arange(t - m, t + 1, device=device)[None, :],
+        )  # (1, m+1)
+        scores = scaled_scores(x["q"], keys).masked_fill(~inside, float("-inf"))
+        a_window = (scores - scores.amax(-1, keepdim=True)).exp() * self.gammas(dtype)
+        a_cached_linear = (phi_q @ phi_keys.transpose(-1, -2)).masked_fill(inside, 0.0)
+        a = a_window + a_cached_linear
+        num = a @ repeat_heads(values, h) + phi_q @ state["kv"]
+        den = a.sum(-1, keepdim=True) + phi_q @ state["k_sum"].unsqueeze(-1)
+        # The token joins the cache; what falls out of the window's reach joins the linear sums.
+        keep = min(m + 1, window_reach(self.window_shape, self.window_size))
+        leaving = m + 1 - keep
+        state["kv"] = state["kv"] + phi_keys[:, :, :leaving].transpose(-1, -2) @ repeat_heads(values[:, :, :leaving], h)
+        state["k_sum"] = state["k_sum"] + phi_keys[:, :, :leaving].sum(2)
+        state["k"], state["phi_k"], state["v"] = keys[:, :, leaving:], phi_keys[:, :, leaving:], values[:, :, leaving:]
+        state["pos"] = t + 1
+        return num / den
+
+
+def swa_attend(q, k, v, size, q_offset, k_offset):
+    """Causal softmax over the last `size` keys (the query's own included)."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    q_pos = torch.arange(q_offset, q_offset + Lq, device=q.device)[:, None]
+    k_pos = torch.arange(k_offset, k_offset + Lk, device=q.device)[None, :]
+    window, _ = window_masks("sw", size, q_pos, k_pos)
+    scores = scaled_scores(q, k).masked_fill(~window, float("-inf"))
+    return scores.softmax(-1) @ repeat_heads(v.to(scores.dtype), q.shape[1])
+
+
+def swa_state(k, v, size, dtype):
+    keep = min(k.shape[2], size - 1)
+    return {"k": k[:, :, k.shape[2] - keep :].to(dtype), "v": v[:, :, v.shape[2] - keep :].to(dtype)}
+
+
+def swa_step(state, q, k, v, size):
+    """One token against the cache of the last size-1 keys and values."""
+    dtype = state["k"].dtype
+    keys = torch.cat([state["k"], k.to(dtype)], 2)
+    values = torch.cat([state["v"], v.to(dtype)], 2)
+    y = scaled_scores(q, keys).softmax(-1) @ repeat_heads(values, q.shape[1])
+    keep = min(keys.shape[2], size - 1)
+    state["k"], state["v"] = keys[:, :, keys.shape[2] - keep :], values[:, :, values.shape[2] - keep :]
+    return y
+
+
+class SlidingWindowAttention(LinearizeAttention):
+    """Softmax over a sliding window of `window_size` tokens only."""
+
+    def __init__(self, config, layer_idx, attention):
+        super().__init__(config, layer_idx, attention)
+        self.window_size = attention["window_size"]
+
+    def forward_core(self, x):
+        return swa_attend(x["q"], x["k"], x["v"], self.window_size, x["offset"], x["offset"])
+
+    def prefill_state(self, x):
+        return swa_state(x["k"], x["v"], self.window_size, compute_dtype(x["v"]))
+
+    def step(self, state, x):
+        return swa_step(state, x["q"], x["k"], x["v"], self.window_size)
+
+
+GLA_CHUNK = 64
+
+
+def gla_inputs(q_raw, k_raw, gate_normalizer):
+    """Liger's GLA inputs from the projections before RoPE: softmax_d(q), softmax_d(k) and the
+    log-gates logsigmoid(k) / gate_normalizer."""
+    dtype = compute_dtype(q_raw)
+    q, k = q_raw.to(dtype), k_raw.to(dtype)
+    return q.softmax(-1), k.softmax(-1), F.logsigmoid(k) / gate_normalizer
+
+
+def gla_chunked(q, k, v, g, state):
+    """Gated linear attention S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = q_t S_t, from `state`
+    (b, h, d_k, d_v), in chunks of GLA_CHUNK tokens: inside a chunk the masked (C, C, d_k) decays
+    relative to the chunk's start (every exponent <= 0, so strongly decaying gates stay finite);
+    across chunks the state. Returns the output (b, h, L, d_v) and the final state."""
+    h = q.shape[1]
+    dtype = q.dtype
+    k, g = repeat_heads(k, h), repeat_heads(g, h)
+    v = repeat_heads(v.to(dtype), h)
+    outputs = []
+    for c0 in range(0, q.shape[2], GLA_CHUNK):
+        qc, kc, vc, gc = (t[:, :, c0 : c0 + GLA_CHUNK] for t in (q, k, v, g))
+        C = qc.shape[2]
+        cum = gc.cumsum(2)  # (b, h, C, d_k), non-increasing
+        future = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)[..., None]
+        decay = (cum.unsqueeze(3) - cum.unsqueeze(2)).masked_fill(future, float("-inf")).exp()
+        a = (qc.unsqueeze(3) * kc.unsqueeze(2) * decay).sum(-1)  # (b, h, C, C)
+        outputs.append(a @ vc + (qc * cum.exp()) @ state)
+        last = cum[:, :, -1:]  # (b, h, 1, d_k)
+        state = last.transpose(-1, -2).exp() * state + (kc * (last - cum).exp()).transpose(-1, -2) @ vc
+    return torch.cat(outputs, 2), state
+
+
+class LigerGlaAttention(LinearizeAttention):
+    """Liger's gated linear attention alone (no new parameters)."""
+
+    def __init__(self, config, layer_idx, attention):
+        super().__init__(config, layer_idx, attention)
+        self.gate_normalizer = attention["gate_normalizer"]
+
+    def empty_state(self, x):
+        q = x["q_raw"]
+        dtype = compute_dtype(q)
+        return torch.zeros(q.shape[0], self.num_heads, self.head_dim, x["v"].shape[-1], dtype=dtype, device=q.device)
+
+    def gla(self, x, state):
+        q, k, g = gla_inputs(x["q_raw"], x["k_raw"], self.gate_normalizer)
+        return gla_chunked(q, k, x["v"], g, state)
+
+    def forward_core(self, x):
+        return self.gla(x, self.empty_state(x))[0]
+
+    def prefill_state(self, x):
+        return {"s": self.gla(x, self.empty_state(x))[1]}
+
+    def step(self, state, x):
+        y, state["s"] = self.gla(x, state["s"])
+        return y
+
+
+class LigerAttention(LigerGlaAttention):
+    """Liger attention: 0.5 * sliding-window softmax (after RoPE) + 0.5 * GLA (before RoPE)."""
+
+    def __init__(self, config, layer_idx, attention):
+        super().__init__(config, layer_idx, attention)
+        self.window_size = attention["window_size"]
+
+    def forward_core(self, x):
+        window = swa_attend(x["q"], x["k"], x["v"], self.window_size, x["offset"], x["offset"])
+        return 0.5 * (window + super().forward_core(x))
+
+    def prefill_state(self, x):
+        state = swa_state(x["k"], x["v"], self.window_size, compute_dtype(x["v"]))
+        state.update(super().prefill_state(x))
+        return state
+
+    def step(self, state, x):
+        window = swa_step(state, x["q"], x["k"], x["v"], self.window_size)
+        return 0.5 * (window + super().step(state, x))
+
+
+# The attention class of each method a layer's config may name.
+ATTENTION_CLASSES = {
+    "softmax": SoftmaxAttention,
+    "linear": LinearAttention,
+    "lolcats": LolcatsAttention,
+    "sliding_window": SlidingWindowAttention,
+    "liger_gla": LigerGlaAttention,
+    "liger": LigerAttention,
+}
+
+
+# ----------------------------------------------------------------------------- model
+class LinearizeCache:
+    """The decoding state of every layer (a KV cache for softmax layers, the recurrent state and
+    window cache for the others) and the number of tokens seen."""
+
+    def __init__(self, num_layers):
+        self.states = [None] * num_layers
+        self.seen = 0
+
+    def get_seq_length(self, layer_idx=0):
+        return self.seen
+
+    def reorder_cache(self, beam_idx):
+        """Beam search: picks each state's sequences by `beam_idx`."""
+        for state in self.states:
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    state[key] = value.index_select(0, beam_idx.to(value.device))
+
+
+class LinearizeDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        attention = config.layer_attention(layer_idx)
+        self.input_layernorm = LinearizeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = ATTENTION_CLASSES[attention["method"]](config, layer_idx, attention)
+        self.post_attention_layernorm = LinearizeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LinearizeMLP(config)
+
+    def forward(self, x, cos, sin, offset, cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, offset, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LinearizePreTrainedModel(PreTrainedModel):
+    config_class = LinearizeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["LinearizeDecoderLayer"]
+    # The decoding state is this model's own (recurrent states do not fit transformers' KV caches).
+    _is_stateful = True
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(mean=0.0, std=std)
+        elif isinstance(module, LinearizeRMSNorm):
+            module.weight.data.fill_(1.0)
+        elif isinstance(module, HeadProjection):
+            nn.init.kaiming_uniform_(module.W.data, a=math.sqrt(5))
+            if module.b is not None:
+                module.b.data.zero_()
+        elif isinstance(module, LolcatsAttention):
+            module.window_factors.data.fill_(-2.1972)
+
+
+def check_attention_mask(attention_mask, cache):
+    """Tokens are never masked out: a recurrent state cannot skip a padded token. A mask is
+    accepted when it keeps every token, or, in a pass that keeps no decoding state, when it only
+    pads the end of a row (no real token attends to what follows it)."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return
+    right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    if cache is not None or not right_padded:
+        raise ValueError(
+            "LinearizeForCausalLM does not support padding inside or before the tokens (left padding, "
+            "padded batches in generate): run one sequence per batch, or right-pad and pass use_cache=False to score"
+        )
+
+
+class LinearizeModel(LinearizePreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LinearizeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LinearizeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = LinearizeRotaryEmbedding(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = LinearizeCache(len(self.layers))
+        if cache is not None and not isinstance(cache, LinearizeCache):
+            raise TypeError(f"past_key_values must be a LinearizeCache, got {type(cache).__name__}")
+        check_attention_mask(attention_mask, cache)
+        offset = cache.seen if cache is not None else 0
+        L = inputs_embeds.shape[1]
+        positions = torch.arange(offset, offset + L, device=inputs_embeds.device)
+        cos, sin = self.rotary_emb(positions, inputs_embeds.dtype)
+        x = inputs_embeds
+        hidden_states = []
+        for layer in self.layers:
+            if output_hidden_states:
+                hidden_states.append(x)
+            x = layer(x, cos, sin, offset, cache)
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        if cache is not None:
+            cache.seen += L
+        return BaseModelOutputWithPast(
+            last_hidden_state=x,
+            past_key_values=cache,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )
+
+
+class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LinearizeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
+        return result if return_dict is not False else result.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
+    ):
+        # The cache has seen the first `seen` tokens: only the rest goes in.
+        if past_key_values is not None:
+            input_ids = input_ids[:, past_key_values.seen :]
+            inputs = {"input_ids": input_ids}
+        elif inputs_embeds is not None:
+            inputs = {"inputs_embeds": inputs_embeds}
+        else:
+            inputs = {"input_ids": input_ids}
+        inputs.update(
+            {
+                "past_key_values": past_key_values,
+                "attention_mask": attention_mask,
+                "use_cache": use_cache,
+            }
+        )
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
+
+    def _reorder_cache(self, past_key_values, beam_idx):
+        past_key_values.reorder_cache(beam_idx)
+        return past_key_values
+
+
+__all__ = ["LinearizeForCausalLM", "LinearizeModel", "LinearizePreTrainedModel", "LinearizeCache", "ATTENTION_CLASSES"]
