@@ -1,7 +1,7 @@
 //! `linearize inspect --model M [--json]`: what a model is, read from its config.json and the
 //! checkpoint headers (no weights are loaded), and whether the checkpoint matches the config.
 use anyhow::{bail, Result};
-use linearize_models::config::{ModelConfig, RopeScaling};
+use linearize_models::config::ModelConfig;
 use linearize_models::llama::{extra_tensor, parameter_shapes};
 use linearize_models::source;
 use linearize_models::weights::{self, Checkpoint};
@@ -58,23 +58,7 @@ fn describe(dir: &Path) -> Result<(Value, Option<String>)> {
         }
         Err(e) => (Value::Null, Some(format!("{e:#}"))),
     };
-    let rope_scaling = match cfg.rope_scaling {
-        None => Value::Null,
-        Some(RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        }) => {
-            json!({
-                "type": "llama3",
-                "factor": factor,
-                "low_freq_factor": low_freq_factor,
-                "high_freq_factor": high_freq_factor,
-                "original_max_position_embeddings": original_max_position_embeddings,
-            })
-        }
-    };
+    let rope_scaling = cfg.rope_scaling.map_or(Value::Null, |s| s.to_json());
     let summary = json!({
         "path": dir.display().to_string(),
         "model_type": cfg.family.model_type(),
@@ -138,14 +122,18 @@ fn render(s: &Value) -> String {
     let rope = &s["rope"];
     let scaling = match rope["scaling"].as_object() {
         None => "no scaling".to_string(),
-        Some(sc) => format!(
-            "{} scaling (factor {}, low/high freq factor {}/{}, original context {})",
-            sc["type"].as_str().unwrap_or_default(),
-            sc["factor"],
-            sc["low_freq_factor"],
-            sc["high_freq_factor"],
-            sc["original_max_position_embeddings"]
-        ),
+        Some(sc) => {
+            let params: Vec<String> = sc
+                .iter()
+                .filter(|(k, _)| *k != "rope_type")
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            format!(
+                "{} scaling ({})",
+                sc["rope_type"].as_str().unwrap_or_default(),
+                params.join(", ")
+            )
+        }
     };
     lines.push((
         "rope",
@@ -270,7 +258,7 @@ mod tests {
             ),
             (Some(2), Some(2), Some(8))
         );
-        assert_eq!(s["rope"]["scaling"]["type"], "llama3");
+        assert_eq!(s["rope"]["scaling"]["rope_type"], "llama3");
         assert_eq!(s["tied_embeddings"], true);
         // 128*32 embedding + 2 layers * (2*32 norms + 32*32*2 q/o + 32*16*2 k/v + 3*32*64 mlp) + 32
         let params = 128 * 32 + 2 * (64 + 2048 + 1024 + 6144) + 32;
