@@ -16,7 +16,7 @@ mod run_dir;
 mod stage_output;
 mod teacher_data;
 
-use crate::recipe::{resolve_data_paths, ExportSection, LoadedRecipe};
+use crate::recipe::{resolve_data_paths, ExportSection, LoadedRecipe, PlannedRecipe};
 use crate::runtime::{job_device, parse_dtype};
 use anyhow::{Context, Result};
 use linearize_dist::{Launch, Options, ProcessGroup};
@@ -49,7 +49,9 @@ pub struct JobArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// Print the resolved plan (model, layers and methods, trainable parameters, token
-    /// budget, estimated memory, output paths) and exit.
+    /// budget, estimated memory, output paths) and exit. Fetches no weights (a hub model's
+    /// config.json and tokenizer only) and needs no GPU: it plans for the recipe's device, and
+    /// lists what it could not check on this machine.
     #[arg(long)]
     pub dry_run: bool,
     /// Run directory (default: `<output>/<name>` of the recipe).
@@ -63,15 +65,20 @@ pub struct JobArgs {
 /// Runs the job; a preempted job (SIGTERM/SIGINT) saves a state and exits with
 /// [`EXIT_PREEMPTED`].
 pub fn run(recipe: &Path, args: &JobArgs) -> Result<()> {
+    if args.dry_run {
+        let planned = PlannedRecipe::load(recipe, &args.sets)?;
+        let run_dir = args
+            .output
+            .clone()
+            .unwrap_or_else(|| planned.recipe.output.join(&planned.recipe.name));
+        print!("{}", plan::describe(&planned, &run_dir)?);
+        return Ok(());
+    }
     let loaded = LoadedRecipe::load(recipe, &args.sets)?;
     let run_dir = args
         .output
         .clone()
         .unwrap_or_else(|| loaded.recipe.output.join(&loaded.recipe.name));
-    if args.dry_run {
-        print!("{}", plan::describe(&loaded, &run_dir)?);
-        return Ok(());
-    }
     let launch = Launch::from_env().context("reading the launch environment")?;
     let device = job_device(&loaded.recipe.model.device, &launch)
         .with_context(|| format!("rank {}: model.device", launch.rank))?;

@@ -70,12 +70,28 @@ fn bad_recipes_name_file_line_and_key() {
         + 1;
     let missing = dir.path().join("val.txt");
     std::fs::rename(&missing, dir.path().join("moved.txt")).unwrap();
-    let e = refused(dir.path(), "", &[]);
-    std::fs::rename(dir.path().join("moved.txt"), &missing).unwrap();
+    // The run refuses it before any work...
+    let output = run(&["--recipe", &file]);
+    let e = stderr(&output);
     assert!(
-        e.contains(&format!("{file}:{line}")) && e.contains("no such file"),
+        !output.status.success()
+            && e.contains(&format!("{file}:{line}"))
+            && e.contains("no such file"),
         "{e}"
     );
+    assert!(!dir.path().join("runs").exists());
+    // ...the dry run lists it among what this machine cannot check (the file may be put there
+    // before the job runs) and plans the rest.
+    let output = run(&["--recipe", &file, "--dry-run"]);
+    let plan = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        plan.contains("not checked on this machine")
+            && plan.contains(&format!("{file}:{line}"))
+            && plan.contains("no such file"),
+        "{plan}"
+    );
+    std::fs::rename(dir.path().join("moved.txt"), &missing).unwrap();
 
     // A layer past the model's depth.
     let e = refused(dir.path(), "", &["conversion.softmax_layers=[1, 3]"]);
