@@ -60,6 +60,9 @@ pub struct JobArgs {
     /// Start over even if the run directory holds an earlier attempt (which is kept, renamed).
     #[arg(long)]
     pub restart: bool,
+    /// Set by `linearize resume`: the recipe is the run directory's resolved one.
+    #[arg(skip)]
+    pub resumed: bool,
 }
 
 /// Runs the job; a preempted job (SIGTERM/SIGINT) saves a state and exits with
@@ -74,7 +77,7 @@ pub fn run(recipe: &Path, args: &JobArgs) -> Result<()> {
         print!("{}", plan::describe(&planned, &run_dir)?);
         return Ok(());
     }
-    let loaded = LoadedRecipe::load(recipe, &args.sets)?;
+    let loaded = LoadedRecipe::load(recipe, &args.sets, args.resumed)?;
     let run_dir = args
         .output
         .clone()
@@ -135,6 +138,7 @@ pub fn resume(run_dir: &Path, restart: bool) -> Result<()> {
         dry_run: false,
         output: Some(run_dir.to_path_buf()),
         restart,
+        resumed: true,
     };
     run(&recipe, &args)
 }
@@ -150,7 +154,7 @@ fn execute(
     let kind = parse_dtype(&recipe.model.dtype)?;
     let mut model: Model = loaded.load_model(device, kind)?;
     let encoder = ModelEncoder::from_dir(&loaded.model_dir)?;
-    let data = resolve_data_paths(&recipe.data)?;
+    let data = resolve_data_paths(&recipe.data, run_dir)?;
     let mut datasets = build_datasets(&data, &encoder).context("data")?;
     // Both need the original model: they run before any layer is converted.
     teacher_data::add_teacher_samples(

@@ -109,11 +109,16 @@ pub const OFFLINE_SMOLLM2: &str = "offline:smollm2";
 /// train, validation or test).
 pub const OFFLINE_TEXT: &str = "offline:text";
 
-/// `data` with [`OFFLINE_TEXT`] paths replaced by the corpus directory (fetched on first use).
-/// Done when the job runs, not in the resolved recipe, so a run resumes on a machine whose
-/// cache lives elsewhere.
-pub fn resolve_data_paths(data: &DataConfig) -> Result<DataConfig> {
+/// `data` with [`OFFLINE_TEXT`] paths replaced by the corpus directory (fetched on first use),
+/// and without a `cache_dir` the token cache beside the run directory (`<output>/.token-cache`,
+/// so that `--output` moves it too). Done when the job runs, not in the resolved recipe, so a run
+/// resumes on a machine whose cache lives elsewhere.
+pub fn resolve_data_paths(data: &DataConfig, run_dir: &Path) -> Result<DataConfig> {
     let mut data = data.clone();
+    if data.cache_dir.is_none() {
+        let root = run_dir.parent().unwrap_or(Path::new("."));
+        data.cache_dir = Some(root.join(TOKEN_CACHE));
+    }
     let offline = data
         .sources
         .iter()
@@ -128,6 +133,50 @@ pub fn resolve_data_paths(data: &DataConfig) -> Result<DataConfig> {
         }
     }
     Ok(data)
+}
+
+/// The token cache's directory name under the output root when `data.cache_dir` is not set.
+pub const TOKEN_CACHE: &str = ".token-cache";
+
+/// Makes every relative path of the recipe absolute against the working directory, so that the
+/// resolved recipe means the same from anywhere (`linearize resume RUN` from another directory, a
+/// requeued cluster job): `output`, a local `model.source`, data and eval files, `cache_dir`.
+/// Hub ids and `offline:` names stay as they are.
+fn absolutize(recipe: &mut Recipe) -> Result<()> {
+    let abs = |p: &Path| -> Result<PathBuf> {
+        std::path::absolute(p).with_context(|| format!("making {} absolute", p.display()))
+    };
+    let is_offline = |p: &Path| p.to_str().is_some_and(|s| s.starts_with("offline:"));
+    recipe.output = abs(&recipe.output)?;
+    let source = &recipe.model.source;
+    if let Some(dir) = source.strip_prefix(RANDOM_PREFIX) {
+        recipe.model.source = format!("{RANDOM_PREFIX}{}", abs(Path::new(dir))?.display());
+    } else if !is_offline(Path::new(source)) && Path::new(source).is_dir() {
+        recipe.model.source = abs(Path::new(source))?.display().to_string();
+    }
+    let data = &mut recipe.data;
+    for source in data.sources.iter_mut().chain(data.val_sources.iter_mut()) {
+        if !is_offline(&source.path) {
+            source.path = abs(&source.path)?;
+        }
+    }
+    if let Some(dir) = data.cache_dir.as_mut() {
+        *dir = abs(dir)?;
+    }
+    if let Some(eval) = recipe.eval.as_mut() {
+        let files = eval
+            .perplexity
+            .files
+            .iter_mut()
+            .chain(eval.attention_error.file.as_mut())
+            .chain(eval.multiple_choice.tasks.iter_mut());
+        for file in files {
+            if !is_offline(file) {
+                *file = abs(file)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `eval` with `offline:text/<split>` file paths (`train`, `validation`, `test`) replaced by the
@@ -187,8 +236,10 @@ impl LoadedRecipe {
 
     /// Reads `path`, applies `sets` (`key.path=value`, in order) and validates everything that
     /// can be checked before work starts; every error names the file, the line and the key.
-    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
-        let (tree, recipe) = read(path, sets)?;
+    /// `resumed`: `path` is a run directory's `recipe.resolved.yaml`, taken as written (one made
+    /// before paths were absolute still means what it meant in the directory it was started from).
+    pub fn load(path: &Path, sets: &[String], resumed: bool) -> Result<Self> {
+        let (tree, recipe) = read(path, sets, resumed)?;
         let located = || format!("{}: model.source", tree.locate_path("model.source"));
         let model_dir = resolve_model(&recipe.model.source).with_context(located)?;
         let model_config =
@@ -227,7 +278,7 @@ pub struct PlannedRecipe {
 
 impl PlannedRecipe {
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
-        let (tree, recipe) = read(path, sets)?;
+        let (tree, recipe) = read(path, sets, false)?;
         let located = || format!("{}: model.source", tree.locate_path("model.source"));
         let mut unchecked = Vec::new();
         let model = match resolve_model_config(&recipe.model.source) {
@@ -263,15 +314,19 @@ impl PlannedRecipe {
 }
 
 /// Reads the recipe and its includes, applies the `--set`s and environment variables, and types
-/// it.
-fn read(path: &Path, sets: &[String]) -> Result<(RecipeTree, Recipe)> {
+/// it, with its paths made absolute ([`absolutize`]) unless it is a run directory's own resolved
+/// recipe (`resumed`), which is taken as it was written.
+fn read(path: &Path, sets: &[String], resumed: bool) -> Result<(RecipeTree, Recipe)> {
     let mut tree = RecipeTree::load(path)?;
     for (i, set) in sets.iter().enumerate() {
         tree.set(i, set)?;
     }
     tree.expand_env(&|name| std::env::var(name).ok())?;
-    let recipe: Recipe = serde_path_to_error::deserialize(tree.to_value())
+    let mut recipe: Recipe = serde_path_to_error::deserialize(tree.to_value())
         .map_err(|e| deserialize_error(&tree, e))?;
+    if !resumed {
+        absolutize(&mut recipe)?;
+    }
     Ok((tree, recipe))
 }
 
