@@ -89,6 +89,7 @@ pub fn run(recipe: &Path, args: &JobArgs) -> Result<()> {
     let result = (|| {
         if group.is_main() {
             let start = run_dir::prepare(&run_dir, &loaded, args.restart)?;
+            crate::logging::open_run_log(&run_dir)?;
             tracing::info!(run = %run_dir.display(), ?start, hash = %loaded.hash, "job");
         }
         group.barrier("waiting for rank 0 to prepare the run directory")?;

@@ -60,6 +60,8 @@ fn bad_recipes_name_file_line_and_key() {
     // An out-of-range value.
     let e = refused(dir.path(), "", &["attention_transfer.grad_accum=0"]);
     assert!(e.contains("grad_accum must be >= 1"), "{e}");
+    // The section is in the file, the bad value on the command line: both are named.
+    assert!(e.contains(&file) && e.contains("(with --set #1)"), "{e}");
 
     // A missing file, at its line in the recipe.
     let text = std::fs::read_to_string(write_recipe(dir.path(), "")).unwrap();
