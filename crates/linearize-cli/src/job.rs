@@ -1,5 +1,5 @@
 //! `linearize --recipe FILE`: runs the stages a recipe lists into its run directory (layout in
-//! DESIGN.md, "Jobs and checkpoints"), resuming whatever an earlier attempt left.
+//! docs/clusters.md), resuming whatever an earlier attempt left.
 //!
 //! Resumption works stage by stage: a finished stage leaves its trained tensors in
 //! `stages/<stage>.safetensors` and is not run again; the stage in progress continues from the

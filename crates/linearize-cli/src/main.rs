@@ -40,7 +40,7 @@ enum Command {
     Generate(commands::generate::Args),
     /// Describe a model: architecture, layers, heads, parameter count, dtype, memory.
     Inspect(commands::inspect::Args),
-    /// Evaluate a model (perplexity by the evaluation protocol of docs/DESIGN).
+    /// Evaluate a model: perplexity by the evaluation protocol of docs/eval.md, as JSON.
     Eval(commands::eval::Args),
     /// Import a model from another format into a Hugging Face-layout directory.
     #[command(subcommand)]

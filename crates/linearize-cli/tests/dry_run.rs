@@ -28,7 +28,14 @@ fn every_shipped_recipe_dry_runs_offline() {
     let mut all = recipes(&root.join("recipes"));
     all.extend(recipes(&root.join("recipes/quality")));
     assert!(all.len() >= 20, "{all:?}");
+    let docs = std::fs::read_to_string(root.join("docs/recipes.md")).unwrap();
+    let mut names = std::collections::BTreeMap::new();
     for recipe in all {
+        let file = recipe.strip_prefix(&root).unwrap().display().to_string();
+        assert!(
+            docs.contains(&format!("`{file}`")),
+            "docs/recipes.md does not list {file}"
+        );
         let output = linearize(&["--recipe", recipe.to_str().unwrap(), "--dry-run"])
             .current_dir(&root)
             .env("HF_HUB_OFFLINE", "1")
@@ -51,6 +58,15 @@ fn every_shipped_recipe_dry_runs_offline() {
             "{}: {plan}",
             recipe.display()
         );
+        // Two recipes of one name would share a run directory.
+        let name = plan
+            .lines()
+            .find_map(|l| l.strip_prefix("recipe      "))
+            .unwrap()
+            .to_string();
+        if let Some(other) = names.insert(name.clone(), file.clone()) {
+            panic!("{file} and {other} are both named {name}");
+        }
         let text = std::fs::read_to_string(&recipe).unwrap();
         if text.contains("source: \"meta-llama") || text.contains("source: \"Qwen") {
             assert!(

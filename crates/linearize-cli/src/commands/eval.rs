@@ -1,5 +1,5 @@
 //! `linearize eval --model M --perplexity FILE --ctx N [--max-windows K] [--batch-size B]`:
-//! perplexity of a text file by the evaluation protocol of docs/DESIGN, printed as JSON.
+//! perplexity of a text file by the evaluation protocol of docs/eval.md, printed as JSON.
 use crate::runtime::{self, RuntimeArgs};
 use anyhow::{Context, Result};
 use linearize_eval::perplexity::{perplexity, WindowOptions};
