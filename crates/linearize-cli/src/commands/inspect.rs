@@ -3,14 +3,14 @@
 use anyhow::{bail, Result};
 use linearize_models::config::ModelConfig;
 use linearize_models::llama::{extra_tensor, parameter_shapes};
-use linearize_models::source;
 use linearize_models::weights::{self, Checkpoint};
 use serde_json::{json, Value};
 use std::path::Path;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The model: a local Hugging Face-layout directory or a hub id `org/name[@revision]`.
+    /// The model, as a recipe's `model.source`: a local Hugging Face-layout directory, a hub id
+    /// `org/name[@revision]`, `offline:smollm2` or `random:DIR` (DIR's config).
     #[arg(long)]
     pub model: String,
     /// Print one JSON object instead of text.
@@ -19,7 +19,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let dir = source::resolve(&args.model)?;
+    let dir = crate::recipe::resolve_model(&args.model)?;
     let (summary, problem) = describe(&dir)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
