@@ -45,6 +45,37 @@ fn piped_output_has_no_escape_codes_and_the_run_keeps_a_log() {
     assert_eq!(out_text.matches(header).count(), 1, "{out_text}");
     assert!(!err_text.contains(header), "{err_text}");
 
+    // `inspect` reads the export: methods per layer, trained tensors, no stray-tensor error.
+    let output = linearize(&[
+        "inspect",
+        "--model",
+        out.join("model").to_str().unwrap(),
+        "--json",
+    ])
+    .output()
+    .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let methods = summary["methods_per_layer"].as_array().unwrap();
+    assert_eq!(methods.len(), 3);
+    assert!(
+        methods
+            .iter()
+            .all(|m| m.as_str().unwrap().starts_with("lolcats")),
+        "{methods:?}"
+    );
+    assert!(summary["checkpoint"]["trained_tensors"].as_i64().unwrap() > 0);
+    // Every layer converted: no per-token KV cache.
+    assert_eq!(summary["kv_cache_bytes_per_token"], 0);
+    let output = linearize(&["inspect", "--model", out.join("model").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && text.contains("layers 0-2 lolcats"),
+        "{text}"
+    );
+
     let log = std::fs::read_to_string(out.join("run.log")).unwrap();
     assert!(
         !log.contains('\x1b') && log.contains("job finished"),
