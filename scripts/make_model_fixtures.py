@@ -1,26 +1,49 @@
 #!/usr/bin/env python3
-"""Builds the tiny random Hugging Face models that `linearize-models`' parity tests load.
+"""Builds the tiny random Hugging Face models and config cases that `linearize-models`' tests load,
+with whichever of the two pinned transformers versions runs it:
 
-For each fixture it writes, into crates/linearize-models/tests/fixtures/<name>/:
-  config.json                      the HF config
+  transformers 4.57.1 (scripts/requirements-tools.txt)          -> fixtures/<name>/
+  transformers 5.25.0 (scripts/requirements-transformers5.txt)  -> fixtures/transformers5/<name>/
+
+Both versions write a config.json the way they save it: 4.x with top-level `rope_theta` and
+`rope_scaling`, 5.x with one `rope_parameters` object and no top-level `rope_theta`.
+
+For each model fixture it writes, into crates/linearize-models/tests/fixtures/[transformers5/]<name>/:
+  config.json                      the HF config, as that version saves it
   model.safetensors                (or model.safetensors.index.json + 2 shards) the weights
   reference.safetensors            `input_ids` (b, L) int64 and `logits` (b, L, vocab) float32,
                                    computed by transformers in f32 on CPU (eager attention)
+(tests/parity.rs). Weights are drawn with a scale that makes activations O(1) and attention peaked,
+so that a wrong RoPE, mask or norm shows up as a large logit difference (HF's 0.02-std init gives
+near-uniform logits that hide such bugs).
 
-Weights are drawn with a scale that makes activations O(1) and attention peaked, so that a wrong
-RoPE, mask or norm shows up as a large logit difference (HF's 0.02-std init gives near-uniform
-logits that hide such bugs).
+It also writes fixtures/hf_configs/transformers-<version>.json (tests/hf_configs.rs): config.json
+cases (every family with the keys left out or null, and every `rope_type`, in that version's own
+format and, for 5.x, in the old one), each with what transformers made of it: the built model's
+head counts and widths, biases, q/k norms, eps, sliding window, tying, and its RoPE inverse
+frequencies and attention scaling, or the error it raised.
 
-Run: .venv/bin/python scripts/make_model_fixtures.py
+How the committed sets were made (two throwaway venvs outside the repo, sharing the lead's CPU/CUDA
+torch 2.11 wheel through a .pth file so that torch is not downloaded twice):
+  python3 -m venv /tmp/tf4 && /tmp/tf4/bin/pip install transformers==4.57.1 safetensors==0.6.2
+  python3 -m venv /tmp/tf5 && /tmp/tf5/bin/pip install transformers==5.25.0 safetensors==0.8.0
+  for v in tf4 tf5; do echo $PWD/.venv/lib/python3.11/site-packages \\
+      > /tmp/$v/lib/python3.11/site-packages/zz_torch.pth; done
+  /tmp/tf4/bin/python scripts/make_model_fixtures.py
+  /tmp/tf5/bin/python scripts/make_model_fixtures.py
 """
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import save_file
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -32,7 +55,14 @@ from transformers import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "crates" / "linearize-models" / "tests" / "fixtures"
+FIXTURES = ROOT / "crates" / "linearize-models" / "tests" / "fixtures"
+PINS = {
+    "4.57.1": "requirements-tools.txt",
+    "5.25.0": "requirements-transformers5.txt",
+}
+VERSION = transformers.__version__
+V5 = VERSION.startswith("5.")
+OUT = FIXTURES / "transformers5" if V5 else FIXTURES
 
 # Shared tiny shapes: GQA (4 query heads over 2 KV heads) everywhere.
 COMMON = dict(
@@ -51,37 +81,46 @@ COMMON = dict(
 BATCH, SEQ = 2, 12
 
 
+def rope(theta, scaling=None):
+    """The RoPE keyword arguments in the running version's own format."""
+    if V5:
+        return dict(rope_parameters=dict(rope_theta=theta, **(scaling or dict(rope_type="default"))))
+    return dict(rope_theta=theta, **(dict(rope_scaling=scaling) if scaling else {}))
+
+
 def fixtures():
     yield "llama3_tied_sharded", LlamaForCausalLM, LlamaConfig(
         **COMMON,
-        rope_theta=500000.0,
-        rope_scaling=dict(
-            rope_type="llama3",
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            # Small so that the scaling touches this fixture's frequencies: with head_dim 8 the
-            # wavelengths span high (kept), medium (smoothed) and low (divided) bands.
-            original_max_position_embeddings=16,
+        **rope(
+            500000.0,
+            dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                # Small so that the scaling touches this fixture's frequencies: with head_dim 8
+                # the wavelengths span high (kept), medium (smoothed) and low (divided) bands.
+                original_max_position_embeddings=16,
+            ),
         ),
         tie_word_embeddings=True,
     ), dict(shards=2)
     yield "llama_untied_bias", LlamaForCausalLM, LlamaConfig(
         **COMMON,
-        rope_theta=10000.0,
+        **rope(10000.0),
         tie_word_embeddings=False,
         attention_bias=True,
         mlp_bias=True,
     ), dict()
     yield "mistral_sliding", MistralForCausalLM, MistralConfig(
         **COMMON,
-        rope_theta=10000.0,
+        **rope(10000.0),
         sliding_window=5,
         tie_word_embeddings=False,
     ), dict()
     yield "qwen2", Qwen2ForCausalLM, Qwen2Config(
         **COMMON,
-        rope_theta=1000000.0,
+        **rope(1000000.0),
         tie_word_embeddings=True,
         use_sliding_window=False,
     ), dict()
@@ -89,10 +128,28 @@ def fixtures():
         **COMMON,
         # head_dim independent of hidden/heads, as in the real Qwen3 models.
         head_dim=16,
-        rope_theta=1000000.0,
+        **rope(1000000.0),
         tie_word_embeddings=False,
         attention_bias=False,
     ), dict(bf16=True)
+    yield "qwen2_yarn", Qwen2ForCausalLM, Qwen2Config(
+        **dict(COMMON, num_hidden_layers=1),
+        # head_dim 16 and a long pretraining length put YaRN's ramp across several dims: pairs
+        # 0-1 kept, 3-5 blended, 6-7 interpolated; cos/sin scaled by 1 + 0.1 ln 4.
+        head_dim=16,
+        **rope(
+            10000.0,
+            dict(
+                rope_type="yarn",
+                factor=4.0,
+                original_max_position_embeddings=4096,
+                # 5.x: the unrounded ramp; 4.x: transformers' default, rounded to whole dims.
+                **(dict(truncate=False) if V5 else {}),
+            ),
+        ),
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+    ), dict()
 
 
 def init_weights(model, gen):
@@ -136,10 +193,10 @@ def build(name, cls, config, opts):
     if out.exists():
         shutil.rmtree(out)
     save_model = model.to(torch.bfloat16) if opts.get("bf16") else model
-    kwargs = {}
+    kwargs = {} if V5 else dict(safe_serialization=True)
     if opts.get("shards"):
         kwargs["max_shard_size"] = shard_size_for(model, opts["shards"])
-    save_model.save_pretrained(out, safe_serialization=True, **kwargs)
+    save_model.save_pretrained(out, **kwargs)
     (out / "generation_config.json").unlink(missing_ok=True)
     if opts.get("shards"):
         index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -153,11 +210,137 @@ def build(name, cls, config, opts):
     print(f"{name}: {size / 1000:.0f} KB, logits std {logits.std():.2f}")
 
 
+# ---- config cases ----------------------------------------------------------------------------
+
+# 32 heads so that every family's default KV head count (llama: all, mistral: 8, qwen: 32)
+# divides them, 16 wide (qwen3: 128 by default) so that RoPE has 8 frequencies to get wrong; one
+# layer and a small MLP keep the built models tiny.
+MINIMAL = dict(vocab_size=16, hidden_size=512, intermediate_size=8, num_hidden_layers=1, num_attention_heads=32)
+CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+
+# Every rope_type, in the (4.x) `rope_scaling` spelling; 5.x configs move them into
+# `rope_parameters` by saving through the config class.
+ROPE_CASES = {
+    "linear": dict(rope_type="linear", factor=2.0),
+    "dynamic": dict(rope_type="dynamic", factor=2.0),
+    "llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=256),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=1024),
+    "yarn_betas_untruncated": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=1024,
+                                   beta_fast=16.0, beta_slow=2.0, truncate=False),
+    "yarn_mscale": dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=512,
+                        mscale=0.707, mscale_all_dim=1.0),
+    "yarn_attention_factor": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=512,
+                                  attention_factor=1.5),
+    "old_type_key": dict(type="linear", factor=3.0),
+}
+
+
+def longrope(head_dim):
+    return dict(rope_type="longrope", original_max_position_embeddings=1024, factor=2.0,
+                short_factor=[1.0] * (head_dim // 2), long_factor=[2.0] * (head_dim // 2))
+
+
+def resolve(config_json):
+    """What transformers builds from a config.json: loaded from disk as `from_pretrained` does."""
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "config.json").write_text(json.dumps(config_json))
+        try:
+            cfg = AutoConfig.from_pretrained(d)
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(cfg).eval()
+            # A forward pass: some configs build and only fail when run.
+            with torch.no_grad():
+                model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False)
+        except Exception as e:  # noqa: BLE001 - any failure is the expected outcome to record
+            return {"error": f"{type(e).__name__}: {e}"[:300]}
+    layer = model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    head_dim = attn.head_dim
+    rotary = model.model.rotary_emb
+    if config_json["model_type"] == "mistral":
+        window = cfg.sliding_window
+    else:
+        window = getattr(attn, "sliding_window", None)
+    return {
+        "num_attention_heads": attn.q_proj.out_features // head_dim,
+        "num_key_value_heads": attn.k_proj.out_features // head_dim,
+        "head_dim": head_dim,
+        "qkv_bias": attn.q_proj.bias is not None,
+        "o_proj_bias": attn.o_proj.bias is not None,
+        "mlp_bias": mlp.gate_proj.bias is not None,
+        "qk_norm": hasattr(attn, "q_norm"),
+        "rms_norm_eps": model.model.norm.variance_epsilon,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "sliding_window": window,
+        "tie_word_embeddings": model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(),
+        "hidden_act": cfg.hidden_act,
+        "initializer_range": cfg.initializer_range,
+        "inv_freq": rotary.inv_freq.tolist(),
+        "attention_scaling": float(rotary.attention_scaling),
+    }
+
+
+def saved(config):
+    """The config.json this version writes for `config`."""
+    with tempfile.TemporaryDirectory() as d:
+        config.save_pretrained(d)
+        out = json.loads(Path(d, "config.json").read_text())
+    out.pop("transformers_version", None)
+    return out
+
+
+def config_cases():
+    for family, cls in CLASSES.items():
+        minimal = dict(model_type=family, **MINIMAL)
+        yield f"{family}/minimal", minimal
+        nulls = dict(minimal, num_key_value_heads=None, rope_scaling=None)
+        if family == "mistral":
+            nulls["sliding_window"] = None
+        yield f"{family}/nulls", nulls
+        yield f"{family}/head_dim_null", dict(minimal, head_dim=None)
+        yield f"{family}/saved_defaults", saved(cls(**MINIMAL))
+        head_dim = 128 if family == "qwen3" else MINIMAL["hidden_size"] // MINIMAL["num_attention_heads"]
+        for name, scaling in dict(ROPE_CASES, longrope=longrope(head_dim)).items():
+            # The old spelling, as 4.x wrote it (and 5.x still reads it).
+            old = dict(minimal, rope_theta=50000.0, rope_scaling=scaling)
+            yield f"{family}/{name}/rope_scaling", old
+            if V5 and name != "longrope":
+                # 5.x's own format, as its config class saves it.
+                yield f"{family}/{name}/rope_parameters", saved(
+                    cls(**MINIMAL, rope_parameters=dict(rope_theta=50000.0, **scaling))
+                )
+        if V5:
+            yield f"{family}/theta_only/rope_parameters", dict(minimal, rope_parameters=dict(rope_theta=50000.0))
+            # 5.x takes a top-level rope_theta as the default of the section's.
+            yield f"{family}/top_level_theta/rope_parameters", dict(
+                minimal, rope_theta=50000.0, rope_parameters=dict(rope_type="linear", factor=2.0)
+            )
+
+
+def write_config_cases():
+    cases = []
+    for name, config_json in config_cases():
+        cases.append(dict(name=name, config=config_json, transformers=resolve(config_json)))
+    out = FIXTURES / "hf_configs" / f"transformers-{VERSION}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One case a line: small, and a diff shows which case changed.
+    lines = ",\n".join(json.dumps(c) for c in cases)
+    out.write_text(f'{{"transformers": "{VERSION}", "cases": [\n{lines}\n]}}\n')
+    errors = sum("error" in c["transformers"] for c in cases)
+    print(f"{out.relative_to(ROOT)}: {len(cases)} cases ({errors} refused by transformers)")
+
+
 def main():
+    if VERSION not in PINS:
+        raise SystemExit(f"transformers {VERSION} is not one of the pinned versions {sorted(PINS)}")
+    pin = (ROOT / "scripts" / PINS[VERSION]).read_text()
+    assert f"transformers=={VERSION}" in pin, f"scripts/{PINS[VERSION]} does not pin {VERSION}"
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
     for name, cls, config, opts in fixtures():
         build(name, cls, config, opts)
+    write_config_cases()
 
 
 if __name__ == "__main__":

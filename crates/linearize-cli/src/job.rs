@@ -1,5 +1,5 @@
 //! `linearize --recipe FILE`: runs the stages a recipe lists into its run directory (layout in
-//! DESIGN.md, "Jobs and checkpoints"), resuming whatever an earlier attempt left.
+//! docs/clusters.md), resuming whatever an earlier attempt left.
 //!
 //! Resumption works stage by stage: a finished stage leaves its trained tensors in
 //! `stages/<stage>.safetensors` and is not run again; the stage in progress continues from the
@@ -16,7 +16,7 @@ mod run_dir;
 mod stage_output;
 mod teacher_data;
 
-use crate::recipe::{resolve_data_paths, ExportSection, LoadedRecipe};
+use crate::recipe::{resolve_data_paths, ExportSection, LoadedRecipe, PlannedRecipe};
 use crate::runtime::{job_device, parse_dtype};
 use anyhow::{Context, Result};
 use linearize_dist::{Launch, Options, ProcessGroup};
@@ -51,7 +51,9 @@ pub struct JobArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// Print the resolved plan (model, layers and methods, trainable parameters, token
-    /// budget, estimated memory, output paths) and exit.
+    /// budget, estimated memory, output paths) and exit. Fetches no weights (a hub model's
+    /// config.json and tokenizer only) and needs no GPU: it plans for the recipe's device, and
+    /// lists what it could not check on this machine.
     #[arg(long)]
     pub dry_run: bool,
     /// Run directory (default: `<output>/<name>` of the recipe).
@@ -60,20 +62,28 @@ pub struct JobArgs {
     /// Start over even if the run directory holds an earlier attempt (which is kept, renamed).
     #[arg(long)]
     pub restart: bool,
+    /// Set by `linearize resume`: the recipe is the run directory's resolved one.
+    #[arg(skip)]
+    pub resumed: bool,
 }
 
 /// Runs the job; a preempted job (SIGTERM/SIGINT) saves a state and exits with
 /// [`EXIT_PREEMPTED`].
 pub fn run(recipe: &Path, args: &JobArgs) -> Result<()> {
-    let loaded = LoadedRecipe::load(recipe, &args.sets)?;
+    if args.dry_run {
+        let planned = PlannedRecipe::load(recipe, &args.sets)?;
+        let run_dir = args
+            .output
+            .clone()
+            .unwrap_or_else(|| planned.recipe.output.join(&planned.recipe.name));
+        print!("{}", plan::describe(&planned, &run_dir)?);
+        return Ok(());
+    }
+    let loaded = LoadedRecipe::load(recipe, &args.sets, args.resumed)?;
     let run_dir = args
         .output
         .clone()
         .unwrap_or_else(|| loaded.recipe.output.join(&loaded.recipe.name));
-    if args.dry_run {
-        print!("{}", plan::describe(&loaded, &run_dir)?);
-        return Ok(());
-    }
     let launch = Launch::from_env().context("reading the launch environment")?;
     let device = job_device(&loaded.recipe.model.device, &launch)
         .with_context(|| format!("rank {}: model.device", launch.rank))?;
@@ -81,6 +91,7 @@ pub fn run(recipe: &Path, args: &JobArgs) -> Result<()> {
     let result = (|| {
         if group.is_main() {
             let start = run_dir::prepare(&run_dir, &loaded, args.restart)?;
+            crate::logging::open_run_log(&run_dir)?;
             tracing::info!(run = %run_dir.display(), ?start, hash = %loaded.hash, "job");
         }
         group.barrier("waiting for rank 0 to prepare the run directory")?;
@@ -130,6 +141,7 @@ pub fn resume(run_dir: &Path, restart: bool) -> Result<()> {
         dry_run: false,
         output: Some(run_dir.to_path_buf()),
         restart,
+        resumed: true,
     };
     run(&recipe, &args)
 }
@@ -145,7 +157,7 @@ fn execute(
     let kind = parse_dtype(&recipe.model.dtype)?;
     let mut model: Model = loaded.load_model(device, kind)?;
     let encoder = ModelEncoder::from_dir(&loaded.model_dir)?;
-    let data = resolve_data_paths(&recipe.data)?;
+    let data = resolve_data_paths(&recipe.data, run_dir)?;
     let mut datasets = build_datasets(&data, &encoder).context("data")?;
     // Both need the original model: they run before any layer is converted.
     teacher_data::add_teacher_samples(

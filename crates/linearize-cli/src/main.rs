@@ -1,11 +1,11 @@
 //! The `linearize` binary.
 mod commands;
 mod job;
+mod logging;
 mod recipe;
 mod runtime;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 /// Convert pretrained transformer LLMs into linear-attention and hybrid models.
 ///
@@ -14,6 +14,12 @@ use tracing_subscriber::EnvFilter;
 #[command(name = "linearize", version, about, long_about = None)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
+    /// Log warnings and errors only.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Log more: `-v` debug, `-vv` trace (`RUST_LOG` overrides both flags).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(flatten)]
     job: job::JobArgs,
     #[command(subcommand)]
@@ -34,7 +40,7 @@ enum Command {
     Generate(commands::generate::Args),
     /// Describe a model: architecture, layers, heads, parameter count, dtype, memory.
     Inspect(commands::inspect::Args),
-    /// Evaluate a model (perplexity by the evaluation protocol of docs/DESIGN).
+    /// Evaluate a model: perplexity by the evaluation protocol of docs/eval.md, as JSON.
     Eval(commands::eval::Args),
     /// Import a model from another format into a Hugging Face-layout directory.
     #[command(subcommand)]
@@ -58,13 +64,8 @@ fn main() {
         Ok(launch) if !launch.is_main() => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    logging::init(default_level, cli.quiet, cli.verbose);
     let result = match cli.command {
         None => match &cli.job.recipe {
             Some(recipe) => job::run(recipe, &cli.job),

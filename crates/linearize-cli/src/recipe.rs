@@ -113,11 +113,16 @@ pub const OFFLINE_SMOLLM2: &str = "offline:smollm2";
 /// train, validation or test).
 pub const OFFLINE_TEXT: &str = "offline:text";
 
-/// `data` with [`OFFLINE_TEXT`] paths replaced by the corpus directory (fetched on first use).
-/// Done when the job runs, not in the resolved recipe, so a run resumes on a machine whose
-/// cache lives elsewhere.
-pub fn resolve_data_paths(data: &DataConfig) -> Result<DataConfig> {
+/// `data` with [`OFFLINE_TEXT`] paths replaced by the corpus directory (fetched on first use),
+/// and without a `cache_dir` the token cache beside the run directory (`<output>/.token-cache`,
+/// so that `--output` moves it too). Done when the job runs, not in the resolved recipe, so a run
+/// resumes on a machine whose cache lives elsewhere.
+pub fn resolve_data_paths(data: &DataConfig, run_dir: &Path) -> Result<DataConfig> {
     let mut data = data.clone();
+    if data.cache_dir.is_none() {
+        let root = run_dir.parent().unwrap_or(Path::new("."));
+        data.cache_dir = Some(root.join(TOKEN_CACHE));
+    }
     let offline = data
         .sources
         .iter()
@@ -134,8 +139,52 @@ pub fn resolve_data_paths(data: &DataConfig) -> Result<DataConfig> {
     Ok(data)
 }
 
-/// `eval` with `offline:text/<split>` file paths (`train`, `validation`, `test`, `heldout`) replaced by the
-/// corpus files, fetched on first use.
+/// The token cache's directory name under the output root when `data.cache_dir` is not set.
+pub const TOKEN_CACHE: &str = ".token-cache";
+
+/// Makes every relative path of the recipe absolute against the working directory, so that the
+/// resolved recipe means the same from anywhere (`linearize resume RUN` from another directory, a
+/// requeued cluster job): `output`, a local `model.source`, data and eval files, `cache_dir`.
+/// Hub ids and `offline:` names stay as they are.
+fn absolutize(recipe: &mut Recipe) -> Result<()> {
+    let abs = |p: &Path| -> Result<PathBuf> {
+        std::path::absolute(p).with_context(|| format!("making {} absolute", p.display()))
+    };
+    let is_offline = |p: &Path| p.to_str().is_some_and(|s| s.starts_with("offline:"));
+    recipe.output = abs(&recipe.output)?;
+    let source = &recipe.model.source;
+    if let Some(dir) = source.strip_prefix(RANDOM_PREFIX) {
+        recipe.model.source = format!("{RANDOM_PREFIX}{}", abs(Path::new(dir))?.display());
+    } else if !is_offline(Path::new(source)) && Path::new(source).is_dir() {
+        recipe.model.source = abs(Path::new(source))?.display().to_string();
+    }
+    let data = &mut recipe.data;
+    for source in data.sources.iter_mut().chain(data.val_sources.iter_mut()) {
+        if !is_offline(&source.path) {
+            source.path = abs(&source.path)?;
+        }
+    }
+    if let Some(dir) = data.cache_dir.as_mut() {
+        *dir = abs(dir)?;
+    }
+    if let Some(eval) = recipe.eval.as_mut() {
+        let files = eval
+            .perplexity
+            .files
+            .iter_mut()
+            .chain(eval.attention_error.file.as_mut())
+            .chain(eval.multiple_choice.tasks.iter_mut());
+        for file in files {
+            if !is_offline(file) {
+                *file = abs(file)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `eval` with `offline:text/<split>` file paths (`train`, `validation`, `test`, `heldout`)
+/// replaced by the corpus files, fetched on first use.
 pub fn resolve_eval_paths(eval: &EvalConfig) -> Result<EvalConfig> {
     let mut eval = eval.clone();
     let prefix = format!("{OFFLINE_TEXT}/");
@@ -191,19 +240,22 @@ impl LoadedRecipe {
 
     /// Reads `path`, applies `sets` (`key.path=value`, in order) and validates everything that
     /// can be checked before work starts; every error names the file, the line and the key.
-    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
-        let mut tree = RecipeTree::load(path)?;
-        for (i, set) in sets.iter().enumerate() {
-            tree.set(i, set)?;
-        }
-        tree.expand_env(&|name| std::env::var(name).ok())?;
-        let recipe: Recipe = serde_path_to_error::deserialize(tree.to_value())
-            .map_err(|e| deserialize_error(&tree, e))?;
-        let model_dir = resolve_model(&recipe.model.source)
-            .with_context(|| format!("{}: model.source", tree.locate_path("model.source")))?;
-        let model_config = ModelConfig::from_file(&model_dir.join("config.json"))
-            .with_context(|| format!("{}: model.source", tree.locate_path("model.source")))?;
-        validate(&recipe, &tree, &model_config)?;
+    /// `resumed`: `path` is a run directory's `recipe.resolved.yaml`, taken as written (one made
+    /// before paths were absolute still means what it meant in the directory it was started from).
+    pub fn load(path: &Path, sets: &[String], resumed: bool) -> Result<Self> {
+        let (tree, recipe) = read(path, sets, resumed)?;
+        let located = || format!("{}: model.source", tree.locate_path("model.source"));
+        let model_dir = resolve_model(&recipe.model.source).with_context(located)?;
+        let model_config =
+            ModelConfig::from_file(&model_dir.join("config.json")).with_context(located)?;
+        let mut unchecked = Vec::new();
+        validate(
+            &recipe,
+            &tree,
+            Some(&model_config),
+            Check::Run,
+            &mut unchecked,
+        )?;
         let resolved = serde_yaml_ng::to_string(&recipe).context("serialising the recipe")?;
         Ok(Self {
             hash: linearize_train::state::recipe_hash(&resolved),
@@ -213,6 +265,73 @@ impl LoadedRecipe {
             model_config,
         })
     }
+}
+
+/// A recipe checked for `--dry-run`: everything [`LoadedRecipe::load`] checks that needs neither
+/// the model's weights nor this machine's devices and files; what this machine cannot check is
+/// listed instead of failing.
+pub struct PlannedRecipe {
+    pub recipe: Recipe,
+    pub hash: String,
+    /// The model's directory (config.json and tokenizer, no weights) and config, when they
+    /// could be had without downloading weights.
+    pub model: Option<(PathBuf, ModelConfig)>,
+    /// What could not be checked here, one line each, with its file, line and key.
+    pub unchecked: Vec<String>,
+}
+
+impl PlannedRecipe {
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let (tree, recipe) = read(path, sets, false)?;
+        let located = || format!("{}: model.source", tree.locate_path("model.source"));
+        let mut unchecked = Vec::new();
+        let model = match resolve_model_config(&recipe.model.source) {
+            Ok(dir) => {
+                // A config that does not parse is wrong everywhere, not just here.
+                let cfg = ModelConfig::from_file(&dir.join("config.json")).with_context(located)?;
+                Some((dir, cfg))
+            }
+            Err(e) => {
+                unchecked.push(format!(
+                    "{}: {e:#}; without its config.json the layer plan, parameter counts and \
+                     memory estimate are not worked out",
+                    located()
+                ));
+                None
+            }
+        };
+        validate(
+            &recipe,
+            &tree,
+            model.as_ref().map(|m| &m.1),
+            Check::Plan,
+            &mut unchecked,
+        )?;
+        let resolved = serde_yaml_ng::to_string(&recipe).context("serialising the recipe")?;
+        Ok(Self {
+            hash: linearize_train::state::recipe_hash(&resolved),
+            recipe,
+            model,
+            unchecked,
+        })
+    }
+}
+
+/// Reads the recipe and its includes, applies the `--set`s and environment variables, and types
+/// it, with its paths made absolute ([`absolutize`]) unless it is a run directory's own resolved
+/// recipe (`resumed`), which is taken as it was written.
+fn read(path: &Path, sets: &[String], resumed: bool) -> Result<(RecipeTree, Recipe)> {
+    let mut tree = RecipeTree::load(path)?;
+    for (i, set) in sets.iter().enumerate() {
+        tree.set(i, set)?;
+    }
+    tree.expand_env(&|name| std::env::var(name).ok())?;
+    let mut recipe: Recipe = serde_path_to_error::deserialize(tree.to_value())
+        .map_err(|e| deserialize_error(&tree, e))?;
+    if !resumed {
+        absolutize(&mut recipe)?;
+    }
+    Ok((tree, recipe))
 }
 
 /// `random:<dir>`: the architecture of `<dir>/config.json` with random weights drawn from the
@@ -237,9 +356,95 @@ pub fn resolve_model(source: &str) -> Result<PathBuf> {
     linearize_models::source::resolve(source)
 }
 
-/// Range and consistency checks of the typed recipe, each reported at its key.
-fn validate(recipe: &Recipe, tree: &RecipeTree, model: &ModelConfig) -> Result<()> {
+/// The directory of a `model.source` with its config.json and tokenizer, without fetching
+/// weights: a hub model's small files only, the offline SmolLM2 only if it is already imported.
+pub fn resolve_model_config(source: &str) -> Result<PathBuf> {
+    if source.starts_with(RANDOM_PREFIX) {
+        return resolve_model(source);
+    }
+    if source == OFFLINE_SMOLLM2 {
+        return linearize_models::offline::cached_smollm2().ok_or_else(|| {
+            anyhow!(
+                "{OFFLINE_SMOLLM2} is not fetched yet (a run fetches it, or `linearize fetch \
+                 smollm2`); the dry run fetches no weights"
+            )
+        });
+    }
+    linearize_models::source::resolve_config_with(
+        source,
+        &linearize_models::source::HubSettings::from_env(),
+    )
+}
+
+/// How much [`validate`] may check: a run checks everything and fails on anything; `--dry-run`
+/// lists what needs this machine's devices and files (or weights it does not fetch) instead.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Run,
+    Plan,
+}
+
+/// The most updates a stage can make by its own limits (its data may allow fewer).
+fn step_bound(
+    max_steps: Option<u64>,
+    max_tokens: Option<u64>,
+    grad_accum: u64,
+    data: &DataConfig,
+) -> Option<u64> {
+    let per_step = grad_accum * data.batch_size as u64 * data.seq_len as u64;
+    [max_steps, max_tokens.and_then(|t| t.checked_div(per_step))]
+        .into_iter()
+        .flatten()
+        .min()
+}
+
+/// The checks of a stage's length that need no data: some update must be allowed, and the
+/// schedule must fit (e.g. a warmup no shorter than the stage fails at its start otherwise).
+fn check_stage_length(
+    stage: &str,
+    bound: Option<u64>,
+    schedule: &linearize_train::schedule::ScheduleConfig,
+    lr: f64,
+) -> std::result::Result<(), (String, anyhow::Error)> {
+    let Some(bound) = bound else {
+        return Ok(());
+    };
+    if bound == 0 {
+        return Err((
+            format!("{stage}.max_steps"),
+            anyhow!("max_steps / max_tokens allow no update"),
+        ));
+    }
+    linearize_train::schedule::Schedule::new(schedule.clone(), lr, bound)
+        .map(|_| ())
+        .map_err(|e| {
+            (
+                format!("{stage}.schedule"),
+                e.context(format!("at most {bound} updates")),
+            )
+        })
+}
+
+/// Range and consistency checks of the typed recipe, each reported at its key. `model` is the
+/// model's config (absent only in a dry run that could not get it). Under [`Check::Plan`] what
+/// depends on this machine goes to `unchecked` instead of failing.
+fn validate(
+    recipe: &Recipe,
+    tree: &RecipeTree,
+    model: Option<&ModelConfig>,
+    check: Check,
+    unchecked: &mut Vec<String>,
+) -> Result<()> {
     let at = |key: &str, e: anyhow::Error| anyhow!("{}: {key}: {e:#}", tree.locate_path(key));
+    let mut here = |key: &str, e: anyhow::Error| -> Result<()> {
+        match check {
+            Check::Run => Err(at(key, e)),
+            Check::Plan => {
+                unchecked.push(format!("{}: {key}: {e:#}", tree.locate_path(key)));
+                Ok(())
+            }
+        }
+    };
     if recipe.name.is_empty()
         || recipe.name.contains(['/', '\\'])
         || recipe.name == "."
@@ -251,11 +456,16 @@ fn validate(recipe: &Recipe, tree: &RecipeTree, model: &ModelConfig) -> Result<(
         ));
     }
     crate::runtime::parse_dtype(&recipe.model.dtype).map_err(|e| at("model.dtype", e))?;
-    crate::runtime::parse_device(&recipe.model.device).map_err(|e| at("model.device", e))?;
-    recipe
-        .conversion
-        .plan(model.num_hidden_layers as usize)
-        .map_err(|e| at("conversion", e))?;
+    crate::runtime::check_device_spec(&recipe.model.device).map_err(|e| at("model.device", e))?;
+    if let Err(e) = crate::runtime::parse_device(&recipe.model.device) {
+        here("model.device", e)?;
+    }
+    if let Some(model) = model {
+        recipe
+            .conversion
+            .plan(model.num_hidden_layers as usize)
+            .map_err(|e| at("conversion", e))?;
+    }
     recipe.data.validate().map_err(|e| at("data", e))?;
     for (key, sources) in [
         ("sources", &recipe.data.sources),
@@ -264,18 +474,39 @@ fn validate(recipe: &Recipe, tree: &RecipeTree, model: &ModelConfig) -> Result<(
         for (i, source) in sources.iter().enumerate() {
             if source.path.as_os_str() != OFFLINE_TEXT && !source.path.exists() {
                 let key = format!("data.{key}[{i}].path");
-                return Err(at(
+                here(
                     &key,
                     anyhow!("{}: no such file or directory", source.path.display()),
-                ));
+                )?;
             }
         }
     }
     if let Some(stage) = &recipe.attention_transfer {
         stage.validate().map_err(|e| at("attention_transfer", e))?;
+        let bound = step_bound(
+            stage.max_steps,
+            stage.max_tokens,
+            stage.grad_accum,
+            &recipe.data,
+        );
+        check_stage_length(
+            "attention_transfer",
+            bound,
+            &stage.schedule,
+            stage.optimizer.lr,
+        )
+        .map_err(|(key, e)| at(&key, e))?;
     }
     if let Some(stage) = &recipe.lora {
         stage.validate().map_err(|e| at("lora", e))?;
+        let bound = step_bound(
+            stage.max_steps,
+            stage.max_tokens,
+            stage.grad_accum,
+            &recipe.data,
+        );
+        check_stage_length("lora", bound, &stage.schedule, stage.optimizer.lr)
+            .map_err(|(key, e)| at(&key, e))?;
         if let Some(first) = &recipe.attention_transfer {
             if first.name == stage.name {
                 return Err(at(
@@ -295,11 +526,78 @@ fn validate(recipe: &Recipe, tree: &RecipeTree, model: &ModelConfig) -> Result<(
         }
     }
     if let Some(eval) = &recipe.eval {
-        resolve_eval_paths(eval)
-            .and_then(|eval| linearize_eval::report::validate(&eval))
-            .map_err(|e| at("eval", e))?;
+        let eval = match check {
+            Check::Run => resolve_eval_paths(eval).map_err(|e| at("eval", e))?,
+            Check::Plan => {
+                // The corpus is not fetched for a plan, and files absent here may be there
+                // when the job runs: they are listed, and the rest is checked without them.
+                let (eval, missing) = plannable_eval(eval).map_err(|e| at("eval", e))?;
+                for e in missing {
+                    here("eval", e)?;
+                }
+                eval
+            }
+        };
+        linearize_eval::report::validate(&eval).map_err(|e| at("eval", e))?;
     }
     Ok(())
+}
+
+/// `eval` for a dry run: `offline:text/<split>` paths checked by name and resolved only if the
+/// corpus is already cached, and every file that is not here left out; with why, per file.
+fn plannable_eval(eval: &EvalConfig) -> Result<(EvalConfig, Vec<anyhow::Error>)> {
+    let mut eval = eval.clone();
+    let mut missing = Vec::new();
+    let prefix = format!("{OFFLINE_TEXT}/");
+    let corpus = linearize_models::offline::cached_text();
+    let mut keep = |file: &mut PathBuf| -> Result<bool> {
+        if let Some(split) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) {
+            let split = Split::ALL
+                .into_iter()
+                .find(|s| s.name() == split)
+                .with_context(|| {
+                    format!(
+                        "{}: no such split (train, validation or test)",
+                        file.display()
+                    )
+                })?;
+            match &corpus {
+                Some(corpus) => *file = corpus.split_path(split),
+                None => {
+                    missing.push(anyhow!(
+                        "{}: the text corpus is not fetched yet (a run fetches it)",
+                        file.display()
+                    ));
+                    return Ok(false);
+                }
+            }
+        }
+        if !file.is_file() {
+            missing.push(anyhow!("{} does not exist", file.display()));
+            return Ok(false);
+        }
+        Ok(true)
+    };
+    let mut files = Vec::new();
+    for mut file in std::mem::take(&mut eval.perplexity.files) {
+        if keep(&mut file)? {
+            files.push(file);
+        }
+    }
+    eval.perplexity.files = files;
+    if let Some(mut file) = eval.attention_error.file.take() {
+        if keep(&mut file)? {
+            eval.attention_error.file = Some(file);
+        }
+    }
+    let mut tasks = Vec::new();
+    for mut task in std::mem::take(&mut eval.multiple_choice.tasks) {
+        if keep(&mut task)? {
+            tasks.push(task);
+        }
+    }
+    eval.multiple_choice.tasks = tasks;
+    Ok((eval, missing))
 }
 
 /// A serde error placed at its key, with the nearest valid name for an unknown key or variant.

@@ -26,6 +26,18 @@ impl RuntimeArgs {
     }
 }
 
+/// Whether `s` names a device at all (`auto`, `cpu`, `cuda`, `cuda:N`), whatever this machine
+/// has: what a dry run checks of a device it plans for.
+pub fn check_device_spec(s: &str) -> Result<()> {
+    match s {
+        "auto" | "cpu" | "cuda" => Ok(()),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(_)) => Ok(()),
+            _ => bail!("--device {other:?}: expected cpu, cuda, cuda:N or auto"),
+        },
+    }
+}
+
 pub fn parse_device(s: &str) -> Result<Device> {
     Ok(match s {
         "auto" => Device::cuda_if_available(),

@@ -60,6 +60,8 @@ fn bad_recipes_name_file_line_and_key() {
     // An out-of-range value.
     let e = refused(dir.path(), "", &["attention_transfer.grad_accum=0"]);
     assert!(e.contains("grad_accum must be >= 1"), "{e}");
+    // The section is in the file, the bad value on the command line: both are named.
+    assert!(e.contains(&file) && e.contains("(with --set #1)"), "{e}");
 
     // A missing file, at its line in the recipe.
     let text = std::fs::read_to_string(write_recipe(dir.path(), "")).unwrap();
@@ -70,12 +72,28 @@ fn bad_recipes_name_file_line_and_key() {
         + 1;
     let missing = dir.path().join("val.txt");
     std::fs::rename(&missing, dir.path().join("moved.txt")).unwrap();
-    let e = refused(dir.path(), "", &[]);
-    std::fs::rename(dir.path().join("moved.txt"), &missing).unwrap();
+    // The run refuses it before any work...
+    let output = run(&["--recipe", &file]);
+    let e = stderr(&output);
     assert!(
-        e.contains(&format!("{file}:{line}")) && e.contains("no such file"),
+        !output.status.success()
+            && e.contains(&format!("{file}:{line}"))
+            && e.contains("no such file"),
         "{e}"
     );
+    assert!(!dir.path().join("runs").exists());
+    // ...the dry run lists it among what this machine cannot check (the file may be put there
+    // before the job runs) and plans the rest.
+    let output = run(&["--recipe", &file, "--dry-run"]);
+    let plan = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        plan.contains("not checked on this machine")
+            && plan.contains(&format!("{file}:{line}"))
+            && plan.contains("no such file"),
+        "{plan}"
+    );
+    std::fs::rename(dir.path().join("moved.txt"), &missing).unwrap();
 
     // A layer past the model's depth.
     let e = refused(dir.path(), "", &["conversion.softmax_layers=[1, 3]"]);

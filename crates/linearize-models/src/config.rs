@@ -7,6 +7,9 @@ use serde_json::{Map, Value};
 use std::fmt;
 use std::path::Path;
 
+mod rope;
+pub use rope::RopeScaling;
+
 /// The HF `model_type`s this crate runs; they differ only in the details recorded in
 /// [`ModelConfig`] (biases, q/k norms, sliding window).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,18 +52,6 @@ impl fmt::Display for Family {
 /// in `base_model_type`.
 pub const EXPORT_MODEL_TYPE: &str = "linearize";
 
-/// RoPE frequency scaling (`rope_scaling`); `None` in [`ModelConfig`] is the plain RoPE.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RopeScaling {
-    /// Llama 3.1's band-wise scaling of the inverse frequencies.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: i64,
-    },
-}
-
 /// A parsed and checked `config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -99,76 +90,173 @@ pub struct ModelConfig {
     raw: Map<String, Value>,
 }
 
-/// Where a config came from, for error messages.
-struct Origin<'a>(&'a str);
-
-impl Origin<'_> {
-    fn err(&self, key: &str, value: &Value, why: &str) -> anyhow::Error {
-        anyhow!("{}: key `{key}` = {value} {why}", self.0)
-    }
-}
-
-/// The typed view of a raw JSON object, with the key named in every error.
+/// The typed view of a raw JSON object (the file, or a section of it such as `rope_parameters`),
+/// with the file and the full key named in every error.
 struct Keys<'a> {
     map: &'a Map<String, Value>,
-    origin: Origin<'a>,
+    origin: &'a str,
+    /// `""` for the file's top level, `"rope_parameters."` for a section.
+    prefix: String,
 }
 
-impl Keys<'_> {
+impl<'a> Keys<'a> {
+    fn sub(&self, key: &str, map: &'a Map<String, Value>) -> Keys<'a> {
+        Keys {
+            map,
+            origin: self.origin,
+            prefix: format!("{}{key}.", self.prefix),
+        }
+    }
+
+    fn err(&self, key: &str, value: &Value, why: &str) -> anyhow::Error {
+        anyhow!(
+            "{}: key `{}{key}` = {value} {why}",
+            self.origin,
+            self.prefix
+        )
+    }
+
     /// The value at `key` (absent and `null` are both `None`).
     fn opt<T: DeserializeOwned>(&self, key: &str, expected: &str) -> Result<Option<T>> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => serde_json::from_value(v.clone())
                 .map(Some)
-                .map_err(|_| self.origin.err(key, v, &format!("is not {expected}"))),
+                .map_err(|_| self.err(key, v, &format!("is not {expected}"))),
         }
     }
 
+    /// As [`Keys::opt`], but an explicit `null` is refused: transformers takes it as `None` and
+    /// fails (or computes something else) where the key's default would have worked.
+    fn not_null<T: DeserializeOwned>(&self, key: &str, expected: &str) -> Result<Option<T>> {
+        if let Some(Value::Null) = self.map.get(key) {
+            return Err(self.err(key, &Value::Null, &format!("is not {expected}")));
+        }
+        self.opt(key, expected)
+    }
+
     fn required<T: DeserializeOwned>(&self, key: &str, expected: &str) -> Result<T> {
-        self.opt(key, expected)?
-            .ok_or_else(|| anyhow!("{}: missing key `{key}` ({expected})", self.origin.0))
+        self.opt(key, expected)?.ok_or_else(|| {
+            anyhow!(
+                "{}: missing key `{}{key}` ({expected})",
+                self.origin,
+                self.prefix
+            )
+        })
     }
 
     fn positive(&self, key: &str, default: Option<i64>) -> Result<i64> {
         let expected = "a positive integer";
         let v = match default {
-            Some(d) => self.opt(key, expected)?.unwrap_or(d),
+            Some(d) => self.not_null(key, expected)?.unwrap_or(d),
             None => self.required(key, expected)?,
         };
         if v <= 0 {
-            return Err(self
-                .origin
-                .err(key, &Value::from(v), &format!("is not {expected}")));
+            return Err(self.err(key, &Value::from(v), &format!("is not {expected}")));
         }
         Ok(v)
     }
 }
 
-/// HF's defaults for keys a config may omit, per family (from the transformers config classes).
-struct Defaults {
-    num_key_value_heads: Option<i64>,
-    max_position_embeddings: i64,
-    rms_norm_eps: f64,
+/// transformers' value for every key that changes the math when a config leaves it out, per
+/// family: the defaults of `LlamaConfig`, `MistralConfig`, `Qwen2Config` and `Qwen3Config`, the
+/// same in transformers 4.57 and 5.x (tests/hf_configs.rs checks them against both). Keys that are
+/// not here are required, or refused when set to what the decoder does not implement.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Defaults {
+    /// `None`: as many as `num_attention_heads` (plain multi-head attention). An explicit
+    /// `null` means that in every family.
+    pub num_key_value_heads: Option<i64>,
+    /// `None`: `hidden_size / num_attention_heads`.
+    pub head_dim: Option<i64>,
+    pub max_position_embeddings: i64,
+    pub rms_norm_eps: f64,
+    /// Also transformers 5's `default_theta` for a `rope_parameters` without `rope_theta`.
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+    /// `attention_bias` (llama, qwen3) and `mlp_bias` (llama); the families without the key have
+    /// fixed biases (qwen2: on q/k/v; mistral: none).
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    /// Mistral's `sliding_window` when the key is absent (an explicit `null` means none).
+    pub sliding_window: Option<i64>,
+    /// Std of the normal init of HF's `_init_weights` (only random initialisation reads it).
+    pub initializer_range: f64,
 }
 
-fn defaults(family: Family) -> Defaults {
-    match family {
-        Family::Llama => Defaults {
+/// The table of [`Defaults`]; `hidden_act` is `silu` in every family.
+pub const DEFAULTS: [(Family, Defaults); 4] = [
+    (
+        Family::Llama,
+        Defaults {
             num_key_value_heads: None,
+            head_dim: None,
             max_position_embeddings: 2048,
             rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+            initializer_range: 0.02,
         },
-        Family::Mistral => Defaults {
+    ),
+    (
+        Family::Mistral,
+        Defaults {
             num_key_value_heads: Some(8),
+            head_dim: None,
             max_position_embeddings: 4096 * 32,
             rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            sliding_window: Some(4096),
+            initializer_range: 0.02,
         },
-        Family::Qwen2 | Family::Qwen3 => Defaults {
+    ),
+    (
+        Family::Qwen2,
+        Defaults {
             num_key_value_heads: Some(32),
+            head_dim: None,
             max_position_embeddings: 32768,
             rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+            initializer_range: 0.02,
         },
+    ),
+    (
+        Family::Qwen3,
+        Defaults {
+            num_key_value_heads: Some(32),
+            // Not hidden_size / heads: Qwen3's heads are wider than that in every released size.
+            head_dim: Some(128),
+            max_position_embeddings: 32768,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+            initializer_range: 0.02,
+        },
+    ),
+];
+
+impl Family {
+    /// transformers' defaults for this family (a row of [`DEFAULTS`]).
+    pub fn defaults(self) -> &'static Defaults {
+        &DEFAULTS
+            .iter()
+            .find(|(f, _)| *f == self)
+            .expect("every family has a row")
+            .1
     }
 }
 
@@ -193,7 +281,8 @@ impl ModelConfig {
         };
         let keys = Keys {
             map: &raw,
-            origin: Origin(origin),
+            origin,
+            prefix: String::new(),
         };
 
         let model_type: String = keys.required("model_type", "a string")?;
@@ -205,17 +294,19 @@ impl ModelConfig {
             ("model_type", model_type)
         };
         let family = Family::from_model_type(&family_type).ok_or_else(|| {
-            keys.origin.err(
+            keys.err(
                 family_key,
                 &Value::from(family_type.clone()),
                 "is not supported (expected llama, mistral, qwen2 or qwen3)",
             )
         })?;
-        let d = defaults(family);
+        let d = family.defaults();
 
-        let hidden_act: String = keys.opt("hidden_act", "a string")?.unwrap_or("silu".into());
+        let hidden_act: String = keys
+            .not_null("hidden_act", "a string")?
+            .unwrap_or("silu".into());
         if hidden_act != "silu" {
-            return Err(keys.origin.err(
+            return Err(keys.err(
                 "hidden_act",
                 &Value::from(hidden_act),
                 "is not supported (expected \"silu\")",
@@ -224,56 +315,73 @@ impl ModelConfig {
 
         let hidden_size = keys.positive("hidden_size", None)?;
         let num_attention_heads = keys.positive("num_attention_heads", None)?;
-        let num_key_value_heads = keys.positive(
-            "num_key_value_heads",
-            Some(d.num_key_value_heads.unwrap_or(num_attention_heads)),
-        )?;
+        let num_key_value_heads = match raw.get("num_key_value_heads") {
+            // Every family's config maps an explicit null to multi-head attention.
+            Some(Value::Null) => num_attention_heads,
+            _ => keys.positive(
+                "num_key_value_heads",
+                Some(d.num_key_value_heads.unwrap_or(num_attention_heads)),
+            )?,
+        };
         if num_attention_heads % num_key_value_heads != 0 {
-            return Err(keys.origin.err(
+            return Err(keys.err(
                 "num_key_value_heads",
                 &Value::from(num_key_value_heads),
                 &format!("does not divide num_attention_heads = {num_attention_heads}"),
             ));
         }
-        let head_dim = match keys.opt::<i64>("head_dim", "a positive integer")? {
-            Some(_) => keys.positive("head_dim", None)?,
-            None => {
-                if hidden_size % num_attention_heads != 0 {
-                    bail!(
-                        "{origin}: no `head_dim` and hidden_size = {hidden_size} is not a multiple of num_attention_heads = {num_attention_heads}"
-                    );
-                }
-                hidden_size / num_attention_heads
+        let derived = || {
+            if hidden_size % num_attention_heads != 0 {
+                bail!(
+                    "{origin}: no `head_dim` and hidden_size = {hidden_size} is not a multiple of num_attention_heads = {num_attention_heads}"
+                );
             }
+            Ok(hidden_size / num_attention_heads)
+        };
+        let head_dim = match raw.get("head_dim") {
+            // qwen's attention takes a null as the width itself and fails; llama and mistral
+            // derive it.
+            Some(Value::Null) if matches!(family, Family::Qwen2 | Family::Qwen3) => {
+                return Err(keys.err("head_dim", &Value::Null, "is not a positive integer"));
+            }
+            Some(Value::Null) => derived()?,
+            None => match d.head_dim {
+                Some(default) => default,
+                None => derived()?,
+            },
+            Some(_) => keys.positive("head_dim", None)?,
         };
         if head_dim % 2 != 0 {
-            return Err(keys.origin.err(
+            return Err(keys.err(
                 "head_dim",
                 &Value::from(head_dim),
                 "is odd (RoPE needs pairs)",
             ));
         }
 
-        let attention_bias: bool = keys.opt("attention_bias", "a boolean")?.unwrap_or(false);
+        let attention_bias: bool = keys
+            .opt("attention_bias", "a boolean")?
+            .unwrap_or(d.attention_bias);
         let (qkv_bias, o_proj_bias) = match family {
             Family::Llama | Family::Qwen3 => (attention_bias, attention_bias),
             Family::Mistral => (false, false),
             Family::Qwen2 => (true, false),
         };
         let mlp_bias =
-            family == Family::Llama && keys.opt("mlp_bias", "a boolean")?.unwrap_or(false);
+            family == Family::Llama && keys.opt("mlp_bias", "a boolean")?.unwrap_or(d.mlp_bias);
 
         let sliding_window = match family {
-            Family::Mistral => match keys.opt::<i64>("sliding_window", "an integer or null")? {
+            Family::Mistral => match raw.get("sliding_window") {
+                None => d.sliding_window,
+                Some(Value::Null) => None,
                 Some(_) => Some(keys.positive("sliding_window", None)?),
-                None => None,
             },
             Family::Qwen2 | Family::Qwen3 => {
                 if keys
                     .opt("use_sliding_window", "a boolean")?
                     .unwrap_or(false)
                 {
-                    return Err(keys.origin.err(
+                    return Err(keys.err(
                         "use_sliding_window",
                         &Value::Bool(true),
                         "is not supported (per-layer sliding windows of qwen models are not implemented)",
@@ -284,15 +392,15 @@ impl ModelConfig {
             Family::Llama => None,
         };
 
-        let rope_theta: f64 = keys.opt("rope_theta", "a number")?.unwrap_or(10000.0);
-        if rope_theta <= 0.0 {
-            return Err(keys
-                .origin
-                .err("rope_theta", &Value::from(rope_theta), "is not positive"));
-        }
+        let max_position_embeddings =
+            keys.positive("max_position_embeddings", Some(d.max_position_embeddings))?;
+        let (rope_theta, rope_scaling) = rope::parse(&keys, d, max_position_embeddings)?;
         let rms_norm_eps: f64 = keys
-            .opt("rms_norm_eps", "a number")?
+            .not_null("rms_norm_eps", "a number")?
             .unwrap_or(d.rms_norm_eps);
+        if rms_norm_eps < 0.0 {
+            return Err(keys.err("rms_norm_eps", &Value::from(rms_norm_eps), "is negative"));
+        }
 
         let eos_token_ids = match raw.get("eos_token_id") {
             None | Some(Value::Null) => Vec::new(),
@@ -318,9 +426,8 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps,
             rope_theta,
-            rope_scaling: parse_rope_scaling(&keys)?,
-            max_position_embeddings: keys
-                .positive("max_position_embeddings", Some(d.max_position_embeddings))?,
+            rope_scaling,
+            max_position_embeddings,
             qkv_bias,
             o_proj_bias,
             mlp_bias,
@@ -328,11 +435,13 @@ impl ModelConfig {
             sliding_window,
             tie_word_embeddings: keys
                 .opt("tie_word_embeddings", "a boolean")?
-                .unwrap_or(false),
+                .unwrap_or(d.tie_word_embeddings),
             bos_token_id: keys.opt("bos_token_id", "an integer")?,
             eos_token_ids,
             torch_dtype,
-            initializer_range: keys.opt("initializer_range", "a number")?.unwrap_or(0.02),
+            initializer_range: keys
+                .opt("initializer_range", "a number")?
+                .unwrap_or(d.initializer_range),
             raw,
         })
     }
@@ -361,31 +470,12 @@ impl ModelConfig {
         set("head_dim", self.head_dim.into());
         set("hidden_act", "silu".into());
         set("rms_norm_eps", self.rms_norm_eps.into());
-        set("rope_theta", self.rope_theta.into());
         set(
             "max_position_embeddings",
             self.max_position_embeddings.into(),
         );
         set("tie_word_embeddings", self.tie_word_embeddings.into());
         set("initializer_range", self.initializer_range.into());
-        set(
-            "rope_scaling",
-            match self.rope_scaling {
-                None => Value::Null,
-                Some(RopeScaling::Llama3 {
-                    factor,
-                    low_freq_factor,
-                    high_freq_factor,
-                    original_max_position_embeddings,
-                }) => serde_json::json!({
-                    "rope_type": "llama3",
-                    "factor": factor,
-                    "low_freq_factor": low_freq_factor,
-                    "high_freq_factor": high_freq_factor,
-                    "original_max_position_embeddings": original_max_position_embeddings,
-                }),
-            },
-        );
         match self.family {
             Family::Llama => {
                 set("attention_bias", self.qkv_bias.into());
@@ -413,6 +503,7 @@ impl ModelConfig {
             };
             set(key, dtype.clone().into());
         }
+        rope::write(&mut out, self.rope_theta, self.rope_scaling.as_ref());
         Value::Object(out)
     }
 
@@ -429,58 +520,6 @@ impl ModelConfig {
     /// Query heads per KV head.
     pub fn gqa_groups(&self) -> i64 {
         self.num_attention_heads / self.num_key_value_heads
-    }
-}
-
-fn parse_rope_scaling(keys: &Keys) -> Result<Option<RopeScaling>> {
-    let obj = match keys.map.get("rope_scaling") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Object(obj)) => obj,
-        Some(v) => {
-            return Err(keys
-                .origin
-                .err("rope_scaling", v, "is not an object or null"))
-        }
-    };
-    let (type_key, rope_type) = match (obj.get("rope_type"), obj.get("type")) {
-        (Some(v), _) => ("rope_scaling.rope_type", v),
-        (None, Some(v)) => ("rope_scaling.type", v),
-        (None, None) => bail!("{}: `rope_scaling` has no `rope_type`", keys.origin.0),
-    };
-    match rope_type.as_str() {
-        Some("default") => Ok(None),
-        Some("llama3") => {
-            let sub = Keys {
-                map: obj,
-                origin: Origin(keys.origin.0),
-            };
-            let num = |k: &str| -> Result<f64> {
-                sub.required::<f64>(k, "a number")
-                    .map_err(|e| anyhow!("{e} in `rope_scaling`"))
-            };
-            let low_freq_factor = num("low_freq_factor")?;
-            let high_freq_factor = num("high_freq_factor")?;
-            if high_freq_factor <= low_freq_factor {
-                bail!(
-                    "{}: `rope_scaling` has high_freq_factor = {high_freq_factor} <= low_freq_factor = {low_freq_factor}",
-                    keys.origin.0
-                );
-            }
-            let scaling = RopeScaling::Llama3 {
-                factor: num("factor")?,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings: sub
-                    .positive("original_max_position_embeddings", None)
-                    .map_err(|e| anyhow!("{e} in `rope_scaling`"))?,
-            };
-            Ok(Some(scaling))
-        }
-        _ => Err(keys.origin.err(
-            type_key,
-            rope_type,
-            "is not supported (expected \"llama3\" or \"default\")",
-        )),
     }
 }
 
@@ -710,19 +749,19 @@ mod tests {
         let e = err(&with(
             base("qwen2"),
             "rope_scaling",
-            json!({"type": "yarn", "factor": 4.0}),
+            json!({"type": "su", "factor": 4.0}),
         ));
         assert!(
-            e.contains("rope_scaling.type") && e.contains("\"yarn\""),
+            e.contains("rope_scaling.type") && e.contains("\"su\""),
             "{e}"
         );
         let e = err(&with(
             base("llama"),
-            "rope_scaling",
-            json!({"rope_type": "dynamic"}),
+            "rope_parameters",
+            json!({"rope_type": "longrope", "rope_theta": 500000.0, "short_factor": [1.0], "long_factor": [1.0]}),
         ));
         assert!(
-            e.contains("rope_scaling.rope_type") && e.contains("\"dynamic\""),
+            e.contains("rope_parameters.rope_type") && e.contains("\"longrope\""),
             "{e}"
         );
         let e = err(&with(
@@ -730,10 +769,129 @@ mod tests {
             "rope_scaling",
             json!({"rope_type": "llama3", "factor": 8.0}),
         ));
+        assert!(e.contains("rope_scaling.low_freq_factor"), "{e}");
+        let e = err(&with(
+            base("llama"),
+            "rope_scaling",
+            json!({"rope_type": "linear"}),
+        ));
+        assert!(e.contains("missing key `rope_scaling.factor`"), "{e}");
+    }
+
+    /// transformers 5 writes `rope_parameters` and no top-level `rope_theta`: the theta inside
+    /// must be the one used (it used to fall back to 10000 in silence).
+    #[test]
+    fn transformers5_rope_parameters_are_read() {
+        let mut v = base("llama");
+        v.as_object_mut().unwrap().remove("rope_theta");
+        let v = with(
+            v,
+            "rope_parameters",
+            json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}),
+        );
+        let c = parse(&v).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
         assert!(
-            e.contains("low_freq_factor") && e.contains("rope_scaling"),
+            matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 32.0)
+        );
+        // Written back in the same format.
+        let back = c.to_json();
+        assert_eq!(back["rope_parameters"]["rope_theta"], 500000.0);
+        assert!(back.get("rope_theta").is_none() && back.get("rope_scaling").is_none());
+
+        let mut v = base("qwen2");
+        v.as_object_mut().unwrap().remove("rope_theta");
+        let v = with(
+            v,
+            "rope_parameters",
+            json!({"rope_type": "default", "rope_theta": 1000000.0}),
+        );
+        let c = parse(&v).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling), (1000000.0, None));
+    }
+
+    #[test]
+    fn ambiguous_rope_keys_are_refused() {
+        // Two thetas that disagree.
+        let v = with(
+            base("llama"),
+            "rope_parameters",
+            json!({"rope_type": "default", "rope_theta": 10000.0}),
+        );
+        let e = err(&v);
+        assert!(
+            e.contains("`rope_theta`") && e.contains("rope_parameters.rope_theta"),
             "{e}"
         );
+        // A theta inside `rope_scaling` that transformers 4 would not read.
+        let mut v = base("llama");
+        v.as_object_mut().unwrap().remove("rope_theta");
+        let e = err(&with(
+            v,
+            "rope_scaling",
+            json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}),
+        ));
+        assert!(e.contains("rope_scaling.rope_theta"), "{e}");
+        // Both sections, different.
+        let v = with(
+            with(
+                base("llama"),
+                "rope_scaling",
+                json!({"rope_type": "linear", "factor": 2.0}),
+            ),
+            "rope_parameters",
+            json!({"rope_type": "linear", "factor": 4.0}),
+        );
+        assert!(err(&v).contains("rope_parameters"));
+        // A key no transformers reads, and a partial rotary embedding.
+        let e = err(&with(
+            base("llama"),
+            "rope_scaling",
+            json!({"rope_type": "linear", "factr": 2.0}),
+        ));
+        assert!(e.contains("rope_scaling.factr"), "{e}");
+        let e = err(&with(base("qwen3"), "partial_rotary_factor", json!(0.5)));
+        assert!(e.contains("partial_rotary_factor"), "{e}");
+        let e = err(&with(base("llama"), "rope_theta", json!(null)));
+        assert!(e.contains("rope_theta"), "{e}");
+    }
+
+    #[test]
+    fn family_defaults_for_left_out_keys() {
+        let minimal = |model_type: &str| {
+            json!({"model_type": model_type, "vocab_size": 16, "hidden_size": 512,
+                   "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 32})
+        };
+        let c = parse(&minimal("mistral")).unwrap();
+        assert_eq!(
+            c.sliding_window,
+            Some(4096),
+            "mistral's window when the key is absent"
+        );
+        assert_eq!(c.num_key_value_heads, 8);
+        let c = parse(&with(
+            minimal("mistral"),
+            "num_key_value_heads",
+            json!(null),
+        ))
+        .unwrap();
+        assert_eq!(c.num_key_value_heads, 32, "null is multi-head attention");
+        let c = parse(&minimal("qwen3")).unwrap();
+        assert_eq!(
+            c.head_dim, 128,
+            "qwen3's heads are not hidden_size / heads wide"
+        );
+        assert!(err(&with(minimal("qwen3"), "head_dim", json!(null))).contains("head_dim"));
+        for (family, d) in DEFAULTS {
+            let c = parse(&minimal(family.model_type())).unwrap();
+            assert_eq!(
+                (c.rope_theta, c.rms_norm_eps, c.max_position_embeddings),
+                (d.rope_theta, d.rms_norm_eps, d.max_position_embeddings),
+                "{family}"
+            );
+        }
     }
 
     #[test]

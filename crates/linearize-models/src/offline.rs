@@ -61,6 +61,21 @@ pub fn ensure_text() -> Result<TextCorpus> {
     Cache::from_env()?.text()
 }
 
+/// The imported SmolLM2 (f32) of the default cache if it is there; nothing is fetched.
+pub fn cached_smollm2() -> Option<PathBuf> {
+    let dir = Cache::from_env()
+        .ok()?
+        .root
+        .join("models")
+        .join(SMOLLM2_NAME);
+    is_current_import(&dir, Dtype::F32).then_some(dir)
+}
+
+/// The text corpus of the default cache if it is there; nothing is fetched.
+pub fn cached_text() -> Option<TextCorpus> {
+    TextCorpus::load(&Cache::from_env().ok()?.root.join("text")).ok()
+}
+
 /// A cache directory of fetched packages and what is derived from them.
 #[derive(Clone, Debug)]
 pub struct Cache {

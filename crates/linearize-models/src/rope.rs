@@ -12,16 +12,18 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Precomputes the tables the way HF does: angles in f32, then cos/sin cast to `kind`.
+    /// Precomputes the tables the way HF does: angles in f32, cos/sin times the scaling's
+    /// attention factor (yarn) in f32, then cast to `kind`.
     pub fn new(cfg: &ModelConfig, kind: Kind, device: Device) -> Self {
         let inv_freq: Vec<f32> = inv_freq(cfg).into_iter().map(|f| f as f32).collect();
         let inv_freq = Tensor::from_slice(&inv_freq).to_device(device); // (d/2,)
         let positions = Tensor::arange(cfg.max_position_embeddings, (Kind::Float, device)); // (P,)
         let freqs = positions.outer(&inv_freq); // (P, d/2)
         let angles = Tensor::cat(&[&freqs, &freqs], -1); // (P, d)
+        let scale = cfg.rope_scaling.map_or(1.0, |s| s.attention_factor()) as f32 as f64;
         Self {
-            cos: angles.cos().to_kind(kind),
-            sin: angles.sin().to_kind(kind),
+            cos: (angles.cos() * scale).to_kind(kind),
+            sin: (angles.sin() * scale).to_kind(kind),
         }
     }
 
@@ -71,14 +73,16 @@ fn rotate_half(x: &Tensor) -> Tensor {
 }
 
 /// The inverse frequencies theta^(-2i/d) of the head_dim/2 rotated pairs, with the config's
-/// scaling applied.
+/// scaling applied (transformers' `ROPE_INIT_FUNCTIONS`, computed in f64).
 pub fn inv_freq(cfg: &ModelConfig) -> Vec<f64> {
     let d = cfg.head_dim as f64;
     let base: Vec<f64> = (0..cfg.head_dim / 2)
         .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d))
         .collect();
     match cfg.rope_scaling {
-        None => base,
+        // Dynamic NTK changes nothing up to max_position_embeddings (see `RopeScaling::Dynamic`).
+        None | Some(RopeScaling::Dynamic { .. }) => base,
+        Some(RopeScaling::Linear { factor }) => base.into_iter().map(|f| f / factor).collect(),
         Some(RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -102,6 +106,37 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f64> {
                             / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
+                })
+                .collect()
+        }
+        Some(RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        }) => {
+            // YaRN: dims that turn fewer than `beta_slow` times over the pretraining length are
+            // interpolated (divided by `factor`), those turning more than `beta_fast` times kept,
+            // with a linear ramp over the dims between.
+            let old_len = original_max_position_embeddings as f64;
+            let correction_dim = |rotations: f64| {
+                d * (old_len / (rotations * 2.0 * PI)).ln() / (2.0 * cfg.rope_theta.ln())
+            };
+            let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+            if truncate {
+                (low, high) = (low.floor(), high.ceil());
+            }
+            let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+            if low == high {
+                high += 0.001; // transformers' guard against a zero-width ramp
+            }
+            base.into_iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                    f / factor * ramp + f * (1.0 - ramp)
                 })
                 .collect()
         }

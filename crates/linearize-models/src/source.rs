@@ -206,12 +206,44 @@ pub fn resolve_with(source: &str, settings: &HubSettings) -> Result<PathBuf> {
                  {id}, or pass a local model directory"
             )
         }),
-        ModelSource::Hub(id) => download(&id, settings),
+        ModelSource::Hub(id) => download(&id, settings, Files::All),
     }
 }
 
-/// The snapshot directory of `id` in the cache, if it is there complete.
-pub fn cached_snapshot(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
+/// A directory with `source`'s config.json and, where the repository has them, its tokenizer
+/// files, but no weights: what `--dry-run` plans from. Local directories are taken as they are;
+/// a hub model comes from the cache when its config is there (weights or not), else only these
+/// small files are downloaded.
+pub fn resolve_config_with(source: &str, settings: &HubSettings) -> Result<PathBuf> {
+    match ModelSource::parse(source)? {
+        ModelSource::Local(dir) => Ok(dir),
+        ModelSource::Hub(id) => {
+            if let Ok(dir) = cached_config(&id, settings) {
+                return Ok(dir);
+            }
+            if settings.offline {
+                bail!(
+                    "{id}: its config.json is not in the Hugging Face cache at {} and \
+                     HF_HUB_OFFLINE is set",
+                    settings.cache_dir.display()
+                );
+            }
+            download(&id, settings, Files::ConfigOnly)
+        }
+    }
+}
+
+/// The snapshot directory of `id` in the cache if it holds config.json (weights or not).
+fn cached_config(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
+    let snapshot = snapshot_dir(id, settings)?;
+    if !snapshot.join(CONFIG).is_file() {
+        bail!("{}: no {CONFIG}", snapshot.display());
+    }
+    Ok(snapshot)
+}
+
+/// The snapshot directory the cache's ref for `id` points to (which may be incomplete).
+fn snapshot_dir(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
     let repo_dir = settings.cache_dir.join(id.cache_folder());
     let ref_path = repo_dir.join("refs").join(&id.revision);
     let commit = if ref_path.is_file() {
@@ -227,7 +259,12 @@ pub fn cached_snapshot(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
             settings.cache_dir.display()
         );
     };
-    let snapshot = repo_dir.join("snapshots").join(&commit);
+    Ok(repo_dir.join("snapshots").join(&commit))
+}
+
+/// The snapshot directory of `id` in the cache, if it is there complete.
+pub fn cached_snapshot(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
+    let snapshot = snapshot_dir(id, settings)?;
     for file in required_files(&snapshot)? {
         if !snapshot.join(&file).is_file() {
             bail!(
@@ -280,7 +317,16 @@ struct Sibling {
     rfilename: String,
 }
 
-fn download(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
+/// What [`download`] fetches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Files {
+    /// config.json, the tokenizer and generation files, and the safetensors weights.
+    All,
+    /// All but the weights.
+    ConfigOnly,
+}
+
+fn download(id: &HubId, settings: &HubSettings, what: Files) -> Result<PathBuf> {
     let api = hub_api(settings)?;
     let named = api.repo(Repo::with_revision(
         id.repo.clone(),
@@ -329,7 +375,10 @@ fn download(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
     for file in OPTIONAL_FILES.into_iter().filter(|f| files.contains(f)) {
         fetch(file)?;
     }
-    if files.contains(WEIGHTS_INDEX) {
+    if what == Files::ConfigOnly {
+        // The ref below is still recorded, so that the config is found offline; a run that
+        // needs the weights sees the snapshot as incomplete (`cached_snapshot`) and fetches them.
+    } else if files.contains(WEIGHTS_INDEX) {
         let index = fetch(WEIGHTS_INDEX)?;
         for shard in shard_names(&index)? {
             fetch(&shard)?;

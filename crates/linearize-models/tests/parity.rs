@@ -24,7 +24,20 @@ fn fixtures_cover_the_paths_they_are_named_for() {
             "{name}: GQA"
         );
         let ckpt = Checkpoint::open(&fixture(name)).unwrap();
-        match name {
+        let saved_by_5 = name.starts_with("transformers5/");
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(name).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                config.get("rope_parameters").is_some(),
+                config.get("rope_theta").is_some()
+            ),
+            (saved_by_5, !saved_by_5),
+            "{name}: the RoPE format of the transformers that saved it"
+        );
+        match name.trim_start_matches("transformers5/") {
             "llama3_tied_sharded" => {
                 assert!(matches!(cfg.rope_scaling, Some(RopeScaling::Llama3 { .. })));
                 assert!(cfg.tie_word_embeddings && ckpt.info("lm_head.weight").is_none());
@@ -39,6 +52,18 @@ fn fixtures_cover_the_paths_they_are_named_for() {
                 assert!(cfg.sliding_window.unwrap() < seq);
             }
             "qwen2" => assert!(cfg.family == Family::Qwen2 && cfg.qkv_bias && !cfg.o_proj_bias),
+            "qwen2_yarn" => match cfg.rope_scaling {
+                Some(RopeScaling::Yarn {
+                    truncate,
+                    attention_factor,
+                    ..
+                }) => {
+                    assert!(attention_factor > 1.1, "{name}: cos/sin scaled");
+                    // 4.57's default rounds the ramp to whole dims; the 5.x fixture does not.
+                    assert_eq!(truncate, !saved_by_5);
+                }
+                other => panic!("{name}: {other:?}"),
+            },
             "qwen3_bf16" => {
                 assert!(cfg.qk_norm && cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size);
                 assert_eq!(ckpt.dtype_counts().keys().collect::<Vec<_>>(), ["BF16"]);

@@ -1,6 +1,8 @@
 //! Model source resolution: local directories, hub id syntax, the HF cache layout offline, a
 //! download from a fake hub on localhost, and an unreachable hub.
-use linearize_models::source::{cached_snapshot, resolve_with, HubId, HubSettings, ModelSource};
+use linearize_models::source::{
+    cached_snapshot, resolve_config_with, resolve_with, HubId, HubSettings, ModelSource,
+};
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -413,5 +415,54 @@ fn hub_without_safetensors_or_with_unknown_repo_is_an_error() {
     assert!(
         err.contains("org/missing") && err.contains("not found"),
         "{err}"
+    );
+}
+
+/// `--dry-run`'s resolution: config.json and the tokenizer come down, no weights; offline the
+/// config is found again, while a full resolution sees the snapshot as incomplete.
+#[test]
+fn config_only_resolution_fetches_no_weights() {
+    let index = br#"{"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#;
+    let hub = FakeHub::start(
+        "org/big",
+        vec![
+            ("config.json", br#"{"model_type": "llama"}"#.to_vec()),
+            ("tokenizer.json", b"{}".to_vec()),
+            ("tokenizer_config.json", b"{}".to_vec()),
+            ("model.safetensors.index.json", index.to_vec()),
+            ("model-00001-of-00002.safetensors", vec![1u8; 300]),
+            ("model-00002-of-00002.safetensors", vec![2u8; 200]),
+        ],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let online = settings(tmp.path(), &hub.endpoint, false);
+    let dir = resolve_config_with("org/big", &online).unwrap();
+    assert!(dir.join("config.json").is_file() && dir.join("tokenizer.json").is_file());
+    let fetched: Vec<String> = hub.requests.lock().unwrap().clone();
+    assert!(
+        fetched.iter().all(|p| !p.contains("safetensors")),
+        "weights requested: {fetched:?}"
+    );
+    assert!(
+        fetched.iter().any(|p| p.ends_with("/config.json")),
+        "{fetched:?}"
+    );
+
+    let offline = settings(tmp.path(), "http://127.0.0.1:9", true);
+    assert_eq!(resolve_config_with("org/big", &offline).unwrap(), dir);
+    let e = format!("{:#}", resolve_with("org/big", &offline).unwrap_err());
+    assert!(e.contains("incomplete") && e.contains("safetensors"), "{e}");
+    // The full resolution then fetches the weights.
+    let full = resolve_with("org/big", &online).unwrap();
+    assert_eq!(full, dir);
+    assert!(full.join("model-00002-of-00002.safetensors").is_file());
+
+    let e = format!(
+        "{:#}",
+        resolve_config_with("org/other", &offline).unwrap_err()
+    );
+    assert!(
+        e.contains("org/other") && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
     );
 }

@@ -225,11 +225,11 @@ pub fn convert(
         teacher_window: model.config().sliding_window,
         layers,
     };
+    // The per-layer table is printed once by the command (on stdout for a job): one line here.
     tracing::info!(
-        "converted {} of {} layers:\n{}",
+        "converted {} of {} layers",
         converted.len(),
-        converted.num_layers,
-        converted.table()
+        converted.num_layers
     );
     Ok(converted)
 }

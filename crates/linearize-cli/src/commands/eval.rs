@@ -1,7 +1,7 @@
 //! `linearize eval`: a model on its own or against its teacher.
 //!
 //! - `linearize eval --model M --perplexity FILE --ctx N [--max-windows K] [--batch-size B]`:
-//!   perplexity of a text file by the evaluation protocol (DESIGN.md "Evaluation"), printed as
+//!   perplexity of a text file by the evaluation protocol (docs/eval.md), printed as
 //!   JSON.
 //! - `linearize eval --model M --teacher T --out DIR [--perplexity FILE --ctx N ...]
 //!   [--config EVAL.yaml]`: the report a recipe's `eval` section writes (docs/eval.md), for the

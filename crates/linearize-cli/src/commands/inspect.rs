@@ -1,16 +1,18 @@
 //! `linearize inspect --model M [--json]`: what a model is, read from its config.json and the
 //! checkpoint headers (no weights are loaded), and whether the checkpoint matches the config.
 use anyhow::{bail, Result};
-use linearize_models::config::{ModelConfig, RopeScaling};
-use linearize_models::llama::{extra_tensor, parameter_shapes};
-use linearize_models::source;
+use linearize_attention::linearized::Method;
+use linearize_models::config::ModelConfig;
+use linearize_models::llama::{extra_tensor, parameter_shapes, Model};
 use linearize_models::weights::{self, Checkpoint};
+use linearize_train::export::LinearizeSection;
 use serde_json::{json, Value};
 use std::path::Path;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The model: a local Hugging Face-layout directory or a hub id `org/name[@revision]`.
+    /// The model, as a recipe's `model.source`: a local Hugging Face-layout directory, a hub id
+    /// `org/name[@revision]`, `offline:smollm2` or `random:DIR` (DIR's config).
     #[arg(long)]
     pub model: String,
     /// Print one JSON object instead of text.
@@ -19,7 +21,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let dir = source::resolve(&args.model)?;
+    let dir = crate::recipe::resolve_model(&args.model)?;
     let (summary, problem) = describe(&dir)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -38,43 +40,73 @@ pub fn run(args: Args) -> Result<()> {
 /// The description of the model in `dir` as JSON, and what is wrong with its checkpoint, if
 /// anything (the config alone still describes the model then).
 fn describe(dir: &Path) -> Result<(Value, Option<String>)> {
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let config_path = dir.join("config.json");
+    let cfg = ModelConfig::from_file(&config_path)?;
     let shapes = parameter_shapes(&cfg);
     let params: i64 = shapes.values().map(|s| s.iter().product::<i64>()).sum();
+    // A linearize export: its `linearize` section says which layers run which attention; the
+    // converted layers' trained tensors sit in the checkpoint beside the base weights.
+    let origin = config_path.display().to_string();
+    let num_layers = cfg.num_hidden_layers as usize;
+    let plan = match LinearizeSection::of_config(&cfg, &origin)? {
+        Some(section) => section
+            .conversion(num_layers, &origin)?
+            .map(|c| c.plan(num_layers))
+            .transpose()?,
+        None => None,
+    };
+    let converted_prefixes: Vec<String> = plan
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, a)| a.method != Method::Softmax)
+        .map(|(i, _)| format!("{}.self_attn.", Model::layer_prefix(i)))
+        .collect();
+    let trained = |name: &str| {
+        !shapes.contains_key(name) && converted_prefixes.iter().any(|p| name.starts_with(p))
+    };
     let (checkpoint, problem) = match Checkpoint::open(dir) {
         Ok(ckpt) => {
             let problem = weights::check(&ckpt, &shapes, &|name, shape| {
-                extra_tensor(&cfg, name, shape)
+                Ok(trained(name) || extra_tensor(&cfg, name, shape)?)
             })
             .err()
             .map(|e| format!("{e:#}"));
+            let trained_names: Vec<&str> = ckpt.names().filter(|n| trained(n)).collect();
+            let trained_elements: i64 = trained_names
+                .iter()
+                .filter_map(|n| ckpt.info(n))
+                .map(|t| t.shape.iter().product::<i64>())
+                .sum();
             let summary = json!({
                 "files": ckpt.files().len(),
                 "bytes": ckpt.data_bytes(),
                 "elements_by_dtype": ckpt.dtype_counts(),
                 "matches_config": problem.is_none(),
+                "trained_tensors": trained_names.len(),
+                "trained_elements": trained_elements,
             });
             (summary, problem)
         }
         Err(e) => (Value::Null, Some(format!("{e:#}"))),
     };
-    let rope_scaling = match cfg.rope_scaling {
-        None => Value::Null,
-        Some(RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        }) => {
-            json!({
-                "type": "llama3",
-                "factor": factor,
-                "low_freq_factor": low_freq_factor,
-                "high_freq_factor": high_freq_factor,
-                "original_max_position_embeddings": original_max_position_embeddings,
-            })
-        }
+    // Per token of context: softmax layers keep K and V (kv_heads x head_dim each, in the
+    // config's dtype, bf16 if it names none); converted layers keep a state of fixed size.
+    let dtype_bytes = match cfg.torch_dtype.as_deref() {
+        Some("float32") => 4,
+        _ => 2,
     };
+    let methods: Vec<String> = match &plan {
+        Some(plan) => plan.iter().map(|a| a.name()).collect(),
+        None => vec!["softmax".into(); num_layers],
+    };
+    let softmax_layers = match &plan {
+        Some(plan) => plan.iter().filter(|a| a.method == Method::Softmax).count(),
+        None => num_layers,
+    } as i64;
+    let kv_bytes_per_token =
+        softmax_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes;
+    let rope_scaling = cfg.rope_scaling.map_or(Value::Null, |s| s.to_json());
     let summary = json!({
         "path": dir.display().to_string(),
         "model_type": cfg.family.model_type(),
@@ -101,6 +133,8 @@ fn describe(dir: &Path) -> Result<(Value, Option<String>)> {
         "config_dtype": cfg.torch_dtype,
         "memory_bytes": { "f32": params * 4, "bf16": params * 2, "f16": params * 2 },
         "checkpoint": checkpoint,
+        "methods_per_layer": methods,
+        "kv_cache_bytes_per_token": kv_bytes_per_token,
         "linearize": cfg.extra("linearize"),
     });
     Ok((summary, problem))
@@ -138,14 +172,18 @@ fn render(s: &Value) -> String {
     let rope = &s["rope"];
     let scaling = match rope["scaling"].as_object() {
         None => "no scaling".to_string(),
-        Some(sc) => format!(
-            "{} scaling (factor {}, low/high freq factor {}/{}, original context {})",
-            sc["type"].as_str().unwrap_or_default(),
-            sc["factor"],
-            sc["low_freq_factor"],
-            sc["high_freq_factor"],
-            sc["original_max_position_embeddings"]
-        ),
+        Some(sc) => {
+            let params: Vec<String> = sc
+                .iter()
+                .filter(|(k, _)| *k != "rope_type")
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            format!(
+                "{} scaling ({})",
+                sc["rope_type"].as_str().unwrap_or_default(),
+                params.join(", ")
+            )
+        }
     };
     lines.push((
         "rope",
@@ -223,10 +261,58 @@ fn render(s: &Value) -> String {
         }
     };
     lines.push(("checkpoint", checkpoint));
+    let methods: Vec<&str> = s["methods_per_layer"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    lines.push(("methods", layer_runs(&methods)));
+    lines.push((
+        "KV cache",
+        format!(
+            "{} per token (softmax layers; converted layers keep a fixed-size state)",
+            human(
+                s["kv_cache_bytes_per_token"].as_f64().unwrap_or_default(),
+                "B"
+            )
+        ),
+    ));
+    if let Some(n) = ckpt["trained_tensors"].as_i64().filter(|n| *n > 0) {
+        lines.push((
+            "trained",
+            format!(
+                "{n} tensors of the converted layers ({} values)",
+                human(ckpt["trained_elements"].as_f64().unwrap_or_default(), "")
+            ),
+        ));
+    }
     if let Some(linearize) = s["linearize"].as_object() {
         lines.push(("linearize", Value::Object(linearize.clone()).to_string()));
     }
     lines.iter().map(|(k, v)| format!("{k:<13}{v}\n")).collect()
+}
+
+/// Per-layer methods as runs: `layers 0-27 lolcats-sw64+hedgehog64, 28-29 softmax`.
+fn layer_runs(methods: &[&str]) -> String {
+    let mut runs: Vec<(usize, usize, &str)> = Vec::new();
+    for (i, m) in methods.iter().enumerate() {
+        match runs.last_mut() {
+            Some((_, end, last)) if last == m => *end = i,
+            _ => runs.push((i, i, m)),
+        }
+    }
+    let parts: Vec<String> = runs
+        .iter()
+        .map(|(a, b, m)| {
+            if a == b {
+                format!("{a} {m}")
+            } else {
+                format!("{a}-{b} {m}")
+            }
+        })
+        .collect();
+    format!("layers {}", parts.join(", "))
 }
 
 /// 134515008 -> "134.5M", with a unit: 269030016 B -> "269.0 MB".
@@ -270,7 +356,7 @@ mod tests {
             ),
             (Some(2), Some(2), Some(8))
         );
-        assert_eq!(s["rope"]["scaling"]["type"], "llama3");
+        assert_eq!(s["rope"]["scaling"]["rope_type"], "llama3");
         assert_eq!(s["tied_embeddings"], true);
         // 128*32 embedding + 2 layers * (2*32 norms + 32*32*2 q/o + 32*16*2 k/v + 3*32*64 mlp) + 32
         let params = 128 * 32 + 2 * (64 + 2048 + 1024 + 6144) + 32;

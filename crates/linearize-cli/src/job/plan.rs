@@ -1,5 +1,5 @@
 //! `--dry-run`: what a recipe would do, worked out without loading weights or data.
-use crate::recipe::LoadedRecipe;
+use crate::recipe::PlannedRecipe;
 use anyhow::Result;
 use linearize_attention::linearized::{LayerShape, LinearizedMixer, Method};
 use linearize_models::llama::parameter_shapes;
@@ -8,10 +8,63 @@ use std::path::Path;
 use tch::{nn, Device};
 
 /// The plan as text: model, layers and methods, trainable parameters, token budget, a memory
-/// estimate and the output paths.
-pub fn describe(loaded: &LoadedRecipe, run_dir: &Path) -> Result<String> {
-    let recipe = &loaded.recipe;
-    let cfg = &loaded.model_config;
+/// estimate, the output paths, and what could not be checked on this machine.
+pub fn describe(planned: &PlannedRecipe, run_dir: &Path) -> Result<String> {
+    let recipe = &planned.recipe;
+    let mut out = String::new();
+    writeln!(out, "recipe      {}", recipe.name)?;
+    writeln!(out, "recipe hash {}", planned.hash)?;
+    let here = match tch::Cuda::device_count() {
+        0 => "this machine has no CUDA device".to_string(),
+        n => format!("this machine has {n} CUDA device(s)"),
+    };
+    writeln!(
+        out,
+        "runs on     {} in {} (planned for that device; {here})",
+        recipe.model.device, recipe.model.dtype
+    )?;
+    match &planned.model {
+        Some((dir, cfg)) => model_plan(&mut out, recipe, dir, cfg)?,
+        None => writeln!(
+            out,
+            "model       {} (config.json not available here: no layer plan, parameter counts or memory estimate)",
+            recipe.model.source
+        )?,
+    }
+    writeln!(out, "output      {}", run_dir.display())?;
+    for (what, path) in [
+        ("resolved recipe", "recipe.resolved.yaml"),
+        ("metrics", "metrics.jsonl"),
+        ("states", "state/"),
+        ("trained tensors", "adapters.safetensors"),
+        ("merged model", "model/"),
+        ("PEFT adapters", "peft/"),
+        ("report", "report/"),
+    ] {
+        writeln!(out, "  {what:<16} {}", run_dir.join(path).display())?;
+    }
+    if planned.unchecked.is_empty() {
+        writeln!(out, "checks      all passed on this machine")?;
+    } else {
+        writeln!(
+            out,
+            "not checked on this machine ({}; the run checks them and fails if they still do not hold):",
+            planned.unchecked.len()
+        )?;
+        for line in &planned.unchecked {
+            writeln!(out, "  - {line}")?;
+        }
+    }
+    Ok(out)
+}
+
+/// The lines that need the model's config: model, conversion, data, stages, memory.
+fn model_plan(
+    out: &mut String,
+    recipe: &crate::recipe::Recipe,
+    model_dir: &Path,
+    cfg: &linearize_models::config::ModelConfig,
+) -> Result<()> {
     let plan = recipe.conversion.plan(cfg.num_hidden_layers as usize)?;
     let base_params: i64 = parameter_shapes(cfg)
         .values()
@@ -32,25 +85,17 @@ pub fn describe(loaded: &LoadedRecipe, run_dir: &Path) -> Result<String> {
         _ => 2,
     };
     let data = &recipe.data;
-    let mut out = String::new();
-    writeln!(out, "recipe      {}", recipe.name)?;
-    writeln!(out, "recipe hash {}", loaded.hash)?;
     writeln!(
         out,
         "model       {} ({}; {} layers, {} heads / {} kv heads, head dim {}, hidden {}, {:.1} M parameters)",
         recipe.model.source,
-        loaded.model_dir.display(),
+        model_dir.display(),
         cfg.num_hidden_layers,
         cfg.num_attention_heads,
         cfg.num_key_value_heads,
         cfg.head_dim,
         cfg.hidden_size,
         base_params as f64 / 1e6
-    )?;
-    writeln!(
-        out,
-        "runs on     {} in {}",
-        recipe.model.device, recipe.model.dtype
     )?;
     writeln!(
         out,
@@ -162,19 +207,7 @@ pub fn describe(loaded: &LoadedRecipe, run_dir: &Path) -> Result<String> {
         trainable / GIB,
         activations / GIB
     )?;
-    writeln!(out, "output      {}", run_dir.display())?;
-    for (what, path) in [
-        ("resolved recipe", "recipe.resolved.yaml"),
-        ("metrics", "metrics.jsonl"),
-        ("states", "state/"),
-        ("trained tensors", "adapters.safetensors"),
-        ("merged model", "model/"),
-        ("PEFT adapters", "peft/"),
-        ("report", "report/"),
-    ] {
-        writeln!(out, "  {what:<16} {}", run_dir.join(path).display())?;
-    }
-    Ok(out)
+    Ok(())
 }
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;

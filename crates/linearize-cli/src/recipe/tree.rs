@@ -181,7 +181,37 @@ impl RecipeTree {
                 None => break,
             }
         }
-        self.locate(node.span())
+        let at = self.locate(node.span());
+        // A section from a file with values under it from the command line: the error may be
+        // about either, so both are named (a bad `--set` is not blamed on a file alone).
+        let mut sets = Vec::new();
+        self.sets_under(node, &mut sets);
+        sets.sort_unstable();
+        sets.dedup();
+        match sets.as_slice() {
+            [] => at,
+            _ if at.starts_with("--set") => at,
+            sets => {
+                let names: Vec<String> = sets.iter().map(|i| format!("--set #{}", i + 1)).collect();
+                format!("{at} (with {})", names.join(", "))
+            }
+        }
+    }
+
+    /// The indices of the `--set`s that gave values at or under `node`.
+    fn sets_under(&self, node: &Node, out: &mut Vec<usize>) {
+        if let Some(Origin::Set(i)) = node
+            .span()
+            .start()
+            .and_then(|mark| self.origins.get(mark.source()))
+        {
+            out.push(*i);
+        }
+        match node {
+            Node::Mapping(m) => m.iter().for_each(|(_, v)| self.sets_under(v, out)),
+            Node::Sequence(s) => s.iter().for_each(|v| self.sets_under(v, out)),
+            Node::Scalar(_) => {}
+        }
     }
 
     /// Where in the files a span is, e.g. `recipes/quickstart.yaml:12` or `--set #2`.

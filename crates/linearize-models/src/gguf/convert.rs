@@ -199,7 +199,7 @@ pub fn import(file: &Path, out_dir: &Path, dtype: Dtype) -> Result<ImportSummary
         source_types,
         seconds: start.elapsed().as_secs_f64(),
     };
-    tracing::info!(
+    tracing::debug!(
         "imported {} tensors ({:.1}M parameters) in {:.1}s",
         summary.tensors,
         summary.parameters as f64 / 1e6,
