@@ -11,6 +11,7 @@ pub mod llama;
 pub mod lm;
 pub mod mixer;
 pub mod offline;
+pub mod relative_path;
 pub mod rope;
 pub mod source;
 pub mod tokenizer;

@@ -1,6 +1,7 @@
 //! Hugging Face safetensors checkpoints (one `model.safetensors` or shards listed by
 //! `model.safetensors.index.json`), memory-mapped, and loading them into a `VarStore` whose
 //! variable names are the checkpoint's tensor names.
+use crate::relative_path::join_inside;
 use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -89,15 +90,19 @@ impl Checkpoint {
             maps: Vec::new(),
             tensors: BTreeMap::new(),
         };
-        let mut shard_names: Vec<&String> = weight_map.values().collect();
-        shard_names.sort();
-        shard_names.dedup();
-        for name in shard_names {
-            ckpt.add_file(dir.join(name))?;
+        // Shard names come from the index: each must stay inside the checkpoint's directory.
+        let mut shards = BTreeMap::new();
+        for (tensor, file) in &weight_map {
+            let path = join_inside(dir, file)
+                .map_err(|e| anyhow!("{}: weight_map entry {tensor}: {e}", index_path.display()))?;
+            shards.insert(file.as_str(), path);
+        }
+        for path in shards.values() {
+            ckpt.add_file(path.clone())?;
         }
         for (tensor, file) in &weight_map {
             let found = ckpt.tensors.get(tensor).map(|info| &ckpt.files[info.file]);
-            if found != Some(&dir.join(file)) {
+            if found != shards.get(file.as_str()) {
                 bail!(
                     "{}: maps {tensor} to {file}, which does not contain it",
                     index_path.display()
@@ -405,6 +410,30 @@ mod tests {
         std::fs::write(dir.path().join(INDEX_FILE), index.to_string()).unwrap();
         let e = Checkpoint::open(dir.path()).err().unwrap().to_string();
         assert!(e.contains("maps a to s2.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn shard_names_outside_the_directory_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("model");
+        std::fs::create_dir(&dir).unwrap();
+        let outside = root.path().join("outside.safetensors");
+        write(
+            &outside,
+            &[("a", Tensor::ones([2], (Kind::Float, Device::Cpu)))],
+        );
+        for (entry, why) in [
+            ("../outside.safetensors", "leaves its directory"),
+            (outside.to_str().unwrap(), "is absolute"),
+        ] {
+            let index = serde_json::json!({"weight_map": {"a": entry}});
+            std::fs::write(dir.join(INDEX_FILE), index.to_string()).unwrap();
+            let e = format!("{:#}", Checkpoint::open(&dir).err().unwrap());
+            assert!(
+                e.contains(INDEX_FILE) && e.contains("weight_map entry a") && e.contains(why),
+                "{entry}: {e}"
+            );
+        }
     }
 
     #[test]
