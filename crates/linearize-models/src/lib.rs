@@ -3,6 +3,7 @@
 pub mod atomic;
 pub mod chat_template;
 pub mod config;
+pub mod config_check;
 pub mod generate;
 pub mod gguf;
 pub mod graph_decode;
