@@ -280,9 +280,20 @@ pub fn check(
     match problems.len() {
         0 => Ok(()),
         1 => bail!("{}", problems[0]),
-        n => bail!("{n} problems with the checkpoint: {}", problems.join("; ")),
+        n if n <= MAX_LISTED_PROBLEMS => {
+            bail!("{n} problems with the checkpoint: {}", problems.join("; "))
+        }
+        n => bail!(
+            "{n} problems with the checkpoint: {}; and {} more",
+            problems[..MAX_LISTED_PROBLEMS].join("; "),
+            n - MAX_LISTED_PROBLEMS
+        ),
     }
 }
+
+/// Problems a checkpoint error lists; a checkpoint of 300,000 stray tensors gives a readable
+/// line, not megabytes.
+const MAX_LISTED_PROBLEMS: usize = 20;
 
 /// Fills every variable of `vs` from the checkpoint tensor of the same name, converting to the
 /// variable's dtype and device. The checkpoint must match the store exactly (see [`check`]).
@@ -410,6 +421,33 @@ mod tests {
         std::fs::write(dir.path().join(INDEX_FILE), index.to_string()).unwrap();
         let e = Checkpoint::open(dir.path()).err().unwrap().to_string();
         assert!(e.contains("maps a to s2.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn a_flood_of_unexpected_tensors_gives_a_short_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let named: Vec<(String, Tensor)> = (0..5000)
+            .map(|i| {
+                (
+                    format!("stray.{i}"),
+                    Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+                )
+            })
+            .collect();
+        let refs: Vec<(&str, Tensor)> = named
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.shallow_clone()))
+            .collect();
+        write(&dir.path().join(SINGLE_FILE), &refs);
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let e = check(&ckpt, &expected(&[]), &no_extras)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("5000 problems") && e.ends_with("and 4980 more"),
+            "{e}"
+        );
+        assert!(e.len() < 5000, "{} bytes", e.len());
     }
 
     #[test]
