@@ -76,9 +76,13 @@ pub fn run(recipe: &Path, args: &JobArgs) -> Result<()> {
     let device = job_device(&loaded.recipe.model.device, &launch)
         .with_context(|| format!("rank {}: model.device", launch.rank))?;
     let group = ProcessGroup::init(&launch, device, &Options::from_env(&loaded.hash)?)?;
+    // Rank 0, the one writer of the run directory, holds it locked until the process ends.
+    let mut held_lock = None;
     let result = (|| {
         if group.is_main() {
-            let start = run_dir::prepare(&run_dir, &loaded, args.restart)?;
+            let lock = held_lock.insert(run_dir::RunLock::acquire(&run_dir)?);
+            let start = run_dir::prepare(&run_dir, &loaded, args.restart, lock)?;
+            lock.clean_partial_files()?;
             tracing::info!(run = %run_dir.display(), ?start, hash = %loaded.hash, "job");
         }
         group.barrier("waiting for rank 0 to prepare the run directory")?;

@@ -189,3 +189,46 @@ fn latest_state(run_dir: &Path) -> PathBuf {
     steps.sort();
     steps.pop().expect("a saved state")
 }
+
+#[test]
+fn a_second_process_on_a_live_run_directory_is_refused_and_the_first_finishes() {
+    let job = TinyJob::new();
+    let out = job.out("run");
+    // More steps than the other tests, so the job is still training while the others try.
+    let mut args = job.args(&out);
+    args.extend(["--set", "attention_transfer.max_steps=60"]);
+    let mut first = linearize(&args).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while train_records(&out).is_empty() {
+        assert!(first.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(Instant::now() < deadline, "no training step within 300 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let expected = format!(
+        "run directory {} in use by pid {}",
+        out.display(),
+        first.id()
+    );
+    let out_str = out.to_str().unwrap();
+    for second in [vec!["resume", out_str], args.clone()] {
+        let started = Instant::now();
+        let output = run(&second);
+        let e = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{second:?}: {e}");
+        assert!(e.contains(&expected), "{second:?}: {e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{second:?} was refused only after {:?}",
+            started.elapsed()
+        );
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first job ended before {second:?} was refused; the test needs it still running"
+        );
+    }
+    let output = first.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    // The lock ends with its holder: the finished run can be resumed again.
+    let output = run(&["resume", out_str]);
+    assert!(output.status.success(), "{}", stderr(&output));
+}
