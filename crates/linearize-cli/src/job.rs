@@ -30,12 +30,13 @@ use linearize_train::stage::{StageData, StageJob};
 use linearize_train::stage1::{run_stage1, Stage1Config, Stage1Summary};
 use linearize_train::stage2::{run_stage2, Stage2Summary};
 use linearize_train::state::{
-    latest_valid_state, load_state_dir, states_dir, LoadedState, Preempted, Preemption,
-    EXIT_PREEMPTED,
+    latest_fitting_state, latest_valid_state, load_state_dir, states_dir, LoadedState, Preempted,
+    Preemption, EXIT_PREEMPTED,
 };
 use stage_output::{StageOutput, StageRecord};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::{nn, Device};
+use tch::{nn, Device, Tensor};
 
 pub use run_dir::RESOLVED_RECIPE;
 
@@ -195,7 +196,14 @@ fn execute(
                 (record, None)
             }
             None => {
-                let resume = resume_state(run_dir, &stage.name, group)?;
+                let fit = Fit {
+                    stage: &stage.name,
+                    params: converted.named_parameters(),
+                    run_step_offset: run_steps,
+                    max_steps: stage.max_steps,
+                };
+                let resume = resume_state(run_dir, &fit, group)?;
+                continue_metrics(&mut metrics, run_dir, resume.as_ref(), group)?;
                 let job = StageJob {
                     run_dir,
                     metrics: &mut metrics,
@@ -248,7 +256,14 @@ fn execute(
                     record
                 }
                 None => {
-                    let resume = resume_state(run_dir, &stage.name, group)?;
+                    let fit = Fit {
+                        stage: &stage.name,
+                        params: trained(&adapters),
+                        run_step_offset: run_steps,
+                        max_steps: stage.max_steps,
+                    };
+                    let resume = resume_state(run_dir, &fit, group)?;
+                    continue_metrics(&mut metrics, run_dir, resume.as_ref(), group)?;
                     let job = StageJob {
                         run_dir,
                         metrics: &mut metrics,
@@ -325,12 +340,64 @@ fn stop_if_preempted(preemption: &Preemption, group: &ProcessGroup) -> Result<()
     }
 }
 
-/// The state stage `stage` resumes from: the newest valid one, as rank 0 finds it (rank 0 alone
-/// scans, which may also clean up leftovers of interrupted saves); the other ranks load the very
-/// same directory.
-fn resume_state(run_dir: &Path, stage: &str, group: &ProcessGroup) -> Result<Option<LoadedState>> {
+/// What a state of a stage must hold to resume it.
+struct Fit<'a> {
+    stage: &'a str,
+    /// The tensors the stage trains, by name.
+    params: Vec<(String, Tensor)>,
+    /// Updates of the stages before it.
+    run_step_offset: u64,
+    max_steps: Option<u64>,
+}
+
+impl Fit<'_> {
+    /// Fails for a state of this stage with other tensors or shapes, or a step it cannot have
+    /// reached; states of other stages pass (they are not resumed from, see [`resume_state`]).
+    fn check(&self, loaded: &LoadedState) -> Result<()> {
+        let state = &loaded.state;
+        if state.stage != self.stage {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            state.run_step == self.run_step_offset + state.step,
+            "run step {} does not follow {} updates of earlier stages plus {} of this one",
+            state.run_step,
+            self.run_step_offset,
+            state.step
+        );
+        if let Some(max) = self.max_steps {
+            anyhow::ensure!(
+                state.step <= max,
+                "step {} is past the stage's max_steps = {max}",
+                state.step
+            );
+        }
+        let shapes = |named: &[(String, Tensor)]| -> BTreeMap<String, Vec<i64>> {
+            named.iter().map(|(n, t)| (n.clone(), t.size())).collect()
+        };
+        let (want, saved) = (shapes(&self.params), shapes(&loaded.tensors.params));
+        for (name, shape) in &want {
+            match saved.get(name) {
+                None => anyhow::bail!("no tensor {name} in its parameters"),
+                Some(s) if s != shape => {
+                    anyhow::bail!("tensor {name} has shape {s:?}, the stage trains {shape:?}")
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(extra) = saved.keys().find(|n| !want.contains_key(*n)) {
+            anyhow::bail!("tensor {extra} in its parameters is not trained by the stage");
+        }
+        Ok(())
+    }
+}
+
+/// The state a stage resumes from: the newest one that verifies and fits it, as rank 0 finds it
+/// (rank 0 alone scans, which may also clean up leftovers of interrupted saves); the other ranks
+/// load the very same directory.
+fn resume_state(run_dir: &Path, fit: &Fit, group: &ProcessGroup) -> Result<Option<LoadedState>> {
     let found = if group.is_main() {
-        latest_valid_state(run_dir)?.filter(|s| s.state.stage == stage)
+        latest_fitting_state(run_dir, &|s| fit.check(s))?.filter(|s| s.state.stage == fit.stage)
     } else {
         None
     };
@@ -355,6 +422,24 @@ fn resume_state(run_dir: &Path, stage: &str, group: &ProcessGroup) -> Result<Opt
             group.rank()
         )
     })
+}
+
+/// Drops the metrics written after the state a stage resumes from: the newest state overall,
+/// which [`open_metrics`] continued after, may have been skipped as unfit for the stage.
+fn continue_metrics(
+    metrics: &mut MetricsWriter,
+    run_dir: &Path,
+    resume: Option<&LoadedState>,
+    group: &ProcessGroup,
+) -> Result<()> {
+    if let (Some(state), true) = (resume, group.is_main()) {
+        *metrics = MetricsWriter::resume(
+            &run_dir.join("metrics.jsonl"),
+            &state.state.stage,
+            state.state.step,
+        )?;
+    }
+    Ok(())
 }
 
 /// `adapters.safetensors` and the merged `model/`.

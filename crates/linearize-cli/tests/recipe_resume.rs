@@ -232,3 +232,37 @@ fn a_second_process_on_a_live_run_directory_is_refused_and_the_first_finishes() 
     let output = run(&["resume", out_str]);
     assert!(output.status.success(), "{}", stderr(&output));
 }
+
+#[test]
+fn a_damaged_stage_output_runs_its_stage_again() {
+    let job = TinyJob::new();
+    let out = job.out("run");
+    job.complete(&out);
+    let stages = out.join("stages");
+    let adapters = std::fs::read(out.join("adapters.safetensors")).unwrap();
+    for (stage, damage) in [("attention_transfer", "flip"), ("lora", "truncate")] {
+        let path = stages.join(format!("{stage}.safetensors"));
+        let want = std::fs::read(&path).unwrap();
+        let mut bytes = want.clone();
+        match damage {
+            "flip" => *bytes.last_mut().unwrap() ^= 0x40,
+            _ => bytes.truncate(bytes.len() / 2),
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let output = run(&["resume", out.to_str().unwrap()]);
+        let log = stderr(&output);
+        assert!(output.status.success(), "{stage}: {log}");
+        assert!(
+            log.contains("damaged") && log.contains(path.to_str().unwrap()),
+            "{stage}: {log}"
+        );
+        assert!(
+            std::fs::read(&path).unwrap() == want,
+            "{stage}: the stage ran again to other tensors"
+        );
+        assert!(
+            std::fs::read(out.join("adapters.safetensors")).unwrap() == adapters,
+            "{stage}: the export changed"
+        );
+    }
+}
