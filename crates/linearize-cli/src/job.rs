@@ -150,6 +150,7 @@ fn execute(
     let encoder = ModelEncoder::from_dir(&loaded.model_dir)?;
     let data = resolve_data_paths(&recipe.data)?;
     let mut datasets = build_datasets(&data, &encoder).context("data")?;
+    stop_if_preempted(preemption, group)?;
     // Both need the original model: they run before any layer is converted.
     teacher_data::add_teacher_samples(
         &model,
@@ -169,6 +170,7 @@ fn execute(
         )
         .context("the teacher's validation loss")?;
     }
+    stop_if_preempted(preemption, group)?;
     tracing::info!(
         train_sequences = datasets.train.len(),
         val_sequences = datasets.val.as_ref().map_or(0, |v| v.len()),
@@ -309,6 +311,7 @@ fn execute(
         Some(eval) => evaluate::evaluate(eval, &mut model, encoder.tokenizer(), loaded, run_dir)?,
         None => None,
     };
+    stop_after_training(preemption)?;
     if let Some(export) = &recipe.export {
         let info = ExportInfo {
             base_model: recipe.model.source.clone(),
@@ -319,7 +322,15 @@ fn execute(
             tokens,
             eval: table,
         };
-        write_exports(export, run_dir, &model, &converted, lora.as_ref(), &info)?;
+        write_exports(
+            export,
+            run_dir,
+            &model,
+            &converted,
+            lora.as_ref(),
+            &info,
+            preemption,
+        )?;
     }
     tracing::info!(run_steps, "job finished");
     println!("{}", converted.table());
@@ -337,6 +348,15 @@ fn stop_if_preempted(preemption: &Preemption, group: &ProcessGroup) -> Result<()
         }
         .into()),
         false => Ok(()),
+    }
+}
+
+/// After training, rank 0 alone works on (the ranks have parted): a signal stops the job between
+/// evaluation and each export, which a resumed job writes again (every trained tensor is saved).
+fn stop_after_training(preemption: &Preemption) -> Result<()> {
+    match preemption.requested() {
+        Some(signal) => Err(Preempted { signal }.into()),
+        None => Ok(()),
     }
 }
 
@@ -450,11 +470,13 @@ fn write_exports(
     converted: &ConvertedLayers,
     lora: Option<&LoraAdapters>,
     info: &ExportInfo,
+    preemption: &Preemption,
 ) -> Result<()> {
     if export.adapters {
         let path = run_dir.join("adapters.safetensors");
         export_adapters(&path, model, converted, lora, info)?;
         println!("trained tensors: {}", path.display());
+        stop_after_training(preemption)?;
     }
     if export.merged {
         let dir = run_dir.join("model");
@@ -464,6 +486,7 @@ fn write_exports(
         };
         export_model(&dir, model, converted, lora, info, &options)?;
         println!("merged model: {}", dir.display());
+        stop_after_training(preemption)?;
     }
     Ok(())
 }

@@ -266,3 +266,52 @@ fn a_damaged_stage_output_runs_its_stage_again() {
         );
     }
 }
+
+#[test]
+fn sigterm_during_evaluation_exits_75_and_resume_completes() {
+    use std::io::{BufRead, BufReader};
+    let job = TinyJob::new();
+    let train = job.dir.path().join("train.txt");
+    let recipe = common::write_recipe(
+        job.dir.path(),
+        &format!(
+            "eval:\n  perplexity: {{files: [{}], ctx: 64}}\n  attention_error: {{enabled: false}}\n  \
+             passkey: {{enabled: false}}\n  mqar: {{enabled: false}}\n  \
+             multiple_choice: {{enabled: false}}\n  speed: {{enabled: false}}\n  \
+             generations: {{enabled: false}}\n  decode_check: {{enabled: false}}\n",
+            train.display()
+        ),
+    );
+    let out = job.out("run");
+    let mut child = linearize(&[
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ])
+    .env("RUST_LOG", "info")
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Training is over once evaluation starts: only the phase's own polling can stop the job.
+    let mut log = String::new();
+    let mut signalled = false;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if !signalled && line.contains("eval: perplexity and KL") {
+            send_signal("TERM", child.id());
+            signalled = true;
+        }
+        log.push_str(&line);
+        log.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(signalled, "evaluation never started: {log}");
+    assert_eq!(status.code(), Some(EXIT_PREEMPTED), "{log}");
+    assert!(log.contains("linearize resume"), "{log}");
+    assert!(!out.join("adapters.safetensors").exists(), "exported after SIGTERM");
+    let output = run(&["resume", out.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(out.join("adapters.safetensors").exists());
+    assert!(out.join("report/eval.json").exists());
+}
