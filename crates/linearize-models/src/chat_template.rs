@@ -92,7 +92,7 @@ impl ChatTemplate {
             cap: OUTPUT_BASE.saturating_add(content.saturating_mul(OUTPUT_PER_CONTENT_BYTE)),
             exceeded: false,
         };
-        match template.render_to_write(ctx, &mut out) {
+        match template.render_captured_to(ctx, &mut out) {
             Ok(_) => String::from_utf8(out.text)
                 .map_err(|_| anyhow!("the chat template rendered invalid UTF-8")),
             Err(err) if err.kind() == ErrorKind::OutOfFuel => Err(anyhow!(
