@@ -32,12 +32,13 @@ use linearize_train::stage::{StageData, StageJob};
 use linearize_train::stage1::{run_stage1, Stage1Config, Stage1Summary};
 use linearize_train::stage2::{run_stage2, Stage2Summary};
 use linearize_train::state::{
-    latest_valid_state, load_state_dir, states_dir, LoadedState, Preempted, Preemption,
-    EXIT_PREEMPTED,
+    latest_fitting_state, latest_valid_state, load_state_dir, states_dir, LoadedState, Preempted,
+    Preemption, EXIT_PREEMPTED,
 };
 use stage_output::{StageOutput, StageRecord};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::{nn, Device};
+use tch::{nn, Device, Tensor};
 
 pub use run_dir::RESOLVED_RECIPE;
 
@@ -88,9 +89,13 @@ pub fn run(recipe: &Path, args: &JobArgs) -> Result<()> {
     let device = job_device(&loaded.recipe.model.device, &launch)
         .with_context(|| format!("rank {}: model.device", launch.rank))?;
     let group = ProcessGroup::init(&launch, device, &Options::from_env(&loaded.hash)?)?;
+    // Rank 0, the one writer of the run directory, holds it locked until the process ends.
+    let mut held_lock = None;
     let result = (|| {
         if group.is_main() {
-            let start = run_dir::prepare(&run_dir, &loaded, args.restart)?;
+            let lock = held_lock.insert(run_dir::RunLock::acquire(&run_dir)?);
+            let start = run_dir::prepare(&run_dir, &loaded, args.restart, lock)?;
+            lock.clean_partial_files()?;
             crate::logging::open_run_log(&run_dir)?;
             tracing::info!(run = %run_dir.display(), ?start, hash = %loaded.hash, "job");
         }
@@ -159,6 +164,7 @@ fn execute(
     let encoder = ModelEncoder::from_dir(&loaded.model_dir)?;
     let data = resolve_data_paths(&recipe.data, run_dir)?;
     let mut datasets = build_datasets(&data, &encoder).context("data")?;
+    stop_if_preempted(preemption, group)?;
     // Both need the original model: they run before any layer is converted.
     teacher_data::add_teacher_samples(
         &model,
@@ -178,6 +184,7 @@ fn execute(
         )
         .context("the teacher's validation loss")?;
     }
+    stop_if_preempted(preemption, group)?;
     tracing::info!(
         train_sequences = datasets.train.len(),
         val_sequences = datasets.val.as_ref().map_or(0, |v| v.len()),
@@ -205,7 +212,14 @@ fn execute(
                 (record, None)
             }
             None => {
-                let resume = resume_state(run_dir, &stage.name, group)?;
+                let fit = Fit {
+                    stage: &stage.name,
+                    params: converted.named_parameters(),
+                    run_step_offset: run_steps,
+                    max_steps: stage.max_steps,
+                };
+                let resume = resume_state(run_dir, &fit, group)?;
+                continue_metrics(&mut metrics, run_dir, resume.as_ref(), group)?;
                 let job = StageJob {
                     run_dir,
                     metrics: &mut metrics,
@@ -258,7 +272,14 @@ fn execute(
                     record
                 }
                 None => {
-                    let resume = resume_state(run_dir, &stage.name, group)?;
+                    let fit = Fit {
+                        stage: &stage.name,
+                        params: trained(&adapters),
+                        run_step_offset: run_steps,
+                        max_steps: stage.max_steps,
+                    };
+                    let resume = resume_state(run_dir, &fit, group)?;
+                    continue_metrics(&mut metrics, run_dir, resume.as_ref(), group)?;
                     let job = StageJob {
                         run_dir,
                         metrics: &mut metrics,
@@ -311,6 +332,7 @@ fn execute(
         )?,
         None => None,
     };
+    stop_after_training(preemption)?;
     if let Some(export) = &recipe.export {
         let info = ExportInfo {
             base_model: recipe.model.source.clone(),
@@ -321,7 +343,15 @@ fn execute(
             tokens,
             eval: table,
         };
-        write_exports(export, run_dir, &model, &converted, lora.as_ref(), &info)?;
+        write_exports(
+            export,
+            run_dir,
+            &model,
+            &converted,
+            lora.as_ref(),
+            &info,
+            preemption,
+        )?;
     }
     tracing::info!(run_steps, "job finished");
     println!("{}", converted.table());
@@ -342,12 +372,73 @@ fn stop_if_preempted(preemption: &Preemption, group: &ProcessGroup) -> Result<()
     }
 }
 
-/// The state stage `stage` resumes from: the newest valid one, as rank 0 finds it (rank 0 alone
-/// scans, which may also clean up leftovers of interrupted saves); the other ranks load the very
-/// same directory.
-fn resume_state(run_dir: &Path, stage: &str, group: &ProcessGroup) -> Result<Option<LoadedState>> {
+/// After training, rank 0 alone works on (the ranks have parted): a signal stops the job between
+/// evaluation and each export, which a resumed job writes again (every trained tensor is saved).
+fn stop_after_training(preemption: &Preemption) -> Result<()> {
+    match preemption.requested() {
+        Some(signal) => Err(Preempted { signal }.into()),
+        None => Ok(()),
+    }
+}
+
+/// What a state of a stage must hold to resume it.
+struct Fit<'a> {
+    stage: &'a str,
+    /// The tensors the stage trains, by name.
+    params: Vec<(String, Tensor)>,
+    /// Updates of the stages before it.
+    run_step_offset: u64,
+    max_steps: Option<u64>,
+}
+
+impl Fit<'_> {
+    /// Fails for a state of this stage with other tensors or shapes, or a step it cannot have
+    /// reached; states of other stages pass (they are not resumed from, see [`resume_state`]).
+    fn check(&self, loaded: &LoadedState) -> Result<()> {
+        let state = &loaded.state;
+        if state.stage != self.stage {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            state.run_step == self.run_step_offset + state.step,
+            "run step {} does not follow {} updates of earlier stages plus {} of this one",
+            state.run_step,
+            self.run_step_offset,
+            state.step
+        );
+        if let Some(max) = self.max_steps {
+            anyhow::ensure!(
+                state.step <= max,
+                "step {} is past the stage's max_steps = {max}",
+                state.step
+            );
+        }
+        let shapes = |named: &[(String, Tensor)]| -> BTreeMap<String, Vec<i64>> {
+            named.iter().map(|(n, t)| (n.clone(), t.size())).collect()
+        };
+        let (want, saved) = (shapes(&self.params), shapes(&loaded.tensors.params));
+        for (name, shape) in &want {
+            match saved.get(name) {
+                None => anyhow::bail!("no tensor {name} in its parameters"),
+                Some(s) if s != shape => {
+                    anyhow::bail!("tensor {name} has shape {s:?}, the stage trains {shape:?}")
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(extra) = saved.keys().find(|n| !want.contains_key(*n)) {
+            anyhow::bail!("tensor {extra} in its parameters is not trained by the stage");
+        }
+        Ok(())
+    }
+}
+
+/// The state a stage resumes from: the newest one that verifies and fits it, as rank 0 finds it
+/// (rank 0 alone scans, which may also clean up leftovers of interrupted saves); the other ranks
+/// load the very same directory.
+fn resume_state(run_dir: &Path, fit: &Fit, group: &ProcessGroup) -> Result<Option<LoadedState>> {
     let found = if group.is_main() {
-        latest_valid_state(run_dir)?.filter(|s| s.state.stage == stage)
+        latest_fitting_state(run_dir, &|s| fit.check(s))?.filter(|s| s.state.stage == fit.stage)
     } else {
         None
     };
@@ -374,6 +465,24 @@ fn resume_state(run_dir: &Path, stage: &str, group: &ProcessGroup) -> Result<Opt
     })
 }
 
+/// Drops the metrics written after the state a stage resumes from: the newest state overall,
+/// which [`open_metrics`] continued after, may have been skipped as unfit for the stage.
+fn continue_metrics(
+    metrics: &mut MetricsWriter,
+    run_dir: &Path,
+    resume: Option<&LoadedState>,
+    group: &ProcessGroup,
+) -> Result<()> {
+    if let (Some(state), true) = (resume, group.is_main()) {
+        *metrics = MetricsWriter::resume(
+            &run_dir.join("metrics.jsonl"),
+            &state.state.stage,
+            state.state.step,
+        )?;
+    }
+    Ok(())
+}
+
 /// `adapters.safetensors`, the merged `model/` and `peft/`.
 fn write_exports(
     export: &ExportSection,
@@ -382,11 +491,13 @@ fn write_exports(
     converted: &ConvertedLayers,
     lora: Option<&LoraAdapters>,
     info: &ExportInfo,
+    preemption: &Preemption,
 ) -> Result<()> {
     if export.adapters {
         let path = run_dir.join("adapters.safetensors");
         export_adapters(&path, model, converted, lora, info)?;
         println!("trained tensors: {}", path.display());
+        stop_after_training(preemption)?;
     }
     let options = ExportOptions {
         dtype: parse_dtype(&export.dtype)?,
@@ -396,6 +507,7 @@ fn write_exports(
         let dir = run_dir.join("model");
         export_model(&dir, model, converted, lora, info, &options)?;
         println!("merged model: {}", dir.display());
+        stop_after_training(preemption)?;
     }
     if let Some(lora) = lora.filter(|_| export.peft) {
         let dir = run_dir.join("peft");

@@ -62,6 +62,16 @@ fn bad_recipes_name_file_line_and_key() {
     assert!(e.contains("grad_accum must be >= 1"), "{e}");
     // The section is in the file, the bad value on the command line: both are named.
     assert!(e.contains(&file) && e.contains("(with --set #1)"), "{e}");
+    let e = refused(dir.path(), "", &["attention_transfer.max_steps=0"]);
+    assert!(
+        e.contains("attention_transfer") && e.contains("max_steps must be >= 1"),
+        "{e}"
+    );
+    let e = refused(dir.path(), "", &["lora.max_steps=0"]);
+    assert!(
+        e.contains("lora") && e.contains("max_steps must be >= 1"),
+        "{e}"
+    );
 
     // A missing file, at its line in the recipe.
     let text = std::fs::read_to_string(write_recipe(dir.path(), "")).unwrap();
@@ -151,4 +161,34 @@ fn includes_merge_under_the_recipe_and_sets_apply_last() {
     std::fs::write(dir.path().join("configs/loop.yaml"), "include: loop.yaml\n").unwrap();
     let e = refused(dir.path(), "include: [configs/loop.yaml]\n", &[]);
     assert!(e.contains("includes itself"), "{e}");
+
+    // A chain of 20 files, each including the next, is no cycle: it is read.
+    for i in 0..20 {
+        let next = if i < 19 {
+            format!("include: chain{}.yaml\n", i + 1)
+        } else {
+            "seed: 5\n".to_owned()
+        };
+        std::fs::write(dir.path().join(format!("configs/chain{i}.yaml")), next).unwrap();
+    }
+    let recipe = write_recipe(dir.path(), "include: [configs/chain0.yaml]\n");
+    let output = run(&["--recipe", recipe.to_str().unwrap(), "--dry-run"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+}
+
+#[test]
+fn an_output_that_is_a_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_job(dir.path());
+    let recipe = write_recipe(dir.path(), "");
+    let file = dir.path().join("train.txt");
+    let output = run(&[
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--output",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let e = stderr(&output);
+    assert!(e.contains(file.to_str().unwrap()), "{e}");
 }

@@ -189,3 +189,132 @@ fn latest_state(run_dir: &Path) -> PathBuf {
     steps.sort();
     steps.pop().expect("a saved state")
 }
+
+#[test]
+fn a_second_process_on_a_live_run_directory_is_refused_and_the_first_finishes() {
+    let job = TinyJob::new();
+    let out = job.out("run");
+    // More steps than the other tests, so the job is still training while the others try.
+    let mut args = job.args(&out);
+    args.extend(["--set", "attention_transfer.max_steps=60"]);
+    let mut first = linearize(&args).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while train_records(&out).is_empty() {
+        assert!(first.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(Instant::now() < deadline, "no training step within 300 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let expected = format!(
+        "run directory {} in use by pid {}",
+        out.display(),
+        first.id()
+    );
+    let out_str = out.to_str().unwrap();
+    for second in [vec!["resume", out_str], args.clone()] {
+        let started = Instant::now();
+        let output = run(&second);
+        let e = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{second:?}: {e}");
+        assert!(e.contains(&expected), "{second:?}: {e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{second:?} was refused only after {:?}",
+            started.elapsed()
+        );
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first job ended before {second:?} was refused; the test needs it still running"
+        );
+    }
+    let output = first.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    // The lock ends with its holder: the finished run can be resumed again.
+    let output = run(&["resume", out_str]);
+    assert!(output.status.success(), "{}", stderr(&output));
+}
+
+#[test]
+fn a_damaged_stage_output_runs_its_stage_again() {
+    let job = TinyJob::new();
+    let out = job.out("run");
+    job.complete(&out);
+    let stages = out.join("stages");
+    let adapters = std::fs::read(out.join("adapters.safetensors")).unwrap();
+    for (stage, damage) in [("attention_transfer", "flip"), ("lora", "truncate")] {
+        let path = stages.join(format!("{stage}.safetensors"));
+        let want = std::fs::read(&path).unwrap();
+        let mut bytes = want.clone();
+        match damage {
+            "flip" => *bytes.last_mut().unwrap() ^= 0x40,
+            _ => bytes.truncate(bytes.len() / 2),
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let output = run(&["resume", out.to_str().unwrap()]);
+        let log = stderr(&output);
+        assert!(output.status.success(), "{stage}: {log}");
+        assert!(
+            log.contains("damaged") && log.contains(path.to_str().unwrap()),
+            "{stage}: {log}"
+        );
+        assert!(
+            std::fs::read(&path).unwrap() == want,
+            "{stage}: the stage ran again to other tensors"
+        );
+        assert!(
+            std::fs::read(out.join("adapters.safetensors")).unwrap() == adapters,
+            "{stage}: the export changed"
+        );
+    }
+}
+
+#[test]
+fn sigterm_during_evaluation_exits_75_and_resume_completes() {
+    use std::io::{BufRead, BufReader};
+    let job = TinyJob::new();
+    let train = job.dir.path().join("train.txt");
+    let recipe = common::write_recipe(
+        job.dir.path(),
+        &format!(
+            "eval:\n  perplexity: {{files: [{}], ctx: 64}}\n  attention_error: {{enabled: false}}\n  \
+             passkey: {{enabled: false}}\n  mqar: {{enabled: false}}\n  \
+             multiple_choice: {{enabled: false}}\n  speed: {{enabled: false}}\n  \
+             generations: {{enabled: false}}\n  decode_check: {{enabled: false}}\n",
+            train.display()
+        ),
+    );
+    let out = job.out("run");
+    let mut child = linearize(&[
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ])
+    .env("RUST_LOG", "info")
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Training is over once evaluation starts: only the phase's own polling can stop the job.
+    let mut log = String::new();
+    let mut signalled = false;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if !signalled && line.contains("eval: perplexity and KL") {
+            send_signal("TERM", child.id());
+            signalled = true;
+        }
+        log.push_str(&line);
+        log.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(signalled, "evaluation never started: {log}");
+    assert_eq!(status.code(), Some(EXIT_PREEMPTED), "{log}");
+    assert!(log.contains("linearize resume"), "{log}");
+    assert!(
+        !out.join("adapters.safetensors").exists(),
+        "exported after SIGTERM"
+    );
+    let output = run(&["resume", out.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(out.join("adapters.safetensors").exists());
+    assert!(out.join("report/eval.json").exists());
+}

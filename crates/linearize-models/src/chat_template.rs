@@ -11,6 +11,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 const TEMPLATE_NAME: &str = "chat_template";
+/// Instructions one render may execute. Real templates take a few hundred per message; a
+/// template from a model directory that loops (nested `range`s) stops here, within a second,
+/// instead of running forever.
+const FUEL: u64 = 20_000_000;
+/// The rendered text may hold this many bytes plus [`OUTPUT_PER_CONTENT_BYTE`] per byte of the
+/// messages' content: a conversation is its content plus markup, never megabytes more.
+const OUTPUT_BASE: usize = 1 << 20;
+const OUTPUT_PER_CONTENT_BYTE: usize = 4;
 
 /// One turn of a conversation, as HF templates expect it (`message['role']`, `message.content`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +57,7 @@ impl ChatTemplate {
     /// Compiles `source`; a syntax error names the line.
     pub fn new(source: &str) -> Result<Self> {
         let mut env = Environment::new();
+        env.set_fuel(Some(FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -77,9 +86,48 @@ impl ChatTemplate {
         ctx.insert("tools", Value::from(()));
         ctx.insert("documents", Value::from(()));
         let template = self.env.get_template(TEMPLATE_NAME)?;
-        template
-            .render(ctx)
-            .map_err(|err| anyhow!("rendering the chat template: {err}"))
+        let content: usize = messages.iter().map(|m| m.content.len()).sum();
+        let mut out = CappedOutput {
+            text: Vec::new(),
+            cap: OUTPUT_BASE.saturating_add(content.saturating_mul(OUTPUT_PER_CONTENT_BYTE)),
+            exceeded: false,
+        };
+        match template.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.text)
+                .map_err(|_| anyhow!("the chat template rendered invalid UTF-8")),
+            Err(err) if err.kind() == ErrorKind::OutOfFuel => Err(anyhow!(
+                "rendering the chat template: stopped after {FUEL} instructions (a loop that does \
+                 not end?)"
+            )),
+            Err(_) if out.exceeded => Err(anyhow!(
+                "rendering the chat template: the output passed {} bytes for {content} bytes of \
+                 messages",
+                out.cap
+            )),
+            Err(err) => Err(anyhow!("rendering the chat template: {err}")),
+        }
+    }
+}
+
+/// The rendered text, refusing to grow past `cap` bytes.
+struct CappedOutput {
+    text: Vec<u8>,
+    cap: usize,
+    exceeded: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.cap {
+            self.exceeded = true;
+            return Err(std::io::Error::other("output cap reached"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

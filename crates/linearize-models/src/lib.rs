@@ -3,6 +3,7 @@
 pub mod atomic;
 pub mod chat_template;
 pub mod config;
+pub mod config_check;
 pub mod generate;
 pub mod gguf;
 pub mod graph_decode;
@@ -11,6 +12,7 @@ pub mod llama;
 pub mod lm;
 pub mod mixer;
 pub mod offline;
+pub mod relative_path;
 pub mod rope;
 pub mod source;
 pub mod tokenizer;

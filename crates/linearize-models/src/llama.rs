@@ -3,6 +3,7 @@
 //! code can freeze parameters or save subsets of them by name. The attention core of every layer
 //! is a swappable [`Mixer`].
 use crate::config::ModelConfig;
+use crate::config_check::check_config;
 use crate::graph_decode::GraphDecoder;
 use crate::linear::{Linear, ParamInit};
 use crate::lm::{CausalLm, ReplayDecoder};
@@ -266,10 +267,13 @@ impl Model {
         kind: Kind,
         extra: ExtraTensorPolicy,
     ) -> Result<Self> {
-        let model = Self::build(cfg, device, kind, ParamInit::Uninit)?;
-        weights::fill_var_store(&model.vs, ckpt, &|name, shape| {
+        let accepted = |name: &str, shape: &[i64]| -> Result<bool> {
             Ok(extra_tensor(cfg, name, shape)? || extra(name, shape)?)
-        })?;
+        };
+        // The config decides what is allocated: it must agree with the checkpoint first.
+        check_config(cfg, ckpt, &accepted)?;
+        let model = Self::build(cfg, device, kind, ParamInit::Uninit)?;
+        weights::fill_var_store(&model.vs, ckpt, &accepted)?;
         Ok(model)
     }
 
@@ -747,7 +751,7 @@ impl CausalLm for Model {
     }
 
     fn max_context(&self) -> Option<i64> {
-        Some(self.cfg.max_position_embeddings)
+        Some(self.rope.max_positions())
     }
 }
 

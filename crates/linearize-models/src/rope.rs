@@ -5,10 +5,17 @@ use anyhow::{bail, Result};
 use std::f64::consts::PI;
 use tch::{Device, Kind, Tensor};
 
-/// cos/sin tables for every position up to `max_position_embeddings`.
+/// Positions the tables cover at most. A config's `max_position_embeddings` is a claim of the
+/// model directory, not a size to allocate: 10^12 would ask for terabytes. 2^17 (Llama 3.1's
+/// context) costs 128 MB at head_dim 128 in f32; longer positions are an error.
+pub const MAX_TABLE_POSITIONS: i64 = 1 << 17;
+
+/// cos/sin tables for every position up to `max_position_embeddings` (at most
+/// [`MAX_TABLE_POSITIONS`]).
 pub struct Rope {
     cos: Tensor, // (max_positions, head_dim), model dtype
     sin: Tensor, // (max_positions, head_dim)
+    max_position_embeddings: i64,
 }
 
 impl Rope {
@@ -17,13 +24,15 @@ impl Rope {
     pub fn new(cfg: &ModelConfig, kind: Kind, device: Device) -> Self {
         let inv_freq: Vec<f32> = inv_freq(cfg).into_iter().map(|f| f as f32).collect();
         let inv_freq = Tensor::from_slice(&inv_freq).to_device(device); // (d/2,)
-        let positions = Tensor::arange(cfg.max_position_embeddings, (Kind::Float, device)); // (P,)
+        let table = cfg.max_position_embeddings.min(MAX_TABLE_POSITIONS);
+        let positions = Tensor::arange(table, (Kind::Float, device)); // (P,)
         let freqs = positions.outer(&inv_freq); // (P, d/2)
         let angles = Tensor::cat(&[&freqs, &freqs], -1); // (P, d)
         let scale = cfg.rope_scaling.map_or(1.0, |s| s.attention_factor()) as f32 as f64;
         Self {
             cos: (angles.cos() * scale).to_kind(kind),
             sin: (angles.sin() * scale).to_kind(kind),
+            max_position_embeddings: cfg.max_position_embeddings,
         }
     }
 
@@ -34,9 +43,16 @@ impl Rope {
     /// The (cos, sin) rows for positions `offset .. offset + len`, each (len, head_dim).
     pub fn cos_sin(&self, offset: i64, len: i64) -> Result<(Tensor, Tensor)> {
         if offset + len > self.max_positions() {
+            let position = offset + len - 1;
+            if self.max_positions() < self.max_position_embeddings {
+                bail!(
+                    "position {position} is beyond the {MAX_TABLE_POSITIONS} positions supported \
+                     (the model's max_position_embeddings is {})",
+                    self.max_position_embeddings
+                );
+            }
             bail!(
-                "position {} is beyond max_position_embeddings = {} of the model",
-                offset + len - 1,
+                "position {position} is beyond max_position_embeddings = {} of the model",
                 self.max_positions()
             );
         }

@@ -1,6 +1,7 @@
 //! Hugging Face safetensors checkpoints (one `model.safetensors` or shards listed by
 //! `model.safetensors.index.json`), memory-mapped, and loading them into a `VarStore` whose
 //! variable names are the checkpoint's tensor names.
+use crate::relative_path::join_inside;
 use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -89,15 +90,19 @@ impl Checkpoint {
             maps: Vec::new(),
             tensors: BTreeMap::new(),
         };
-        let mut shard_names: Vec<&String> = weight_map.values().collect();
-        shard_names.sort();
-        shard_names.dedup();
-        for name in shard_names {
-            ckpt.add_file(dir.join(name))?;
+        // Shard names come from the index: each must stay inside the checkpoint's directory.
+        let mut shards = BTreeMap::new();
+        for (tensor, file) in &weight_map {
+            let path = join_inside(dir, file)
+                .map_err(|e| anyhow!("{}: weight_map entry {tensor}: {e}", index_path.display()))?;
+            shards.insert(file.as_str(), path);
+        }
+        for path in shards.values() {
+            ckpt.add_file(path.clone())?;
         }
         for (tensor, file) in &weight_map {
             let found = ckpt.tensors.get(tensor).map(|info| &ckpt.files[info.file]);
-            if found != Some(&dir.join(file)) {
+            if found != shards.get(file.as_str()) {
                 bail!(
                     "{}: maps {tensor} to {file}, which does not contain it",
                     index_path.display()
@@ -275,9 +280,20 @@ pub fn check(
     match problems.len() {
         0 => Ok(()),
         1 => bail!("{}", problems[0]),
-        n => bail!("{n} problems with the checkpoint: {}", problems.join("; ")),
+        n if n <= MAX_LISTED_PROBLEMS => {
+            bail!("{n} problems with the checkpoint: {}", problems.join("; "))
+        }
+        n => bail!(
+            "{n} problems with the checkpoint: {}; and {} more",
+            problems[..MAX_LISTED_PROBLEMS].join("; "),
+            n - MAX_LISTED_PROBLEMS
+        ),
     }
 }
+
+/// Problems a checkpoint error lists; a checkpoint of 300,000 stray tensors gives a readable
+/// line, not megabytes.
+const MAX_LISTED_PROBLEMS: usize = 20;
 
 /// Fills every variable of `vs` from the checkpoint tensor of the same name, converting to the
 /// variable's dtype and device. The checkpoint must match the store exactly (see [`check`]).
@@ -405,6 +421,57 @@ mod tests {
         std::fs::write(dir.path().join(INDEX_FILE), index.to_string()).unwrap();
         let e = Checkpoint::open(dir.path()).err().unwrap().to_string();
         assert!(e.contains("maps a to s2.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn a_flood_of_unexpected_tensors_gives_a_short_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let named: Vec<(String, Tensor)> = (0..5000)
+            .map(|i| {
+                (
+                    format!("stray.{i}"),
+                    Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+                )
+            })
+            .collect();
+        let refs: Vec<(&str, Tensor)> = named
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.shallow_clone()))
+            .collect();
+        write(&dir.path().join(SINGLE_FILE), &refs);
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let e = check(&ckpt, &expected(&[]), &no_extras)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("5000 problems") && e.ends_with("and 4980 more"),
+            "{e}"
+        );
+        assert!(e.len() < 5000, "{} bytes", e.len());
+    }
+
+    #[test]
+    fn shard_names_outside_the_directory_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("model");
+        std::fs::create_dir(&dir).unwrap();
+        let outside = root.path().join("outside.safetensors");
+        write(
+            &outside,
+            &[("a", Tensor::ones([2], (Kind::Float, Device::Cpu)))],
+        );
+        for (entry, why) in [
+            ("../outside.safetensors", "leaves its directory"),
+            (outside.to_str().unwrap(), "is absolute"),
+        ] {
+            let index = serde_json::json!({"weight_map": {"a": entry}});
+            std::fs::write(dir.join(INDEX_FILE), index.to_string()).unwrap();
+            let e = format!("{:#}", Checkpoint::open(&dir).err().unwrap());
+            assert!(
+                e.contains(INDEX_FILE) && e.contains("weight_map entry a") && e.contains(why),
+                "{entry}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -350,3 +350,33 @@ fn refuses_to_replace_a_directory_it_did_not_write() {
     import(&fixture("tiny-llama.gguf"), &dir, Dtype::F16).unwrap();
     assert_eq!(json(&dir.join("config.json"))["torch_dtype"], "float16");
 }
+
+#[test]
+fn an_offset_that_wraps_past_2_pow_64_fails_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 2^64 - 256 is a multiple of any alignment up to 256: data start + offset wraps to 256
+    // bytes before the data, which an unchecked sum would accept and read header bytes as
+    // the embedding.
+    let path = patched(tmp.path(), "wrap.gguf", |b| {
+        let at = type_field(b, "token_embd.weight") + 4;
+        b[at..at + 8].copy_from_slice(&(u64::MAX - 255).to_le_bytes());
+    });
+    let err = import_err(&path, &tmp.path().join("model"));
+    assert!(
+        err.contains("wrap.gguf") && err.contains("token_embd.weight") && err.contains("overflows"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_duplicated_tensor_name_is_named_and_nothing_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = patched(tmp.path(), "dup.gguf", |b| {
+        replace_all(b, b"blk.1.attn_q.weight", b"blk.0.attn_q.weight")
+    });
+    let err = import_err(&path, &tmp.path().join("model"));
+    assert!(
+        err.contains("dup.gguf") && err.contains("tensor blk.0.attn_q.weight appears twice"),
+        "{err}"
+    );
+}

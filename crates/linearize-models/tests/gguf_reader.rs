@@ -276,3 +276,34 @@ fn damaged_tables_are_rejected() {
         .write(dir.path(), "type.gguf");
     assert!(open_err(&path).contains("unknown value type 13"));
 }
+
+#[test]
+fn overflowing_offsets_and_duplicate_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // One f32 tensor "w" of 8 values: the header is 24 bytes, the tensor's entry 33 (name)
+    // + 4 (rank) + 8 (dims) + 4 (type) = 49, so its offset field is bytes 49..57 and the data
+    // starts at 64.
+    let mut bytes = Writer::new()
+        .tensor("w", &[8], 0, f32_bytes(&[1.0; 8]))
+        .bytes();
+    assert_eq!(&bytes[49..57], &0u64.to_le_bytes());
+    // 2^64 - 64: data start + offset wraps to 0, where the header is.
+    bytes[49..57].copy_from_slice(&(u64::MAX - 63).to_le_bytes());
+    let path = dir.path().join("wrap.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let err = open_err(&path);
+    assert!(
+        err.contains("wrap.gguf") && err.contains("tensor w") && err.contains("overflows"),
+        "{err}"
+    );
+
+    let path = Writer::new()
+        .tensor("w", &[8], 0, f32_bytes(&[1.0; 8]))
+        .tensor("w", &[8], 0, f32_bytes(&[2.0; 8]))
+        .write(dir.path(), "dup.gguf");
+    let err = open_err(&path);
+    assert!(
+        err.contains("dup.gguf") && err.contains("tensor w appears twice"),
+        "{err}"
+    );
+}

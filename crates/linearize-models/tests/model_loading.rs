@@ -162,3 +162,67 @@ fn saved_lm_head_of_a_tied_model_is_accepted() {
         "{err}"
     );
 }
+
+/// Sets `key` of `dir/config.json` to `value`.
+fn set_config(dir: &Path, key: &str, value: serde_json::Value) {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    config[key] = value;
+    fs::write(&path, config.to_string()).unwrap();
+}
+
+#[test]
+fn absurd_config_sizes_are_refused_by_key_before_anything_is_allocated() {
+    // Each would ask for terabytes (or a billion layers) if the model were built first.
+    for (key, value, named) in [
+        ("vocab_size", 1_000_000_000_000i64, "vocab_size"),
+        ("hidden_size", 1 << 40, "hidden_size"),
+        ("intermediate_size", 1 << 40, "intermediate_size"),
+        ("head_dim", 1 << 40, "num_attention_heads x head_dim"),
+        ("num_hidden_layers", 1_000_000_000, "num_hidden_layers"),
+    ] {
+        let dir = copy_of("qwen2");
+        set_config(dir.path(), key, value.into());
+        let started = std::time::Instant::now();
+        let err = load_err(dir.path());
+        assert!(
+            err.contains(&format!("config.json: {named} =")),
+            "{key}: {err}"
+        );
+        assert!(
+            started.elapsed().as_secs() < 10,
+            "{key}: refused only after {:?}",
+            started.elapsed()
+        );
+    }
+    let dir = copy_of("qwen2");
+    set_config(dir.path(), "num_hidden_layers", 3.into());
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("num_hidden_layers = 3") && err.contains("holds 2 layers"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rope_tables_are_bounded_whatever_max_position_embeddings_claims() {
+    use linearize_models::lm::CausalLm;
+    let dir = copy_of("qwen2");
+    set_config(
+        dir.path(),
+        "max_position_embeddings",
+        1_000_000_000_000i64.into(),
+    );
+    let model = Model::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(
+        model.max_context(),
+        Some(linearize_models::rope::MAX_TABLE_POSITIONS)
+    );
+    let ids = Tensor::from_slice(&[1i64, 2, 3]).view([1, 3]);
+    let want = {
+        let reference = Model::load(&fixture("qwen2"), Device::Cpu, Kind::Float).unwrap();
+        reference.forward(&ids, None).unwrap()
+    };
+    assert!(model.forward(&ids, None).unwrap().equal(&want));
+}

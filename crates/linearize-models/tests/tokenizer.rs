@@ -285,3 +285,34 @@ fn generation_config_eos_list_and_single_id() {
     let err = format!("{:#}", Tokenizer::from_dir(tmp.path()).err().unwrap());
     assert!(err.contains("generation_config.json"), "{err}");
 }
+
+#[test]
+fn looping_and_exploding_chat_templates_stop_within_seconds_naming_the_file() {
+    let tmp = scratch_copy("chatml");
+    let render = |template: &str| {
+        fs::write(tmp.path().join("chat_template.jinja"), template).unwrap();
+        let tok = Tokenizer::from_dir(tmp.path()).unwrap();
+        let started = std::time::Instant::now();
+        let err = format!(
+            "{:#}",
+            tok.apply_chat_template(&[ChatMessage::user("x")], true)
+                .unwrap_err()
+        );
+        let took = started.elapsed();
+        assert!(
+            took.as_secs() < 10,
+            "{template}: an error only after {took:?}"
+        );
+        assert!(err.contains("chat_template.jinja"), "{err}");
+        err
+    };
+    // Few instructions, each writing 100 kB: 10 MB of output for a 1-byte message.
+    let err = render("{% for a in range(100) %}{{ 'x' * 100000 }}{% endfor %}");
+    assert!(err.contains("output passed"), "{err}");
+    // 10^15 iterations: without a limit this runs for days.
+    let err = render(
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}\
+         {% endfor %}{% endfor %}{% endfor %}",
+    );
+    assert!(err.contains("instructions"), "{err}");
+}

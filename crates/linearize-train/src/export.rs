@@ -32,7 +32,7 @@ use crate::lora::LoraAdapters;
 use anyhow::{bail, Context, Result};
 use linearize_models::atomic::{self, AtomicDir};
 use linearize_models::llama::Model;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 use tensor_file::HostTensor;
@@ -146,7 +146,7 @@ pub fn export_adapters(
         .map(|(name, t)| Ok((name.clone(), HostTensor::new(name, t, Kind::Float)?)))
         .collect::<Result<Vec<_>>>()?;
     let section = section(converted, lora, info);
-    let mut metadata = HashMap::from([
+    let mut metadata = BTreeMap::from([
         ("format".to_owned(), "pt".to_owned()),
         (
             META_LAYERS.to_owned(),

@@ -167,6 +167,9 @@ impl Stage1Config {
             self.max_steps.is_some() || self.max_tokens.is_some(),
             "attention transfer needs max_steps or max_tokens"
         );
+        // A zero budget would train nothing and save an untrained stage as finished.
+        ensure!(self.max_steps != Some(0), "max_steps must be >= 1");
+        ensure!(self.max_tokens != Some(0), "max_tokens must be >= 1");
         Ok(())
     }
 }

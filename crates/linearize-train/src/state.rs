@@ -136,13 +136,21 @@ pub fn save_best(run_dir: &Path, state: &TrainState, tensors: &StateTensors) -> 
     Ok(dest)
 }
 
-/// The best state saved by [`save_best`], verified, if there is one.
+/// The best state saved by [`save_best`], verified, if there is one. A damaged one is treated
+/// as absent, with a warning naming it and the reason: the step states carry the run on, and
+/// the next better validation loss saves a new best.
 pub fn load_best(run_dir: &Path) -> Result<Option<LoadedState>> {
     let dir = states_dir(run_dir).join(BEST_DIR);
     if !dir.exists() {
         return Ok(None);
     }
-    load_state_dir(&dir).map(Some)
+    match load_state_dir(&dir) {
+        Ok(best) => Ok(Some(best)),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), "ignoring the damaged best state: {e:#}");
+            Ok(None)
+        }
+    }
 }
 
 /// The newest `step-*` state whose checksums and contents verify. Damaged ones are reported with
@@ -150,6 +158,16 @@ pub fn load_best(run_dir: &Path) -> Result<Option<LoadedState>> {
 /// removed. `None` when there is no state yet; an error when states exist but none is valid (the
 /// job must not silently start over).
 pub fn latest_valid_state(run_dir: &Path) -> Result<Option<LoadedState>> {
+    latest_fitting_state(run_dir, &|_| Ok(()))
+}
+
+/// Like [`latest_valid_state`], with the job's own checks (`fits`: the tensors it trains, the
+/// steps its stage can have reached) run inside the selection, so a state that verifies but
+/// does not fit is skipped for the one before it, with a warning, like a damaged one.
+pub fn latest_fitting_state(
+    run_dir: &Path,
+    fits: &dyn Fn(&LoadedState) -> Result<()>,
+) -> Result<Option<LoadedState>> {
     let root = states_dir(run_dir);
     if !root.exists() {
         return Ok(None);
@@ -163,6 +181,7 @@ pub fn latest_valid_state(run_dir: &Path) -> Result<Option<LoadedState>> {
                 "state.json says run step {}, the directory name {run_step}",
                 loaded.state.run_step
             );
+            fits(&loaded)?;
             Ok(loaded)
         }) {
             Ok(loaded) => return Ok(Some(loaded)),

@@ -368,3 +368,52 @@ fn bad_inputs_name_the_file_and_tensor() {
     );
     assert!(e.contains("config.json") && e.contains(SECTION_KEY), "{e}");
 }
+
+#[test]
+fn the_same_tensors_export_to_the_same_bytes() {
+    let _rng = rng_lock();
+    let root = tempfile::tempdir().unwrap();
+    let base = root.path().join("base");
+    let (model, layers, lora) = trained(&base);
+    // Several writes: a header whose key order depended on a HashMap would differ in most.
+    let first = root.path().join("adapters-0.safetensors");
+    export_adapters(&first, &model, &layers, Some(&lora), &info(&base)).unwrap();
+    let want = std::fs::read(&first).unwrap();
+    for i in 1..6 {
+        let path = root.path().join(format!("adapters-{i}.safetensors"));
+        export_adapters(&path, &model, &layers, Some(&lora), &info(&base)).unwrap();
+        assert!(
+            std::fs::read(&path).unwrap() == want,
+            "write {i} of the same adapters differs from the first"
+        );
+    }
+    // The header lists the metadata keys, then the tensors, each in sorted order.
+    let n = u64::from_le_bytes(want[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&want[8..8 + n]).unwrap();
+    let keys: Vec<usize> = [
+        "linearize.base_model",
+        "linearize.layers",
+        "linearize.recipe_hash",
+    ]
+    .iter()
+    .map(|k| header.find(&format!("\"{k}\"")).unwrap())
+    .collect();
+    assert!(keys.windows(2).all(|w| w[0] < w[1]), "{header}");
+    let merged = |name: &str| {
+        let dir = root.path().join(name);
+        export_model(
+            &dir,
+            &model,
+            &layers,
+            Some(&lora),
+            &info(&base),
+            &f32_options(),
+        )
+        .unwrap();
+        std::fs::read(dir.join(SINGLE_FILE)).unwrap()
+    };
+    assert!(
+        merged("model-a") == merged("model-b"),
+        "merged weights differ"
+    );
+}

@@ -326,3 +326,70 @@ fn seed_stream_reseeds_torch_reproducibly() {
     assert!(draw(1).equal(&draw(1)));
     assert!(!draw(1).equal(&draw(2)));
 }
+
+#[test]
+fn a_damaged_best_state_is_treated_as_absent_with_a_warning() {
+    let run = tempfile::tempdir().unwrap();
+    save(run.path(), 100, 2);
+    let best = save_best(run.path(), &sample_state(100), &sample_tensors(1.0)).unwrap();
+    let params = best.join("params.safetensors");
+    let len = fs::metadata(&params).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&params)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let (loaded, logs) = with_logs(|| load_best(run.path()).unwrap());
+    assert!(loaded.is_none());
+    assert!(
+        logs.contains("ignoring the damaged best state") && logs.contains("best"),
+        "{logs}"
+    );
+    // The step state is untouched, and the next best replaces the damaged one.
+    assert_eq!(
+        latest_valid_state(run.path())
+            .unwrap()
+            .unwrap()
+            .state
+            .run_step,
+        100
+    );
+    save_best(run.path(), &sample_state(100), &sample_tensors(1.0)).unwrap();
+    assert!(load_best(run.path()).unwrap().is_some());
+}
+
+#[test]
+fn a_state_that_verifies_but_does_not_fit_falls_back_to_the_previous_one() {
+    let run = tempfile::tempdir().unwrap();
+    save(run.path(), 100, 3);
+    let newest = save(run.path(), 200, 3);
+    // The job's check: run step 200 is "impossible" for it.
+    let fits = |s: &linearize_train::state::LoadedState| {
+        anyhow::ensure!(
+            s.state.run_step < 150,
+            "step {} is impossible",
+            s.state.run_step
+        );
+        Ok(())
+    };
+    let (loaded, logs) = with_logs(|| {
+        linearize_train::state::latest_fitting_state(run.path(), &fits)
+            .unwrap()
+            .unwrap()
+    });
+    assert_eq!(loaded.state.run_step, 100);
+    assert!(
+        logs.contains("skipping")
+            && logs.contains(newest.to_str().unwrap())
+            && logs.contains("impossible"),
+        "{logs}"
+    );
+    // When none fits, the job is told so rather than starting over in silence.
+    let none = |_: &linearize_train::state::LoadedState| anyhow::bail!("wrong shapes");
+    let err = linearize_train::state::latest_fitting_state(run.path(), &none).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("none of the 2 states"),
+        "{err:#}"
+    );
+}

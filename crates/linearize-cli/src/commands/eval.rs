@@ -102,7 +102,15 @@ fn report(args: &Args, teacher: &str, out: &Path) -> Result<()> {
         bail!("--teacher {teacher}: a converted model; give the original (softmax) model");
     }
     let tokenizer = Tokenizer::from_dir(&dir)?;
-    run_report(&mut original.model, &mut student, &tokenizer, &cfg, out, None).context("evaluation")?;
+    run_report(
+        &mut original.model,
+        &mut student,
+        &tokenizer,
+        &cfg,
+        out,
+        None,
+    )
+    .context("evaluation")?;
     println!("report: {}", out.join("eval.md").display());
     Ok(())
 }

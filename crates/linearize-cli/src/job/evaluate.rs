@@ -46,7 +46,14 @@ pub fn evaluate(
             .context("evaluation")?;
         }
         if ablation_due {
-            window_only(&mut teacher, student, converted, tokenizer, &eval, &ablation)?;
+            window_only(
+                &mut teacher,
+                student,
+                converted,
+                tokenizer,
+                &eval,
+                &ablation,
+            )?;
         }
     }
     let text =

@@ -23,8 +23,8 @@ pub struct RecipeTree {
     origins: Vec<Origin>,
 }
 
-/// Nested includes deeper than this are taken for a cycle.
-const MAX_INCLUDE_DEPTH: usize = 16;
+/// Nested includes deeper than this are refused (a cycle is refused at any depth).
+const MAX_INCLUDE_DEPTH: usize = 64;
 
 impl RecipeTree {
     /// Reads `path` and its includes (recursively, paths relative to the including file; every
@@ -43,15 +43,24 @@ impl RecipeTree {
         let canonical = path
             .canonicalize()
             .with_context(|| format!("recipe file {}: cannot read it", path.display()))?;
-        ensure!(
-            !stack.contains(&canonical) && stack.len() < MAX_INCLUDE_DEPTH,
-            "{}: includes itself (include chain: {})",
-            path.display(),
+        let chain = || {
             stack
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(" -> ")
+        };
+        ensure!(
+            !stack.contains(&canonical),
+            "{}: includes itself (include chain: {})",
+            path.display(),
+            chain()
+        );
+        ensure!(
+            stack.len() < MAX_INCLUDE_DEPTH,
+            "{}: includes are nested more than {MAX_INCLUDE_DEPTH} deep (include chain: {})",
+            path.display(),
+            chain()
         );
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("recipe file {}: cannot read it", path.display()))?;

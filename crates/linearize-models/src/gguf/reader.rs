@@ -6,7 +6,7 @@ use super::value::Value;
 use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -263,8 +263,13 @@ fn parse(buf: &[u8]) -> Result<Parsed> {
     };
 
     let mut tensors = Vec::new();
+    let mut names = HashSet::new();
     for i in 0..n_tensors {
         let name = cur.string(|| format!("the name of tensor {i}"))?;
+        // A second tensor of one name would be written twice, or one of them silently dropped.
+        if !names.insert(name.clone()) {
+            bail!("tensor {name} appears twice in the tensor table");
+        }
         let n_dims = cur.u32(&format!("the rank of tensor {name}"))?;
         if n_dims == 0 || n_dims > MAX_DIMS {
             bail!("tensor {name} has {n_dims} dimensions, expected 1 to {MAX_DIMS}");
@@ -298,10 +303,22 @@ fn parse(buf: &[u8]) -> Result<Parsed> {
         });
     }
 
-    let data_start = cur.pos.next_multiple_of(alignment as usize);
+    // Offsets and sizes come from the file: every sum is checked, as a wrapped one would pass
+    // the bounds check and point the tensor at the header.
+    let data_start = (cur.pos as u64).next_multiple_of(alignment);
     let file_len = buf.len() as u64;
     for t in &tensors {
-        let end = data_start as u64 + t.offset + t.n_bytes();
+        let end = data_start
+            .checked_add(t.offset)
+            .and_then(|start| start.checked_add(t.n_bytes()))
+            .ok_or_else(|| {
+                anyhow!(
+                    "tensor {}: data offset {} plus its {} bytes overflows (the file has {file_len} bytes)",
+                    t.name,
+                    t.offset,
+                    t.n_bytes()
+                )
+            })?;
         if end > file_len {
             bail!(
                 "truncated: tensor {} ({} {:?}) ends at byte {end} but the file has {file_len} bytes",
@@ -311,7 +328,7 @@ fn parse(buf: &[u8]) -> Result<Parsed> {
             );
         }
     }
-    Ok((version, metadata, tensors, data_start))
+    Ok((version, metadata, tensors, data_start as usize))
 }
 
 /// Reads little-endian values; every read names what it was reading when the file ends early.

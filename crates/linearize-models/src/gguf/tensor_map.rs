@@ -2,7 +2,7 @@
 //! ones llama.cpp stored with their rows permuted for its RoPE.
 use super::hparams::LlamaHparams;
 use super::reader::{GgufFile, TensorInfo};
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use std::collections::BTreeSet;
 
 /// A tensor to write: its GGUF source, transformers name and shape.
@@ -49,7 +49,16 @@ const CONSUMED: &[&str] = &["rope_freqs.weight"];
 impl<'a> TensorMap<'a> {
     pub fn new(gguf: &'a GgufFile, hp: &LlamaHparams) -> Result<Self> {
         let file = gguf.path().display().to_string();
-        let (q_rows, kv_rows) = (hp.n_head * hp.head_dim, hp.n_kv_head * hp.head_dim);
+        // Head counts and sizes come from the file's metadata: their products are checked.
+        let rows = |heads: usize| {
+            heads.checked_mul(hp.head_dim).ok_or_else(|| {
+                anyhow!(
+                    "{file}: {heads} heads of {} dimensions overflow",
+                    hp.head_dim
+                )
+            })
+        };
+        let (q_rows, kv_rows) = (rows(hp.n_head)?, rows(hp.n_kv_head)?);
         let expected = |suffix: &str| -> (Vec<usize>, Option<usize>) {
             match suffix {
                 "attn_norm.weight" | "ffn_norm.weight" | "attn_output.bias" => {
@@ -142,7 +151,7 @@ impl<'a> TensorMap<'a> {
                 String::new()
             };
             let list: Vec<_> = missing.iter().take(5).map(|s| s.as_str()).collect();
-            let why = if attention_bias && present_biases < 4 * hp.n_layer {
+            let why = if attention_bias && present_biases < hp.n_layer.saturating_mul(4) {
                 " (transformers' Llama has biases on all of q, k, v and o or on none)"
             } else {
                 ""

