@@ -309,7 +309,10 @@ fn sigterm_during_evaluation_exits_75_and_resume_completes() {
     assert!(signalled, "evaluation never started: {log}");
     assert_eq!(status.code(), Some(EXIT_PREEMPTED), "{log}");
     assert!(log.contains("linearize resume"), "{log}");
-    assert!(!out.join("adapters.safetensors").exists(), "exported after SIGTERM");
+    assert!(
+        !out.join("adapters.safetensors").exists(),
+        "exported after SIGTERM"
+    );
     let output = run(&["resume", out.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(out.join("adapters.safetensors").exists());

@@ -133,9 +133,7 @@ impl TextEncoder for ModelEncoder {
 fn pieces(text: &str, target: usize) -> impl Iterator<Item = &str> {
     let bytes = text.as_bytes();
     let is_cut = move |i: usize| {
-        matches!(bytes[i], b'\n' | b'\r')
-            && i > 0
-            && !bytes[i - 1].is_ascii_whitespace()
+        matches!(bytes[i], b'\n' | b'\r') && i > 0 && !bytes[i - 1].is_ascii_whitespace()
     };
     let mut start = 0;
     std::iter::from_fn(move || {
@@ -168,7 +166,10 @@ mod tests {
         let cut: Vec<&str> = pieces(text, 3).collect();
         assert_eq!(cut.concat(), text);
         assert_eq!(cut, ["ab cd.", "\nef", "\n\n  gh", "\r\nij"]);
-        assert_eq!(pieces("no break at all", 4).collect::<Vec<_>>(), ["no break at all"]);
+        assert_eq!(
+            pieces("no break at all", 4).collect::<Vec<_>>(),
+            ["no break at all"]
+        );
         assert_eq!(pieces("", 4).count(), 0);
     }
 
@@ -187,7 +188,12 @@ mod tests {
         let whole = encoder.tokenizer.encode(text, false).unwrap();
         let pieced = encoder.encode(text).unwrap();
         assert!(pieces(text, PIECE_BYTES).count() > 3);
-        assert!(whole == pieced, "{} ids whole, {} in pieces", whole.len(), pieced.len());
+        assert!(
+            whole == pieced,
+            "{} ids whole, {} in pieces",
+            whole.len(),
+            pieced.len()
+        );
         // A run without line breaks longer than the cap is refused, not tokenised at once.
         let run = "word ".repeat(MAX_PIECE_BYTES / 5 + 1);
         let err = encoder.encode(&run).unwrap_err().to_string();
