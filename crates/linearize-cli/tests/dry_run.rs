@@ -120,7 +120,7 @@ fn dry_run_plans_for_cuda_and_checks_stage_lengths() {
             "attention_transfer.schedule.warmup_steps=24",
             "warmup_steps (24) must be below the stage's steps (24)",
         ),
-        ("lora.max_steps=0", "allow no update"),
+        ("lora.max_steps=0", "max_steps must be >= 1"),
         // 2 x 64 tokens per update: 300 tokens allow 2 updates, fewer than the warmup of 4.
         (
             "attention_transfer.max_tokens=300",
