@@ -234,9 +234,9 @@ fn sample_batch(
         for t in shared..window {
             let sampled = sample_next(&logits, config.temperature, config.top_p); // (n, 1)
             let t = t as i64;
-            let next = forced
+            let next = padded
                 .narrow(1, t, 1)
-                .where_self(&padded.narrow(1, t, 1), &sampled);
+                .f_where_self(&forced.narrow(1, t, 1), &sampled)?;
             pieces.push(next.shallow_clone());
             if t + 1 < window as i64 {
                 logits = model.forward(&next, Some(&mut cache))?.select(1, -1);
@@ -274,6 +274,36 @@ fn sample_next(logits: &Tensor, temperature: f64, top_p: f64) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use linearize_models::config::ModelConfig;
+
+    #[test]
+    fn a_batch_of_prompts_of_different_lengths_keeps_each_prompt() {
+        let cfg = ModelConfig::from_json_str(
+            r#"{"model_type": "llama", "vocab_size": 40, "hidden_size": 16,
+                "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "num_key_value_heads": 1, "max_position_embeddings": 64}"#,
+        )
+        .unwrap();
+        tch::manual_seed(0);
+        let model = Model::new(&cfg, Device::Cpu, Kind::Float).unwrap();
+        let config: TeacherSamplesConfig =
+            serde_yaml_ng::from_str("num_sequences: 3\ntemperature: 1.0\ntop_p: 1.0\n").unwrap();
+        let prompts = vec![vec![5, 6, 7, 8], vec![9], vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]];
+        let rows = tch::no_grad(|| sample_batch(&model, &prompts, 10, &config)).unwrap();
+        assert_eq!(rows.len(), 3);
+        for (row, prompt) in rows.iter().zip(&prompts) {
+            assert_eq!(row.len(), 10);
+            assert_eq!(&row[..prompt.len()], &prompt[..]);
+            assert!(row.iter().all(|&t| t < 40));
+        }
+        // Each row continues its own prefix: row 1 past its one-token prompt is sampled, so
+        // with a fixed seed the same batch samples the same tokens again.
+        tch::manual_seed(1);
+        let again = tch::no_grad(|| sample_batch(&model, &prompts, 10, &config)).unwrap();
+        tch::manual_seed(1);
+        let third = tch::no_grad(|| sample_batch(&model, &prompts, 10, &config)).unwrap();
+        assert_eq!(again, third);
+    }
 
     #[test]
     fn nucleus_keeps_only_the_likely_tokens() {
