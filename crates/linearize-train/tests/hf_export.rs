@@ -27,6 +27,9 @@ const WINDOW: i64 = 8;
 /// Tokens scored: five windows.
 const LEN: i64 = 40;
 const NEW_TOKENS: usize = 8;
+/// Sink tokens of the `+sinks` cases: fewer than a window, so that queries see them both inside
+/// their window and, later, beside it.
+const SINKS: i64 = 3;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -88,6 +91,14 @@ fn windowed(method: Method) -> AttentionConfig {
         window_size: Some(WINDOW),
         chunk_size: Some(16),
         ..AttentionConfig::new(method)
+    }
+}
+
+/// `attention` with the first [`SINKS`] tokens kept as softmax keys.
+fn with_sinks(attention: AttentionConfig) -> AttentionConfig {
+    AttentionConfig {
+        sinks: Some(SINKS),
+        ..attention
     }
 }
 
@@ -157,6 +168,26 @@ fn cases() -> Vec<Case> {
             ),
             hybrid(windowed(Method::SlidingWindow)),
         ),
+        case(
+            "lolcats_sw_sinks",
+            llama(),
+            hybrid(with_sinks(lolcats(WindowShape::Sw))),
+        ),
+        case(
+            "lolcats_tk_sinks",
+            llama(),
+            hybrid(with_sinks(lolcats(WindowShape::Tk))),
+        ),
+        case(
+            "sliding_window_sinks",
+            llama(),
+            hybrid(with_sinks(windowed(Method::SlidingWindow))),
+        ),
+        case(
+            "liger_sinks",
+            llama(),
+            hybrid(with_sinks(windowed(Method::Liger))),
+        ),
         // Every method in one model, and the teacher's own window on its softmax layer.
         case(
             "hybrid_mistral",
@@ -170,7 +201,7 @@ fn cases() -> Vec<Case> {
                     (1, lolcats(WindowShape::Tk)),
                     (2, windowed(Method::Liger)),
                     (4, linear(t2r)),
-                    (5, windowed(Method::SlidingWindow)),
+                    (5, with_sinks(windowed(Method::SlidingWindow))),
                 ]),
                 ..ConversionConfig::all(lolcats(WindowShape::Sw))
             },
