@@ -1,7 +1,7 @@
 # PyTorch modeling code for models converted by linearize (https://github.com/linearize/linearize):
 # a Llama-family decoder whose attention layers each run their own method (softmax, linear
-# attention with a feature map, LoLCATs, sliding window, Liger GLA, Liger; the windowed
-# ones optionally with sink tokens). This file is copied
+# attention with a feature map, LoLCATs, sliding window, Liger GLA, Liger, Gated DeltaNet; the
+# windowed ones optionally with sink tokens). This file is copied
 # into every export by the `linearize` binary; the copy in the repository's python/linearize_hf/
 # is the one source. The math follows linearize-attention's naive and recurrent forms
 # (crates/linearize-attention/src/ops/*): a whole sequence runs the quadratic (masked) form,
@@ -627,6 +627,94 @@ class LigerAttention(LigerGlaAttention):
         return 0.5 * (window + super().step(state, x))
 
 
+def l2_normalize(x):
+    """x / |x| over the last dim, with fla's epsilon (1e-6 under the root): a zero row stays zero."""
+    return x / (x.square().sum(-1, keepdim=True) + 1e-6).sqrt()
+
+
+class GatedDeltaNetAttention(LinearizeAttention):
+    """Gated DeltaNet: the delta rule with a decay and write strength per head and token,
+      S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t,   o_t = q_t S_t,
+    S (d_k, d_v) per query head, q and k unit rows (an optional SiLU, then the L2 norm; no
+    1/sqrt(d)), read after RoPE with `rope` or before it. The gates come from u, the q, k and v
+    heads before RoPE joined and scaled to unit norm:
+      g = -exp(A_log) * softplus(u W_a^T + dt_bias),   beta = sigmoid(u W_b^T)."""
+
+    def __init__(self, config, layer_idx, attention):
+        super().__init__(config, layer_idx, attention)
+        h = self.num_heads
+        width = (h + 2 * self.num_kv_heads) * self.head_dim
+        self.a_proj = nn.Parameter(torch.zeros(h, width))
+        self.b_proj = nn.Parameter(torch.zeros(h, width))
+        self.A_log = nn.Parameter(torch.zeros(h))
+        self.dt_bias = nn.Parameter(torch.empty(h))
+        init_delta_gates(self)
+        self.rope = attention["rope"]
+        self.qk_activation = attention["qk_activation"]
+
+    def unit(self, x):
+        x = x.to(compute_dtype(x))
+        return l2_normalize(F.silu(x) if self.qk_activation == "silu" else x)
+
+    def inputs(self, x):
+        """Unit q (b, h, L, d) and k (b, h_kv, L, d), v, and the gates g, beta (b, h, L) in f32."""
+
+        def flat(t):  # (b, n, L, d) -> (b, L, n * d)
+            return t.float().transpose(1, 2).flatten(2)
+
+        u = l2_normalize(torch.cat([flat(x["q_raw"]), flat(x["k_raw"]), flat(x["v"])], -1))  # (b, L, in)
+        rate = F.softplus(u @ self.a_proj.float().t() + self.dt_bias.float())
+        g = -(self.A_log.float().exp() * rate)
+        beta = (u @ self.b_proj.float().t()).sigmoid()
+        q, k = (x["q"], x["k"]) if self.rope else (x["q_raw"], x["k_raw"])
+        return self.unit(q), self.unit(k), x["v"], g.transpose(1, 2), beta.transpose(1, 2)
+
+    def run(self, x, state):
+        """The delta rule token by token from `state` (b, h, d_k, d_v); returns outputs and state."""
+        q, k, v, g, beta = self.inputs(x)
+        dtype = q.dtype
+        h = self.num_heads
+        k, v = repeat_heads(k, h), repeat_heads(v.to(dtype), h)
+        g, beta = g.to(dtype)[..., None], beta.to(dtype)[..., None]  # (b, h, L, 1)
+        outputs = []
+        for t in range(q.shape[2]):
+            k_t = k[:, :, t : t + 1]  # (b, h, 1, d_k)
+            decayed = g[:, :, t : t + 1].exp() * state
+            # The correction replaces what the decayed state holds for k_t by v_t, at strength beta.
+            delta = beta[:, :, t : t + 1] * (v[:, :, t : t + 1] - k_t @ decayed)  # (b, h, 1, d_v)
+            state = decayed + k_t.transpose(-1, -2) @ delta
+            outputs.append(q[:, :, t : t + 1] @ state)
+        return torch.cat(outputs, 2), state
+
+    def empty_state(self, x):
+        v = x["v"]
+        dtype = compute_dtype(v)
+        return torch.zeros(v.shape[0], self.num_heads, self.head_dim, v.shape[-1], dtype=dtype, device=v.device)
+
+    def forward_core(self, x):
+        return self.run(x, self.empty_state(x))[0]
+
+    def prefill_state(self, x):
+        return {"s": self.run(x, self.empty_state(x))[1]}
+
+    def step(self, state, x):
+        y, state["s"] = self.run(x, state["s"])
+        return y
+
+
+def init_delta_gates(module):
+    """linearize's untrained gates: W_a = W_b = 0, A_log = 0 and log-spaced time steps dt from 1e-3
+    to 1e-1 over the heads (dt_bias = softplus^-1(dt))."""
+    h = module.dt_bias.shape[0]
+    frac = torch.arange(h, dtype=torch.float64) / max(h - 1, 1)
+    dt = (math.log(1e-3) + frac * (math.log(1e-1) - math.log(1e-3))).exp()
+    with torch.no_grad():
+        module.a_proj.zero_()
+        module.b_proj.zero_()
+        module.A_log.zero_()
+        module.dt_bias.copy_(dt.expm1().log())
+
+
 # The attention class of each method a layer's config may name.
 ATTENTION_CLASSES = {
     "softmax": SoftmaxAttention,
@@ -635,6 +723,7 @@ ATTENTION_CLASSES = {
     "sliding_window": SlidingWindowAttention,
     "liger_gla": LigerGlaAttention,
     "liger": LigerAttention,
+    "gated_deltanet": GatedDeltaNetAttention,
 }
 
 
@@ -696,6 +785,8 @@ class LinearizePreTrainedModel(PreTrainedModel):
                 module.b.data.zero_()
         elif isinstance(module, LolcatsAttention):
             module.window_factors.data.fill_(-2.1972)
+        elif isinstance(module, GatedDeltaNetAttention):
+            init_delta_gates(module)
 
 
 def check_attention_mask(attention_mask, cache):

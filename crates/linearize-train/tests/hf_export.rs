@@ -9,6 +9,7 @@ mod common;
 use common::rng_lock;
 use linearize_attention::feature_map::{FeatureMapConfig, FeatureMapInit};
 use linearize_attention::linearized::{AttentionConfig, Method};
+use linearize_attention::ops::gated_deltanet::QkActivation;
 use linearize_attention::ops::window::WindowShape;
 use linearize_models::config::ModelConfig;
 use linearize_models::generate::{generate, GenerateConfig, SamplingConfig};
@@ -102,6 +103,16 @@ fn with_sinks(attention: AttentionConfig) -> AttentionConfig {
     }
 }
 
+/// Gated DeltaNet with `rope` and `qk_activation` as given, or their defaults.
+fn gated_deltanet(rope: Option<bool>, qk_activation: Option<QkActivation>) -> AttentionConfig {
+    AttentionConfig {
+        rope,
+        qk_activation,
+        chunk_size: Some(16),
+        ..AttentionConfig::new(Method::GatedDeltanet)
+    }
+}
+
 fn liger_gla() -> AttentionConfig {
     AttentionConfig {
         chunk_size: Some(16),
@@ -188,12 +199,22 @@ fn cases() -> Vec<Case> {
             llama(),
             hybrid(with_sinks(windowed(Method::Liger))),
         ),
+        case(
+            "gated_deltanet",
+            llama(),
+            hybrid(gated_deltanet(None, None)),
+        ),
+        case(
+            "gated_deltanet_rope_silu",
+            llama(),
+            hybrid(gated_deltanet(Some(true), Some(QkActivation::Silu))),
+        ),
         // Every method in one model, and the teacher's own window on its softmax layer.
         case(
             "hybrid_mistral",
             tiny_config(
                 "mistral",
-                json!({"sliding_window": 6, "num_hidden_layers": 6}),
+                json!({"sliding_window": 6, "num_hidden_layers": 7}),
             ),
             ConversionConfig {
                 softmax_layers: vec![3],
@@ -202,6 +223,7 @@ fn cases() -> Vec<Case> {
                     (2, windowed(Method::Liger)),
                     (4, linear(t2r)),
                     (5, with_sinks(windowed(Method::SlidingWindow))),
+                    (6, gated_deltanet(None, None)),
                 ]),
                 ..ConversionConfig::all(lolcats(WindowShape::Sw))
             },
