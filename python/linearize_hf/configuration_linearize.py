@@ -22,10 +22,11 @@ FEATURE_MAP_KEYS = {
 METHOD_KEYS = {
     "softmax": (set(), set()),
     "linear": ({"feature_map", "eps"}, {"chunk_size"}),
-    "lolcats": ({"feature_map", "window_shape", "window_size"}, {"chunk_size", "fused_kernels"}),
-    "sliding_window": ({"window_size"}, {"chunk_size"}),
+    "lolcats": ({"feature_map", "window_shape", "window_size", "sinks"}, {"chunk_size", "fused_kernels"}),
+    "sliding_window": ({"window_size", "sinks"}, {"chunk_size"}),
     "liger_gla": ({"gate_normalizer"}, {"chunk_size", "sub_chunk"}),
-    "liger": ({"window_size", "gate_normalizer"}, {"chunk_size", "sub_chunk"}),
+    "liger": ({"window_size", "gate_normalizer", "sinks"}, {"chunk_size", "sub_chunk"}),
+    "gated_deltanet": ({"rope", "qk_activation"}, {"chunk_size"}),
 }
 
 
@@ -62,6 +63,14 @@ def check_attention(where, attention):
         _check_keys(f"{where}.feature_map", set(fm) - {"kind"}, *FEATURE_MAP_KEYS[kind])
     if attention.get("window_shape", "sw") not in ("sw", "tk"):
         raise ValueError(f"{where}.window_shape: expected sw or tk, got {attention['window_shape']!r}")
+    if "sinks" in attention and (
+        not isinstance(attention["sinks"], int) or isinstance(attention["sinks"], bool) or attention["sinks"] < 0
+    ):
+        raise ValueError(f"{where}.sinks: expected an integer >= 0, got {attention['sinks']!r}")
+    if "rope" in attention and not isinstance(attention["rope"], bool):
+        raise ValueError(f"{where}.rope: expected true or false, got {attention['rope']!r}")
+    if attention.get("qk_activation", "identity") not in ("identity", "silu"):
+        raise ValueError(f"{where}.qk_activation: expected identity or silu, got {attention['qk_activation']!r}")
     for key in ("window_size", "feature_dim"):
         value = attention.get(key, attention.get("feature_map", {}).get(key, 1))
         if not isinstance(value, int) or value < 1:

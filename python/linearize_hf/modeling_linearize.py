@@ -1,6 +1,7 @@
 # PyTorch modeling code for models converted by linearize (https://github.com/linearize/linearize):
 # a Llama-family decoder whose attention layers each run their own method (softmax, linear
-# attention with a feature map, LoLCATs, sliding window, Liger GLA, Liger). This file is copied
+# attention with a feature map, LoLCATs, sliding window, Liger GLA, Liger, Gated DeltaNet; the
+# windowed ones optionally with sink tokens). This file is copied
 # into every export by the `linearize` binary; the copy in the repository's python/linearize_hf/
 # is the one source. The math follows linearize-attention's naive and recurrent forms
 # (crates/linearize-attention/src/ops/*): a whole sequence runs the quadratic (masked) form,
@@ -34,22 +35,59 @@ def repeat_heads(x, heads):
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
-def window_masks(shape, size, q_pos, k_pos):
+def window_masks(shape, size, q_pos, k_pos, sinks=0):
     """Boolean `(window, linear)` masks for broadcastable int64 positions: `window` marks causal keys
-    inside the softmax window of their query, `linear` the causal keys before it. `sw`: the last
-    `size` tokens; `tk` (terrace): the query's block of `size` tokens and the block before, blocks
-    aligned to position 0."""
+    inside the softmax window of their query or before position `sinks` (sink tokens stay softmax
+    keys of every query), `linear` the other causal keys. `sw`: the last `size` tokens; `tk`
+    (terrace): the query's block of `size` tokens and the block before, blocks aligned to position 0."""
     causal = k_pos <= q_pos
     if shape == "sw":
         inside = (q_pos - k_pos) < size
     else:
         inside = k_pos >= (torch.div(q_pos, size, rounding_mode="floor") - 1) * size
-    return causal & inside, causal & ~inside
+    softmax = inside | (k_pos < sinks)
+    return causal & softmax, causal & ~softmax
+
+
+def window_start(shape, size, t):
+    """The first position inside the window of query `t`: the sinks before it are separate keys."""
+    start = t - size + 1 if shape == "sw" else (t // size - 1) * size
+    return max(start, 0)
 
 
 def window_reach(shape, size):
     """How many earlier tokens a query's window can reach: the decoding cache keeps that many."""
     return size - 1 if shape == "sw" else 2 * size - 1
+
+
+def sink_state(k, v, offset, sinks, dtype):
+    """The keys and values of the tokens k, v (b, ·, L, ·) from position `offset` that are sinks
+    (position < `sinks`), kept beside the window cache: `sink_k`, `sink_v` (b, ·, n, ·)."""
+    n = min(max(sinks - offset, 0), k.shape[2])
+    return {"sink_k": k[:, :, :n].to(dtype), "sink_v": v[:, :, :n].to(dtype)}
+
+
+def sink_step(state, k, v, t, sinks):
+    """Adds the token at position `t` to the sink cache when it is a sink."""
+    if t < sinks:
+        state["sink_k"] = torch.cat([state["sink_k"], k.to(state["sink_k"].dtype)], 2)
+        state["sink_v"] = torch.cat([state["sink_v"], v.to(state["sink_v"].dtype)], 2)
+
+
+def visible_sinks(state, shape, size, t):
+    """The sinks a query at `t` sees as separate keys: those before its window (the later ones are
+    in its window cache), (b, ·, n, ·) each."""
+    n = min(state["sink_k"].shape[2], window_start(shape, size, t))
+    return state["sink_k"][:, :, :n], state["sink_v"][:, :, :n]
+
+
+def without_sinks(phi_k, offset, sinks):
+    """phi_k (b, h, L, f) of tokens from position `offset` with the rows of sinks zeroed: a sink is
+    never a linear key, so its features enter no linear sum."""
+    n = min(max(sinks - offset, 0), phi_k.shape[2])
+    if n == 0:
+        return phi_k
+    return torch.cat([torch.zeros_like(phi_k[:, :, :n]), phi_k[:, :, n:]], 2)
 
 
 # ----------------------------------------------------------------------------- feature maps
@@ -362,7 +400,9 @@ class LolcatsAttention(LinearizeAttention):
     shared normaliser, per-head window factor gamma = sigmoid(window_factors):
       a_ts = gamma * exp(q_t.k_s / sqrt(d) - m_t)  for s in W(t)  (m_t: the max score in W(t))
       a_ts = phi(q_t).phi(k_s)                      for s < t outside W(t)
-      y_t = sum_s a_ts v_s / sum_s a_ts."""
+      y_t = sum_s a_ts v_s / sum_s a_ts.
+    With `sinks` = N, the keys s < N join W(t) for every t >= s (same max, same gamma) and are
+    never linear keys."""
 
     def __init__(self, config, layer_idx, attention):
         super().__init__(config, layer_idx, attention)
@@ -373,6 +413,7 @@ class LolcatsAttention(LinearizeAttention):
         self.window_factors = nn.Parameter(torch.full((self.num_heads,), -2.1972))
         self.window_shape = attention["window_shape"]
         self.window_size = attention["window_size"]
+        self.sinks = attention["sinks"]
 
     def gammas(self, dtype):
         return self.window_factors.to(dtype).sigmoid().view(1, -1, 1, 1)
@@ -381,7 +422,7 @@ class LolcatsAttention(LinearizeAttention):
         q, k, v = x["q"], x["k"], x["v"]
         L, off = q.shape[2], x["offset"]
         pos = torch.arange(off, off + L, device=q.device)
-        window, linear = window_masks(self.window_shape, self.window_size, pos[:, None], pos[None, :])
+        window, linear = window_masks(self.window_shape, self.window_size, pos[:, None], pos[None, :], self.sinks)
         scores = scaled_scores(q, k).masked_fill(~window, float("-inf"))  # (b, h, L, L)
         a_window = (scores - scores.amax(-1, keepdim=True)).exp() * self.gammas(scores.dtype)
         phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
@@ -390,9 +431,10 @@ class LolcatsAttention(LinearizeAttention):
         return (a @ repeat_heads(v.to(a.dtype), self.num_heads)) / a.sum(-1, keepdim=True)
 
     def prefill_state(self, x):
-        """The last `reach` tokens' k, phi(k), v as the window cache; linear sums over the rest."""
+        """The last `reach` tokens' k, phi(k), v as the window cache, the sinks' k and v; linear sums
+        over the rest (sinks' features zeroed)."""
         k, v = x["k"], x["v"]
-        phi_k = self.feature_map_k(k)
+        phi_k = without_sinks(self.feature_map_k(k), x["offset"], self.sinks)
         L = k.shape[2]
         keep = min(L, window_reach(self.window_shape, self.window_size))
         leaving = L - keep
@@ -405,16 +447,23 @@ class LolcatsAttention(LinearizeAttention):
             "kv": phi_k[:, :, :leaving].transpose(-1, -2) @ v_rep[:, :, :leaving],
             "k_sum": phi_k[:, :, :leaving].sum(2),
             "pos": x["offset"] + L,
+            **sink_state(k, v, x["offset"], self.sinks, dtype),
         }
 
     def step(self, state, x):
         h, t = self.num_heads, state["pos"]
         dtype = state["kv"].dtype
         m = state["k"].shape[2]
-        phi_q, phi_k = self.feature_map_q(x["q"]), self.feature_map_k(x["k"])
-        keys = torch.cat([state["k"], x["k"].to(dtype)], 2)  # (b, h_k, m+1, d)
-        phi_keys = torch.cat([state["phi_k"], phi_k], 2)  # (b, h, m+1, f)
-        values = torch.cat([state["v"], x["v"].to(dtype)], 2)  # (b, h_v, m+1, d)
+        phi_q = self.feature_map_q(x["q"])
+        phi_k = without_sinks(self.feature_map_k(x["k"]), t, self.sinks)
+        # The n sinks before the window, then the cached tokens (positions t-m .. t-1) and the new
+        # one. Sinks are softmax keys only: their features are zero.
+        sink_k, sink_v = visible_sinks(state, self.window_shape, self.window_size, t)
+        n = sink_k.shape[2]
+        sink_phi = phi_k.new_zeros(phi_k.shape[0], phi_k.shape[1], n, phi_k.shape[3])
+        keys = torch.cat([sink_k, state["k"], x["k"].to(dtype)], 2)  # (b, h_k, n+m+1, d)
+        phi_keys = torch.cat([sink_phi, state["phi_k"], phi_k], 2)  # (b, h, n+m+1, f)
+        values = torch.cat([sink_v, state["v"], x["v"].to(dtype)], 2)  # (b, h_v, n+m+1, d)
         device = keys.device
         inside, _ = window_masks(
             self.window_shape,
@@ -422,13 +471,17 @@ class LolcatsAttention(LinearizeAttention):
             torch.tensor([t], device=device)[:, None],
             torch.arange(t - m, t + 1, device=device)[None, :],
         )  # (1, m+1)
+        inside = torch.cat([torch.ones(1, n, dtype=torch.bool, device=device), inside], 1)  # (1, n+m+1)
         scores = scaled_scores(x["q"], keys).masked_fill(~inside, float("-inf"))
         a_window = (scores - scores.amax(-1, keepdim=True)).exp() * self.gammas(dtype)
         a_cached_linear = (phi_q @ phi_keys.transpose(-1, -2)).masked_fill(inside, 0.0)
         a = a_window + a_cached_linear
         num = a @ repeat_heads(values, h) + phi_q @ state["kv"]
         den = a.sum(-1, keepdim=True) + phi_q @ state["k_sum"].unsqueeze(-1)
-        # The token joins the cache; what falls out of the window's reach joins the linear sums.
+        # The token joins the cache (and the sinks, if it is one); what falls out of the window's
+        # reach joins the linear sums.
+        sink_step(state, x["k"], x["v"], t, self.sinks)
+        keys, phi_keys, values = keys[:, :, n:], phi_keys[:, :, n:], values[:, :, n:]
         keep = min(m + 1, window_reach(self.window_shape, self.window_size))
         leaving = m + 1 - keep
         state["kv"] = state["kv"] + phi_keys[:, :, :leaving].transpose(-1, -2) @ repeat_heads(values[:, :, :leaving], h)
@@ -438,47 +491,56 @@ class LolcatsAttention(LinearizeAttention):
         return num / den
 
 
-def swa_attend(q, k, v, size, q_offset, k_offset):
-    """Causal softmax over the last `size` keys (the query's own included)."""
-    Lq, Lk = q.shape[2], k.shape[2]
-    q_pos = torch.arange(q_offset, q_offset + Lq, device=q.device)[:, None]
-    k_pos = torch.arange(k_offset, k_offset + Lk, device=q.device)[None, :]
-    window, _ = window_masks("sw", size, q_pos, k_pos)
+def swa_attend(q, k, v, size, sinks, offset):
+    """Causal softmax over the last `size` keys (the query's own included) and the first `sinks`."""
+    L = q.shape[2]
+    pos = torch.arange(offset, offset + L, device=q.device)
+    window, _ = window_masks("sw", size, pos[:, None], pos[None, :], sinks)
     scores = scaled_scores(q, k).masked_fill(~window, float("-inf"))
     return scores.softmax(-1) @ repeat_heads(v.to(scores.dtype), q.shape[1])
 
 
-def swa_state(k, v, size, dtype):
+def swa_state(k, v, size, sinks, offset, dtype):
+    """The last size-1 keys and values, and the sinks'."""
     keep = min(k.shape[2], size - 1)
-    return {"k": k[:, :, k.shape[2] - keep :].to(dtype), "v": v[:, :, v.shape[2] - keep :].to(dtype)}
+    return {
+        "k": k[:, :, k.shape[2] - keep :].to(dtype),
+        "v": v[:, :, v.shape[2] - keep :].to(dtype),
+        **sink_state(k, v, offset, sinks, dtype),
+    }
 
 
-def swa_step(state, q, k, v, size):
-    """One token against the cache of the last size-1 keys and values."""
+def swa_step(state, q, k, v, size, sinks, t):
+    """One token (at position t) against the cache of the last size-1 keys and values and the sinks
+    before them."""
     dtype = state["k"].dtype
-    keys = torch.cat([state["k"], k.to(dtype)], 2)
-    values = torch.cat([state["v"], v.to(dtype)], 2)
+    sink_k, sink_v = visible_sinks(state, "sw", size, t)
+    keys = torch.cat([sink_k, state["k"], k.to(dtype)], 2)
+    values = torch.cat([sink_v, state["v"], v.to(dtype)], 2)
     y = scaled_scores(q, keys).softmax(-1) @ repeat_heads(values, q.shape[1])
+    sink_step(state, k, v, t, sinks)
+    keys, values = keys[:, :, sink_k.shape[2] :], values[:, :, sink_k.shape[2] :]
     keep = min(keys.shape[2], size - 1)
     state["k"], state["v"] = keys[:, :, keys.shape[2] - keep :], values[:, :, values.shape[2] - keep :]
     return y
 
 
 class SlidingWindowAttention(LinearizeAttention):
-    """Softmax over a sliding window of `window_size` tokens only."""
+    """Softmax over a sliding window of `window_size` tokens and the first `sinks` tokens only."""
 
     def __init__(self, config, layer_idx, attention):
         super().__init__(config, layer_idx, attention)
         self.window_size = attention["window_size"]
+        self.sinks = attention["sinks"]
 
     def forward_core(self, x):
-        return swa_attend(x["q"], x["k"], x["v"], self.window_size, x["offset"], x["offset"])
+        return swa_attend(x["q"], x["k"], x["v"], self.window_size, self.sinks, x["offset"])
 
     def prefill_state(self, x):
-        return swa_state(x["k"], x["v"], self.window_size, compute_dtype(x["v"]))
+        return swa_state(x["k"], x["v"], self.window_size, self.sinks, x["offset"], compute_dtype(x["v"]))
 
     def step(self, state, x):
-        return swa_step(state, x["q"], x["k"], x["v"], self.window_size)
+        return swa_step(state, x["q"], x["k"], x["v"], self.window_size, self.sinks, x["offset"])
 
 
 GLA_CHUNK = 64
@@ -543,24 +605,114 @@ class LigerGlaAttention(LinearizeAttention):
 
 
 class LigerAttention(LigerGlaAttention):
-    """Liger attention: 0.5 * sliding-window softmax (after RoPE) + 0.5 * GLA (before RoPE)."""
+    """Liger attention: 0.5 * sliding-window softmax (after RoPE) + 0.5 * GLA (before RoPE). Sinks
+    join the window half only (the GLA half sums over every token anyway)."""
 
     def __init__(self, config, layer_idx, attention):
         super().__init__(config, layer_idx, attention)
         self.window_size = attention["window_size"]
+        self.sinks = attention["sinks"]
 
     def forward_core(self, x):
-        window = swa_attend(x["q"], x["k"], x["v"], self.window_size, x["offset"], x["offset"])
+        window = swa_attend(x["q"], x["k"], x["v"], self.window_size, self.sinks, x["offset"])
         return 0.5 * (window + super().forward_core(x))
 
     def prefill_state(self, x):
-        state = swa_state(x["k"], x["v"], self.window_size, compute_dtype(x["v"]))
+        state = swa_state(x["k"], x["v"], self.window_size, self.sinks, x["offset"], compute_dtype(x["v"]))
         state.update(super().prefill_state(x))
         return state
 
     def step(self, state, x):
-        window = swa_step(state, x["q"], x["k"], x["v"], self.window_size)
+        window = swa_step(state, x["q"], x["k"], x["v"], self.window_size, self.sinks, x["offset"])
         return 0.5 * (window + super().step(state, x))
+
+
+def l2_normalize(x):
+    """x / |x| over the last dim, with fla's epsilon (1e-6 under the root): a zero row stays zero."""
+    return x / (x.square().sum(-1, keepdim=True) + 1e-6).sqrt()
+
+
+class GatedDeltaNetAttention(LinearizeAttention):
+    """Gated DeltaNet: the delta rule with a decay and write strength per head and token,
+      S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t,   o_t = q_t S_t,
+    S (d_k, d_v) per query head, q and k unit rows (an optional SiLU, then the L2 norm; no
+    1/sqrt(d)), read after RoPE with `rope` or before it. The gates come from u, the q, k and v
+    heads before RoPE joined and scaled to unit norm:
+      g = -exp(A_log) * softplus(u W_a^T + dt_bias),   beta = sigmoid(u W_b^T)."""
+
+    def __init__(self, config, layer_idx, attention):
+        super().__init__(config, layer_idx, attention)
+        h = self.num_heads
+        width = (h + 2 * self.num_kv_heads) * self.head_dim
+        self.a_proj = nn.Parameter(torch.zeros(h, width))
+        self.b_proj = nn.Parameter(torch.zeros(h, width))
+        self.A_log = nn.Parameter(torch.zeros(h))
+        self.dt_bias = nn.Parameter(torch.empty(h))
+        init_delta_gates(self)
+        self.rope = attention["rope"]
+        self.qk_activation = attention["qk_activation"]
+
+    def unit(self, x):
+        x = x.to(compute_dtype(x))
+        return l2_normalize(F.silu(x) if self.qk_activation == "silu" else x)
+
+    def inputs(self, x):
+        """Unit q (b, h, L, d) and k (b, h_kv, L, d), v, and the gates g, beta (b, h, L) in f32."""
+
+        def flat(t):  # (b, n, L, d) -> (b, L, n * d)
+            return t.float().transpose(1, 2).flatten(2)
+
+        u = l2_normalize(torch.cat([flat(x["q_raw"]), flat(x["k_raw"]), flat(x["v"])], -1))  # (b, L, in)
+        rate = F.softplus(u @ self.a_proj.float().t() + self.dt_bias.float())
+        g = -(self.A_log.float().exp() * rate)
+        beta = (u @ self.b_proj.float().t()).sigmoid()
+        q, k = (x["q"], x["k"]) if self.rope else (x["q_raw"], x["k_raw"])
+        return self.unit(q), self.unit(k), x["v"], g.transpose(1, 2), beta.transpose(1, 2)
+
+    def run(self, x, state):
+        """The delta rule token by token from `state` (b, h, d_k, d_v); returns outputs and state."""
+        q, k, v, g, beta = self.inputs(x)
+        dtype = q.dtype
+        h = self.num_heads
+        k, v = repeat_heads(k, h), repeat_heads(v.to(dtype), h)
+        g, beta = g.to(dtype)[..., None], beta.to(dtype)[..., None]  # (b, h, L, 1)
+        outputs = []
+        for t in range(q.shape[2]):
+            k_t = k[:, :, t : t + 1]  # (b, h, 1, d_k)
+            decayed = g[:, :, t : t + 1].exp() * state
+            # The correction replaces what the decayed state holds for k_t by v_t, at strength beta.
+            delta = beta[:, :, t : t + 1] * (v[:, :, t : t + 1] - k_t @ decayed)  # (b, h, 1, d_v)
+            state = decayed + k_t.transpose(-1, -2) @ delta
+            outputs.append(q[:, :, t : t + 1] @ state)
+        return torch.cat(outputs, 2), state
+
+    def empty_state(self, x):
+        v = x["v"]
+        dtype = compute_dtype(v)
+        return torch.zeros(v.shape[0], self.num_heads, self.head_dim, v.shape[-1], dtype=dtype, device=v.device)
+
+    def forward_core(self, x):
+        return self.run(x, self.empty_state(x))[0]
+
+    def prefill_state(self, x):
+        return {"s": self.run(x, self.empty_state(x))[1]}
+
+    def step(self, state, x):
+        y, state["s"] = self.run(x, state["s"])
+        return y
+
+
+def init_delta_gates(module):
+    """linearize's untrained gates: W_a = W_b = 0, A_log = 0 and log-spaced time steps dt from 1e-3
+    to 1e-1 over the heads (dt_bias = softplus^-1(dt))."""
+    h = module.dt_bias.shape[0]
+    frac = torch.arange(h, dtype=torch.float64) / max(h - 1, 1)
+    dt = (math.log(1e-3) + frac * (math.log(1e-1) - math.log(1e-3))).exp()
+    with torch.no_grad():
+        module.a_proj.zero_()
+        module.b_proj.zero_()
+        module.A_log.zero_()
+        module.dt_bias.copy_(dt.expm1().log())
 
 
 # The attention class of each method a layer's config may name.
@@ -571,6 +723,7 @@ ATTENTION_CLASSES = {
     "sliding_window": SlidingWindowAttention,
     "liger_gla": LigerGlaAttention,
     "liger": LigerAttention,
+    "gated_deltanet": GatedDeltaNetAttention,
 }
 
 
@@ -632,6 +785,8 @@ class LinearizePreTrainedModel(PreTrainedModel):
                 module.b.data.zero_()
         elif isinstance(module, LolcatsAttention):
             module.window_factors.data.fill_(-2.1972)
+        elif isinstance(module, GatedDeltaNetAttention):
+            init_delta_gates(module)
 
 
 def check_attention_mask(attention_mask, cache):

@@ -9,6 +9,7 @@ mod common;
 use common::rng_lock;
 use linearize_attention::feature_map::{FeatureMapConfig, FeatureMapInit};
 use linearize_attention::linearized::{AttentionConfig, Method};
+use linearize_attention::ops::gated_deltanet::QkActivation;
 use linearize_attention::ops::window::WindowShape;
 use linearize_models::config::ModelConfig;
 use linearize_models::generate::{generate, GenerateConfig, SamplingConfig};
@@ -27,6 +28,9 @@ const WINDOW: i64 = 8;
 /// Tokens scored: five windows.
 const LEN: i64 = 40;
 const NEW_TOKENS: usize = 8;
+/// Sink tokens of the `+sinks` cases: fewer than a window, so that queries see them both inside
+/// their window and, later, beside it.
+const SINKS: i64 = 3;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -88,6 +92,24 @@ fn windowed(method: Method) -> AttentionConfig {
         window_size: Some(WINDOW),
         chunk_size: Some(16),
         ..AttentionConfig::new(method)
+    }
+}
+
+/// `attention` with the first [`SINKS`] tokens kept as softmax keys.
+fn with_sinks(attention: AttentionConfig) -> AttentionConfig {
+    AttentionConfig {
+        sinks: Some(SINKS),
+        ..attention
+    }
+}
+
+/// Gated DeltaNet with `rope` and `qk_activation` as given, or their defaults.
+fn gated_deltanet(rope: Option<bool>, qk_activation: Option<QkActivation>) -> AttentionConfig {
+    AttentionConfig {
+        rope,
+        qk_activation,
+        chunk_size: Some(16),
+        ..AttentionConfig::new(Method::GatedDeltanet)
     }
 }
 
@@ -157,12 +179,42 @@ fn cases() -> Vec<Case> {
             ),
             hybrid(windowed(Method::SlidingWindow)),
         ),
+        case(
+            "lolcats_sw_sinks",
+            llama(),
+            hybrid(with_sinks(lolcats(WindowShape::Sw))),
+        ),
+        case(
+            "lolcats_tk_sinks",
+            llama(),
+            hybrid(with_sinks(lolcats(WindowShape::Tk))),
+        ),
+        case(
+            "sliding_window_sinks",
+            llama(),
+            hybrid(with_sinks(windowed(Method::SlidingWindow))),
+        ),
+        case(
+            "liger_sinks",
+            llama(),
+            hybrid(with_sinks(windowed(Method::Liger))),
+        ),
+        case(
+            "gated_deltanet",
+            llama(),
+            hybrid(gated_deltanet(None, None)),
+        ),
+        case(
+            "gated_deltanet_rope_silu",
+            llama(),
+            hybrid(gated_deltanet(Some(true), Some(QkActivation::Silu))),
+        ),
         // Every method in one model, and the teacher's own window on its softmax layer.
         case(
             "hybrid_mistral",
             tiny_config(
                 "mistral",
-                json!({"sliding_window": 6, "num_hidden_layers": 6}),
+                json!({"sliding_window": 6, "num_hidden_layers": 7}),
             ),
             ConversionConfig {
                 softmax_layers: vec![3],
@@ -170,7 +222,8 @@ fn cases() -> Vec<Case> {
                     (1, lolcats(WindowShape::Tk)),
                     (2, windowed(Method::Liger)),
                     (4, linear(t2r)),
-                    (5, windowed(Method::SlidingWindow)),
+                    (5, with_sinks(windowed(Method::SlidingWindow))),
+                    (6, gated_deltanet(None, None)),
                 ]),
                 ..ConversionConfig::all(lolcats(WindowShape::Sw))
             },
