@@ -288,7 +288,11 @@ mod tests {
         let model = Model::new(&cfg, Device::Cpu, Kind::Float).unwrap();
         let config: TeacherSamplesConfig =
             serde_yaml_ng::from_str("num_sequences: 3\ntemperature: 1.0\ntop_p: 1.0\n").unwrap();
-        let prompts = vec![vec![5, 6, 7, 8], vec![9], vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]];
+        let prompts = vec![
+            vec![5, 6, 7, 8],
+            vec![9],
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+        ];
         let rows = tch::no_grad(|| sample_batch(&model, &prompts, 10, &config)).unwrap();
         assert_eq!(rows.len(), 3);
         for (row, prompt) in rows.iter().zip(&prompts) {

@@ -154,7 +154,7 @@ mod tests {
         assert!(spec.uses_teacher());
         let spec: LossSpec = serde_json::from_str(r#"{"xent": 0.5, "kl": 2}"#).unwrap();
         assert_eq!(spec.weights(), (0.5, 2.0));
-        assert_eq!(LossSpec::default().weights(), (1.0, 0.0));
+        assert_eq!(LossSpec::default().weights(), (0.0, 1.0));
         let e = LossSpec::Mix(LossMix { xent: 0.0, kl: 0.0 })
             .validate()
             .unwrap_err()
