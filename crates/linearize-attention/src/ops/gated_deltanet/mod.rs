@@ -25,10 +25,11 @@ pub use layer::{DeltaGates, QkActivation};
 pub use naive::naive;
 pub use recurrent::{recurrent, step};
 
+use super::gla::Shapes;
 use crate::error::{config, Error, Result};
 use crate::tensors::{compute_kind, shape, Dims};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// Settings of the chunked Gated DeltaNet kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -66,49 +67,9 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     Ok((x32 / norm).to_kind(x.kind()))
 }
 
-/// The recurrent state `S` (b, h, d_k, d_v) in the compute dtype.
-#[derive(Debug)]
-pub struct GatedDeltaNetState {
-    pub s: Tensor,
-}
-
-impl GatedDeltaNetState {
-    pub fn shallow_clone(&self) -> Self {
-        self.map_tensors(&Tensor::shallow_clone)
-    }
-
-    /// The same state with `f` applied to each of its tensors (copies, repeats along the batch,
-    /// moves).
-    pub fn map_tensors(&self, f: &dyn Fn(&Tensor) -> Tensor) -> Self {
-        Self { s: f(&self.s) }
-    }
-
-    pub fn tensors(&self) -> Vec<&Tensor> {
-        vec![&self.s]
-    }
-
-    pub(crate) fn initial(state: Option<&Self>, s: &Shapes, opts: (Kind, Device)) -> Result<Self> {
-        let want = [s.batch, s.heads, s.key_dim, s.value_dim];
-        match state {
-            None => Ok(Self {
-                s: Tensor::zeros(want, opts),
-            }),
-            Some(state) if state.s.size() == want => Ok(Self {
-                s: state.s.to_kind(opts.0),
-            }),
-            Some(state) => Err(shape("state.s", &format!("{want:?}"), &state.s)),
-        }
-    }
-}
-
-/// Checked sizes of one call.
-pub(crate) struct Shapes {
-    pub batch: i64,
-    pub heads: i64,
-    pub len: i64,
-    pub key_dim: i64,
-    pub value_dim: i64,
-}
+/// The recurrent state `S` (b, h, d_k, d_v) in the compute dtype: the same matrix state as GLA's
+/// (only its update differs), with the same checks.
+pub type GatedDeltaNetState = super::gla::GlaState;
 
 pub(crate) fn check_inputs(
     q: &Tensor,
