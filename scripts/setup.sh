@@ -51,6 +51,23 @@ PY
   "$VENV/bin/pip" install --quiet --no-cache-dir -r scripts/requirements-hf.txt "numpy<2.4" "torch==$TORCH_VERSION"
 fi
 
+# transformers 5 (and a PEFT that imports with it) into .venv/hf5, beside .venv's transformers 4:
+# the export tests load every export in both (scripts/requirements-hf5.txt).
+HF5=$VENV/hf5
+if ! PYTHONPATH=$HF5 "$VENV/bin/python" - scripts/requirements-hf5.txt <<'PY' 2>/dev/null; then
+import sys
+from importlib.metadata import version
+pins = [l.split("#")[0].strip() for l in open(sys.argv[1])]
+sys.exit(any(version(name) != want for name, want in (p.split("==") for p in pins if p)))
+PY
+  echo "setup: installing transformers 5 and PEFT into $HF5 (scripts/requirements-hf5.txt)" >&2
+  rm -rf "$HF5"
+  "$VENV/bin/pip" install --quiet --no-cache-dir --target "$HF5" "numpy<2.4" \
+    "$(grep -o '^transformers==[^ ]*' scripts/requirements-hf5.txt)"
+  "$VENV/bin/pip" install --quiet --no-cache-dir --no-deps --target "$HF5" \
+    "$(grep -o '^peft==[^ ]*' scripts/requirements-hf5.txt)"
+fi
+
 # Python packages used only by the scripts that make test fixtures and reference numbers.
 if [ "${LINEARIZE_SETUP_PY_TOOLS:-0}" = 1 ]; then
   "$VENV/bin/pip" install --quiet -r scripts/requirements-tools.txt

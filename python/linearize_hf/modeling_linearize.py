@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -769,6 +770,12 @@ class LinearizePreTrainedModel(PreTrainedModel):
     # The decoding state is this model's own (recurrent states do not fit transformers' KV caches).
     _is_stateful = True
 
+    @classmethod
+    def _supports_default_dynamic_cache(cls):
+        # `generate` must not make a DynamicCache (transformers 5 does by default): the first
+        # forward makes a LinearizeCache and returns it for the next step.
+        return False
+
     def _init_weights(self, module):
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
@@ -862,7 +869,11 @@ class LinearizeModel(LinearizePreTrainedModel):
 
 
 class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
-    _tied_weights_keys = ["lm_head.weight"]
+    # transformers 5 maps each tied weight to its source; 4 lists the tied weights.
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    else:
+        _tied_weights_keys = ["lm_head.weight"]
 
     def __init__(self, config):
         super().__init__(config)

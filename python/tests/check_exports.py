@@ -81,6 +81,10 @@ def check_peft(case, peft_dir, ref):
 
 
 def main(root):
+    import peft
+    import transformers
+
+    print(f"transformers {transformers.__version__}, peft {peft.__version__}", flush=True)
     cases = sorted(p for p in Path(root).iterdir() if (p / "model").is_dir())
     if not cases:
         sys.exit(f"no case directories with model/ in {root}")

@@ -3,7 +3,8 @@
 //! with the modeling code the export carries, and must give linearize's logits (f32, CPU, 40
 //! tokens past a window of 8) and greedy tokens; a stock load must fail; PEFT must reproduce the
 //! merged model from the adapters in its format. The checks run in `.venv`'s python
-//! (python/tests/check_exports.py) with the packages scripts/setup.sh installs.
+//! (python/tests/check_exports.py) twice: with its transformers 4 and PEFT, and with the
+//! transformers 5 and PEFT that scripts/setup.sh installs into `.venv/hf5`.
 mod common;
 
 use common::rng_lock;
@@ -333,9 +334,26 @@ fn export_case(case: &Case, dir: &Path) {
     );
 }
 
-fn run_python(args: &[&Path]) -> String {
+/// `.venv/hf5`: transformers 5 and a PEFT for it (scripts/requirements-hf5.txt), put first on
+/// PYTHONPATH to run the same checks under transformers 5.
+fn transformers5_site() -> PathBuf {
+    let site = repo_root().join(".venv/hf5");
+    assert!(
+        site.join("transformers").is_dir(),
+        "{} lacks transformers 5: run scripts/setup.sh",
+        site.display()
+    );
+    site
+}
+
+/// Runs `.venv`'s python on `args`, with `pythonpath` first on its module path if given.
+fn run_python(args: &[&Path], pythonpath: Option<&Path>) -> String {
     let home = tempfile::tempdir().unwrap();
-    let out = Command::new(python())
+    let mut command = Command::new(python());
+    if let Some(path) = pythonpath {
+        command.env("PYTHONPATH", path);
+    }
+    let out = command
         .args(args)
         .env("HF_HOME", home.path())
         .env("HF_HUB_OFFLINE", "1")
@@ -402,10 +420,17 @@ fn exports_run_in_transformers_and_peft_as_in_linearize() {
     );
 
     let script = repo_root().join("python/tests/check_exports.py");
-    let report = run_python(&[&script, root.path()]);
-    println!("{report}");
-    assert!(
-        report.contains(&format!("{} cases, 0 failed checks", cases().len())),
-        "{report}"
-    );
+    let site5 = transformers5_site();
+    for (major, pythonpath) in [("4", None), ("5", Some(site5.as_path()))] {
+        let report = run_python(&[&script, root.path()], pythonpath);
+        println!("{report}");
+        assert!(
+            report.contains(&format!("transformers {major}.")),
+            "not transformers {major}:\n{report}"
+        );
+        assert!(
+            report.contains(&format!("{} cases, 0 failed checks", cases().len())),
+            "{report}"
+        );
+    }
 }
