@@ -141,5 +141,18 @@ fn dry_run_plans_for_cuda_and_checks_stage_lengths() {
         assert!(!output.status.success(), "{set}: accepted");
         assert!(e.contains(needle), "{set}: {e}");
     }
+    // data.template: a file that does not compile fails the plan; `alpaca` is named in it.
+    let bad = dir.path().join("bad.jinja");
+    std::fs::write(&bad, "{% for m in messages %}").unwrap();
+    let set = format!("data.template={}", bad.display());
+    let output = linearize(&["--recipe", recipe, "--dry-run", "--set", &set])
+        .output()
+        .unwrap();
+    let e = stderr(&output);
+    assert!(!output.status.success(), "{e}");
+    assert!(
+        e.contains("data.template") && e.contains("invalid chat template"),
+        "{e}"
+    );
     assert!(!dir.path().join("runs").exists());
 }
