@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use tch::{nn, Kind, Tensor};
 
-/// Rank, scale and dropout of the adapters (DESIGN.md defaults: r = 8, alpha = 16).
+/// Rank, scale and dropout of the adapters (defaults: r = 8, alpha = 16).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoraConfig {

@@ -161,7 +161,11 @@ fn execute(
     let recipe = &loaded.recipe;
     let kind = parse_dtype(&recipe.model.dtype)?;
     let mut model: Model = loaded.load_model(device, kind)?;
-    let encoder = ModelEncoder::from_dir(&loaded.model_dir)?;
+    let encoder = ModelEncoder::new(&loaded.model_dir, recipe.data.template.as_ref())?;
+    tracing::info!(
+        format = %encoder.tokenizer().describe_prompt_format(),
+        "instructions and conversations render in this prompt format"
+    );
     let data = resolve_data_paths(&recipe.data, run_dir)?;
     let mut datasets = build_datasets(&data, &encoder).context("data")?;
     stop_if_preempted(preemption, group)?;
@@ -196,7 +200,9 @@ fn execute(
     let student = nn::VarStore::new(device);
     let mut converted = convert(&mut model, &recipe.conversion, &student)?;
     let mut metrics = if group.is_main() {
-        open_metrics(run_dir, loaded)?
+        let mut metrics = open_metrics(run_dir, loaded)?;
+        metrics.set_sinks(tracking_sinks(run_dir, loaded)?);
+        metrics
     } else {
         MetricsWriter::disabled()
     };
@@ -353,6 +359,7 @@ fn execute(
             preemption,
         )?;
     }
+    metrics.finish();
     tracing::info!(run_steps, "job finished");
     println!("{}", converted.table());
     println!("run directory: {}", run_dir.display());
@@ -474,11 +481,13 @@ fn continue_metrics(
     group: &ProcessGroup,
 ) -> Result<()> {
     if let (Some(state), true) = (resume, group.is_main()) {
+        let sinks = metrics.take_sinks();
         *metrics = MetricsWriter::resume(
             &run_dir.join("metrics.jsonl"),
             &state.state.stage,
             state.state.step,
         )?;
+        metrics.set_sinks(sinks);
     }
     Ok(())
 }
@@ -521,7 +530,7 @@ fn describe_data(data: &linearize_train::data::DataConfig) -> String {
     let sources: Vec<String> = data
         .sources
         .iter()
-        .map(|s| format!("{:?} {}", s.kind, s.path.display()).to_lowercase())
+        .map(|s| format!("{} {}", s.kind.name(), s.describe()))
         .collect();
     format!(
         "{} (sequences of {} tokens)",
@@ -570,6 +579,21 @@ fn open_metrics(run_dir: &Path, loaded: &LoadedRecipe) -> Result<MetricsWriter> 
         }
     }
     MetricsWriter::create(&path)
+}
+
+/// The tracking sinks of the recipe (TensorBoard, MLflow), with the resolved recipe as the run's
+/// hyperparameters.
+fn tracking_sinks(
+    run_dir: &Path,
+    loaded: &LoadedRecipe,
+) -> Result<Vec<Box<dyn linearize_train::tracking::MetricSink>>> {
+    let recipe = &loaded.recipe;
+    let params = linearize_train::tracking::flatten_params(
+        &serde_json::to_value(recipe).context("serialising the recipe")?,
+    );
+    Ok(recipe
+        .tracking
+        .open_sinks(run_dir, &recipe.name, &loaded.resolved, &params))
 }
 
 /// The final validation MSE per layer of stage 1, from this run or from its metrics file.

@@ -7,10 +7,13 @@ use linearize_eval::EvalConfig;
 use linearize_models::config::ModelConfig;
 use linearize_models::llama::Model;
 use linearize_models::offline::Split;
+use linearize_models::prompt_format::TemplateChoice;
+use linearize_models::tokenizer::Tokenizer;
 use linearize_train::convert::ConversionConfig;
 use linearize_train::data::DataConfig;
 use linearize_train::stage1::Stage1Config;
 use linearize_train::stage2::Stage2Config;
+use linearize_train::tracking::TrackingConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 pub use tree::RecipeTree;
@@ -36,6 +39,9 @@ pub struct Recipe {
     /// Stage 2 (LoRA); absent: no LoRA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<Stage2Config>,
+    /// Experiment tracking beside metrics.jsonl: TensorBoard (default on), MLflow.
+    #[serde(default, skip_serializing_if = "TrackingConfig::is_default")]
+    pub tracking: TrackingConfig,
     /// What the job writes out; absent: nothing beyond states and stage outputs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<ExportSection>,
@@ -160,12 +166,16 @@ fn absolutize(recipe: &mut Recipe) -> Result<()> {
     }
     let data = &mut recipe.data;
     for source in data.sources.iter_mut().chain(data.val_sources.iter_mut()) {
-        if !is_offline(&source.path) {
+        // With `hub`, `path` is a path inside the dataset repository.
+        if !is_offline(&source.path) && source.hub.is_none() {
             source.path = abs(&source.path)?;
         }
     }
     if let Some(dir) = data.cache_dir.as_mut() {
         *dir = abs(dir)?;
+    }
+    if let Some(TemplateChoice::File(path)) = data.template.as_mut() {
+        *path = abs(path)?;
     }
     if let Some(eval) = recipe.eval.as_mut() {
         let files = eval
@@ -256,6 +266,7 @@ impl LoadedRecipe {
             Check::Run,
             &mut unchecked,
         )?;
+        check_template(&recipe, &tree, Some(&model_dir), Check::Run, &mut unchecked)?;
         let resolved = serde_yaml_ng::to_string(&recipe).context("serialising the recipe")?;
         Ok(Self {
             hash: linearize_train::state::recipe_hash(&resolved),
@@ -307,6 +318,8 @@ impl PlannedRecipe {
             Check::Plan,
             &mut unchecked,
         )?;
+        let dir = model.as_ref().map(|m| m.0.as_path());
+        check_template(&recipe, &tree, dir, Check::Plan, &mut unchecked)?;
         let resolved = serde_yaml_ng::to_string(&recipe).context("serialising the recipe")?;
         Ok(Self {
             hash: linearize_train::state::recipe_hash(&resolved),
@@ -472,7 +485,14 @@ fn validate(
         ("val_sources", &recipe.data.val_sources),
     ] {
         for (i, source) in sources.iter().enumerate() {
-            if source.path.as_os_str() != OFFLINE_TEXT && !source.path.exists() {
+            if source.hub.is_some() {
+                // A dry run lists the dataset's files (no data); a run fetches them.
+                if check == Check::Plan {
+                    if let Err(e) = linearize_train::data::list_hub_files(source) {
+                        here(&format!("data.{key}[{i}].hub"), e)?;
+                    }
+                }
+            } else if source.path.as_os_str() != OFFLINE_TEXT && !source.path.exists() {
                 let key = format!("data.{key}[{i}].path");
                 here(
                     &key,
@@ -541,6 +561,38 @@ fn validate(
         linearize_eval::report::validate(&eval).map_err(|e| at("eval", e))?;
     }
     Ok(())
+}
+
+/// `data.template` against the model's tokenizer (`model_dir`, absent when a dry run could not
+/// get it): a file must exist and compile, `chat` needs the tokenizer's template. A dry run
+/// lists a template file that is not here, as it lists missing data files.
+fn check_template(
+    recipe: &Recipe,
+    tree: &RecipeTree,
+    model_dir: Option<&Path>,
+    check: Check,
+    unchecked: &mut Vec<String>,
+) -> Result<()> {
+    let Some(choice) = &recipe.data.template else {
+        return Ok(());
+    };
+    let key = "data.template";
+    let at = || tree.locate_path(key);
+    if let TemplateChoice::File(path) = choice {
+        if !path.is_file() && check == Check::Plan {
+            unchecked.push(format!("{}: {key}: {}: no such file", at(), path.display()));
+            return Ok(());
+        }
+    }
+    let Some(dir) = model_dir else {
+        return Ok(());
+    };
+    let tokenizer = Tokenizer::from_dir(dir)
+        .with_context(|| format!("{}: {key}: the model's tokenizer", at()))?;
+    tokenizer
+        .with_template(choice)
+        .map(|_| ())
+        .map_err(|e| anyhow!("{}: {key}: {e:#}", at()))
 }
 
 /// `eval` for a dry run: `offline:text/<split>` paths checked by name and resolved only if the

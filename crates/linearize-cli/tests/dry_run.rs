@@ -43,7 +43,6 @@ fn every_shipped_recipe_dry_runs_offline() {
             .env("LINEARIZE_CACHE", empty.path().join("linearize"))
             // Nothing may be reached: a proxy that does not exist.
             .env("HF_ENDPOINT", "http://127.0.0.1:9")
-            .env_remove("ALPACA_JSONL")
             .output()
             .unwrap();
         let plan = String::from_utf8_lossy(&output.stdout);
@@ -71,6 +70,14 @@ fn every_shipped_recipe_dry_runs_offline() {
         if text.contains("source: \"meta-llama") || text.contains("source: \"Qwen") {
             assert!(
                 plan.contains("not checked on this machine") && plan.contains("HF_HUB_OFFLINE"),
+                "{}: {plan}",
+                recipe.display()
+            );
+        }
+        // Alpaca by hub id: offline and not cached, its file list is not checked here.
+        if text.contains("alpaca_clean.yaml") {
+            assert!(
+                plan.contains("data.sources[0].hub") && plan.contains("yahma/alpaca-cleaned"),
                 "{}: {plan}",
                 recipe.display()
             );
@@ -134,5 +141,18 @@ fn dry_run_plans_for_cuda_and_checks_stage_lengths() {
         assert!(!output.status.success(), "{set}: accepted");
         assert!(e.contains(needle), "{set}: {e}");
     }
+    // data.template: a file that does not compile fails the plan; `alpaca` is named in it.
+    let bad = dir.path().join("bad.jinja");
+    std::fs::write(&bad, "{% for m in messages %}").unwrap();
+    let set = format!("data.template={}", bad.display());
+    let output = linearize(&["--recipe", recipe, "--dry-run", "--set", &set])
+        .output()
+        .unwrap();
+    let e = stderr(&output);
+    assert!(!output.status.success(), "{e}");
+    assert!(
+        e.contains("data.template") && e.contains("invalid chat template"),
+        "{e}"
+    );
     assert!(!dir.path().join("runs").exists());
 }

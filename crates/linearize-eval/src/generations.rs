@@ -21,7 +21,8 @@ pub struct GenerationsConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompts_file: Option<PathBuf>,
     pub max_new_tokens: usize,
-    /// Wrap each prompt as a user message in the tokenizer's chat template (instruct models).
+    /// Wrap each prompt as a user message in the tokenizer's chat template (instruct models),
+    /// or in Alpaca's plain instruction prompt when it has none.
     pub chat: bool,
 }
 
@@ -127,13 +128,14 @@ pub fn first_sentence(text: &str) -> &str {
     text
 }
 
-/// The prompt's ids: plain text with the tokenizer's special tokens, or a chat turn.
+/// The prompt's ids: plain text with the tokenizer's special tokens, or a user turn in the
+/// tokenizer's prompt format.
 pub fn encode_prompt(tokenizer: &Tokenizer, prompt: &str, chat: bool) -> Result<Vec<u32>> {
     if chat {
         let message = ChatMessage::new("user", prompt);
         tokenizer
             .encode_chat(&[message], true)
-            .context("applying the chat template")
+            .with_context(|| format!("rendering in the {}", tokenizer.describe_prompt_format()))
     } else {
         tokenizer.encode(prompt, true)
     }
@@ -152,6 +154,9 @@ pub fn side_by_side<T: CausalLm, S: CausalLm>(
         stop_ids: tokenizer.eos_ids().to_vec(),
         cuda_graphs: true,
     };
+    if cfg.chat {
+        tracing::info!(format = %tokenizer.describe_prompt_format(), "generation prompts");
+    }
     cfg.all_prompts()?
         .into_iter()
         .map(|prompt| {

@@ -1,5 +1,5 @@
 //! How far the student's next-token distributions are from the teacher's, token by token, on the
-//! windows of the perplexity protocol (DESIGN.md): KL(teacher || student) and top-1 agreement
+//! windows of the perplexity protocol (docs/eval.md): KL(teacher || student) and top-1 agreement
 //! per scored position, summarised as means (what [`crate::perplexity::compare`] reports), as
 //! quantiles over all scored tokens (a mean hides a few catastrophic tokens), and by position in
 //! the window (linear attention tends to drift as the context grows, softmax does not).

@@ -1,5 +1,5 @@
 //! Evaluation of converted models against their teacher, on identical inputs: perplexity by the
-//! protocol of DESIGN.md with next-token KL and agreement, per-layer attention error, recall
+//! protocol of docs/eval.md with next-token KL and agreement, per-layer attention error, recall
 //! probes, the teacher's retrieval heads, multiple-choice tasks, speed and memory, generations,
 //! and a report with plots ([`report::run_report`]).
 pub mod attention_error;

@@ -1,4 +1,4 @@
-//! Perplexity by the evaluation protocol of DESIGN.md, so numbers compare across tools: the
+//! Perplexity by the evaluation protocol of docs/eval.md, so numbers compare across tools: the
 //! whole text is encoded without special tokens and cut into consecutive windows of `ctx`
 //! tokens (a partial last window is dropped; optionally only the first K windows are kept);
 //! each window is scored on its own, by the mean next-token NLL of its tokens 1..ctx-1 given

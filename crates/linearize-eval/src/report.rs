@@ -25,6 +25,7 @@ use crate::training::{read_metrics, StageCurves, StageSummary};
 use anyhow::{ensure, Context, Result};
 use linearize_models::atomic;
 use linearize_models::llama::Model;
+use linearize_models::names::{device_name, dtype_name};
 use linearize_models::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -82,7 +83,7 @@ impl EvalConfig {
     }
 }
 
-/// Perplexity of both models, KL and top-1 agreement, by DESIGN.md's protocol.
+/// Perplexity of both models, KL and top-1 agreement, by the protocol of docs/eval.md.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PerplexityConfig {
@@ -178,8 +179,8 @@ impl ModelSummary {
         Self {
             layers: model.num_layers(),
             parameters: model.num_parameters(),
-            dtype: format!("{:?}", model.kind()),
-            device: format!("{:?}", model.device()),
+            dtype: dtype_name(model.kind()),
+            device: device_name(model.device()),
             max_context: model.config().max_position_embeddings,
             attention: (0..model.num_layers())
                 .map(|i| model.mixer(i).name())
@@ -1093,10 +1094,12 @@ fn markdown(r: &EvalReport) -> String {
     if let Some(s) = &r.speed {
         let _ = writeln!(
             w,
-            "## Speed and memory\n\nOn {}, {} decoded tokens per length; memory: {:?}. \
+            "## Speed and memory\n\nOn {}, {} decoded tokens per length; memory: {}. \
              Cache: the bytes the model's decoding cache holds after the last token (the \
              teacher's KV cache, the student's recurrent states and window caches).\n",
-            s.teacher.device, s.teacher.decode_tokens, s.teacher.memory
+            s.teacher.device,
+            s.teacher.decode_tokens,
+            s.teacher.memory.name()
         );
         let _ = writeln!(
             w,

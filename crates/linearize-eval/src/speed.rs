@@ -63,6 +63,17 @@ pub enum MemorySource {
     Unavailable,
 }
 
+impl MemorySource {
+    /// What the report calls the measure.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::CpuPeakRss => "peak RSS (CPU)",
+            Self::CudaDeviceUsed => "device memory in use (CUDA)",
+            Self::Unavailable => "not measured on this device",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SpeedPoint {
     pub context: usize,
@@ -142,7 +153,7 @@ pub fn measure<M: CausalLm>(
         points.push(point);
     }
     Ok(SpeedReport {
-        device: format!("{device:?}"),
+        device: linearize_models::names::device_name(device),
         memory: meter.source(),
         decode_tokens: cfg.decode_tokens,
         points,

@@ -1,4 +1,4 @@
-//! Training curves from a run's `metrics.jsonl` (DESIGN.md "Jobs and checkpoints"): one JSON
+//! Training curves from a run's `metrics.jsonl` (docs/eval.md, "Training curves"): one JSON
 //! object per line with `stage`, `step`, `tokens`, `split` (`train` or `val`) and named values.
 //! The curves are the top-level named values (losses such as `attn_mse`, `lm_loss`), per stage
 //! and split; bookkeeping fields (`lr`, `grad_norm`, throughput, times) and per-layer values

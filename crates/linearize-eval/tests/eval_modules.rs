@@ -688,6 +688,14 @@ decode_check: {{new_tokens: 12}}
     ] {
         assert!(md.contains(needle), "{needle} missing from eval.md");
     }
+    // Human names, not Rust's debug names.
+    assert!(
+        md.contains("f32 on CPU") && md.contains("memory: peak RSS (CPU)"),
+        "{md}"
+    );
+    for debug in ["Float", "Cpu", "PeakRss", "null", "None", "Some("] {
+        assert!(!md.contains(debug), "{debug} in eval.md:\n{md}");
+    }
     // Only the report's files are there, nothing temporary.
     let mut names: Vec<String> = std::fs::read_dir(&out)
         .unwrap()

@@ -70,9 +70,9 @@ impl HubId {
         })
     }
 
-    /// The cache folder name hf-hub and huggingface_hub use: `models--org--name`.
-    fn cache_folder(&self) -> String {
-        format!("models--{}", self.repo.replace('/', "--"))
+    /// The repository of this id at its revision, as hf-hub names it.
+    pub(crate) fn repo(&self, kind: RepoType) -> Repo {
+        Repo::with_revision(self.repo.clone(), kind, self.revision.clone())
     }
 }
 
@@ -244,7 +244,16 @@ fn cached_config(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
 
 /// The snapshot directory the cache's ref for `id` points to (which may be incomplete).
 fn snapshot_dir(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
-    let repo_dir = settings.cache_dir.join(id.cache_folder());
+    snapshot_dir_of(id, RepoType::Model, settings)
+}
+
+/// The snapshot directory the cache's ref for the `kind` repository `id` points to.
+pub(crate) fn snapshot_dir_of(
+    id: &HubId,
+    kind: RepoType,
+    settings: &HubSettings,
+) -> Result<PathBuf> {
+    let repo_dir = settings.cache_dir.join(id.repo(kind).folder_name());
     let ref_path = repo_dir.join("refs").join(&id.revision);
     let commit = if ref_path.is_file() {
         std::fs::read_to_string(&ref_path)
@@ -307,14 +316,14 @@ fn shard_names(index: &Path) -> Result<BTreeSet<String>> {
 }
 
 #[derive(Deserialize)]
-struct RepoInfo {
-    sha: String,
-    siblings: Vec<Sibling>,
+pub(crate) struct RepoInfo {
+    pub sha: String,
+    pub siblings: Vec<Sibling>,
 }
 
 #[derive(Deserialize)]
-struct Sibling {
-    rfilename: String,
+pub(crate) struct Sibling {
+    pub rfilename: String,
 }
 
 /// What [`download`] fetches.
@@ -406,13 +415,17 @@ fn download(id: &HubId, settings: &HubSettings, what: Files) -> Result<PathBuf> 
     Ok(snapshot)
 }
 
-enum InfoError {
+pub(crate) enum InfoError {
     Unreachable(String),
     Other(anyhow::Error),
 }
 
 /// The repository's commit and file list, within the settings' timeout.
-fn repo_info(repo: &ApiRepo, id: &HubId, settings: &HubSettings) -> Result<RepoInfo, InfoError> {
+pub(crate) fn repo_info(
+    repo: &ApiRepo,
+    id: &HubId,
+    settings: &HubSettings,
+) -> Result<RepoInfo, InfoError> {
     let response = repo.info_request().timeout(settings.timeout).call();
     let response = match response {
         Ok(response) => response,
@@ -422,7 +435,7 @@ fn repo_info(repo: &ApiRepo, id: &HubId, settings: &HubSettings) -> Result<RepoI
         Err(ureq::Error::Status(code, _)) => {
             return Err(InfoError::Other(match code {
                 401 | 403 => anyhow::anyhow!(
-                "the hub refused access to {} (HTTP {code}): the model may be gated or private; \
+                "the hub refused access to {} (HTTP {code}): the repository may be gated or private; \
                      accept its terms on the hub and set HF_TOKEN",
                 id
             ),
@@ -449,11 +462,11 @@ fn unreachable_message(id: &HubId, settings: &HubSettings, reason: &str) -> Stri
     )
 }
 
-fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn hub_api(settings: &HubSettings) -> Result<Api> {
+pub(crate) fn hub_api(settings: &HubSettings) -> Result<Api> {
     ApiBuilder::from_cache(Cache::new(settings.cache_dir.clone()))
         .with_endpoint(settings.endpoint.clone())
         .with_token(settings.token.clone())

@@ -2,6 +2,7 @@
 //! the special tokens, BOS/EOS policy, stop ids and chat template that tokenizer_config.json,
 //! special_tokens_map.json, chat_template.jinja and generation_config.json declare.
 use crate::chat_template::{ChatMessage, ChatTemplate};
+use crate::prompt_format::{self, PromptFormat, TemplateChoice};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -301,17 +302,113 @@ impl Tokenizer {
             .with_context(|| origin.display().to_string())
     }
 
-    /// The ids of a rendered conversation. As in transformers, the rendered text is encoded
-    /// without adding special tokens: the template writes BOS itself when the model wants one.
+    /// The ids of a conversation rendered in the [`prompt_format`](Self::prompt_format). As in
+    /// transformers, the rendered text is encoded without adding special tokens: the template
+    /// writes BOS itself when the model wants one; the Alpaca prompt gets BOS as plain text does.
     pub fn encode_chat(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
-        self.encode(
-            &self.apply_chat_template(messages, add_generation_prompt)?,
-            false,
-        )
+        let text = self.render_conversation(messages, add_generation_prompt)?;
+        self.encode(&text, self.prompt_format() == PromptFormat::Alpaca)
+    }
+
+    /// The tokenizer with the template `choice` asks for: `alpaca` drops the chat template,
+    /// `chat` requires one, a file replaces it (checked to compile now).
+    pub fn with_template(mut self, choice: &TemplateChoice) -> Result<Self> {
+        match choice {
+            TemplateChoice::Alpaca => self.chat_template = TemplateSource::Missing,
+            TemplateChoice::Chat => {
+                if matches!(self.chat_template, TemplateSource::Missing) {
+                    bail!("template `chat`: the tokenizer has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json); use `alpaca` or a template file")
+                }
+            }
+            TemplateChoice::File(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the chat template {}", path.display()))?;
+                ChatTemplate::new(&text).with_context(|| path.display().to_string())?;
+                self.chat_template = TemplateSource::Found {
+                    text,
+                    origin: path.clone(),
+                };
+            }
+        }
+        Ok(self)
+    }
+
+    /// How instructions and conversations are rendered: the chat template when there is one,
+    /// else Alpaca's plain prompt (base models ship no template).
+    pub fn prompt_format(&self) -> PromptFormat {
+        match self.chat_template {
+            TemplateSource::Missing => PromptFormat::Alpaca,
+            _ => PromptFormat::ChatTemplate,
+        }
+    }
+
+    /// The prompt format and where it comes from, for the log.
+    pub fn describe_prompt_format(&self) -> String {
+        match &self.chat_template {
+            TemplateSource::Missing => {
+                format!("{} (no chat template)", PromptFormat::Alpaca.name())
+            }
+            TemplateSource::Found { origin, .. } | TemplateSource::NoDefault { origin, .. } => {
+                format!(
+                    "{} of {}",
+                    PromptFormat::ChatTemplate.name(),
+                    origin.display()
+                )
+            }
+        }
+    }
+
+    /// What decides rendered prompts (the template's text, or the Alpaca format), for cache keys.
+    pub fn prompt_identity(&self) -> String {
+        match &self.chat_template {
+            TemplateSource::Missing => PromptFormat::Alpaca.name().to_string(),
+            TemplateSource::Found { text, .. } => text.clone(),
+            TemplateSource::NoDefault { names, .. } => names.join(","),
+        }
+    }
+
+    /// An instruction (with an optional `input`, blank for none) and its `response`, or without
+    /// a response the prompt that asks for it. Through a chat template they are a user turn
+    /// (instruction, blank line, input) and an assistant turn.
+    pub fn render_instruction(
+        &self,
+        instruction: &str,
+        input: &str,
+        response: Option<&str>,
+    ) -> Result<String> {
+        if self.prompt_format() == PromptFormat::Alpaca {
+            return Ok(prompt_format::alpaca(instruction, input, response));
+        }
+        let user = if input.trim().is_empty() {
+            instruction.to_owned()
+        } else {
+            format!("{instruction}\n\n{input}")
+        };
+        let mut messages = vec![ChatMessage::user(user)];
+        messages.extend(response.map(ChatMessage::assistant));
+        self.apply_chat_template(&messages, response.is_none())
+    }
+
+    /// A conversation in the [`prompt_format`](Self::prompt_format): the chat template, or in
+    /// the Alpaca format one user instruction and its reply.
+    pub fn render_conversation(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        if self.prompt_format() == PromptFormat::ChatTemplate {
+            return self.apply_chat_template(messages, add_generation_prompt);
+        }
+        let turns: Vec<(&str, &str)> = messages
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .collect();
+        let (instruction, response) = prompt_format::alpaca_exchange(&turns)?;
+        Ok(prompt_format::alpaca(instruction, "", response))
     }
 }
 

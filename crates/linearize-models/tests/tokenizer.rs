@@ -1,6 +1,7 @@
 //! The tokenizer against transformers' AutoTokenizer on the fixture directories made by
 //! scripts/make_tokenizer_fixtures.py (encodings, decodings, special ids, chat renderings).
 use linearize_models::chat_template::ChatMessage;
+use linearize_models::prompt_format::{PromptFormat, TemplateChoice};
 use linearize_models::tokenizer::Tokenizer;
 use serde::Deserialize;
 use std::fs;
@@ -315,4 +316,105 @@ fn looping_and_exploding_chat_templates_stop_within_seconds_naming_the_file() {
          {% endfor %}{% endfor %}{% endfor %}",
     );
     assert!(err.contains("instructions"), "{err}");
+}
+
+/// The Alpaca prompt as alpaca-lora's `templates/alpaca.json` writes it.
+const ALPACA_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n5";
+const ALPACA_WITHOUT_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n";
+
+#[test]
+fn without_a_chat_template_prompts_take_the_alpaca_format() {
+    let tmp = scratch_copy("chatml");
+    fs::write(
+        tmp.path().join("tokenizer_config.json"),
+        "{\"bos_token\": \"<|im_start|>\", \"eos_token\": \"<|im_end|>\"}",
+    )
+    .unwrap();
+    let tok = Tokenizer::from_dir(tmp.path()).unwrap();
+    assert_eq!(tok.prompt_format(), PromptFormat::Alpaca);
+    assert!(
+        tok.describe_prompt_format().starts_with("alpaca"),
+        "{}",
+        tok.describe_prompt_format()
+    );
+    assert_eq!(
+        tok.render_instruction("Add the numbers.", "2 and 3", Some("5"))
+            .unwrap(),
+        ALPACA_WITH_INPUT
+    );
+    assert_eq!(
+        tok.render_instruction("Say hi.", " ", None).unwrap(),
+        ALPACA_WITHOUT_INPUT
+    );
+    // A chat turn (generate --chat, eval generations) takes the same prompt, and is encoded as
+    // plain text: with the BOS the tokenizer adds.
+    let user = [ChatMessage::user("Say hi.")];
+    assert_eq!(
+        tok.render_conversation(&user, true).unwrap(),
+        ALPACA_WITHOUT_INPUT
+    );
+    assert_eq!(
+        tok.encode_chat(&user, true).unwrap(),
+        tok.encode(ALPACA_WITHOUT_INPUT, true).unwrap()
+    );
+    let err = tok
+        .render_conversation(&[ChatMessage::system("s"), ChatMessage::user("q")], true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[system, user]"), "{err}");
+    let err = format!(
+        "{:#}",
+        tok.with_template(&TemplateChoice::Chat).err().unwrap()
+    );
+    assert!(err.contains("no chat template"), "{err}");
+}
+
+#[test]
+fn an_explicit_template_overrides_the_tokenizers() {
+    let (tok, _) = load("chatml");
+    assert_eq!(tok.prompt_format(), PromptFormat::ChatTemplate);
+    let chat = tok
+        .render_instruction("Add the numbers.", "2 and 3", Some("5"))
+        .unwrap();
+    assert!(
+        chat.contains("<|im_start|>user\nAdd the numbers.\n\n2 and 3<|im_end|>"),
+        "{chat}"
+    );
+    let tok = tok.with_template(&TemplateChoice::Alpaca).unwrap();
+    assert_eq!(
+        tok.render_instruction("Add the numbers.", "2 and 3", Some("5"))
+            .unwrap(),
+        ALPACA_WITH_INPUT
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("plain.jinja");
+    fs::write(
+        &file,
+        "{% for m in messages %}{{ m.role | upper }}: {{ m.content }}\n{% endfor %}",
+    )
+    .unwrap();
+    let (tok, _) = load("chatml");
+    let tok = tok
+        .with_template(&TemplateChoice::File(file.clone()))
+        .unwrap();
+    assert_eq!(
+        tok.render_instruction("Say hi.", "", Some("hi")).unwrap(),
+        "USER: Say hi.\nASSISTANT: hi\n"
+    );
+    assert!(tok
+        .describe_prompt_format()
+        .contains(&file.display().to_string()));
+    fs::write(&file, "{% for m in messages %}").unwrap();
+    let (tok, _) = load("chatml");
+    let err = format!(
+        "{:#}",
+        tok.with_template(&TemplateChoice::File(file.clone()))
+            .err()
+            .unwrap()
+    );
+    assert!(
+        err.contains("plain.jinja") && err.contains("invalid chat template"),
+        "{err}"
+    );
 }

@@ -1,4 +1,4 @@
-//! The results of a run as files people can use (DESIGN.md "Jobs and checkpoints"):
+//! The results of a run as files people can use (docs/recipes.md, `export`):
 //!
 //! - `adapters.safetensors`: only the trained tensors (feature maps, window factors, LoRA A/B)
 //!   in f32, with string metadata: `linearize.layers` (JSON, method and settings per layer),

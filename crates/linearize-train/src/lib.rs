@@ -1,4 +1,5 @@
-//! Training: data pipeline, optimizer and schedules, metrics, resumable state, and the stages.
+//! Training: data pipeline, optimizer and schedules, metrics and experiment tracking,
+//! resumable state, and the stages.
 pub mod convert;
 pub mod data;
 pub mod export;
@@ -11,4 +12,5 @@ pub mod stage;
 pub mod stage1;
 pub mod stage2;
 pub mod state;
+pub mod tracking;
 mod train_loop;

@@ -27,7 +27,7 @@ pub const LORA_TARGETS: [&str; 7] = [
     "down_proj",
 ];
 
-/// The recipe's `lora` section (DESIGN.md defaults: r = 8, alpha = 16, q/k/v/o).
+/// The recipe's `lora` section (defaults: r = 8, alpha = 16, q/k/v/o).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraSettings {

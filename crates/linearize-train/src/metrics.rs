@@ -10,6 +10,7 @@
 //! what plotting and `pandas.read_json(lines=True)` want; per-layer values are
 //! `<name>/layer_<NN>` (see [`layer_key`]). Non-finite values are written as `null` and read back
 //! as NaN.
+use crate::tracking::MetricSink;
 use anyhow::{ensure, Context, Result};
 use linearize_models::atomic;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -143,6 +144,8 @@ pub struct MetricsWriter {
     elapsed_before: f64,
     started: Instant,
     last_sync: Instant,
+    /// TensorBoard, MLflow: each record goes to them too (see crate::tracking).
+    sinks: Vec<Box<dyn MetricSink>>,
 }
 
 /// How often [`MetricsWriter::write`] forces its lines to disk.
@@ -205,6 +208,7 @@ impl MetricsWriter {
             elapsed_before,
             last_sync: Instant::now(),
             started: Instant::now(),
+            sinks: Vec::new(),
         })
     }
 
@@ -217,6 +221,26 @@ impl MetricsWriter {
             elapsed_before: 0.0,
             started: Instant::now(),
             last_sync: Instant::now(),
+            sinks: Vec::new(),
+        }
+    }
+
+    /// Sends every record written from now on to `sinks` as well.
+    pub fn set_sinks(&mut self, sinks: Vec<Box<dyn MetricSink>>) {
+        self.sinks = sinks;
+    }
+
+    /// The sinks, taken out (to move them to the writer that replaces this one).
+    pub fn take_sinks(&mut self) -> Vec<Box<dyn MetricSink>> {
+        std::mem::take(&mut self.sinks)
+    }
+
+    /// Tells the sinks that the job ended without error (an MLflow run is marked finished).
+    pub fn finish(&mut self) {
+        for sink in &mut self.sinks {
+            if let Err(e) = sink.finish() {
+                tracing::warn!("{}: {e:#}", sink.name());
+            }
         }
     }
 
@@ -250,6 +274,11 @@ impl MetricsWriter {
             file.sync_data()
                 .with_context(|| format!("syncing {}", self.path.display()))?;
             self.last_sync = Instant::now();
+        }
+        for sink in &mut self.sinks {
+            if let Err(e) = sink.record(&record) {
+                tracing::warn!("{}: {e:#}", sink.name());
+            }
         }
         Ok(())
     }

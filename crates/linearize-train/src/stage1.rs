@@ -1,4 +1,4 @@
-//! Stage 1, attention transfer (DESIGN.md "Training"): the teacher's weights stay frozen, one
+//! Stage 1, attention transfer (docs/recipes.md): the teacher's weights stay frozen, one
 //! teacher forward pass per batch, and in every converted layer the student attention sees the
 //! teacher's q, k, v and is trained to reproduce the teacher's attention output (before o_proj)
 //! with `mse_factor * MSE` (optionally plus Hedgehog's attention-row cross-entropy). The teacher

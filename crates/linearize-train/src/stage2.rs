@@ -1,4 +1,4 @@
-//! Stage 2, LoRA (DESIGN.md "Training"): the converted model runs with its student attention and
+//! Stage 2, LoRA (docs/recipes.md): the converted model runs with its student attention and
 //! LoRA adapters on its projections are trained with KL divergence to the teacher's logits (the
 //! default), next-token cross-entropy, or a weighted mix of both; optionally the feature maps and window
 //! factors keep training too. Everything else stays frozen.

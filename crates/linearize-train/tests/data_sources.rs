@@ -1,8 +1,10 @@
 mod data_common;
 
 use data_common::{decode, ByteEncoder};
+use linearize_models::prompt_format::TemplateChoice;
 use linearize_train::data::{
-    list_files, read_documents, tokenize_source, SourceConfig, SourceKind,
+    list_files, read_documents, tokenize_source, ModelEncoder, SourceConfig, SourceKind,
+    TextEncoder,
 };
 use std::fs;
 use std::path::Path;
@@ -264,4 +266,65 @@ fn a_source_without_documents_is_an_error() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("no non-empty documents"), "{err}");
+}
+
+/// A copy of the models crate's ChatML tokenizer fixture, with `tokenizer_config` as its config.
+fn tokenizer_dir(tokenizer_config: &str) -> tempfile::TempDir {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../linearize-models/tests/fixtures/tokenizer/chatml/tokenizer.json");
+    let dir = tempfile::tempdir().unwrap();
+    fs::copy(fixture, dir.path().join("tokenizer.json")).unwrap();
+    write(&dir.path().join("tokenizer_config.json"), tokenizer_config);
+    dir
+}
+
+#[test]
+fn alpaca_records_of_a_base_model_take_alpacas_prompt() {
+    let base = tokenizer_dir(r#"{"eos_token": "<|im_end|>"}"#);
+    let data = tempfile::tempdir().unwrap();
+    let path = data.path().join("alpaca.jsonl");
+    write(
+        &path,
+        "{\"instruction\": \"Add.\", \"input\": \"2 and 3\", \"output\": \"5\"}\n",
+    );
+    let source = SourceConfig::new(SourceKind::Alpaca, &path);
+    let render = |encoder: &ModelEncoder| {
+        let mut docs = Vec::new();
+        read_documents(&path, &source, encoder, |text| {
+            docs.push(text.to_owned());
+            Ok(())
+        })
+        .unwrap();
+        docs
+    };
+    let encoder = ModelEncoder::new(base.path(), None).unwrap();
+    assert_eq!(
+        render(&encoder),
+        [
+            "Below is an instruction that describes a task, paired with an input that provides \
+          further context. Write a response that appropriately completes the request.\n\n\
+          ### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n5"
+        ]
+    );
+    let err = format!(
+        "{:#}",
+        ModelEncoder::new(base.path(), Some(&TemplateChoice::Chat))
+            .err()
+            .unwrap()
+    );
+    assert!(
+        err.contains("data.template: chat") && err.contains("no chat template"),
+        "{err}"
+    );
+
+    // An instruct tokenizer renders through its chat template unless `alpaca` is asked for; the
+    // token cache tells the two apart.
+    let instruct = tokenizer_dir(
+        r#"{"eos_token": "<|im_end|>", "chat_template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"}"#,
+    );
+    let chat = ModelEncoder::new(instruct.path(), None).unwrap();
+    assert_eq!(render(&chat), ["<user>Add.\n\n2 and 3<assistant>5"]);
+    let alpaca = ModelEncoder::new(instruct.path(), Some(&TemplateChoice::Alpaca)).unwrap();
+    assert_eq!(render(&alpaca), render(&encoder));
+    assert_ne!(chat.identity(), alpaca.identity());
 }

@@ -151,7 +151,7 @@ fn perplexity_only(args: &Args) -> Result<()> {
         "model_dir": dir,
         "adapters": args.adapters,
         "file": file,
-        "device": format!("{device:?}"),
+        "device": linearize_models::names::device_name(device),
         "dtype": args.runtime.dtype,
         "max_windows": args.max_windows,
         "seconds": seconds,

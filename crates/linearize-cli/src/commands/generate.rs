@@ -1,10 +1,11 @@
-//! `linearize generate --model M --prompt TEXT [--chat [--system TEXT]] ...`: continues a prompt
-//! (or answers it as a chat turn through the model's chat template) and streams the text to
-//! stdout.
+//! `linearize generate --model M --prompt TEXT [--chat [--system TEXT] [--template T]] ...`:
+//! continues a prompt (or answers it as a chat turn in the model's prompt format) and streams
+//! the text to stdout.
 use crate::runtime::{self, RuntimeArgs};
 use anyhow::{Context, Result};
 use linearize_models::chat_template::ChatMessage;
 use linearize_models::generate::{generate, GenerateConfig, SamplingConfig, StopReason};
+use linearize_models::prompt_format::TemplateChoice;
 use linearize_models::tokenizer::Tokenizer;
 use std::io::Write;
 use std::path::PathBuf;
@@ -22,9 +23,14 @@ pub struct Args {
     /// The text to continue, or with --chat the user's message.
     #[arg(long)]
     pub prompt: String,
-    /// Wrap the prompt in the model's chat template as a user turn and generate the reply.
+    /// Wrap the prompt in the model's chat template as a user turn and generate the reply (in
+    /// Alpaca's plain instruction prompt when the tokenizer has no chat template).
     #[arg(long)]
     pub chat: bool,
+    /// With --chat, the prompt format: `alpaca`, `chat` (the tokenizer's template) or a Jinja
+    /// chat template file.
+    #[arg(long, requires = "chat")]
+    pub template: Option<String>,
     /// A system message before the user turn.
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
@@ -58,8 +64,14 @@ pub fn run(args: Args) -> Result<()> {
     };
     let (dir, loaded) = runtime::load_model(&args.model, args.adapters.as_deref(), &args.runtime)?;
     let model = loaded.model;
-    let tokenizer = Tokenizer::from_dir(&dir)?;
+    let mut tokenizer = Tokenizer::from_dir(&dir)?;
+    if let Some(choice) = args.template {
+        tokenizer = tokenizer
+            .with_template(&TemplateChoice::from(choice))
+            .context("--template")?;
+    }
     let prompt = if args.chat {
+        tracing::info!(format = %tokenizer.describe_prompt_format(), "prompt format");
         let mut messages: Vec<ChatMessage> = args.system.iter().map(ChatMessage::system).collect();
         messages.push(ChatMessage::user(&args.prompt));
         tokenizer.encode_chat(&messages, true)?

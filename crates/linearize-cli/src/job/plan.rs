@@ -3,6 +3,8 @@ use crate::recipe::PlannedRecipe;
 use anyhow::Result;
 use linearize_attention::linearized::{LayerShape, LinearizedMixer, Method};
 use linearize_models::llama::parameter_shapes;
+use linearize_models::tokenizer::Tokenizer;
+use linearize_train::data::SourceKind;
 use std::fmt::Write as _;
 use std::path::Path;
 use tch::{nn, Device};
@@ -126,6 +128,36 @@ fn model_plan(
                 t.num_sequences * (data.seq_len + usize::from(data.next_token_targets))
             ))
     )?;
+    let instructions = data
+        .sources
+        .iter()
+        .chain(&data.val_sources)
+        .any(|s| matches!(s.kind, SourceKind::Alpaca | SourceKind::Chat));
+    for source in data.sources.iter().chain(&data.val_sources) {
+        if source.hub.is_some() {
+            if let Ok(files) = linearize_train::data::list_hub_files(source) {
+                writeln!(
+                    out,
+                    "  {}: {} file(s): {}",
+                    source.describe(),
+                    files.len(),
+                    files.join(", ")
+                )?;
+            }
+        }
+    }
+    // A template that cannot be used here is already among the unchecked lines.
+    let tokenizer = Tokenizer::from_dir(model_dir).and_then(|t| match &data.template {
+        Some(choice) => t.with_template(choice),
+        None => Ok(t),
+    });
+    if let (true, Ok(tokenizer)) = (instructions, tokenizer) {
+        writeln!(
+            out,
+            "prompts     instruction and chat records render in the {}",
+            tokenizer.describe_prompt_format()
+        )?;
+    }
     if let Some(stage) = &recipe.attention_transfer {
         let per_step = stage.grad_accum * data.batch_size as u64 * data.seq_len as u64;
         let budget = [
@@ -138,11 +170,9 @@ fn model_plan(
         .min();
         writeln!(
             out,
-            "stage 1     {}: up to {} updates of {per_step} tokens; token budget {}; lr {}, mse_factor {}",
+            "stage 1     {}: {} of {per_step} tokens; token budget {}; lr {}, mse_factor {}",
             stage.name,
-            stage
-                .max_steps
-                .map_or_else(|| "unbounded".into(), |s| s.to_string()),
+            updates(stage.max_steps),
             budget.map_or_else(|| "unbounded".into(), |t| t.to_string()),
             stage.optimizer.lr,
             stage.mse_factor
@@ -173,15 +203,13 @@ fn model_plan(
             .sum();
         writeln!(
             out,
-            "stage 2     {}: LoRA r {} alpha {} on {}: {} trainable parameters; up to {} updates of {per_step} tokens, max_tokens {}; lr {}",
+            "stage 2     {}: LoRA r {} alpha {} on {}: {} trainable parameters; {} of {per_step} tokens, max_tokens {}; lr {}",
             stage.name,
             stage.lora.rank,
             stage.lora.alpha,
             stage.lora.targets.join(" "),
             per_layer * cfg.num_hidden_layers,
-            stage
-                .max_steps
-                .map_or_else(|| "unbounded".into(), |s| s.to_string()),
+            updates(stage.max_steps),
             stage
                 .max_tokens
                 .map_or_else(|| "none".into(), |t| t.to_string()),
@@ -211,3 +239,11 @@ fn model_plan(
 }
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// "up to N updates", or "updates without a step limit".
+fn updates(max_steps: Option<u64>) -> String {
+    max_steps.map_or_else(
+        || "updates without a step limit".into(),
+        |s| format!("up to {s} updates"),
+    )
+}

@@ -104,7 +104,7 @@ impl TokenCache {
         }
         let header = serde_json::to_vec(&Header {
             key: key.to_owned(),
-            source: source.path.display().to_string(),
+            source: source.describe(),
             documents: docs.len() as u64,
             tokens: docs.num_tokens() as u64,
             sha256: hex(&Sha256::digest(&payload)),

@@ -1,6 +1,7 @@
 //! The recipe's `data` section.
 use super::encoder::TextEncoder;
 use anyhow::{bail, ensure, Result};
+use linearize_models::prompt_format::TemplateChoice;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -67,6 +68,12 @@ pub struct DataConfig {
     /// Stop after this many passes over the training sequences.
     #[serde(default)]
     pub max_epochs: Option<u64>,
+    /// How `alpaca` and `chat` records become text: `alpaca` (Alpaca's plain instruction
+    /// prompt), `chat` (the tokenizer's chat template, which must exist) or the path of a Jinja
+    /// chat template file. Not set: the tokenizer's chat template, or `alpaca` when it has none
+    /// (base models), as the log says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateChoice>,
     /// Directory for cached token ids, one file per source keyed by its files' paths, sizes
     /// and modification times and the tokenizer; none: tokenise on every run.
     #[serde(default)]
@@ -86,12 +93,18 @@ pub struct SourceConfig {
     /// A file, or a directory: searched recursively for `*.txt` (`text`) or `*.jsonl` (the
     /// other kinds) in path order, unless it holds a `manifest.json` from the text fetcher,
     /// which then names the files of `split` (its per-document files when it lists them).
+    /// With `hub`: a file or folder of the dataset repository, read instead of `split`'s files.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub path: PathBuf,
+    /// A dataset repository on the hub, `org/name[@revision]`: its JSON, JSONL and Parquet
+    /// files of `split` (default `train`), fetched into the Hugging Face cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<String>,
     /// JSON field holding the document: the text for `jsonl` (default `text`), the message
     /// list for `chat` (default `messages`). Not used by `text` or `alpaca`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
-    /// Split of a `manifest.json` directory to read (default `train`).
+    /// Split of a `manifest.json` directory or a `hub` dataset to read (default `train`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<String>,
     /// `text` only: split each file into documents at this string (e.g. "\n\n\n");
@@ -109,12 +122,24 @@ pub enum SourceKind {
     /// One JSON object per line; the document is the string under `field`.
     Jsonl,
     /// One JSON object per line with `instruction`, optional `input`, and `output`, rendered
-    /// with the chat template as a user turn (instruction, blank line, input) and an
-    /// assistant turn (output).
+    /// in the prompt format (`data.template`): through a chat template as a user turn
+    /// (instruction, blank line, input) and an assistant turn (output).
     Alpaca,
     /// One JSON object per line whose `field` is a list of `{role, content}` messages,
-    /// rendered with the chat template.
+    /// rendered in the prompt format (`data.template`).
     Chat,
+}
+
+impl SourceKind {
+    /// The recipe's name of the kind.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Jsonl => "jsonl",
+            Self::Alpaca => "alpaca",
+            Self::Chat => "chat",
+        }
+    }
 }
 
 /// Whether each document starts with BOS.
@@ -144,6 +169,9 @@ pub struct TeacherSamplesConfig {
     pub top_p: f64,
 }
 
+fn path_is_empty(path: &Path) -> bool {
+    path.as_os_str().is_empty()
+}
 fn default_seq_len() -> usize {
     1024
 }
@@ -208,12 +236,17 @@ impl DataConfig {
     /// Makes relative source and cache paths relative to `base` (the recipe's directory).
     pub fn resolve_paths(&mut self, base: &Path) {
         for source in self.sources.iter_mut().chain(self.val_sources.iter_mut()) {
-            if source.path.is_relative() {
+            if source.path.is_relative() && source.hub.is_none() {
                 source.path = base.join(&source.path);
             }
         }
         if let Some(dir) = self.cache_dir.as_mut().filter(|d| d.is_relative()) {
             *dir = base.join(&*dir);
+        }
+        if let Some(TemplateChoice::File(path)) = self.template.as_mut() {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
         }
     }
 }
@@ -223,6 +256,7 @@ impl SourceConfig {
         Self {
             kind,
             path: path.into(),
+            hub: None,
             field: None,
             split: None,
             separator: None,
@@ -238,7 +272,37 @@ impl SourceConfig {
         }
     }
 
+    /// What the source reads, for logs and errors: its path, or its hub dataset (and the path in
+    /// it).
+    pub fn describe(&self) -> String {
+        match &self.hub {
+            None => self.path.display().to_string(),
+            Some(hub) if path_is_empty(&self.path) => format!("dataset {hub}"),
+            Some(hub) => format!("dataset {hub}:{}", self.path.display()),
+        }
+    }
+
     fn validate(&self, key: &str) -> Result<()> {
+        match &self.hub {
+            None => ensure!(
+                !path_is_empty(&self.path),
+                "{key}: give `path` (a file or directory) or `hub` (a dataset repository)"
+            ),
+            Some(hub) => {
+                linearize_models::source::HubId::parse(hub)
+                    .map_err(|e| anyhow::anyhow!("{key}.hub: {e:#}"))?;
+                ensure!(
+                    self.kind != SourceKind::Text,
+                    "{key}.hub: text sources read local files; hub datasets are read by the \
+                     jsonl, alpaca and chat kinds"
+                );
+                ensure!(
+                    self.path.is_relative(),
+                    "{key}.path: with `hub` it names a file or folder of the repository, not {}",
+                    self.path.display()
+                );
+            }
+        }
         if self.field.is_some() && !matches!(self.kind, SourceKind::Jsonl | SourceKind::Chat) {
             bail!("{key}.field is only read by jsonl and chat sources");
         }

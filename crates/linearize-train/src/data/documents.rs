@@ -1,4 +1,5 @@
-//! Reading documents out of one source file: plain text, JSONL text, alpaca and chat records.
+//! Reading documents out of one source file: plain text, or text, alpaca and chat records from
+//! JSONL, a JSON list or Parquet.
 use super::config::{SourceConfig, SourceKind};
 use super::encoder::{ChatTurn, TextEncoder};
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -8,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 /// Calls `sink` with the text of every document of `file` in order (chat and alpaca records
-/// rendered with the encoder's chat template). Errors, the sink's included, name the file
+/// rendered in the encoder's prompt format). Errors, the sink's included, name the file
 /// and, for JSONL, the line.
 pub fn read_documents(
     file: &Path,
@@ -22,6 +23,28 @@ pub fn read_documents(
         SourceKind::Alpaca => Record::Alpaca,
         SourceKind::Chat => Record::Chat(source.field_name()),
     };
+    match file.extension().and_then(|e| e.to_str()) {
+        Some("parquet") => {
+            return read_parquet(file, |row, record| {
+                let at = || format!("{}: row {}", file.display(), row + 1);
+                let text = record_text(record, &format, encoder).with_context(at)?;
+                sink(&text).with_context(at)
+            })
+        }
+        Some("json") if starts_with_array(file)? => {
+            let text = fs::read_to_string(file)
+                .with_context(|| format!("reading {} (expected UTF-8 JSON)", file.display()))?;
+            let records: Vec<Value> = serde_json::from_str(&text)
+                .map_err(|e| anyhow!("{}: not a JSON list of records: {e}", file.display()))?;
+            for (index, record) in records.into_iter().enumerate() {
+                let at = || format!("{}: record {}", file.display(), index + 1);
+                let text = record_text(record, &format, encoder).with_context(at)?;
+                sink(&text).with_context(at)?;
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
     let reader =
         BufReader::new(File::open(file).with_context(|| format!("opening {}", file.display()))?);
     for (index, line) in reader.lines().enumerate() {
@@ -30,8 +53,48 @@ pub fn read_documents(
         if line.trim().is_empty() {
             continue;
         }
-        let text = record_text(&line, &format, encoder).with_context(at)?;
+        let record: Value = serde_json::from_str(&line)
+            .map_err(|e| anyhow!("not valid JSON: {e}"))
+            .with_context(at)?;
+        let text = record_text(record, &format, encoder).with_context(at)?;
         sink(&text).with_context(at)?;
+    }
+    Ok(())
+}
+
+/// Whether a `.json` file holds one JSON list (as `datasets` writes with `lines=False`) rather
+/// than JSON Lines.
+fn starts_with_array(file: &Path) -> Result<bool> {
+    let mut reader =
+        BufReader::new(File::open(file).with_context(|| format!("opening {}", file.display()))?);
+    loop {
+        let buf = reader
+            .fill_buf()
+            .with_context(|| format!("reading {}", file.display()))?;
+        let Some(&first) = buf.first() else {
+            return Ok(false);
+        };
+        if first.is_ascii_whitespace() {
+            reader.consume(1);
+            continue;
+        }
+        return Ok(first == b'[');
+    }
+}
+
+/// Calls `record` with every row of a Parquet file as a JSON object (columns by name), row by
+/// row.
+fn read_parquet(file: &Path, mut record: impl FnMut(usize, Value) -> Result<()>) -> Result<()> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let opened = File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let reader = SerializedFileReader::new(opened)
+        .map_err(|e| anyhow!("{}: not a readable Parquet file: {e}", file.display()))?;
+    let rows = reader
+        .get_row_iter(None)
+        .map_err(|e| anyhow!("{}: reading Parquet rows: {e}", file.display()))?;
+    for (index, row) in rows.enumerate() {
+        let row = row.map_err(|e| anyhow!("{}: row {}: {e}", file.display(), index + 1))?;
+        record(index, row.to_json_value())?;
     }
     Ok(())
 }
@@ -63,39 +126,29 @@ enum Record<'a> {
     Chat(&'a str),
 }
 
-/// The document text of one JSONL line.
-fn record_text(line: &str, format: &Record, encoder: &dyn TextEncoder) -> Result<String> {
-    let value: Value = serde_json::from_str(line).map_err(|e| anyhow!("not valid JSON: {e}"))?;
+/// The document text of one record (a JSONL line, an element of a JSON list, a Parquet row).
+fn record_text(value: Value, format: &Record, encoder: &dyn TextEncoder) -> Result<String> {
     let Value::Object(record) = value else {
         bail!("expected a JSON object, found {}", kind_name(&value));
     };
-    let turns = match format {
-        Record::Text(field) => return Ok(string_field(&record, field)?.to_owned()),
-        Record::Alpaca => alpaca_turns(&record)?,
-        Record::Chat(field) => chat_turns(&record, field)?,
-    };
-    encoder
-        .render_chat(&turns)
-        .context("rendering the chat template")
-}
-
-fn alpaca_turns(record: &Map<String, Value>) -> Result<Vec<ChatTurn>> {
-    let instruction = string_field(record, "instruction")?;
-    let input = match record.get("input") {
-        None | Some(Value::Null) => "",
-        Some(Value::String(s)) => s,
-        Some(other) => bail!("field `input` must be a string, found {}", kind_name(other)),
-    };
-    let output = string_field(record, "output")?;
-    let user = if input.trim().is_empty() {
-        instruction.to_owned()
-    } else {
-        format!("{instruction}\n\n{input}")
-    };
-    Ok(vec![
-        ChatTurn::new("user", user),
-        ChatTurn::new("assistant", output),
-    ])
+    match format {
+        Record::Text(field) => Ok(string_field(&record, field)?.to_owned()),
+        Record::Alpaca => {
+            let instruction = string_field(&record, "instruction")?;
+            let input = match record.get("input") {
+                None | Some(Value::Null) => "",
+                Some(Value::String(s)) => s,
+                Some(other) => bail!("field `input` must be a string, found {}", kind_name(other)),
+            };
+            let output = string_field(&record, "output")?;
+            encoder
+                .render_instruction(instruction, input, output)
+                .context("rendering the instruction")
+        }
+        Record::Chat(field) => encoder
+            .render_chat(&chat_turns(&record, field)?)
+            .context("rendering the conversation"),
+    }
 }
 
 fn chat_turns(record: &Map<String, Value>, field: &str) -> Result<Vec<ChatTurn>> {

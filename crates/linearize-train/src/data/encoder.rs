@@ -1,4 +1,4 @@
-//! What the data pipeline needs from a tokenizer: encoding, special ids and the chat template.
+//! What the data pipeline needs from a tokenizer: encoding, special ids and the prompt format.
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
@@ -27,9 +27,11 @@ pub trait TextEncoder {
     fn eos_id(&self) -> u32;
     /// Beginning-of-sequence id when the model expects one at the start of a document.
     fn bos_id(&self) -> Option<u32>;
-    /// Renders chat messages with the model's chat template (no generation prompt).
+    /// Renders chat messages in the model's prompt format (no generation prompt).
     fn render_chat(&self, messages: &[ChatTurn]) -> Result<String>;
-    /// A string that changes whenever `encode` or `render_chat` could give different output
-    /// (e.g. a hash of the tokenizer files and the chat template); it keys the token cache.
+    /// Renders an instruction record (`input` blank when it has none) with its `output`.
+    fn render_instruction(&self, instruction: &str, input: &str, output: &str) -> Result<String>;
+    /// A string that changes whenever `encode` or the renderings could give different output
+    /// (e.g. a hash of the tokenizer files and the prompt format); it keys the token cache.
     fn identity(&self) -> String;
 }

@@ -28,6 +28,6 @@ pub use documents::read_documents;
 pub use encoder::{ChatTurn, TextEncoder};
 pub use model_encoder::ModelEncoder;
 pub use packing::{pack, PackOptions, PackStats, PackedSequences};
-pub use sources::{list_files, SourceFile, MANIFEST};
+pub use sources::{list_files, list_hub_files, SourceFile, MANIFEST};
 pub use teacher_samples::{SampleSettings, TeacherSampleStore};
 pub use tokenized::{tokenize_source, TokenizedDocs};

@@ -1,7 +1,8 @@
-//! [`TextEncoder`] over a model's own tokenizer and chat template.
+//! [`TextEncoder`] over a model's own tokenizer and prompt format.
 use super::encoder::{ChatTurn, TextEncoder};
 use anyhow::{ensure, Context, Result};
 use linearize_models::chat_template::ChatMessage;
+use linearize_models::prompt_format::TemplateChoice;
 use linearize_models::tokenizer::Tokenizer;
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -38,11 +39,17 @@ const TOKENIZER_FILES: [&str; 4] = [
 ];
 
 impl ModelEncoder {
-    /// The tokenizer of the model in `dir`. BOS starts documents only when the tokenizer itself
-    /// adds it (as transformers' `encode(text)` would), so packed sequences look like what the
-    /// model was trained on.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
-        let tokenizer = Tokenizer::from_dir(dir)?;
+    /// The tokenizer of the model in `dir`, with the prompt format `template` asks for (none:
+    /// the chat template, or Alpaca's prompt when the tokenizer has none). BOS starts documents
+    /// only when the tokenizer itself adds it (as transformers' `encode(text)` would), so packed
+    /// sequences look like what the model was trained on.
+    pub fn new(dir: &Path, template: Option<&TemplateChoice>) -> Result<Self> {
+        let mut tokenizer = Tokenizer::from_dir(dir)?;
+        if let Some(choice) = template {
+            tokenizer = tokenizer
+                .with_template(choice)
+                .with_context(|| format!("data.template: {choice}"))?;
+        }
         let eos = *tokenizer.eos_ids().first().with_context(|| {
             format!(
                 "{}: the tokenizer defines no EOS token, needed between packed documents",
@@ -61,6 +68,7 @@ impl ModelEncoder {
                 hash.update(&bytes);
             }
         }
+        hash.update(tokenizer.prompt_identity().as_bytes());
         let identity = format!("{:x}", hash.finalize());
         let mut splits_exactly = true;
         for probe in SPLIT_PROBES {
@@ -118,7 +126,12 @@ impl TextEncoder for ModelEncoder {
             .iter()
             .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
             .collect();
-        self.tokenizer.apply_chat_template(&messages, false)
+        self.tokenizer.render_conversation(&messages, false)
+    }
+
+    fn render_instruction(&self, instruction: &str, input: &str, output: &str) -> Result<String> {
+        self.tokenizer
+            .render_instruction(instruction, input, Some(output))
     }
 
     fn identity(&self) -> String {
@@ -176,7 +189,7 @@ mod tests {
     #[test]
     fn a_long_document_encodes_in_pieces_to_the_same_ids() {
         let dir = linearize_models::offline::ensure_smollm2(None).unwrap();
-        let encoder = ModelEncoder::from_dir(&dir).unwrap();
+        let encoder = ModelEncoder::new(&dir, None).unwrap();
         assert!(encoder.splits_exactly);
         let corpus = linearize_models::offline::ensure_text().unwrap();
         let val = std::fs::read_to_string(

@@ -1,6 +1,9 @@
-//! Resolving a source's path to its list of files (explicit file, directory walk, or manifest).
+//! Resolving a source to its list of files (explicit file, directory walk, manifest, or the
+//! files of a hub dataset).
 use super::config::{SourceConfig, SourceKind};
 use anyhow::{bail, ensure, Context, Result};
+use linearize_models::hub_dataset::{self, Selection};
+use linearize_models::source::{HubId, HubSettings};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fs;
@@ -43,8 +46,14 @@ enum SplitFiles {
     Record { file: PathBuf },
 }
 
-/// The files a source reads, in reading order.
+/// The files a source reads, in reading order; a hub dataset's are fetched into the Hugging
+/// Face cache first.
 pub fn list_files(source: &SourceConfig) -> Result<Vec<SourceFile>> {
+    if let Some(hub) = &source.hub {
+        let id = HubId::parse(hub)?;
+        let paths = hub_dataset::fetch(&id, hub_selection(source), &HubSettings::from_env())?;
+        return paths.iter().map(|p| describe(p)).collect();
+    }
     let path = &source.path;
     let meta = fs::metadata(path)
         .with_context(|| format!("data source {}: cannot read it", path.display()))?;
@@ -78,6 +87,27 @@ pub fn list_files(source: &SourceConfig) -> Result<Vec<SourceFile>> {
         found
     };
     paths.into_iter().map(|p| describe(&p)).collect()
+}
+
+/// The files of a hub dataset source as paths in its repository, without fetching them (for
+/// `--dry-run`).
+pub fn list_hub_files(source: &SourceConfig) -> Result<Vec<String>> {
+    let hub = source
+        .hub
+        .as_deref()
+        .with_context(|| format!("data source {}: not a hub dataset", source.describe()))?;
+    hub_dataset::list(
+        &HubId::parse(hub)?,
+        hub_selection(source),
+        &HubSettings::from_env(),
+    )
+}
+
+fn hub_selection(source: &SourceConfig) -> Selection<'_> {
+    Selection {
+        split: source.split.as_deref(),
+        within: source.path.to_str().filter(|p| !p.is_empty()),
+    }
 }
 
 fn manifest_files(dir: &Path, split: &str) -> Result<Vec<PathBuf>> {

@@ -97,7 +97,7 @@ pub fn tokenize_source(
     if let Some((cache, key)) = &key {
         if let Some(docs) = cache.load(key) {
             tracing::info!(
-                source = %source.path.display(),
+                source = %source.describe(),
                 documents = docs.len(),
                 tokens = docs.num_tokens(),
                 "token cache hit"
@@ -119,10 +119,10 @@ pub fn tokenize_source(
     ensure!(
         !docs.is_empty(),
         "data source {}: no non-empty documents",
-        source.path.display()
+        source.describe()
     );
     tracing::info!(
-        source = %source.path.display(),
+        source = %source.describe(),
         files = files.len(),
         documents = docs.len(),
         tokens = docs.num_tokens(),

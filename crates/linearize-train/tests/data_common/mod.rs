@@ -71,6 +71,19 @@ impl TextEncoder for ByteEncoder {
         Ok(rendered)
     }
 
+    /// As the chat-template path of the real tokenizer: a user turn and an assistant turn.
+    fn render_instruction(&self, instruction: &str, input: &str, output: &str) -> Result<String> {
+        let user = if input.trim().is_empty() {
+            instruction.to_owned()
+        } else {
+            format!("{instruction}\n\n{input}")
+        };
+        self.render_chat(&[
+            ChatTurn::new("user", user),
+            ChatTurn::new("assistant", output),
+        ])
+    }
+
     fn identity(&self) -> String {
         self.identity.clone()
     }

@@ -6,8 +6,8 @@
 //! the device (doubling, then bisecting after the first out-of-memory failure), decoding greedily
 //! from each.
 use super::harness::{
-    cell, device_arg, machine, parse_worker_spec, run_child, self_command, synchronize, write_json,
-    GIB, MIB,
+    cell, device_arg, machine, parse_worker_spec, run_child, self_command, synchronize, with_batch,
+    write_json, GIB, MIB,
 };
 use super::memory::MemoryProbe;
 use super::model::{random_ids, ModelArgs};
@@ -458,18 +458,19 @@ fn best_table(best: &[Value]) -> String {
     );
     for b in best {
         out += &format!(
-            "| {} | {} | {} | {} ({}) | {} ({}) | {} | {} | {} ({}) |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             b["context"],
             cell(&b["teacher_batch1_tokens_per_s"], 1.0, 1),
             cell(&b["student_batch1_tokens_per_s"], 1.0, 1),
-            cell(&b["teacher_best_tokens_per_s"], 1.0, 0),
-            b["teacher_best_batch"],
-            cell(&b["student_best_tokens_per_s"], 1.0, 0),
-            b["student_best_batch"],
+            with_batch(&b["teacher_best_tokens_per_s"], &b["teacher_best_batch"], 0),
+            with_batch(&b["student_best_tokens_per_s"], &b["student_best_batch"], 0),
             cell(&b["student_over_teacher"], 1.0, 1),
             cell(&b["student_graph_batch1_tokens_per_s"], 1.0, 1),
-            cell(&b["student_graph_best_tokens_per_s"], 1.0, 0),
-            b["student_graph_best_batch"],
+            with_batch(
+                &b["student_graph_best_tokens_per_s"],
+                &b["student_graph_best_batch"],
+                0
+            ),
         );
     }
     out

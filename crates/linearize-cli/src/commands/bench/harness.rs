@@ -128,6 +128,15 @@ pub fn cell(value: &Value, scale: f64, digits: usize) -> String {
         .unwrap_or_else(|| "–".into())
 }
 
+/// A throughput with the batch size that reached it, `tokens/s (batch)`, or a dash when either
+/// was not measured.
+pub fn with_batch(tokens_per_s: &Value, batch: &Value, digits: usize) -> String {
+    match (tokens_per_s.as_f64(), batch.as_u64()) {
+        (Some(t), Some(b)) => format!("{t:.digits$} ({b})"),
+        _ => "–".into(),
+    }
+}
+
 /// A child's `--worker` spec `CASE:LENGTH`: one value of a case enum and a length.
 pub fn parse_worker_spec<E: clap::ValueEnum>(spec: &str) -> Result<(E, i64)> {
     let (case, len) = spec
@@ -143,7 +152,15 @@ pub fn parse_worker_spec<E: clap::ValueEnum>(spec: &str) -> Result<(E, i64)> {
 
 #[cfg(test)]
 mod tests {
-    use super::failure_reason;
+    use super::{failure_reason, with_batch};
+    use serde_json::json;
+
+    #[test]
+    fn unmeasured_cells_are_a_dash_not_null() {
+        assert_eq!(with_batch(&json!(812.4), &json!(16), 0), "812 (16)");
+        assert_eq!(with_batch(&json!(null), &json!(null), 0), "–");
+        assert_eq!(with_batch(&json!(812.4), &json!(null), 0), "–");
+    }
 
     #[test]
     fn failure_reasons_name_memory_then_panics_then_the_last_line() {
