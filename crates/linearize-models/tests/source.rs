@@ -3,6 +3,7 @@
 use linearize_models::source::{
     cached_snapshot, resolve_config_with, resolve_with, HubId, HubSettings, ModelSource,
 };
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -265,19 +266,40 @@ fn settings_follow_the_huggingface_hub_variables() {
     );
 }
 
-/// A minimal hub on localhost: the repository info API and `resolve/` downloads (with the
-/// headers hf-hub reads: etag, x-repo-commit, content-range). Records request paths.
+/// A minimal hub on localhost: the repository info API with `?blobs=true` (sizes, git blob ids,
+/// and SHA-256 for the `.safetensors` files, which the real hub stores in LFS) and `resolve/`
+/// downloads. Records request paths. `Tamper` makes it lie.
 struct FakeHub {
     endpoint: String,
     requests: Arc<Mutex<Vec<String>>>,
 }
 
+/// How the fake hub departs from the truth.
+#[derive(Clone, Default)]
+struct Tamper {
+    /// The commit the info API names, instead of `COMMIT`.
+    commit: Option<&'static str>,
+    /// Extra headers sent with every file (e.g. a crafted ETag).
+    headers: &'static str,
+    /// Bodies served instead of the listed files' content: (name, body).
+    bodies: Vec<(&'static str, Vec<u8>)>,
+}
+
 impl FakeHub {
     fn start(repo: &'static str, files: Vec<(&'static str, Vec<u8>)>) -> Self {
+        Self::start_tampered(repo, files, Tamper::default())
+    }
+
+    fn start_tampered(
+        repo: &'static str,
+        files: Vec<(&'static str, Vec<u8>)>,
+        tamper: Tamper,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let log = requests.clone();
+        let commit = tamper.commit.unwrap_or(COMMIT);
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let mut stream = stream.unwrap();
@@ -289,52 +311,57 @@ impl FakeHub {
                     .nth(1)
                     .unwrap_or("")
                     .to_string();
-                let mut range: Option<(usize, Option<usize>)> = None;
                 loop {
                     let mut line = String::new();
                     reader.read_line(&mut line).unwrap();
                     if line.trim().is_empty() {
                         break;
                     }
-                    let lower = line.to_ascii_lowercase();
-                    if let Some((from, to)) = lower
-                        .strip_prefix("range: bytes=")
-                        .and_then(|r| r.trim().split_once('-'))
-                    {
-                        range = Some((from.parse().unwrap(), to.parse().ok()));
-                    }
                 }
                 log.lock().unwrap().push(path.clone());
-                let info_path = format!("/api/models/{repo}/revision/main");
-                let resolve_prefix = format!("/{repo}/resolve/{COMMIT}/");
+                let info_path = format!("/api/models/{repo}/revision/main?blobs=true");
+                let resolve_prefix = format!("/{repo}/resolve/{commit}/");
                 let (status, headers, body) = if path == info_path {
                     let siblings: Vec<String> = files
                         .iter()
-                        .map(|(name, _)| format!("{{\"rfilename\": \"{name}\"}}"))
+                        .enumerate()
+                        .map(|(i, (name, content))| {
+                            let lfs = if name.ends_with(".safetensors") {
+                                let sha = Sha256::digest(content);
+                                let hex: String =
+                                    sha.iter().map(|b| format!("{b:02x}")).collect();
+                                format!(
+                                    ", \"lfs\": {{\"sha256\": \"{hex}\", \"size\": {}, \"pointerSize\": 134}}",
+                                    content.len()
+                                )
+                            } else {
+                                String::new()
+                            };
+                            format!(
+                                "{{\"rfilename\": \"{name}\", \"blobId\": \"{i:040x}\", \"size\": {}{lfs}}}",
+                                content.len()
+                            )
+                        })
                         .collect();
                     let body = format!(
-                        "{{\"sha\": \"{COMMIT}\", \"siblings\": [{}]}}",
+                        "{{\"sha\": \"{commit}\", \"siblings\": [{}]}}",
                         siblings.join(",")
                     );
                     ("200 OK", String::new(), body.into_bytes())
-                } else if let Some((i, (_, content))) = path
+                } else if let Some((i, (name, content))) = path
                     .strip_prefix(&resolve_prefix)
                     .and_then(|name| files.iter().enumerate().find(|(_, f)| f.0 == name))
                 {
-                    // hf-hub asks for bytes=0-0 first (metadata), then bytes=N- (the data).
-                    let (start, last) = match range {
-                        Some((from, to)) => (from, to.unwrap_or(content.len() - 1)),
-                        None => (0, content.len() - 1),
-                    };
+                    let body = tamper
+                        .bodies
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map_or(content, |(_, b)| b);
                     let headers = format!(
-                        "etag: \"blob-{i}\"\r\nx-repo-commit: {COMMIT}\r\ncontent-range: bytes {start}-{last}/{}\r\n",
-                        content.len()
+                        "etag: \"blob-{i}\"\r\nx-repo-commit: {commit}\r\n{}",
+                        tamper.headers
                     );
-                    (
-                        "206 Partial Content",
-                        headers,
-                        content[start..=last].to_vec(),
-                    )
+                    ("200 OK", headers, body.clone())
                 } else {
                     ("404 Not Found", String::new(), b"not found".to_vec())
                 };
@@ -348,6 +375,163 @@ impl FakeHub {
             }
         });
         Self { endpoint, requests }
+    }
+}
+
+/// Every path under `root`, links not followed.
+fn all_paths(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                todo.push(entry.path());
+            }
+            out.push(entry.path());
+        }
+    }
+    out
+}
+
+fn tiny_files() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("config.json", br#"{"model_type": "llama"}"#.to_vec()),
+        ("model.safetensors", vec![7u8; 100]),
+    ]
+}
+
+/// Headers are never used for paths: a crafted ETag and commit header change nothing, and every
+/// file lands inside the cache.
+#[test]
+fn crafted_etag_and_commit_headers_write_nothing_outside_the_cache() {
+    let hub = FakeHub::start_tampered(
+        "org/tiny",
+        tiny_files(),
+        Tamper {
+            headers: "etag: \"../../../outside\"\r\nx-linked-etag: \"../../../outside\"\r\nx-repo-commit: ../../../outside\r\n",
+            ..Tamper::default()
+        },
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let dir = resolve_with("org/tiny", &settings(&cache, &hub.endpoint, false)).unwrap();
+    assert_eq!(dir, cache.join("models--org--tiny/snapshots").join(COMMIT));
+    assert_eq!(
+        fs::read(dir.join("model.safetensors")).unwrap(),
+        vec![7u8; 100]
+    );
+    let top: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(top, vec![cache.clone()], "written beside the cache");
+    for path in all_paths(&cache) {
+        let real = path.canonicalize().unwrap();
+        assert!(
+            real.starts_with(cache.canonicalize().unwrap()),
+            "{path:?} -> {real:?}"
+        );
+    }
+}
+
+/// A commit that is not a hash, and shard names that leave the snapshot, are refused before
+/// anything is written for them.
+#[test]
+fn crafted_commit_and_shard_names_are_refused() {
+    let hub = FakeHub::start_tampered(
+        "org/tiny",
+        tiny_files(),
+        Tamper {
+            commit: Some("../../../outside"),
+            ..Tamper::default()
+        },
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let err = format!(
+        "{:#}",
+        resolve_with("org/tiny", &settings(&cache, &hub.endpoint, false)).unwrap_err()
+    );
+    assert!(
+        err.contains("40 hex digits") && !err.contains('\n'),
+        "{err}"
+    );
+    assert!(!cache.exists(), "nothing is written for a refused commit");
+
+    let shard = "../../../../outside.safetensors";
+    let index = format!(r#"{{"metadata": {{}}, "weight_map": {{"a": "{shard}"}}}}"#);
+    let hub = FakeHub::start(
+        "org/tiny",
+        vec![
+            ("config.json", b"{}".to_vec()),
+            ("model.safetensors.index.json", index.into_bytes()),
+            (shard, vec![1u8; 10]),
+        ],
+    );
+    let err = format!(
+        "{:#}",
+        resolve_with("org/tiny", &settings(&cache, &hub.endpoint, false)).unwrap_err()
+    );
+    assert!(
+        err.contains("model.safetensors.index.json")
+            && err.contains("weight_map")
+            && err.contains("leaves its directory"),
+        "{err}"
+    );
+    let top: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(top, vec![cache.clone()], "written beside the cache");
+    let requested = hub.requests.lock().unwrap().clone();
+    assert!(
+        requested.iter().all(|p| !p.contains("outside")),
+        "{requested:?}"
+    );
+}
+
+/// A file whose bytes do not match the hub's listed SHA-256 or size is refused with a one-line
+/// error naming it, and neither kept nor linked.
+#[test]
+fn size_and_checksum_mismatches_are_refused_naming_the_file() {
+    for (name, served, why) in [
+        ("model.safetensors", vec![8u8; 100], "SHA-256"),
+        ("model.safetensors", vec![7u8; 101], "bytes"),
+        (
+            "config.json",
+            b"{\"model_type\": \"llama\"} ".to_vec(),
+            "bytes",
+        ),
+    ] {
+        let hub = FakeHub::start_tampered(
+            "org/tiny",
+            tiny_files(),
+            Tamper {
+                bodies: vec![(name, served)],
+                ..Tamper::default()
+            },
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let err = format!(
+            "{:#}",
+            resolve_with("org/tiny", &settings(tmp.path(), &hub.endpoint, false)).unwrap_err()
+        );
+        assert!(
+            err.contains(name) && err.contains(why) && err.contains("refused"),
+            "{name}: {err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
+        let snapshot = tmp.path().join("models--org--tiny/snapshots").join(COMMIT);
+        assert!(!snapshot.join(name).exists(), "{name} was linked");
+        let blobs = tmp.path().join("models--org--tiny/blobs");
+        for blob in all_paths(&blobs) {
+            let content = fs::read(&blob).unwrap();
+            assert!(
+                tiny_files().iter().any(|(_, c)| *c == content),
+                "a refused download was kept: {blob:?}"
+            );
+        }
     }
 }
 
