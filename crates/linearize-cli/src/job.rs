@@ -379,8 +379,9 @@ fn stop_if_preempted(preemption: &Preemption, group: &ProcessGroup) -> Result<()
     }
 }
 
-/// After training, rank 0 alone works on (the ranks have parted): a signal stops the job between
-/// evaluation and each export, which a resumed job writes again (every trained tensor is saved).
+/// After training, rank 0 alone works on (the ranks have parted): a signal stops the job after
+/// evaluation and after each export (inside them, their own polling stops it), and a resumed job
+/// writes them again (every trained tensor is saved).
 fn stop_after_training(preemption: &Preemption) -> Result<()> {
     match preemption.requested() {
         Some(signal) => Err(Preempted { signal }.into()),
@@ -523,7 +524,9 @@ fn write_exports(
         export_peft(&dir, model, converted, lora, info, &options)?;
         println!("PEFT adapters and their base: {}", dir.display());
     }
-    Ok(())
+    // A signal during the last export stops the job too: SIGTERM always ends in exit 75, and the
+    // resumed job writes the same files again.
+    stop_after_training(preemption)
 }
 
 fn describe_data(data: &linearize_train::data::DataConfig) -> String {

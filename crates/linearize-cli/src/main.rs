@@ -5,6 +5,11 @@ mod logging;
 mod recipe;
 mod runtime;
 
+/// Unit tests (the recipe fuzzing among them) fail on an allocation over 1 GiB.
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: linearize_models::mutation::CappedAlloc = linearize_models::mutation::CappedAlloc;
+
 use clap::{Parser, Subcommand};
 
 /// Convert pretrained transformer LLMs into linear-attention and hybrid models.

@@ -1,5 +1,7 @@
 //! The recipe: one YAML file (plus the pieces it includes) that describes a whole job. The
 //! schema is documented field by field in docs/recipes.md.
+#[cfg(test)]
+mod fuzz;
 mod tree;
 
 use anyhow::{anyhow, bail, Context, Result};

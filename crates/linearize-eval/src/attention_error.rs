@@ -71,6 +71,7 @@ pub fn attention_error(
     let _no_grad = tch::no_grad_guard();
     let device = probed.model.device();
     for batch in windows.chunks(options.batch_size) {
+        linearize_models::stop::check()?;
         let ids: Vec<i64> = batch
             .iter()
             .flat_map(|w| w.iter().map(|&t| t as i64))

@@ -161,9 +161,11 @@ pub fn side_by_side<T: CausalLm, S: CausalLm>(
         .into_iter()
         .map(|prompt| {
             let ids = encode_prompt(tokenizer, &prompt, cfg.chat)?;
-            let t = generate(teacher, &ids, &config, |_| Ok(()))
+            // Polled per token: a job's SIGTERM stops a long generation.
+            let poll = |_: u32| Ok(linearize_models::stop::check()?);
+            let t = generate(teacher, &ids, &config, poll)
                 .with_context(|| format!("teacher on {prompt:?}"))?;
-            let s = generate(student, &ids, &config, |_| Ok(()))
+            let s = generate(student, &ids, &config, poll)
                 .with_context(|| format!("student on {prompt:?}"))?;
             let teacher_text = tokenizer.decode(&t.tokens, true)?;
             let student_text = tokenizer.decode(&s.tokens, true)?;

@@ -61,6 +61,7 @@ pub fn kl_report<T: CausalLm, S: CausalLm>(
     let mut agree_at = vec![0usize; ctx - 1];
     let mut all_kl: Vec<f32> = Vec::with_capacity(windows.len() * (ctx - 1));
     for (i, batch) in windows.chunks(options.batch_size).enumerate() {
+        linearize_models::stop::check()?;
         let logits_t = forward(teacher, batch)?;
         let logits_s = forward(student, batch)?.to_device(logits_t.device());
         ensure!(

@@ -116,6 +116,7 @@ pub fn score_task<M: CausalLm>(
 ) -> Result<McReport> {
     let (mut acc, mut acc_norm) = (Vec::new(), Vec::new());
     for (i, doc) in task.docs.iter().enumerate() {
+        linearize_models::stop::check()?;
         let lls = doc
             .choices
             .iter()

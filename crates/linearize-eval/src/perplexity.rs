@@ -91,6 +91,8 @@ pub fn perplexity<M: CausalLm>(
     let _no_grad = tch::no_grad_guard();
     let mut nll = 0.0;
     for (i, batch) in windows.chunks(options.batch_size).enumerate() {
+        // A job's SIGTERM stops evaluation between batches.
+        linearize_models::stop::check()?;
         let logits = forward(model, batch)?;
         nll += window_nll(&logits, &targets(batch, model.device())).double_value(&[]);
         log_progress(i, options.batch_size, windows.len());

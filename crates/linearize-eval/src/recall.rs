@@ -389,6 +389,7 @@ pub fn passkey<M: CausalLm>(
     ensure!(!prompts.is_empty(), "no passkey prompts to score");
     let mut trials = Vec::with_capacity(prompts.len());
     for prompt in prompts {
+        linearize_models::stop::check()?;
         let answer = greedy_answer(model, tokenizer, &prompt.ids, prompt.answer_tokens)
             .with_context(|| format!("passkey prompt of {} tokens", prompt.ids.len()))?;
         trials.push(PasskeyTrial {
@@ -602,6 +603,7 @@ pub fn multikey<M: CausalLm>(
     ensure!(!prompts.is_empty(), "no multi-key prompts to score");
     let mut trials = Vec::with_capacity(prompts.len());
     for prompt in prompts {
+        linearize_models::stop::check()?;
         let answer = greedy_answer(model, tokenizer, &prompt.ids, prompt.answer_tokens)
             .with_context(|| format!("multi-key prompt of {} tokens", prompt.ids.len()))?;
         let number = first_number(&answer);
@@ -784,6 +786,7 @@ pub fn mqar<M: CausalLm>(model: &M, samples: &[MqarSample]) -> Result<MqarReport
     let mut outcomes: Vec<(usize, bool)> = Vec::new();
     let mut max_tokens = 0;
     for sample in samples {
+        linearize_models::stop::check()?;
         if let Some(max) = model.max_context() {
             if sample.ids.len() as i64 > max {
                 bail!(

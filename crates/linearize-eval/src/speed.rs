@@ -132,6 +132,7 @@ pub fn measure<M: CausalLm>(
         &Meter::Off,
     )?;
     for &context in &cfg.context_lengths {
+        linearize_models::stop::check()?;
         let fits = model
             .max_context()
             .is_none_or(|max| (context + cfg.decode_tokens) as i64 <= max);

@@ -1,11 +1,14 @@
 //! Dataset repositories on the hub (`{kind: alpaca, hub: yahma/alpaca-cleaned}`): their data
-//! files (JSON, JSONL, Parquet) of one split, listed from the repository's metadata and fetched
-//! through hf-hub into the Hugging Face cache beside models (`datasets--org--name`), so that a
-//! later run, or one under `HF_HUB_OFFLINE=1`, reads them from there.
-use crate::source::{hub_api, one_line, repo_info, snapshot_dir_of, HubId, HubSettings, InfoError};
+//! files (JSON, JSONL, Parquet) of one split, listed from the repository's metadata and fetched,
+//! verified as model files are (crate::source), into the Hugging Face cache beside models
+//! (`datasets--org--name`), so that a later run, or one under `HF_HUB_OFFLINE=1`, reads them
+//! from there.
+use crate::http;
+use crate::source::{
+    fetch_file, record_ref, repo_info, snapshot_dir, HubId, HubSettings, InfoError, RepoInfo,
+    RepoKind,
+};
 use anyhow::{anyhow, bail, Context, Result};
-use hf_hub::api::sync::ApiError;
-use hf_hub::{Cache, RepoType};
 use std::path::{Path, PathBuf};
 
 /// File extensions read as data.
@@ -28,68 +31,68 @@ pub struct Selection<'a> {
 /// any data (what `--dry-run` shows). Offline, or with the hub unreachable, they come from the
 /// cache's snapshot.
 pub fn list(id: &HubId, selection: Selection, settings: &HubSettings) -> Result<Vec<String>> {
-    match remote_files(id, settings)? {
-        Some((_, files)) => select(id, &files, selection),
+    match remote_info(id, settings)? {
+        Some(info) => select(id, &file_names(&info), selection),
         None => Ok(cached(id, selection, settings)?.0),
     }
+}
+
+fn file_names(info: &RepoInfo) -> Vec<String> {
+    info.siblings.iter().map(|s| s.rfilename.clone()).collect()
 }
 
 /// The selected data files of `id` in the Hugging Face cache, downloaded if needed, in
 /// repository path order.
 pub fn fetch(id: &HubId, selection: Selection, settings: &HubSettings) -> Result<Vec<PathBuf>> {
-    let Some((sha, files)) = remote_files(id, settings)? else {
+    let Some(info) = remote_info(id, settings)? else {
         let (names, snapshot) = cached(id, selection, settings)?;
         return Ok(names.iter().map(|name| snapshot.join(name)).collect());
     };
-    let names = select(id, &files, selection)?;
-    let api = hub_api(settings)?;
-    // Every file comes from the commit the metadata named, as for models.
-    let pinned = api.repo(
-        HubId {
-            repo: id.repo.clone(),
-            revision: sha.clone(),
-        }
-        .repo(RepoType::Dataset),
-    );
+    if !http::is_lower_hex(&info.sha, 40) {
+        bail!(
+            "dataset {id}: the hub named commit {:?}, expected 40 hex digits; refused",
+            info.sha
+        );
+    }
+    let names = select(id, &file_names(&info), selection)?;
+    let agent = http::agent(settings.timeout);
     let mut paths = Vec::with_capacity(names.len());
     for name in &names {
-        tracing::info!("fetching {name} of the dataset {id}");
-        let path = pinned.get(name).map_err(|err| match err {
-            ApiError::RequestError(e) if matches!(*e, ureq::Error::Transport(_)) => {
-                anyhow!(unreachable(id, settings, &one_line(&e.to_string())))
-            }
-            err => anyhow!(
-                "dataset {id}: downloading {name}: {}",
-                one_line(&err.to_string())
-            ),
-        })?;
+        let sibling = info
+            .siblings
+            .iter()
+            .find(|s| &s.rfilename == name)
+            .context("a selected file is among the listed ones")?;
+        // Every file comes from the commit the metadata named, checked against its listed size
+        // (and SHA-256 for LFS files), as for models.
+        let path = fetch_file(&agent, id, RepoKind::Dataset, settings, &info.sha, sibling)
+            .map_err(|err| match err.downcast::<ureq::Transport>() {
+                Ok(transport) => anyhow!(unreachable(
+                    id,
+                    settings,
+                    &http::one_line(&transport.to_string())
+                )),
+                Err(err) => anyhow!(
+                    "dataset {id}: downloading {name}: {}",
+                    http::one_line(&format!("{err:#}"))
+                ),
+            })?;
         paths.push(path);
     }
-    // So that the named revision resolves offline to this snapshot.
-    Cache::new(settings.cache_dir.clone())
-        .repo(id.repo(RepoType::Dataset))
-        .create_ref(&sha)
-        .with_context(|| {
-            format!(
-                "recording dataset {id} -> {sha} in {}",
-                settings.cache_dir.display()
-            )
-        })?;
+    record_ref(id, RepoKind::Dataset, settings, &info.sha)
+        .with_context(|| format!("dataset {id}"))?;
     Ok(paths)
 }
 
-/// The repository's commit and files from the hub; `None` where the cache must do (offline, or
-/// the hub unreachable).
-fn remote_files(id: &HubId, settings: &HubSettings) -> Result<Option<(String, Vec<String>)>> {
+/// The repository's commit and files (with sizes and hashes) from the hub; `None` where the
+/// cache must do (offline, or the hub unreachable).
+fn remote_info(id: &HubId, settings: &HubSettings) -> Result<Option<RepoInfo>> {
     if settings.offline {
         return Ok(None);
     }
-    let api = hub_api(settings)?;
-    match repo_info(&api.repo(id.repo(RepoType::Dataset)), id, settings) {
-        Ok(info) => Ok(Some((
-            info.sha,
-            info.siblings.into_iter().map(|s| s.rfilename).collect(),
-        ))),
+    let agent = http::agent(settings.timeout);
+    match repo_info(&agent, id, RepoKind::Dataset, settings) {
+        Ok(info) => Ok(Some(info)),
         Err(InfoError::Unreachable(reason)) => {
             tracing::warn!("the Hugging Face hub is unreachable ({reason}); looking for the dataset {id} in the cache");
             Ok(None)
@@ -104,7 +107,7 @@ fn cached(
     selection: Selection,
     settings: &HubSettings,
 ) -> Result<(Vec<String>, PathBuf)> {
-    let snapshot = snapshot_dir_of(id, RepoType::Dataset, settings).map_err(|e| {
+    let snapshot = snapshot_dir(id, RepoKind::Dataset, settings).map_err(|e| {
         anyhow!(
             "dataset {e:#}{}",
             if settings.offline {

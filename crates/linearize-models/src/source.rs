@@ -1,19 +1,21 @@
 //! Where a model comes from: a local Hugging Face-layout directory, or a hub id
-//! `org/name[@revision]` fetched with hf-hub into the standard HF cache (so the Python tools and
-//! this one share downloads).
+//! `org/name[@revision]` fetched into the standard HF cache (so the Python tools and this one
+//! share downloads), every file checked against the hub's listed size and SHA-256.
+use crate::relative_path::join_inside;
+use crate::{atomic, http};
 use anyhow::{bail, Context, Result};
-use hf_hub::api::sync::{Api, ApiBuilder, ApiError, ApiRepo};
-use hf_hub::{Cache, Repo, RepoType};
 use serde::Deserialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::io::IsTerminal;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 const CONFIG: &str = "config.json";
 const SINGLE_WEIGHTS: &str = "model.safetensors";
+/// The repository metadata is a few kB per file; a hub sending more is refused.
+const METADATA_LIMIT: u64 = 64 << 20;
 const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
 /// Fetched when the repository has them.
 const OPTIONAL_FILES: [&str; 5] = [
@@ -51,9 +53,11 @@ impl HubId {
             Some((repo, revision)) => (repo, revision),
             None => (s, "main"),
         };
+        // The revision names a file under the cache's refs/: only a plain relative path.
         if revision.is_empty()
             || revision.chars().any(char::is_whitespace)
             || revision.contains("..")
+            || join_inside(Path::new("refs"), revision).is_err()
         {
             bail!("hub id {s:?}: invalid revision {revision:?}");
         }
@@ -70,9 +74,34 @@ impl HubId {
         })
     }
 
-    /// The repository of this id at its revision, as hf-hub names it.
-    pub(crate) fn repo(&self, kind: RepoType) -> Repo {
-        Repo::with_revision(self.repo.clone(), kind, self.revision.clone())
+    /// The cache folder name huggingface_hub uses: `models--org--name`, `datasets--org--name`.
+    pub(crate) fn cache_folder(&self, kind: RepoKind) -> String {
+        format!("{}--{}", kind.plural(), self.repo.replace('/', "--"))
+    }
+}
+
+/// The kinds of hub repository linearize reads: models, and datasets (data sources by hub id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepoKind {
+    Model,
+    Dataset,
+}
+
+impl RepoKind {
+    /// The name in API paths and cache folders: `models`, `datasets`.
+    fn plural(self) -> &'static str {
+        match self {
+            RepoKind::Model => "models",
+            RepoKind::Dataset => "datasets",
+        }
+    }
+
+    /// The prefix of download URLs: models have none, datasets `datasets/`.
+    fn url_prefix(self) -> &'static str {
+        match self {
+            RepoKind::Model => "",
+            RepoKind::Dataset => "datasets/",
+        }
     }
 }
 
@@ -235,7 +264,7 @@ pub fn resolve_config_with(source: &str, settings: &HubSettings) -> Result<PathB
 
 /// The snapshot directory of `id` in the cache if it holds config.json (weights or not).
 fn cached_config(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
-    let snapshot = snapshot_dir(id, settings)?;
+    let snapshot = snapshot_dir(id, RepoKind::Model, settings)?;
     if !snapshot.join(CONFIG).is_file() {
         bail!("{}: no {CONFIG}", snapshot.display());
     }
@@ -243,23 +272,21 @@ fn cached_config(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
 }
 
 /// The snapshot directory the cache's ref for `id` points to (which may be incomplete).
-fn snapshot_dir(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
-    snapshot_dir_of(id, RepoType::Model, settings)
-}
-
-/// The snapshot directory the cache's ref for the `kind` repository `id` points to.
-pub(crate) fn snapshot_dir_of(
-    id: &HubId,
-    kind: RepoType,
-    settings: &HubSettings,
-) -> Result<PathBuf> {
-    let repo_dir = settings.cache_dir.join(id.repo(kind).folder_name());
+pub(crate) fn snapshot_dir(id: &HubId, kind: RepoKind, settings: &HubSettings) -> Result<PathBuf> {
+    let repo_dir = settings.cache_dir.join(id.cache_folder(kind));
     let ref_path = repo_dir.join("refs").join(&id.revision);
     let commit = if ref_path.is_file() {
-        std::fs::read_to_string(&ref_path)
+        let commit = std::fs::read_to_string(&ref_path)
             .with_context(|| format!("reading {}", ref_path.display()))?
             .trim()
-            .to_string()
+            .to_string();
+        if !http::is_lower_hex(&commit, 40) {
+            bail!(
+                "{}: expected a commit hash of 40 hex digits, found {commit:?}",
+                ref_path.display()
+            );
+        }
+        commit
     } else if repo_dir.join("snapshots").join(&id.revision).is_dir() {
         id.revision.clone()
     } else {
@@ -273,7 +300,7 @@ pub(crate) fn snapshot_dir_of(
 
 /// The snapshot directory of `id` in the cache, if it is there complete.
 pub fn cached_snapshot(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
-    let snapshot = snapshot_dir(id, settings)?;
+    let snapshot = snapshot_dir(id, RepoKind::Model, settings)?;
     for file in required_files(&snapshot)? {
         if !snapshot.join(&file).is_file() {
             bail!(
@@ -312,18 +339,36 @@ fn shard_names(index: &Path) -> Result<BTreeSet<String>> {
             index.display()
         )
     })?;
-    Ok(parsed.weight_map.into_values().collect())
+    let names: BTreeSet<String> = parsed.weight_map.into_values().collect();
+    for name in &names {
+        join_inside(Path::new(""), name)
+            .with_context(|| format!("{}: weight_map entry", index.display()))?;
+    }
+    Ok(names)
 }
 
+/// The repository metadata `GET /api/models/{repo}/revision/{rev}?blobs=true` answers: the
+/// commit the revision points to and every file with its size, and for LFS files their SHA-256.
 #[derive(Deserialize)]
 pub(crate) struct RepoInfo {
-    pub sha: String,
-    pub siblings: Vec<Sibling>,
+    pub(crate) sha: String,
+    pub(crate) siblings: Vec<Sibling>,
 }
 
 #[derive(Deserialize)]
 pub(crate) struct Sibling {
-    pub rfilename: String,
+    pub(crate) rfilename: String,
+    /// The git blob id (40 hex digits): the cache's name for a file stored in git.
+    #[serde(rename = "blobId")]
+    blob_id: Option<String>,
+    size: Option<u64>,
+    lfs: Option<Lfs>,
+}
+
+#[derive(Deserialize)]
+struct Lfs {
+    sha256: String,
+    size: u64,
 }
 
 /// What [`download`] fetches.
@@ -335,14 +380,15 @@ enum Files {
     ConfigOnly,
 }
 
+/// Fetches `id`'s files into the cache with huggingface_hub's layout (`blobs/<hash>`,
+/// `snapshots/<commit>/<file>` linking to it, `refs/<revision>`). Every path comes from values
+/// checked here: the commit must be 40 hex digits, a blob's name its SHA-256 or git blob id, and
+/// a file name a plain relative path; nothing the server sends in headers is used. Each file is
+/// checked against the size the metadata lists, and LFS files (the weights) against their
+/// SHA-256, before it is linked into the snapshot.
 fn download(id: &HubId, settings: &HubSettings, what: Files) -> Result<PathBuf> {
-    let api = hub_api(settings)?;
-    let named = api.repo(Repo::with_revision(
-        id.repo.clone(),
-        RepoType::Model,
-        id.revision.clone(),
-    ));
-    let info = match repo_info(&named, id, settings) {
+    let agent = http::agent(settings.timeout);
+    let info = match repo_info(&agent, id, RepoKind::Model, settings) {
         Ok(info) => info,
         Err(InfoError::Unreachable(reason)) => {
             if let Ok(dir) = cached_snapshot(id, settings) {
@@ -356,63 +402,165 @@ fn download(id: &HubId, settings: &HubSettings, what: Files) -> Result<PathBuf> 
         }
         Err(InfoError::Other(err)) => return Err(err),
     };
-    let files: BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
-    if !files.contains(CONFIG) {
+    if !http::is_lower_hex(&info.sha, 40) {
+        bail!(
+            "{id}: the hub named commit {:?}, expected 40 hex digits; refused",
+            info.sha
+        );
+    }
+    let files: BTreeMap<&str, &Sibling> = info
+        .siblings
+        .iter()
+        .map(|s| (s.rfilename.as_str(), s))
+        .collect();
+    if !files.contains_key(CONFIG) {
         bail!("{id}: the repository has no config.json, so it is not a transformers model");
     }
+    let snapshot = settings
+        .cache_dir
+        .join(id.cache_folder(RepoKind::Model))
+        .join("snapshots")
+        .join(&info.sha);
     // Every file comes from the commit the metadata named, so a push during the download
     // cannot mix two versions in one snapshot.
-    let pinned = api.repo(Repo::with_revision(
-        id.repo.clone(),
-        RepoType::Model,
-        info.sha.clone(),
-    ));
     let fetch = |file: &str| -> Result<PathBuf> {
-        tracing::info!("fetching {file} of {id}");
-        pinned.get(file).map_err(|err| match err {
-            ApiError::RequestError(e) if matches!(*e, ureq::Error::Transport(_)) => {
-                anyhow::anyhow!(unreachable_message(id, settings, &one_line(&e.to_string())))
+        let sibling = files.get(file).with_context(|| {
+            format!(
+                "{id}: {file} is not among the repository's files at {}",
+                info.sha
+            )
+        })?;
+        fetch_file(&agent, id, RepoKind::Model, settings, &info.sha, sibling).map_err(|err| {
+            match err.downcast::<ureq::Transport>() {
+                Ok(transport) => anyhow::anyhow!(unreachable_message(
+                    id,
+                    settings,
+                    &http::one_line(&transport.to_string())
+                )),
+                Err(err) => anyhow::anyhow!("{id}: {}", http::one_line(&format!("{err:#}"))),
             }
-            err => anyhow::anyhow!("{id}: downloading {file}: {}", one_line(&err.to_string())),
         })
     };
-    let config = fetch(CONFIG)?;
-    let snapshot = config
-        .parent()
-        .context("hf-hub returned a file without a parent directory")?
-        .to_path_buf();
-    for file in OPTIONAL_FILES.into_iter().filter(|f| files.contains(f)) {
+    fetch(CONFIG)?;
+    for file in OPTIONAL_FILES.into_iter().filter(|f| files.contains_key(f)) {
         fetch(file)?;
     }
     if what == Files::ConfigOnly {
         // The ref below is still recorded, so that the config is found offline; a run that
         // needs the weights sees the snapshot as incomplete (`cached_snapshot`) and fetches them.
-    } else if files.contains(WEIGHTS_INDEX) {
+    } else if files.contains_key(WEIGHTS_INDEX) {
         let index = fetch(WEIGHTS_INDEX)?;
         for shard in shard_names(&index)? {
             fetch(&shard)?;
         }
-    } else if files.contains(SINGLE_WEIGHTS) {
+    } else if files.contains_key(SINGLE_WEIGHTS) {
         fetch(SINGLE_WEIGHTS)?;
     } else {
         bail!("{id}: the repository has no safetensors weights ({SINGLE_WEIGHTS} or {WEIGHTS_INDEX}); only safetensors checkpoints are supported");
     }
-    // So that the named revision (e.g. `main`) resolves offline to this snapshot.
-    Cache::new(settings.cache_dir.clone())
-        .repo(Repo::with_revision(
-            id.repo.clone(),
-            RepoType::Model,
-            id.revision.clone(),
-        ))
-        .create_ref(&info.sha)
-        .with_context(|| {
-            format!(
-                "recording {id} -> {} in {}",
-                info.sha,
-                settings.cache_dir.display()
-            )
-        })?;
+    record_ref(id, RepoKind::Model, settings, &info.sha)?;
     Ok(snapshot)
+}
+
+/// Points the cache's ref for `id`'s revision (e.g. `main`) at `commit`, so that the revision
+/// resolves offline to that snapshot.
+pub(crate) fn record_ref(
+    id: &HubId,
+    kind: RepoKind,
+    settings: &HubSettings,
+    commit: &str,
+) -> Result<()> {
+    let repo_dir = settings.cache_dir.join(id.cache_folder(kind));
+    let ref_path = join_inside(&repo_dir.join("refs"), &id.revision)?;
+    if let Some(parent) = ref_path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    atomic::write_file(&ref_path, commit.as_bytes()).with_context(|| {
+        format!(
+            "recording {id} -> {commit} in {}",
+            settings.cache_dir.display()
+        )
+    })
+}
+
+/// One file of the snapshot `commit`: reused if its link is there (links are made only to
+/// verified blobs), else downloaded, verified, stored as a blob and linked.
+pub(crate) fn fetch_file(
+    agent: &ureq::Agent,
+    id: &HubId,
+    kind: RepoKind,
+    settings: &HubSettings,
+    commit: &str,
+    file: &Sibling,
+) -> Result<PathBuf> {
+    let repo_dir = settings.cache_dir.join(id.cache_folder(kind));
+    let name = file.rfilename.as_str();
+    let snapshot = repo_dir.join("snapshots").join(commit);
+    let link = join_inside(&snapshot, name).with_context(|| format!("file name {name:?}"))?;
+    if link.is_file() {
+        return Ok(link);
+    }
+    let (blob, expected) = match &file.lfs {
+        Some(lfs) => {
+            if !http::is_sha256_hex(&lfs.sha256) {
+                bail!(
+                    "{name}: the hub listed SHA-256 {:?}, expected 64 hex digits",
+                    lfs.sha256
+                );
+            }
+            let expected = http::Expected {
+                size: Some(lfs.size),
+                sha256: Some(&lfs.sha256),
+            };
+            (lfs.sha256.as_str(), expected)
+        }
+        None => {
+            let blob = file
+                .blob_id
+                .as_deref()
+                .filter(|b| http::is_lower_hex(b, 40))
+                .with_context(|| {
+                    format!("{name}: the hub listed no blob id of 40 hex digits for it")
+                })?;
+            let size = file
+                .size
+                .with_context(|| format!("{name}: the hub listed no size for it"))?;
+            let expected = http::Expected {
+                size: Some(size),
+                sha256: None,
+            };
+            (blob, expected)
+        }
+    };
+    let blobs = repo_dir.join("blobs");
+    std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
+    let blob_path = blobs.join(blob);
+    if !blob_path.is_file() {
+        tracing::info!("fetching {name} of {id}");
+        let url = format!(
+            "{}/{}{}/resolve/{commit}/{name}",
+            settings.endpoint,
+            kind.url_prefix(),
+            id.repo
+        );
+        let mut request = agent.get(&url);
+        if let Some(token) = &settings.token {
+            request = request.set("authorization", &format!("Bearer {token}"));
+        }
+        http::download_verified(request, &blob_path, name, expected)?;
+    }
+    let parent = link.parent().context("a snapshot file has a parent")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    // Relative, as huggingface_hub links: `../../blobs/<hash>` plus one `..` per subdirectory.
+    let depth = Path::new(name).components().count() + 1;
+    let target = Path::new(&"../".repeat(depth)).join("blobs").join(blob);
+    let tmp_link = link.with_extension("link-partial");
+    let _ = std::fs::remove_file(&tmp_link);
+    std::os::unix::fs::symlink(&target, &tmp_link)
+        .and_then(|()| std::fs::rename(&tmp_link, &link))
+        .with_context(|| format!("linking {} to {}", link.display(), target.display()))?;
+    Ok(link)
 }
 
 pub(crate) enum InfoError {
@@ -420,22 +568,35 @@ pub(crate) enum InfoError {
     Other(anyhow::Error),
 }
 
-/// The repository's commit and file list, within the settings' timeout.
+/// The repository's commit and file list with sizes and hashes, within the settings' timeout.
 pub(crate) fn repo_info(
-    repo: &ApiRepo,
+    agent: &ureq::Agent,
     id: &HubId,
+    kind: RepoKind,
     settings: &HubSettings,
 ) -> Result<RepoInfo, InfoError> {
-    let response = repo.info_request().timeout(settings.timeout).call();
-    let response = match response {
+    let url = format!(
+        "{}/api/{}/{}/revision/{}?blobs=true",
+        settings.endpoint,
+        kind.plural(),
+        id.repo,
+        id.revision
+    );
+    let mut request = agent.get(&url).timeout(settings.timeout);
+    if let Some(token) = &settings.token {
+        request = request.set("authorization", &format!("Bearer {token}"));
+    }
+    let response = match request.call() {
         Ok(response) => response,
         Err(ureq::Error::Transport(transport)) => {
-            return Err(InfoError::Unreachable(one_line(&transport.to_string())))
+            return Err(InfoError::Unreachable(http::one_line(
+                &transport.to_string(),
+            )))
         }
         Err(ureq::Error::Status(code, _)) => {
             return Err(InfoError::Other(match code {
                 401 | 403 => anyhow::anyhow!(
-                "the hub refused access to {} (HTTP {code}): the repository may be gated or private; \
+                "the hub refused access to {} (HTTP {code}): the model may be gated or private; \
                      accept its terms on the hub and set HF_TOKEN",
                 id
             ),
@@ -444,7 +605,7 @@ pub(crate) fn repo_info(
             }))
         }
     };
-    serde_json::from_reader(response.into_reader()).map_err(|err| {
+    serde_json::from_reader(response.into_reader().take(METADATA_LIMIT)).map_err(|err| {
         InfoError::Other(anyhow::anyhow!(
             "{}: unexpected repository metadata from the hub: {err}",
             id
@@ -460,17 +621,4 @@ fn unreachable_message(id: &HubId, settings: &HubSettings, reason: &str) -> Stri
         settings.endpoint,
         settings.cache_dir.display()
     )
-}
-
-pub(crate) fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-pub(crate) fn hub_api(settings: &HubSettings) -> Result<Api> {
-    ApiBuilder::from_cache(Cache::new(settings.cache_dir.clone()))
-        .with_endpoint(settings.endpoint.clone())
-        .with_token(settings.token.clone())
-        .with_progress(std::io::stderr().is_terminal())
-        .build()
-        .context("setting up the Hugging Face hub client")
 }

@@ -183,7 +183,7 @@ impl Checkpoint {
 
     /// Tensor `name` converted to `kind` on `device`.
     pub fn tensor(&self, name: &str, kind: Kind, device: Device) -> Result<Tensor> {
-        Ok(self.read(name)?.to_device(device).to_kind(kind))
+        Ok(self.read(name)?.f_to_device(device)?.f_to_kind(kind)?)
     }
 
     /// Tensor `name` as stored (its file's dtype), on the CPU.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod fake_hub;
 
-use fake_hub::{FakeHub, COMMIT};
+use fake_hub::{FakeHub, Tamper, COMMIT};
 
 fn settings(cache_dir: &Path, endpoint: &str, offline: bool) -> HubSettings {
     HubSettings {
@@ -262,6 +262,163 @@ fn settings_follow_the_huggingface_hub_variables() {
         vars(&[("HOME", "/home/u")]).cache_dir,
         PathBuf::from("/home/u/.cache/huggingface/hub")
     );
+}
+
+/// Every path under `root`, links not followed.
+fn all_paths(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                todo.push(entry.path());
+            }
+            out.push(entry.path());
+        }
+    }
+    out
+}
+
+fn tiny_files() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("config.json", br#"{"model_type": "llama"}"#.to_vec()),
+        ("model.safetensors", vec![7u8; 100]),
+    ]
+}
+
+/// Headers are never used for paths: a crafted ETag and commit header change nothing, and every
+/// file lands inside the cache.
+#[test]
+fn crafted_etag_and_commit_headers_write_nothing_outside_the_cache() {
+    let hub = FakeHub::start_tampered(
+        "org/tiny",
+        tiny_files(),
+        Tamper {
+            headers: "etag: \"../../../outside\"\r\nx-linked-etag: \"../../../outside\"\r\nx-repo-commit: ../../../outside\r\n",
+            ..Tamper::default()
+        },
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let dir = resolve_with("org/tiny", &settings(&cache, &hub.endpoint, false)).unwrap();
+    assert_eq!(dir, cache.join("models--org--tiny/snapshots").join(COMMIT));
+    assert_eq!(
+        fs::read(dir.join("model.safetensors")).unwrap(),
+        vec![7u8; 100]
+    );
+    let top: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(top, vec![cache.clone()], "written beside the cache");
+    for path in all_paths(&cache) {
+        let real = path.canonicalize().unwrap();
+        assert!(
+            real.starts_with(cache.canonicalize().unwrap()),
+            "{path:?} -> {real:?}"
+        );
+    }
+}
+
+/// A commit that is not a hash, and shard names that leave the snapshot, are refused before
+/// anything is written for them.
+#[test]
+fn crafted_commit_and_shard_names_are_refused() {
+    let hub = FakeHub::start_tampered(
+        "org/tiny",
+        tiny_files(),
+        Tamper {
+            commit: Some("../../../outside"),
+            ..Tamper::default()
+        },
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let err = format!(
+        "{:#}",
+        resolve_with("org/tiny", &settings(&cache, &hub.endpoint, false)).unwrap_err()
+    );
+    assert!(
+        err.contains("40 hex digits") && !err.contains('\n'),
+        "{err}"
+    );
+    assert!(!cache.exists(), "nothing is written for a refused commit");
+
+    let shard = "../../../../outside.safetensors";
+    let index = format!(r#"{{"metadata": {{}}, "weight_map": {{"a": "{shard}"}}}}"#);
+    let hub = FakeHub::start(
+        "org/tiny",
+        vec![
+            ("config.json", b"{}".to_vec()),
+            ("model.safetensors.index.json", index.into_bytes()),
+            (shard, vec![1u8; 10]),
+        ],
+    );
+    let err = format!(
+        "{:#}",
+        resolve_with("org/tiny", &settings(&cache, &hub.endpoint, false)).unwrap_err()
+    );
+    assert!(
+        err.contains("model.safetensors.index.json")
+            && err.contains("weight_map")
+            && err.contains("leaves its directory"),
+        "{err}"
+    );
+    let top: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(top, vec![cache.clone()], "written beside the cache");
+    let requested = hub.requests.lock().unwrap().clone();
+    assert!(
+        requested.iter().all(|p| !p.contains("outside")),
+        "{requested:?}"
+    );
+}
+
+/// A file whose bytes do not match the hub's listed SHA-256 or size is refused with a one-line
+/// error naming it, and neither kept nor linked.
+#[test]
+fn size_and_checksum_mismatches_are_refused_naming_the_file() {
+    for (name, served, why) in [
+        ("model.safetensors", vec![8u8; 100], "SHA-256"),
+        ("model.safetensors", vec![7u8; 101], "bytes"),
+        (
+            "config.json",
+            b"{\"model_type\": \"llama\"} ".to_vec(),
+            "bytes",
+        ),
+    ] {
+        let hub = FakeHub::start_tampered(
+            "org/tiny",
+            tiny_files(),
+            Tamper {
+                bodies: vec![(name, served)],
+                ..Tamper::default()
+            },
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let err = format!(
+            "{:#}",
+            resolve_with("org/tiny", &settings(tmp.path(), &hub.endpoint, false)).unwrap_err()
+        );
+        assert!(
+            err.contains(name) && err.contains(why) && err.contains("refused"),
+            "{name}: {err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
+        let snapshot = tmp.path().join("models--org--tiny/snapshots").join(COMMIT);
+        assert!(!snapshot.join(name).exists(), "{name} was linked");
+        let blobs = tmp.path().join("models--org--tiny/blobs");
+        for blob in all_paths(&blobs) {
+            let content = fs::read(&blob).unwrap();
+            assert!(
+                tiny_files().iter().any(|(_, c)| *c == content),
+                "a refused download was kept: {blob:?}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -186,6 +186,7 @@ pub fn export_model(
         Kind::Float => "float32",
         other => bail!("export dtype {other:?}: expected bf16, f16 or f32"),
     };
+    tracing::info!(dir = %dir.display(), "exporting the merged model");
     let out = AtomicDir::new(dir)?;
     let mut entries = Vec::new();
     for (name, weight) in model.named_parameters() {

@@ -114,6 +114,54 @@ fn fetcher_manifest_gives_the_per_document_files_of_a_split() {
     assert_eq!(documents(&source).unwrap(), ["address a\n\nwhale\n"]);
 }
 
+/// Links back to an ancestor (twice per level: 2^depth paths without loop detection) and a
+/// second link to one directory: every file is listed once, at once.
+#[test]
+fn symlink_loops_in_a_data_directory_are_walked_once() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("a.txt"), "one");
+    write(&dir.path().join("sub/b.txt"), "two");
+    std::os::unix::fs::symlink(dir.path(), dir.path().join("sub/up")).unwrap();
+    std::os::unix::fs::symlink("..", dir.path().join("sub/up2")).unwrap();
+    std::os::unix::fs::symlink("sub", dir.path().join("again")).unwrap();
+    let source = SourceConfig::new(SourceKind::Text, dir.path());
+    let started = std::time::Instant::now();
+    let files: Vec<_> = list_files(&source)
+        .unwrap()
+        .into_iter()
+        .map(|f| f.path.strip_prefix(dir.path()).unwrap().to_path_buf())
+        .collect();
+    assert!(
+        started.elapsed().as_secs() < 5,
+        "took {:?}",
+        started.elapsed()
+    );
+    // `again` sorts before `sub`, so the directory is listed under its first name.
+    assert_eq!(files, [Path::new("a.txt"), Path::new("again/b.txt")]);
+}
+
+#[test]
+fn manifest_paths_outside_the_directory_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("data/t.txt"), "inside");
+    write(&dir.path().join("secret.txt"), "outside");
+    let source = SourceConfig::new(SourceKind::Text, dir.path().join("data"));
+    for entry in [
+        "../secret.txt",
+        dir.path().join("secret.txt").to_str().unwrap(),
+    ] {
+        write(
+            &dir.path().join("data/manifest.json"),
+            &format!(r#"{{"splits": {{"train": ["t.txt", "{entry}"]}}}}"#),
+        );
+        let err = error_of(&source);
+        assert!(
+            err.contains("manifest.json") && err.contains(entry) && err.contains("train"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn missing_paths_and_empty_directories_are_named() {
     let dir = tempfile::tempdir().unwrap();

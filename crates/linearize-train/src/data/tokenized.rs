@@ -106,9 +106,11 @@ pub fn tokenize_source(
         }
     }
     let started = Instant::now();
+    tracing::info!(source = %source.path.display(), files = files.len(), "tokenising");
     let mut docs = TokenizedDocs::default();
     for file in &files {
         read_documents(&file.path, source, encoder, |text| {
+            linearize_models::stop::check()?;
             let ids = encoder.encode(text)?;
             if !ids.is_empty() {
                 docs.push(&ids);

@@ -33,6 +33,7 @@ pub fn export_peft(
     info: &ExportInfo,
     options: &ExportOptions,
 ) -> Result<()> {
+    tracing::info!(dir = %dir.display(), "exporting the PEFT adapters and their base");
     let out = AtomicDir::new(dir)?;
     export_model(
         &out.path().join("base"),

@@ -61,6 +61,8 @@ pub(crate) fn write_shards(
         let tensors = shard
             .iter()
             .map(|&i| {
+                // The directory is built under a temporary name: a stop leaves nothing behind.
+                linearize_models::stop::check()?;
                 let entry = &entries[i];
                 let host = HostTensor::new(&entry.name, &(entry.value)()?, kind)?;
                 total_size += host.num_bytes();

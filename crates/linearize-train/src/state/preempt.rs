@@ -1,10 +1,12 @@
 //! Graceful preemption. Clusters preempt a job with SIGTERM (and users stop it with Ctrl-C); while
-//! a [`Preemption`] guard is alive the first SIGTERM/SIGINT only raises a flag, which the training
-//! loop polls between steps to save a state and stop with [`Preempted`]. The binary then exits
+//! a [`Preemption`] guard is alive the first SIGTERM/SIGINT only raises the process-wide stop
+//! request ([`linearize_models::stop`]), which the training loop polls between steps to save a
+//! state and stop with [`Preempted`], and every other long phase between its units of work. The binary then exits
 //! with [`EXIT_PREEMPTED`]. A second signal while the first is being handled ends the process at
 //! once with the shell's usual `128 + signal` status; outside the guard the signals keep their
 //! default action.
 use anyhow::{ensure, Result};
+pub use linearize_models::stop::Preempted;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::flag;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -14,15 +16,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// sysexits.h, "temporary failure, run me again". Schedulers and wrapper scripts can requeue on
 /// it; running the same command again resumes from the saved state.
 pub const EXIT_PREEMPTED: i32 = 75;
-
-/// The error a training loop returns after saving its state on a signal; the binary maps it to
-/// [`EXIT_PREEMPTED`] (find it with `anyhow::Error::downcast_ref`).
-#[derive(Debug, thiserror::Error)]
-#[error("stopped by {} after saving state; run the same command again to resume", signal_name(*.signal))]
-pub struct Preempted {
-    /// The signal number (SIGTERM = 15, SIGINT = 2).
-    pub signal: i32,
-}
 
 /// Process-wide handler state, registered once: signal-hook cannot restore a default action, so
 /// instead the handlers consult `inactive` and emulate the default action while no guard lives.
@@ -44,7 +37,7 @@ fn handlers() -> Result<&'static Handlers> {
     let handlers = Handlers {
         inactive: Arc::new(AtomicBool::new(true)),
         armed: Arc::new(AtomicBool::new(false)),
-        received: Arc::new(AtomicUsize::new(0)),
+        received: linearize_models::stop::request_flag(),
         guard_alive: AtomicBool::new(false),
     };
     // Order matters: each action sees the flags as the previous ones left them.
@@ -88,14 +81,7 @@ impl Preemption {
 impl Drop for Preemption {
     fn drop(&mut self) {
         self.handlers.inactive.store(true, Ordering::SeqCst);
+        self.handlers.received.store(0, Ordering::SeqCst);
         self.handlers.guard_alive.store(false, Ordering::SeqCst);
-    }
-}
-
-fn signal_name(signal: i32) -> String {
-    match signal {
-        SIGTERM => "SIGTERM".to_owned(),
-        SIGINT => "SIGINT".to_owned(),
-        other => format!("signal {other}"),
     }
 }

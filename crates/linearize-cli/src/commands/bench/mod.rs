@@ -1,7 +1,8 @@
 //! `linearize bench`: benchmarks that print a table and write JSON. `bench kernels` times the
 //! forward and backward passes and measures the peak memory of each attention kernel's naive and
 //! chunked forms; `bench stages` the training stages against the teacher's forward pass;
-//! `bench decode` decoding at long contexts, teacher against student.
+//! `bench decode` decoding at long contexts, teacher against student; `bench tokenize` the peak
+//! memory of tokenising one large document.
 mod case;
 mod decode;
 mod decode_plot;
@@ -10,6 +11,7 @@ mod kernels;
 mod memory;
 mod model;
 mod stages;
+mod tokenize;
 
 pub use case::{Form, Method};
 
@@ -30,6 +32,8 @@ enum Command {
     Stages(stages::StageArgs),
     /// Decoding tokens/s and memory of teacher and student at long contexts.
     Decode(decode::DecodeArgs),
+    /// Peak memory of tokenising one large document, beside its token count.
+    Tokenize(tokenize::TokenizeArgs),
     /// Draw decode tokens/s and memory against context from `bench decode --json` reports.
     PlotDecode(decode_plot::PlotArgs),
 }
@@ -95,5 +99,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Stages(args) => stages::run(args),
         Command::Decode(args) => decode::run(args),
         Command::PlotDecode(args) => decode_plot::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
     }
 }
