@@ -463,7 +463,7 @@ fn validate(
     if let Some(model) = model {
         recipe
             .conversion
-            .plan(model.num_hidden_layers as usize)
+            .plan(&model.layer_types)
             .map_err(|e| at("conversion", e))?;
     }
     recipe.data.validate().map_err(|e| at("data", e))?;
