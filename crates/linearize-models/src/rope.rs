@@ -22,13 +22,28 @@ impl Rope {
     /// Precomputes the tables the way HF does: angles in f32, cos/sin times the scaling's
     /// attention factor (yarn) in f32, then cast to `kind`.
     pub fn new(cfg: &ModelConfig, kind: Kind, device: Device) -> Self {
-        let inv_freq: Vec<f32> = inv_freq(cfg).into_iter().map(|f| f as f32).collect();
+        Self::with(cfg, cfg.rope_theta, cfg.rope_scaling.as_ref(), kind, device)
+    }
+
+    /// As [`Rope::new`] with another base and scaling than the config's global ones (Gemma 3's
+    /// local layers).
+    pub fn with(
+        cfg: &ModelConfig,
+        theta: f64,
+        scaling: Option<&RopeScaling>,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
+        let inv_freq: Vec<f32> = inv_freq_with(cfg.head_dim, theta, scaling)
+            .into_iter()
+            .map(|f| f as f32)
+            .collect();
         let inv_freq = Tensor::from_slice(&inv_freq).to_device(device); // (d/2,)
         let table = cfg.max_position_embeddings.min(MAX_TABLE_POSITIONS);
         let positions = Tensor::arange(table, (Kind::Float, device)); // (P,)
         let freqs = positions.outer(&inv_freq); // (P, d/2)
         let angles = Tensor::cat(&[&freqs, &freqs], -1); // (P, d)
-        let scale = cfg.rope_scaling.map_or(1.0, |s| s.attention_factor()) as f32 as f64;
+        let scale = scaling.map_or(1.0, |s| s.attention_factor()) as f32 as f64;
         Self {
             cos: (angles.cos() * scale).to_kind(kind),
             sin: (angles.sin() * scale).to_kind(kind),
@@ -91,11 +106,16 @@ fn rotate_half(x: &Tensor) -> Tensor {
 /// The inverse frequencies theta^(-2i/d) of the head_dim/2 rotated pairs, with the config's
 /// scaling applied (transformers' `ROPE_INIT_FUNCTIONS`, computed in f64).
 pub fn inv_freq(cfg: &ModelConfig) -> Vec<f64> {
-    let d = cfg.head_dim as f64;
-    let base: Vec<f64> = (0..cfg.head_dim / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d))
+    inv_freq_with(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref())
+}
+
+/// [`inv_freq`] for heads `head_dim` wide, base `theta` and `scaling`.
+pub fn inv_freq_with(head_dim: i64, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f64> {
+    let d = head_dim as f64;
+    let base: Vec<f64> = (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / d))
         .collect();
-    match cfg.rope_scaling {
+    match scaling.copied() {
         // Dynamic NTK changes nothing up to max_position_embeddings (see `RopeScaling::Dynamic`).
         None | Some(RopeScaling::Dynamic { .. }) => base,
         Some(RopeScaling::Linear { factor }) => base.into_iter().map(|f| f / factor).collect(),
@@ -137,9 +157,8 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f64> {
             // interpolated (divided by `factor`), those turning more than `beta_fast` times kept,
             // with a linear ramp over the dims between.
             let old_len = original_max_position_embeddings as f64;
-            let correction_dim = |rotations: f64| {
-                d * (old_len / (rotations * 2.0 * PI)).ln() / (2.0 * cfg.rope_theta.ln())
-            };
+            let correction_dim =
+                |rotations: f64| d * (old_len / (rotations * 2.0 * PI)).ln() / (2.0 * theta.ln());
             let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
             if truncate {
                 (low, high) = (low.floor(), high.ceil());

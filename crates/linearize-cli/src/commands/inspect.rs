@@ -50,8 +50,8 @@ fn describe(dir: &Path) -> Result<(Value, Option<String>)> {
     let num_layers = cfg.num_hidden_layers as usize;
     let plan = match LinearizeSection::of_config(&cfg, &origin)? {
         Some(section) => section
-            .conversion(num_layers, &origin)?
-            .map(|c| c.plan(num_layers))
+            .conversion(&cfg.layer_types, &origin)?
+            .map(|c| c.plan(&cfg.layer_types))
             .transpose()?,
         None => None,
     };

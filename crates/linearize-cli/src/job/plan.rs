@@ -67,7 +67,7 @@ fn model_plan(
     model_dir: &Path,
     cfg: &linearize_models::config::ModelConfig,
 ) -> Result<()> {
-    let plan = recipe.conversion.plan(cfg.num_hidden_layers as usize)?;
+    let plan = recipe.conversion.plan(&cfg.layer_types)?;
     let base_params: i64 = parameter_shapes(cfg)
         .values()
         .map(|shape| shape.iter().product::<i64>())

@@ -149,15 +149,7 @@ pub(super) fn parse(
     let empty = Map::new();
     let sub = keys.sub(name, obj.unwrap_or(&empty));
 
-    for key in sub.map.keys() {
-        if !KNOWN_KEYS.contains(&key.as_str()) {
-            return Err(sub.err(
-                key,
-                &sub.map[key],
-                "is not a RoPE parameter transformers knows",
-            ));
-        }
-    }
+    check_keys(&sub)?;
     for k in [&sub, keys] {
         if let Some(p) = k.opt::<f64>("partial_rotary_factor", "a number")? {
             if p != 1.0 {
@@ -169,10 +161,6 @@ pub(super) fn parse(
             }
         }
     }
-    if let Some(v) = sub.map.get("mrope_section") {
-        return Err(sub.err("mrope_section", v, "is not supported (multimodal RoPE)"));
-    }
-
     let theta = match (sub.opt::<f64>("rope_theta", "a number")?, name) {
         // transformers 4 reads only the top-level key; 5 prefers the section's.
         (Some(inner), "rope_scaling") if keys.map.get("rope_theta") != sub.map.get("rope_theta") => {
@@ -200,9 +188,60 @@ pub(super) fn parse(
         return Err(keys.err("rope_theta", &Value::from(theta), "is not positive"));
     }
 
-    let Some(obj) = obj else {
+    if obj.is_none() {
         return Ok((theta, None));
-    };
+    }
+    Ok((theta, scaling(keys, &sub, max_positions)?))
+}
+
+/// (`rope_theta`, scaling) of one layer type's section of transformers 5's per-layer-type
+/// `rope_parameters` (Gemma 3), with `default_theta` where the section gives none.
+pub(super) fn parse_section(
+    keys: &Keys,
+    sub: &Keys,
+    default_theta: f64,
+    max_positions: i64,
+) -> Result<(f64, Option<RopeScaling>)> {
+    check_keys(sub)?;
+    if let Some(p) = sub.opt::<f64>("partial_rotary_factor", "a number")? {
+        if p != 1.0 {
+            return Err(sub.err(
+                "partial_rotary_factor",
+                &Value::from(p),
+                "is not supported (RoPE on part of the head is not implemented)",
+            ));
+        }
+    }
+    let theta = sub
+        .not_null::<f64>("rope_theta", "a number")?
+        .unwrap_or(default_theta);
+    if theta <= 0.0 {
+        return Err(sub.err("rope_theta", &Value::from(theta), "is not positive"));
+    }
+    Ok((theta, scaling(keys, sub, max_positions)?))
+}
+
+/// Refuses a key of a RoPE section that transformers does not know, and multimodal RoPE.
+fn check_keys(sub: &Keys) -> Result<()> {
+    for key in sub.map.keys() {
+        if !KNOWN_KEYS.contains(&key.as_str()) {
+            return Err(sub.err(
+                key,
+                &sub.map[key],
+                "is not a RoPE parameter transformers knows",
+            ));
+        }
+    }
+    if let Some(v) = sub.map.get("mrope_section") {
+        return Err(sub.err("mrope_section", v, "is not supported (multimodal RoPE)"));
+    }
+    Ok(())
+}
+
+/// The frequency scaling of a RoPE section `sub` by its `rope_type` (none for `default`).
+fn scaling(keys: &Keys, sub: &Keys, max_positions: i64) -> Result<Option<RopeScaling>> {
+    let obj = sub.map;
+    let name = sub.prefix.trim_end_matches('.');
     let (type_key, rope_type) = match (obj.get("rope_type"), obj.get("type")) {
         (Some(v), _) => ("rope_type", v),
         (None, Some(v)) => ("type", v),
@@ -230,7 +269,7 @@ pub(super) fn parse(
         }
         Ok(inner)
     };
-    let scaling = match rope_type.as_str() {
+    Ok(match rope_type.as_str() {
         None if rope_type.is_null() => None,
         Some("default") => None,
         Some("linear") => Some(RopeScaling::Linear { factor: factor()? }),
@@ -252,7 +291,7 @@ pub(super) fn parse(
                 original_max_position_embeddings: original()?,
             })
         }
-        Some("yarn") => Some(yarn(&sub, max_positions, original()?)?),
+        Some("yarn") => Some(yarn(sub, max_positions, original()?)?),
         Some("longrope") => {
             return Err(sub.err(
                 type_key,
@@ -267,8 +306,7 @@ pub(super) fn parse(
                 "is not supported (expected \"default\", \"linear\", \"dynamic\", \"yarn\" or \"llama3\")",
             ))
         }
-    };
-    Ok((theta, scaling))
+    })
 }
 
 /// transformers' `_compute_yarn_parameters` inputs, defaults resolved as it resolves them.

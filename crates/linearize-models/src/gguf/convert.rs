@@ -271,6 +271,9 @@ impl LazyTensor<'_> {
             let row_len = if t.shape.len() == 2 { t.shape[1] } else { 1 };
             values = unpermute_rows(&values, n_head, row_len);
         }
+        if t.minus_one {
+            values.iter_mut().for_each(|v| *v -= 1.0);
+        }
         Ok(match self.dtype {
             Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Dtype::BF16 => {

@@ -1,13 +1,21 @@
-//! Llama hyper-parameters from GGUF metadata, and the config.json / generation_config.json
-//! transformers' LlamaForCausalLM reads.
+//! Llama and Gemma 3 hyper-parameters from GGUF metadata, and the config.json /
+//! generation_config.json transformers' LlamaForCausalLM or Gemma3ForCausalLM reads.
 use super::reader::GgufFile;
 use super::tokenizer::ConvertedTokenizer;
 use super::Dtype;
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value as Json};
 
-/// The architectures whose tensors map onto transformers' Llama layout.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+/// The architectures whose tensors map onto transformers' Llama (or Gemma 3) layout.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "gemma3"];
+
+/// llama.cpp's fixed layout of Gemma 3 (llama-model.cpp, LLM_ARCH_GEMMA3): every sixth layer
+/// global, the local layers' RoPE base 10000. The file stores neither.
+const GEMMA3_SLIDING_WINDOW_PATTERN: usize = 6;
+const GEMMA3_LOCAL_ROPE_THETA: f64 = 10_000.0;
+/// Gemma 3 27B's layer count: llama.cpp scales its queries by hidden / heads rather than by the
+/// head width, as its `query_pre_attn_scalar` says.
+const GEMMA3_27B_LAYERS: usize = 62;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaHparams {
@@ -23,6 +31,8 @@ pub struct LlamaHparams {
     pub vocab_size: usize,
     /// transformers' `rope_scaling`, or None for plain RoPE.
     pub rope_scaling: Option<Json>,
+    /// Gemma 3's local attention window (`gemma3.attention.sliding_window`); `None` for llama.
+    pub gemma3_sliding_window: Option<usize>,
 }
 
 impl LlamaHparams {
@@ -43,6 +53,7 @@ impl LlamaHparams {
             }
             Ok(v as usize)
         };
+        let gemma3 = arch == "gemma3";
         let (n_layer, hidden, ffn) = (
             count("block_count")?,
             count("embedding_length")?,
@@ -100,9 +111,54 @@ impl LlamaHparams {
             rope_theta,
             rms_eps: gguf
                 .get_f64(&key("attention.layer_norm_rms_epsilon"))?
-                .unwrap_or(1e-5),
+                .unwrap_or(if gemma3 { 1e-6 } else { 1e-5 }),
             vocab_size,
             rope_scaling: rope_scaling(gguf, arch, head_dim, rope_theta)?,
+            gemma3_sliding_window: if gemma3 {
+                Some(count("attention.sliding_window")?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// The decoder family's transformers names and keys: Gemma 3's, or Llama's.
+    fn family_json(&self, attention_bias: bool) -> Json {
+        let Some(window) = self.gemma3_sliding_window else {
+            return json!({
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_act": "silu",
+                "mlp_bias": false,
+                "pretraining_tp": 1,
+                "attention_bias": attention_bias,
+            });
+        };
+        let layer_types: Vec<&str> = (0..self.n_layer)
+            .map(|i| {
+                if (i + 1) % GEMMA3_SLIDING_WINDOW_PATTERN == 0 {
+                    "full_attention"
+                } else {
+                    "sliding_attention"
+                }
+            })
+            .collect();
+        let query_pre_attn_scalar = if self.n_layer == GEMMA3_27B_LAYERS {
+            self.hidden / self.n_head
+        } else {
+            self.head_dim
+        };
+        json!({
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "sliding_window": window,
+            "layer_types": layer_types,
+            "rope_local_base_freq": GEMMA3_LOCAL_ROPE_THETA,
+            "query_pre_attn_scalar": query_pre_attn_scalar,
+            "final_logit_softcapping": null,
+            "attn_logit_softcapping": null,
+            "attention_bias": attention_bias,
         })
     }
 
@@ -113,25 +169,19 @@ impl LlamaHparams {
         attention_bias: bool,
         dtype: Dtype,
     ) -> Json {
-        json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        let mut config = json!({
             "hidden_size": self.hidden,
             "intermediate_size": self.ffn,
             "num_hidden_layers": self.n_layer,
             "num_attention_heads": self.n_head,
             "num_key_value_heads": self.n_kv_head,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
             "max_position_embeddings": self.context_length,
             "rms_norm_eps": self.rms_eps,
             "rope_theta": self.rope_theta,
             "rope_scaling": self.rope_scaling,
-            "attention_bias": attention_bias,
             "attention_dropout": 0.0,
-            "mlp_bias": false,
             "initializer_range": 0.02,
-            "pretraining_tp": 1,
             "use_cache": true,
             "tie_word_embeddings": tied,
             "vocab_size": self.vocab_size,
@@ -139,7 +189,13 @@ impl LlamaHparams {
             "eos_token_id": tok.eos.as_ref().map(|t| t.id),
             "pad_token_id": tok.pad.as_ref().map(|t| t.id),
             "torch_dtype": dtype.torch_name(),
-        })
+        });
+        if let (Json::Object(c), Json::Object(family)) =
+            (&mut config, self.family_json(attention_bias))
+        {
+            c.extend(family);
+        }
+        config
     }
 
     /// Stop on EOS and, for chat models, on end-of-turn too.

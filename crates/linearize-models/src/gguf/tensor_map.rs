@@ -14,6 +14,9 @@ pub struct MappedTensor<'a> {
     /// Q and K projections (and biases): llama.cpp interleaved each head's two RoPE halves;
     /// this many heads must be restored to transformers' half-split order.
     pub unpermute_heads: Option<usize>,
+    /// A Gemma norm: llama.cpp stores `1 + weight` (convert_hf_to_gguf.py, Gemma3Model), so 1 is
+    /// subtracted, in f32, as transformers' GGUF loader does.
+    pub minus_one: bool,
 }
 
 /// The whole model's tensors, checked against the hyper-parameters.
@@ -37,6 +40,26 @@ const LAYER: &[(&str, &str)] = &[
     ("ffn_up.weight", "mlp.up_proj.weight"),
     ("ffn_down.weight", "mlp.down_proj.weight"),
 ];
+/// Gemma 3's: no RoPE permutation, q/k norms, and norms on both sides of attention and MLP
+/// (llama.cpp's `ffn_norm` is the MLP's input norm, as in Llama).
+const GEMMA3_LAYER: &[(&str, &str)] = &[
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("attn_q_norm.weight", "self_attn.q_norm.weight"),
+    ("attn_k_norm.weight", "self_attn.k_norm.weight"),
+    (
+        "post_attention_norm.weight",
+        "post_attention_layernorm.weight",
+    ),
+    ("ffn_norm.weight", "pre_feedforward_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+    ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"),
+];
 const LAYER_BIASES: &[(&str, &str)] = &[
     ("attn_q.bias", "self_attn.q_proj.bias"),
     ("attn_k.bias", "self_attn.k_proj.bias"),
@@ -59,19 +82,30 @@ impl<'a> TensorMap<'a> {
             })
         };
         let (q_rows, kv_rows) = (rows(hp.n_head)?, rows(hp.n_kv_head)?);
+        let gemma3 = hp.gemma3_sliding_window.is_some();
+        let (layer_table, family) = if gemma3 {
+            (GEMMA3_LAYER, "Gemma 3")
+        } else {
+            (LAYER, "Llama")
+        };
+        // llama.cpp permutes Q and K rows for llama only.
+        let permuted = |heads: usize| (!gemma3).then_some(heads);
         let expected = |suffix: &str| -> (Vec<usize>, Option<usize>) {
             match suffix {
-                "attn_norm.weight" | "ffn_norm.weight" | "attn_output.bias" => {
-                    (vec![hp.hidden], None)
-                }
-                "attn_q.weight" => (vec![q_rows, hp.hidden], Some(hp.n_head)),
-                "attn_k.weight" => (vec![kv_rows, hp.hidden], Some(hp.n_kv_head)),
+                "attn_norm.weight"
+                | "ffn_norm.weight"
+                | "attn_output.bias"
+                | "post_attention_norm.weight"
+                | "post_ffw_norm.weight" => (vec![hp.hidden], None),
+                "attn_q_norm.weight" | "attn_k_norm.weight" => (vec![hp.head_dim], None),
+                "attn_q.weight" => (vec![q_rows, hp.hidden], permuted(hp.n_head)),
+                "attn_k.weight" => (vec![kv_rows, hp.hidden], permuted(hp.n_kv_head)),
                 "attn_v.weight" => (vec![kv_rows, hp.hidden], None),
                 "attn_output.weight" => (vec![hp.hidden, q_rows], None),
                 "ffn_gate.weight" | "ffn_up.weight" => (vec![hp.ffn, hp.hidden], None),
                 "ffn_down.weight" => (vec![hp.hidden, hp.ffn], None),
-                "attn_q.bias" => (vec![q_rows], Some(hp.n_head)),
-                "attn_k.bias" => (vec![kv_rows], Some(hp.n_kv_head)),
+                "attn_q.bias" => (vec![q_rows], permuted(hp.n_head)),
+                "attn_k.bias" => (vec![kv_rows], permuted(hp.n_kv_head)),
                 "attn_v.bias" => (vec![kv_rows], None),
                 other => unreachable!("no shape rule for {other}"),
             }
@@ -95,15 +129,15 @@ impl<'a> TensorMap<'a> {
                     let Some((layer, suffix)) =
                         n.strip_prefix("blk.").and_then(|r| r.split_once('.'))
                     else {
-                        bail!("{file}: unexpected tensor {n} (not part of a Llama model)");
+                        bail!("{file}: unexpected tensor {n} (not part of a {family} model)");
                     };
-                    let hf = LAYER
+                    let hf = layer_table
                         .iter()
                         .chain(LAYER_BIASES)
                         .find(|(g, _)| *g == suffix)
                         .map(|p| p.1);
                     let (Ok(layer), Some(hf)) = (layer.parse::<usize>(), hf) else {
-                        bail!("{file}: unexpected tensor {n} (not part of a Llama model; mixture-of-experts and other variants are not supported)");
+                        bail!("{file}: unexpected tensor {n} (not part of a {family} model; mixture-of-experts and other variants are not supported)");
                     };
                     if layer >= hp.n_layer {
                         bail!("{file}: tensor {n} belongs to layer {layer} but the model has {} layers", hp.n_layer);
@@ -119,11 +153,13 @@ impl<'a> TensorMap<'a> {
                 );
             }
             seen.insert(t.name.clone());
+            let minus_one = gemma3 && t.name.ends_with("norm.weight");
             tensors.push(MappedTensor {
                 source: t,
                 name,
                 shape,
                 unpermute_heads,
+                minus_one,
             });
         }
 
@@ -136,7 +172,7 @@ impl<'a> TensorMap<'a> {
             "token_embd.weight".to_owned(),
             "output_norm.weight".to_owned(),
         ];
-        required.extend(layer_names(LAYER));
+        required.extend(layer_names(layer_table));
         let biases = layer_names(LAYER_BIASES);
         let present_biases = biases.iter().filter(|b| seen.contains(*b)).count();
         let attention_bias = present_biases > 0;

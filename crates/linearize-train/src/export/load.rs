@@ -64,8 +64,7 @@ fn load_exported(
     kind: Kind,
 ) -> Result<LoadedModel> {
     let origin = dir.join("config.json").display().to_string();
-    let num_layers = cfg.num_hidden_layers as usize;
-    let Some(conversion) = section.conversion(num_layers, &origin)? else {
+    let Some(conversion) = section.conversion(&cfg.layer_types, &origin)? else {
         let model = Model::load(dir, device, kind)?;
         return Ok(LoadedModel {
             model,
@@ -78,7 +77,7 @@ fn load_exported(
     // The converted layers' tensors are not model parameters: the model skips them under the
     // converted layers' attention, and the student store below must then take every one.
     let prefixes: Vec<String> = conversion
-        .plan(num_layers)?
+        .plan(&cfg.layer_types)?
         .iter()
         .enumerate()
         .filter(|(_, a)| a.method != Method::Softmax)
@@ -142,7 +141,8 @@ fn load_with_adapters(dir: &Path, path: &Path, device: Device, kind: Kind) -> Re
             .transpose()?,
     };
     let origin = format!("{} (metadata `{META_LAYERS}`)", path.display());
-    let converted = match section.conversion(model.num_layers(), &origin)? {
+    let layer_types = model.config().layer_types.clone();
+    let converted = match section.conversion(&layer_types, &origin)? {
         Some(conversion) => {
             let mut student = nn::VarStore::new(device);
             student.set_kind(kind);

@@ -5,7 +5,7 @@ use crate::convert::{ConversionConfig, LayerMethod, LayerSelection};
 use crate::lora::LoraSettings;
 use anyhow::{ensure, Context, Result};
 use linearize_attention::linearized::Method;
-use linearize_models::config::ModelConfig;
+use linearize_models::config::{LayerType, ModelConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -51,8 +51,13 @@ impl LinearizeSection {
     }
 
     /// The conversion that rebuilds the layers (none when every layer is softmax), checked
-    /// against a model of `num_layers` layers.
-    pub fn conversion(&self, num_layers: usize, origin: &str) -> Result<Option<ConversionConfig>> {
+    /// against a model with these `layer_types`.
+    pub fn conversion(
+        &self,
+        layer_types: &[LayerType],
+        origin: &str,
+    ) -> Result<Option<ConversionConfig>> {
+        let num_layers = layer_types.len();
         let listed: Vec<usize> = self.layers.iter().map(|l| l.layer).collect();
         ensure!(
             listed == (0..num_layers).collect::<Vec<_>>(),
@@ -80,7 +85,7 @@ impl LinearizeSection {
             softmax_by_error: None,
         };
         conversion
-            .plan(num_layers)
+            .plan(layer_types)
             .with_context(|| format!("{origin}: `{SECTION_KEY}.layers`"))?;
         Ok(Some(conversion))
     }

@@ -19,8 +19,8 @@ pub(super) fn teacher_logits(
     train: bool,
     ids: &Tensor,
 ) -> Result<Tensor> {
-    let window = model.config().sliding_window;
     let swapped = converted.indices().into_iter().try_for_each(|layer| {
+        let window = model.config().layer_window(layer);
         model
             .set_mixer(layer, Box::new(SoftmaxMixer::new(window)))
             .map(drop)
