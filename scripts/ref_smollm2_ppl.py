@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference perplexity of SmolLM2-135M-Instruct with transformers loading the GGUF itself
-(gguf_file=...), by the evaluation protocol of docs/DESIGN ("Evaluation protocol"):
+(gguf_file=...), by the evaluation protocol of docs/eval.md ("Perplexity, KL, agreement"):
 
   encode the whole text file without special tokens, cut it into consecutive windows of `ctx`
   tokens (the partial last window is dropped; at most --max-windows), score each window on its

@@ -1,5 +1,5 @@
 """Perplexity of a model directory through Hugging Face transformers, by linearize's evaluation
-protocol (DESIGN.md): the whole file encoded without special tokens, cut into consecutive windows
+protocol (docs/eval.md): the whole file encoded without special tokens, cut into consecutive windows
 of CTX tokens (a partial last window dropped, at most MAX_WINDOWS), each window scored on its
 own, exp of the mean next-token NLL over positions 1..CTX-1. Prints JSON like `linearize eval`'s
 (`perplexity`, `tokens`, `windows`), so an export scored here and by

@@ -1,5 +1,6 @@
 //! Attention kernels, feature maps and LoRA adapters for converting softmax attention into
-//! linear, windowed and gated attention. Pure tensor functions over tch; the math is DESIGN.md's.
+//! linear, windowed and gated attention. Pure tensor functions over tch; each method's module
+//! documentation states its math.
 //!
 //! | method ([`ops`])         | naive (L x L) | chunked (train / prefill, state in and out) | recurrent (decode) | state           |
 //! |--------------------------|---------------|---------------------------------------------|--------------------|-----------------|

@@ -1,5 +1,5 @@
 //! Liger attention (0.5 sliding-window softmax + 0.5 GLA): the three forms agree, with and
-//! without sink tokens, and the combination is the one DESIGN.md describes.
+//! without sink tokens, and the combination is the one `ops::liger` documents.
 mod common;
 
 use common::*;

@@ -1,5 +1,6 @@
 //! LoLCATs sliding-window + linear attention: naive, chunked and recurrent forms agree, for both
-//! window shapes, with and without sink tokens, and the naive form is DESIGN.md's formula.
+//! window shapes, with and without sink tokens, and the naive form is the formula `ops::lolcats`
+//! documents.
 mod common;
 
 use common::*;

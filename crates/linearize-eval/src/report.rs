@@ -25,6 +25,7 @@ use crate::training::{read_metrics, StageCurves, StageSummary};
 use anyhow::{ensure, Context, Result};
 use linearize_models::atomic;
 use linearize_models::llama::Model;
+use linearize_models::markdown_table::MarkdownTable;
 use linearize_models::names::{device_name, dtype_name};
 use linearize_models::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
@@ -837,6 +838,14 @@ fn file_label(file: &str) -> String {
         .map_or_else(|| file.to_string(), |n| n.to_string_lossy().into_owned())
 }
 
+/// A recall table: accuracy of teacher and student per prompt length.
+fn recall_by_length_table() -> MarkdownTable {
+    MarkdownTable::new()
+        .right("length")
+        .right("teacher")
+        .right("student")
+}
+
 /// `name` reduced to characters safe in a file name.
 fn slug(name: &str) -> String {
     name.chars()
@@ -852,11 +861,6 @@ fn slug(name: &str) -> String {
 
 fn mib(bytes: Option<u64>) -> String {
     bytes.map_or("n/a".into(), |b| format!("{:.1}", b as f64 / MIB))
-}
-
-/// Escapes text for a markdown table cell.
-fn cell(text: &str) -> String {
-    text.replace('|', "\\|").replace('\n', "⏎")
 }
 
 fn markdown(r: &EvalReport) -> String {
@@ -877,28 +881,34 @@ fn markdown(r: &EvalReport) -> String {
     );
     if let Some(texts) = &r.perplexity {
         let _ = writeln!(w, "## Perplexity and agreement\n");
-        let _ = writeln!(
-            w,
-            "| text | ctx | windows | tokens | teacher ppl | student ppl | KL(t‖s) | KL p99 | top-1 agreement |"
-        );
-        let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let mut table = MarkdownTable::new().left("text");
+        for name in [
+            "ctx",
+            "windows",
+            "tokens",
+            "teacher ppl",
+            "student ppl",
+            "KL(t‖s)",
+            "KL p99",
+            "top-1 agreement",
+        ] {
+            table = table.right(name);
+        }
         for t in texts {
             let c = &t.kl.comparison;
-            let _ = writeln!(
-                w,
-                "| {} | {} | {} | {} | {:.3} | {:.3} | {:.4} | {:.4} | {:.3} |",
-                cell(&file_label(&t.file)),
-                c.teacher.ctx,
-                c.teacher.windows,
-                c.teacher.scored_tokens,
-                c.teacher.perplexity,
-                c.student.perplexity,
-                c.kl_teacher_student,
-                t.kl.kl_quantiles.p99,
-                c.top1_agreement
-            );
+            table.row([
+                file_label(&t.file),
+                c.teacher.ctx.to_string(),
+                c.teacher.windows.to_string(),
+                c.teacher.scored_tokens.to_string(),
+                format!("{:.3}", c.teacher.perplexity),
+                format!("{:.3}", c.student.perplexity),
+                format!("{:.4}", c.kl_teacher_student),
+                format!("{:.4}", t.kl.kl_quantiles.p99),
+                format!("{:.3}", c.top1_agreement),
+            ]);
         }
-        let _ = writeln!(w, "\n![KL by position](kl_by_position.png)\n");
+        let _ = writeln!(w, "{table}\n![KL by position](kl_by_position.png)\n");
     }
     if let Some(a) = &r.attention_error {
         let _ = writeln!(
@@ -907,19 +917,20 @@ fn markdown(r: &EvalReport) -> String {
              teacher's output flows on, so each error is the layer's own.\n",
             a.windows, a.ctx
         );
-        let _ = writeln!(w, "| layer | method | MSE | relative error |");
-        let _ = writeln!(w, "|---:|---|---:|---:|");
+        let mut table = MarkdownTable::new()
+            .right("layer")
+            .left("method")
+            .right("MSE")
+            .right("relative error");
         for l in &a.layers {
-            let _ = writeln!(
-                w,
-                "| {} | {} | {:.3e} | {:.4} |",
-                l.layer,
-                cell(&l.method),
-                l.mse,
-                l.relative_error
-            );
+            table.row([
+                l.layer.to_string(),
+                l.method.clone(),
+                format!("{:.3e}", l.mse),
+                format!("{:.4}", l.relative_error),
+            ]);
         }
-        let _ = writeln!(w, "\n![Per-layer error](layer_error.png)\n");
+        let _ = writeln!(w, "{table}\n![Per-layer error](layer_error.png)\n");
     }
     let recall = r.passkey.is_some() || r.multikey.is_some() || r.mqar.is_some();
     if recall {
@@ -930,56 +941,51 @@ fn markdown(r: &EvalReport) -> String {
     }
     if let Some(p) = &r.passkey {
         let _ = writeln!(w, "Passkey retrieval (greedy answer contains the key):\n");
-        let _ = writeln!(w, "| length | teacher | student |");
-        let _ = writeln!(w, "|---:|---:|---:|");
+        let mut table = recall_by_length_table();
         for (t, s) in p.teacher.by_length.iter().zip(&p.student.by_length) {
-            let _ = writeln!(
-                w,
-                "| {} | {} | {} |",
-                t.length,
+            table.row([
+                t.length.to_string(),
                 scored(t.accuracy, t.ci95, t.correct, t.trials),
-                scored(s.accuracy, s.ci95, s.correct, s.trials)
-            );
+                scored(s.accuracy, s.ci95, s.correct, s.trials),
+            ]);
         }
         let (t, s) = (&p.teacher, &p.student);
-        let _ = writeln!(
-            w,
-            "| all | {} | {} |\n",
+        table.row([
+            "all".into(),
             scored(t.accuracy, t.ci95, t.correct, t.trials.len()),
-            scored(s.accuracy, s.ci95, s.correct, s.trials.len())
-        );
+            scored(s.accuracy, s.ci95, s.correct, s.trials.len()),
+        ]);
+        let _ = writeln!(w, "{table}");
         let depths = distinct_depths(&p.student);
         let _ = writeln!(
             w,
             "Passkey by needle depth (fraction of the filler before the needle), student \
              (teacher):\n"
         );
-        let header: Vec<String> = depths.iter().map(|d| format!("depth {d}")).collect();
-        let _ = writeln!(w, "| length | {} |", header.join(" | "));
-        let _ = writeln!(w, "|---:|{}", "---:|".repeat(depths.len()));
-        for b in &p.student.by_length {
-            let cells: Vec<String> = depths
-                .iter()
-                .map(|&d| {
-                    let find = |r: &PasskeyReport| {
-                        r.by_depth
-                            .iter()
-                            .find(|c| c.length == b.length && c.depth == d)
-                            .cloned()
-                    };
-                    match (find(&p.student), find(&p.teacher)) {
-                        (Some(s), Some(t)) => format!(
-                            "{} ({:.2})",
-                            scored(s.accuracy, s.ci95, s.correct, s.trials),
-                            t.accuracy
-                        ),
-                        _ => "–".into(),
-                    }
-                })
-                .collect();
-            let _ = writeln!(w, "| {} | {} |", b.length, cells.join(" | "));
+        let mut table = MarkdownTable::new().right("length");
+        for d in &depths {
+            table = table.right(format!("depth {d}"));
         }
-        let _ = writeln!(w);
+        for b in &p.student.by_length {
+            let cells = depths.iter().map(|&d| {
+                let find = |r: &PasskeyReport| {
+                    r.by_depth
+                        .iter()
+                        .find(|c| c.length == b.length && c.depth == d)
+                        .cloned()
+                };
+                match (find(&p.student), find(&p.teacher)) {
+                    (Some(s), Some(t)) => format!(
+                        "{} ({:.2})",
+                        scored(s.accuracy, s.ci95, s.correct, s.trials),
+                        t.accuracy
+                    ),
+                    _ => "–".into(),
+                }
+            });
+            table.row(std::iter::once(b.length.to_string()).chain(cells));
+        }
+        let _ = writeln!(w, "{table}");
     }
     if let Some(m) = &r.multikey {
         let keys = m.teacher.trials.first().map_or(0, |t| t.keys.len());
@@ -988,48 +994,47 @@ fn markdown(r: &EvalReport) -> String {
             "Multi-key needle ({keys} named keys in the filler, one asked; \"other key\": the \
              answer was another needle's key):\n"
         );
-        let _ = writeln!(w, "| length | teacher | student |");
-        let _ = writeln!(w, "|---:|---:|---:|");
+        let mut table = recall_by_length_table();
         for (t, s) in m.teacher.by_length.iter().zip(&m.student.by_length) {
-            let _ = writeln!(
-                w,
-                "| {} | {} | {} |",
-                t.length,
+            table.row([
+                t.length.to_string(),
                 scored(t.accuracy, t.ci95, t.correct, t.trials),
-                scored(s.accuracy, s.ci95, s.correct, s.trials)
-            );
+                scored(s.accuracy, s.ci95, s.correct, s.trials),
+            ]);
         }
         let (t, s) = (&m.teacher, &m.student);
-        let _ = writeln!(
-            w,
-            "| all | {} | {} |\n\nOther key: teacher {}, student {}.\n",
+        table.row([
+            "all".into(),
             scored(t.accuracy, t.ci95, t.correct, t.trials.len()),
             scored(s.accuracy, s.ci95, s.correct, s.trials.len()),
-            t.other_key,
-            s.other_key
+        ]);
+        let _ = writeln!(
+            w,
+            "{table}\nOther key: teacher {}, student {}.\n",
+            t.other_key, s.other_key
         );
     }
     if let Some(m) = &r.mqar {
         let _ = writeln!(w, "Multi-query associative recall by key-query distance:\n");
-        let _ = writeln!(w, "| distance (tokens) | teacher | student |");
-        let _ = writeln!(w, "|---|---:|---:|");
+        // Distance ranges are text ("64–127"), so this first column stays left-aligned.
+        let mut table = MarkdownTable::new()
+            .left("distance (tokens)")
+            .right("teacher")
+            .right("student");
         for (t, s) in m.teacher.by_distance.iter().zip(&m.student.by_distance) {
-            let _ = writeln!(
-                w,
-                "| {}–{} | {} | {} |",
-                t.min_distance,
-                t.max_distance - 1,
+            table.row([
+                format!("{}–{}", t.min_distance, t.max_distance - 1),
                 scored(t.accuracy, t.ci95, t.correct, t.queries),
-                scored(s.accuracy, s.ci95, s.correct, s.queries)
-            );
+                scored(s.accuracy, s.ci95, s.correct, s.queries),
+            ]);
         }
         let (t, s) = (&m.teacher, &m.student);
-        let _ = writeln!(
-            w,
-            "| all | {} | {} |\n",
+        table.row([
+            "all".into(),
             scored(t.accuracy, t.ci95, t.correct, t.queries),
-            scored(s.accuracy, s.ci95, s.correct, s.queries)
-        );
+            scored(s.accuracy, s.ci95, s.correct, s.queries),
+        ]);
+        let _ = writeln!(w, "{table}");
     }
     if recall {
         let _ = writeln!(w, "![Recall](recall.png)\n");
@@ -1050,46 +1055,46 @@ fn markdown(r: &EvalReport) -> String {
             100.0 * above(0.5) as f64 / heads.len().max(1) as f64,
             above(0.1)
         );
-        let _ = writeln!(w, "| rank | layer | head | score | passkey | MQAR |");
-        let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|");
-        for (i, s) in h.top.iter().enumerate() {
-            let _ = writeln!(
-                w,
-                "| {} | {} | {} | {:.3} | {:.3} | {:.3} |",
-                i + 1,
-                s.layer,
-                s.head,
-                s.score,
-                s.passkey,
-                s.mqar
-            );
+        let mut table = MarkdownTable::new();
+        for name in ["rank", "layer", "head", "score", "passkey", "MQAR"] {
+            table = table.right(name);
         }
-        let _ = writeln!(w, "\n![Retrieval heads](retrieval_heads.png)\n");
+        for (i, s) in h.top.iter().enumerate() {
+            table.row([
+                (i + 1).to_string(),
+                s.layer.to_string(),
+                s.head.to_string(),
+                format!("{:.3}", s.score),
+                format!("{:.3}", s.passkey),
+                format!("{:.3}", s.mqar),
+            ]);
+        }
+        let _ = writeln!(w, "{table}\n![Retrieval heads](retrieval_heads.png)\n");
     }
     if let Some(tasks) = &r.multiple_choice {
         let _ = writeln!(w, "## Multiple choice\n");
-        let _ = writeln!(
-            w,
-            "| task | questions | teacher acc | student acc | teacher acc_norm | student acc_norm |"
-        );
-        let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|");
-        for p in tasks {
-            let _ = writeln!(
-                w,
-                "| {} | {} | {:.3} ± {:.3} | {:.3} ± {:.3} | {:.3} ± {:.3} | {:.3} ± {:.3} |",
-                cell(&p.teacher.task),
-                p.teacher.docs,
-                p.teacher.acc,
-                p.teacher.acc_stderr,
-                p.student.acc,
-                p.student.acc_stderr,
-                p.teacher.acc_norm,
-                p.teacher.acc_norm_stderr,
-                p.student.acc_norm,
-                p.student.acc_norm_stderr
-            );
+        let mut table = MarkdownTable::new().left("task");
+        for name in [
+            "questions",
+            "teacher acc",
+            "student acc",
+            "teacher acc_norm",
+            "student acc_norm",
+        ] {
+            table = table.right(name);
         }
-        let _ = writeln!(w);
+        let pm = |value: f64, stderr: f64| format!("{value:.3} ± {stderr:.3}");
+        for p in tasks {
+            table.row([
+                p.teacher.task.clone(),
+                p.teacher.docs.to_string(),
+                pm(p.teacher.acc, p.teacher.acc_stderr),
+                pm(p.student.acc, p.student.acc_stderr),
+                pm(p.teacher.acc_norm, p.teacher.acc_norm_stderr),
+                pm(p.student.acc_norm, p.student.acc_norm_stderr),
+            ]);
+        }
+        let _ = writeln!(w, "{table}");
     }
     if let Some(s) = &r.speed {
         let _ = writeln!(
@@ -1101,26 +1106,34 @@ fn markdown(r: &EvalReport) -> String {
             s.teacher.decode_tokens,
             s.teacher.memory.name()
         );
-        let _ = writeln!(
-            w,
-            "| context | teacher prefill tok/s | student prefill tok/s | teacher decode tok/s | student decode tok/s | teacher decode MiB | student decode MiB | teacher cache MiB | student cache MiB |"
-        );
-        let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let mut table = MarkdownTable::new();
+        for name in [
+            "context",
+            "teacher prefill tok/s",
+            "student prefill tok/s",
+            "teacher decode tok/s",
+            "student decode tok/s",
+            "teacher decode MiB",
+            "student decode MiB",
+            "teacher cache MiB",
+            "student cache MiB",
+        ] {
+            table = table.right(name);
+        }
         for (t, st) in s.teacher.points.iter().zip(&s.student.points) {
-            let _ = writeln!(
-                w,
-                "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} |",
-                t.context,
-                t.prefill_tokens_per_s,
-                st.prefill_tokens_per_s,
-                t.decode_tokens_per_s,
-                st.decode_tokens_per_s,
+            table.row([
+                t.context.to_string(),
+                format!("{:.0}", t.prefill_tokens_per_s),
+                format!("{:.0}", st.prefill_tokens_per_s),
+                format!("{:.1}", t.decode_tokens_per_s),
+                format!("{:.1}", st.decode_tokens_per_s),
                 mib(t.decode_peak_bytes),
                 mib(st.decode_peak_bytes),
                 mib(t.cache_bytes),
-                mib(st.cache_bytes)
-            );
+                mib(st.cache_bytes),
+            ]);
         }
+        let _ = write!(w, "{table}");
         if !s.teacher.skipped_lengths.is_empty() {
             let _ = writeln!(
                 w,
@@ -1158,8 +1171,9 @@ fn markdown(r: &EvalReport) -> String {
         }
         for g in gens {
             let _ = writeln!(w, "**Prompt:** {}\n", g.prompt.trim());
-            let _ = writeln!(w, "| teacher | student |\n|---|---|");
-            let _ = writeln!(w, "| {} | {} |\n", cell(&g.teacher), cell(&g.student));
+            let mut table = MarkdownTable::new().left("teacher").left("student");
+            table.row([g.teacher.as_str(), g.student.as_str()]);
+            let _ = writeln!(w, "{table}");
             let _ = writeln!(w, "First {} generated tokens identical.\n", g.common_prefix);
         }
     }

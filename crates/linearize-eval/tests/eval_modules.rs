@@ -685,6 +685,9 @@ decode_check: {{new_tokens: 12}}
         "## Generations",
         "## Training",
         "(layer_error.png)",
+        // Tables keep their columns and alignment (numbers right-aligned).
+        "| layer | method | MSE | relative error |\n|---:|---|---:|---:|\n| ",
+        "| distance (tokens) | teacher | student |\n|---|---:|---:|\n| ",
     ] {
         assert!(md.contains(needle), "{needle} missing from eval.md");
     }

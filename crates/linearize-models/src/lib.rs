@@ -12,6 +12,7 @@ pub mod hub_dataset;
 pub mod linear;
 pub mod llama;
 pub mod lm;
+pub mod markdown_table;
 pub mod mixer;
 pub mod mutation;
 pub mod names;

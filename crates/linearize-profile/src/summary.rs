@@ -7,6 +7,7 @@
 //! "External id", its range by the ranges open when it was launched (on any thread, so work
 //! that autograd's device threads launch is counted in the range that called backward).
 use anyhow::{bail, Context, Result};
+use linearize_models::markdown_table::MarkdownTable;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -220,27 +221,33 @@ impl Summary {
             tables.push(("kernel", &self.by_kernel));
         }
         for (title, rows) in tables {
-            out += &format!(
-                "\n| {title} | ms per {} | calls | share |\n|---|---:|---:|---:|\n",
-                self.unit
-            );
+            let mut table = MarkdownTable::new()
+                .left(title)
+                .right(format!("ms per {}", self.unit))
+                .right("calls")
+                .right("share");
             for r in rows.iter().take(top) {
                 let mut name: String = r.name.chars().take(90).collect();
                 if name.len() < r.name.len() {
                     name.push('…');
                 }
-                out += &format!(
-                    "| {} | {:.2} | {:.0} | {:.1}% |\n",
-                    name.replace('|', "\\|"),
-                    r.ms_per_unit,
-                    r.calls_per_unit,
-                    r.share * 100.0
-                );
+                table.row([
+                    name,
+                    format!("{:.2}", r.ms_per_unit),
+                    format!("{:.0}", r.calls_per_unit),
+                    format!("{:.1}%", r.share * 100.0),
+                ]);
             }
             if rows.len() > top {
                 let rest: f64 = rows[top..].iter().map(|r| r.ms_per_unit).sum();
-                out += &format!("| ({} more) | {rest:.2} | | |\n", rows.len() - top);
+                table.row([
+                    format!("({} more)", rows.len() - top),
+                    format!("{rest:.2}"),
+                    String::new(),
+                    String::new(),
+                ]);
             }
+            out += &format!("\n{table}");
         }
         out
     }

@@ -18,7 +18,7 @@ C = 16
 
 
 def reference(q, kk, v, phi_q, phi_k, gamma, w, terrace):
-    """The quadratic definition (DESIGN.md "LoLCATs"), f64."""
+    """The quadratic definition (linearize-attention's `ops/lolcats/mod.rs`), f64."""
     h = q.shape[1]
     kk = kk.repeat_interleave(h // kk.shape[1], 1)
     v = v.repeat_interleave(h // v.shape[1], 1)

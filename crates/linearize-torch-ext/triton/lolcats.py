@@ -1,7 +1,7 @@
-"""Fused LoLCATs attention (DESIGN.md "LoLCATs") for whole sequences from the empty state, forward
-and backward, in chunks of C tokens, for both window shapes of w = M·C tokens. Query t sees the
-keys of its window through γ·exp(s − m_t), m_t the window's largest score, and the keys before the
-window through φq_t·φk_s, one normaliser over both.
+"""Fused LoLCATs attention (defined in linearize-attention's `ops/lolcats/mod.rs`) for whole
+sequences from the empty state, forward and backward, in chunks of C tokens, for both window
+shapes of w = M·C tokens. Query t sees the keys of its window through γ·exp(s − m_t), m_t the
+window's largest score, and the keys before the window through φq_t·φk_s, one normaliser over both.
 
 `sw` (TERRACE false): the window is t − w < s <= t. For query chunk j the linear keys are every
 chunk before j − M (one carried sum) and the tokens of chunk j − M at or before the query's place

@@ -32,6 +32,7 @@ use crate::lora::LoraAdapters;
 use anyhow::{bail, Context, Result};
 use linearize_models::atomic::{self, AtomicDir};
 use linearize_models::llama::Model;
+use linearize_models::markdown_table::MarkdownTable;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -92,6 +93,24 @@ pub struct EvalRow {
     pub model: String,
     /// One per column; `None` prints as `-`.
     pub values: Vec<Option<f64>>,
+}
+
+impl EvalTable {
+    /// The table in markdown, as the model card and `evaluate` show it.
+    pub fn markdown(&self) -> String {
+        let mut table = MarkdownTable::new().left("model");
+        for column in &self.columns {
+            table = table.left(column);
+        }
+        for row in &self.rows {
+            let cells = row
+                .values
+                .iter()
+                .map(|v| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}")));
+            table.row(std::iter::once(row.model.clone()).chain(cells));
+        }
+        table.to_string()
+    }
 }
 
 /// How `model/` is written.

@@ -1,4 +1,4 @@
-//! Liger attention (DESIGN.md "Liger GLA"): `0.5 · sliding-window softmax + 0.5 · GLA`, no new
+//! Liger attention (Lan et al., 2025): `0.5 · sliding-window softmax + 0.5 · GLA`, no new
 //! parameters. The GLA half reuses the attention projections before RoPE: `q~ = softmax_d(q)`,
 //! `k~ = softmax_d(k)`, log-gates `g = logsigmoid(k) / 16` (the raw key projection); the window
 //! half (w = 64) uses q and k after RoPE.

@@ -20,6 +20,7 @@ use crate::job::RESOLVED_RECIPE;
 use anyhow::{bail, ensure, Context, Result};
 use linearize_eval::plots::{write_png, Panel, Series};
 use linearize_models::atomic;
+use linearize_models::markdown_table::MarkdownTable;
 use linearize_train::metrics::{read_metrics, MetricRecord, Split};
 use serde::Serialize;
 use serde_json::Value;
@@ -534,9 +535,6 @@ fn markdown(c: &Comparison) -> String {
             format!("decode @ {n}")
         });
     let second = t.second_ppl_file.as_deref().map(file_label);
-    let second_column = second
-        .as_deref()
-        .map_or(String::new(), |f| format!(" ppl ratio `{f}` |"));
     let _ = writeln!(w, "# Quality: converted models against the teacher\n");
     let _ = writeln!(
         w,
@@ -550,33 +548,54 @@ fn markdown(c: &Comparison) -> String {
             "; beside it the ppl ratio on `{f}`, the second evaluation file"
         )),
     );
-    let _ = writeln!(
-        w,
-        "| run | method | softmax layers | tokens | KL | top-1 | ppl | ppl ratio |{second_column} passkey | MQAR | {speed} tok/s | {speed} MiB | cache MiB | wall |"
-    );
-    let _ = writeln!(
-        w,
-        "|---|---|---:|---|---:|---:|---:|---:|{}---:|---:|---:|---:|---:|---:|",
-        if second.is_some() { "---:|" } else { "" }
-    );
-    let second_cell = |v: Option<f64>| {
-        if second.is_some() {
-            format!(" {} |", num(v, 3))
-        } else {
-            String::new()
-        }
-    };
+    let mut table = MarkdownTable::new()
+        .left("run")
+        .left("method")
+        .right("softmax layers")
+        .left("tokens")
+        .right("KL")
+        .right("top-1")
+        .right("ppl")
+        .right("ppl ratio");
+    if let Some(f) = &second {
+        table = table.right(format!("ppl ratio `{f}`"));
+    }
+    for name in [
+        "passkey".to_string(),
+        "MQAR".into(),
+        format!("{speed} tok/s"),
+        format!("{speed} MiB"),
+        "cache MiB".into(),
+        "wall".into(),
+    ] {
+        table = table.right(name);
+    }
+    // The second file's column, where there is one.
+    let second_cell = |v: Option<f64>| second.as_ref().map(|_| num(v, 3));
     let layers = c.runs.first().map_or(0, |r| r.layers);
-    let _ = writeln!(
-        w,
-        "| teacher | softmax | {layers} | – | 0 | 1.000 | {} | 1.000 |{} {} | {} | {} | {} | {} | – |",
+    let teacher_row = [
+        "teacher".to_string(),
+        "softmax".into(),
+        layers.to_string(),
+        "–".into(),
+        "0".into(),
+        "1.000".into(),
         num(t.ppl, 3),
-        second_cell(Some(1.0)),
+        "1.000".into(),
+    ];
+    let teacher_rest = [
         num(t.passkey, 2),
         num(t.mqar, 2),
         num(t.decode_tokens_per_s, 1),
         num(t.decode_mib, 1),
         num(t.cache_mib, 1),
+        "–".into(),
+    ];
+    table.row(
+        teacher_row
+            .into_iter()
+            .chain(second_cell(Some(1.0)))
+            .chain(teacher_rest),
     );
     for r in &c.runs {
         let tokens = if r.tokens.is_empty() {
@@ -596,27 +615,31 @@ fn markdown(c: &Comparison) -> String {
             };
             format!("{:.0} s{mark}", s)
         });
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |{} {} | {} | {} | {} | {} | {} |",
-            r.run,
-            r.method,
-            r.softmax_layers,
+        let head = [
+            r.run.clone(),
+            r.method.clone(),
+            r.softmax_layers.to_string(),
             tokens,
             num(r.kl, 4),
             num(r.top1, 3),
             num(r.ppl, 3),
             num(r.ppl_ratio, 3),
-            second_cell(r.second_ppl_ratio),
+        ];
+        let rest = [
             num(r.passkey, 2),
             num(r.mqar, 2),
             num(r.decode_tokens_per_s, 1),
             num(r.decode_mib, 1),
             num(r.cache_mib, 1),
             wall,
+        ];
+        table.row(
+            head.into_iter()
+                .chain(second_cell(r.second_ppl_ratio))
+                .chain(rest),
         );
     }
-    let _ = writeln!(w);
+    let _ = writeln!(w, "{table}");
     if c.runs.iter().any(|r| !r.curve.is_empty()) {
         let reference = c
             .runs

@@ -62,7 +62,7 @@ pub fn evaluate(
         serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
     let table = perplexity_table(&report);
     if let Some(table) = &table {
-        print_table(table);
+        print!("{}", table.markdown());
     }
     println!("report: {}", out.join("eval.md").display());
     Ok(table)
@@ -146,16 +146,4 @@ fn perplexity_table(report: &Value) -> Option<EvalTable> {
             },
         ],
     })
-}
-
-fn print_table(table: &EvalTable) {
-    println!("{:<20} {}", "model", table.columns.join(" | "));
-    for row in &table.rows {
-        let values: Vec<String> = row
-            .values
-            .iter()
-            .map(|v| v.map_or_else(|| "-".into(), |v| format!("{v:.4}")))
-            .collect();
-        println!("{:<20} {}", row.model, values.join(" | "));
-    }
 }

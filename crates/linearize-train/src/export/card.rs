@@ -1,8 +1,9 @@
 //! The `README.md` model card of an exported model: base model, attention per layer, LoRA,
 //! training data and token budget, and the evaluation table when there is one.
 use super::section::LinearizeSection;
-use super::{EvalTable, ExportInfo};
+use super::ExportInfo;
 use linearize_attention::linearized::Method;
+use linearize_models::markdown_table::MarkdownTable;
 use std::fmt::Write as _;
 
 pub(crate) fn model_card(info: &ExportInfo, section: &LinearizeSection, dtype: &str) -> String {
@@ -40,14 +41,14 @@ pub(crate) fn model_card(info: &ExportInfo, section: &LinearizeSection, dtype: &
         section.recipe_hash
     );
 
-    let _ = writeln!(
-        out,
-        "## Attention\n\n| layers | attention | new parameters per layer |"
-    );
-    let _ = writeln!(out, "|---|---|---|");
+    let mut table = MarkdownTable::new()
+        .left("layers")
+        .left("attention")
+        .left("new parameters per layer");
     for (layers, name, params) in runs(section) {
-        let _ = writeln!(out, "| {layers} | `{name}` | {params} |");
+        table.row([layers, format!("`{name}`"), params.to_string()]);
     }
+    let _ = write!(out, "## Attention\n\n{table}");
     if let Some(lora) = &section.lora {
         let _ = writeln!(
             out,
@@ -64,7 +65,7 @@ pub(crate) fn model_card(info: &ExportInfo, section: &LinearizeSection, dtype: &
         let _ = writeln!(out, "- {stage}: {tokens} tokens");
     }
     if let Some(eval) = &info.eval {
-        let _ = writeln!(out, "\n## Evaluation\n\n{}", eval_table(eval));
+        let _ = writeln!(out, "\n## Evaluation\n\n{}", eval.markdown());
     }
     let _ = writeln!(
         out,
@@ -152,19 +153,4 @@ fn runs(section: &LinearizeSection) -> Vec<(String, String, usize)> {
             (layers, name, params)
         })
         .collect()
-}
-
-fn eval_table(eval: &EvalTable) -> String {
-    let mut out = format!("| model | {} |\n|---|", eval.columns.join(" | "));
-    out.push_str(&"---|".repeat(eval.columns.len()));
-    out.push('\n');
-    for row in &eval.rows {
-        let cells: Vec<String> = row
-            .values
-            .iter()
-            .map(|v| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}")))
-            .collect();
-        let _ = writeln!(out, "| {} | {} |", row.model, cells.join(" | "));
-    }
-    out
 }

@@ -1,4 +1,4 @@
-//! Normalised causal linear attention (DESIGN.md, "Linear attention"):
+//! Normalised causal linear attention (φ applied after RoPE, as in LoLCATs):
 //! `y_t = sum_{s<=t} (φq_t·φk_s) v_s / (sum_{s<=t} φq_t·φk_s + eps)`, no 1/sqrt(d).
 //!
 //! Inputs: `phi_q` (b, h, L, f), `phi_k` (b, h_k, L, f), `v` (b, h_v, L, d) with `h_k` and `h_v`

@@ -1,4 +1,4 @@
-//! LoLCATs attention (DESIGN.md "LoLCATs"): softmax over a local window W(t) plus linear attention
+//! LoLCATs attention (Zhang et al., 2024): softmax over a local window W(t) plus linear attention
 //! over the keys before it, with one shared normaliser and a per-head window factor
 //! `γ_h = sigmoid(w_h)`:
 //!

@@ -14,6 +14,7 @@ use super::model::{random_ids, ModelArgs};
 use anyhow::{bail, ensure, Result};
 use linearize_models::graph_decode::GraphDecoder;
 use linearize_models::llama::{Model, ModelCache};
+use linearize_models::markdown_table::MarkdownTable;
 use serde_json::{json, Value};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -427,16 +428,24 @@ fn is_out_of_memory(e: &anyhow::Error) -> bool {
 }
 
 fn table(results: &[Value]) -> String {
-    let mut out = String::from(
-        "| model | context | batch | tokens/s | ms/step | state MiB/seq | peak GiB | graph vs eager \
-         max logit diff | note |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
-    );
+    let mut table = MarkdownTable::new().left("model");
+    for name in [
+        "context",
+        "batch",
+        "tokens/s",
+        "ms/step",
+        "state MiB/seq",
+        "peak GiB",
+        "graph vs eager max logit diff",
+    ] {
+        table = table.right(name);
+    }
+    let mut table = table.left("note");
     for r in results {
-        out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            r["model"].as_str().unwrap_or(""),
-            r["context"],
-            r["batch"],
+        table.row([
+            r["model"].as_str().unwrap_or("").to_string(),
+            r["context"].to_string(),
+            r["batch"].to_string(),
             cell(&r["tokens_per_s"], 1.0, 1),
             cell(&r["ms_per_step"], 1.0, 1),
             cell(&r["state_bytes_per_seq"], MIB, 1),
@@ -444,22 +453,29 @@ fn table(results: &[Value]) -> String {
             r["graph_max_logit_diff"]
                 .as_f64()
                 .map_or(String::new(), |d| format!("{d:.2e}")),
-            r["note"].as_str().unwrap_or(""),
-        );
+            r["note"].as_str().unwrap_or("").to_string(),
+        ]);
     }
-    out
+    table.to_string()
 }
 
 fn best_table(best: &[Value]) -> String {
-    let mut out = String::from(
-        "| context | teacher tok/s (b=1) | student tok/s (b=1) | teacher best tok/s (batch) | \
-         student best tok/s (batch) | student / teacher | student graph tok/s (b=1) | \
-         student graph best tok/s (batch) |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-    );
+    let mut table = MarkdownTable::new();
+    for name in [
+        "context",
+        "teacher tok/s (b=1)",
+        "student tok/s (b=1)",
+        "teacher best tok/s (batch)",
+        "student best tok/s (batch)",
+        "student / teacher",
+        "student graph tok/s (b=1)",
+        "student graph best tok/s (batch)",
+    ] {
+        table = table.right(name);
+    }
     for b in best {
-        out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            b["context"],
+        table.row([
+            b["context"].to_string(),
             cell(&b["teacher_batch1_tokens_per_s"], 1.0, 1),
             cell(&b["student_batch1_tokens_per_s"], 1.0, 1),
             with_batch(&b["teacher_best_tokens_per_s"], &b["teacher_best_batch"], 0),
@@ -469,9 +485,9 @@ fn best_table(best: &[Value]) -> String {
             with_batch(
                 &b["student_graph_best_tokens_per_s"],
                 &b["student_graph_best_batch"],
-                0
+                0,
             ),
-        );
+        ]);
     }
-    out
+    table.to_string()
 }

@@ -9,6 +9,7 @@ use super::harness::{
 use super::memory::{available_host_bytes, CudaDriver, MemoryProbe};
 use super::KernelArgs;
 use anyhow::{bail, Context, Result};
+use linearize_models::markdown_table::MarkdownTable;
 use serde_json::{json, Value};
 use tch::{Device, Tensor};
 
@@ -223,20 +224,24 @@ fn worker(spec: &str, shape: Shape, iters: usize) -> Result<()> {
 
 /// A Markdown table of the results.
 fn table(results: &[Value]) -> String {
-    let mut out = String::from(
-        "| method | len | form | fwd ms | fwd+bwd ms | peak MiB | note |\n|---|---:|---|---:|---:|---:|---|\n",
-    );
+    let mut table = MarkdownTable::new()
+        .left("method")
+        .right("len")
+        .left("form")
+        .right("fwd ms")
+        .right("fwd+bwd ms")
+        .right("peak MiB")
+        .left("note");
     for r in results {
-        out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
-            r["method"].as_str().unwrap_or(""),
-            r["len"],
-            r["form"].as_str().unwrap_or(""),
+        table.row([
+            r["method"].as_str().unwrap_or("").to_string(),
+            r["len"].to_string(),
+            r["form"].as_str().unwrap_or("").to_string(),
             cell(&r["fwd_ms"], 1.0, 1),
             cell(&r["fwd_bwd_ms"], 1.0, 1),
             cell(&r["peak_bytes"], MIB, 1),
-            r["note"].as_str().unwrap_or(""),
-        );
+            r["note"].as_str().unwrap_or("").to_string(),
+        ]);
     }
-    out
+    table.to_string()
 }

@@ -11,6 +11,7 @@ use super::harness::{
 use super::memory::MemoryProbe;
 use super::model::{random_ids, ModelArgs};
 use anyhow::{bail, ensure, Context, Result};
+use linearize_models::markdown_table::MarkdownTable;
 use linearize_profile::summary::Summary;
 use linearize_profile::{range, Profiler};
 use linearize_train::data::{Batcher, PackedSequences};
@@ -399,22 +400,29 @@ fn steady_rate(metrics: &Path, warmup: u64) -> Result<(f64, f64)> {
 }
 
 fn table(results: &[Value]) -> String {
-    let mut out = String::from(
-        "| case | ctx | batch | tokens/s | ms/step | x teacher fwd | peak GiB | note |\n\
-         |---|---:|---:|---:|---:|---:|---:|---|\n",
-    );
+    let mut table = MarkdownTable::new().left("case");
+    for name in [
+        "ctx",
+        "batch",
+        "tokens/s",
+        "ms/step",
+        "x teacher fwd",
+        "peak GiB",
+    ] {
+        table = table.right(name);
+    }
+    let mut table = table.left("note");
     for r in results {
-        out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            r["case"].as_str().unwrap_or(""),
-            r["ctx"],
-            r["batch"],
+        table.row([
+            r["case"].as_str().unwrap_or("").to_string(),
+            r["ctx"].to_string(),
+            r["batch"].to_string(),
             cell(&r["tokens_per_s"], 1.0, 0),
             cell(&r["step_ms"], 1.0, 1),
             cell(&r["vs_teacher_forward"], 1.0, 2),
             cell(&r["peak_bytes"], GIB, 2),
-            r["note"].as_str().unwrap_or(""),
-        );
+            r["note"].as_str().unwrap_or("").to_string(),
+        ]);
     }
-    out
+    table.to_string()
 }
