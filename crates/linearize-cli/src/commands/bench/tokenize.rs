@@ -89,7 +89,7 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
 /// tokenises it as a text source; the peak RSS covers reading and tokenising, from a process
 /// that has loaded the tokenizer.
 fn measure(model_dir: &Path, bytes: u64) -> Result<Value> {
-    let encoder = ModelEncoder::from_dir(model_dir)?;
+    let encoder = ModelEncoder::new(model_dir, None)?;
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
     let path = dir.path().join("document.txt");
     write_document(&path, bytes)?;
