@@ -529,18 +529,22 @@ fn markdown(c: &Comparison) -> String {
     let w = &mut md;
     let t = &c.teacher;
     let file = t.ppl_file.as_deref().map_or("?".into(), file_label);
+    // Column names say the context of the decode columns; the text says when none was measured.
     let speed = c
         .context
-        .map_or("decode (no speed measured)".to_string(), |n| {
-            format!("decode @ {n}")
-        });
+        .map_or("decode".to_string(), |n| format!("decode @ {n}"));
+    let measured = if c.context.is_some() {
+        ""
+    } else {
+        " (no speed was measured: those columns are empty)"
+    };
     let second = t.second_ppl_file.as_deref().map(file_label);
     let _ = writeln!(w, "# Quality: converted models against the teacher\n");
     let _ = writeln!(
         w,
         "Headline on `{file}`: KL(teacher ‖ student) per token, top-1 agreement of the next-token \
          predictions and perplexity (ppl ratio = student / teacher, same windows){}; passkey and \
-         MQAR: accuracy over all lengths/queries; {speed}: greedy decode tokens/s, the device \
+         MQAR: accuracy over all lengths/queries; {speed}{measured}: greedy decode tokens/s, the device \
          memory the decode adds (prefill cache included; 0 where the allocator had the memory \
          cached already) and the bytes of the decoding cache (KV cache or recurrent state) after \
          the last token. Tokens: per stage, stage 1 + LoRA.\n",
