@@ -39,14 +39,19 @@ if ! "$VENV/bin/python" -c "import numpy,sys; sys.exit(tuple(map(int, numpy.__ve
   "$VENV/bin/pip" install --quiet --no-cache-dir "numpy<2.4"
 fi
 
-# transformers, PEFT and lm-evaluation-harness for the export tests (scripts/requirements-hf.txt),
-# checked by their installed versions first so that a set-up machine does not wait on pip.
-if ! "$VENV/bin/python" - scripts/requirements-hf.txt <<'PY' 2>/dev/null; then
+# pins_installed FILE [SITE]: whether every `name==version` of FILE is installed (in SITE first,
+# when given), so that a set-up machine does not wait on pip.
+pins_installed() {
+  PYTHONPATH=${2:-} "$VENV/bin/python" - "$1" <<'PY' 2>/dev/null
 import sys
 from importlib.metadata import version
 pins = [l.split("#")[0].strip() for l in open(sys.argv[1])]
 sys.exit(any(version(name) != want for name, want in (p.split("==") for p in pins if p)))
 PY
+}
+
+# transformers, PEFT and lm-evaluation-harness for the export tests (scripts/requirements-hf.txt).
+if ! pins_installed scripts/requirements-hf.txt; then
   echo "setup: installing transformers, PEFT and lm-eval (scripts/requirements-hf.txt)" >&2
   "$VENV/bin/pip" install --quiet --no-cache-dir -r scripts/requirements-hf.txt "numpy<2.4" "torch==$TORCH_VERSION"
 fi
@@ -54,12 +59,7 @@ fi
 # transformers 5 (and a PEFT that imports with it) into .venv/hf5, beside .venv's transformers 4:
 # the export tests load every export in both (scripts/requirements-hf5.txt).
 HF5=$VENV/hf5
-if ! PYTHONPATH=$HF5 "$VENV/bin/python" - scripts/requirements-hf5.txt <<'PY' 2>/dev/null; then
-import sys
-from importlib.metadata import version
-pins = [l.split("#")[0].strip() for l in open(sys.argv[1])]
-sys.exit(any(version(name) != want for name, want in (p.split("==") for p in pins if p)))
-PY
+if ! pins_installed scripts/requirements-hf5.txt "$HF5"; then
   echo "setup: installing transformers 5 and PEFT into $HF5 (scripts/requirements-hf5.txt)" >&2
   rm -rf "$HF5"
   "$VENV/bin/pip" install --quiet --no-cache-dir --target "$HF5" "numpy<2.4" \
