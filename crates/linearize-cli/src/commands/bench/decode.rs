@@ -4,13 +4,15 @@
 //! context) runs in its own child process: it prefills one sequence of random tokens to the
 //! context length, keeps that state on the host, and forks it into batches of growing size on
 //! the device (doubling, then bisecting after the first out-of-memory failure), decoding greedily
-//! from each.
+//! from each. Every point is also given as a fraction of its memory roofline ([`super::roofline`]):
+//! the weights plus the state a step must move, over the copy bandwidth the child measures.
 use super::harness::{
     cell, device_arg, machine, parse_worker_spec, run_child, self_command, synchronize, with_batch,
     write_json, GIB, MIB,
 };
 use super::memory::MemoryProbe;
 use super::model::{random_ids, ModelArgs};
+use super::roofline::{copy_bandwidth, roofline_tokens_per_s, state_traffic, weight_bytes};
 use anyhow::{bail, ensure, Result};
 use linearize_models::graph_decode::GraphDecoder;
 use linearize_models::llama::{Model, ModelCache};
@@ -119,7 +121,13 @@ pub fn run(args: DecodeArgs) -> Result<()> {
                         for (k, v) in row.as_object().into_iter().flatten() {
                             r[k] = v.clone();
                         }
-                        r["prefill_tokens_per_s"] = report["prefill_tokens_per_s"].clone();
+                        for key in [
+                            "prefill_tokens_per_s",
+                            "copy_bandwidth_bytes_per_s",
+                            "weight_bytes",
+                        ] {
+                            r[key] = report[key].clone();
+                        }
                         results.push(r);
                     }
                 }
@@ -183,11 +191,9 @@ fn best_rows(results: &[Value]) -> Vec<Value> {
                     t(a).total_cmp(&t(b))
                 })
             };
-            let single = |model: &'static str| {
-                ok(model)
-                    .find(|r| r["batch"] == 1)
-                    .map(|r| r["tokens_per_s"].clone())
-            };
+            let batch1 = |model: &'static str| ok(model).find(|r| r["batch"] == 1);
+            let single = |model: &'static str| batch1(model).map(|r| r["tokens_per_s"].clone());
+            let fraction = |row: Option<&Value>| row.map(|r| r["roofline_fraction"].clone());
             let (teacher, student, graph) =
                 (best("teacher"), best("student"), best("student-graph"));
             let speedup = match (teacher, student) {
@@ -213,6 +219,12 @@ fn best_rows(results: &[Value]) -> Vec<Value> {
                 "student_graph_batch1_tokens_per_s": single("student-graph"),
                 "student_graph_best_tokens_per_s": graph.map(|r| r["tokens_per_s"].clone()),
                 "student_graph_best_batch": graph.map(|r| r["batch"].clone()),
+                "teacher_batch1_roofline_fraction": fraction(batch1("teacher")),
+                "student_batch1_roofline_fraction": fraction(batch1("student")),
+                "student_graph_batch1_roofline_fraction": fraction(batch1("student-graph")),
+                "teacher_best_roofline_fraction": fraction(teacher),
+                "student_best_roofline_fraction": fraction(student),
+                "student_graph_best_roofline_fraction": fraction(graph),
             })
         })
         .collect()
@@ -223,6 +235,8 @@ fn worker(args: &DecodeArgs, spec: &str) -> Result<()> {
     let (decoder, context) = parse_worker_spec::<Decoder>(spec)?;
     let device = args.model.device()?;
     let probe = MemoryProbe::new(device)?;
+    // Measured before the model takes the device's memory.
+    let bandwidth = copy_bandwidth(device);
     // The student's converted parameters must outlive its model's use.
     let (model, _student) = match decoder {
         Decoder::Teacher => (args.model.teacher()?, None),
@@ -230,6 +244,12 @@ fn worker(args: &DecodeArgs, spec: &str) -> Result<()> {
             let s = args.model.student()?;
             (s.model, Some((s.converted, s.store)))
         }
+    };
+    let weights = weight_bytes(&model, _student.as_ref().map(|(_, store)| store));
+    let traffic = Traffic {
+        bandwidth,
+        weights,
+        rewritten: decoder != Decoder::Teacher,
     };
     let baseline = probe.start()?;
 
@@ -253,7 +273,7 @@ fn worker(args: &DecodeArgs, spec: &str) -> Result<()> {
                 0
             },
         };
-        let row = match decode(&model, &host, &run, &probe, baseline) {
+        let row = match decode(&model, &host, &run, &probe, baseline, &traffic) {
             Ok(row) => row,
             Err(e) if is_out_of_memory(&e) => {
                 json!({"batch": batch, "status": "oom", "note": "out of memory"})
@@ -290,7 +310,12 @@ fn worker(args: &DecodeArgs, spec: &str) -> Result<()> {
     }
     println!(
         "{}",
-        json!({"prefill_tokens_per_s": context as f64 / prefill_s, "batches": batches})
+        json!({
+            "prefill_tokens_per_s": context as f64 / prefill_s,
+            "copy_bandwidth_bytes_per_s": bandwidth,
+            "weight_bytes": weights,
+            "batches": batches,
+        })
     );
     Ok(())
 }
@@ -308,6 +333,15 @@ fn prefill(model: &Model, context: i64, chunk: i64) -> Result<ModelCache> {
     }
     synchronize(device);
     model.fork_cache(&cache, 1, 0, Device::Cpu)
+}
+
+/// What a decoding step of one model must move, and how fast the device moves it.
+struct Traffic {
+    /// Copy bandwidth, bytes read plus written per second.
+    bandwidth: f64,
+    weights: u64,
+    /// The state is rewritten every step (a recurrent student), not only read (a KV cache).
+    rewritten: bool,
 }
 
 /// One batch size's decoding run.
@@ -329,6 +363,7 @@ fn decode(
     run: &Run,
     probe: &MemoryProbe,
     baseline: u64,
+    traffic: &Traffic,
 ) -> Result<Value> {
     let device = model.device();
     let batch = run.batch;
@@ -360,10 +395,16 @@ fn decode(
             }
             synchronize(device);
             let seconds = started.elapsed().as_secs_f64();
+            let tokens_per_s = (batch * run.tokens) as f64 / seconds;
+            let bytes_per_step = traffic.weights + state_traffic(state_bytes, traffic.rewritten);
+            let roofline = roofline_tokens_per_s(batch, bytes_per_step, traffic.bandwidth);
             Ok(json!({
                 "batch": batch,
                 "status": "ok",
-                "tokens_per_s": (batch * run.tokens) as f64 / seconds,
+                "tokens_per_s": tokens_per_s,
+                "bytes_per_step": bytes_per_step,
+                "roofline_tokens_per_s": roofline,
+                "roofline_fraction": tokens_per_s / roofline,
                 "ms_per_step": seconds * 1e3 / run.tokens as f64,
                 "state_bytes_per_seq": state_bytes as f64 / batch as f64,
                 "peak_bytes": probe.peak_since(baseline)?,
@@ -434,6 +475,8 @@ fn table(results: &[Value]) -> String {
         "batch",
         "tokens/s",
         "ms/step",
+        "roofline tok/s",
+        "of roofline",
         "state MiB/seq",
         "peak GiB",
         "graph vs eager max logit diff",
@@ -448,6 +491,8 @@ fn table(results: &[Value]) -> String {
             r["batch"].to_string(),
             cell(&r["tokens_per_s"], 1.0, 1),
             cell(&r["ms_per_step"], 1.0, 1),
+            cell(&r["roofline_tokens_per_s"], 1.0, 1),
+            percent(&r["roofline_fraction"]),
             cell(&r["state_bytes_per_seq"], MIB, 1),
             cell(&r["peak_bytes"], GIB, 2),
             r["graph_max_logit_diff"]
@@ -470,6 +515,9 @@ fn best_table(best: &[Value]) -> String {
         "student / teacher",
         "student graph tok/s (b=1)",
         "student graph best tok/s (batch)",
+        "of roofline: teacher b=1 / best",
+        "student b=1 / best",
+        "student graph b=1 / best",
     ] {
         table = table.right(name);
     }
@@ -487,7 +535,31 @@ fn best_table(best: &[Value]) -> String {
                 &b["student_graph_best_batch"],
                 0,
             ),
+            both(
+                &b["teacher_batch1_roofline_fraction"],
+                &b["teacher_best_roofline_fraction"],
+            ),
+            both(
+                &b["student_batch1_roofline_fraction"],
+                &b["student_best_roofline_fraction"],
+            ),
+            both(
+                &b["student_graph_batch1_roofline_fraction"],
+                &b["student_graph_best_roofline_fraction"],
+            ),
         ]);
     }
     table.to_string()
+}
+
+/// A fraction as a percentage, "–" when not measured.
+fn percent(fraction: &Value) -> String {
+    fraction
+        .as_f64()
+        .map_or_else(|| "–".to_string(), |f| format!("{:.0}%", f * 100.0))
+}
+
+/// Batch 1's and the best batch's fractions, "47% / 18%".
+fn both(batch1: &Value, best: &Value) -> String {
+    format!("{} / {}", percent(batch1), percent(best))
 }

@@ -1,7 +1,8 @@
 //! `linearize bench`: benchmarks that print a table and write JSON. `bench kernels` times the
 //! forward and backward passes and measures the peak memory of each attention kernel's naive and
 //! chunked forms; `bench stages` the training stages against the teacher's forward pass;
-//! `bench decode` decoding at long contexts, teacher against student; `bench tokenize` the peak
+//! `bench decode` decoding at long contexts, teacher against student, each point beside its
+//! memory roofline; `bench tokenize` the peak
 //! memory of tokenising one large document.
 mod case;
 mod decode;
@@ -10,6 +11,7 @@ mod harness;
 mod kernels;
 mod memory;
 mod model;
+mod roofline;
 mod stages;
 mod tokenize;
 
