@@ -18,7 +18,9 @@
 #                      training, evaluation and speed phase fit DEADLINE_S [auto]
 #   TEACHER_SEQUENCES  sequences of 1025 tokens sampled from the teacher for the teacher-data
 #                      variant [1024]
-#   METHODS            which recipes/quality/smollm2_<method>.yaml to run [all of ALL_METHODS]
+#   MODEL              smollm2 | gemma3: the teacher; recipes/quality/<prefix><method>.yaml with
+#                      prefix smollm2_ or gemma3_270m_ [smollm2]
+#   METHODS            which recipes/quality/<prefix><method>.yaml to run [all of ALL_METHODS]
 #   JOBS               runs at once, 0 = all [0]
 #   SPEED              1: measure decode speed/memory after training, one run at a time [1]
 #   SPEED_ONLY         1: no training: only the speed phase, for the layout of every method in
@@ -29,7 +31,8 @@
 #   CALIBRATE          1: calibration run (see above) [0]; CAL_TOKENS per stage [300000];
 #                      TRAIN_S training seconds the suggested budget should fit [300]
 #   SMOKE              1: toy sizes (seq_len 64, a few updates, tiny eval) to test the path [0]
-#   GGUF               SmolLM2 GGUF when the cache has no model [/root/stash/SmolLM2-135M-Instruct.Q4_1.gguf]
+#   GGUF               the teacher's GGUF when the cache has no model
+#                      [/root/stash/SmolLM2-135M-Instruct.Q4_1.gguf, /root/stash/gemma-3-270m-q4_k_m.gguf]
 #   TEXT               the text corpus when the cache has none: a directory or a .tar.xz/.tar.gz
 #                      made by scripts/gpu/prepare.sh [target/gpu/text.tar.xz, else
 #                      /root/stash/text.tar.xz]
@@ -57,15 +60,25 @@ SPEED_ONLY=${SPEED_ONLY:-0}
 DEADLINE_S=${DEADLINE_S:-540}
 CAL_TOKENS=${CAL_TOKENS:-300000}
 TRAIN_S=${TRAIN_S:-300}
-GGUF=${GGUF:-/root/stash/SmolLM2-135M-Instruct.Q4_1.gguf}
+MODEL=${MODEL:-smollm2}
+case "$MODEL" in
+    smollm2)
+        PREFIX=smollm2_ GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf MODEL_NAME=SmolLM2-135M-Instruct
+        GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+        ALL_METHODS="hedgehog lolcats_sw lolcats_tk lolcats_tk_xent lolcats_tk_sinks lolcats_tk_sinks_stage1 gated_deltanet liger t2r hybrid2 hybrid4 lolcats_sw_teacher_data untrained liger_untrained swa_sinks" ;;
+    gemma3)
+        PREFIX=gemma3_270m_ GGUF_NAME=gemma-3-270m-q4_k_m.gguf MODEL_NAME=gemma-3-270m
+        GGUF_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+        ALL_METHODS="lolcats_tk_global lolcats_tk_all swa_sinks" ;;
+    *) echo "quality.sh: MODEL=$MODEL: expected smollm2 or gemma3" >&2; exit 1 ;;
+esac
+GGUF=${GGUF:-/root/stash/$GGUF_NAME}
 if [ -z "${TEXT:-}" ]; then
     TEXT=target/gpu/text.tar.xz
     [ -f "$TEXT" ] || TEXT=/root/stash/text.tar.xz
 fi
 EVAL_S=${EVAL_S:-100}
 SPEED_S=${SPEED_S:-100}
-GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-ALL_METHODS="hedgehog lolcats_sw lolcats_tk lolcats_tk_xent lolcats_tk_sinks lolcats_tk_sinks_stage1 gated_deltanet liger t2r hybrid2 hybrid4 lolcats_sw_teacher_data untrained liger_untrained swa_sinks"
 METHODS=${METHODS:-$ALL_METHODS}
 if [ "$SMOKE" = 1 ]; then
     export TOKENS_PER_STAGE=${TOKENS_PER_STAGE:-256} TEACHER_SEQUENCES=${TEACHER_SEQUENCES:-4}
@@ -106,8 +119,8 @@ fi
 mkdir -p "$RUNS" "$LOGS" "$LINEARIZE_CACHE/gguf"
 
 # --- the offline model and corpus, where `offline:smollm2` and `offline:text` look ---------
-MODEL_GGUF=$LINEARIZE_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -s "$MODEL_GGUF" ] && [ ! -f "$LINEARIZE_CACHE/models/SmolLM2-135M-Instruct/config.json" ]; then
+MODEL_GGUF=$LINEARIZE_CACHE/gguf/$GGUF_NAME
+if [ ! -s "$MODEL_GGUF" ] && [ ! -f "$LINEARIZE_CACHE/models/$MODEL_NAME/config.json" ]; then
     [ -f "$GGUF" ] || die "$GGUF missing (join the two parts first; docs/RESULTS.md)"
     got=$(sha256sum "$GGUF" | cut -d' ' -f1)
     [ "$got" = "$GGUF_SHA256" ] || die "$GGUF: sha256 $got, expected $GGUF_SHA256"
@@ -144,7 +157,7 @@ fi
 TRAIN_SETS=("${SETS[@]}" --set eval.speed.enabled=false)
 for s in ${EXTRA_SETS:-}; do TRAIN_SETS+=(--set "$s"); done
 
-recipe() { echo "recipes/quality/smollm2_$1.yaml"; }
+recipe() { echo "recipes/quality/$PREFIX$1.yaml"; }
 # The stages a recipe keeps (untrained and Liger recipes set some to null; a --set into a null
 # stage would create it).
 stages_of() {
