@@ -167,28 +167,31 @@ fn execute(
         "instructions and conversations render in this prompt format"
     );
     let data = resolve_data_paths(&recipe.data, run_dir)?;
-    let mut datasets = build_datasets(&data, &encoder).context("data")?;
-    stop_if_preempted(preemption, group)?;
+    let datasets = build_datasets(&data, &encoder).context("data");
+    let mut datasets = end_phase(datasets, preemption, group)?;
     // Both need the original model: they run before any layer is converted.
-    teacher_data::add_teacher_samples(
-        &model,
-        encoder.tokenizer(),
-        &recipe.data,
-        &loaded.model_dir,
-        run_dir,
-        &mut datasets,
-    )?;
-    if let Some(stage) = &recipe.lora {
-        teacher_data::write_teacher_val(
+    let teacher = (|| -> Result<()> {
+        teacher_data::add_teacher_samples(
             &model,
-            datasets.val.as_ref(),
-            stage.eval_batch_size,
-            stage.max_eval_batches,
+            encoder.tokenizer(),
+            &recipe.data,
+            &loaded.model_dir,
             run_dir,
-        )
-        .context("the teacher's validation loss")?;
-    }
-    stop_if_preempted(preemption, group)?;
+            &mut datasets,
+        )?;
+        if let Some(stage) = &recipe.lora {
+            teacher_data::write_teacher_val(
+                &model,
+                datasets.val.as_ref(),
+                stage.eval_batch_size,
+                stage.max_eval_batches,
+                run_dir,
+            )
+            .context("the teacher's validation loss")?;
+        }
+        Ok(())
+    })();
+    end_phase(teacher, preemption, group)?;
     tracing::info!(
         train_sequences = datasets.train.len(),
         val_sequences = datasets.val.as_ref().map_or(0, |v| v.len()),
@@ -377,6 +380,23 @@ fn stop_if_preempted(preemption: &Preemption, group: &ProcessGroup) -> Result<()
         .into()),
         false => Ok(()),
     }
+}
+
+/// Ends a phase that polls the stop flag (data preparation, teacher sampling) alike on every
+/// rank. A rank that a signal stopped inside the phase still meets the others at the agreement,
+/// so that every rank exits 75 there, rather than the others failing on a rank that left; the
+/// others finish the phase first (they got no signal), then stop with it.
+fn end_phase<T>(result: Result<T>, preemption: &Preemption, group: &ProcessGroup) -> Result<T> {
+    if result
+        .as_ref()
+        .is_err_and(|e| e.downcast_ref::<Preempted>().is_some())
+    {
+        group.any(true)?;
+        return result;
+    }
+    let value = result?;
+    stop_if_preempted(preemption, group)?;
+    Ok(value)
 }
 
 /// After training, rank 0 alone works on (the ranks have parted): a signal stops the job after

@@ -1,6 +1,7 @@
 //! Data-parallel jobs end to end on the CPU (TCP backend) through `linearize launch`: two ranks
 //! with the same global batch train what one process trains; a job resumes with another number
-//! of ranks from the right data position; a killed rank stops the job with a clear error.
+//! of ranks from the right data position; a killed rank stops the job with a clear error; a
+//! stop that reaches one rank during data preparation stops every rank with status 75.
 mod common;
 
 use common::{
@@ -243,6 +244,62 @@ fn a_killed_rank_stops_the_job_with_a_clear_error() {
     assert!(!log.contains("did not stop within"), "{log}");
 
     // The job resumes from the last saved state, on two ranks again, and finishes.
+    job.complete(&out, 2);
+    let steps: Vec<u64> = train_records(&out).iter().map(run_step).collect();
+    assert_eq!(steps, (1..=14).collect::<Vec<_>>());
+}
+
+/// SIGTERM that reaches one rank only (not the launcher) while the data is prepared: that rank
+/// stops inside tokenisation, the other finishes the phase and stops with it at the agreement,
+/// so every rank exits 75 (none fails on a rank that left), and the job then resumes to the end.
+#[test]
+fn a_stop_that_reaches_one_rank_during_data_preparation_stops_every_rank_with_75() {
+    use std::io::{BufRead, BufReader};
+    let job = TinyJob::new();
+    // One 2 MB document: tokenised in 1 MiB pieces, long enough to be interrupted.
+    let train = job.dir.path().join("train.txt");
+    let text = std::fs::read_to_string(&train).unwrap();
+    std::fs::write(&train, text.repeat(2_000_000 / text.len() + 1)).unwrap();
+    let out = job.out("one-rank-stopped");
+    let args = job.command(&out, 2);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = linearize(&refs)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = String::new();
+    let mut pids: Vec<u32> = Vec::new();
+    let mut signalled = false;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(list) = line.split("(pids ").nth(1) {
+            let list = list.trim_end_matches(')');
+            pids = list.split(", ").map(|p| p.parse().unwrap()).collect();
+        }
+        if !signalled && line.contains("tokenising") {
+            assert_eq!(pids.len(), 2, "no pid line before tokenising: {log}");
+            send_signal("TERM", pids[1]);
+            signalled = true;
+            log.push_str("<SIGTERM sent to rank 1>\n");
+        }
+        log.push_str(&line);
+        log.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(signalled, "no tokenising line: {log}");
+    assert_eq!(status.code(), Some(EXIT_PREEMPTED), "{log}");
+    for rank in 0..2 {
+        assert!(
+            log.contains(&format!(
+                "rank {rank} (pid {}) stopped after saving its state",
+                pids[rank]
+            )),
+            "rank {rank} did not stop with 75: {log}"
+        );
+    }
+    assert!(!log.contains("failed with status"), "{log}");
+
     job.complete(&out, 2);
     let steps: Vec<u64> = train_records(&out).iter().map(run_step).collect();
     assert_eq!(steps, (1..=14).collect::<Vec<_>>());
