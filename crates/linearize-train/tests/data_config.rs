@@ -88,6 +88,9 @@ fn invalid_values_and_combinations_name_the_key() {
         ("sources: []\nteacher_samples: {num_sequences: 5, top_p: 0}", "top_p"),
         ("sources: []\nteacher_samples: {num_sequences: 5, temperature: -1}", "temperature"),
         ("sources: [{kind: text, path: a}]\nmax_tokens: 0", "data.max_tokens"),
+        ("sources: [{kind: text, path: a, weight: 0}]", "data.sources[0].weight must be a positive number"),
+        ("sources: [{kind: text, path: a}, {kind: text, path: b, weight: .nan}]", "data.sources[1].weight"),
+        ("sources: [{kind: text, path: a}]\nval_sources: [{kind: text, path: b, weight: 2}]", "data.val_sources[0].weight"),
     ];
     for (yaml, expected) in cases {
         let err = parse(yaml).unwrap_err().to_string();

@@ -86,6 +86,71 @@ fn validation_fraction_holds_out_documents_by_seed() {
     );
 }
 
+/// `weight` mixes sources: 2 uses every document of its source twice, 0.5 half of them (the
+/// same half for the same seed), 1.5 every one once and half of them twice; held-out documents
+/// are never weighted into training.
+#[test]
+fn source_weights_repeat_or_subsample_each_sources_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(dir.path(), 8);
+    let other = dir.path().join("other.jsonl");
+    let lines: String = (0..4)
+        .map(|i| format!("{{\"text\": \"x-{i}\"}}\n"))
+        .collect();
+    fs::write(&other, lines).unwrap();
+    config
+        .sources
+        .push(SourceConfig::new(SourceKind::Jsonl, &other));
+    let names = |config: &DataConfig| {
+        sorted(doc_names(
+            &build_datasets(config, &ByteEncoder::new()).unwrap().train,
+        ))
+    };
+    let count =
+        |names: &[String], prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).count();
+    let plain = names(&config);
+    assert_eq!((count(&plain, "doc-"), count(&plain, "x-")), (8, 4));
+
+    config.sources[1].weight = Some(2.0);
+    let twice = names(&config);
+    assert_eq!((count(&twice, "doc-"), count(&twice, "x-")), (8, 8));
+    for i in 0..4 {
+        assert_eq!(twice.iter().filter(|n| **n == format!("x-{i}")).count(), 2);
+    }
+
+    config.sources[1].weight = None;
+    config.sources[0].weight = Some(0.5);
+    let half = names(&config);
+    assert_eq!((count(&half, "doc-"), count(&half, "x-")), (4, 4));
+    assert_eq!(names(&config), half, "same seed, same half");
+    let mut distinct = half.clone();
+    distinct.dedup();
+    assert_eq!(distinct, half, "a weight below 1 repeats nothing");
+
+    config.sources[0].weight = Some(1.5);
+    let more = names(&config);
+    assert_eq!(count(&more, "doc-"), 12);
+    for i in 0..8 {
+        let n = more.iter().filter(|n| **n == format!("doc-{i}")).count();
+        assert!(n == 1 || n == 2, "doc-{i} used {n} times");
+    }
+
+    config.val_fraction = 0.25;
+    config.sources[0].weight = Some(2.0);
+    let data = build_datasets(&config, &ByteEncoder::new()).unwrap();
+    let (train, val) = (
+        doc_names(&data.train),
+        doc_names(data.val.as_ref().unwrap()),
+    );
+    assert_eq!(val.len(), 3);
+    assert!(
+        val.iter().all(|d| !train.contains(d)),
+        "{val:?} in {train:?}"
+    );
+    let held_docs = val.iter().filter(|n| n.starts_with("doc-")).count();
+    assert_eq!(count(&train, "doc-"), 2 * (8 - held_docs));
+}
+
 #[test]
 fn separate_validation_sources_and_no_validation() {
     let dir = tempfile::tempdir().unwrap();

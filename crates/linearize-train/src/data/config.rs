@@ -111,6 +111,12 @@ pub struct SourceConfig {
     /// default: one document per file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub separator: Option<String>,
+    /// Training sources only: how many times each of the source's training documents is used
+    /// per epoch on average, to mix sources in chosen proportions. 2 repeats every document
+    /// twice; 0.5 keeps half of them (chosen by `data.seed`); 1.5 repeats every document once
+    /// and half of them twice. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
 }
 
 /// Source formats.
@@ -227,6 +233,20 @@ impl DataConfig {
                 source.validate(&format!("data.{key}[{i}]"))?;
             }
         }
+        for (i, source) in self.sources.iter().enumerate() {
+            if let Some(w) = source.weight {
+                ensure!(
+                    w.is_finite() && w > 0.0,
+                    "data.sources[{i}].weight must be a positive number, got {w}"
+                );
+            }
+        }
+        if let Some(i) = self.val_sources.iter().position(|s| s.weight.is_some()) {
+            bail!(
+                "data.val_sources[{i}].weight: weights mix training sources; validation reads \
+                 every document once"
+            );
+        }
         if let Some(samples) = &self.teacher_samples {
             samples.validate()?;
         }
@@ -260,6 +280,7 @@ impl SourceConfig {
             field: None,
             split: None,
             separator: None,
+            weight: None,
         }
     }
 

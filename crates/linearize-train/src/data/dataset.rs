@@ -30,17 +30,26 @@ pub fn build_datasets(config: &DataConfig, encoder: &dyn TextEncoder) -> Result<
         .as_deref()
         .map(TokenCache::new)
         .transpose()?;
-    let train_docs = load_sources(&config.sources, encoder, cache.as_ref())?;
-    let (train_docs, val_docs) = if !config.val_sources.is_empty() {
-        (
-            train_docs,
-            Some(load_sources(&config.val_sources, encoder, cache.as_ref())?),
-        )
+    let (train_docs, source_of) = load_sources(&config.sources, encoder, cache.as_ref())?;
+    let (train_docs, source_of, val_docs) = if !config.val_sources.is_empty() {
+        let (val, _) = load_sources(&config.val_sources, encoder, cache.as_ref())?;
+        (train_docs, source_of, Some(val))
     } else if config.val_fraction > 0.0 {
-        let (train, val) = hold_out(&train_docs, config.val_fraction, config.seed)?;
-        (train, Some(val))
+        let (train, train_sources, val) =
+            hold_out(&train_docs, &source_of, config.val_fraction, config.seed)?;
+        (train, train_sources, Some(val))
     } else {
-        (train_docs, None)
+        (train_docs, source_of, None)
+    };
+    let weights: Vec<f64> = config
+        .sources
+        .iter()
+        .map(|s| s.weight.unwrap_or(1.0))
+        .collect();
+    let train_docs = if weights.iter().all(|&w| w == 1.0) {
+        train_docs
+    } else {
+        weighted(&train_docs, &source_of, &weights, config.seed)
     };
 
     let order = if config.shuffle {
@@ -91,25 +100,72 @@ pub fn build_datasets(config: &DataConfig, encoder: &dyn TextEncoder) -> Result<
     })
 }
 
+/// The documents of every source in order, and the index of the source of each.
 fn load_sources(
     sources: &[SourceConfig],
     encoder: &dyn TextEncoder,
     cache: Option<&TokenCache>,
-) -> Result<TokenizedDocs> {
+) -> Result<(TokenizedDocs, Vec<usize>)> {
     let mut docs = TokenizedDocs::default();
-    for source in sources {
-        docs.extend(&tokenize_source(source, encoder, cache)?);
+    let mut source_of = Vec::new();
+    for (i, source) in sources.iter().enumerate() {
+        let tokenized = tokenize_source(source, encoder, cache)?;
+        source_of.extend(std::iter::repeat_n(i, tokenized.len()));
+        docs.extend(&tokenized);
     }
-    Ok(docs)
+    Ok((docs, source_of))
+}
+
+/// Each source's documents `weights[source]` times on average, in their order: `floor(w)`
+/// copies of every document, and one more of a `fract(w)` share of them chosen by `seed`
+/// (per source, so that one source's weight does not change another's choice). Applied after
+/// the validation hold-out: a held-out document is never repeated into training.
+fn weighted(
+    docs: &TokenizedDocs,
+    source_of: &[usize],
+    weights: &[f64],
+    seed: u64,
+) -> TokenizedDocs {
+    let mut copies = vec![0usize; docs.len()];
+    for (source, &weight) in weights.iter().enumerate() {
+        let members: Vec<usize> = (0..docs.len())
+            .filter(|&i| source_of[i] == source)
+            .collect();
+        let whole = weight.floor() as usize;
+        let extra = ((weight - weight.floor()) * members.len() as f64).round() as usize;
+        for &i in &members {
+            copies[i] = whole;
+        }
+        let chosen = permutation(members.len(), seed, Stream::Weights, source as u64);
+        for &k in &chosen[..extra] {
+            copies[members[k]] += 1;
+        }
+        tracing::info!(
+            source,
+            weight,
+            documents = members.len(),
+            used = whole * members.len() + extra,
+            "weighted source"
+        );
+    }
+    let mut out = TokenizedDocs::default();
+    for (i, doc) in docs.iter().enumerate() {
+        for _ in 0..copies[i] {
+            out.push(doc);
+        }
+    }
+    out
 }
 
 /// Splits off `round(fraction * n)` documents (at least one, leaving at least one), chosen by
-/// `seed`; both parts keep the original document order.
+/// `seed`; both parts keep the original document order. Also gives the training documents'
+/// sources (`source_of` holds every document's).
 fn hold_out(
     docs: &TokenizedDocs,
+    source_of: &[usize],
     fraction: f64,
     seed: u64,
-) -> Result<(TokenizedDocs, TokenizedDocs)> {
+) -> Result<(TokenizedDocs, Vec<usize>, TokenizedDocs)> {
     let n = docs.len();
     ensure!(
         n >= 2,
@@ -122,12 +178,14 @@ fn hold_out(
         is_val[i] = true;
     }
     let (mut train, mut val) = (TokenizedDocs::default(), TokenizedDocs::default());
+    let mut train_sources = Vec::new();
     for (i, doc) in docs.iter().enumerate() {
         if is_val[i] {
             val.push(doc)
         } else {
-            train.push(doc)
+            train.push(doc);
+            train_sources.push(source_of[i]);
         }
     }
-    Ok((train, val))
+    Ok((train, train_sources, val))
 }

@@ -13,6 +13,9 @@ pub(crate) enum Stream {
     Validation = 2,
     /// Sequence order of one epoch (the epoch number selects the sub-stream).
     Epoch = 3,
+    /// Which documents of a source with a fractional weight are used once more (the source's
+    /// index selects the sub-stream).
+    Weights = 4,
 }
 
 /// A permutation of `0..n` determined by `(seed, stream, epoch)`.
