@@ -18,7 +18,7 @@ mod teacher_data;
 
 use crate::recipe::{resolve_data_paths, ExportSection, LoadedRecipe, PlannedRecipe};
 use crate::runtime::{job_device, parse_dtype};
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use linearize_dist::{Launch, Options, ProcessGroup};
 use linearize_models::llama::Model;
 use linearize_train::convert::{convert, layers_with_largest_error, ConvertedLayers};
@@ -28,7 +28,7 @@ use linearize_train::export::{
 };
 use linearize_train::lora::LoraAdapters;
 use linearize_train::metrics::MetricsWriter;
-use linearize_train::stage::{StageData, StageJob};
+use linearize_train::stage::{StageData, StageJob, StageShape};
 use linearize_train::stage1::{run_stage1, Stage1Config, Stage1Summary};
 use linearize_train::stage2::{run_stage2, Stage2Summary};
 use linearize_train::state::{
@@ -239,7 +239,7 @@ fn execute(
                     preemption: Some(preemption),
                     group: Some(group),
                 };
-                let data = stage_data(&datasets, loaded)?;
+                let data = stage_data(&datasets, loaded, stage.shape(&recipe.data))?;
                 let summary = run_stage1(&mut model, &converted, data, stage, job)?;
                 let record = StageRecord {
                     steps: summary.steps,
@@ -299,7 +299,7 @@ fn execute(
                         preemption: Some(preemption),
                         group: Some(group),
                     };
-                    let data = stage_data(&datasets, loaded)?;
+                    let data = stage_data(&datasets, loaded, stage.shape(&recipe.data))?;
                     let summary = run_stage2(&mut model, &converted, &adapters, data, stage, job)?;
                     let record = StageRecord {
                         steps: summary.steps,
@@ -568,9 +568,28 @@ fn describe_data(data: &linearize_train::data::DataConfig) -> String {
 
 /// A stage's data: the recipe's training sequences served from the start (a resumed stage seeks
 /// them to its saved cursor), and its validation sequences.
-fn stage_data(datasets: &Datasets, loaded: &LoadedRecipe) -> Result<StageData> {
+/// A stage's training batches: the packed sequences, re-cut when the stage has its own sequence
+/// length (a long-context stage; recipe validation refuses it with teacher samples, which are
+/// not one stream), in batches of the stage's size.
+fn stage_data(datasets: &Datasets, loaded: &LoadedRecipe, shape: StageShape) -> Result<StageData> {
     let data = &loaded.recipe.data;
-    let train = Batcher::new(datasets.train.clone(), data.batch_size, data.seed)?
+    let sequences = if shape.seq_len == datasets.train.seq_len() {
+        datasets.train.clone()
+    } else {
+        let sequences = datasets.train.repacked(shape.seq_len)?;
+        ensure!(
+            !sequences.is_empty(),
+            "the training text does not fill one sequence of {} tokens",
+            shape.seq_len
+        );
+        tracing::info!(
+            seq_len = shape.seq_len,
+            sequences = sequences.len(),
+            "training sequences re-cut for this stage"
+        );
+        sequences
+    };
+    let train = Batcher::new(sequences, shape.batch_size, data.seed)?
         .with_shuffle(data.shuffle)
         .with_budget(Budget {
             max_tokens: data.max_tokens,
@@ -579,7 +598,7 @@ fn stage_data(datasets: &Datasets, loaded: &LoadedRecipe) -> Result<StageData> {
         });
     Ok(StageData {
         train,
-        seq_len: data.seq_len,
+        seq_len: shape.seq_len,
         val: datasets.val.clone(),
     })
 }

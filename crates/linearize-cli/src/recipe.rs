@@ -13,6 +13,7 @@ use linearize_models::prompt_format::TemplateChoice;
 use linearize_models::tokenizer::Tokenizer;
 use linearize_train::convert::ConversionConfig;
 use linearize_train::data::DataConfig;
+use linearize_train::stage::StageShape;
 use linearize_train::stage1::Stage1Config;
 use linearize_train::stage2::Stage2Config;
 use linearize_train::tracking::TrackingConfig;
@@ -417,13 +418,36 @@ fn step_bound(
     max_steps: Option<u64>,
     max_tokens: Option<u64>,
     grad_accum: u64,
-    data: &DataConfig,
+    shape: StageShape,
 ) -> Option<u64> {
-    let per_step = grad_accum * data.batch_size as u64 * data.seq_len as u64;
+    let per_step = grad_accum * shape.tokens();
     [max_steps, max_tokens.and_then(|t| t.checked_div(per_step))]
         .into_iter()
         .flatten()
         .min()
+}
+
+/// A stage with its own sequence length re-cuts the packed text stream; teacher samples are
+/// separate sequences of `data.seq_len`, not one stream.
+fn check_stage_shape(
+    stage: &str,
+    shape: StageShape,
+    own_seq_len: Option<usize>,
+    data: &DataConfig,
+) -> std::result::Result<(), (String, anyhow::Error)> {
+    if own_seq_len.is_some() && shape.seq_len != data.seq_len && data.teacher_samples.is_some() {
+        return Err((
+            format!("{stage}.seq_len"),
+            anyhow!(
+                "{} differs from data.seq_len ({}), which data.teacher_samples are sampled at: \
+                 a stage's own length re-cuts the packed text, and teacher samples are not one \
+                 stream",
+                shape.seq_len,
+                data.seq_len
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The checks of a stage's length that need no data: some update must be allowed, and the
@@ -518,12 +542,10 @@ fn validate(
     }
     if let Some(stage) = &recipe.attention_transfer {
         stage.validate().map_err(|e| at("attention_transfer", e))?;
-        let bound = step_bound(
-            stage.max_steps,
-            stage.max_tokens,
-            stage.grad_accum,
-            &recipe.data,
-        );
+        let shape = stage.shape(&recipe.data);
+        check_stage_shape("attention_transfer", shape, stage.seq_len, &recipe.data)
+            .map_err(|(key, e)| at(&key, e))?;
+        let bound = step_bound(stage.max_steps, stage.max_tokens, stage.grad_accum, shape);
         check_stage_length(
             "attention_transfer",
             bound,
@@ -534,12 +556,10 @@ fn validate(
     }
     if let Some(stage) = &recipe.lora {
         stage.validate().map_err(|e| at("lora", e))?;
-        let bound = step_bound(
-            stage.max_steps,
-            stage.max_tokens,
-            stage.grad_accum,
-            &recipe.data,
-        );
+        let shape = stage.shape(&recipe.data);
+        check_stage_shape("lora", shape, stage.seq_len, &recipe.data)
+            .map_err(|(key, e)| at(&key, e))?;
+        let bound = step_bound(stage.max_steps, stage.max_tokens, stage.grad_accum, shape);
         check_stage_length("lora", bound, &stage.schedule, stage.optimizer.lr)
             .map_err(|(key, e)| at(&key, e))?;
         if let Some(first) = &recipe.attention_transfer {

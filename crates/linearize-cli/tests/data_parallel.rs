@@ -289,11 +289,10 @@ fn a_stop_that_reaches_one_rank_during_data_preparation_stops_every_rank_with_75
     let status = child.wait().unwrap();
     assert!(signalled, "no tokenising line: {log}");
     assert_eq!(status.code(), Some(EXIT_PREEMPTED), "{log}");
-    for rank in 0..2 {
+    for (rank, pid) in pids.iter().enumerate() {
         assert!(
             log.contains(&format!(
-                "rank {rank} (pid {}) stopped after saving its state",
-                pids[rank]
+                "rank {rank} (pid {pid}) stopped after saving its state"
             )),
             "rank {rank} did not stop with 75: {log}"
         );

@@ -5,6 +5,21 @@ use crate::state::{LoadedState, Preemption};
 use linearize_dist::ProcessGroup;
 use std::path::Path;
 
+/// The training sequences of a stage: length and sequences per micro-batch (all ranks
+/// together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageShape {
+    pub seq_len: usize,
+    pub batch_size: usize,
+}
+
+impl StageShape {
+    /// Training tokens of one micro-batch.
+    pub fn tokens(&self) -> u64 {
+        (self.seq_len * self.batch_size) as u64
+    }
+}
+
 /// The data of a stage.
 pub struct StageData {
     /// Training batches (with whatever shard, budget and epochs the caller set), at the start of

@@ -20,8 +20,10 @@ pub use crate::stage::{StageData as Stage1Data, StageJob as Stage1Job};
 mod transfer;
 
 use crate::convert::ConvertedLayers;
+use crate::data::DataConfig;
 use crate::optim::AdamWConfig;
 use crate::schedule::ScheduleConfig;
+use crate::stage::StageShape;
 use anyhow::{ensure, Result};
 use linearize_models::llama::Model;
 use linearize_models::mixer::SoftmaxMixer;
@@ -47,6 +49,15 @@ pub struct Stage1Config {
     /// Training tokens to consume (all micro-batches and ranks together).
     #[serde(default)]
     pub max_tokens: Option<u64>,
+    /// This stage's training sequence length, when it differs from `data.seq_len` (a
+    /// long-context stage): the same packed token stream cut at this length. Validation stays at
+    /// `data.seq_len`, so the stages' validation curves stay comparable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_len: Option<usize>,
+    /// This stage's sequences per micro-batch (all ranks together), when it differs from
+    /// `data.batch_size` (fewer for longer sequences).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
     /// Micro-batches whose gradients are summed into one update.
     #[serde(default = "default_one")]
     pub grad_accum: u64,
@@ -137,6 +148,14 @@ impl Default for Stage1Config {
 }
 
 impl Stage1Config {
+    /// This stage's (sequence length, sequences per micro-batch): its own or the data's.
+    pub fn shape(&self, data: &DataConfig) -> StageShape {
+        StageShape {
+            seq_len: self.seq_len.unwrap_or(data.seq_len),
+            batch_size: self.batch_size.unwrap_or(data.batch_size),
+        }
+    }
+
     /// Checks every field's range; the error names the field.
     pub fn validate(&self) -> Result<()> {
         ensure!(!self.name.is_empty(), "stage name must not be empty");
@@ -170,6 +189,8 @@ impl Stage1Config {
         // A zero budget would train nothing and save an untrained stage as finished.
         ensure!(self.max_steps != Some(0), "max_steps must be >= 1");
         ensure!(self.max_tokens != Some(0), "max_tokens must be >= 1");
+        ensure!(self.seq_len != Some(0), "seq_len must be >= 1");
+        ensure!(self.batch_size != Some(0), "batch_size must be >= 1");
         Ok(())
     }
 }

@@ -18,9 +18,11 @@ mod trainer;
 pub use crate::stage::{StageData as Stage2Data, StageJob as Stage2Job};
 
 use crate::convert::ConvertedLayers;
+use crate::data::DataConfig;
 use crate::lora::{LoraAdapters, LoraSettings};
 use crate::optim::AdamWConfig;
 use crate::schedule::ScheduleConfig;
+use crate::stage::StageShape;
 use anyhow::{ensure, Result};
 use linearize_models::llama::Model;
 pub use loss::{LossMix, LossName, LossSpec};
@@ -60,6 +62,15 @@ pub struct Stage2Config {
     /// Training tokens to consume (all micro-batches and ranks together).
     #[serde(default)]
     pub max_tokens: Option<u64>,
+    /// This stage's training sequence length, when it differs from `data.seq_len` (a
+    /// long-context stage): the same packed token stream cut at this length. Validation stays at
+    /// `data.seq_len`, so the stages' validation curves stay comparable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_len: Option<usize>,
+    /// This stage's sequences per micro-batch (all ranks together), when it differs from
+    /// `data.batch_size` (fewer for longer sequences).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
     /// Micro-batches whose gradients are summed into one update.
     #[serde(default = "default_one")]
     pub grad_accum: u64,
@@ -133,6 +144,14 @@ impl Default for Stage2Config {
 }
 
 impl Stage2Config {
+    /// This stage's (sequence length, sequences per micro-batch): its own or the data's.
+    pub fn shape(&self, data: &DataConfig) -> StageShape {
+        StageShape {
+            seq_len: self.seq_len.unwrap_or(data.seq_len),
+            batch_size: self.batch_size.unwrap_or(data.batch_size),
+        }
+    }
+
     /// Checks every field's range; the error names the field.
     pub fn validate(&self) -> Result<()> {
         ensure!(!self.name.is_empty(), "stage name must not be empty");
@@ -155,6 +174,8 @@ impl Stage2Config {
         // A zero budget would train nothing and save an untrained stage as finished.
         ensure!(self.max_steps != Some(0), "max_steps must be >= 1");
         ensure!(self.max_tokens != Some(0), "max_tokens must be >= 1");
+        ensure!(self.seq_len != Some(0), "seq_len must be >= 1");
+        ensure!(self.batch_size != Some(0), "batch_size must be >= 1");
         Ok(())
     }
 }

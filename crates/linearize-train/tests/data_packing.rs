@@ -138,3 +138,42 @@ fn gather_and_eval_batches_shapes_and_sharding() {
     assert_eq!(sharded, all);
     assert!(packed.eval_batches(3, 2, 2).is_err());
 }
+
+/// A long-context stage re-cuts the packed stream: the same tokens (up to the last whole longer
+/// sequence) as packing the documents at that length directly, with and without targets.
+#[test]
+fn repacking_at_another_length_equals_packing_at_it() {
+    let docs = [
+        ids("hello world"),
+        ids("second doc"),
+        ids("x"),
+        ids("a longer third one"),
+    ];
+    for targets in [true, false] {
+        let (short, _) = pack(
+            docs.iter().map(Vec::as_slice),
+            &options(4, targets, Some(BOS)),
+        );
+        for len in [2, 8, 13] {
+            let (direct, _) = pack(
+                docs.iter().map(Vec::as_slice),
+                &options(len, targets, Some(BOS)),
+            );
+            let repacked = short.repacked(len).unwrap();
+            assert_eq!(repacked.seq_len(), len);
+            assert_eq!(repacked.window(), direct.window());
+            // The short packing dropped the stream's tail past its last sequence, so the
+            // repacked sequences are a prefix of the direct ones.
+            assert!(repacked.len() <= direct.len() && repacked.len() + 2 >= direct.len());
+            assert_eq!(
+                repacked.tokens(),
+                &direct.tokens()[..repacked.tokens().len()],
+                "length {len}, targets {targets}"
+            );
+        }
+    }
+    assert!(PackedSequences::from_tokens(4, true, Vec::new())
+        .unwrap()
+        .repacked(0)
+        .is_err());
+}

@@ -5,6 +5,7 @@ use linearize_attention::linearized::{LayerShape, LinearizedMixer, Method};
 use linearize_models::llama::parameter_shapes;
 use linearize_models::tokenizer::Tokenizer;
 use linearize_train::data::SourceKind;
+use linearize_train::stage::StageShape;
 use std::fmt::Write as _;
 use std::path::Path;
 use tch::{nn, Device};
@@ -158,8 +159,20 @@ fn model_plan(
             tokenizer.describe_prompt_format()
         )?;
     }
+    // A stage with its own sequence length or batch says so.
+    let own_shape = |shape: StageShape| {
+        if (shape.seq_len, shape.batch_size) == (data.seq_len, data.batch_size) {
+            String::new()
+        } else {
+            format!(
+                " (this stage: seq_len {}, batch {})",
+                shape.seq_len, shape.batch_size
+            )
+        }
+    };
     if let Some(stage) = &recipe.attention_transfer {
-        let per_step = stage.grad_accum * data.batch_size as u64 * data.seq_len as u64;
+        let shape = stage.shape(data);
+        let per_step = stage.grad_accum * shape.tokens();
         let budget = [
             stage.max_steps.map(|s| s * per_step),
             stage.max_tokens,
@@ -170,8 +183,9 @@ fn model_plan(
         .min();
         writeln!(
             out,
-            "stage 1     {}: {} of {per_step} tokens; token budget {}; lr {}, mse_factor {}",
+            "stage 1     {}{}: {} of {per_step} tokens; token budget {}; lr {}, mse_factor {}",
             stage.name,
+            own_shape(shape),
             updates(stage.max_steps),
             budget.map_or_else(|| "unbounded".into(), |t| t.to_string()),
             stage.optimizer.lr,
@@ -181,7 +195,8 @@ fn model_plan(
         writeln!(out, "stage 1     none")?;
     }
     if let Some(stage) = &recipe.lora {
-        let per_step = stage.grad_accum * data.batch_size as u64 * data.seq_len as u64;
+        let shape = stage.shape(data);
+        let per_step = stage.grad_accum * shape.tokens();
         let (q, kv) = (
             cfg.num_attention_heads * cfg.head_dim,
             cfg.num_key_value_heads * cfg.head_dim,
@@ -203,8 +218,9 @@ fn model_plan(
             .sum();
         writeln!(
             out,
-            "stage 2     {}: LoRA r {} alpha {} on {}: {} trainable parameters; {} of {per_step} tokens, max_tokens {}; lr {}",
+            "stage 2     {}{}: LoRA r {} alpha {} on {}: {} trainable parameters; {} of {per_step} tokens, max_tokens {}; lr {}",
             stage.name,
+            own_shape(shape),
             stage.lora.rank,
             stage.lora.alpha,
             stage.lora.targets.join(" "),
@@ -223,7 +239,16 @@ fn model_plan(
     let trainable = new_params as f64 * 4.0 * 4.0;
     // One layer's activations at a time (stage 1 backpropagates layer by layer): the residual
     // stream, q/k/v/o, the MLP's three projections and the student's chunked intermediates.
-    let tokens = (data.batch_size * data.seq_len) as f64;
+    // The largest micro-batch of any stage.
+    let tokens = [
+        recipe.attention_transfer.as_ref().map(|s| s.shape(data)),
+        recipe.lora.as_ref().map(|s| s.shape(data)),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|shape| shape.tokens())
+    .max()
+    .unwrap_or((data.batch_size * data.seq_len) as u64) as f64;
     let activations =
         tokens * (8.0 * cfg.hidden_size as f64 + 3.0 * cfg.intermediate_size as f64) * 4.0
             + tokens * cfg.vocab_size as f64 * 4.0;

@@ -158,6 +158,40 @@ impl PackedSequences {
     }
 
     /// The sequences at `indices` as a CPU tensor. Shape: (indices.len(), window), i64.
+    /// The same token stream cut into sequences of `seq_len` (with the same target convention):
+    /// consecutive sequences of a packed stream overlap by their target token, so the stream is
+    /// the first sequence and the new tokens of each next one. Tokens past the last whole new
+    /// sequence are dropped. Only for sequences packed from one stream by [`pack`] (sequences
+    /// appended from elsewhere, such as teacher samples, are not one stream).
+    pub fn repacked(&self, seq_len: usize) -> Result<PackedSequences> {
+        ensure!(seq_len > 0, "sequence length must be at least 1");
+        let shared = self.window - self.seq_len;
+        let mut stream = Vec::with_capacity(self.tokens.len());
+        for i in 0..self.len() {
+            let sequence = self.sequence(i);
+            stream.extend_from_slice(if i == 0 {
+                sequence
+            } else {
+                &sequence[shared..]
+            });
+        }
+        let window = seq_len + shared;
+        let count = if stream.len() >= window {
+            (stream.len() - window) / seq_len + 1
+        } else {
+            0
+        };
+        let mut tokens = Vec::with_capacity(count * window);
+        for i in 0..count {
+            tokens.extend_from_slice(&stream[i * seq_len..i * seq_len + window]);
+        }
+        Ok(PackedSequences {
+            seq_len,
+            window,
+            tokens,
+        })
+    }
+
     pub fn gather(&self, indices: &[usize]) -> Tensor {
         let mut ids = Vec::with_capacity(indices.len() * self.window);
         for &i in indices {
