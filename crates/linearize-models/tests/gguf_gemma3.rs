@@ -458,9 +458,12 @@ fn remove_key(fixture: &mut Fixture, key: &str) {
     assert_eq!(fixture.writer.kv.len(), before - 1, "{key}");
 }
 
+/// A change that breaks the fixture.
+type Damage = Box<dyn FnOnce(&mut Fixture)>;
+
 #[test]
 fn damaged_gemma3_files_fail_with_one_line_naming_the_problem() {
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Fixture)>)> = vec![
+    let cases: Vec<(&str, Damage)> = vec![
         (
             "missing metadata key gemma3.attention.sliding_window",
             Box::new(|f| remove_key(f, "gemma3.attention.sliding_window")),

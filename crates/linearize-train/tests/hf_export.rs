@@ -1,5 +1,5 @@
 //! Exports run in the Hugging Face ecosystem: for every attention method (and a hybrid of
-//! several), a tiny random model converted and exported by linearize is loaded by transformers
+//! several, and Gemma 3 with its global or all layers converted), a tiny random model converted and exported by linearize is loaded by transformers
 //! with the modeling code the export carries, and must give linearize's logits (f32, CPU, 40
 //! tokens past a window of 8) and greedy tokens; a stock load must fail; PEFT must reproduce the
 //! merged model from the adapters in its format. The checks run in `.venv`'s python
