@@ -184,7 +184,15 @@ fn cases() -> Vec<Case> {
         ),
         case("liger_gla", llama(), hybrid(liger_gla())),
         case("hedgehog", llama(), hybrid(linear(hedgehog()))),
-        case("t2r", llama(), hybrid(linear(t2r))),
+        // RoPE in transformers 5's `rope_parameters`, with a base far from the default.
+        case(
+            "t2r",
+            tiny_config(
+                "llama",
+                json!({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}),
+            ),
+            hybrid(linear(t2r)),
+        ),
         case("elu", llama(), hybrid(linear(FeatureMapConfig::Elu))),
         case("based", llama(), hybrid(linear(FeatureMapConfig::Based))),
         case(
