@@ -1,11 +1,15 @@
 # PyTorch modeling code for models converted by linearize (https://github.com/linearize/linearize):
-# a Llama-family decoder whose attention layers each run their own method (softmax, linear
-# attention with a feature map, LoLCATs, sliding window, Liger GLA, Liger, Gated DeltaNet; the
-# windowed ones optionally with sink tokens). This file is copied
+# a Llama-family decoder (or Gemma 3's text decoder) whose attention layers each run their own
+# method (softmax, linear attention with a feature map, LoLCATs, sliding window, Liger GLA, Liger,
+# Gated DeltaNet; the windowed ones optionally with sink tokens). This file is copied
 # into every export by the `linearize` binary; the copy in the repository's python/linearize_hf/
 # is the one source. The math follows linearize-attention's naive and recurrent forms
 # (crates/linearize-attention/src/ops/*): a whole sequence runs the quadratic (masked) form,
 # `generate` carries each layer's recurrent state as its cache and decodes one token at a time.
+# Gemma 3 (linearize-models' llama.rs) runs transformers' own Gemma3RMSNorm (scale 1 + weight, in
+# f32) and Gemma3MLP (GeGLU); the rest of its decoder is here: norms after attention and the MLP
+# too, embeddings scaled by sqrt(hidden), queries by query_pre_attn_scalar, the local layers'
+# RoPE base and window, soft-capped logits.
 #
 # Adding a method: one subclass of `LinearizeAttention` (its parameters, `forward_core` for a
 # fresh sequence, `prefill_state` and `step` for decoding) and one entry in `ATTENTION_CLASSES`,
@@ -20,6 +24,7 @@ import transformers
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP, Gemma3RMSNorm
 
 from .configuration_linearize import LinearizeConfig
 
@@ -188,15 +193,23 @@ class LinearizeRMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-class LinearizeRotaryEmbedding(nn.Module):
-    """HF's rotate-half RoPE; inverse frequencies (with Llama 3.1 scaling) computed in f64, angles in f32."""
+def rms_norm(config, dim):
+    """The family's RMSNorm: Gemma's scales by 1 + weight in f32 (transformers' own module)."""
+    return Gemma3RMSNorm(dim, config.rms_norm_eps) if config.gemma else LinearizeRMSNorm(dim, config.rms_norm_eps)
 
-    def __init__(self, config):
+
+class LinearizeRotaryEmbedding(nn.Module):
+    """HF's rotate-half RoPE of base `theta`; inverse frequencies (with linear or Llama 3.1
+    scaling) computed in f64, angles in f32."""
+
+    def __init__(self, head_dim, theta, scaling):
         super().__init__()
-        d = config.head_dim
-        inv_freq = [1.0 / config.rope_theta ** (2.0 * i / d) for i in range(d // 2)]
-        scaling = config.rope_scaling
-        if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        d = head_dim
+        inv_freq = [1.0 / theta ** (2.0 * i / d) for i in range(d // 2)]
+        rope_type = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+        if rope_type == "linear":
+            inv_freq = [f / scaling["factor"] for f in inv_freq]
+        elif rope_type == "llama3":
             factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
             old_len = scaling["original_max_position_embeddings"]
             low_wavelen, high_wavelen = old_len / low, old_len / high
@@ -266,10 +279,14 @@ class LinearizeAttention(nn.Module):
         self.v_proj = nn.Linear(h, nkv * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(nq * d, h, bias=config.o_proj_bias)
         if config.qk_norm:
-            self.q_norm = LinearizeRMSNorm(d, config.rms_norm_eps)
-            self.k_norm = LinearizeRMSNorm(d, config.rms_norm_eps)
+            self.q_norm = rms_norm(config, d)
+            self.k_norm = rms_norm(config, d)
         else:
             self.q_norm = self.k_norm = None
+        # Gemma scales scores by query_pre_attn_scalar^-1/2, not head_dim^-1/2: the queries after
+        # RoPE are multiplied by sqrt(d / scalar) so that every method's 1/sqrt(d) gives Gemma's.
+        scale = math.sqrt(d / config.query_pre_attn_scalar) if config.gemma else 1.0
+        self.query_scale = None if scale == 1.0 else scale
 
     def forward(self, hidden, cos, sin, offset, cache=None):
         b, L, _ = hidden.shape
@@ -283,8 +300,9 @@ class LinearizeAttention(nn.Module):
         q_raw = heads(self.q_proj, self.num_heads, self.q_norm)
         k_raw = heads(self.k_proj, self.num_kv_heads, self.k_norm)
         v = heads(self.v_proj, self.num_kv_heads, None)
+        q = apply_rope(q_raw, cos, sin)
         x = {
-            "q": apply_rope(q_raw, cos, sin),
+            "q": q if self.query_scale is None else q * self.query_scale,
             "k": apply_rope(k_raw, cos, sin),
             "v": v,
             "q_raw": q_raw,
@@ -328,12 +346,12 @@ def scaled_scores(q, k):
 
 
 class SoftmaxAttention(LinearizeAttention):
-    """The teacher's causal softmax attention (over its own `sliding_window` for mistral); the
-    decoding state is the KV cache."""
+    """The teacher's causal softmax attention (over its own `sliding_window` for mistral and
+    Gemma 3's local layers); the decoding state is the KV cache."""
 
     def __init__(self, config, layer_idx, attention):
         super().__init__(config, layer_idx, attention)
-        self.window = config.teacher_window
+        self.window = config.teacher_window(layer_idx)
 
     def attend(self, q, k, v, q_offset, k_offset):
         Lq, Lk = q.shape[2], k.shape[2]
@@ -749,17 +767,33 @@ class LinearizeCache:
 
 
 class LinearizeDecoderLayer(nn.Module):
+    """A pre-norm residual block; Gemma's also norms the attention and MLP outputs (its
+    post_attention_layernorm is the attention output's norm, pre_feedforward_layernorm the MLP's
+    input norm)."""
+
     def __init__(self, config, layer_idx):
         super().__init__()
         attention = config.layer_attention(layer_idx)
-        self.input_layernorm = LinearizeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        h = config.hidden_size
+        self.local = config.is_local(layer_idx)
+        self.gemma = config.gemma
+        self.input_layernorm = rms_norm(config, h)
         self.self_attn = ATTENTION_CLASSES[attention["method"]](config, layer_idx, attention)
-        self.post_attention_layernorm = LinearizeRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LinearizeMLP(config)
+        self.post_attention_layernorm = rms_norm(config, h)
+        if config.gemma:
+            self.pre_feedforward_layernorm = rms_norm(config, h)
+            self.post_feedforward_layernorm = rms_norm(config, h)
+            self.mlp = Gemma3MLP(config)
+        else:
+            self.mlp = LinearizeMLP(config)
 
     def forward(self, x, cos, sin, offset, cache=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, offset, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, offset, cache)
+        if not self.gemma:
+            h = x + attn
+            return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.post_attention_layernorm(attn)
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
 class LinearizePreTrainedModel(PreTrainedModel):
@@ -786,6 +820,8 @@ class LinearizePreTrainedModel(PreTrainedModel):
             module.weight.data.normal_(mean=0.0, std=std)
         elif isinstance(module, LinearizeRMSNorm):
             module.weight.data.fill_(1.0)
+        elif isinstance(module, Gemma3RMSNorm):
+            module.weight.data.zero_()
         elif isinstance(module, HeadProjection):
             nn.init.kaiming_uniform_(module.W.data, a=math.sqrt(5))
             if module.b is not None:
@@ -815,8 +851,12 @@ class LinearizeModel(LinearizePreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LinearizeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = LinearizeRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = LinearizeRotaryEmbedding(config)
+        self.norm = rms_norm(config, config.hidden_size)
+        self.rotary_emb = LinearizeRotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        # Gemma's local layers rotate by a RoPE base of their own, unscaled.
+        self.local_rotary_emb = (
+            LinearizeRotaryEmbedding(config.head_dim, config.rope_local_base_freq, None) if config.gemma else None
+        )
         self.post_init()
 
     def get_input_embeddings(self):
@@ -839,6 +879,9 @@ class LinearizeModel(LinearizePreTrainedModel):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+            if self.config.gemma:
+                # sqrt(hidden) rounded to the model dtype, as Gemma3TextScaledWordEmbedding does.
+                inputs_embeds = inputs_embeds * torch.tensor(self.config.hidden_size**0.5).to(inputs_embeds.dtype)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         cache = past_key_values
         if cache is None and use_cache:
@@ -849,12 +892,14 @@ class LinearizeModel(LinearizePreTrainedModel):
         offset = cache.seen if cache is not None else 0
         L = inputs_embeds.shape[1]
         positions = torch.arange(offset, offset + L, device=inputs_embeds.device)
-        cos, sin = self.rotary_emb(positions, inputs_embeds.dtype)
+        rope = self.rotary_emb(positions, inputs_embeds.dtype)
+        local_rope = rope if self.local_rotary_emb is None else self.local_rotary_emb(positions, inputs_embeds.dtype)
         x = inputs_embeds
         hidden_states = []
         for layer in self.layers:
             if output_hidden_states:
                 hidden_states.append(x)
+            cos, sin = local_rope if layer.local else rope
             x = layer(x, cos, sin, offset, cache)
         x = self.norm(x)
         if output_hidden_states:
@@ -919,6 +964,9 @@ class LinearizeForCausalLM(LinearizePreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping if self.config.gemma else None
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])

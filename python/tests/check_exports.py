@@ -10,14 +10,18 @@ its greedy continuation `generated` (1, N)) and, for cases with LoRA, `peft/` (t
 PEFT's format and their base). For every case:
 
 - `AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True)` gives linearize's logits
-  within 1e-4 (f32, CPU; with and without a decoding cache) and `generate()` its greedy tokens;
+  within 1e-4 (f32, CPU; without a decoding cache, with one filled at once, and with one filled
+  token by token after a prefill, as `generate()` runs) and `generate()` its greedy tokens;
 - without `trust_remote_code` the stock loader refuses the export (transformers' own error);
 - `PeftModel.from_pretrained(peft/base, peft/adapter)` gives the merged model's logits, while
   the base alone does not;
-- after `import linearize_hf`, the export loads without remote code and gives the same logits.
+- after `import linearize_hf`, the export loads without remote code and gives the same logits;
+- a Gemma 3 export's config.json with a key set to what the code does not compute is refused
+  with an error naming the key.
 
 Prints one line per check and exits non-zero when any fails.
 """
+import json
 import os
 import sys
 from pathlib import Path
@@ -40,11 +44,28 @@ def max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
+# Tokens the token-by-token pass reads at once before its single steps: past a window of 8 and
+# the sinks, so that the steps run on a state that has already dropped keys out of the window.
+PREFILL = 13
+
+
+def stepped_logits(model, ids):
+    """The logits of `ids` (b, L) from a decoding cache: the first PREFILL tokens at once, then one
+    token at a time."""
+    out = model(ids[:, :PREFILL])
+    logits = [out.logits]
+    for t in range(PREFILL, ids.shape[1]):
+        out = model(ids[:, t : t + 1], past_key_values=out.past_key_values)
+        logits.append(out.logits)
+    return torch.cat(logits, 1)
+
+
 def compare_logits(case, label, model, ref):
     with torch.no_grad():
         fresh = model(ref["ids"], use_cache=False).logits
         cached = model(ref["ids"]).logits
-    for mode, logits in (("no cache", fresh), ("cache", cached)):
+        stepped = stepped_logits(model, ref["ids"])
+    for mode, logits in (("no cache", fresh), ("cache", cached), ("cache, token by token", stepped)):
         diff = max_diff(logits, ref["logits"])
         check(case, f"{label} logits, {mode}", diff <= TOLERANCE, f"max abs diff {diff:.2e}")
 
@@ -80,6 +101,42 @@ def check_peft(case, peft_dir, ref):
     compare_logits(case, "PeftModel", model, ref)
 
 
+# Gemma 3 keys set to what the modeling code does not compute: each must be refused with an error
+# naming the key, never run as something else. The RoPE one depends on the config's format.
+GEMMA_REFUSALS = {
+    "attn_logit_softcapping": 50.0,
+    "hidden_activation": "silu",
+    "use_bidirectional_attention": True,
+    "final_logit_softcapping": -1.0,
+    "sliding_window": None,
+    "layer_types": ["full_attention"],
+}
+ROPE_REFUSALS = {
+    "rope_scaling": {"rope_type": "yarn", "factor": 2.0},
+    "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10.0},
+    },
+}
+
+
+def gemma_configs_refused(case, model_dir):
+    from linearize_hf import LinearizeConfig
+
+    good = json.loads((model_dir / "config.json").read_text())
+    if good["base_model_type"] != "gemma3_text":
+        return
+    rope_key = "rope_parameters" if "rope_parameters" in good else "rope_scaling"
+    for key, value in {**GEMMA_REFUSALS, rope_key: ROPE_REFUSALS[rope_key]}.items():
+        what = f"config with {key}={value!r} refused"
+        try:
+            LinearizeConfig.from_dict({**good, key: value})
+        except ValueError as e:
+            check(case, what, key in str(e), str(e)[:160])
+        else:
+            check(case, what, False, "accepted")
+
+
 def main(root):
     import peft
     import transformers
@@ -110,6 +167,7 @@ def main(root):
         model = AutoModelForCausalLM.from_pretrained(case_dir / "model", dtype=torch.float32).eval()
         check(case_dir.name, "linearize_hf class", type(model).__module__ == "linearize_hf.modeling_linearize", type(model).__module__)
         compare_logits(case_dir.name, "import linearize_hf", model, ref)
+        gemma_configs_refused(case_dir.name, case_dir / "model")
 
     print(f"{len(cases)} cases, {len(failures)} failed checks", flush=True)
     if failures:

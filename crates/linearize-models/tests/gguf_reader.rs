@@ -1,85 +1,13 @@
 //! GGUF parsing: every metadata value type, alignment, the tiny fixture's table, and clear
 //! errors (naming the file) for damaged input.
+mod gguf_writer;
+
+use gguf_writer::Writer;
 use linearize_models::gguf::{GgmlType, GgufFile, Value};
 use std::path::{Path, PathBuf};
 
 fn tiny() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/tiny-llama.gguf")
-}
-
-/// A GGUF v3 file built byte by byte, independent of the reader under test.
-struct Writer {
-    kv: Vec<u8>,
-    n_kv: u64,
-    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
-    alignment: usize,
-}
-
-impl Writer {
-    fn new() -> Self {
-        Self {
-            kv: Vec::new(),
-            n_kv: 0,
-            tensors: Vec::new(),
-            alignment: 32,
-        }
-    }
-
-    fn string(out: &mut Vec<u8>, s: &str) {
-        out.extend((s.len() as u64).to_le_bytes());
-        out.extend(s.as_bytes());
-    }
-
-    fn kv(mut self, key: &str, ty: u32, value: &[u8]) -> Self {
-        Self::string(&mut self.kv, key);
-        self.kv.extend(ty.to_le_bytes());
-        self.kv.extend(value);
-        self.n_kv += 1;
-        self
-    }
-
-    fn kv_str(self, key: &str, value: &str) -> Self {
-        let mut v = Vec::new();
-        Self::string(&mut v, value);
-        self.kv(key, 8, &v)
-    }
-
-    fn tensor(mut self, name: &str, dims: &[u64], ty: u32, data: Vec<u8>) -> Self {
-        self.tensors
-            .push((name.to_owned(), dims.to_vec(), ty, data));
-        self
-    }
-
-    fn bytes(&self) -> Vec<u8> {
-        let mut out = b"GGUF".to_vec();
-        out.extend(3u32.to_le_bytes());
-        out.extend((self.tensors.len() as u64).to_le_bytes());
-        out.extend(self.n_kv.to_le_bytes());
-        out.extend(&self.kv);
-        let mut offset = 0usize;
-        for (name, dims, ty, data) in &self.tensors {
-            Self::string(&mut out, name);
-            out.extend((dims.len() as u32).to_le_bytes());
-            for d in dims {
-                out.extend(d.to_le_bytes());
-            }
-            out.extend(ty.to_le_bytes());
-            out.extend((offset as u64).to_le_bytes());
-            offset = (offset + data.len()).next_multiple_of(self.alignment);
-        }
-        out.resize(out.len().next_multiple_of(self.alignment), 0);
-        for (_, _, _, data) in &self.tensors {
-            out.extend(data);
-            out.resize(out.len().next_multiple_of(self.alignment), 0);
-        }
-        out
-    }
-
-    fn write(&self, dir: &Path, name: &str) -> PathBuf {
-        let path = dir.join(name);
-        std::fs::write(&path, self.bytes()).unwrap();
-        path
-    }
 }
 
 fn open_err(path: &Path) -> String {

@@ -1,5 +1,5 @@
 //! Exports run in the Hugging Face ecosystem: for every attention method (and a hybrid of
-//! several), a tiny random model converted and exported by linearize is loaded by transformers
+//! several, and Gemma 3 with its global or all layers converted), a tiny random model converted and exported by linearize is loaded by transformers
 //! with the modeling code the export carries, and must give linearize's logits (f32, CPU, 40
 //! tokens past a window of 8) and greedy tokens; a stock load must fail; PEFT must reproduce the
 //! merged model from the adapters in its format. The checks run in `.venv`'s python
@@ -15,7 +15,7 @@ use linearize_attention::ops::window::WindowShape;
 use linearize_models::config::ModelConfig;
 use linearize_models::generate::{generate, GenerateConfig, SamplingConfig};
 use linearize_models::llama::Model;
-use linearize_train::convert::{convert, ConversionConfig};
+use linearize_train::convert::{convert, ConversionConfig, LayerSelection, LayerTypes};
 use linearize_train::export::{export_model, export_peft, load_model, ExportInfo, ExportOptions};
 use linearize_train::lora::{LoraAdapters, LoraSettings};
 use serde_json::{json, Value};
@@ -59,6 +59,23 @@ fn tiny_config(family: &str, extra: Value) -> ModelConfig {
         .unwrap()
         .extend(extra.as_object().unwrap().clone());
     ModelConfig::from_json_str(&cfg.to_string()).unwrap()
+}
+
+/// A tiny Gemma 3 (4 layers, 2 of them global) with every option its decoder reads away from its
+/// neutral value: heads wider than hidden / heads, a query scale that is not head_dim, local
+/// layers (window 5) with their own RoPE base beside the global layers' scaled one, soft-capped
+/// logits. `extra`: the two RoPEs in transformers 4's or 5's format, and whether the embeddings
+/// are tied.
+fn tiny_gemma3(extra: Value) -> ModelConfig {
+    let mut keys = json!({
+        "num_hidden_layers": 4, "head_dim": 16, "query_pre_attn_scalar": 24,
+        "sliding_window": 5, "final_logit_softcapping": 5.0,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    });
+    keys.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    tiny_config("gemma3_text", keys)
 }
 
 fn hedgehog() -> FeatureMapConfig {
@@ -167,7 +184,15 @@ fn cases() -> Vec<Case> {
         ),
         case("liger_gla", llama(), hybrid(liger_gla())),
         case("hedgehog", llama(), hybrid(linear(hedgehog()))),
-        case("t2r", llama(), hybrid(linear(t2r))),
+        // RoPE in transformers 5's `rope_parameters`, with a base far from the default.
+        case(
+            "t2r",
+            tiny_config(
+                "llama",
+                json!({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}),
+            ),
+            hybrid(linear(t2r)),
+        ),
         case("elu", llama(), hybrid(linear(FeatureMapConfig::Elu))),
         case("based", llama(), hybrid(linear(FeatureMapConfig::Based))),
         case(
@@ -209,6 +234,29 @@ fn cases() -> Vec<Case> {
             "gated_deltanet_rope_silu",
             llama(),
             hybrid(gated_deltanet(Some(true), Some(QkActivation::Silu))),
+        ),
+        // Gemma 3: the global layers converted (the local ones keep their softmax window), tied
+        // embeddings, RoPE in transformers 4's format; and every layer converted, an LM head of
+        // its own, RoPE in 5's format.
+        case(
+            "gemma3_global",
+            tiny_gemma3(
+                json!({"rope_theta": 1000000.0, "rope_local_base_freq": 10.0,
+                "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                "tie_word_embeddings": true}),
+            ),
+            ConversionConfig {
+                layers: LayerSelection::Type(LayerTypes::Global),
+                ..ConversionConfig::all(with_sinks(lolcats(WindowShape::Tk)))
+            },
+        ),
+        case(
+            "gemma3_all",
+            tiny_gemma3(json!({"rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}},
+                "tie_word_embeddings": false})),
+            ConversionConfig::all(with_sinks(lolcats(WindowShape::Tk))),
         ),
         // Every method in one model, and the teacher's own window on its softmax layer.
         case(
@@ -265,9 +313,15 @@ fn export_case(case: &Case, dir: &Path) {
         };
         LoraAdapters::install(&mut model, &settings, 3).unwrap()
     });
-    // Trained-looking tensors: window factors that differ by head, adapters that matter.
+    // Trained-looking tensors: window factors that differ by head, adapters that matter, norms
+    // away from their initial value (so that Gemma's 1 + weight shows).
     tch::manual_seed(11);
     tch::no_grad(|| {
+        for (name, t) in model.named_parameters() {
+            if name.contains("norm") {
+                let _ = t.shallow_clone().g_add_(&(Tensor::randn_like(&t) * 0.3));
+            }
+        }
         let lora_params = lora
             .as_ref()
             .map(|l| l.named_parameters())
