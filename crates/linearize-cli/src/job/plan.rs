@@ -5,6 +5,7 @@ use linearize_attention::linearized::{LayerShape, LinearizedMixer, Method};
 use linearize_models::llama::parameter_shapes;
 use linearize_models::tokenizer::Tokenizer;
 use linearize_train::data::SourceKind;
+use linearize_train::selection::{HeadScoring, LayerScoring};
 use std::fmt::Write as _;
 use std::path::Path;
 use tch::{nn, Device};
@@ -106,10 +107,39 @@ fn model_plan(
         100.0 * new_params as f64 / base_params as f64
     )?;
     out.push_str(&layer_lines);
-    if let Some(k) = recipe.conversion.softmax_by_error {
+    if let Some(selector) = recipe.conversion.layer_selector() {
+        let by = match selector.by {
+            LayerScoring::Mse => "the largest validation attention MSE".to_string(),
+            LayerScoring::Kl => format!(
+                "the largest KL drop when each alone is softmax again ({} validation batches)",
+                selector.kl_batches()
+            ),
+        };
         writeln!(
             out,
-            "hybrid      after stage 1 the {k} converted layers with the largest validation attention MSE go back to softmax"
+            "hybrid      after stage 1 the {} converted layers with {by} go back to softmax",
+            selector.count
+        )?;
+    }
+    if let Some(selector) = &recipe.conversion.softmax_heads {
+        let total = cfg.num_hidden_layers as usize * cfg.num_attention_heads as usize;
+        let candidates = converted * cfg.num_attention_heads as usize;
+        let count = selector.count_of(total, candidates)?;
+        let by = match selector.by {
+            HeadScoring::Retrieval => {
+                "before stage 1 by the teacher's retrieval scores (passkey and MQAR probes)"
+                    .to_string()
+            }
+            HeadScoring::Kl => format!(
+                "after stage 1 by the KL drop when each alone is softmax again ({} validation \
+                 batches)",
+                selector.kl_batches()
+            ),
+        };
+        writeln!(
+            out,
+            "heads       {count} of {total} query heads ({:.1}%) keep softmax inside converted layers, chosen {by}; kept in <run>/selection.json",
+            100.0 * count as f64 / total as f64
         )?;
     }
     writeln!(
