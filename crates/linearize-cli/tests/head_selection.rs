@@ -16,14 +16,14 @@ const SELECTORS: [&str; 4] = [
     "conversion.softmax_layers_by={count: 1, by: kl, batches: 1}",
 ];
 
-fn run_job(recipe: &Path, out: &Path) {
+fn run_job(recipe: &Path, out: &Path, sets: &[&str]) {
     let mut args = vec![
         "--recipe",
         recipe.to_str().unwrap(),
         "--output",
         out.to_str().unwrap(),
     ];
-    args.extend(SELECTORS);
+    args.extend(sets);
     let output = run(&args);
     assert!(output.status.success(), "{}", stderr(&output));
 }
@@ -55,7 +55,7 @@ fn selections_are_measured_once_persisted_reused_and_exported() {
     tiny_job(dir.path());
     let recipe = write_recipe(dir.path(), "");
     let first = dir.path().join("first");
-    run_job(&recipe, &first);
+    run_job(&recipe, &first, &SELECTORS);
 
     let selection = json(&first.join("selection.json"));
     let heads = &selection["softmax_heads"];
@@ -89,7 +89,7 @@ fn selections_are_measured_once_persisted_reused_and_exported() {
 
     // Deterministic: a second run measures the same scores and chooses the same.
     let second = dir.path().join("second");
-    run_job(&recipe, &second);
+    run_job(&recipe, &second, &SELECTORS);
     assert_eq!(json(&second.join("selection.json")), selection);
 
     // A resumed run takes the file's choice (here edited) instead of measuring again.
@@ -119,4 +119,28 @@ fn selections_are_measured_once_persisted_reused_and_exported() {
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(!output.stdout.is_empty());
+
+    // Heads by KL after stage 1, in whole GQA groups: one key/value head with both query heads
+    // that read it (4 query heads on 2 key/value heads).
+    let third = dir.path().join("third");
+    run_job(
+        &recipe,
+        &third,
+        &[
+            "--set",
+            "conversion.softmax_heads={count: 1, by: kl, unit: kv_heads, batches: 1}",
+        ],
+    );
+    let heads = &json(&third.join("selection.json"))["softmax_heads"];
+    assert_eq!(
+        (&heads["by"], &heads["unit"]),
+        (&"kl".into(), &"kv_heads".into())
+    );
+    assert_eq!(heads["scores"].as_array().unwrap().len(), 3 * 4);
+    let exported = exported_heads(&third);
+    assert_eq!(exported.len(), 1, "{exported:?}");
+    assert!(
+        [vec![0, 1], vec![2, 3]].contains(&exported[0].1),
+        "{exported:?}"
+    );
 }

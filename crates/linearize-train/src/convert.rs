@@ -359,8 +359,8 @@ impl ConvertedLayers {
             .collect()
     }
 
-    /// Makes `heads[layer]` (ascending query heads) the softmax heads of each listed converted
-    /// layer, in these mixers and in `model` (a head-level hybrid over the same parameters).
+    /// Adds `heads[layer]` (query heads) to the softmax heads of each listed converted layer, in
+    /// these mixers and in `model` (a head-level hybrid over the same parameters).
     pub fn set_softmax_heads(
         &mut self,
         model: &mut Model,
@@ -375,9 +375,13 @@ impl ConvertedLayers {
         }
         for layer in &mut self.layers {
             if let Some(chosen) = heads.get(&layer.index) {
+                let mut all: Vec<usize> = layer.mixer.softmax_heads().to_vec();
+                all.extend(chosen);
+                all.sort_unstable();
+                all.dedup();
                 layer.mixer = layer
                     .mixer
-                    .with_softmax_heads(Some(chosen.clone()))
+                    .with_softmax_heads(Some(all))
                     .with_context(|| format!("layer {}", layer.index))?;
                 model.set_mixer(layer.index, Box::new(layer.mixer.shallow_clone()))?;
             }

@@ -78,17 +78,34 @@ impl LayerSelector {
     }
 }
 
-/// `conversion.softmax_heads`: `{count: K | fraction: F, by: retrieval | kl, batches: N}`.
+/// What `conversion.softmax_heads` counts and chooses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadUnit {
+    /// Query heads, each on its own; a chosen head brings its key/value head into the KV cache
+    /// (with GQA, K query heads may need up to K key/value heads).
+    #[default]
+    QueryHeads,
+    /// Key/value heads, each with every query head that reads it (a GQA group): the KV cache
+    /// holds exactly the chosen ones. A group scores as its best query head.
+    KvHeads,
+}
+
+/// `conversion.softmax_heads`: `{count: K | fraction: F, by: retrieval | kl, unit: query_heads
+/// | kv_heads, batches: N}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeadSelector {
-    /// Heads to keep.
+    /// Heads (of `unit`) to keep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<usize>,
-    /// Share of all the model's query heads (every layer's) to keep, rounded down.
+    /// Share of all the model's heads of `unit` (every layer's) to keep, rounded down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fraction: Option<f64>,
     pub by: HeadScoring,
+    /// `query_heads` (default) or `kv_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<HeadUnit>,
     /// `by: kl`: validation batches measured per candidate (default 4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batches: Option<usize>,
@@ -112,8 +129,12 @@ impl HeadSelector {
         check_batches("softmax_heads", self.batches, self.by == HeadScoring::Kl)
     }
 
-    /// Heads to keep in a model of `total` query heads of which `candidates` are in converted
-    /// layers; the error names the key.
+    pub fn unit(&self) -> HeadUnit {
+        self.unit.unwrap_or_default()
+    }
+
+    /// Heads to keep in a model of `total` heads (of the selector's unit) of which `candidates`
+    /// are in converted layers; the error names the key.
     pub fn count_of(&self, total: usize, candidates: usize) -> Result<usize> {
         let count = match (self.count, self.fraction) {
             (Some(count), _) => count,
@@ -121,8 +142,8 @@ impl HeadSelector {
                 let count = (f * total as f64 + 1e-9).floor() as usize;
                 ensure!(
                     count >= 1,
-                    "conversion.softmax_heads.fraction: {f} of the model's {total} query heads \
-                     keeps no head"
+                    "conversion.softmax_heads.fraction: {f} of the model's {total} heads keeps \
+                     no head"
                 );
                 count
             }
@@ -182,6 +203,9 @@ pub struct LayerChoice {
 #[serde(deny_unknown_fields)]
 pub struct HeadChoice {
     pub by: HeadScoring,
+    #[serde(default)]
+    pub unit: HeadUnit,
+    /// Heads of `unit` chosen.
     pub count: usize,
     /// Every candidate head's score, by layer then head.
     pub scores: Vec<HeadScore>,
@@ -241,15 +265,29 @@ impl LayerChoice {
 
 impl HeadChoice {
     /// See [`LayerChoice::check`]; `count` is the selector's resolved head count.
-    pub fn check(&self, by: HeadScoring, count: usize) -> Result<()> {
+    pub fn check(&self, by: HeadScoring, unit: HeadUnit, count: usize) -> Result<()> {
         ensure!(
-            self.by == by && self.count == count,
-            "selection.json chose {} heads by {:?}, the recipe asks for {count} by {by:?}: start \
-             the run over (--restart) to choose again",
+            self.by == by && self.unit == unit && self.count == count,
+            "selection.json chose {} {:?} by {:?}, the recipe asks for {count} {unit:?} by \
+             {by:?}: start the run over (--restart) to choose again",
             self.count,
+            self.unit,
             self.by
         );
         Ok(())
+    }
+
+    /// Key/value heads the chosen query heads read (what their KV cache holds), with `group`
+    /// query heads per key/value head.
+    pub fn kv_heads(&self, group: usize) -> usize {
+        self.chosen
+            .values()
+            .map(|heads| {
+                let mut kv: Vec<usize> = heads.iter().map(|h| h / group).collect();
+                kv.dedup();
+                kv.len()
+            })
+            .sum()
     }
 
     /// The chosen heads as `layer.head` pairs with their scores, best first (for the log).
@@ -320,6 +358,47 @@ pub fn top_heads(scores: &[HeadScore], k: usize) -> Result<BTreeMap<usize, Vec<u
         heads.sort_unstable();
     }
     Ok(chosen)
+}
+
+/// The `k` best key/value heads (a group of `group` query heads scores as its best query head;
+/// ties to the lower layer, then the lower key/value head), each with every query head of its
+/// group that `scores` lists, grouped by layer, ascending.
+pub fn top_kv_groups(
+    scores: &[HeadScore],
+    k: usize,
+    group: usize,
+) -> Result<BTreeMap<usize, Vec<usize>>> {
+    let mut groups: BTreeMap<(usize, usize), f64> = BTreeMap::new();
+    for s in scores {
+        ensure!(
+            s.score.is_finite(),
+            "head {} of layer {} has a non-finite score {}",
+            s.head,
+            s.layer,
+            s.score
+        );
+        let best = groups
+            .entry((s.layer, s.head / group))
+            .or_insert(f64::NEG_INFINITY);
+        *best = best.max(s.score);
+    }
+    let as_heads: Vec<HeadScore> = groups
+        .iter()
+        .map(|(&(layer, head), &score)| HeadScore { layer, head, score })
+        .collect();
+    let chosen = top_heads(&as_heads, k)?;
+    Ok(chosen
+        .into_iter()
+        .map(|(layer, kv_heads)| {
+            let mut heads: Vec<usize> = scores
+                .iter()
+                .filter(|s| s.layer == layer && kv_heads.contains(&(s.head / group)))
+                .map(|s| s.head)
+                .collect();
+            heads.sort_unstable();
+            (layer, heads)
+        })
+        .collect())
 }
 
 /// The teacher's next-token log-probabilities on the first validation batches: what a KL
@@ -521,6 +600,11 @@ mod tests {
         ];
         let chosen = top_heads(&scores, 2).unwrap();
         assert_eq!(chosen, BTreeMap::from([(1, vec![2, 3])]));
+        // Groups of 2 query heads: (1, kv 1) and (2, kv 0) score 0.9, (0, kv 0) 0.5.
+        let groups = top_kv_groups(&scores, 2, 2).unwrap();
+        assert_eq!(groups, BTreeMap::from([(1, vec![2, 3]), (2, vec![0])]));
+        let groups = top_kv_groups(&scores, 3, 2).unwrap();
+        assert_eq!(groups[&0], vec![0, 1]);
         let chosen = top_heads(&scores, 4).unwrap();
         assert_eq!(
             chosen,
@@ -554,6 +638,7 @@ mod tests {
             }),
             softmax_heads: Some(HeadChoice {
                 by: HeadScoring::Retrieval,
+                unit: HeadUnit::QueryHeads,
                 count: 1,
                 scores: vec![HeadScore {
                     layer: 0,
@@ -567,10 +652,19 @@ mod tests {
         let back = Selection::read(dir.path()).unwrap();
         assert_eq!(back, selection);
         let heads = back.softmax_heads.unwrap();
-        heads.check(HeadScoring::Retrieval, 1).unwrap();
+        heads
+            .check(HeadScoring::Retrieval, HeadUnit::QueryHeads, 1)
+            .unwrap();
         assert_eq!(heads.describe(), "0.3 (0.5000)");
-        let e = heads.check(HeadScoring::Kl, 1).unwrap_err().to_string();
+        assert_eq!(heads.kv_heads(3), 1);
+        let e = heads
+            .check(HeadScoring::Kl, HeadUnit::QueryHeads, 1)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--restart"), "{e}");
+        assert!(heads
+            .check(HeadScoring::Retrieval, HeadUnit::KvHeads, 1)
+            .is_err());
         let e = back
             .softmax_layers
             .unwrap()

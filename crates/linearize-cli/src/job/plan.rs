@@ -5,7 +5,7 @@ use linearize_attention::linearized::{LayerShape, LinearizedMixer, Method};
 use linearize_models::llama::parameter_shapes;
 use linearize_models::tokenizer::Tokenizer;
 use linearize_train::data::SourceKind;
-use linearize_train::selection::{HeadScoring, LayerScoring};
+use linearize_train::selection::{HeadScoring, HeadUnit, LayerScoring};
 use std::fmt::Write as _;
 use std::path::Path;
 use tch::{nn, Device};
@@ -122,9 +122,27 @@ fn model_plan(
         )?;
     }
     if let Some(selector) = &recipe.conversion.softmax_heads {
-        let total = cfg.num_hidden_layers as usize * cfg.num_attention_heads as usize;
-        let candidates = converted * cfg.num_attention_heads as usize;
-        let count = selector.count_of(total, candidates)?;
+        let per_layer = match selector.unit() {
+            HeadUnit::QueryHeads => cfg.num_attention_heads,
+            HeadUnit::KvHeads => cfg.num_key_value_heads,
+        } as usize;
+        let total = cfg.num_hidden_layers as usize * per_layer;
+        let count = selector.count_of(total, converted * per_layer)?;
+        let group = (cfg.num_attention_heads / cfg.num_key_value_heads) as usize;
+        let (what, cache) = match selector.unit() {
+            HeadUnit::QueryHeads => (
+                "query heads",
+                format!(
+                    "their KV cache: {} to {} key/value heads",
+                    count.div_ceil(group),
+                    count
+                ),
+            ),
+            HeadUnit::KvHeads => (
+                "key/value heads (each with its query heads)",
+                format!("their KV cache: {count} key/value heads"),
+            ),
+        };
         let by = match selector.by {
             HeadScoring::Retrieval => {
                 "before stage 1 by the teacher's retrieval scores (passkey and MQAR probes)"
@@ -138,7 +156,7 @@ fn model_plan(
         };
         writeln!(
             out,
-            "heads       {count} of {total} query heads ({:.1}%) keep softmax inside converted layers, chosen {by}; kept in <run>/selection.json",
+            "heads       {count} of {total} {what} ({:.1}%) keep softmax inside converted layers, chosen {by}; {cache}; kept in <run>/selection.json",
             100.0 * count as f64 / total as f64
         )?;
     }

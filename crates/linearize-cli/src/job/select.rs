@@ -10,8 +10,8 @@ use linearize_models::tokenizer::Tokenizer;
 use linearize_train::convert::{ConversionConfig, ConvertedLayers};
 use linearize_train::data::PackedSequences;
 use linearize_train::selection::{
-    head_kl_drops, layer_kl_drops, top_heads, top_layers, HeadChoice, HeadScore, HeadScoring,
-    KlProbe, LayerChoice, LayerScore, LayerScoring, Selection,
+    head_kl_drops, layer_kl_drops, top_heads, top_kv_groups, top_layers, HeadChoice, HeadScore,
+    HeadScoring, HeadUnit, KlProbe, LayerChoice, LayerScore, LayerScoring, Selection,
 };
 use std::path::Path;
 
@@ -199,8 +199,27 @@ fn choose_heads(
         .softmax_heads
         .as_ref()
         .context("no head selector")?;
-    let total = model.num_layers() * model.config().num_attention_heads as usize;
-    let candidates = converted.head_candidates().len();
+    let cfg = model.config();
+    // Query heads per key/value head.
+    let per_kv = (cfg.num_attention_heads / cfg.num_key_value_heads) as usize;
+    let unit = selector.unit();
+    let (per_layer, candidates) = match unit {
+        HeadUnit::QueryHeads => (
+            cfg.num_attention_heads as usize,
+            converted.head_candidates().len(),
+        ),
+        HeadUnit::KvHeads => {
+            let mut groups: Vec<(usize, usize)> = converted
+                .head_candidates()
+                .into_iter()
+                .map(|(layer, head)| (layer, head / per_kv))
+                .collect();
+            groups.dedup();
+            (cfg.num_key_value_heads as usize, groups.len())
+        }
+    };
+    let total = model.num_layers() * per_layer;
+    let total_kv = model.num_layers() * cfg.num_key_value_heads as usize;
     let count = selector.count_of(total, candidates)?;
     let choice = agreed(
         run_dir,
@@ -208,9 +227,14 @@ fn choose_heads(
         |s| s.softmax_heads,
         |selection| {
             let scores = measure(model, converted)?;
-            let chosen = top_heads(&scores, count).context("conversion.softmax_heads")?;
+            let chosen = match unit {
+                HeadUnit::QueryHeads => top_heads(&scores, count),
+                HeadUnit::KvHeads => top_kv_groups(&scores, count, per_kv),
+            }
+            .context("conversion.softmax_heads")?;
             selection.softmax_heads = Some(HeadChoice {
                 by: selector.by,
+                unit,
                 count,
                 scores,
                 chosen,
@@ -218,10 +242,14 @@ fn choose_heads(
             Ok(())
         },
     )?;
-    choice.check(selector.by, count)?;
+    choice.check(selector.by, unit, count)?;
+    let query_heads: usize = choice.chosen.values().map(Vec::len).sum();
+    let kv_heads = choice.kv_heads(per_kv);
     tracing::info!(
-        "{count} of {total} query heads keep softmax (by {:?}; layer.head (score)): {}",
+        "{query_heads} query heads keep softmax ({count} {unit:?} by {:?}), their KV cache holds \
+         {kv_heads} of the teacher's {total_kv} key/value heads ({:.1}%); layer.head (score): {}",
         choice.by,
+        100.0 * kv_heads as f64 / total_kv as f64,
         choice.describe()
     );
     converted.set_softmax_heads(model, &choice.chosen)
