@@ -129,6 +129,8 @@ fn selections_are_measured_once_persisted_reused_and_exported() {
         &[
             "--set",
             "conversion.softmax_heads={count: 1, by: kl, unit: kv_heads, batches: 1}",
+            "--set",
+            EVAL,
         ],
     );
     let heads = &json(&third.join("selection.json"))["softmax_heads"];
@@ -143,4 +145,33 @@ fn selections_are_measured_once_persisted_reused_and_exported() {
         [vec![0, 1], vec![2, 3]].contains(&exported[0].1),
         "{exported:?}"
     );
+
+    // The evaluation runs on the hybrid: decoding agrees with the full pass, and the decoding
+    // cache holds one of the teacher's six key/value heads (plus the fixed-size states).
+    let eval = json(&third.join("report/eval.json"));
+    assert_eq!(
+        eval["decode_check"]["agree"], true,
+        "{}",
+        eval["decode_check"]
+    );
+    assert!(eval["passkey"]["student"].is_object() && eval["mqar"]["student"].is_object());
+    let cache = |model: &str| {
+        eval["speed"][model]["points"][0]["cache_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        cache("student") * 3 < cache("teacher"),
+        "cache bytes: student {}, teacher {}",
+        cache("student"),
+        cache("teacher")
+    );
 }
+
+/// A small evaluation of every kind that runs a model through its decoding cache.
+const EVAL: &str = "eval={perplexity: {enabled: false}, attention_error: {enabled: false}, \
+    passkey: {min_length: 256, max_length: 256, depths: [0.5], trials: 1}, \
+    multikey: {enabled: false}, mqar: {num_pairs: 4, trials: 2}, \
+    retrieval_heads: {enabled: false}, multiple_choice: {enabled: false}, \
+    speed: {context_lengths: [128], decode_tokens: 4}, generations: {enabled: false}, \
+    window_only: {enabled: false}}";
