@@ -302,6 +302,25 @@ mod tests {
     }
 
     #[test]
+    fn xent_of_a_head_hybrid_counts_its_linear_heads_only() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let plain = LinearizedMixer::new(&vs.root(), &shape(), &linear_config()).unwrap();
+        let hybrid = plain.with_softmax_heads(Some(vec![1])).unwrap();
+        let (q, k, v) = qkv();
+        let x = input(&q, &k, &v);
+        let linear = Tensor::from_slice(&[0i64, 2, 3]);
+        let p = softmax_weights(&q, &k).index_select(1, &linear);
+        let a = linear_weights(&plain, &x).unwrap().index_select(1, &linear);
+        let want = -(p * (a + 1e-12).log())
+            .sum_dim_intlist(-1, false, Kind::Float)
+            .mean(Kind::Float);
+        let got = attention_xent(&hybrid, &x).unwrap();
+        assert!(got.allclose(&want, 1e-6, 1e-6, false));
+        let all = attention_xent(&plain, &x).unwrap();
+        assert!(!got.allclose(&all, 1e-6, 1e-6, false));
+    }
+
+    #[test]
     fn xent_is_smallest_for_matching_rows_and_refuses_other_methods() {
         let vs = nn::VarStore::new(Device::Cpu);
         let student = LinearizedMixer::new(&vs.root(), &shape(), &linear_config()).unwrap();
