@@ -69,7 +69,18 @@ def check_attention(where, attention):
             f"{where}.method: unknown attention method {method!r} (known: {sorted(METHOD_KEYS)})"
         )
     required, optional = METHOD_KEYS[method]
+    if method != "softmax":
+        optional = optional | {"softmax_heads"}
     _check_keys(where, set(attention) - {"method"}, required, optional)
+    if "softmax_heads" in attention:
+        heads = attention["softmax_heads"]
+        if (
+            not isinstance(heads, list)
+            or not heads
+            or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in heads)
+            or any(a >= b for a, b in zip(heads, heads[1:]))
+        ):
+            raise ValueError(f"{where}.softmax_heads: expected distinct query heads in ascending order, got {heads!r}")
     if "feature_map" in attention:
         fm = attention["feature_map"]
         kind = fm.get("kind") if isinstance(fm, dict) else None

@@ -1,7 +1,8 @@
 # PyTorch modeling code for models converted by linearize (https://github.com/linearize/linearize):
 # a Llama-family decoder (or Gemma 3's text decoder) whose attention layers each run their own
 # method (softmax, linear attention with a feature map, LoLCATs, sliding window, Liger GLA, Liger,
-# Gated DeltaNet; the windowed ones optionally with sink tokens). This file is copied
+# Gated DeltaNet; the windowed ones optionally with sink tokens; any of them with some query heads
+# kept softmax, a head-level hybrid). This file is copied
 # into every export by the `linearize` binary; the copy in the repository's python/linearize_hf/
 # is the one source. The math follows linearize-attention's naive and recurrent forms
 # (crates/linearize-attention/src/ops/*): a whole sequence runs the quadratic (masked) form,
@@ -287,6 +288,14 @@ class LinearizeAttention(nn.Module):
         # RoPE are multiplied by sqrt(d / scalar) so that every method's 1/sqrt(d) gives Gemma's.
         scale = math.sqrt(d / config.query_pre_attn_scalar) if config.gemma else 1.0
         self.query_scale = None if scale == 1.0 else scale
+        # A head-level hybrid: these query heads keep the teacher's softmax attention (over the
+        # teacher layer's own window).
+        self.softmax_heads = attention.get("softmax_heads")
+        self.teacher_window = config.teacher_window(layer_idx)
+        if self.softmax_heads is not None and self.softmax_heads[-1] >= nq:
+            raise ValueError(
+                f"layer {layer_idx}: softmax_heads {self.softmax_heads} name a head the model does not have ({nq})"
+            )
 
     def forward(self, hidden, cos, sin, offset, cache=None):
         b, L, _ = hidden.shape
@@ -313,6 +322,10 @@ class LinearizeAttention(nn.Module):
             y = self.forward_core(x)
         else:
             y = self.cached_core(x, cache)
+        if self.softmax_heads is not None:
+            # Every head runs the method (heads are independent); the chosen ones' rows are
+            # replaced by the teacher's softmax.
+            y = y.index_copy(1, torch.tensor(self.softmax_heads, device=y.device), self.softmax_heads_core(x, cache).to(y.dtype))
         y = y.to(v.dtype).transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim)
         return self.o_proj(y)
 
@@ -327,6 +340,25 @@ class LinearizeAttention(nn.Module):
             token = {k: (v[:, :, t : t + 1] if torch.is_tensor(v) else v + t) for k, v in x.items()}
             outputs.append(self.step(state, token))
         return torch.cat(outputs, dim=2)
+
+    def softmax_heads_core(self, x, cache):
+        """The chosen heads' softmax output (b, n, L, d); the cache holds keys and values of only
+        the key/value heads they read (`cache.head_states`)."""
+        group = self.num_heads // self.num_kv_heads
+        kv = sorted({h // group for h in self.softmax_heads})
+        k, v, k_offset = x["k"][:, kv], x["v"][:, kv], x["offset"]
+        if cache is not None:
+            state = cache.head_states[self.layer_idx]
+            if state is None:
+                state = cache.head_states[self.layer_idx] = {"k": k, "v": v, "start": k_offset}
+            else:
+                state["k"] = torch.cat([state["k"], k], dim=2)
+                state["v"] = torch.cat([state["v"], v], dim=2)
+            k, v, k_offset = state["k"], state["v"], state["start"]
+        # Each chosen head with its own key/value head (no GQA sharing left to do).
+        own = [kv.index(h // group) for h in self.softmax_heads]
+        q = x["q"][:, self.softmax_heads]
+        return softmax_attend(q, k[:, own], v[:, own], x["offset"], k_offset, self.teacher_window)
 
     def forward_core(self, x):
         raise NotImplementedError
@@ -345,23 +377,25 @@ def scaled_scores(q, k):
     return (q.to(dtype) @ repeat_heads(k.to(dtype), h).transpose(-1, -2)) / math.sqrt(q.shape[-1])
 
 
+def softmax_attend(q, k, v, q_offset, k_offset, window):
+    """Causal softmax attention of queries at positions q_offset.. over keys at k_offset.., within
+    the last `window` positions when there is one."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    q_pos = torch.arange(q_offset, q_offset + Lq, device=q.device)[:, None]
+    k_pos = torch.arange(k_offset, k_offset + Lk, device=q.device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & ((q_pos - k_pos) < window)
+    scores = scaled_scores(q, k).masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1) @ repeat_heads(v.to(scores.dtype), q.shape[1])
+
+
 class SoftmaxAttention(LinearizeAttention):
     """The teacher's causal softmax attention (over its own `sliding_window` for mistral and
     Gemma 3's local layers); the decoding state is the KV cache."""
 
-    def __init__(self, config, layer_idx, attention):
-        super().__init__(config, layer_idx, attention)
-        self.window = config.teacher_window(layer_idx)
-
     def attend(self, q, k, v, q_offset, k_offset):
-        Lq, Lk = q.shape[2], k.shape[2]
-        q_pos = torch.arange(q_offset, q_offset + Lq, device=q.device)[:, None]
-        k_pos = torch.arange(k_offset, k_offset + Lk, device=q.device)[None, :]
-        allowed = k_pos <= q_pos
-        if self.window is not None:
-            allowed = allowed & ((q_pos - k_pos) < self.window)
-        scores = scaled_scores(q, k).masked_fill(~allowed, float("-inf"))
-        return scores.softmax(-1) @ repeat_heads(v.to(scores.dtype), q.shape[1])
+        return softmax_attend(q, k, v, q_offset, k_offset, self.teacher_window)
 
     def forward_core(self, x):
         return self.attend(x["q"], x["k"], x["v"], x["offset"], x["offset"])
@@ -753,6 +787,8 @@ class LinearizeCache:
 
     def __init__(self, num_layers):
         self.states = [None] * num_layers
+        # The KV caches of the softmax heads of head-level hybrid layers.
+        self.head_states = [None] * num_layers
         self.seen = 0
 
     def get_seq_length(self, layer_idx=0):
@@ -760,8 +796,8 @@ class LinearizeCache:
 
     def reorder_cache(self, beam_idx):
         """Beam search: picks each state's sequences by `beam_idx`."""
-        for state in self.states:
-            for key, value in state.items():
+        for state in self.states + self.head_states:
+            for key, value in (state or {}).items():
                 if torch.is_tensor(value):
                     state[key] = value.index_select(0, beam_idx.to(value.device))
 

@@ -112,6 +112,12 @@ pub struct AttentionConfig {
     /// layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qk_activation: Option<QkActivation>,
+    /// Every method but `softmax`: query heads (ascending) that keep the teacher's exact softmax
+    /// attention (over the layer's own teacher window) inside the converted layer, a head-level
+    /// hybrid; the decoding cache holds keys and values only for the key/value heads they read.
+    /// Usually written by the `conversion.softmax_heads` selector. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softmax_heads: Option<Vec<usize>>,
 }
 
 const DEFAULT_FEATURE_MAP: FeatureMapConfig = FeatureMapConfig::Hedgehog {
@@ -127,7 +133,7 @@ const DEFAULT_GATE_NORMALIZER: f64 = 16.0;
 const DEFAULT_SUB_CHUNK: i64 = 16;
 
 /// The optional fields of [`AttentionConfig`] and the methods that use each.
-const FIELD_USERS: [(&str, &[Method]); 11] = [
+const FIELD_USERS: [(&str, &[Method]); 12] = [
     ("feature_map", &[Method::Linear, Method::Lolcats]),
     ("window_shape", &[Method::Lolcats]),
     (
@@ -155,6 +161,17 @@ const FIELD_USERS: [(&str, &[Method]); 11] = [
     ),
     ("rope", &[Method::GatedDeltanet]),
     ("qk_activation", &[Method::GatedDeltanet]),
+    (
+        "softmax_heads",
+        &[
+            Method::Linear,
+            Method::Lolcats,
+            Method::SlidingWindow,
+            Method::LigerGla,
+            Method::Liger,
+            Method::GatedDeltanet,
+        ],
+    ),
 ];
 
 impl AttentionConfig {
@@ -173,6 +190,7 @@ impl AttentionConfig {
             sinks: None,
             rope: None,
             qk_activation: None,
+            softmax_heads: None,
         }
     }
 
@@ -216,6 +234,17 @@ impl AttentionConfig {
                 "attention.gate_normalizer must be > 0, got {g}"
             );
         }
+        if let Some(heads) = &self.softmax_heads {
+            ensure!(
+                !heads.is_empty(),
+                "attention.softmax_heads is empty (leave it out for no softmax head)"
+            );
+            ensure!(
+                heads.windows(2).all(|w| w[0] < w[1]),
+                "attention.softmax_heads must list distinct query heads in ascending order, got \
+                 {heads:?}"
+            );
+        }
         if matches!(self.method, Method::LigerGla | Method::Liger) {
             let (chunk, sub) = (self.chunk(), self.sub_chunk.unwrap_or(DEFAULT_SUB_CHUNK));
             ensure!(
@@ -239,6 +268,7 @@ impl AttentionConfig {
             "sinks" => self.sinks.is_some(),
             "rope" => self.rope.is_some(),
             "qk_activation" => self.qk_activation.is_some(),
+            "softmax_heads" => self.softmax_heads.is_some(),
             other => unreachable!("no attention field {other}"),
         }
     }
@@ -266,6 +296,8 @@ impl AttentionConfig {
             sinks: uses("sinks").then(|| self.sinks()),
             rope: uses("rope").then(|| self.rope.unwrap_or(false)),
             qk_activation: uses("qk_activation").then(|| self.qk_activation.unwrap_or_default()),
+            // No default to fill: without the key no head is softmax.
+            softmax_heads: self.softmax_heads.clone(),
         }
     }
 
@@ -337,11 +369,14 @@ impl AttentionConfig {
     /// Short name for reports, e.g. `lolcats-sw64+hedgehog64`, `linear+t2r32`, `liger-sw64`,
     /// `sliding_window-64+sinks4`.
     pub fn name(&self) -> String {
-        let base = self.base_name();
-        match self.sinks() {
-            0 => base,
-            n => format!("{base}+sinks{n}"),
+        let mut name = self.base_name();
+        if self.sinks() > 0 {
+            name = format!("{name}+sinks{}", self.sinks());
         }
+        if let Some(heads) = &self.softmax_heads {
+            name = format!("{name}+softmax_heads{}", heads.len());
+        }
+        name
     }
 
     fn base_name(&self) -> String {
@@ -451,14 +486,100 @@ enum Kernel {
 pub struct LinearizedMixer {
     kernel: Kernel,
     config: AttentionConfig,
+    shape: LayerShape,
+    /// The query heads that keep the teacher's softmax (`softmax_heads`), if any.
+    softmax_heads: Option<SoftmaxHeads>,
+}
+
+/// The softmax part of a head-level hybrid. The teacher's softmax runs on the chosen heads'
+/// key/value heads and on every query head that reads them, so that GQA stays intact and the KV
+/// cache holds exactly those key/value heads; the outputs of the query heads that were not chosen
+/// are dropped (at most h/h_kv - 1 extra query heads per key/value head, no extra cache).
+#[derive(Clone, Debug)]
+struct SoftmaxHeads {
+    /// The chosen query heads, ascending.
+    heads: Vec<i64>,
+    /// The key/value heads they read, ascending.
+    kv_heads: Vec<i64>,
+    /// Every query head of `kv_heads`, in order (h/h_kv per key/value head).
+    group_heads: Vec<i64>,
+    /// Where each of `heads` is in `group_heads`.
+    picked: Vec<i64>,
+    teacher: SoftmaxMixer,
+}
+
+impl SoftmaxHeads {
+    fn new(heads: &[usize], shape: &LayerShape) -> Result<Self> {
+        let group = shape.num_heads / shape.num_kv_heads;
+        let heads: Vec<i64> = heads.iter().map(|&h| h as i64).collect();
+        if let Some(&bad) = heads.iter().find(|&&h| h >= shape.num_heads) {
+            bail!(
+                "attention.softmax_heads: query head {bad} does not exist (the layer has {} \
+                 heads, 0..{})",
+                shape.num_heads,
+                shape.num_heads - 1
+            );
+        }
+        let mut kv_heads: Vec<i64> = heads.iter().map(|h| h / group).collect();
+        kv_heads.dedup(); // `heads` ascend, so their key/value heads do too
+        let group_heads: Vec<i64> = kv_heads
+            .iter()
+            .flat_map(|kv| kv * group..(kv + 1) * group)
+            .collect();
+        // Query head h is row h % g of its key/value head's block of g rows.
+        let picked = heads
+            .iter()
+            .map(|h| {
+                let block = kv_heads.partition_point(|&kv| kv < h / group) as i64;
+                block * group + h % group
+            })
+            .collect();
+        Ok(Self {
+            heads,
+            kv_heads,
+            group_heads,
+            picked,
+            teacher: SoftmaxMixer::new(shape.sliding_window),
+        })
+    }
+
+    /// The chosen heads' softmax output (b, n, L, d), continuing from `cache` when given.
+    fn forward(&self, x: &MixerInput, cache: Option<&mut MixerState>) -> Result<Tensor> {
+        let device = x.q.device();
+        let index = |list: &[i64]| Tensor::from_slice(list).to_device(device);
+        let kv = index(&self.kv_heads);
+        let q = x.q.index_select(1, &index(&self.group_heads)); // (b, m*g, L, d)
+        let (k, v) = (x.k.index_select(1, &kv), x.v.index_select(1, &kv)); // (b, m, L, d)
+        let sub = MixerInput {
+            q: &q,
+            k: &k,
+            v: &v,
+            q_raw: &q,
+            k_raw: &k,
+            offset: x.offset,
+            position: x.position,
+        };
+        let y = self.teacher.forward(&sub, cache)?; // (b, m*g, L, d)
+        Ok(y.index_select(1, &index(&self.picked))) // (b, n, L, d)
+    }
+
+    /// `linear` (b, h, L, d) with the chosen heads' rows replaced by `softmax` (b, n, L, d).
+    fn merge(&self, linear: &Tensor, softmax: &Tensor) -> Tensor {
+        let heads = Tensor::from_slice(&self.heads).to_device(linear.device());
+        linear.index_copy(1, &heads, &softmax.to_kind(linear.kind()))
+    }
 }
 
 /// Decoding state of a [`LinearizedMixer`] (other than softmax, which uses the teacher's KV
-/// cache): the kernel's state once a token has been seen.
+/// cache): the kernel's state once a token has been seen, and the KV cache of the softmax heads
+/// of a head-level hybrid. The kernel runs on every head (each head's output depends only on its
+/// own q, k, v, so the softmax heads' linear outputs are simply dropped): its state is of a fixed
+/// size, the growing KV cache holds the softmax heads' key/value heads only.
 struct LinearizedState {
     batch: i64,
     seen: i64,
     kernel: Option<KernelState>,
+    softmax_heads: Option<MixerState>,
 }
 
 enum KernelState {
@@ -555,10 +676,51 @@ impl LinearizedMixer {
                 }
             }
         };
+        let softmax_heads = match &config.softmax_heads {
+            Some(heads) => Some(SoftmaxHeads::new(heads, shape)?),
+            None => None,
+        };
         Ok(Self {
             kernel,
             config: config.resolved(),
+            shape: *shape,
+            softmax_heads,
         })
+    }
+
+    /// The mixer over the same parameters with `heads` (ascending query heads; none: no head)
+    /// keeping the teacher's softmax attention: a head-level hybrid, or the plain layer back.
+    pub fn with_softmax_heads(&self, heads: Option<Vec<usize>>) -> Result<Self> {
+        ensure!(
+            self.method() != Method::Softmax,
+            "a softmax layer has no converted heads to choose from"
+        );
+        let mut mixer = self.shallow_clone();
+        mixer.config.softmax_heads = heads;
+        mixer.config.validate()?;
+        mixer.softmax_heads = match &mixer.config.softmax_heads {
+            Some(heads) => Some(SoftmaxHeads::new(heads, &self.shape)?),
+            None => None,
+        };
+        Ok(mixer)
+    }
+
+    /// The query heads that keep the teacher's softmax, ascending (none for a plain layer).
+    pub fn softmax_heads(&self) -> &[usize] {
+        self.config.softmax_heads.as_deref().unwrap_or(&[])
+    }
+
+    /// The query heads that run the layer's method, ascending.
+    pub fn linear_heads(&self) -> Vec<usize> {
+        let softmax = self.softmax_heads();
+        (0..self.shape.num_heads as usize)
+            .filter(|h| !softmax.contains(h))
+            .collect()
+    }
+
+    /// The layer's geometry (its teacher window included).
+    pub fn shape(&self) -> &LayerShape {
+        &self.shape
     }
 
     /// A mixer over the same parameter tensors (gradients of both land in the same place).
@@ -613,6 +775,8 @@ impl LinearizedMixer {
         Self {
             kernel,
             config: self.config.clone(),
+            shape: self.shape,
+            softmax_heads: self.softmax_heads.clone(),
         }
     }
 
@@ -631,6 +795,7 @@ impl LinearizedMixer {
                     window_size: Some(cfg.window_size),
                     chunk_size: Some(cfg.chunk_size),
                     sinks: Some(cfg.sinks),
+                    softmax_heads: mixer.config.softmax_heads.clone(),
                     ..AttentionConfig::new(Method::SlidingWindow)
                 }
                 .resolved();
@@ -914,7 +1079,11 @@ impl Mixer for LinearizedMixer {
             return teacher.forward(input, state);
         }
         let Some(state) = state else {
-            return self.output(input);
+            let y = self.output(input)?;
+            return match &self.softmax_heads {
+                Some(split) => Ok(split.merge(&y, &split.forward(input, None)?)),
+                None => Ok(y),
+            };
         };
         let name = self.name();
         let state = state
@@ -940,6 +1109,11 @@ impl Mixer for LinearizedMixer {
                 y
             }
         };
+        let y = match (&self.softmax_heads, state.softmax_heads.as_mut()) {
+            (Some(split), Some(cache)) => split.merge(&y, &split.forward(input, Some(cache))?),
+            (None, None) => y,
+            _ => bail!("{name}: decoding state made for other softmax heads"),
+        };
         state.seen += len;
         Ok(y)
     }
@@ -949,10 +1123,15 @@ impl Mixer for LinearizedMixer {
             return teacher.new_state(batch);
         }
         ensure!(batch >= 1, "decoding state needs batch >= 1, got {batch}");
+        let softmax_heads = match &self.softmax_heads {
+            Some(split) => Some(split.teacher.new_state(batch)?),
+            None => None,
+        };
         Ok(Box::new(LinearizedState {
             batch,
             seen: 0,
             kernel: None,
+            softmax_heads,
         }))
     }
 
@@ -968,15 +1147,27 @@ impl Mixer for LinearizedMixer {
         }
         ensure!(times >= 1, "fork: times must be >= 1, got {times}");
         let state = self.own_state(state)?;
-        // The state does not grow with the sequence: `reserve` needs no room.
+        // The kernel's state does not grow with the sequence: only the softmax heads' KV cache
+        // takes `reserve`.
         let repeat = |t: &Tensor| {
             t.to_device(device)
                 .repeat_interleave_self_int(times, 0, None)
+        };
+        let softmax_heads = match (&self.softmax_heads, &state.softmax_heads) {
+            (Some(split), Some(cache)) => {
+                Some(split.teacher.fork_state(cache, times, reserve, device)?)
+            }
+            (None, None) => None,
+            _ => bail!(
+                "{}: decoding state made for other softmax heads",
+                self.name()
+            ),
         };
         Ok(Box::new(LinearizedState {
             batch: state.batch * times,
             seen: state.seen,
             kernel: state.kernel.as_ref().map(|k| k.map_tensors(&repeat)),
+            softmax_heads,
         }))
     }
 
@@ -984,6 +1175,10 @@ impl Mixer for LinearizedMixer {
         let Ok(state) = self.own_state(state) else {
             return false;
         };
+        if self.softmax_heads.is_some() {
+            // The softmax heads' KV cache grows by a token per step.
+            return false;
+        }
         match (&self.kernel, &state.kernel) {
             (Kernel::Linear { .. }, Some(KernelState::Linear(_)))
             | (Kernel::LigerGla { .. }, Some(KernelState::LigerGla(_)))
@@ -1008,6 +1203,12 @@ impl Mixer for LinearizedMixer {
         if let Kernel::Softmax(teacher) = &self.kernel {
             return teacher.state_tensors(state);
         }
+        ensure!(
+            self.softmax_heads.is_none(),
+            "{}: the softmax heads' KV cache grows by a token per step: its decoding cannot be \
+             captured into a CUDA graph",
+            self.name()
+        );
         let state = self.own_state(state)?;
         Ok(state.kernel.as_ref().map_or_else(Vec::new, |k| {
             k.tensors().into_iter().map(Tensor::shallow_clone).collect()
@@ -1019,10 +1220,15 @@ impl Mixer for LinearizedMixer {
             return teacher.state_bytes(state);
         }
         let state = self.own_state(state)?;
-        Ok(state
+        let kernel: u64 = state
             .kernel
             .as_ref()
-            .map_or(0, |k| k.tensors().into_iter().map(tensor_bytes).sum()))
+            .map_or(0, |k| k.tensors().into_iter().map(tensor_bytes).sum());
+        let cache = match (&self.softmax_heads, &state.softmax_heads) {
+            (Some(split), Some(cache)) => split.teacher.state_bytes(cache)?,
+            _ => 0,
+        };
+        Ok(kernel + cache)
     }
 
     fn name(&self) -> String {

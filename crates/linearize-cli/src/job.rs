@@ -13,6 +13,7 @@
 mod evaluate;
 mod plan;
 mod run_dir;
+mod select;
 mod stage_output;
 mod teacher_data;
 
@@ -21,7 +22,7 @@ use crate::runtime::{job_device, parse_dtype};
 use anyhow::{ensure, Context, Result};
 use linearize_dist::{Launch, Options, ProcessGroup};
 use linearize_models::llama::Model;
-use linearize_train::convert::{convert, layers_with_largest_error, ConvertedLayers};
+use linearize_train::convert::{convert, ConvertedLayers};
 use linearize_train::data::{build_datasets, Batcher, Budget, Datasets, ModelEncoder};
 use linearize_train::export::{
     export_adapters, export_model, export_peft, ExportInfo, ExportOptions,
@@ -198,10 +199,28 @@ fn execute(
         seq_len = recipe.data.seq_len,
         "data ready"
     );
+    // Retrieval heads are scored on the teacher, before any layer is converted.
+    let retrieval = select::retrieval_scores(
+        &mut model,
+        encoder.tokenizer(),
+        &recipe.conversion,
+        recipe.seed,
+        run_dir,
+        group,
+    )?;
+    stop_if_preempted(preemption, group)?;
     // The student's initial values come from the recipe's seed; a resumed job overwrites them.
     tch::manual_seed(recipe.seed as i64);
     let student = nn::VarStore::new(device);
     let mut converted = convert(&mut model, &recipe.conversion, &student)?;
+    select::heads_by_retrieval(
+        &mut model,
+        &mut converted,
+        &recipe.conversion,
+        retrieval,
+        run_dir,
+        group,
+    )?;
     let mut metrics = if group.is_main() {
         let mut metrics = open_metrics(run_dir, loaded)?;
         metrics.set_sinks(tracking_sinks(run_dir, loaded)?);
@@ -254,11 +273,16 @@ fn execute(
         };
         run_steps += record.steps;
         tokens.push((stage.name.clone(), record.tokens));
-        if let Some(k) = recipe.conversion.softmax_by_error {
-            let errors = final_errors(run_dir, stage, summary.as_ref())?;
-            let layers = layers_with_largest_error(&errors, k)?;
-            converted.revert_to_softmax(&mut model, &layers)?;
-        }
+        select::after_stage1(
+            &mut model,
+            &mut converted,
+            &recipe.conversion,
+            || final_errors(run_dir, stage, summary.as_ref()),
+            datasets.val.as_ref(),
+            stage.eval_batch_size,
+            run_dir,
+            group,
+        )?;
     }
 
     stop_if_preempted(preemption, group)?;

@@ -518,6 +518,30 @@ fn validate(
             .plan(&model.layer_types)
             .map_err(|e| at("conversion", e))?;
     }
+    // The measured selections choose from (or after) the trained conversion.
+    let heads_by_kl = recipe
+        .conversion
+        .softmax_heads
+        .as_ref()
+        .is_some_and(|s| s.by == linearize_train::selection::HeadScoring::Kl);
+    for (key, used) in [
+        (
+            "softmax_by_error",
+            recipe.conversion.softmax_by_error.is_some(),
+        ),
+        (
+            "softmax_layers_by",
+            recipe.conversion.softmax_layers_by.is_some(),
+        ),
+        ("softmax_heads", heads_by_kl),
+    ] {
+        if used && recipe.attention_transfer.is_none() {
+            return Err(at(
+                &format!("conversion.{key}"),
+                anyhow!("is chosen after attention transfer, and the recipe has no attention_transfer stage"),
+            ));
+        }
+    }
     recipe.data.validate().map_err(|e| at("data", e))?;
     for (key, sources) in [
         ("sources", &recipe.data.sources),

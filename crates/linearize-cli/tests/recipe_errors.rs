@@ -112,6 +112,39 @@ fn bad_recipes_name_file_line_and_key() {
         "{e}"
     );
 
+    // Measured selections: one of count and fraction; KL needs the stage it measures after;
+    // more heads than the converted layers have (3 layers x 4 heads).
+    let e = refused(
+        dir.path(),
+        "",
+        &["conversion.softmax_heads={count: 2, fraction: 0.1, by: retrieval}"],
+    );
+    assert!(
+        e.contains("conversion.softmax_heads: give exactly one of `count` and `fraction`"),
+        "{e}"
+    );
+    let e = refused(
+        dir.path(),
+        "",
+        &[
+            "conversion.softmax_layers_by={count: 1, by: kl}",
+            "attention_transfer=null",
+        ],
+    );
+    assert!(
+        e.contains("conversion.softmax_layers_by") && e.contains("no attention_transfer stage"),
+        "{e}"
+    );
+    let e = refused(
+        dir.path(),
+        "",
+        &["conversion.softmax_heads={count: 13, by: retrieval}"],
+    );
+    assert!(
+        e.contains("13 heads asked for") && e.contains("only 12"),
+        "{e}"
+    );
+
     // An unknown variant, with the nearest valid one.
     let e = refused(dir.path(), "", &["attention_transfer.schedule.kind=cosin"]);
     assert!(e.contains("did you mean `cosine`?"), "{e}");

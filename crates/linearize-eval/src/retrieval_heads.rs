@@ -4,8 +4,8 @@
 //! copied, on passkey and MQAR probes. The probes are teacher-forced: one forward pass per probe,
 //! with the pass key appended to a passkey prompt, and every layer's softmax weights are
 //! recomputed for the answer positions only. A head that looks facts up puts most of its mass on
-//! them; few heads do. The scores are groundwork for head-level hybrids (issue 22), which keep
-//! the top heads softmax.
+//! them; few heads do. `conversion.softmax_heads: {by: retrieval}` keeps the top heads softmax in
+//! a head-level hybrid (linearize_train::selection).
 //!
 //! Per head: `passkey` = mean over the passkey answer positions of the attention mass on the key
 //! tokens (every mention of the key in the prompt), `mqar` = the same over the MQAR answer

@@ -8,8 +8,11 @@
 //!   softmax_layers: [0, 15]  # with `layers: all`: every layer but these
 //!   overrides:               # per-layer attention instead of `attention`
 //!     31: {method: sliding_window, window_size: 128}
+//!   softmax_layers_by: {count: 2, by: kl}          # after stage 1 (see crate::selection)
+//!   softmax_heads: {fraction: 0.1, by: retrieval}  # head-level hybrid (see crate::selection)
 //! ```
-use anyhow::{bail, ensure, Context, Result};
+use crate::selection::{HeadSelector, LayerScoring, LayerSelector};
+use anyhow::{ensure, Context, Result};
 use linearize_attention::linearized::{AttentionConfig, LayerShape, LinearizedMixer, Method};
 use linearize_models::config::LayerType;
 use linearize_models::llama::Model;
@@ -78,6 +81,16 @@ pub struct ConversionConfig {
     /// validation attention MSE go back to softmax (see [`layers_with_largest_error`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub softmax_by_error: Option<usize>,
+    /// Hybrid by measurement: after attention transfer, the `count` converted layers ranked
+    /// first `by` stage 1's attention MSE (`softmax_by_error: k` is `{count: k, by: mse}`) or
+    /// by the KL drop when each alone is softmax again go back to softmax.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softmax_layers_by: Option<LayerSelector>,
+    /// Head-level hybrid: the query heads of converted layers that keep the teacher's softmax,
+    /// chosen by the teacher's retrieval scores (before attention transfer) or by KL drop
+    /// (after it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softmax_heads: Option<HeadSelector>,
 }
 
 impl ConversionConfig {
@@ -89,7 +102,21 @@ impl ConversionConfig {
             softmax_layers: Vec::new(),
             overrides: BTreeMap::new(),
             softmax_by_error: None,
+            softmax_layers_by: None,
+            softmax_heads: None,
         }
+    }
+
+    /// How layers go back to softmax after attention transfer: `softmax_layers_by`, or
+    /// `softmax_by_error: k` as `{count: k, by: mse}`.
+    pub fn layer_selector(&self) -> Option<LayerSelector> {
+        self.softmax_layers_by.clone().or_else(|| {
+            self.softmax_by_error.map(|count| LayerSelector {
+                count,
+                by: LayerScoring::Mse,
+                batches: None,
+            })
+        })
     }
 
     /// The attention of each layer of a model with these `layer_types`, checked: indices in
@@ -158,12 +185,27 @@ impl ConversionConfig {
                 .with_context(|| format!("conversion.overrides.{i}"))?;
             plan[i] = attention.clone();
         }
-        if let Some(k) = self.softmax_by_error {
+        ensure!(
+            self.softmax_by_error.is_none() || self.softmax_layers_by.is_none(),
+            "conversion: give either `softmax_by_error` or `softmax_layers_by`, not both"
+        );
+        if let Some(selector) = &self.softmax_layers_by {
+            selector.validate()?;
+        }
+        if let Some(selector) = self.layer_selector() {
+            let key = match self.softmax_by_error {
+                Some(_) => "softmax_by_error",
+                None => "softmax_layers_by.count",
+            };
             let converted = plan.iter().filter(|a| a.method != Method::Softmax).count();
             ensure!(
-                k <= converted,
-                "conversion.softmax_by_error: {k} layers asked for, only {converted} are converted"
+                selector.count <= converted,
+                "conversion.{key}: {} layers asked for, only {converted} are converted",
+                selector.count
             );
+        }
+        if let Some(selector) = &self.softmax_heads {
+            selector.validate()?;
         }
         Ok(plan)
     }
@@ -234,6 +276,11 @@ pub fn convert(
             .sub("layers")
             .sub(index)
             .sub("self_attn");
+        // The layer's own teacher window: softmax heads of a head-level hybrid keep it.
+        let shape = LayerShape {
+            sliding_window: model.config().layer_window(index),
+            ..shape
+        };
         let mixer = LinearizedMixer::new(&path, &shape, attention)
             .with_context(|| format!("converting layer {index}"))?;
         model.set_mixer(index, Box::new(mixer.shallow_clone()))?;
@@ -291,6 +338,55 @@ impl ConvertedLayers {
             .iter()
             .find(|l| l.index == index)
             .map(|l| &l.mixer)
+    }
+
+    /// The teacher's softmax window of layer `index` (none: every earlier key).
+    pub fn teacher_window(&self, index: usize) -> Option<i64> {
+        self.teacher_windows.get(index).copied().flatten()
+    }
+
+    /// Query heads of the converted layers that could still become softmax heads, as
+    /// `(layer, head)`, by layer then head.
+    pub fn head_candidates(&self) -> Vec<(usize, usize)> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                l.mixer
+                    .linear_heads()
+                    .into_iter()
+                    .map(move |h| (l.index, h))
+            })
+            .collect()
+    }
+
+    /// Adds `heads[layer]` (query heads) to the softmax heads of each listed converted layer, in
+    /// these mixers and in `model` (a head-level hybrid over the same parameters).
+    pub fn set_softmax_heads(
+        &mut self,
+        model: &mut Model,
+        heads: &BTreeMap<usize, Vec<usize>>,
+    ) -> Result<()> {
+        for &index in heads.keys() {
+            ensure!(
+                self.mixer(index).is_some(),
+                "layer {index} is not a converted layer (converted: {:?})",
+                self.indices()
+            );
+        }
+        for layer in &mut self.layers {
+            if let Some(chosen) = heads.get(&layer.index) {
+                let mut all: Vec<usize> = layer.mixer.softmax_heads().to_vec();
+                all.extend(chosen);
+                all.sort_unstable();
+                all.dedup();
+                layer.mixer = layer
+                    .mixer
+                    .with_softmax_heads(Some(all))
+                    .with_context(|| format!("layer {}", layer.index))?;
+                model.set_mixer(layer.index, Box::new(layer.mixer.shallow_clone()))?;
+            }
+        }
+        Ok(())
     }
 
     /// `(layer index, mixer)` of every converted layer, ascending.
@@ -417,24 +513,6 @@ impl ConvertedLayers {
     }
 }
 
-/// Hybrid by stage-1 error: the `k` layers with the largest error, ascending by index. `errors`
-/// holds `(layer, validation attention MSE)`; ties go to the lower layer.
-pub fn layers_with_largest_error(errors: &[(usize, f64)], k: usize) -> Result<Vec<usize>> {
-    ensure!(
-        k <= errors.len(),
-        "asked for the {k} layers with the largest error, but only {} layers have one",
-        errors.len()
-    );
-    if let Some((layer, e)) = errors.iter().find(|(_, e)| !e.is_finite()) {
-        bail!("layer {layer} has a non-finite attention error {e}");
-    }
-    let mut ranked = errors.to_vec();
-    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let mut chosen: Vec<usize> = ranked[..k].iter().map(|(layer, _)| *layer).collect();
-    chosen.sort_unstable();
-    Ok(chosen)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -517,27 +595,56 @@ mod tests {
             4,
         );
         assert!(e.contains("only 1 are converted"), "{e}");
+        let e = err(
+            "attention: {method: lolcats}\nsoftmax_by_error: 1\nsoftmax_layers_by: {count: 1, by: kl}\n",
+            4,
+        );
+        assert!(
+            e.contains("`softmax_by_error` or `softmax_layers_by`, not both"),
+            "{e}"
+        );
+        let e = err(
+            "attention: {method: lolcats}\nlayers: [0, 1]\nsoftmax_layers_by: {count: 3, by: kl}\n",
+            4,
+        );
+        assert!(
+            e.contains("conversion.softmax_layers_by.count: 3 layers"),
+            "{e}"
+        );
+        let e = err(
+            "attention: {method: lolcats}\nsoftmax_heads: {count: 3, fraction: 0.1, by: kl}\n",
+            4,
+        );
+        assert!(
+            e.contains("conversion.softmax_heads: give exactly one"),
+            "{e}"
+        );
+        let e = err(
+            "attention: {method: lolcats}\nsoftmax_heads: {fraction: 0.1, by: retrieval, batches: 2}\n",
+            4,
+        );
+        assert!(e.contains("conversion.softmax_heads.batches"), "{e}");
+        let e = serde_yaml_ng::from_str::<ConversionConfig>(
+            "attention: {method: linear}\nsoftmax_heads: {count: 2, by: mse}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown variant `mse`"), "{e}");
+        let cfg: ConversionConfig =
+            serde_yaml_ng::from_str("attention: {method: linear}\nsoftmax_by_error: 2\n").unwrap();
+        assert_eq!(
+            cfg.layer_selector(),
+            Some(LayerSelector {
+                count: 2,
+                by: LayerScoring::Mse,
+                batches: None
+            })
+        );
         let e = serde_yaml_ng::from_str::<ConversionConfig>(
             "attention: {method: linear}\nlayers: some\n",
         )
         .unwrap_err()
         .to_string();
         assert!(!e.is_empty());
-    }
-
-    #[test]
-    fn largest_errors_are_chosen_and_sorted_by_layer() {
-        let errors = [(0, 0.5), (3, 2.0), (5, 0.1), (7, 2.0), (9, 1.0)];
-        assert_eq!(layers_with_largest_error(&errors, 2).unwrap(), [3, 7]);
-        assert_eq!(layers_with_largest_error(&errors, 3).unwrap(), [3, 7, 9]);
-        assert!(layers_with_largest_error(&errors, 0).unwrap().is_empty());
-        let e = layers_with_largest_error(&errors, 6)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("only 5 layers"), "{e}");
-        let e = layers_with_largest_error(&[(2, f64::NAN)], 1)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("layer 2"), "{e}");
     }
 }

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod optim;
 pub mod progress;
 pub mod schedule;
+pub mod selection;
 pub mod stage;
 pub mod stage1;
 pub mod stage2;

@@ -3,7 +3,8 @@
 use linearize_attention::linearized::{AttentionConfig, Method};
 use linearize_models::config::ModelConfig;
 use linearize_models::llama::Model;
-use linearize_train::convert::{convert, layers_with_largest_error, ConversionConfig};
+use linearize_train::convert::{convert, ConversionConfig};
+use linearize_train::selection::{top_layers, LayerScore};
 use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -95,8 +96,8 @@ fn reverting_every_layer_gives_back_the_teacher() {
     let converted = model.forward(&ids(), None).unwrap();
     assert!((&converted - &teacher).abs().max().double_value(&[]) > 1e-3);
 
-    let errors = [(0, 0.3), (1, 0.9), (2, 0.5)];
-    let worst = layers_with_largest_error(&errors, 2).unwrap();
+    let errors = [(0, 0.3), (1, 0.9), (2, 0.5)].map(|(layer, score)| LayerScore { layer, score });
+    let worst = top_layers(&errors, 2).unwrap();
     assert_eq!(worst, [1, 2]);
     layers.revert_to_softmax(&mut model, &worst).unwrap();
     assert_eq!(layers.indices(), [0]);

@@ -131,6 +131,13 @@ fn gated_deltanet(rope: Option<bool>, qk_activation: Option<QkActivation>) -> At
     }
 }
 
+fn softmax_heads(attention: AttentionConfig, heads: &[usize]) -> AttentionConfig {
+    AttentionConfig {
+        softmax_heads: Some(heads.to_vec()),
+        ..attention
+    }
+}
+
 fn liger_gla() -> AttentionConfig {
     AttentionConfig {
         chunk_size: Some(16),
@@ -257,6 +264,24 @@ fn cases() -> Vec<Case> {
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}},
                 "tie_word_embeddings": false})),
             ConversionConfig::all(with_sinks(lolcats(WindowShape::Tk))),
+        ),
+        // Head-level hybrids: some query heads of converted layers keep the teacher's softmax
+        // (heads 0 and 3 read different key/value heads; on mistral, within its window).
+        case(
+            "head_hybrid",
+            llama(),
+            hybrid(softmax_heads(with_sinks(lolcats(WindowShape::Tk)), &[0, 3])),
+        ),
+        case(
+            "head_hybrid_mistral",
+            tiny_config("mistral", json!({"sliding_window": 6})),
+            ConversionConfig {
+                overrides: BTreeMap::from([
+                    (0, softmax_heads(gated_deltanet(None, None), &[1])),
+                    (2, softmax_heads(windowed(Method::Liger), &[1, 2])),
+                ]),
+                ..hybrid(lolcats(WindowShape::Sw))
+            },
         ),
         // Every method in one model, and the teacher's own window on its softmax layer.
         case(

@@ -5,6 +5,7 @@ use linearize_attention::linearized::{LayerShape, LinearizedMixer, Method};
 use linearize_models::llama::parameter_shapes;
 use linearize_models::tokenizer::Tokenizer;
 use linearize_train::data::SourceKind;
+use linearize_train::selection::{HeadScoring, HeadUnit, LayerScoring};
 use linearize_train::stage::StageShape;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -107,10 +108,57 @@ fn model_plan(
         100.0 * new_params as f64 / base_params as f64
     )?;
     out.push_str(&layer_lines);
-    if let Some(k) = recipe.conversion.softmax_by_error {
+    if let Some(selector) = recipe.conversion.layer_selector() {
+        let by = match selector.by {
+            LayerScoring::Mse => "the largest validation attention MSE".to_string(),
+            LayerScoring::Kl => format!(
+                "the largest KL drop when each alone is softmax again ({} validation batches)",
+                selector.kl_batches()
+            ),
+        };
         writeln!(
             out,
-            "hybrid      after stage 1 the {k} converted layers with the largest validation attention MSE go back to softmax"
+            "hybrid      after stage 1 the {} converted layers with {by} go back to softmax",
+            selector.count
+        )?;
+    }
+    if let Some(selector) = &recipe.conversion.softmax_heads {
+        let per_layer = match selector.unit() {
+            HeadUnit::QueryHeads => cfg.num_attention_heads,
+            HeadUnit::KvHeads => cfg.num_key_value_heads,
+        } as usize;
+        let total = cfg.num_hidden_layers as usize * per_layer;
+        let count = selector.count_of(total, converted * per_layer)?;
+        let group = (cfg.num_attention_heads / cfg.num_key_value_heads) as usize;
+        let (what, cache) = match selector.unit() {
+            HeadUnit::QueryHeads => (
+                "query heads",
+                format!(
+                    "their KV cache: {} to {} key/value heads",
+                    count.div_ceil(group),
+                    count
+                ),
+            ),
+            HeadUnit::KvHeads => (
+                "key/value heads (each with its query heads)",
+                format!("their KV cache: {count} key/value heads"),
+            ),
+        };
+        let by = match selector.by {
+            HeadScoring::Retrieval => {
+                "before stage 1 by the teacher's retrieval scores (passkey and MQAR probes)"
+                    .to_string()
+            }
+            HeadScoring::Kl => format!(
+                "after stage 1 by the KL drop when each alone is softmax again ({} validation \
+                 batches)",
+                selector.kl_batches()
+            ),
+        };
+        writeln!(
+            out,
+            "heads       {count} of {total} {what} ({:.1}%) keep softmax inside converted layers, chosen {by}; {cache}; kept in <run>/selection.json",
+            100.0 * count as f64 / total as f64
         )?;
     }
     writeln!(

@@ -83,6 +83,8 @@ impl LinearizeSection {
             softmax_layers: Vec::new(),
             overrides,
             softmax_by_error: None,
+            softmax_layers_by: None,
+            softmax_heads: None,
         };
         conversion
             .plan(layer_types)

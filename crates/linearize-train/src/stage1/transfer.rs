@@ -119,6 +119,9 @@ impl Mixer for TransferMixer {
             self.teacher.forward(input, None)? // (b, h, L, d)
         };
         let student_range = linearize_profile::range("transfer.student");
+        // A head-level hybrid's softmax heads are the teacher's own computation: their rows of
+        // the difference are zero and give the linear part no gradient, so the loss trains the
+        // linear heads only (the mean still counts every head).
         let student = self.student.forward(input, None)?; // (b, h, L, d)
                                                           // The difference is rounded to the outputs' dtype (bf16: 2^-9 of itself), its mean of
                                                           // squares is summed in f32.
@@ -163,8 +166,16 @@ impl Mixer for TransferMixer {
 /// causal softmax weights `p` and the student's normalised linear-attention weights `a`, both
 /// (b, h, L, L) in f32. Only for the `linear` method (the trainer checks method and length).
 pub(crate) fn attention_xent(student: &LinearizedMixer, input: &MixerInput) -> Result<Tensor> {
-    let teacher = softmax_weights(input.q, input.k);
-    let student = linear_weights(student, input)?;
+    let mut teacher = softmax_weights(input.q, input.k);
+    let mut weights = linear_weights(student, input)?;
+    if !student.softmax_heads().is_empty() {
+        // The softmax heads of a head-level hybrid do not use their linear weights.
+        let linear: Vec<i64> = student.linear_heads().iter().map(|&h| h as i64).collect();
+        let linear = Tensor::from_slice(&linear).to_device(teacher.device());
+        teacher = teacher.index_select(1, &linear);
+        weights = weights.index_select(1, &linear);
+    }
+    let student = weights;
     let tiny = 1e-12;
     Ok(-(teacher * (student + tiny).log())
         .sum_dim_intlist(-1, false, Kind::Float)
@@ -288,6 +299,25 @@ mod tests {
         assert!(p.matmul(&v_rep).allclose(&teacher, 1e-5, 1e-5, false));
         let rows = p.sum_dim_intlist(-1, false, Kind::Float);
         assert!(rows.allclose(&rows.ones_like(), 1e-5, 1e-5, false));
+    }
+
+    #[test]
+    fn xent_of_a_head_hybrid_counts_its_linear_heads_only() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let plain = LinearizedMixer::new(&vs.root(), &shape(), &linear_config()).unwrap();
+        let hybrid = plain.with_softmax_heads(Some(vec![1])).unwrap();
+        let (q, k, v) = qkv();
+        let x = input(&q, &k, &v);
+        let linear = Tensor::from_slice(&[0i64, 2, 3]);
+        let p = softmax_weights(&q, &k).index_select(1, &linear);
+        let a = linear_weights(&plain, &x).unwrap().index_select(1, &linear);
+        let want = -(p * (a + 1e-12).log())
+            .sum_dim_intlist(-1, false, Kind::Float)
+            .mean(Kind::Float);
+        let got = attention_xent(&hybrid, &x).unwrap();
+        assert!(got.allclose(&want, 1e-6, 1e-6, false));
+        let all = attention_xent(&plain, &x).unwrap();
+        assert!(!got.allclose(&all, 1e-6, 1e-6, false));
     }
 
     #[test]
