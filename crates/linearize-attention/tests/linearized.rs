@@ -129,6 +129,21 @@ fn methods() -> Vec<AttentionConfig> {
             sinks: Some(4),
             ..base(Method::Liger)
         },
+        // Lizard: gates of normaliser 1 (about 0.993 per token untrained) over both windows.
+        AttentionConfig {
+            feature_map: Some(hedgehog(6)),
+            window_size: Some(5),
+            sinks: Some(3),
+            gate_normalizer: Some(1.0),
+            ..base(Method::Lizard)
+        },
+        AttentionConfig {
+            feature_map: Some(FeatureMapConfig::Elu),
+            window_shape: Some(WindowShape::Tk),
+            window_size: Some(4),
+            gate_normalizer: Some(1.0),
+            ..base(Method::Lizard)
+        },
         base(Method::GatedDeltanet),
         AttentionConfig {
             rope: Some(true),
@@ -636,9 +651,9 @@ fn window_only_keeps_the_window_softmax_alone() {
             Method::Linear | Method::LigerGla | Method::GatedDeltanet => {
                 assert!(ablated.is_none(), "{}", cfg.name())
             }
-            // Without its linear terms LoLCATs sw is softmax over the same sliding window (the
-            // window factor cancels), and Liger its window half alone.
-            Method::Lolcats | Method::Liger | Method::SlidingWindow
+            // Without its linear terms LoLCATs (or Lizard) sw is softmax over the same sliding
+            // window (the window factor cancels), and Liger its window half alone.
+            Method::Lolcats | Method::Lizard | Method::Liger | Method::SlidingWindow
                 if cfg.window_shape != Some(WindowShape::Tk) =>
             {
                 let (ablated, name) = ablated.unwrap();
