@@ -1037,7 +1037,11 @@ impl LizardFeatures {
         })
     }
 
-    fn inputs<'a>(&'a self, x: &MixerInput<'a>, window_factors: &'a WindowFactors) -> LizardInputs<'a> {
+    fn inputs<'a>(
+        &'a self,
+        x: &MixerInput<'a>,
+        window_factors: &'a WindowFactors,
+    ) -> LizardInputs<'a> {
         LizardInputs {
             q: x.q,
             k: x.k,

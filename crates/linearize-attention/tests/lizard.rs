@@ -267,7 +267,13 @@ fn with_every_gate_at_one_it_is_lolcats() {
             assert_same(&format!("{what}: naive"), &naive, &want, &s, 1e-12);
             let (chunked, _) = lizard::chunked(&lz, &cfg(shape, sinks), None).unwrap();
             let (lc_chunked, _) = lolcats::chunked(&lc, &lc_cfg, None).unwrap();
-            assert_same(&format!("{what}: chunked"), &chunked, &lc_chunked, &s, 1e-12);
+            assert_same(
+                &format!("{what}: chunked"),
+                &chunked,
+                &lc_chunked,
+                &s,
+                1e-12,
+            );
             let (recurrent, _) =
                 tch::no_grad(|| lizard::recurrent(&lz, &cfg(shape, sinks), None)).unwrap();
             assert_close(&format!("{what}: recurrent"), &recurrent, &want, 1e-12);
@@ -311,7 +317,13 @@ fn chunks_smaller_than_the_window() {
             };
             let naive = lizard::naive(&s.inputs(&x), &c).unwrap();
             let (chunked, _) = lizard::chunked(&s.inputs(&x), &c, None).unwrap();
-            assert_same(&format!("{shape:?} chunk {chunk}"), &chunked, &naive, &s, 1e-10);
+            assert_same(
+                &format!("{shape:?} chunk {chunk}"),
+                &chunked,
+                &naive,
+                &s,
+                1e-10,
+            );
         }
     }
 }
@@ -344,7 +356,8 @@ fn strong_decays_stay_finite_and_exact() {
             for (name, (a, b)) in ["q", "k", "v", "g"].iter().zip(got.iter().zip(&want)) {
                 assert_close(&format!("{what}: grad {name}"), a, b, tol);
             }
-            let (recurrent, _) = tch::no_grad(|| lizard::recurrent(&s.inputs(&x), &c, None)).unwrap();
+            let (recurrent, _) =
+                tch::no_grad(|| lizard::recurrent(&s.inputs(&x), &c, None)).unwrap();
             assert_close(&format!("{what}: recurrent"), &recurrent, &naive, tol);
         }
     }
@@ -412,7 +425,12 @@ fn prefill_then_decode_matches_the_full_sequence() {
                     let (continued, _) = lizard::chunked(&tail, &c, Some(&state)).unwrap();
                     let what = format!("{shape:?} sinks {sinks} split {split}");
                     let rest = full.narrow(2, split, len - split);
-                    assert_close(&format!("{what}: prefill"), &y0, &full.narrow(2, 0, split), 1e-5);
+                    assert_close(
+                        &format!("{what}: prefill"),
+                        &y0,
+                        &full.narrow(2, 0, split),
+                        1e-5,
+                    );
                     assert_close(&format!("{what}: decode"), &decoded, &rest, 1e-5);
                     assert_close(&format!("{what}: continued"), &continued, &rest, 1e-5);
                 });

@@ -113,7 +113,7 @@ impl Call {
         let k_slots = self.slots(&self.start.k, x.k, p.operand);
         let phi_slots = self.slots(&self.start.phi_k, &self.phi_k, p.operand);
         let v_slots = with_ones(&self.slots(&self.start.v, x.v, p.operand)); // (b, h, S, d_v+1)
-        // Padding slots get gate 1 (log 0): they decay nothing.
+                                                                             // Padding slots get gate 1 (log 0): they decay nothing.
         let g_slots = self
             .slots(
                 &self.start.log_gates.unsqueeze(-1),
@@ -136,7 +136,7 @@ impl Call {
             .exp()
             .unsqueeze(-1)
             .unsqueeze(-1); // (b, h, n, 1, 1)
-        // Per-chunk views through `unbind`, whose backward stacks the gradients once.
+                            // Per-chunk views through `unbind`, whose backward stacks the gradients once.
         let mut carried = Tensor::cat(
             &[
                 &self.start.linear.kv,
@@ -189,8 +189,7 @@ impl Call {
         let a = a_window + a_linear;
 
         let values = blocks.with_sinks(&blocks.local(&v_slots), &self.sink_v);
-        let out = p.mm(&a, &values)
-            + p.mm_state(&phi_q, &before) * q_cum.exp().unsqueeze(-1); // (b, h, n, C, d_v+1)
+        let out = p.mm(&a, &values) + p.mm_state(&phi_q, &before) * q_cum.exp().unsqueeze(-1); // (b, h, n, C, d_v+1)
         let d_v = s.value_dim;
         let y = out.narrow(-1, 0, d_v) * out.narrow(-1, d_v, 1).reciprocal();
         blocks.unchunk(&y).to_kind(x.v.kind())

@@ -142,7 +142,9 @@ impl LizardGates {
         }
         let kind = compute_kind("k_raw", k_raw)?;
         let unit = l2_normalize(&repeat_heads(&k_raw.to_kind(kind), heads))?; // (b, h, L, d)
-        let logits = unit.matmul(&self.weight.to_kind(kind).unsqueeze(-1)).squeeze_dim(-1)
+        let logits = unit
+            .matmul(&self.weight.to_kind(kind).unsqueeze(-1))
+            .squeeze_dim(-1)
             + self.bias.to_kind(kind).reshape([1, heads, 1]); // (b, h, L)
         Ok(logits.log_sigmoid() / self.gate_normalizer)
     }
@@ -351,7 +353,10 @@ pub(crate) fn check_inputs(x: &LizardInputs) -> Result<Shapes> {
     if x.log_gates.size() != [s.batch, s.heads, s.len] {
         return Err(shape(
             "log_gates",
-            &format!("{:?} (one per query head and token)", [s.batch, s.heads, s.len]),
+            &format!(
+                "{:?} (one per query head and token)",
+                [s.batch, s.heads, s.len]
+            ),
             x.log_gates,
         ));
     }

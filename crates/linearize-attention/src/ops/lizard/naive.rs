@@ -27,8 +27,8 @@ pub fn naive(x: &LizardInputs, cfg: &LizardConfig) -> Result<Tensor> {
     let decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)) // G_t − G_s (b, h, L, L)
         .masked_fill(&linear_mask.logical_not(), f64::NEG_INFINITY)
         .exp();
-    let a_linear = prepare(x.phi_q, kind, h).matmul(&prepare(x.phi_k, kind, h).transpose(-1, -2))
-        * decay;
+    let a_linear =
+        prepare(x.phi_q, kind, h).matmul(&prepare(x.phi_k, kind, h).transpose(-1, -2)) * decay;
     let a = a_window + a_linear;
     let y = a.matmul(&prepare(x.v, kind, h)) / a.sum_dim_intlist(-1, true, kind);
     Ok(y.to_kind(x.v.kind()))
