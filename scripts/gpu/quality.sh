@@ -65,7 +65,7 @@ fi
 EVAL_S=${EVAL_S:-100}
 SPEED_S=${SPEED_S:-100}
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-ALL_METHODS="hedgehog lolcats_sw lolcats_tk lolcats_tk_xent lolcats_tk_sinks lolcats_tk_sinks_stage1 gated_deltanet liger t2r hybrid2 hybrid4 lolcats_sw_teacher_data untrained liger_untrained swa_sinks"
+ALL_METHODS="hedgehog lolcats_sw lolcats_tk lolcats_tk_xent lolcats_tk_sinks lolcats_tk_sinks_stage1 lizard gated_deltanet liger t2r hybrid2 hybrid4 lolcats_sw_teacher_data untrained liger_untrained swa_sinks"
 METHODS=${METHODS:-$ALL_METHODS}
 if [ "$SMOKE" = 1 ]; then
     export TOKENS_PER_STAGE=${TOKENS_PER_STAGE:-256} TEACHER_SEQUENCES=${TEACHER_SEQUENCES:-4}
