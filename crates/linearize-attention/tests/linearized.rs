@@ -499,6 +499,42 @@ fn config_fields_must_belong_to_the_method() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("window_size must be >= 1"), "{e}");
+    // Lizard has no fused kernels and no sub-chunks; its gate normaliser must be positive.
+    for (field, cfg) in [
+        (
+            "fused_kernels",
+            AttentionConfig {
+                fused_kernels: Some(true),
+                ..AttentionConfig::new(Method::Lizard)
+            },
+        ),
+        (
+            "sub_chunk",
+            AttentionConfig {
+                sub_chunk: Some(8),
+                ..AttentionConfig::new(Method::Lizard)
+            },
+        ),
+        (
+            "gate_normalizer",
+            AttentionConfig {
+                gate_normalizer: Some(0.0),
+                ..AttentionConfig::new(Method::Lizard)
+            },
+        ),
+    ] {
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains(&format!("attention.{field}")), "{e}");
+    }
+    let resolved = AttentionConfig::new(Method::Lizard).resolved();
+    assert_eq!(
+        (
+            resolved.gate_normalizer,
+            resolved.sinks,
+            resolved.fused_kernels
+        ),
+        (Some(16.0), Some(0), None)
+    );
     for cfg in methods() {
         cfg.validate().unwrap();
     }
