@@ -305,25 +305,24 @@ fn chunked_matches_naive_forward_and_gradients() {
 }
 
 #[test]
-fn chunks_smaller_than_the_window() {
+fn chunks_smaller_than_the_window_and_a_one_token_window() {
     seed(33);
     for shape in SHAPES {
-        for chunk in [1, 3, 5] {
+        for (window, chunk) in [(W, 1), (W, 3), (W, 5), (1, 4), (1, CHUNK)] {
             let s = setup(1, 2 * W + 3, Kind::Double, 1.0);
             let x = s.sequence();
             let c = LizardConfig {
+                window_size: window,
                 chunk_size: chunk,
                 ..cfg(shape, 4)
             };
+            let what = format!("{shape:?} window {window} chunk {chunk}");
             let naive = lizard::naive(&s.inputs(&x), &c).unwrap();
             let (chunked, _) = lizard::chunked(&s.inputs(&x), &c, None).unwrap();
-            assert_same(
-                &format!("{shape:?} chunk {chunk}"),
-                &chunked,
-                &naive,
-                &s,
-                1e-10,
-            );
+            assert_same(&what, &chunked, &naive, &s, 1e-10);
+            let (recurrent, _) =
+                tch::no_grad(|| lizard::recurrent(&s.inputs(&x), &c, None)).unwrap();
+            assert_close(&format!("{what}: recurrent"), &recurrent, &naive, 1e-10);
         }
     }
 }

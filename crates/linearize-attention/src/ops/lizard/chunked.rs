@@ -6,13 +6,15 @@
 //! carried sum, as in LoLCATs' block form; the window terms take `exp(s − m)` with `m` the
 //! window's max, the linear terms are not scaled by it.
 //!
-//! Decays stay in log space and every exponent is a sum of log-gates over a forward span (at
-//! most 0), so outputs and gradients stay finite for any gate strength:
-//! - within a block, with `B` the log-gates summed from the block's first slot, key s decays to
-//!   query t by `exp(B_t − B_s)` (masked to `-inf` before the exponential where s is not a
-//!   linear key, so future entries never overflow);
+//! Decays stay in log space and every exponent is at most 0, so outputs and gradients stay
+//! finite for any gate strength. With c0 the start of the query's chunk and `A_t` the log-gates
+//! summed from c0 through t:
+//! - a key s of the block before c0 decays to query t by `exp(A_t + Σ_{s<r<c0} g_r)`, two sums
+//!   over their own spans; a key of the query's own chunk by `exp(A_t − A_s)`, the one
+//!   difference, of sums over at most C tokens (masked to `-inf` before the exponential where s
+//!   is not a linear key, so future entries never overflow);
 //! - the sum carried into block j holds the keys before it, decayed to the slot before the block,
-//!   and reaches query t by `exp(B_t)`;
+//!   and reaches query t by `exp(Σ_{history} g + A_t)`;
 //! - each chunk adds its keys decayed to its end by `exp(Σ_{r>s} g_r)` (summed from the end), and
 //!   the carried sum decays by the chunk's whole gate: one fused update per chunk.
 //!
@@ -152,10 +154,20 @@ impl Call {
         }
         let before = Tensor::stack(&before, 2); // (b, h, n, f, d_v+1)
 
-        // Log-decays from each block's first slot (b, h, n, K), the queries' last (b, h, n, C).
-        let g_blocks = blocks.local(&g_slots.unsqueeze(-1)).squeeze_dim(-1);
-        let cum = g_blocks.cumsum(-1, p.acc);
-        let q_cum = cum.narrow(3, blocks.history * c, c);
+        // Log-decays to each query of block j, split at its chunk's start c0: `from_start` the
+        // gates from c0 through the query (b, h, n, C), `to_start` those from just after each
+        // history key to c0 (b, h, n, hist·C), `history` all of the history's (b, h, n, 1). Each
+        // is a sum over its own span, so a strong gate early in the block costs the later,
+        // weakly decayed terms no precision.
+        let g_blocks = blocks.local(&g_slots.unsqueeze(-1)).squeeze_dim(-1); // (b, h, n, K)
+        let hist_len = blocks.history * c;
+        let g_hist = g_blocks.narrow(3, 0, hist_len);
+        let from_start = g_blocks.narrow(3, hist_len, c).cumsum(-1, p.acc);
+        let to_start = match hist_len {
+            0 => g_hist.shallow_clone(), // a window of one token reaches no history
+            _ => super::decay_after(&g_hist, p.acc),
+        };
+        let history = g_hist.sum_dim_intlist(-1, true, p.acc);
 
         let (window_mask, linear_mask) = blocks.masks_with_sink_rows(
             &self.cfg.window(),
@@ -178,9 +190,16 @@ impl Call {
 
         // Linear terms within the block, decayed; the sink rows have none.
         let linear_mask = linear_mask.narrow(2, 0, block_len);
-        let decay = (q_cum.unsqueeze(-1) - cum.unsqueeze(-2))
-            .masked_fill(&linear_mask.logical_not(), f64::NEG_INFINITY)
-            .exp(); // (b, h, n, C, K)
+        let q_log = from_start.unsqueeze(-1); // (b, h, n, C, 1)
+        let decay = Tensor::cat(
+            &[
+                &q_log + to_start.unsqueeze(-2),
+                &q_log - from_start.unsqueeze(-2),
+            ],
+            -1,
+        )
+        .masked_fill(&linear_mask.logical_not(), f64::NEG_INFINITY)
+        .exp(); // (b, h, n, C, K)
         let a_linear = p.mm(&phi_q, &blocks.local(&phi_slots).transpose(-1, -2)) * decay;
         let a_linear = match self.sink_k.size()[2] {
             0 => a_linear,
@@ -189,7 +208,8 @@ impl Call {
         let a = a_window + a_linear;
 
         let values = blocks.with_sinks(&blocks.local(&v_slots), &self.sink_v);
-        let out = p.mm(&a, &values) + p.mm_state(&phi_q, &before) * q_cum.exp().unsqueeze(-1); // (b, h, n, C, d_v+1)
+        let reach_query = (history + from_start).exp().unsqueeze(-1); // (b, h, n, C, 1)
+        let out = p.mm(&a, &values) + p.mm_state(&phi_q, &before) * reach_query; // (b, h, n, C, d_v+1)
         let d_v = s.value_dim;
         let y = out.narrow(-1, 0, d_v) * out.narrow(-1, d_v, 1).reciprocal();
         blocks.unchunk(&y).to_kind(x.v.kind())
