@@ -40,6 +40,7 @@ METHOD_KEYS = {
     "softmax": (set(), set()),
     "linear": ({"feature_map", "eps"}, {"chunk_size"}),
     "lolcats": ({"feature_map", "window_shape", "window_size", "sinks"}, {"chunk_size", "fused_kernels"}),
+    "lizard": ({"feature_map", "window_shape", "window_size", "sinks", "gate_normalizer"}, {"chunk_size"}),
     "sliding_window": ({"window_size", "sinks"}, {"chunk_size"}),
     "liger_gla": ({"gate_normalizer"}, {"chunk_size", "sub_chunk"}),
     "liger": ({"window_size", "gate_normalizer", "sinks"}, {"chunk_size", "sub_chunk"}),

@@ -1,6 +1,6 @@
 # PyTorch modeling code for models converted by linearize (https://github.com/linearize/linearize):
 # a Llama-family decoder (or Gemma 3's text decoder) whose attention layers each run their own
-# method (softmax, linear attention with a feature map, LoLCATs, sliding window, Liger GLA, Liger,
+# method (softmax, linear attention with a feature map, LoLCATs, Lizard, sliding window, Liger GLA, Liger,
 # Gated DeltaNet; the windowed ones optionally with sink tokens; any of them with some query heads
 # kept softmax, a head-level hybrid). This file is copied
 # into every export by the `linearize` binary; the copy in the repository's python/linearize_hf/
@@ -544,6 +544,135 @@ class LolcatsAttention(LinearizeAttention):
         return num / den
 
 
+def decay_after(g):
+    """For log-gates g (.., n): sum_{r > s} g_r at each s (the log-decay from each token to the
+    last, its own gate excluded), summed from the end."""
+    rev = g.flip(-1)
+    return (rev.cumsum(-1) - rev).flip(-1)
+
+
+class LizardGate(nn.Module):
+    """Lizard's gate projection: one scalar per head and token from the head's raw key at unit
+    norm, log alpha = logsigmoid(weight . k_raw / |k_raw| + bias) / gate_normalizer."""
+
+    def __init__(self, heads, head_dim, gate_normalizer):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(heads, head_dim))
+        self.bias = nn.Parameter(torch.full((heads,), 5.0))
+        self.gate_normalizer = gate_normalizer
+
+    def forward(self, k_raw):
+        """k_raw (b, h_kv, L, d) -> log-gates (b, h, L) in the compute dtype."""
+        dtype = compute_dtype(k_raw)
+        k = l2_normalize(repeat_heads(k_raw.to(dtype), self.weight.shape[0]))
+        z = (k @ self.weight.to(dtype).unsqueeze(-1)).squeeze(-1) + self.bias.to(dtype)[None, :, None]
+        return F.logsigmoid(z) / self.gate_normalizer
+
+
+class LizardAttention(LolcatsAttention):
+    """Lizard: LoLCATs (window, sinks, one normaliser) whose linear terms decay by a learned scalar
+    gate per head and token, alpha_r = exp(log_gates_r) (see LizardGate):
+      a_ts = gamma * exp(q_t.k_s / sqrt(d) - m_t)                   for s in W(t)
+      a_ts = phi(q_t).phi(k_s) * prod_{r=s+1..t} alpha_r             for s < t outside W(t).
+    The decoding state keeps each cached token's log-gate; the linear sums are decayed to the
+    token before the window cache."""
+
+    def __init__(self, config, layer_idx, attention):
+        super().__init__(config, layer_idx, attention)
+        self.gate_proj = LizardGate(self.num_heads, self.head_dim, attention["gate_normalizer"])
+
+    def forward_core(self, x):
+        q, k, v = x["q"], x["k"], x["v"]
+        L, off = q.shape[2], x["offset"]
+        pos = torch.arange(off, off + L, device=q.device)
+        window, linear = window_masks(self.window_shape, self.window_size, pos[:, None], pos[None, :], self.sinks)
+        scores = scaled_scores(q, k).masked_fill(~window, float("-inf"))  # (b, h, L, L)
+        a_window = (scores - scores.amax(-1, keepdim=True)).exp() * self.gammas(scores.dtype)
+        cum = self.gate_proj(x["k_raw"]).to(scores.dtype).cumsum(-1)  # (b, h, L)
+        decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~linear, float("-inf")).exp()
+        phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
+        a = a_window + (phi_q @ phi_k.transpose(-1, -2)) * decay
+        return (a @ repeat_heads(v.to(a.dtype), self.num_heads)) / a.sum(-1, keepdim=True)
+
+    def absorb(self, kv, k_sum, phi_k, v, g):
+        """The linear sums decayed by the leaving tokens' gates, plus those tokens (phi_k (b, h, n, f),
+        v (b, h, n, d), g (b, h, n)) each decayed to the last of them."""
+        phi = phi_k * decay_after(g).exp().unsqueeze(-1)
+        whole = g.sum(-1).exp()  # (b, h)
+        return whole[..., None, None] * kv + phi.transpose(-1, -2) @ v, whole[..., None] * k_sum + phi.sum(2)
+
+    def prefill_state(self, x):
+        k, v = x["k"], x["v"]
+        phi_k = without_sinks(self.feature_map_k(k), x["offset"], self.sinks)
+        dtype = phi_k.dtype
+        g = self.gate_proj(x["k_raw"]).to(dtype)
+        b, h, L, f = phi_k.shape
+        keep = min(L, window_reach(self.window_shape, self.window_size))
+        leaving = L - keep
+        v_rep = repeat_heads(v.to(dtype), h)
+        zeros = phi_k.new_zeros(b, h, f, v.shape[-1]), phi_k.new_zeros(b, h, f)
+        kv, k_sum = self.absorb(*zeros, phi_k[:, :, :leaving], v_rep[:, :, :leaving], g[:, :, :leaving])
+        return {
+            "k": k[:, :, leaving:].to(dtype),
+            "phi_k": phi_k[:, :, leaving:],
+            "v": v[:, :, leaving:].to(dtype),
+            "g": g[:, :, leaving:],
+            "kv": kv,
+            "k_sum": k_sum,
+            "pos": x["offset"] + L,
+            **sink_state(k, v, x["offset"], self.sinks, dtype),
+        }
+
+    def step(self, state, x):
+        h, t = self.num_heads, state["pos"]
+        dtype = state["kv"].dtype
+        m = state["k"].shape[2]
+        phi_q = self.feature_map_q(x["q"])
+        phi_k = without_sinks(self.feature_map_k(x["k"]), t, self.sinks)
+        gates = torch.cat([state["g"], self.gate_proj(x["k_raw"]).to(dtype)], 2)  # (b, h, m+1)
+        sink_k, sink_v = visible_sinks(state, self.window_shape, self.window_size, t)
+        n = sink_k.shape[2]
+        sink_phi = phi_k.new_zeros(phi_k.shape[0], phi_k.shape[1], n, phi_k.shape[3])
+        keys = torch.cat([sink_k, state["k"], x["k"].to(dtype)], 2)  # (b, h_k, n+m+1, d)
+        phi_keys = torch.cat([sink_phi, state["phi_k"], phi_k], 2)  # (b, h, n+m+1, f)
+        values = torch.cat([sink_v, state["v"], x["v"].to(dtype)], 2)  # (b, h_v, n+m+1, d)
+        device = keys.device
+        inside, _ = window_masks(
+            self.window_shape,
+            self.window_size,
+            torch.tensor([t], device=device)[:, None],
+            torch.arange(t - m, t + 1, device=device)[None, :],
+        )  # (1, m+1)
+        inside = torch.cat([torch.ones(1, n, dtype=torch.bool, device=device), inside], 1)  # (1, n+m+1)
+        # Decay of each cached key and the new one to this token; the sums before the cache decay
+        # by every gate since them. Sinks get none (they are never linear keys).
+        after = torch.cat([gates.new_zeros(gates.shape[0], h, n), decay_after(gates)], 2).exp()
+        whole = gates.sum(-1).exp()[..., None, None]  # (b, h, 1, 1)
+        scores = scaled_scores(x["q"], keys).masked_fill(~inside, float("-inf"))
+        a_window = (scores - scores.amax(-1, keepdim=True)).exp() * self.gammas(dtype)
+        a_cached_linear = ((phi_q @ phi_keys.transpose(-1, -2)) * after.unsqueeze(2)).masked_fill(inside, 0.0)
+        a = a_window + a_cached_linear
+        num = a @ repeat_heads(values, h) + whole * (phi_q @ state["kv"])
+        den = a.sum(-1, keepdim=True) + whole * (phi_q @ state["k_sum"].unsqueeze(-1))
+        # The token joins the cache (and the sinks, if it is one); what falls out of the window's
+        # reach joins the decayed linear sums.
+        sink_step(state, x["k"], x["v"], t, self.sinks)
+        keys, phi_keys, values = keys[:, :, n:], phi_keys[:, :, n:], values[:, :, n:]
+        keep = min(m + 1, window_reach(self.window_shape, self.window_size))
+        leaving = m + 1 - keep
+        state["kv"], state["k_sum"] = self.absorb(
+            state["kv"],
+            state["k_sum"],
+            phi_keys[:, :, :leaving],
+            repeat_heads(values[:, :, :leaving], h),
+            gates[:, :, :leaving],
+        )
+        state["k"], state["phi_k"], state["v"] = keys[:, :, leaving:], phi_keys[:, :, leaving:], values[:, :, leaving:]
+        state["g"] = gates[:, :, leaving:]
+        state["pos"] = t + 1
+        return num / den
+
+
 def swa_attend(q, k, v, size, sinks, offset):
     """Causal softmax over the last `size` keys (the query's own included) and the first `sinks`."""
     L = q.shape[2]
@@ -773,6 +902,7 @@ ATTENTION_CLASSES = {
     "softmax": SoftmaxAttention,
     "linear": LinearAttention,
     "lolcats": LolcatsAttention,
+    "lizard": LizardAttention,
     "sliding_window": SlidingWindowAttention,
     "liger_gla": LigerGlaAttention,
     "liger": LigerAttention,
@@ -864,6 +994,9 @@ class LinearizePreTrainedModel(PreTrainedModel):
                 module.b.data.zero_()
         elif isinstance(module, LolcatsAttention):
             module.window_factors.data.fill_(-2.1972)
+        elif isinstance(module, LizardGate):
+            module.weight.data.zero_()
+            module.bias.data.fill_(5.0)
         elif isinstance(module, GatedDeltaNetAttention):
             init_delta_gates(module)
 

@@ -7,6 +7,8 @@
 #   scripts/gpu/bench.sh profile          # the stages-batched cases under libtorch's profiler
 #   scripts/gpu/bench.sh gated-deltanet   # chunked Gated DeltaNet at 16k, 64k (bf16, 32 heads,
 #                                         # d 128) beside fla's chunk_gated_delta_rule (needs fla)
+#   scripts/gpu/bench.sh lizard           # chunked Lizard tk64 beside LoLCATs tk64 (libtorch
+#                                         # chunked form and fused kernels) at 4k, 16k, 64k
 # The binary is target/release/linearize-gpu (built on the CPU machine, carried); results and
 # logs go to $OUT (default ./bench-out).
 set -euo pipefail
@@ -63,8 +65,13 @@ case "${1:-}" in
     python3 scripts/gpu/fla_gated_deltanet.py --lengths ${LENGTHS:-16384,65536} --heads 32 \
       --head-dim 128 --dtype bf16 2>"$OUT/gdn_fla.log" | tee "$OUT/gdn_fla.jsonl"
     ;;
+  lizard)
+    "$BIN" bench kernels --device cuda --dtype bf16 --methods lolcats-tk,lizard-tk \
+      --forms chunked,fused --lengths ${LENGTHS:-4096,16384,65536} --heads 32 --head-dim 128 \
+      --json "$OUT/lizard.json" 2>"$OUT/lizard.log" | tee "$OUT/lizard.md"
+    ;;
   *)
-    echo "usage: $0 kernels-stages|stages-batched|profile|decode|gated-deltanet" >&2
+    echo "usage: $0 kernels-stages|stages-batched|profile|decode|gated-deltanet|lizard" >&2
     exit 2
     ;;
 esac

@@ -6,6 +6,7 @@
 //! |--------------------------|---------------|---------------------------------------------|--------------------|-----------------|
 //! | [`ops::linear_attn`]     | `naive`       | `chunked`                                   | `step`, `recurrent`| [`ops::linear_attn::LinearState`] |
 //! | [`ops::lolcats`] (sw, tk)| `naive`       | `chunked`                                   | `step`, `recurrent`| [`ops::lolcats::LolcatsState`]    |
+//! | [`ops::lizard`] (sw, tk) | `naive`       | `chunked` (decays in log space)             | `step`, `recurrent`| [`ops::lizard::LizardState`]      |
 //! | [`ops::swa`]             | `naive`       | `chunked` (SDPA on local blocks)            | `step`, `recurrent`| [`ops::swa::SwaState`]            |
 //! | [`ops::gla`]             | `naive`       | `chunked` (log space, sub-chunks)           | `step`, `recurrent`| [`ops::gla::GlaState`]            |
 //! | [`ops::liger`]           | `naive`       | `chunked`                                   | `step`, `recurrent`| [`ops::liger::LigerState`]        |
@@ -29,7 +30,7 @@
 //! | `softmax_dim`                                   | `softmax_d(x)` (Liger)                       | –                             |
 //!
 //! [`lora::LoraLinear`]: `delta(x)`, `merge_into`, `unmerge_from`; LoLCATs' trainable window
-//! factors: [`ops::lolcats::WindowFactors`].
+//! factors: [`ops::lolcats::WindowFactors`]; Lizard's gate projection: [`ops::lizard::LizardGates`].
 pub mod error;
 pub mod feature_map;
 pub mod linearized;

@@ -8,6 +8,7 @@ use crate::ops::gated_deltanet::{
 use crate::ops::gla::{self, GlaConfig, GlaState};
 use crate::ops::liger::{self, LigerConfig, LigerInputs, LigerState};
 use crate::ops::linear_attn::{self, LinearAttnConfig, LinearState};
+use crate::ops::lizard::{self, LizardConfig, LizardGates, LizardInputs, LizardState};
 use crate::ops::lolcats::{self, LolcatsConfig, LolcatsInputs, LolcatsState, WindowFactors};
 use crate::ops::swa::{self, SwaConfig, SwaState};
 use crate::ops::window::WindowShape;
@@ -36,6 +37,9 @@ pub enum Method {
     Liger,
     /// Gated DeltaNet: the delta rule with a learned decay and write strength per head and token.
     GatedDeltanet,
+    /// Lizard: LoLCATs' window (and sinks) with linear terms decayed by a learned scalar gate per
+    /// head and token.
+    Lizard,
 }
 
 impl Method {
@@ -48,6 +52,7 @@ impl Method {
             Self::LigerGla => "liger_gla",
             Self::Liger => "liger",
             Self::GatedDeltanet => "gated_deltanet",
+            Self::Lizard => "lizard",
         }
     }
 }
@@ -65,16 +70,18 @@ impl fmt::Display for Method {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttentionConfig {
-    /// `softmax`, `linear`, `lolcats`, `sliding_window`, `liger_gla`, `liger` or `gated_deltanet`.
+    /// `softmax`, `linear`, `lolcats`, `sliding_window`, `liger_gla`, `liger`, `gated_deltanet`
+    /// or `lizard`.
     pub method: Method,
-    /// `linear`, `lolcats`: the map φ applied to q and k after RoPE (a separate map, with its own
+    /// `linear`, `lolcats`, `lizard`: the map φ applied to q and k after RoPE (a separate map, with its own
     /// parameters, for each). Default: Hedgehog with feature_dim 64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feature_map: Option<FeatureMapConfig>,
-    /// `lolcats`: `sw` (the last `window_size` tokens) or `tk` (terrace blocks). Default `sw`.
+    /// `lolcats`, `lizard`: `sw` (the last `window_size` tokens) or `tk` (terrace blocks).
+    /// Default `sw`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_shape: Option<WindowShape>,
-    /// `lolcats`, `sliding_window`, `liger`: tokens of the softmax window. Default 64.
+    /// `lolcats`, `lizard`, `sliding_window`, `liger`: tokens of the softmax window. Default 64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_size: Option<i64>,
     /// Every method but `softmax`: tokens per chunk of the chunked kernels (training and
@@ -84,7 +91,9 @@ pub struct AttentionConfig {
     /// `linear`: added to the normaliser. Default 1e-12.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eps: Option<f64>,
-    /// `liger_gla`, `liger`: log-gates are `logsigmoid(k) / gate_normalizer`. Default 16.
+    /// `liger_gla`, `liger`: log-gates are `logsigmoid(k) / gate_normalizer`; `lizard`:
+    /// `logsigmoid(w·k̂ + b) / gate_normalizer` (a learned projection of the unit raw key).
+    /// Default 16.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate_normalizer: Option<f64>,
     /// `liger_gla`, `liger`: tokens per sub-chunk of the GLA kernel; must divide `chunk_size`.
@@ -95,8 +104,8 @@ pub struct AttentionConfig {
     /// they apply (bf16, a window of whole 64-token chunks, no sinks). Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fused_kernels: Option<bool>,
-    /// `lolcats`, `sliding_window`, `liger`: the first `sinks` tokens stay softmax keys of every
-    /// query (StreamingLLM). Default 0.
+    /// `lolcats`, `lizard`, `sliding_window`, `liger`: the first `sinks` tokens stay softmax keys
+    /// of every query (StreamingLLM). Default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sinks: Option<i64>,
     /// `gated_deltanet`: read q and k after RoPE (true) or before (false). Default false: the
@@ -134,11 +143,19 @@ const DEFAULT_SUB_CHUNK: i64 = 16;
 
 /// The optional fields of [`AttentionConfig`] and the methods that use each.
 const FIELD_USERS: [(&str, &[Method]); 12] = [
-    ("feature_map", &[Method::Linear, Method::Lolcats]),
-    ("window_shape", &[Method::Lolcats]),
+    (
+        "feature_map",
+        &[Method::Linear, Method::Lolcats, Method::Lizard],
+    ),
+    ("window_shape", &[Method::Lolcats, Method::Lizard]),
     (
         "window_size",
-        &[Method::Lolcats, Method::SlidingWindow, Method::Liger],
+        &[
+            Method::Lolcats,
+            Method::Lizard,
+            Method::SlidingWindow,
+            Method::Liger,
+        ],
     ),
     (
         "chunk_size",
@@ -149,15 +166,24 @@ const FIELD_USERS: [(&str, &[Method]); 12] = [
             Method::LigerGla,
             Method::Liger,
             Method::GatedDeltanet,
+            Method::Lizard,
         ],
     ),
     ("eps", &[Method::Linear]),
-    ("gate_normalizer", &[Method::LigerGla, Method::Liger]),
+    (
+        "gate_normalizer",
+        &[Method::LigerGla, Method::Liger, Method::Lizard],
+    ),
     ("sub_chunk", &[Method::LigerGla, Method::Liger]),
     ("fused_kernels", &[Method::Lolcats]),
     (
         "sinks",
-        &[Method::Lolcats, Method::SlidingWindow, Method::Liger],
+        &[
+            Method::Lolcats,
+            Method::Lizard,
+            Method::SlidingWindow,
+            Method::Liger,
+        ],
     ),
     ("rope", &[Method::GatedDeltanet]),
     ("qk_activation", &[Method::GatedDeltanet]),
@@ -170,6 +196,7 @@ const FIELD_USERS: [(&str, &[Method]); 12] = [
             Method::LigerGla,
             Method::Liger,
             Method::GatedDeltanet,
+            Method::Lizard,
         ],
     ),
 ];
@@ -335,6 +362,15 @@ impl AttentionConfig {
         }
     }
 
+    pub fn lizard_config(&self) -> LizardConfig {
+        LizardConfig {
+            window_shape: self.window_shape.unwrap_or(WindowShape::Sw),
+            window_size: self.window(),
+            chunk_size: self.chunk(),
+            sinks: self.sinks(),
+        }
+    }
+
     pub fn swa_config(&self) -> SwaConfig {
         SwaConfig {
             window_size: self.window(),
@@ -391,6 +427,14 @@ impl AttentionConfig {
                     WindowShape::Tk => "tk",
                 };
                 format!("lolcats-{shape}{}+{}", c.window_size, fm())
+            }
+            Method::Lizard => {
+                let c = self.lizard_config();
+                let shape = match c.window_shape {
+                    WindowShape::Sw => "sw",
+                    WindowShape::Tk => "tk",
+                };
+                format!("lizard-{shape}{}+{}", c.window_size, fm())
             }
             Method::SlidingWindow => format!("sliding_window-{}", self.window()),
             Method::LigerGla => "liger_gla".into(),
@@ -478,10 +522,17 @@ enum Kernel {
         rope: bool,
         activation: QkActivation,
     },
+    Lizard {
+        feature_map_q: FeatureMap,
+        feature_map_k: FeatureMap,
+        window_factors: WindowFactors,
+        gates: LizardGates,
+        cfg: LizardConfig,
+    },
 }
 
 /// The attention core of a converted layer. Its parameters (feature maps `feature_map_q`,
-/// `feature_map_k`, LoLCATs' `window_factors`) live under the `nn::Path` it was built at;
+/// `feature_map_k`, LoLCATs' and Lizard's `window_factors`, Lizard's `gate_proj`) live under the `nn::Path` it was built at;
 /// [`LinearizedMixer::shallow_clone`] makes a second mixer over the same parameter tensors.
 pub struct LinearizedMixer {
     kernel: Kernel,
@@ -589,6 +640,7 @@ enum KernelState {
     LigerGla(GlaState),
     Liger(LigerState),
     GatedDeltanet(GatedDeltaNetState),
+    Lizard(LizardState),
 }
 
 impl KernelState {
@@ -600,6 +652,7 @@ impl KernelState {
             Self::LigerGla(s) => Self::LigerGla(s.map_tensors(f)),
             Self::Liger(s) => Self::Liger(s.map_tensors(f)),
             Self::GatedDeltanet(s) => Self::GatedDeltanet(s.map_tensors(f)),
+            Self::Lizard(s) => Self::Lizard(s.map_tensors(f)),
         }
     }
 
@@ -611,6 +664,7 @@ impl KernelState {
             Self::LigerGla(s) => s.tensors(),
             Self::Liger(s) => s.tensors(),
             Self::GatedDeltanet(s) => s.tensors(),
+            Self::Lizard(s) => s.tensors(),
         }
     }
 }
@@ -673,6 +727,17 @@ impl LinearizedMixer {
                     cfg: config.gated_deltanet_config(),
                     rope: resolved.rope.unwrap_or(false),
                     activation: resolved.qk_activation.unwrap_or_default(),
+                }
+            }
+            Method::Lizard => {
+                let (feature_map_q, feature_map_k) = maps()?;
+                let normalizer = config.gate_normalizer.unwrap_or(DEFAULT_GATE_NORMALIZER);
+                Kernel::Lizard {
+                    feature_map_q,
+                    feature_map_k,
+                    window_factors: WindowFactors::new(path, shape.num_heads),
+                    gates: LizardGates::new(path, shape.num_heads, shape.head_dim, normalizer),
+                    cfg: config.lizard_config(),
                 }
             }
         };
@@ -771,6 +836,21 @@ impl LinearizedMixer {
                 rope: *rope,
                 activation: *activation,
             },
+            Kernel::Lizard {
+                feature_map_q,
+                feature_map_k,
+                window_factors,
+                gates,
+                cfg,
+            } => Kernel::Lizard {
+                feature_map_q: feature_map_q.shallow_clone(),
+                feature_map_k: feature_map_k.shallow_clone(),
+                window_factors: WindowFactors {
+                    logits: window_factors.logits.shallow_clone(),
+                },
+                gates: gates.shallow_clone(),
+                cfg: *cfg,
+            },
         };
         Self {
             kernel,
@@ -783,7 +863,8 @@ impl LinearizedMixer {
     /// The mixer with its linear part switched off, over the same parameters: the ablation that
     /// shows how much the linear (recurrent) path contributes, which trained hybrids can learn
     /// to bypass. LoLCATs keeps its window softmax alone (with φ(q) = 0 the linear terms leave
-    /// numerator and normaliser, and γ cancels); Liger keeps its sliding-window half at full
+    /// numerator and normaliser, and γ cancels), and so does Lizard (its gates only scale the
+    /// linear terms); Liger keeps its sliding-window half at full
     /// weight; softmax and sliding-window layers are unchanged. `None` for the methods with no
     /// window (`linear`, `liger_gla`, `gated_deltanet`).
     pub fn window_only(&self) -> Option<Self> {
@@ -800,6 +881,31 @@ impl LinearizedMixer {
                 }
                 .resolved();
                 mixer.kernel = Kernel::SlidingWindow(cfg.swa_config());
+            }
+            Kernel::Lizard {
+                feature_map_q,
+                feature_map_k,
+                window_factors,
+                cfg,
+                ..
+            } => {
+                // With φ(q) = 0 the decayed linear terms vanish as LoLCATs' do: what is left is
+                // LoLCATs' window alone, over the same window factors.
+                mixer.kernel = Kernel::Lolcats {
+                    feature_map_q: feature_map_q.shallow_clone(),
+                    feature_map_k: feature_map_k.shallow_clone(),
+                    window_factors: WindowFactors {
+                        logits: window_factors.logits.shallow_clone(),
+                    },
+                    cfg: LolcatsConfig {
+                        window_shape: cfg.window_shape,
+                        window_size: cfg.window_size,
+                        chunk_size: cfg.chunk_size,
+                        fused: true,
+                        sinks: cfg.sinks,
+                    },
+                    linear: false,
+                };
             }
             Kernel::Softmax(_) | Kernel::SlidingWindow(_) => {}
             Kernel::Linear { .. } | Kernel::LigerGla { .. } | Kernel::GatedDeltanet { .. } => {
@@ -818,7 +924,7 @@ impl LinearizedMixer {
         self.config.method
     }
 
-    /// `(feature_map_q, feature_map_k)` of the `linear` and `lolcats` methods.
+    /// `(feature_map_q, feature_map_k)` of the `linear`, `lolcats` and `lizard` methods.
     pub fn feature_maps(&self) -> Option<(&FeatureMap, &FeatureMap)> {
         match &self.kernel {
             Kernel::Linear {
@@ -827,6 +933,11 @@ impl LinearizedMixer {
                 ..
             }
             | Kernel::Lolcats {
+                feature_map_q,
+                feature_map_k,
+                ..
+            }
+            | Kernel::Lizard {
                 feature_map_q,
                 feature_map_k,
                 ..
@@ -851,6 +962,17 @@ impl LinearizedMixer {
                 let inputs = lolcats_inputs(x, &phi_q, &phi_k, window_factors);
                 let _range = linearize_profile::range("attention kernel");
                 Ok(lolcats::chunked_output(&inputs, cfg)?)
+            }
+            Kernel::Lizard {
+                feature_map_q,
+                feature_map_k,
+                window_factors,
+                gates,
+                cfg,
+            } => {
+                let f = LizardFeatures::new(x, feature_map_q, feature_map_k, gates)?;
+                let _range = linearize_profile::range("attention kernel");
+                Ok(lizard::chunked_output(&f.inputs(x, window_factors), cfg)?)
             }
             _ => Ok(self.chunked(x, None)?.0),
         }
@@ -945,6 +1067,22 @@ impl LinearizedMixer {
                     gated_deltanet::chunked(&d.q, &d.k, x.v, &d.g, &d.beta, cfg, state)?;
                 (y, KernelState::GatedDeltanet(next))
             }
+            Kernel::Lizard {
+                feature_map_q,
+                feature_map_k,
+                window_factors,
+                gates,
+                cfg,
+            } => {
+                let state = match state {
+                    Some(KernelState::Lizard(s)) => Some(s),
+                    _ => None,
+                };
+                let f = LizardFeatures::new(x, feature_map_q, feature_map_k, gates)?;
+                let _range = linearize_profile::range("attention kernel");
+                let (y, next) = lizard::chunked(&f.inputs(x, window_factors), cfg, state)?;
+                (y, KernelState::Lizard(next))
+            }
         })
     }
 
@@ -1003,6 +1141,19 @@ impl LinearizedMixer {
                 let d = DeltaInputs::new(x, gates, *rope, *activation)?;
                 gated_deltanet::step(s, &d.q, &d.k, x.v, &d.g, &d.beta)?
             }
+            (
+                Kernel::Lizard {
+                    feature_map_q,
+                    feature_map_k,
+                    window_factors,
+                    gates,
+                    cfg,
+                },
+                KernelState::Lizard(s),
+            ) => {
+                let f = LizardFeatures::new(x, feature_map_q, feature_map_k, gates)?;
+                lizard::step(s, &f.inputs(x, window_factors), cfg, x.position)?
+            }
             _ => bail!("{}: decoding state of another method", self.name()),
         })
     }
@@ -1027,6 +1178,45 @@ fn lolcats_inputs<'a>(
         phi_q,
         phi_k,
         window_factors: &window_factors.logits,
+    }
+}
+
+/// What a Lizard layer computes from the projections before its kernel: φ(q), φ(k) after RoPE
+/// and the log-gates from the raw keys.
+struct LizardFeatures {
+    phi_q: Tensor, // (b, h, L, f)
+    phi_k: Tensor, // (b, h, L, f)
+    g: Tensor,     // (b, h, L)
+}
+
+impl LizardFeatures {
+    fn new(
+        x: &MixerInput,
+        feature_map_q: &FeatureMap,
+        feature_map_k: &FeatureMap,
+        gates: &LizardGates,
+    ) -> Result<Self> {
+        Ok(Self {
+            phi_q: feature_map_q.forward(x.q)?,
+            phi_k: feature_map_k.forward(x.k)?,
+            g: gates.forward(x.k_raw)?,
+        })
+    }
+
+    fn inputs<'a>(
+        &'a self,
+        x: &MixerInput<'a>,
+        window_factors: &'a WindowFactors,
+    ) -> LizardInputs<'a> {
+        LizardInputs {
+            q: x.q,
+            k: x.k,
+            v: x.v,
+            phi_q: &self.phi_q,
+            phi_k: &self.phi_k,
+            log_gates: &self.g,
+            window_factors: &window_factors.logits,
+        }
     }
 }
 
@@ -1186,6 +1376,9 @@ impl Mixer for LinearizedMixer {
             // The window cache is full and the window has passed the sinks: the state's shapes
             // (and the sinks each step sees) no longer change.
             (Kernel::Lolcats { cfg, .. }, Some(KernelState::Lolcats(s))) => {
+                s.cached() >= cfg.window().reach() && s.pos >= cfg.sinks + cfg.window().reach()
+            }
+            (Kernel::Lizard { cfg, .. }, Some(KernelState::Lizard(s))) => {
                 s.cached() >= cfg.window().reach() && s.pos >= cfg.sinks + cfg.window().reach()
             }
             (Kernel::SlidingWindow(cfg), Some(KernelState::SlidingWindow(s))) => {

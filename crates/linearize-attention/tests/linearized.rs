@@ -129,6 +129,21 @@ fn methods() -> Vec<AttentionConfig> {
             sinks: Some(4),
             ..base(Method::Liger)
         },
+        // Lizard: gates of normaliser 1 (about 0.993 per token untrained) over both windows.
+        AttentionConfig {
+            feature_map: Some(hedgehog(6)),
+            window_size: Some(5),
+            sinks: Some(3),
+            gate_normalizer: Some(1.0),
+            ..base(Method::Lizard)
+        },
+        AttentionConfig {
+            feature_map: Some(FeatureMapConfig::Elu),
+            window_shape: Some(WindowShape::Tk),
+            window_size: Some(4),
+            gate_normalizer: Some(1.0),
+            ..base(Method::Lizard)
+        },
         base(Method::GatedDeltanet),
         AttentionConfig {
             rope: Some(true),
@@ -484,6 +499,42 @@ fn config_fields_must_belong_to_the_method() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("window_size must be >= 1"), "{e}");
+    // Lizard has no fused kernels and no sub-chunks; its gate normaliser must be positive.
+    for (field, cfg) in [
+        (
+            "fused_kernels",
+            AttentionConfig {
+                fused_kernels: Some(true),
+                ..AttentionConfig::new(Method::Lizard)
+            },
+        ),
+        (
+            "sub_chunk",
+            AttentionConfig {
+                sub_chunk: Some(8),
+                ..AttentionConfig::new(Method::Lizard)
+            },
+        ),
+        (
+            "gate_normalizer",
+            AttentionConfig {
+                gate_normalizer: Some(0.0),
+                ..AttentionConfig::new(Method::Lizard)
+            },
+        ),
+    ] {
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains(&format!("attention.{field}")), "{e}");
+    }
+    let resolved = AttentionConfig::new(Method::Lizard).resolved();
+    assert_eq!(
+        (
+            resolved.gate_normalizer,
+            resolved.sinks,
+            resolved.fused_kernels
+        ),
+        (Some(16.0), Some(0), None)
+    );
     for cfg in methods() {
         cfg.validate().unwrap();
     }
@@ -636,9 +687,9 @@ fn window_only_keeps_the_window_softmax_alone() {
             Method::Linear | Method::LigerGla | Method::GatedDeltanet => {
                 assert!(ablated.is_none(), "{}", cfg.name())
             }
-            // Without its linear terms LoLCATs sw is softmax over the same sliding window (the
-            // window factor cancels), and Liger its window half alone.
-            Method::Lolcats | Method::Liger | Method::SlidingWindow
+            // Without its linear terms LoLCATs (or Lizard) sw is softmax over the same sliding
+            // window (the window factor cancels), and Liger its window half alone.
+            Method::Lolcats | Method::Lizard | Method::Liger | Method::SlidingWindow
                 if cfg.window_shape != Some(WindowShape::Tk) =>
             {
                 let (ablated, name) = ablated.unwrap();

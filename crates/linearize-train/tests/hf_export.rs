@@ -97,6 +97,19 @@ fn lolcats(shape: WindowShape) -> AttentionConfig {
     }
 }
 
+/// Lizard with strong gates (normaliser 1; the biases are set near 0 in [`export_case`]), so
+/// that their decays show within the test's 40 tokens.
+fn lizard(shape: WindowShape) -> AttentionConfig {
+    AttentionConfig {
+        feature_map: Some(hedgehog()),
+        window_shape: Some(shape),
+        window_size: Some(WINDOW),
+        chunk_size: Some(16),
+        gate_normalizer: Some(1.0),
+        ..AttentionConfig::new(Method::Lizard)
+    }
+}
+
 fn linear(feature_map: FeatureMapConfig) -> AttentionConfig {
     AttentionConfig {
         feature_map: Some(feature_map),
@@ -237,6 +250,12 @@ fn cases() -> Vec<Case> {
             llama(),
             hybrid(gated_deltanet(None, None)),
         ),
+        case("lizard_sw", llama(), hybrid(lizard(WindowShape::Sw))),
+        case(
+            "lizard_tk_sinks_qwen3",
+            tiny_config("qwen3", json!({"head_dim": 8, "attention_bias": true})),
+            hybrid(with_sinks(lizard(WindowShape::Tk))),
+        ),
         case(
             "gated_deltanet_rope_silu",
             llama(),
@@ -288,7 +307,7 @@ fn cases() -> Vec<Case> {
             "hybrid_mistral",
             tiny_config(
                 "mistral",
-                json!({"sliding_window": 6, "num_hidden_layers": 7}),
+                json!({"sliding_window": 6, "num_hidden_layers": 8}),
             ),
             ConversionConfig {
                 softmax_layers: vec![3],
@@ -298,6 +317,7 @@ fn cases() -> Vec<Case> {
                     (4, linear(t2r)),
                     (5, with_sinks(windowed(Method::SlidingWindow))),
                     (6, gated_deltanet(None, None)),
+                    (7, with_sinks(lizard(WindowShape::Sw))),
                 ]),
                 ..ConversionConfig::all(lolcats(WindowShape::Sw))
             },
@@ -351,9 +371,16 @@ fn export_case(case: &Case, dir: &Path) {
             .as_ref()
             .map(|l| l.named_parameters())
             .unwrap_or_default();
-        for (_, t) in layers.named_parameters().iter().chain(&lora_params) {
+        for (name, t) in layers.named_parameters().iter().chain(&lora_params) {
             let noise = Tensor::randn_like(t) * 0.1;
             let _ = t.shallow_clone().g_add_(&noise);
+            // Lizard's untrained gates (about 1 − 4e-4 per token) would hide their decay.
+            if name.ends_with("gate_proj.bias") {
+                t.shallow_clone().copy_(&Tensor::randn_like(t));
+            }
+            if name.ends_with("gate_proj.weight") {
+                t.shallow_clone().copy_(&(Tensor::randn_like(t) * 2.0));
+            }
         }
     });
 

@@ -321,6 +321,68 @@ fn gated_deltanet_gates_are_trained_by_attention_transfer() {
 }
 
 #[test]
+fn lizard_gates_train_with_the_feature_maps_by_attention_transfer() {
+    let _rng = rng_lock();
+    let lizard = AttentionConfig {
+        sinks: Some(2),
+        gate_normalizer: Some(1.0),
+        ..AttentionConfig {
+            method: Method::Lizard,
+            ..lolcats()
+        }
+    };
+    let (mut model, _student, layers) = converted(lizard, 1);
+    let before = values(&layers.named_parameters());
+    // feature_map_q.W, feature_map_k.W, window_factors, gate_proj.weight and gate_proj.bias in
+    // each of the 3 layers.
+    assert_eq!(before.len(), 15);
+    assert!(before.keys().any(|n| n.ends_with("gate_proj.weight")));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Stage1Config {
+        eval_every: 10,
+        ..config(20)
+    };
+    let summary = run(&mut model, &layers, &cfg, dir.path(), false);
+    for (name, param) in layers.named_parameters() {
+        assert!(
+            !param.equal(&before[&name]),
+            "'{name}' did not change: stage 1 gave it no gradient"
+        );
+    }
+    let (initial, last) = (
+        summary.initial_val.as_ref().unwrap(),
+        summary.final_val.as_ref().unwrap(),
+    );
+    assert!(
+        last.attn_mse < initial.attn_mse,
+        "validation MSE {} -> {}",
+        initial.attn_mse,
+        last.attn_mse
+    );
+
+    // The trained layers decode as their full pass computes.
+    assert_eq!(model.mixer(0).name(), "lizard-sw4+hedgehog4+sinks2");
+    let ids = Tensor::from_slice(&[1i64, 5, 9, 2, 7, 3, 11, 4, 8, 6, 10, 12, 1, 3]).view([1, 14]);
+    tch::no_grad(|| {
+        let full = model.forward(&ids, None).unwrap();
+        let mut cache = model.new_cache(1).unwrap();
+        let mut pieces = vec![model
+            .forward(&ids.narrow(1, 0, 6), Some(&mut cache))
+            .unwrap()];
+        for t in 6..14 {
+            pieces.push(
+                model
+                    .forward(&ids.narrow(1, t, 1), Some(&mut cache))
+                    .unwrap(),
+            );
+        }
+        let decoded = Tensor::cat(&pieces, 1);
+        let diff = (&full - &decoded).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "full vs decoded differ by {diff:e}");
+    });
+}
+
+#[test]
 fn resumed_run_matches_a_straight_run_bit_for_bit() {
     let _rng = rng_lock();
     let straight_dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,7 @@ pub mod gated_deltanet;
 pub mod gla;
 pub mod liger;
 pub mod linear_attn;
+pub mod lizard;
 pub mod lolcats;
 pub mod swa;
 pub mod window;

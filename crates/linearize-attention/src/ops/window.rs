@@ -370,6 +370,25 @@ impl LocalBlocks {
         before_window
     }
 
+    /// `(window, linear)` masks (chunks, C, block_len + n) over the local blocks with the `n`
+    /// sink rows appended ([`Self::with_sinks`]): a sink row is a softmax key of the queries
+    /// whose window lies past it, never a linear one.
+    pub fn masks_with_sink_rows(
+        &self,
+        window: &Window,
+        sinks: i64,
+        n: i64,
+        device: Device,
+    ) -> (Tensor, Tensor) {
+        let (win, lin) = self.masks(window, sinks, device);
+        if n == 0 {
+            return (win, lin);
+        }
+        let sink = self.sink_mask(window, n, device); // (chunks, C, n)
+        let lin = Tensor::cat(&[lin, sink.zeros_like()], 2);
+        (Tensor::cat(&[win, sink], 2), lin)
+    }
+
     /// Local blocks (b, h, chunks, K, x) with the sink rows (b, h, n, x) appended to each:
     /// (b, h, chunks, K + n, x).
     pub fn with_sinks(&self, blocks: &Tensor, sinks: &Tensor) -> Tensor {

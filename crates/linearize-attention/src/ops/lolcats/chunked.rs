@@ -155,15 +155,8 @@ impl Call {
     /// `(window, linear)` masks (n, C, K + N') over the local blocks with the sinks appended:
     /// a sink is a softmax key of the queries whose window lies past it, never a linear one.
     fn masks(&self, device: tch::Device) -> (Tensor, Tensor) {
-        let window = self.cfg.window();
-        let (win, lin) = self.blocks.masks(&window, self.cfg.sinks, device);
-        let n = self.sinks();
-        if n == 0 {
-            return (win, lin);
-        }
-        let sink = self.blocks.sink_mask(&window, n, device); // (n, C, N')
-        let lin = Tensor::cat(&[lin, sink.zeros_like()], 2);
-        (Tensor::cat(&[win, sink], 2), lin)
+        self.blocks
+            .masks_with_sink_rows(&self.cfg.window(), self.cfg.sinks, self.sinks(), device)
     }
 
     /// Keys laid out in slots (b, h, S, ·) after the cached ones; local blocks cut from them.

@@ -271,7 +271,7 @@ pub(crate) struct Shapes {
 }
 
 impl Shapes {
-    fn linear(&self) -> linear_attn::Shapes {
+    pub(crate) fn linear(&self) -> linear_attn::Shapes {
         linear_attn::Shapes {
             batch: self.batch,
             heads: self.heads,

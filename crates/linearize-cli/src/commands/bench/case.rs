@@ -2,7 +2,7 @@
 use anyhow::Result;
 use linearize_attention::ops::lolcats::{LolcatsConfig, LolcatsInputs, WINDOW_FACTOR_INIT};
 use linearize_attention::ops::window::WindowShape;
-use linearize_attention::ops::{gated_deltanet, gla, liger, linear_attn, lolcats, swa};
+use linearize_attention::ops::{gated_deltanet, gla, liger, linear_attn, lizard, lolcats, swa};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -13,6 +13,9 @@ pub enum Method {
     LolcatsSw,
     /// LoLCATs terrace window + linear.
     LolcatsTk,
+    /// Lizard: LoLCATs' terrace window + linear terms decayed by a scalar gate per head and
+    /// token.
+    LizardTk,
     /// Sliding-window softmax.
     Swa,
     /// Gated linear attention (Liger's recurrence).
@@ -33,6 +36,7 @@ impl Method {
             Self::Linear => "linear",
             Self::LolcatsSw => "lolcats-sw",
             Self::LolcatsTk => "lolcats-tk",
+            Self::LizardTk => "lizard-tk",
             Self::Swa => "swa",
             Self::Gla => "gla",
             Self::Liger => "liger",
@@ -52,6 +56,7 @@ impl Method {
             * match self {
                 Self::Linear | Self::Swa | Self::Sdpa => 5.0,
                 Self::LolcatsSw | Self::LolcatsTk => 10.0,
+                Self::LizardTk => 14.0,
                 Self::Gla => gated,
                 Self::Liger => gated + 5.0,
                 Self::GatedDeltanet => {
@@ -126,6 +131,17 @@ impl Case {
                 features(s.heads),
                 features(s.heads),
                 Tensor::full([s.heads], WINDOW_FACTOR_INIT, (Kind::Float, s.device)),
+            ],
+            Method::LizardTk => vec![
+                normal(s.heads, s.head_dim),
+                normal(s.kv_heads, s.head_dim),
+                normal(s.kv_heads, s.head_dim),
+                features(s.heads),
+                features(s.heads),
+                Tensor::full([s.heads], WINDOW_FACTOR_INIT, (Kind::Float, s.device)),
+                // f32 log-gates per query head, about -0.05 per token (as Gated DeltaNet's).
+                Tensor::randn([s.batch, s.heads, len], (Kind::Float, s.device)).log_sigmoid()
+                    / 16.0,
             ],
             Method::Swa | Method::Sdpa => vec![
                 normal(s.heads, s.head_dim),
@@ -218,6 +234,28 @@ impl Case {
                     Form::Naive => lolcats::naive(&inputs, &cfg)?,
                     Form::Chunked => lolcats::chunked(&inputs, &cfg, None)?.0,
                     Form::Fused | Form::Transfer => lolcats::chunked_output(&inputs, &cfg)?,
+                }
+            }
+            Method::LizardTk => {
+                let cfg = lizard::LizardConfig {
+                    window_shape: WindowShape::Tk,
+                    window_size: s.window,
+                    chunk_size: s.chunk,
+                    sinks: 0,
+                };
+                let inputs = lizard::LizardInputs {
+                    q: &x[0],
+                    k: &x[1],
+                    v: &x[2],
+                    phi_q: &x[3],
+                    phi_k: &x[4],
+                    window_factors: &x[5],
+                    log_gates: &x[6],
+                };
+                if chunked {
+                    lizard::chunked(&inputs, &cfg, None)?.0
+                } else {
+                    lizard::naive(&inputs, &cfg)?
                 }
             }
             Method::Sdpa => {

@@ -70,7 +70,7 @@ pub struct KernelArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "sdpa,linear,lolcats-sw,lolcats-tk,swa,gla,liger,gated-deltanet"
+        default_value = "sdpa,linear,lolcats-sw,lolcats-tk,lizard-tk,swa,gla,liger,gated-deltanet"
     )]
     methods: Vec<Method>,
     #[arg(
