@@ -31,7 +31,9 @@ def reference(q, k, v, g):
     return a @ v
 
 
-def fused(q, k, v, g, do):
+def fused(q, k, v, g, do, warps=None):
+    """Output and gradients (dq, dk, dv, dg) through the kernels, on q's device; `warps`
+    {kernel name: num_warps} for a GPU run."""
     b, h, L, K = q.shape
     V = v.shape[-1]
     hk, hv, hg = k.shape[1], v.shape[1], g.shape[1]
@@ -39,34 +41,42 @@ def fused(q, k, v, g, do):
     Lp = n * C
     ns = C // BC
     bk, bv = min(K, BLOCK), min(V, BLOCK)
-    gc = torch.empty(b * hg, Lp, K)
-    gla.chunk_cumsum[(n, b * hg)](g, gc, L, Lp, C=C, K=K)
-    hs = torch.empty(b * h, n, K, V, dtype=v.dtype)
-    gla.forward_states[((K // bk) * (V // bv), b * h)](k, v, gc, hs, L, Lp, n, h, hk, hv, hg,
-                                                       C=C, K=K, V=V, BK=bk, BV=bv)
-    A = torch.empty(b * h, Lp, C)
-    gla.forward_scores[(n * ns, b * h)](q, k, gc, A, L, Lp, h, hk, hg, C=C, BC=BC, K=K)
-    o = torch.empty(b, h, L, V, dtype=v.dtype)
-    gla.forward_output[(n * (V // bv), b * h)](q, v, gc, hs, A, o, L, Lp, n, h, hv, hg, C=C, K=K,
-                                               V=V, BV=bv)
+    f32 = {"dtype": torch.float32, "device": q.device}
+    like_v = {"dtype": v.dtype, "device": q.device}
 
-    dhs = torch.empty(b * h, n, K, V, dtype=v.dtype)
-    gla.backward_states[((K // bk) * (V // bv), b * h)](q, do, gc, dhs, L, Lp, n, h, hg, C=C,
-                                                        K=K, V=V, BK=bk, BV=bv)
-    dA = torch.empty(b * h, Lp, C)
-    gla.backward_scores[(n, b * h)](do, v, dA, L, Lp, h, hv, C=C, V=V)
-    dq_intra, dk_intra = torch.empty(b, h, L, K), torch.empty(b, h, L, K)
-    gla.backward_intra[(n * ns, b * h)](q, k, gc, dA, dq_intra, dk_intra, L, Lp, h, hk, hg, C=C,
-                                        BC=BC, K=K)
-    dv = torch.empty(b, h, L, V, dtype=v.dtype)
-    gla.backward_dv[(n * (V // bv), b * h)](k, gc, A, do, dhs, dv, L, Lp, n, h, hk, hg, C=C, K=K,
-                                            V=V, BV=bv)
-    dq, dk, dgs = (torch.empty(b, h, L, K) for _ in range(3))
-    gla.backward_inter[(n * (K // bk), b * h)](q, k, v, gc, hs, dhs, do, dq_intra, dk_intra, dq,
-                                               dk, dgs, L, Lp, n, h, hk, hv, hg, C=C, K=K, V=V,
-                                               BK=bk)
-    dg = torch.empty(b, h, L, K)
-    gla.reverse_cumsum[(K // bk, b * h)](dgs, dg, L, n, C=C, K=K, BK=bk)
+    def launch(kernel, grid, *args, **constexprs):
+        extra = {"num_warps": warps[kernel.__name__]} if warps else {}
+        kernel[grid](*args, **constexprs, **extra)
+
+    gc = torch.empty(b * hg, Lp, K, **f32)
+    launch(gla.chunk_cumsum, (n, b * hg), g, gc, L, Lp, C=C, K=K)
+    hs = torch.empty(b * h, n, K, V, **like_v)
+    launch(gla.forward_states, ((K // bk) * (V // bv), b * h), k, v, gc, hs, L, Lp, n, h, hk,
+           hv, hg, C=C, K=K, V=V, BK=bk, BV=bv)
+    scores = torch.empty(b * h, Lp, C, **f32)
+    launch(gla.forward_scores, (n * ns, b * h), q, k, gc, scores, L, Lp, h, hk, hg, C=C, BC=BC,
+           K=K)
+    o = torch.empty(b, h, L, V, **like_v)
+    launch(gla.forward_output, (n * (V // bv), b * h), q, v, gc, hs, scores, o, L, Lp, n, h, hv,
+           hg, C=C, K=K, V=V, BV=bv)
+
+    grad_states = torch.empty(b * h, n, K, V, **like_v)
+    launch(gla.backward_states, ((K // bk) * (V // bv), b * h), q, do, gc, grad_states, L, Lp, n,
+           h, hg, C=C, K=K, V=V, BK=bk, BV=bv)
+    grad_scores = torch.empty(b * h, Lp, C, **f32)
+    launch(gla.backward_scores, (n, b * h), do, v, grad_scores, L, Lp, h, hv, C=C, V=V)
+    dq_intra, dk_intra = torch.empty(b, h, L, K, **f32), torch.empty(b, h, L, K, **f32)
+    launch(gla.backward_intra, (n * ns, b * h), q, k, gc, grad_scores, dq_intra, dk_intra, L, Lp,
+           h, hk, hg, C=C, BC=BC, K=K)
+    dv = torch.empty(b, h, L, V, **like_v)
+    launch(gla.backward_dv, (n * (V // bv), b * h), k, gc, scores, do, grad_states, dv, L, Lp, n,
+           h, hk, hg, C=C, K=K, V=V, BV=bv)
+    dq, dk = torch.empty(b, h, L, K, **like_v), torch.empty(b, h, L, K, **like_v)
+    dgs = torch.empty(b, h, L, K, **f32)
+    launch(gla.backward_inter, (n * (K // bk), b * h), q, k, v, gc, hs, grad_states, do,
+           dq_intra, dk_intra, dq, dk, dgs, L, Lp, n, h, hk, hv, hg, C=C, K=K, V=V, BK=bk)
+    dg = torch.empty(b, h, L, K, **f32)
+    launch(gla.reverse_cumsum, (K // bk, b * h), dgs, dg, L, n, C=C, K=K, BK=bk)
 
     def per_head(x, shared):
         return x.view(b, shared, h // shared, L, x.shape[-1]).sum(2)
