@@ -7,6 +7,9 @@
 #   scripts/gpu/bench.sh profile          # the stages-batched cases under libtorch's profiler
 #   scripts/gpu/bench.sh gated-deltanet   # chunked Gated DeltaNet at 16k, 64k (bf16, 32 heads,
 #                                         # d 128) beside fla's chunk_gated_delta_rule (needs fla)
+#   scripts/gpu/bench.sh gla              # GLA and Liger at 16k, 64k (bf16, 32 heads, d 128),
+#                                         # libtorch-chunked and fused, beside fla's chunk_gla
+#                                         # (needs fla: its wheels unpacked on PYTHONPATH)
 # The binary is target/release/linearize-gpu (built on the CPU machine, carried); results and
 # logs go to $OUT (default ./bench-out).
 set -euo pipefail
@@ -63,8 +66,15 @@ case "${1:-}" in
     python3 scripts/gpu/fla_gated_deltanet.py --lengths ${LENGTHS:-16384,65536} --heads 32 \
       --head-dim 128 --dtype bf16 2>"$OUT/gdn_fla.log" | tee "$OUT/gdn_fla.jsonl"
     ;;
+  gla)
+    "$BIN" bench kernels --device cuda --dtype bf16 --methods gla,liger --forms chunked,fused \
+      --lengths ${LENGTHS:-16384,65536} --heads 32 --head-dim 128 --json "$OUT/gla.json" \
+      2>"$OUT/gla.log" | tee "$OUT/gla.md"
+    python3 scripts/gpu/fla_gla.py --lengths ${LENGTHS:-16384,65536} --heads 32 --head-dim 128 \
+      --dtype bf16 2>"$OUT/gla_fla.log" | tee "$OUT/gla_fla.jsonl"
+    ;;
   *)
-    echo "usage: $0 kernels-stages|stages-batched|profile|decode|gated-deltanet" >&2
+    echo "usage: $0 kernels-stages|stages-batched|profile|decode|gated-deltanet|gla" >&2
     exit 2
     ;;
 esac

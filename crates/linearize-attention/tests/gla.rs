@@ -325,9 +325,12 @@ fn fused_kernels_decline_what_they_do_not_cover() {
     let g = x.gates();
     let why = fused::unsupported(&x.q, &x.k, &x.v, &g).expect("the CPU is not covered");
     assert!(why.contains("CUDA"), "{why}");
+    let off = GlaConfig {
+        fused: false,
+        ..cfg()
+    };
     let with = gla::chunked_output(&x.q, &x.k, &x.v, &g, &cfg()).unwrap();
-    let without = gla::chunked_output(&x.q, &x.k, &x.v, &g, &GlaConfig { fused: false, ..cfg() })
-        .unwrap();
+    let without = gla::chunked_output(&x.q, &x.k, &x.v, &g, &off).unwrap();
     let (chunked, _) = gla::chunked(&x.q, &x.k, &x.v, &g, &cfg(), None).unwrap();
     assert!(with.equal(&without) && with.equal(&chunked));
 }
