@@ -11,14 +11,15 @@ mod libtorch;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SOURCES: [&str; 5] = [
+const SOURCES: [&str; 6] = [
     "csrc/adamw.cpp",
     "csrc/cuda_graph.cpp",
+    "csrc/gla.cpp",
     "csrc/lolcats.cpp",
     "csrc/profiler.cpp",
     "csrc/triton_launch.cpp",
 ];
-const TRITON_SOURCES: [&str; 2] = ["triton/compile.py", "triton/lolcats.py"];
+const TRITON_SOURCES: [&str; 3] = ["triton/compile.py", "triton/gla.py", "triton/lolcats.py"];
 
 fn cuda_include(torch_root: &Path) -> Option<PathBuf> {
     println!("cargo:rerun-if-env-changed=CUDA_HOME");

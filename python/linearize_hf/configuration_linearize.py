@@ -42,8 +42,8 @@ METHOD_KEYS = {
     "lolcats": ({"feature_map", "window_shape", "window_size", "sinks"}, {"chunk_size", "fused_kernels"}),
     "lizard": ({"feature_map", "window_shape", "window_size", "sinks", "gate_normalizer"}, {"chunk_size"}),
     "sliding_window": ({"window_size", "sinks"}, {"chunk_size"}),
-    "liger_gla": ({"gate_normalizer"}, {"chunk_size", "sub_chunk"}),
-    "liger": ({"window_size", "gate_normalizer", "sinks"}, {"chunk_size", "sub_chunk"}),
+    "liger_gla": ({"gate_normalizer"}, {"chunk_size", "sub_chunk", "fused_kernels"}),
+    "liger": ({"window_size", "gate_normalizer", "sinks"}, {"chunk_size", "sub_chunk", "fused_kernels"}),
     "gated_deltanet": ({"rope", "qk_activation"}, {"chunk_size"}),
 }
 

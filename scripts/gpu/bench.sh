@@ -9,6 +9,9 @@
 #                                         # d 128) beside fla's chunk_gated_delta_rule (needs fla)
 #   scripts/gpu/bench.sh lizard           # chunked Lizard tk64 beside LoLCATs tk64 (libtorch
 #                                         # chunked form and fused kernels) at 4k, 16k, 64k
+#   scripts/gpu/bench.sh gla              # GLA and Liger at 16k, 64k (bf16, 32 heads, d 128),
+#                                         # libtorch-chunked and fused, beside fla's chunk_gla
+#                                         # (needs fla: its wheels unpacked on PYTHONPATH)
 # The binary is target/release/linearize-gpu (built on the CPU machine, carried); results and
 # logs go to $OUT (default ./bench-out).
 set -euo pipefail
@@ -70,8 +73,15 @@ case "${1:-}" in
       --forms chunked,fused --lengths ${LENGTHS:-4096,16384,65536} --heads 32 --head-dim 128 \
       --json "$OUT/lizard.json" 2>"$OUT/lizard.log" | tee "$OUT/lizard.md"
     ;;
+  gla)
+    "$BIN" bench kernels --device cuda --dtype bf16 --methods gla,liger --forms chunked,fused \
+      --lengths ${LENGTHS:-16384,65536} --heads 32 --head-dim 128 --json "$OUT/gla.json" \
+      2>"$OUT/gla.log" | tee "$OUT/gla.md"
+    python3 scripts/gpu/fla_gla.py --lengths ${LENGTHS:-16384,65536} --heads 32 --head-dim 128 \
+      --dtype bf16 2>"$OUT/gla_fla.log" | tee "$OUT/gla_fla.jsonl"
+    ;;
   *)
-    echo "usage: $0 kernels-stages|stages-batched|profile|decode|gated-deltanet|lizard" >&2
+    echo "usage: $0 kernels-stages|stages-batched|profile|decode|gated-deltanet|lizard|gla" >&2
     exit 2
     ;;
 esac

@@ -100,8 +100,9 @@ pub struct AttentionConfig {
     /// Default 16.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub_chunk: Option<i64>,
-    /// `lolcats`: run whole sequences (training, scoring) through the fused CUDA kernels where
-    /// they apply (bf16, a window of whole 64-token chunks, no sinks). Default true.
+    /// `lolcats`, `liger_gla`, `liger`: run whole sequences (training, scoring) through the fused
+    /// CUDA kernels where they apply (`lolcats`: bf16, a window of whole 64-token chunks, no
+    /// sinks; `liger_gla` and Liger's GLA half: bf16 or f16, head size 64 or 128). Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fused_kernels: Option<bool>,
     /// `lolcats`, `lizard`, `sliding_window`, `liger`: the first `sinks` tokens stay softmax keys
@@ -175,7 +176,10 @@ const FIELD_USERS: [(&str, &[Method]); 12] = [
         &[Method::LigerGla, Method::Liger, Method::Lizard],
     ),
     ("sub_chunk", &[Method::LigerGla, Method::Liger]),
-    ("fused_kernels", &[Method::Lolcats]),
+    (
+        "fused_kernels",
+        &[Method::Lolcats, Method::LigerGla, Method::Liger],
+    ),
     (
         "sinks",
         &[
@@ -383,6 +387,7 @@ impl AttentionConfig {
         GlaConfig {
             chunk_size: self.chunk(),
             sub_chunk: self.sub_chunk.unwrap_or(DEFAULT_SUB_CHUNK),
+            fused: self.fused_kernels.unwrap_or(true),
         }
     }
 
@@ -393,6 +398,7 @@ impl AttentionConfig {
             chunk_size: self.chunk(),
             sub_chunk: self.sub_chunk.unwrap_or(DEFAULT_SUB_CHUNK),
             sinks: self.sinks(),
+            fused: self.fused_kernels.unwrap_or(true),
         }
     }
 
@@ -973,6 +979,18 @@ impl LinearizedMixer {
                 let f = LizardFeatures::new(x, feature_map_q, feature_map_k, gates)?;
                 let _range = linearize_profile::range("attention kernel");
                 Ok(lizard::chunked_output(&f.inputs(x, window_factors), cfg)?)
+            }
+            Kernel::LigerGla {
+                cfg,
+                gate_normalizer,
+            } => {
+                let (q, k, g) = liger::gla_inputs(x.q_raw, x.k_raw, *gate_normalizer)?;
+                let _range = linearize_profile::range("attention kernel");
+                Ok(gla::chunked_output(&q, &k, x.v, &g, cfg)?)
+            }
+            Kernel::Liger(cfg) => {
+                let _range = linearize_profile::range("attention kernel");
+                Ok(liger::chunked_output(&liger_inputs(x), cfg)?)
             }
             _ => Ok(self.chunked(x, None)?.0),
         }

@@ -13,6 +13,7 @@ fn cfg() -> GlaConfig {
     GlaConfig {
         chunk_size: CHUNK,
         sub_chunk: 4,
+        fused: true,
     }
 }
 
@@ -217,7 +218,7 @@ fn positive_log_gates_are_rejected() {
     assert!(err.starts_with("log_gates:"), "{err}");
     let bad = GlaConfig {
         chunk_size: 10,
-        sub_chunk: 4,
+        ..cfg()
     };
     let err = gla::chunked(&x.q, &x.k, &x.v, &x.gates(), &bad, None)
         .unwrap_err()
@@ -309,6 +310,101 @@ fn low_precision_strongly_decaying_gates_stay_finite() {
             assert!(
                 err <= 1e-4 * scale,
                 "{what}: grad g off by {err:e}, q's gradient reaches {scale:e}"
+            );
+        }
+    }
+}
+
+/// The fused kernels leave calls they do not cover (here: the CPU) to the libtorch kernels, and
+/// say why; the output is then `chunked`'s.
+#[test]
+fn fused_kernels_decline_what_they_do_not_cover() {
+    use linearize_torch_ext::gla as fused;
+    seed(36);
+    let x = inputs(1, 70, Kind::Float, 0.0);
+    let g = x.gates();
+    let why = fused::unsupported(&x.q, &x.k, &x.v, &g).expect("the CPU is not covered");
+    assert!(why.contains("CUDA"), "{why}");
+    let off = GlaConfig {
+        fused: false,
+        ..cfg()
+    };
+    let with = gla::chunked_output(&x.q, &x.k, &x.v, &g, &cfg()).unwrap();
+    let without = gla::chunked_output(&x.q, &x.k, &x.v, &g, &off).unwrap();
+    let (chunked, _) = gla::chunked(&x.q, &x.k, &x.v, &g, &cfg(), None).unwrap();
+    assert!(with.equal(&without) && with.equal(&chunked));
+}
+
+/// The fused CUDA kernels against the naive form in f64 on the same rounded inputs: output and
+/// gradients to q, k, v and the log-gates, in bf16 and f16, with GQA (separate key, value and
+/// gate head counts), ragged lengths, both compiled head sizes, and decays from Liger's
+/// (logsigmoid(N(0, 1)) / 16) to log-gates of down to -10 per token. Outputs by their largest
+/// error; gradients by rms(error) / rms (flash-linear-attention's measure) and by the largest
+/// error. On a GPU machine: `cargo test --release -p linearize-attention --test gla -- --ignored`.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn fused_kernels_match_naive_on_cuda() {
+    use linearize_torch_ext::gla as fused;
+    assert!(
+        tch::Cuda::is_available(),
+        "no CUDA device: this test is for a GPU machine"
+    );
+    let dev = tch::Device::Cuda(0);
+    let cases = [
+        // batch, heads, key, value and gate heads, length, head size, dtype, strongest log-gate
+        (2, 4, 2, 1, 2, 300, 64, Kind::BFloat16, None),
+        (1, 4, 4, 4, 4, 1000, 128, Kind::BFloat16, None),
+        (1, 2, 1, 2, 1, 257, 128, Kind::BFloat16, Some(10.0)),
+        (2, 8, 2, 2, 8, 640, 128, Kind::Half, None),
+        (1, 3, 1, 3, 3, 129, 64, Kind::Half, Some(3.0)),
+        (1, 2, 2, 2, 2, 64, 64, Kind::BFloat16, Some(1.0)),
+    ];
+    for (i, (b, h, hk, hv, hg, len, d, kind, strongest)) in cases.into_iter().enumerate() {
+        seed(60 + i as i64);
+        let low = |heads: i64| {
+            Tensor::randn([b, heads, len, d], (Kind::Float, dev))
+                .to_kind(kind)
+                .set_requires_grad(true)
+        };
+        // Liger's inputs: softmaxed projections.
+        let q = (Tensor::randn([b, h, len, d], (Kind::Float, dev)) * 2.0)
+            .softmax(-1, Kind::Float)
+            .to_kind(kind)
+            .set_requires_grad(true);
+        let (k, v) = (low(hk), low(hv));
+        let raw = Tensor::randn([b, hg, len, d], (Kind::Float, dev));
+        let g = match strongest {
+            None => raw.log_sigmoid() / 16.0,
+            // Many gates near one, some strong.
+            Some(s) => raw.rand_like().pow_tensor_scalar(3) * -s,
+        }
+        .set_requires_grad(true);
+        assert_eq!(fused::unsupported(&q, &k, &v, &g), None, "case {i}");
+        let y = gla::chunked_output(&q, &k, &v, &g, &GlaConfig::default()).unwrap();
+        assert_eq!(y.kind(), kind, "case {i}: output dtype");
+
+        let f64_leaf = |t: &Tensor| t.detach().to_kind(Kind::Double).set_requires_grad(true);
+        let ours = [&q, &k, &v, &g];
+        let theirs = ours.map(f64_leaf);
+        let reference = gla::naive(&theirs[0], &theirs[1], &theirs[2], &theirs[3]).unwrap();
+        let what = format!("case {i} (b {b}, h {h}/{hk}/{hv}/{hg}, L {len}, d {d}, {kind:?})");
+        let max_err = |a: &Tensor, e: &Tensor| {
+            (a.to_kind(Kind::Double) - e).abs().max().double_value(&[])
+                / e.abs().max().double_value(&[]).max(1e-12)
+        };
+        let err = max_err(&y, &reference);
+        assert!(err < 2e-2, "{what}: output: relative error {err:e}");
+        let probe = reference.randn_like();
+        let got = grads(&y, &probe.to_kind(kind), &ours);
+        let want = grads(&reference, &probe, &theirs.each_ref());
+        for (name, (a, e)) in ["q", "k", "v", "log-gates"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            let (rms, max) = (rms_err(a, e), max_err(a, e));
+            assert!(
+                rms < 2e-2 && max < 5e-2,
+                "{what}: grad {name}: rms error {rms:e}, largest {max:e}"
             );
         }
     }

@@ -339,3 +339,77 @@ fn low_precision_chunked_matches_the_f32_naive_with_gradients() {
         }
     }
 }
+
+/// `chunked_output` is `chunked`'s output; on the CPU the fused kernels decline the GLA half.
+#[test]
+fn chunked_output_is_chunked_without_the_state() {
+    seed(49);
+    for sinks in [0, 3] {
+        let x = qkv(2, 3 * CHUNK + 5, Kind::Float, 0.0);
+        let c = LigerConfig { sinks, ..cfg() };
+        let (chunked, _) = liger::chunked(&x.inputs(), &c, None).unwrap();
+        let alone = liger::chunked_output(&x.inputs(), &c).unwrap();
+        assert!(alone.equal(&chunked), "sinks {sinks}");
+    }
+}
+
+/// Liger with the fused GLA kernels on CUDA against the naive form in f64 on the same bf16
+/// inputs: output and gradients to every input, with GQA, sinks and both compiled head sizes. On
+/// a GPU machine: `cargo test --release -p linearize-attention --test liger -- --ignored`.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn fused_kernels_match_naive_on_cuda() {
+    assert!(
+        tch::Cuda::is_available(),
+        "no CUDA device: this test is for a GPU machine"
+    );
+    let dev = tch::Device::Cuda(0);
+    // batch, heads, kv heads, length, head size, window, sinks
+    let cases = [
+        (2, 4, 2, 300, 64, 64, 0),
+        (1, 4, 1, 700, 128, 64, 4),
+        (1, 2, 2, 129, 128, 128, 0),
+    ];
+    for (i, (b, h, hk, len, d, w, sinks)) in cases.into_iter().enumerate() {
+        seed(70 + i as i64);
+        let bf16 = |heads: i64| {
+            Tensor::randn([b, heads, len, d], (Kind::Float, dev))
+                .to_kind(Kind::BFloat16)
+                .set_requires_grad(true)
+        };
+        let x = Qkv {
+            q: bf16(h),
+            k: bf16(hk),
+            q_rope: bf16(h),
+            k_rope: bf16(hk),
+            v: bf16(hk),
+        };
+        let c = LigerConfig {
+            window_size: w,
+            sinks,
+            ..LigerConfig::default()
+        };
+        let y = liger::chunked_output(&x.inputs(), &c).unwrap();
+        let f64_leaf = |t: &Tensor| t.detach().to_kind(Kind::Double).set_requires_grad(true);
+        let x64 = Qkv {
+            q: f64_leaf(&x.q),
+            k: f64_leaf(&x.k),
+            q_rope: f64_leaf(&x.q_rope),
+            k_rope: f64_leaf(&x.k_rope),
+            v: f64_leaf(&x.v),
+        };
+        let reference = liger::naive(&x64.inputs(), &c).unwrap();
+        let what = format!("case {i} (b {b}, h {h}/{hk}, L {len}, d {d}, w {w}, sinks {sinks})");
+        assert_close(&format!("{what}: output"), &y, &reference, 2e-2);
+        let probe = reference.randn_like();
+        let named = x.named();
+        let ours: Vec<&Tensor> = named.iter().map(|(_, t)| *t).collect();
+        let theirs: Vec<&Tensor> = x64.named().into_iter().map(|(_, t)| t).collect();
+        let got = grads(&y, &probe.to_kind(Kind::BFloat16), &ours);
+        let want = grads(&reference, &probe, &theirs);
+        for ((name, _), (a, e)) in named.iter().zip(got.iter().zip(&want)) {
+            let rms = rms_err(a, e);
+            assert!(rms < 2e-2, "{what}: grad {name}: rms error {rms:e}");
+        }
+    }
+}

@@ -1,7 +1,7 @@
-//! The fused LoLCATs kernels' logic, checked on the CPU: `triton/check_lolcats.py` runs them in
-//! Triton's interpreter against the quadratic definition (output and every gradient, both window
-//! shapes). The GPU run of the compiled kernels is `linearize-attention`'s
-//! `fused_kernels_match_naive_on_cuda`.
+//! The fused kernels' logic, checked on the CPU: `triton/check_lolcats.py` and
+//! `triton/check_gla.py` run them in Triton's interpreter against the quadratic definitions
+//! (output and every gradient). The GPU runs of the compiled kernels are `linearize-attention`'s
+//! `fused_kernels_match_naive_on_cuda` tests (lolcats, gla, liger).
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -14,11 +14,11 @@ fn python() -> PathBuf {
         })
 }
 
-#[test]
-fn lolcats_kernels_match_the_definition_in_the_interpreter() {
+/// Runs `triton/<script>` in the interpreter and returns its output; panics when it fails.
+fn interpret(script: &str) -> String {
     let python = python();
     let out = Command::new(&python)
-        .arg("triton/check_lolcats.py")
+        .arg(format!("triton/{script}"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("TRITON_INTERPRET", "1")
         .output()
@@ -34,5 +34,17 @@ fn lolcats_kernels_match_the_definition_in_the_interpreter() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
+    text
+}
+
+#[test]
+fn lolcats_kernels_match_the_definition_in_the_interpreter() {
+    let text = interpret("check_lolcats.py");
     assert_eq!(text.matches("ok seed").count(), 12, "{text}");
+}
+
+#[test]
+fn gla_kernels_match_the_definition_in_the_interpreter() {
+    let text = interpret("check_gla.py");
+    assert_eq!(text.matches("ok seed").count(), 6, "{text}");
 }

@@ -1,10 +1,11 @@
-"""Compiles the Triton kernels ahead of time into cubins under OUT, for Hopper (sm_90: H100, H200)
-and for Ampere and Ada (sm_80, whose cubins also run on sm_86 and sm_89), and writes
-OUT/kernels.rs, which embeds them with what a launch needs. Triton ships its own ptxas, so no GPU
+"""Compiles the Triton kernels (lolcats.py, gla.py) ahead of time into cubins under OUT, for
+Hopper (sm_90: H100, H200) and for Ampere and Ada (sm_80, whose cubins also run on sm_86 and
+sm_89), and writes OUT/kernels.rs, which embeds them with what a launch needs. Triton ships its own ptxas, so no GPU
 and no CUDA toolkit is needed. Keys read `sm<arch>/<kernel>/...`.
 
     python compile.py OUT
 """
+import importlib
 import itertools
 import os
 import re
@@ -17,6 +18,13 @@ HEAD_DIMS = [64, 128]
 FEATURE_DIMS = [64, 128, 256]
 SHAPES = ["sw", "tk"]
 GRAD_ROWS = 32
+
+# The fused GLA kernels (gla.py): chunks of GLA_CHUNK tokens in sub-chunks of GLA_SUB_CHUNK,
+# states in blocks of GLA_BLOCK keys and values, q, k, v in bf16 or f16, log-gates in f32.
+GLA_CHUNK = 64
+GLA_SUB_CHUNK = 16
+GLA_BLOCK = 64
+GLA_DTYPES = {"bf16": "*bf16", "f16": "*fp16"}
 
 POINTERS = {
     "grad_terms": ["g", "y", "den", "grad_num", "grad_den"],
@@ -31,14 +39,68 @@ POINTERS = {
     "backward_kv": ["q", "k", "v", "phi_q", "phi_k", "grad_num", "grad_den", "maxes", "argmaxes",
                     "mu", "gammas", "sums", "dk", "dv"],
 }
+GLA_POINTERS = {
+    "chunk_cumsum": ["g", "gc"],
+    "forward_states": ["k", "v", "gc", "hs"],
+    "forward_scores": ["q", "k", "gc", "A"],
+    "forward_output": ["q", "v", "gc", "hs", "A", "o"],
+    "backward_states": ["q", "do", "gc", "dhs"],
+    "backward_scores": ["do", "v", "dA"],
+    "backward_intra": ["q", "k", "gc", "dA", "dq", "dk"],
+    "backward_dv": ["k", "gc", "A", "do", "dhs", "dv"],
+    "backward_inter": ["q", "k", "v", "gc", "hs", "dhs", "do", "dq_intra", "dk_intra", "dq", "dk",
+                       "dgs"],
+    "reverse_cumsum": ["x", "out"],
+}
+GLA_F32_POINTERS = {"g", "gc", "A", "dA", "dq_intra", "dk_intra", "dgs", "x", "out"}
+# backward_intra's dq and dk are its f32 in-chunk parts.
+GLA_F32_BY_KERNEL = {"backward_intra": {"dq", "dk"}}
 F32_POINTERS = {"weights", "weight_sums", "k_sums", "gammas", "den", "grad_den", "q_sums", "maxes",
                 "mu"}
 I32_POINTERS = {"argmaxes"}
-INTS = {"L", "n_chunks", "H", "HA", "HB", "HK", "HV", "M", "n_rows"}
+INTS = {"L", "Lp", "n_chunks", "H", "HA", "HB", "HG", "HK", "HV", "M", "n_rows"}
 
 
 def variants():
-    """(kernel, key, constexprs, warps) for every compiled form of one architecture."""
+    """(module, kernel, key, constexprs, warps, pointer types) for every compiled form of one
+    architecture."""
+    for v in lolcats_variants():
+        name = v[0]
+        types = {arg: "*fp32" if arg in F32_POINTERS else "*i32" if arg in I32_POINTERS else
+                 "*bf16" for arg in POINTERS[name]}
+        yield ("lolcats", *v, types)
+    yield from gla_variants()
+
+
+def gla_variants():
+    """The GLA kernels: per head size (K = V = d), and per q/k/v dtype where one is read."""
+    for d in HEAD_DIMS:
+        block = min(d, GLA_BLOCK)
+        wide = 8 if d > 64 else 4
+        shapes = {
+            "chunk_cumsum": ({"C": GLA_CHUNK, "K": d}, 4),
+            "reverse_cumsum": ({"C": GLA_CHUNK, "K": d, "BK": block}, 4),
+            "forward_states": ({"C": GLA_CHUNK, "K": d, "V": d, "BK": block, "BV": block}, 4),
+            "forward_scores": ({"C": GLA_CHUNK, "BC": GLA_SUB_CHUNK, "K": d}, 4),
+            "forward_output": ({"C": GLA_CHUNK, "K": d, "V": d, "BV": block}, wide),
+            "backward_states": ({"C": GLA_CHUNK, "K": d, "V": d, "BK": block, "BV": block}, 4),
+            "backward_scores": ({"C": GLA_CHUNK, "V": d}, wide),
+            "backward_intra": ({"C": GLA_CHUNK, "BC": GLA_SUB_CHUNK, "K": d}, 4),
+            "backward_dv": ({"C": GLA_CHUNK, "K": d, "V": d, "BV": block}, wide),
+            "backward_inter": ({"C": GLA_CHUNK, "K": d, "V": d, "BK": block}, wide),
+        }
+        for name, (constexprs, warps) in shapes.items():
+            f32 = GLA_F32_POINTERS | GLA_F32_BY_KERNEL.get(name, set())
+            pointers = GLA_POINTERS[name]
+            dtypes = GLA_DTYPES if any(p not in f32 for p in pointers) else {"f32": None}
+            for dtype, pointer in dtypes.items():
+                types = {arg: "*fp32" if arg in f32 else pointer for arg in pointers}
+                key = f"gla/{name}/d{d}" + (f"/{dtype}" if pointer else "")
+                yield ("gla", name, key, constexprs, warps, types)
+
+
+def lolcats_variants():
+    """(kernel, key, constexprs, warps) for every compiled form of the LoLCATs kernels."""
     for d, f in itertools.product(HEAD_DIMS, FEATURE_DIMS):
         base = {"C": CHUNK, "D": d, "F": f}
         for reverse in (False, True):
@@ -56,23 +118,20 @@ def variants():
 
 
 def compile_one(job):
-    name, key, constexprs, warps, arch, out = job
+    module, name, key, constexprs, warps, types, arch, out = job
     key = f"sm{arch}/{key}"
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import lolcats
-
-    fn = getattr(lolcats, name)
+    fn = getattr(importlib.import_module(module), name)
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
             signature[arg] = "constexpr"
-        elif arg in POINTERS[name]:
-            signature[arg] = ("*fp32" if arg in F32_POINTERS else
-                              "*i32" if arg in I32_POINTERS else "*bf16")
+        elif arg in types:
+            signature[arg] = types[arg]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg in INTS:
             signature[arg] = "i32"

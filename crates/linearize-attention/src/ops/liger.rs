@@ -32,6 +32,9 @@ pub struct LigerConfig {
     pub sub_chunk: i64,
     /// Sink tokens of the window half (see [`SwaConfig::sinks`]).
     pub sinks: i64,
+    /// Whether whole sequences take the fused CUDA kernels for the GLA half where they apply
+    /// (see [`GlaConfig::fused`] and [`chunked_output`]).
+    pub fused: bool,
 }
 
 impl Default for LigerConfig {
@@ -42,6 +45,7 @@ impl Default for LigerConfig {
             chunk_size: 64,
             sub_chunk: 16,
             sinks: 0,
+            fused: true,
         }
     }
 }
@@ -60,6 +64,7 @@ impl LigerConfig {
         GlaConfig {
             chunk_size: self.chunk_size,
             sub_chunk: self.sub_chunk,
+            fused: self.fused,
         }
     }
 }
@@ -157,6 +162,15 @@ pub fn chunked(
             gla: gla_state,
         },
     ))
+}
+
+/// [`chunked`]'s output from the empty state, without the final state (training, scoring); the
+/// GLA half takes the fused CUDA kernels where they apply ([`gla::chunked_output`]).
+pub fn chunked_output(x: &LigerInputs, cfg: &LigerConfig) -> Result<Tensor> {
+    let (q, k, g) = gla_inputs(x.q, x.k, cfg.gate_normalizer)?;
+    let (window, _) = swa::chunked(x.q_rope, x.k_rope, x.v, &cfg.swa_config(), None)?;
+    let linear = gla::chunked_output(&q, &k, x.v, &g, &cfg.gla())?;
+    mix(window, linear, x.v)
 }
 
 /// Adds one token (len 1) to `state` and returns its output (b, h, 1, d_v).

@@ -8,6 +8,7 @@
 use super::{check_inputs, GlaConfig, GlaState};
 use crate::error::{Error, Result};
 use crate::tensors::{ceil_div, pad_seq, prepare, Precision};
+use linearize_torch_ext::gla as fused;
 use tch::{Kind, Tensor};
 
 /// The largest exponent a factored decay may reach inside a diagonal sub-chunk: e^60 ≈ 1e26
@@ -68,6 +69,26 @@ pub fn chunked(
         .reshape([b, h, n * chunk, s.value_dim])
         .narrow(2, 0, s.len);
     Ok((y.to_kind(v.kind()), GlaState { s: carried }))
+}
+
+/// [`chunked`]'s output from the empty state, without the state after the last token (training
+/// and scoring need only the output). With `cfg.fused`, calls that the fused CUDA kernels support
+/// (CUDA, bf16 or f16 values, d_k = d_v of 64 or 128) take them; the log-gates must then be <= 0
+/// as everywhere, but are not read back to the host to check (that would wait for the GPU on
+/// every call): the methods here make them as log-sigmoids.
+pub fn chunked_output(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    log_gates: &Tensor,
+    cfg: &GlaConfig,
+) -> Result<Tensor> {
+    cfg.validate()?;
+    check_inputs(q, k, v, log_gates)?;
+    if cfg.fused && fused::unsupported(q, k, v, log_gates).is_none() {
+        return fused::attention(q, k, v, log_gates).map_err(Error::Kernel);
+    }
+    Ok(chunked(q, k, v, log_gates, cfg, None)?.0)
 }
 
 /// Chunk and sub-chunk sizes for this call: the configured ones, scaled down together when the

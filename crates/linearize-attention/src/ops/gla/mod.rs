@@ -7,11 +7,15 @@
 //! no normaliser and no 1/√d. Inputs: `q` (b, h, L, d_k), `k` (b, h_k, L, d_k), `v`
 //! (b, h_v, L, d_v) and the log-gates `g` (b, h_g, L, d_k), all `g <= 0`; `h_k`, `h_v`, `h_g`
 //! divide `h`. Output (b, h, L, d_v) in `v`'s dtype, computed in f32 (f64 for f64 inputs).
+//!
+//! Whole sequences from the empty state ([`chunked_output`]: training, scoring) take the fused
+//! CUDA kernels (`linearize_torch_ext::gla`, written in Triton) where they apply: CUDA, bf16 or
+//! f16 values, d_k = d_v of 64 or 128.
 mod chunked;
 mod naive;
 mod recurrent;
 
-pub use chunked::chunked;
+pub use chunked::{chunked, chunked_output};
 pub use naive::naive;
 pub use recurrent::{recurrent, step};
 
@@ -29,6 +33,10 @@ pub struct GlaConfig {
     /// Tokens per sub-chunk inside a chunk (must divide `chunk_size`). With very strong decay
     /// both are scaled down for that call so that factored decays stay within f32 range.
     pub sub_chunk: i64,
+    /// Whether whole sequences from the empty state take the fused CUDA kernels where they
+    /// apply ([`chunked_output`]); their chunks are their own (64 tokens in sub-chunks of 16,
+    /// exact for any decay), so `chunk_size` and `sub_chunk` set only the libtorch form's.
+    pub fused: bool,
 }
 
 impl Default for GlaConfig {
@@ -36,6 +44,7 @@ impl Default for GlaConfig {
         Self {
             chunk_size: 64,
             sub_chunk: 16,
+            fused: true,
         }
     }
 }

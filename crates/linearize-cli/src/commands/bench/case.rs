@@ -71,7 +71,7 @@ impl Method {
 pub enum Form {
     Naive,
     Chunked,
-    /// The fused CUDA kernels (LoLCATs only), gradients to every input.
+    /// The fused CUDA kernels (LoLCATs, GLA, Liger's GLA half), gradients to every input.
     Fused,
     /// Attention transfer's call of the fused kernels: gradients to the features and window
     /// factors only (q, k, v are the teacher's).
@@ -304,11 +304,14 @@ impl Case {
                 let cfg = gla::GlaConfig {
                     chunk_size: s.chunk,
                     sub_chunk: sub_chunk(s.chunk),
+                    fused: self.form == Form::Fused,
                 };
-                if chunked {
-                    gla::chunked(&x[0], &x[1], &x[2], &x[3], &cfg, None)?.0
-                } else {
-                    gla::naive(&x[0], &x[1], &x[2], &x[3])?
+                match self.form {
+                    Form::Naive => gla::naive(&x[0], &x[1], &x[2], &x[3])?,
+                    Form::Chunked => gla::chunked(&x[0], &x[1], &x[2], &x[3], &cfg, None)?.0,
+                    Form::Fused | Form::Transfer => {
+                        gla::chunked_output(&x[0], &x[1], &x[2], &x[3], &cfg)?
+                    }
                 }
             }
             Method::Liger => {
@@ -316,6 +319,7 @@ impl Case {
                     window_size: s.window,
                     chunk_size: s.chunk,
                     sub_chunk: sub_chunk(s.chunk),
+                    fused: self.form == Form::Fused,
                     ..Default::default()
                 };
                 let inputs = liger::LigerInputs {
@@ -325,10 +329,10 @@ impl Case {
                     k_rope: &x[3],
                     v: &x[4],
                 };
-                if chunked {
-                    liger::chunked(&inputs, &cfg, None)?.0
-                } else {
-                    liger::naive(&inputs, &cfg)?
+                match self.form {
+                    Form::Naive => liger::naive(&inputs, &cfg)?,
+                    Form::Chunked => liger::chunked(&inputs, &cfg, None)?.0,
+                    Form::Fused | Form::Transfer => liger::chunked_output(&inputs, &cfg)?,
                 }
             }
             Method::GatedDeltanet => {

@@ -34,10 +34,17 @@ pub fn run(args: KernelArgs) -> Result<()> {
     for &method in &args.methods {
         for &len in &args.lengths {
             for &form in &args.forms {
-                let fused = matches!(form, Form::Fused | Form::Transfer);
                 let lolcats = matches!(method, Method::LolcatsSw | Method::LolcatsTk);
-                let outcome = if fused && !lolcats {
-                    skipped(method, form, len, "only LoLCATs has fused forms".into())
+                let gated = matches!(method, Method::Gla | Method::Liger);
+                let outcome = if form == Form::Fused && !(lolcats || gated) {
+                    skipped(
+                        method,
+                        form,
+                        len,
+                        "only LoLCATs, GLA and Liger have fused forms".into(),
+                    )
+                } else if form == Form::Transfer && !lolcats {
+                    skipped(method, form, len, "only LoLCATs has a transfer form".into())
                 } else if form == Form::Naive && method.naive_bytes(&shape, len) > budget {
                     let need = method.naive_bytes(&shape, len) / GIB;
                     skipped(
