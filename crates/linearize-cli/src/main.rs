@@ -4,6 +4,7 @@ mod job;
 mod logging;
 mod recipe;
 mod runtime;
+mod torch_panic;
 
 /// Unit tests (the recipe fuzzing among them) fail on an allocation over 1 GiB.
 #[cfg(test)]
@@ -71,7 +72,22 @@ fn main() {
     };
     let cli = Cli::parse();
     logging::init(default_level, cli.quiet, cli.verbose);
-    let result = match cli.command {
+    torch_panic::install_hook();
+    let result = std::panic::catch_unwind(|| run(cli)).unwrap_or_else(|panic| {
+        if torch_panic::is_torch_error(panic.as_ref()) {
+            // The hook has said it in one line.
+            std::process::exit(1);
+        }
+        std::panic::resume_unwind(panic)
+    });
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         None => match &cli.job.recipe {
             Some(recipe) => job::run(recipe, &cli.job),
             None => Err(anyhow::anyhow!(
@@ -90,9 +106,5 @@ fn main() {
             Ok(code) => std::process::exit(code),
             Err(e) => Err(e),
         },
-    };
-    if let Err(err) = result {
-        eprintln!("error: {err:#}");
-        std::process::exit(1);
     }
 }
