@@ -21,7 +21,7 @@
 #   MODEL              smollm2 | gemma3: the teacher; recipes/quality/<prefix><method>.yaml with
 #                      prefix smollm2_ or gemma3_270m_ [smollm2]
 #   METHODS            which recipes/quality/<prefix><method>.yaml to run [all of ALL_METHODS]
-#   JOBS               runs at once, 0 = all [0]
+#   JOBS               runs at once, 0 = all [0; 1 for gemma3, whose runs peak above 50 GiB each]
 #   SPEED              1: measure decode speed/memory after training, one run at a time [1]
 #   SPEED_ONLY         1: no training: only the speed phase, for the layout of every method in
 #                      METHODS, and a table of it in $OUT/speed.md [0]
@@ -53,7 +53,6 @@ OUT=${OUT:-$ROOT/checkpoints/quality-out}
 DEVICE=${DEVICE:-cuda}
 CALIBRATE=${CALIBRATE:-0}
 SMOKE=${SMOKE:-0}
-JOBS=${JOBS:-0}
 SPEED=${SPEED:-1}
 SPEED_ONLY=${SPEED_ONLY:-0}
 [ "$SPEED_ONLY" = 1 ] && SPEED=1
@@ -69,9 +68,13 @@ case "$MODEL" in
     gemma3)
         PREFIX=gemma3_270m_ GGUF_NAME=gemma-3-270m-q4_k_m.gguf MODEL_NAME=gemma-3-270m
         GGUF_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
-        ALL_METHODS="lolcats_tk_global lolcats_tk_all swa_sinks" ;;
+        ALL_METHODS="lolcats_tk_global lolcats_tk_all swa_sinks"
+        # One Gemma run peaks above 50 GiB (262k-token logits): three at once ran out of memory
+        # on an 80 GB H100.
+        JOBS=${JOBS:-1} ;;
     *) echo "quality.sh: MODEL=$MODEL: expected smollm2 or gemma3" >&2; exit 1 ;;
 esac
+JOBS=${JOBS:-0}
 GGUF=${GGUF:-/root/stash/$GGUF_NAME}
 if [ -z "${TEXT:-}" ]; then
     TEXT=target/gpu/text.tar.xz
@@ -310,7 +313,10 @@ if [ "$SPEED_ONLY" != 1 ] && { [ "$CALIBRATE" = 1 ] || [ "$TOKENS_PER_STAGE" = a
         [ "$CALIBRATE" = 1 ] || export TEACHER_SEQUENCES=${CAL_TEACHER_SEQUENCES:-128}
         run_all "$WORK/calibration" "$TRAINED" --set eval=null --set export=null
         log "calibration runs failed: ${FAILED[*]:-none}"
-    )
+        # A failed run has no rate for some stage: a budget fitted without it would be too big.
+        [ ${#FAILED[@]} -eq 0 ]
+    ) || die "calibration failed (logs in $WORK/calibration/logs); the budget cannot be fitted"
+
     now=$(( $(date +%s) - START ))
     # What is left for training once the jobs start, evaluate, the speed phase runs and the
     # results are packed; 80 % of it, for the estimate's error.
