@@ -61,15 +61,8 @@ pub fn pack<'a>(
         }
     }
     let (seq_len, window) = (options.seq_len, options.window());
-    let count = if stream.len() >= window {
-        (stream.len() - window) / seq_len + 1
-    } else {
-        0
-    };
-    let mut tokens = Vec::with_capacity(count * window);
-    for i in 0..count {
-        tokens.extend_from_slice(&stream[i * seq_len..i * seq_len + window]);
-    }
+    let tokens = cut(&stream, seq_len, window);
+    let count = tokens.len() / window;
     let used = if count == 0 {
         0
     } else {
@@ -88,6 +81,21 @@ pub fn pack<'a>(
         },
         stats,
     )
+}
+
+/// The whole windows of `window` tokens that start every `seq_len` tokens of `stream`, one after
+/// the other (the tail that fills no window is left out).
+fn cut(stream: &[u32], seq_len: usize, window: usize) -> Vec<u32> {
+    let count = if stream.len() >= window {
+        (stream.len() - window) / seq_len + 1
+    } else {
+        0
+    };
+    let mut tokens = Vec::with_capacity(count * window);
+    for i in 0..count {
+        tokens.extend_from_slice(&stream[i * seq_len..i * seq_len + window]);
+    }
+    tokens
 }
 
 impl PackedSequences {
@@ -176,19 +184,10 @@ impl PackedSequences {
             });
         }
         let window = seq_len + shared;
-        let count = if stream.len() >= window {
-            (stream.len() - window) / seq_len + 1
-        } else {
-            0
-        };
-        let mut tokens = Vec::with_capacity(count * window);
-        for i in 0..count {
-            tokens.extend_from_slice(&stream[i * seq_len..i * seq_len + window]);
-        }
         Ok(PackedSequences {
             seq_len,
             window,
-            tokens,
+            tokens: cut(&stream, seq_len, window),
         })
     }
 
