@@ -65,7 +65,7 @@ case "${1:-}" in
     "$BIN" bench kernels --device cuda --dtype bf16 --methods gated-deltanet --forms chunked \
       --lengths ${LENGTHS:-16384,65536} --heads 32 --head-dim 128 --json "$OUT/gdn.json" \
       2>"$OUT/gdn.log" | tee "$OUT/gdn.md"
-    python3 scripts/gpu/fla_gated_deltanet.py --lengths ${LENGTHS:-16384,65536} --heads 32 \
+    python3 scripts/gpu/fla_ops.py --op gated_delta_rule --lengths ${LENGTHS:-16384,65536} --heads 32 \
       --head-dim 128 --dtype bf16 2>"$OUT/gdn_fla.log" | tee "$OUT/gdn_fla.jsonl"
     ;;
   lizard)
@@ -77,7 +77,7 @@ case "${1:-}" in
     "$BIN" bench kernels --device cuda --dtype bf16 --methods gla,liger --forms chunked,fused \
       --lengths ${LENGTHS:-16384,65536} --heads 32 --head-dim 128 --json "$OUT/gla.json" \
       2>"$OUT/gla.log" | tee "$OUT/gla.md"
-    python3 scripts/gpu/fla_gla.py --lengths ${LENGTHS:-16384,65536} --heads 32 --head-dim 128 \
+    python3 scripts/gpu/fla_ops.py --op gla --lengths ${LENGTHS:-16384,65536} --heads 32 --head-dim 128 \
       --dtype bf16 2>"$OUT/gla_fla.log" | tee "$OUT/gla_fla.jsonl"
     ;;
   *)
