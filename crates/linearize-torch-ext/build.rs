@@ -19,6 +19,8 @@ const SOURCES: [&str; 6] = [
     "csrc/profiler.cpp",
     "csrc/triton_launch.cpp",
 ];
+/// Headers the sources include (a change to one rebuilds them).
+const HEADERS: [&str; 2] = ["csrc/ffi_error.h", "csrc/triton_launch.h"];
 const TRITON_SOURCES: [&str; 3] = ["triton/compile.py", "triton/gla.py", "triton/lolcats.py"];
 
 fn cuda_include(torch_root: &Path) -> Option<PathBuf> {
@@ -92,7 +94,7 @@ fn compile_triton(torch_root: &Path) {
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(linearize_triton)");
-    for source in SOURCES.iter().chain(&TRITON_SOURCES) {
+    for source in SOURCES.iter().chain(&HEADERS).chain(&TRITON_SOURCES) {
         println!("cargo:rerun-if-changed={source}");
     }
     let lib_dir = libtorch::link().expect(

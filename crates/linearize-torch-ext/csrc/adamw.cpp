@@ -1,20 +1,14 @@
 // C entry points over libtorch's multi-tensor optimizer kernels, which tch does not bind. Tensors
 // arrive as tch's handles (`at::Tensor*`); errors come back as a message in `err` and a non-zero
 // return.
+#include "ffi_error.h"
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
-#include <cstdio>
 #include <exception>
 #include <vector>
 
 namespace {
-void set_error(char* err, size_t len, const char* what) {
-  if (err != nullptr && len > 0) {
-    std::snprintf(err, len, "%s", what);
-  }
-}
-
 std::vector<at::Tensor> list(at::Tensor* const* tensors, size_t n) {
   std::vector<at::Tensor> out;
   out.reserve(n);
@@ -24,6 +18,8 @@ std::vector<at::Tensor> list(at::Tensor* const* tensors, size_t n) {
   return out;
 }
 }  // namespace
+
+using linearize::set_error;
 
 extern "C" {
 

@@ -1,23 +1,18 @@
 // C entry points over libtorch's CUDA graphs (`at::cuda::CUDAGraph`), which tch does not bind.
 // Built with LINEARIZE_CUDA only where libtorch has CUDA and the CUDA headers were found; without
 // it every call reports that. Errors come back as a message in `err` and a non-zero return.
+#include "ffi_error.h"
+
 #ifdef LINEARIZE_CUDA
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
-#include <cstdio>
 #include <exception>
 #include <memory>
 
 namespace {
-void set_error(char* err, size_t len, const char* what) {
-  if (err != nullptr && len > 0) {
-    std::snprintf(err, len, "%s", what);
-  }
-}
-
 #ifdef LINEARIZE_CUDA
 // Makes `stream` (and its device) current until destroyed. c10's own guards inline CUDA runtime
 // calls, which would need libcudart at link time; these functions live in libc10_cuda.
@@ -41,6 +36,8 @@ const char* const kNoCuda =
     "without the CUDA headers";
 #endif
 }  // namespace
+
+using linearize::set_error;
 
 extern "C" {
 

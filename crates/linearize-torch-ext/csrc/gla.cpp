@@ -1,6 +1,7 @@
 // Fused gated linear attention (triton/gla.py) from the empty state, as an autograd function.
 // The forward keeps the in-chunk cumulative log-gates and the chunks' decayed scores for the
 // backward, which recomputes the states entering each chunk (one scan) rather than keeping them.
+#include "ffi_error.h"
 #include "triton_launch.h"
 
 #include <algorithm>
@@ -152,14 +153,10 @@ struct Gla : public torch::autograd::Function<Gla> {
   }
 };
 
-void set_error(char* err, size_t len, const char* what) {
-  if (err != nullptr && len > 0) {
-    std::snprintf(err, len, "%s", what);
-  }
-}
-
 }  // namespace
 #endif
+
+using linearize::set_error;
 
 extern "C" {
 

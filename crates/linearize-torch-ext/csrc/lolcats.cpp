@@ -1,6 +1,7 @@
 // Fused LoLCATs attention (triton/lolcats.py), both window shapes, as an autograd function. The
 // backward always forms the feature-map and window-factor gradients (attention transfer trains
 // only those) and adds the q, k and v gradients, which need passes over the window, when asked.
+#include "ffi_error.h"
 #include "triton_launch.h"
 
 #include <cmath>
@@ -159,14 +160,10 @@ struct Lolcats : public torch::autograd::Function<Lolcats> {
   }
 };
 
-void set_error(char* err, size_t len, const char* what) {
-  if (err != nullptr && len > 0) {
-    std::snprintf(err, len, "%s", what);
-  }
-}
-
 }  // namespace
 #endif
+
+using linearize::set_error;
 
 extern "C" {
 

@@ -1,9 +1,9 @@
 // C entry points over libtorch's Kineto profiler and its RecordFunction ranges, which tch does
 // not bind. Errors come back as a message in `err` and a non-zero return.
+#include "ffi_error.h"
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
-#include <cstdio>
 #include <exception>
 #include <set>
 #include <string>
@@ -12,12 +12,6 @@ namespace {
 using torch::profiler::impl::ActivityType;
 using torch::profiler::impl::ProfilerConfig;
 using torch::profiler::impl::ProfilerState;
-
-void set_error(char* err, size_t len, const char* what) {
-  if (err != nullptr && len > 0) {
-    std::snprintf(err, len, "%s", what);
-  }
-}
 
 // RecordFunction keeps a view of its name, not a copy: the range owns the string.
 struct Range {
@@ -38,6 +32,8 @@ std::set<ActivityType> activities(int cuda) {
   return acts;
 }
 }  // namespace
+
+using linearize::set_error;
 
 extern "C" {
 
