@@ -503,14 +503,13 @@ class LolcatsAttention(LinearizeAttention):
             **sink_state(k, v, x["offset"], self.sinks, dtype),
         }
 
-    def step(self, state, x):
-        h, t = self.num_heads, state["pos"]
+    def step_keys(self, state, x):
+        """The keys a one-token step sees: the n visible sinks, then the cached tokens (positions
+        t-m .. t-1) and the new one, with their features (zero for the sinks, which are softmax
+        keys only), values, and which of them are softmax keys."""
+        t, m = state["pos"], state["k"].shape[2]
         dtype = state["kv"].dtype
-        m = state["k"].shape[2]
-        phi_q = self.feature_map_q(x["q"])
         phi_k = without_sinks(self.feature_map_k(x["k"]), t, self.sinks)
-        # The n sinks before the window, then the cached tokens (positions t-m .. t-1) and the new
-        # one. Sinks are softmax keys only: their features are zero.
         sink_k, sink_v = visible_sinks(state, self.window_shape, self.window_size, t)
         n = sink_k.shape[2]
         sink_phi = phi_k.new_zeros(phi_k.shape[0], phi_k.shape[1], n, phi_k.shape[3])
@@ -525,6 +524,14 @@ class LolcatsAttention(LinearizeAttention):
             torch.arange(t - m, t + 1, device=device)[None, :],
         )  # (1, m+1)
         inside = torch.cat([torch.ones(1, n, dtype=torch.bool, device=device), inside], 1)  # (1, n+m+1)
+        return n, keys, phi_keys, values, inside
+
+    def step(self, state, x):
+        h, t = self.num_heads, state["pos"]
+        dtype = state["kv"].dtype
+        m = state["k"].shape[2]
+        phi_q = self.feature_map_q(x["q"])
+        n, keys, phi_keys, values, inside = self.step_keys(state, x)
         scores = scaled_scores(x["q"], keys).masked_fill(~inside, float("-inf"))
         a_window = (scores - scores.amax(-1, keepdim=True)).exp() * self.gammas(dtype)
         a_cached_linear = (phi_q @ phi_keys.transpose(-1, -2)).masked_fill(inside, 0.0)
@@ -628,22 +635,8 @@ class LizardAttention(LolcatsAttention):
         dtype = state["kv"].dtype
         m = state["k"].shape[2]
         phi_q = self.feature_map_q(x["q"])
-        phi_k = without_sinks(self.feature_map_k(x["k"]), t, self.sinks)
         gates = torch.cat([state["g"], self.gate_proj(x["k_raw"]).to(dtype)], 2)  # (b, h, m+1)
-        sink_k, sink_v = visible_sinks(state, self.window_shape, self.window_size, t)
-        n = sink_k.shape[2]
-        sink_phi = phi_k.new_zeros(phi_k.shape[0], phi_k.shape[1], n, phi_k.shape[3])
-        keys = torch.cat([sink_k, state["k"], x["k"].to(dtype)], 2)  # (b, h_k, n+m+1, d)
-        phi_keys = torch.cat([sink_phi, state["phi_k"], phi_k], 2)  # (b, h, n+m+1, f)
-        values = torch.cat([sink_v, state["v"], x["v"].to(dtype)], 2)  # (b, h_v, n+m+1, d)
-        device = keys.device
-        inside, _ = window_masks(
-            self.window_shape,
-            self.window_size,
-            torch.tensor([t], device=device)[:, None],
-            torch.arange(t - m, t + 1, device=device)[None, :],
-        )  # (1, m+1)
-        inside = torch.cat([torch.ones(1, n, dtype=torch.bool, device=device), inside], 1)  # (1, n+m+1)
+        n, keys, phi_keys, values, inside = self.step_keys(state, x)
         # Decay of each cached key and the new one to this token; the sums before the cache decay
         # by every gate since them. Sinks get none (they are never linear keys).
         after = torch.cat([gates.new_zeros(gates.shape[0], h, n), decay_after(gates)], 2).exp()
