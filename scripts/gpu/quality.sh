@@ -21,7 +21,8 @@
 #   MODEL              smollm2 | gemma3: the teacher; recipes/quality/<prefix><method>.yaml with
 #                      prefix smollm2_ or gemma3_270m_ [smollm2]
 #   METHODS            which recipes/quality/<prefix><method>.yaml to run [all of ALL_METHODS]
-#   JOBS               runs at once, 0 = all [0; 1 for gemma3, whose runs peak above 50 GiB each]
+#   JOBS               runs at once, 0 = all [3 for smollm2, whose LoRA jobs peak at 20-28 GiB
+#                      each; 1 for gemma3, whose runs peak above 50 GiB each]
 #   SPEED              1: measure decode speed/memory after training, one run at a time [1]
 #   SPEED_ONLY         1: no training: only the speed phase, for the layout of every method in
 #                      METHODS, and a table of it in $OUT/speed.md [0]
@@ -64,6 +65,9 @@ case "$MODEL" in
     smollm2)
         PREFIX=smollm2_ GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf MODEL_NAME=SmolLM2-135M-Instruct
         GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+        # A LoRA job peaks at 20-28 GiB (session 11: seven at once ran out of memory on an
+        # 80 GB H100 when they reached LoRA together).
+        JOBS=${JOBS:-3}
         ALL_METHODS="hedgehog lolcats_sw lolcats_tk lolcats_tk_xent lolcats_tk_sinks lolcats_tk_sinks_stage1 lolcats_tk_sinks_heads5 lolcats_tk_sinks_heads10 lolcats_tk_sinks_kv10 lolcats_tk_sinks_layers3 lizard gated_deltanet liger t2r hybrid2 hybrid4 lolcats_sw_teacher_data untrained liger_untrained swa_sinks" ;;
     gemma3)
         PREFIX=gemma3_270m_ GGUF_NAME=gemma-3-270m-q4_k_m.gguf MODEL_NAME=gemma-3-270m

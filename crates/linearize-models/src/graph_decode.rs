@@ -32,8 +32,8 @@ pub struct GraphDecoder<'m> {
     /// Tokens decoded so far, the prefix included: the position of the next replay.
     seen: i64,
     max_positions: i64,
-    /// The weights the graph reads must outlive it.
-    _model: &'m Model,
+    /// The weights the graph reads must outlive it; it also checks the ids of `step_with`.
+    model: &'m Model,
 }
 
 impl<'m> GraphDecoder<'m> {
@@ -49,6 +49,8 @@ impl<'m> GraphDecoder<'m> {
         let seen = cache.seen();
         let state = model.state_tensors(&cache)?;
         let ids = ids.to_device(device).to_kind(Kind::Int64).copy(); // (b, 1)
+                                                                     // The captured step cannot check its ids (no reads from the device during a capture).
+        model.check_token_ids(&ids)?;
         let position = Tensor::from(seen).to_device(device);
         let mut logits = None;
         let graph = tch::no_grad(|| {
@@ -91,7 +93,7 @@ impl<'m> GraphDecoder<'m> {
             _cache: cache,
             seen,
             max_positions: model.config().max_position_embeddings,
-            _model: model,
+            model,
         })
     }
 
@@ -112,6 +114,7 @@ impl<'m> GraphDecoder<'m> {
 
     /// Decodes the given ids (b, 1) instead of the last step's picks (sampling on the host).
     pub fn step_with(&mut self, ids: &Tensor) -> Result<()> {
+        self.model.check_token_ids(ids)?;
         self.ids.copy_(ids);
         self.step()
     }

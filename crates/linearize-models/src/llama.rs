@@ -42,6 +42,13 @@ impl Embedding {
     /// the model's `vocab_size`) is an error naming it; libtorch would abort on it (a CUDA device
     /// assert, on the CPU an exception).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.check_ids(ids)?;
+        self.lookup(ids)
+    }
+
+    /// Refuses ids outside the vocabulary. It reads two values back from the device, which a
+    /// CUDA graph's capture does not allow: the captured decoding step looks up without it.
+    pub fn check_ids(&self, ids: &Tensor) -> Result<()> {
         let vocab = self.weight.size()[0];
         if ids.numel() > 0 {
             let lowest = ids.f_min()?.int64_value(&[]);
@@ -53,6 +60,11 @@ impl Embedding {
                 if lowest < 0 { lowest } else { highest }
             );
         }
+        Ok(())
+    }
+
+    /// ids (b, L) int64 -> (b, L, hidden), the ids taken as valid (see [`Embedding::check_ids`]).
+    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
         let x = Tensor::f_embedding(&self.weight, ids, -1, false, false)?;
         Ok(match self.scale {
             Some(scale) => x * scale,
@@ -435,10 +447,16 @@ impl Model {
         self.hidden_states_at(ids, cache, None)
     }
 
+    /// Refuses token ids outside the model's vocabulary (one read from the device).
+    pub fn check_token_ids(&self, ids: &Tensor) -> Result<()> {
+        self.embed_tokens.check_ids(ids)
+    }
+
     /// One decoding step whose position is read from `position` (an int64 scalar on the device
     /// equal to `cache.seen()`) rather than from the host: the step a CUDA graph captures and
     /// replays at every position (see [`crate::graph_decode`]). ids (b, 1) -> logits (b, 1, vocab)
-    /// in f32. Mixers whose step cannot be captured refuse.
+    /// in f32. Mixers whose step cannot be captured refuse. The ids are not checked against the
+    /// vocabulary (that would read from the device): check them with [`Model::check_token_ids`].
     pub fn decode_step_at(
         &self,
         ids: &Tensor,
@@ -481,9 +499,14 @@ impl Model {
             offset,
             position,
         };
-        let mut x = self
-            .embed_tokens
-            .forward(&ids.to_device(self.vs.device()))?; // (b, L, hidden)
+        let ids = ids.to_device(self.vs.device());
+        // A step with its position on the device is the one a CUDA graph captures, where no
+        // value may be read back: its ids are the graph's own greedy picks or were checked by
+        // [`Model::check_token_ids`] before they were written (GraphDecoder does both).
+        let mut x = match position {
+            Some(_) => self.embed_tokens.lookup(&ids)?,
+            None => self.embed_tokens.forward(&ids)?,
+        }; // (b, L, hidden)
         for (i, layer) in self.layers.iter().enumerate() {
             let state = cache.as_deref_mut().map(|c| &mut c.states[i]);
             x = layer
