@@ -3,7 +3,8 @@
 #   scripts/gpu/bench.sh kernels-stages   # kernels at 1k..64k, then stage 1/2 vs teacher forward
 #   scripts/gpu/bench.sh stages-batched   # stage 1 at batch 8 x 1024, stage 2 at 2 x 2048
 #   scripts/gpu/bench.sh decode           # decoding at 4k, 32k, 128k: teacher vs student (eager
-#                                         # and by CUDA graph replays)
+#                                         # and by CUDA graph replays), batches up to what the
+#                                         # memory left beside the model holds (MAX_BATCH caps)
 #   scripts/gpu/bench.sh profile          # the stages-batched cases under libtorch's profiler
 #   scripts/gpu/bench.sh gated-deltanet   # chunked Gated DeltaNet at 16k, 64k (bf16, 32 heads,
 #                                         # d 128) beside fla's chunk_gated_delta_rule (needs fla)
@@ -57,7 +58,7 @@ case "${1:-}" in
     ;;
   decode)
     "$BIN" bench decode --device cuda --dtype bf16 --config "$MODEL" ${ATTENTION:+--attention "$ATTENTION"} \
-      --models ${MODELS:-teacher,student,student-graph} --max-batch ${MAX_BATCH:-4096} \
+      --models ${MODELS:-teacher,student,student-graph} ${MAX_BATCH:+--max-batch "$MAX_BATCH"} \
       --contexts ${CONTEXTS:-4096,32768,131072} --tokens ${TOKENS:-8} --refine 2 \
       --json "$OUT/decode.json" --plot "$OUT/decode.png" 2>"$OUT/decode.log" | tee "$OUT/decode.md"
     ;;

@@ -19,7 +19,10 @@
 //! products accumulate in f32, results come back rounded), while running sums, gates, softmax
 //! statistics and normalisers stay in f32, as in flash-linear-attention.
 //! `chunked(.., state)` continues from a state and returns the final one, so a prompt is
-//! prefilled with `chunked` and decoded with `step`; `recurrent` is `step` over a sequence.
+//! prefilled with `chunked` and decoded with `step`; `recurrent` is `step` over a sequence (from
+//! a copy of its state). `step` updates the state in place (full window caches are rings written
+//! at the leaving token's slot), so that no step copies the state and a CUDA graph replays it on
+//! the same tensors; under autograd it builds the next state out of place instead.
 //!
 //! | feature map ([`feature_map::FeatureMapConfig`]) | φ(x)                                         | params (under the map's path) |
 //! |-------------------------------------------------|----------------------------------------------|-------------------------------|

@@ -1135,7 +1135,7 @@ impl LinearizedMixer {
                 lolcats::step(s, &inputs, cfg, x.position)?
             }
             (Kernel::SlidingWindow(cfg), KernelState::SlidingWindow(s)) => {
-                swa::step(s, x.q, x.k, x.v, cfg)?
+                swa::step(s, x.q, x.k, x.v, cfg, x.position)?
             }
             (
                 Kernel::LigerGla {
@@ -1146,7 +1146,9 @@ impl LinearizedMixer {
                 let (q, k, g) = liger::gla_inputs(x.q_raw, x.k_raw, *gate_normalizer)?;
                 gla::step(s, &q, &k, x.v, &g)?
             }
-            (Kernel::Liger(cfg), KernelState::Liger(s)) => liger::step(s, &liger_inputs(x), cfg)?,
+            (Kernel::Liger(cfg), KernelState::Liger(s)) => {
+                liger::step(s, &liger_inputs(x), cfg, x.position)?
+            }
             (
                 Kernel::GatedDeltanet {
                     gates,

@@ -154,6 +154,25 @@ pub(crate) fn repeat_heads(x: &Tensor, heads: i64) -> Tensor {
     x.unsqueeze(2).expand(&expanded, false).reshape(&merged)
 }
 
+/// `a @ b` for `a` (b, h, l, m) and `b` (b, h_b, m, n) whose head `j` serves the heads of `a`
+/// that [`repeat_heads`] would give it, without repeating `b`: (b, h, l, n). A decoding step
+/// reads its window cache this way rather than through a repeated copy of it.
+pub(crate) fn grouped_matmul(a: &Tensor, b: &Tensor) -> Tensor {
+    let (sa, hb) = (a.size(), b.size()[1]);
+    let (batch, heads, len) = (sa[0], sa[1], sa[2]);
+    a.reshape([batch, hb, heads / hb * len, sa[3]])
+        .matmul(b)
+        .reshape([batch, heads, len, -1])
+}
+
+/// Whether autograd records a decoding step, given tensors it computed (or read): it may then
+/// need the step's state as it was (the recurrent forms serve as references for gradients), so
+/// the step builds its new state out of place rather than updating it in place, which would
+/// invalidate what the backward pass saved. Under `no_grad` (decoding) nothing is recorded.
+pub(crate) fn tracked(tensors: &[&Tensor]) -> bool {
+    tensors.iter().any(|t| t.requires_grad())
+}
+
 /// `x` in `kind` with its heads repeated to `heads`.
 pub(crate) fn prepare(x: &Tensor, kind: Kind, heads: i64) -> Tensor {
     repeat_heads(&x.to_kind(kind), heads)

@@ -168,7 +168,9 @@ fn sinks_forms_agree_with_gradients_and_prefill_then_decode_matches_the_full_seq
                 let want = full.narrow(2, split, len - split);
                 let (continued, _) = liger::chunked(&tail.inputs(), &c, Some(&state)).unwrap();
                 let steps: Vec<Tensor> = (0..len - split)
-                    .map(|t| liger::step(&mut state, &tail.narrow(t, 1).inputs(), &c).unwrap())
+                    .map(|t| {
+                        liger::step(&mut state, &tail.narrow(t, 1).inputs(), &c, None).unwrap()
+                    })
                     .collect();
                 let what = format!("sinks {sinks} split {split}");
                 assert_close(
@@ -234,7 +236,7 @@ fn prefill_then_decode_matches_the_full_sequence() {
         let (continued, _) = liger::chunked(&tail.inputs(), &cfg(), Some(&state)).unwrap();
         let mut state = state;
         let steps: Vec<Tensor> = (0..len - split)
-            .map(|t| liger::step(&mut state, &tail.narrow(t, 1).inputs(), &cfg()).unwrap())
+            .map(|t| liger::step(&mut state, &tail.narrow(t, 1).inputs(), &cfg(), None).unwrap())
             .collect();
         let decoded = Tensor::cat(&steps, 2);
         assert_close(

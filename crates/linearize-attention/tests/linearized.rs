@@ -6,7 +6,7 @@ use linearize_attention::linearized::{AttentionConfig, LayerShape, LinearizedMix
 use linearize_attention::ops::gated_deltanet::{DeltaGates, QkActivation};
 use linearize_attention::ops::window::WindowShape;
 use linearize_models::config::ModelConfig;
-use linearize_models::llama::Model;
+use linearize_models::llama::{Model, ModelCache};
 use linearize_models::mixer::{Mixer, MixerInput};
 use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
@@ -230,6 +230,11 @@ fn every_method_decodes_at_a_device_position_like_its_full_pass() {
                 .unwrap();
             let state_len = model.state_tensors(&cache).unwrap().len();
             assert!(state_len > 0, "{}: a state with no tensors", cfg.name());
+            let addresses = |cache: &ModelCache| -> Vec<usize> {
+                let state = model.state_tensors(cache).unwrap();
+                state.iter().map(|t| t.data_ptr() as usize).collect()
+            };
+            let mut first = None;
             for t in prefix..LEN {
                 let position = Tensor::from(t);
                 let logits = model
@@ -241,6 +246,17 @@ fn every_method_decodes_at_a_device_position_like_its_full_pass() {
                     "{} token {t}: differs by {diff:e}",
                     cfg.name()
                 );
+                // Every step updates the state in place, as the graph's replays need: its
+                // tensors stay where the first step left them.
+                match &first {
+                    None => first = Some(addresses(&cache)),
+                    Some(first) => assert_eq!(
+                        first,
+                        &addresses(&cache),
+                        "{} token {t}: the step moved a state tensor",
+                        cfg.name()
+                    ),
+                }
             }
             assert_eq!(cache.seen(), LEN);
             assert_eq!(model.state_tensors(&cache).unwrap().len(), state_len);

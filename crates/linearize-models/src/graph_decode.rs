@@ -5,7 +5,9 @@
 //!
 //! The captured step reads the token ids, the position and the decoding state from fixed tensors
 //! and writes its greedy picks, its logits and the new state back into them, so that each replay
-//! continues where the last one stopped without the host. Host values frozen into the capture
+//! continues where the last one stopped without the host. Every mixer's step updates its state
+//! in place (no state is built anew and copied back), so a replay moves each state tensor only
+//! as far as its update needs, and the graph's memory pool holds no second copy of the state. Host values frozen into the capture
 //! must not change between steps: positions are read on the device ([`Model::decode_step_at`]),
 //! and the state must have stopped changing shape (a window cache filled), which
 //! [`GraphDecoder::new`] checks. Softmax attention's KV cache grows every step: it is refused.
@@ -73,9 +75,14 @@ impl<'m> GraphDecoder<'m> {
                         new.kind(),
                         new.size()
                     );
-                    if old.data_ptr() != new.data_ptr() {
-                        old.shallow_clone().copy_(new);
-                    }
+                    ensure!(
+                        old.data_ptr() == new.data_ptr(),
+                        "decoding state tensor {i} ({:?} {:?}) was replaced in a step rather than \
+                         updated in place: decode eagerly at least once first (without gradients), \
+                         which moves the state to its decoding layout",
+                        old.kind(),
+                        old.size()
+                    );
                 }
                 ids.shallow_clone().copy_(&out.argmax(-1, false));
                 let _ = position.shallow_clone().g_add_scalar_(1);

@@ -49,14 +49,15 @@ pub trait Mixer: Send {
 
     /// Whether the one-token steps from `state` on can be captured into a CUDA graph and
     /// replayed at later positions: the state keeps its tensors' shapes from step to step (a
-    /// window cache is full) and the step reads positions from [`MixerInput::position`].
+    /// window cache is full), the step updates them in place and it reads positions from
+    /// [`MixerInput::position`].
     fn step_capturable(&self, state: &MixerState) -> bool {
         let _ = state;
         false
     }
 
-    /// The tensors `state` holds, in a fixed order (a CUDA graph copies each step's new state
-    /// into the tensors it was captured with).
+    /// The tensors `state` holds, in a fixed order (a CUDA graph replays steps that update the
+    /// tensors it was captured with in place).
     fn state_tensors(&self, state: &MixerState) -> Result<Vec<Tensor>> {
         let _ = state;
         bail!("{} cannot list its decoding state's tensors", self.name())

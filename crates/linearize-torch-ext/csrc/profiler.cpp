@@ -37,9 +37,12 @@ using linearize::set_error;
 
 extern "C" {
 
-int linearize_profiler_start(int cuda, char* err, size_t err_len) {
+int linearize_profiler_start(int cuda, int memory, char* err, size_t err_len) {
   try {
-    ProfilerConfig config(ProfilerState::KINETO);
+    // With `memory`, every allocation and free (CPU and CUDA) is recorded as a "[memory]" event
+    // with its size in bytes.
+    ProfilerConfig config(ProfilerState::KINETO, /*report_input_shapes=*/false,
+                          /*profile_memory=*/memory != 0);
     auto acts = activities(cuda);
     torch::autograd::profiler::prepareProfiler(config, acts);
     torch::autograd::profiler::enableProfiler(config, acts);

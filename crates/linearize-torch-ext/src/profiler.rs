@@ -11,7 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 mod ffi {
     use super::*;
     extern "C" {
-        pub fn linearize_profiler_start(cuda: c_int, err: *mut c_char, err_len: usize) -> c_int;
+        pub fn linearize_profiler_start(
+            cuda: c_int,
+            memory: c_int,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
         pub fn linearize_profiler_stop(
             trace_path: *const c_char,
             err: *mut c_char,
@@ -34,12 +39,23 @@ pub struct Profiler {
 impl Profiler {
     /// Starts recording operators (and GPU activity when `cuda`) on this process.
     pub fn start(cuda: bool) -> Result<Self> {
+        Self::start_with(cuda, false)
+    }
+
+    /// [`Profiler::start`], also recording every allocation and free of this thread (and the
+    /// threads its operators use) as a `[memory]` event with its size (`args.Bytes`, negative
+    /// for a free) and device (`args["Device Type"]`, 0 for the CPU).
+    pub fn start_recording_memory(cuda: bool) -> Result<Self> {
+        Self::start_with(cuda, true)
+    }
+
+    fn start_with(cuda: bool, memory: bool) -> Result<Self> {
         ensure!(
             !RUNNING.swap(true, Ordering::SeqCst),
             "a profiler is already running in this process"
         );
         let started = call("starting libtorch's profiler", |err, len| unsafe {
-            ffi::linearize_profiler_start(c_int::from(cuda), err, len)
+            ffi::linearize_profiler_start(c_int::from(cuda), c_int::from(memory), err, len)
         });
         if started.is_err() {
             RUNNING.store(false, Ordering::SeqCst);

@@ -173,15 +173,29 @@ pub fn chunked_output(x: &LigerInputs, cfg: &LigerConfig) -> Result<Tensor> {
     mix(window, linear, x.v)
 }
 
-/// Adds one token (len 1) to `state` and returns its output (b, h, 1, d_v).
-pub fn step(state: &mut LigerState, x: &LigerInputs, cfg: &LigerConfig) -> Result<Tensor> {
+/// Adds one token (len 1) to `state` in place and returns its output (b, h, 1, d_v); `position`
+/// as in [`swa::step`] (CUDA graphs).
+pub fn step(
+    state: &mut LigerState,
+    x: &LigerInputs,
+    cfg: &LigerConfig,
+    position: Option<&Tensor>,
+) -> Result<Tensor> {
     let v = upcast(x.v)?;
     let (q, k, g) = gla_inputs(x.q, x.k, cfg.gate_normalizer)?;
-    // Both halves advance or neither does.
-    let mut next = state.shallow_clone();
-    let window = swa::step(&mut next.window, x.q_rope, x.k_rope, &v, &cfg.swa_config())?;
-    let linear = gla::step(&mut next.gla, &q, &k, &v, &g)?;
-    *state = next;
+    // Both halves advance or neither does: both are checked before either moves.
+    let swa_cfg = cfg.swa_config();
+    swa::check_step(&state.window, x.q_rope, x.k_rope, &v, &swa_cfg)?;
+    gla::check_step(&state.gla, &q, &k, &v, &g)?;
+    let window = swa::step(
+        &mut state.window,
+        x.q_rope,
+        x.k_rope,
+        &v,
+        &swa_cfg,
+        position,
+    )?;
+    let linear = gla::step(&mut state.gla, &q, &k, &v, &g)?;
     mix(window, linear, x.v)
 }
 

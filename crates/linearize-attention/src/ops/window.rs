@@ -157,16 +157,14 @@ impl SinkCache {
         }
     }
 
-    /// The cache checked against the call (shapes, and `min(pos, sinks)` tokens) and converted to
-    /// `kind`.
-    pub(crate) fn checked(
+    /// Checks the cache against the call: shapes, and `min(pos, sinks)` tokens.
+    pub(crate) fn check(
         &self,
         k_shape: [i64; 3],
         v_shape: [i64; 3],
         pos: i64,
         sinks: i64,
-        kind: Kind,
-    ) -> Result<Self> {
+    ) -> Result<()> {
         let n = pos.min(sinks);
         for (name, t, [b, h, d]) in [
             ("state.sinks.k", &self.k, k_shape),
@@ -183,6 +181,19 @@ impl SinkCache {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// The cache checked against the call ([`Self::check`]) and converted to `kind`.
+    pub(crate) fn checked(
+        &self,
+        k_shape: [i64; 3],
+        v_shape: [i64; 3],
+        pos: i64,
+        sinks: i64,
+        kind: Kind,
+    ) -> Result<Self> {
+        self.check(k_shape, v_shape, pos, sinks)?;
         Ok(Self {
             k: self.k.to_kind(kind),
             v: self.v.to_kind(kind),
@@ -220,6 +231,92 @@ pub(crate) fn without_sinks(phi_k: &Tensor, pos: i64, sinks: i64) -> Tensor {
     }
     let zeros = phi_k.narrow(2, 0, n).zeros_like();
     Tensor::cat(&[zeros, phi_k.narrow(2, n, len - n)], 2)
+}
+
+/// A full window cache (`reach` tokens along dim 2) is a ring: the token at position `p` lies in
+/// slot `p mod reach`, so that a decoding step writes its token over the one leaving the window,
+/// in place, and no step copies the cache. A cache still filling lies in order, oldest first.
+/// The ring of the full cache `ordered` whose last token is at position `pos - 1`.
+pub(crate) fn to_ring(ordered: &Tensor, pos: i64) -> Tensor {
+    let reach = ordered.size()[2];
+    if reach == 0 {
+        return ordered.shallow_clone();
+    }
+    // Slot (pos - reach + i) mod reach = (pos + i) mod reach takes token i.
+    ordered.roll([pos % reach], [2])
+}
+
+/// The full cache `ring` ([`to_ring`]) in order, oldest first, before the token at `pos`.
+pub(crate) fn from_ring(ring: &Tensor, pos: i64) -> Tensor {
+    let reach = ring.size()[2];
+    if reach == 0 {
+        return ring.shallow_clone();
+    }
+    ring.roll([-(pos % reach)], [2])
+}
+
+/// The absolute positions of a decoding step's query (1,) and keys (m+1,): the `m` cached tokens
+/// in their slots' order (in order while the cache fills, a ring once it holds `reach`), then the
+/// query's own token at `t`. With `position` (`t` as an int64 scalar on the device) they are
+/// built from it rather than from the host's `t`, so that a CUDA graph capturing the step stays
+/// right when replayed at later positions; either way nothing is copied from the host.
+pub(crate) fn step_positions(
+    m: i64,
+    reach: i64,
+    t: i64,
+    position: Option<&Tensor>,
+    device: Device,
+) -> (Tensor, Tensor) {
+    let opts = (Kind::Int64, device);
+    let slots = Tensor::arange(m, opts);
+    let ring = m == reach && m > 0;
+    let (cached, now) = match position {
+        Some(p) if ring => ((slots - p).remainder(reach) + p - reach, p.reshape([1])),
+        Some(p) => (slots - m + p, p.reshape([1])),
+        None if ring => (
+            (slots - t).remainder(reach) + (t - reach),
+            Tensor::arange_start(t, t + 1, opts),
+        ),
+        None => (slots + (t - m), Tensor::arange_start(t, t + 1, opts)),
+    };
+    let keys = Tensor::cat(&[&cached, &now], 0);
+    (now, keys)
+}
+
+/// The slot of a full ring ([`to_ring`]) that the token at `t` takes from the one leaving the
+/// window (`t - reach`): `t mod reach`, from the host's count or, for CUDA graphs, from the
+/// device's `position`.
+pub(crate) enum RingSlot {
+    Host(i64),
+    Device(Tensor),
+}
+
+impl RingSlot {
+    pub fn of(reach: i64, t: i64, position: Option<&Tensor>) -> Self {
+        match position {
+            Some(p) => Self::Device(p.remainder(reach).reshape([1])),
+            None => Self::Host(t % reach),
+        }
+    }
+
+    /// The slot's token of `cache` (b, ·, reach, ·) or (b, ·, reach): a view, or a gather of
+    /// one token.
+    pub fn read(&self, cache: &Tensor) -> Tensor {
+        match self {
+            Self::Host(i) => cache.narrow(2, *i, 1),
+            Self::Device(i) => cache.index_select(2, i),
+        }
+    }
+
+    /// Writes `token` (one token along dim 2) into the slot of `cache`, in place.
+    pub fn write(&self, cache: &mut Tensor, token: &Tensor) {
+        match self {
+            Self::Host(i) => cache.narrow(2, *i, 1).copy_(token),
+            Self::Device(i) => {
+                let _ = cache.index_copy_(2, i, token);
+            }
+        }
+    }
 }
 
 /// Layout of one chunked call: the new tokens' queries cut into `chunks` chunks of `chunk`

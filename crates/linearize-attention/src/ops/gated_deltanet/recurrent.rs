@@ -3,12 +3,15 @@
 //! `S_t = S' + k_tᵀ δ_t`, `o_t = q_t S_t` (two (d_k, d_v) products per token, no (d_k, d_k) one).
 use super::{check_inputs, check_values, GatedDeltaNetState};
 use crate::error::Result;
-use crate::tensors::{compute_kind, prepare, Dims};
+use crate::tensors::{compute_kind, prepare, tracked, Dims};
 use tch::Tensor;
 
-/// Adds one token (len 1) to `state` and returns its output (b, h, 1, d_v). It reads nothing back
-/// from the device (so it can be captured into a CUDA graph) and so does not check `g` and
-/// `beta`'s values, as [`super::chunked`] does.
+/// Adds one token (len 1) to `state` in place and returns its output (b, h, 1, d_v): the state
+/// decays and takes the correction's outer product in its own storage (shallow clones of it see
+/// the update), so a step allocates nothing of its size (out of place where autograd tracks the
+/// step: [`tracked`]). It reads nothing back from the device
+/// (so it can be captured into a CUDA graph) and so does not check `g` and `beta`'s values, as
+/// [`super::chunked`] does.
 pub fn step(
     state: &mut GatedDeltaNetState,
     q: &Tensor,
@@ -19,16 +22,24 @@ pub fn step(
 ) -> Result<Tensor> {
     let s = check_inputs(q, k, v, g, beta)?;
     Dims::of("q", q)?.check_single("q", q)?;
+    state.check(&s)?;
     let kind = compute_kind("v", v)?;
     let h = s.heads;
-    let current = GatedDeltaNetState::initial(Some(state), &s, (kind, v.device()))?;
+    if state.s.kind() != kind {
+        state.s = state.s.to_kind(kind);
+    }
     let per_token = |x: &Tensor| prepare(x, kind, h).unsqueeze(-1); // (b, h, 1, 1)
-    let decayed = per_token(g).exp() * current.s; // (b, h, d_k, d_v)
-    let k = prepare(k, kind, h); // (b, h, 1, d_k)
-    let delta = per_token(beta) * (prepare(v, kind, h) - k.matmul(&decayed)); // (b, h, 1, d_v)
-    *state = GatedDeltaNetState {
-        s: decayed + k.transpose(-1, -2).matmul(&delta),
-    };
+    let (alpha, beta) = (per_token(g).exp(), per_token(beta));
+    let (k, v_new) = (prepare(k, kind, h), prepare(v, kind, h)); // (b, h, 1, d_k), (b, h, 1, d_v)
+    if tracked(&[q, &k, &v_new, &alpha, &beta, &state.s]) {
+        let decayed = alpha * &state.s;
+        let delta = beta * (v_new - k.matmul(&decayed));
+        state.s = decayed + k.transpose(-1, -2).matmul(&delta);
+    } else {
+        let _ = state.s.g_mul_(&alpha); // S' = α S, (b, h, d_k, d_v)
+        let delta = beta * (v_new - k.matmul(&state.s)); // (b, h, 1, d_v)
+        let _ = state.s.addcmul_(&k.transpose(-1, -2), &delta);
+    }
     Ok(prepare(q, kind, h).matmul(&state.s).to_kind(v.kind()))
 }
 
@@ -44,7 +55,9 @@ pub fn recurrent(
     let s = check_inputs(q, k, v, g, beta)?;
     check_values(g, beta)?;
     let kind = compute_kind("v", v)?;
-    let mut state = GatedDeltaNetState::initial(state.as_ref(), &s, (kind, v.device()))?;
+    // A copy: the steps update it in place, and the caller's state must not change.
+    let mut state = GatedDeltaNetState::initial(state.as_ref(), &s, (kind, v.device()))?
+        .map_tensors(&Tensor::copy);
     let mut outputs = Vec::with_capacity(s.len as usize);
     for t in 0..s.len {
         let token = |x: &Tensor| x.narrow(2, t, 1);

@@ -17,6 +17,7 @@ mod recurrent;
 
 pub use chunked::{chunked, chunked_output};
 pub use naive::naive;
+pub(crate) use recurrent::check_step;
 pub use recurrent::{recurrent, step};
 
 use crate::error::{config, Result};
@@ -86,16 +87,30 @@ impl GlaState {
     }
 
     pub(crate) fn initial(state: Option<&Self>, s: &Shapes, opts: (Kind, Device)) -> Result<Self> {
-        let want = [s.batch, s.heads, s.key_dim, s.value_dim];
         match state {
             None => Ok(Self {
-                s: Tensor::zeros(want, opts),
+                s: Tensor::zeros(Self::shape(s), opts),
             }),
-            Some(state) if state.s.size() == want => Ok(Self {
-                s: state.s.to_kind(opts.0),
-            }),
-            Some(state) => Err(shape("state.s", &format!("{want:?}"), &state.s)),
+            Some(state) => {
+                state.check(s)?;
+                Ok(Self {
+                    s: state.s.to_kind(opts.0),
+                })
+            }
         }
+    }
+
+    fn shape(s: &Shapes) -> [i64; 4] {
+        [s.batch, s.heads, s.key_dim, s.value_dim]
+    }
+
+    /// Checks the state against a call's sizes.
+    pub(crate) fn check(&self, s: &Shapes) -> Result<()> {
+        let want = Self::shape(s);
+        if self.s.size() != want {
+            return Err(shape("state.s", &format!("{want:?}"), &self.s));
+        }
+        Ok(())
     }
 }
 

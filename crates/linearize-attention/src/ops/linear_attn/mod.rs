@@ -102,6 +102,26 @@ impl LinearState {
         }
     }
 
+    /// Adds one token's `phi_k` (b, h, 1, f) and `v` (b, h, 1, d) in place, the outer product
+    /// written straight into `kv` (no temporary of its size): a decoding step allocates nothing
+    /// of the state's size, and a CUDA graph replaying it updates the tensors it captured.
+    pub(crate) fn absorb_token(&mut self, phi_k: &Tensor, v: &Tensor) {
+        let _ = self.kv.addcmul_(&phi_k.transpose(-1, -2), v);
+        let _ = self.k_sum.g_add_(&phi_k.squeeze_dim(2));
+    }
+
+    /// Checks this state against a call's sizes and moves it to the call's compute dtype where
+    /// it is not there yet (a copy on the first step after a prefill in another dtype, none after).
+    pub(crate) fn ready(&mut self, dims: &Shapes, kind: Kind) -> Result<()> {
+        self.check(dims)?;
+        for t in [&mut self.kv, &mut self.k_sum] {
+            if t.kind() != kind {
+                *t = t.to_kind(kind);
+            }
+        }
+        Ok(())
+    }
+
     /// This state checked against a call's sizes, in the call's compute dtype.
     pub(crate) fn for_call(&self, dims: &Shapes, kind: Kind) -> Result<Self> {
         self.check(dims)?;
@@ -129,7 +149,7 @@ impl LinearState {
         }
     }
 
-    fn check(&self, dims: &Shapes) -> Result<()> {
+    pub(crate) fn check(&self, dims: &Shapes) -> Result<()> {
         let want = [dims.batch, dims.heads, dims.feature_dim, dims.head_dim];
         if self.kv.size() != want {
             return Err(crate::tensors::shape(

@@ -42,7 +42,7 @@ pub use recurrent::{recurrent, step};
 use super::gated_deltanet::l2_normalize;
 use super::linear_attn::LinearState;
 use super::lolcats::{self, LolcatsInputs, Shapes};
-use super::window::{validate_sinks, SinkCache, Window, WindowShape};
+use super::window::{from_ring, to_ring, validate_sinks, RingSlot, SinkCache, Window, WindowShape};
 use crate::error::{config, Error, Result};
 use crate::tensors::{compute_kind, exclusive_cumsum, repeat_heads, shape, Precision};
 use serde::{Deserialize, Serialize};
@@ -176,7 +176,8 @@ impl<'a> LizardInputs<'a> {
 }
 
 /// What a Lizard layer remembers: the last `m <= reach` tokens' keys, key features (zero for
-/// sinks), values (at their own head counts) and log-gates (b, h, m); the linear sums over every
+/// sinks), values (at their own head counts) and log-gates (b, h, m) (once `m = reach`, a ring:
+/// see [`super::window::to_ring`]); the linear sums over every
 /// token before them but the sinks, decayed to the last of those tokens (`linear.kv`
 /// Σ decay·φk_sᵀ v_s (b, h, f, d_v), `linear.k_sum` Σ decay·φk_s (b, h, f)); the sink tokens'
 /// keys and values; and the number of tokens seen. Produced by [`chunked`], carried on by
@@ -245,44 +246,88 @@ impl LizardState {
                 pos: 0,
             });
         };
-        let m = state.cached();
-        for (name, t, heads, dim) in [
-            ("state.k", &state.k, s.k_heads, s.head_dim),
-            ("state.phi_k", &state.phi_k, s.phi_k_heads, s.feature_dim),
-            ("state.v", &state.v, s.v_heads, s.value_dim),
-        ] {
-            if t.size() != [s.batch, heads, m, dim] {
-                return Err(shape(name, &format!("{:?}", [s.batch, heads, m, dim]), t));
+        state.check(s, cfg)?;
+        let ordered = |t: &Tensor| {
+            let t = t.to_kind(opts.0);
+            match state.cached() == cfg.window().reach() {
+                true => from_ring(&t, state.pos),
+                false => t,
             }
-        }
-        if state.log_gates.size() != [s.batch, s.heads, m] {
-            return Err(shape(
-                "state.log_gates",
-                &format!("{:?}", [s.batch, s.heads, m]),
-                &state.log_gates,
-            ));
-        }
-        let reach = cfg.window().reach();
-        if m > reach || m > state.pos {
-            return Err(Error::Value {
-                tensor: "state.k",
-                message: format!(
-                    "window cache of {m} tokens at position {}; the window keeps at most {reach}",
-                    state.pos
-                ),
-            });
-        }
+        };
         Ok(Self {
-            k: state.k.to_kind(opts.0),
-            phi_k: state.phi_k.to_kind(opts.0),
-            v: state.v.to_kind(opts.0),
-            log_gates: state.log_gates.to_kind(opts.0),
+            k: ordered(&state.k),
+            phi_k: ordered(&state.phi_k),
+            v: ordered(&state.v),
+            log_gates: ordered(&state.log_gates),
             linear: state.linear.for_call(&lin, opts.0)?,
             sinks: state
                 .sinks
                 .checked(k_shape, v_shape, state.pos, cfg.sinks, opts.0)?,
             pos: state.pos,
         })
+    }
+
+    /// Checks the state against a call's sizes and its window.
+    pub(crate) fn check(&self, s: &Shapes, cfg: &LizardConfig) -> Result<()> {
+        let m = self.cached();
+        for (name, t, heads, dim) in [
+            ("state.k", &self.k, s.k_heads, s.head_dim),
+            ("state.phi_k", &self.phi_k, s.phi_k_heads, s.feature_dim),
+            ("state.v", &self.v, s.v_heads, s.value_dim),
+        ] {
+            if t.size() != [s.batch, heads, m, dim] {
+                return Err(shape(name, &format!("{:?}", [s.batch, heads, m, dim]), t));
+            }
+        }
+        if self.log_gates.size() != [s.batch, s.heads, m] {
+            return Err(shape(
+                "state.log_gates",
+                &format!("{:?}", [s.batch, s.heads, m]),
+                &self.log_gates,
+            ));
+        }
+        let reach = cfg.window().reach();
+        if m > reach || m > self.pos {
+            return Err(Error::Value {
+                tensor: "state.k",
+                message: format!(
+                    "window cache of {m} tokens at position {}; the window keeps at most {reach}",
+                    self.pos
+                ),
+            });
+        }
+        self.linear.check(&s.linear())?;
+        let k_shape = [s.batch, s.k_heads, s.head_dim];
+        let v_shape = [s.batch, s.v_heads, s.value_dim];
+        self.sinks.check(k_shape, v_shape, self.pos, cfg.sinks)
+    }
+
+    /// Moves the state to the compute dtype where it is not there yet (a copy on the first step
+    /// after a prefill in another dtype, none after).
+    pub(crate) fn ready(&mut self, kind: Kind) {
+        let Self {
+            k,
+            phi_k,
+            v,
+            log_gates,
+            linear,
+            sinks,
+            ..
+        } = self;
+        for t in [
+            k,
+            phi_k,
+            v,
+            log_gates,
+            &mut linear.kv,
+            &mut linear.k_sum,
+            &mut sinks.k,
+            &mut sinks.v,
+        ] {
+            if t.kind() != kind {
+                *t = t.to_kind(kind);
+            }
+        }
     }
 
     /// The state after appending `k`, `phi_k`, `v` (b, ·, n, ·) and `log_gates` (b, h, n): the
@@ -309,7 +354,8 @@ impl LizardState {
             Tensor::cat(&[&self.log_gates, &log_gates.to_kind(p.acc)], 2),
         );
         let total = k.size()[2];
-        let keep = total.min(cfg.window().reach());
+        let reach = cfg.window().reach();
+        let keep = total.min(reach);
         let leaving = total - keep;
         let linear = if leaving == 0 {
             self.linear.shallow_clone()
@@ -327,15 +373,53 @@ impl LizardState {
                     + phi.sum_dim_intlist(-2, false, p.acc),
             }
         };
+        let pos = self.pos + added;
+        let last = |t: &Tensor| {
+            let t = t.narrow(2, leaving, keep);
+            match keep == reach {
+                true => to_ring(&t, pos),
+                false => t,
+            }
+        };
         Self {
-            k: k.narrow(2, leaving, keep),
-            phi_k: phi_k.narrow(2, leaving, keep),
-            v: v.narrow(2, leaving, keep),
-            log_gates: g.narrow(2, leaving, keep),
+            k: last(&k),
+            phi_k: last(&phi_k),
+            v: last(&v),
+            log_gates: last(&g),
             linear,
             sinks,
-            pos: self.pos + added,
+            pos,
         }
+    }
+
+    /// Appends one token `k`, `phi_k`, `v` (b, ·, 1, ·) and `log_gate` (b, h, 1), not a sink, to
+    /// a full cache in place: the linear sums decay by the gate of the token in its slot
+    /// ([`RingSlot`], `position` as there), which leaves the window and joins them (heads
+    /// repeated to `heads`), and the new token takes its slot. A decoding step's update: nothing
+    /// of the state's size is allocated.
+    pub(crate) fn push(&mut self, new: [&Tensor; 4], heads: i64, position: Option<&Tensor>) {
+        let [k, phi_k, v, log_gate] = new;
+        let reach = self.cached();
+        let slot = (reach > 0).then(|| RingSlot::of(reach, self.pos, position));
+        // Without a cache (a one-token window) the token leaves the window as it comes.
+        let leaving = |cache: &Tensor, token: &Tensor| match &slot {
+            Some(slot) => slot.read(cache),
+            None => token.shallow_clone(),
+        };
+        let decay = leaving(&self.log_gates, log_gate).exp(); // (b, h, 1)
+        let _ = self.linear.kv.g_mul_(&decay.unsqueeze(-1));
+        let _ = self.linear.k_sum.g_mul_(&decay);
+        self.linear.absorb_token(
+            &repeat_heads(&leaving(&self.phi_k, phi_k), heads),
+            &repeat_heads(&leaving(&self.v, v), heads),
+        );
+        if let Some(slot) = &slot {
+            slot.write(&mut self.k, k);
+            slot.write(&mut self.phi_k, phi_k);
+            slot.write(&mut self.v, v);
+            slot.write(&mut self.log_gates, log_gate);
+        }
+        self.pos += 1;
     }
 }
 

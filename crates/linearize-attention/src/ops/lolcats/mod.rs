@@ -32,7 +32,7 @@ pub use naive::naive;
 pub use recurrent::{recurrent, step};
 
 use super::linear_attn::{self, LinearState};
-use super::window::{validate_sinks, SinkCache, Window, WindowShape};
+use super::window::{from_ring, to_ring, validate_sinks, RingSlot, SinkCache, Window, WindowShape};
 use crate::error::{config, Error, Result};
 use crate::tensors::{compute_kind, repeat_heads, shape, Dims, Precision};
 use serde::{Deserialize, Serialize};
@@ -120,7 +120,8 @@ pub struct LolcatsInputs<'a> {
 }
 
 /// What a LoLCATs layer remembers: the last `m <= reach` tokens' keys, key features (zero for
-/// sink tokens) and values (window cache, at their own head counts), linear sums over every token
+/// sink tokens) and values (window cache, at their own head counts; once `m = reach`, a ring:
+/// see [`super::window::to_ring`]), linear sums over every token
 /// before them but the sinks, the sink tokens' keys and values, and the number of tokens seen.
 /// Produced by [`chunked`] and carried on by [`step`] / [`recurrent`].
 #[derive(Debug)]
@@ -163,14 +164,14 @@ impl LolcatsState {
         all
     }
 
-    /// `state` checked against the call and converted to its compute dtype, or the empty state.
+    /// `state` checked against the call, converted to its compute dtype and its cache in order,
+    /// or the empty state.
     pub(crate) fn initial(
         state: Option<&Self>,
         s: &Shapes,
         cfg: &LolcatsConfig,
         opts: (Kind, Device),
     ) -> Result<Self> {
-        let window = cfg.window();
         let lin = s.linear();
         let k_shape = [s.batch, s.k_heads, s.head_dim];
         let v_shape = [s.batch, s.v_heads, s.value_dim];
@@ -185,30 +186,18 @@ impl LolcatsState {
                 pos: 0,
             });
         };
-        let m = state.cached();
-        for (name, t, heads, dim) in [
-            ("state.k", &state.k, s.k_heads, s.head_dim),
-            ("state.phi_k", &state.phi_k, s.phi_k_heads, s.feature_dim),
-            ("state.v", &state.v, s.v_heads, s.value_dim),
-        ] {
-            if t.size() != [s.batch, heads, m, dim] {
-                return Err(shape(name, &format!("{:?}", [s.batch, heads, m, dim]), t));
+        state.check(s, cfg)?;
+        let ordered = |t: &Tensor| {
+            let t = t.to_kind(opts.0);
+            match state.cached() == cfg.window().reach() {
+                true => from_ring(&t, state.pos),
+                false => t,
             }
-        }
-        if m > window.reach() || m > state.pos {
-            return Err(Error::Value {
-                tensor: "state.k",
-                message: format!(
-                    "window cache of {m} tokens at position {}; the window keeps at most {}",
-                    state.pos,
-                    window.reach()
-                ),
-            });
-        }
+        };
         Ok(Self {
-            k: state.k.to_kind(opts.0),
-            phi_k: state.phi_k.to_kind(opts.0),
-            v: state.v.to_kind(opts.0),
+            k: ordered(&state.k),
+            phi_k: ordered(&state.phi_k),
+            v: ordered(&state.v),
             linear: state.linear.for_call(&lin, opts.0)?,
             sinks: state
                 .sinks
@@ -217,10 +206,64 @@ impl LolcatsState {
         })
     }
 
-    /// The state after appending `k`, `phi_k`, `v` (b, ·, n, ·) to the cache: the last `reach`
-    /// tokens stay, the ones before join the linear sums (products on `p.operand` operands), the
-    /// ones before position `sinks` join the sink cache. `phi_k` must have its sink rows zeroed
-    /// (`window::without_sinks`).
+    /// Checks the state against a call's sizes and its window.
+    pub(crate) fn check(&self, s: &Shapes, cfg: &LolcatsConfig) -> Result<()> {
+        let reach = cfg.window().reach();
+        let m = self.cached();
+        for (name, t, heads, dim) in [
+            ("state.k", &self.k, s.k_heads, s.head_dim),
+            ("state.phi_k", &self.phi_k, s.phi_k_heads, s.feature_dim),
+            ("state.v", &self.v, s.v_heads, s.value_dim),
+        ] {
+            if t.size() != [s.batch, heads, m, dim] {
+                return Err(shape(name, &format!("{:?}", [s.batch, heads, m, dim]), t));
+            }
+        }
+        if m > reach || m > self.pos {
+            return Err(Error::Value {
+                tensor: "state.k",
+                message: format!(
+                    "window cache of {m} tokens at position {}; the window keeps at most {reach}",
+                    self.pos
+                ),
+            });
+        }
+        self.linear.check(&s.linear())?;
+        let k_shape = [s.batch, s.k_heads, s.head_dim];
+        let v_shape = [s.batch, s.v_heads, s.value_dim];
+        self.sinks.check(k_shape, v_shape, self.pos, cfg.sinks)
+    }
+
+    /// Moves the state to the compute dtype where it is not there yet (a copy on the first step
+    /// after a prefill in another dtype, none after).
+    pub(crate) fn ready(&mut self, kind: Kind) {
+        let Self {
+            k,
+            phi_k,
+            v,
+            linear,
+            sinks,
+            ..
+        } = self;
+        for t in [
+            k,
+            phi_k,
+            v,
+            &mut linear.kv,
+            &mut linear.k_sum,
+            &mut sinks.k,
+            &mut sinks.v,
+        ] {
+            if t.kind() != kind {
+                *t = t.to_kind(kind);
+            }
+        }
+    }
+
+    /// The state after appending `k`, `phi_k`, `v` (b, ·, n, ·) to its ordered cache: the last
+    /// `reach` tokens stay (a ring once full), the ones before join the linear sums (products on
+    /// `p.operand` operands), the ones before position `sinks` join the sink cache. `phi_k` must
+    /// have its sink rows zeroed (`window::without_sinks`).
     pub(crate) fn advance(
         &self,
         k: &Tensor,
@@ -230,8 +273,9 @@ impl LolcatsState {
         cfg: &LolcatsConfig,
         p: Precision,
     ) -> Self {
-        let window = cfg.window();
+        let reach = cfg.window().reach();
         let added = k.size()[2];
+        let pos = self.pos + added;
         let sinks = self.sinks.advance(k, v, self.pos, cfg.sinks);
         let (k, phi_k, v) = (
             Tensor::cat(&[&self.k, k], 2),
@@ -239,21 +283,58 @@ impl LolcatsState {
             Tensor::cat(&[&self.v, v], 2),
         );
         let total = k.size()[2];
-        let keep = total.min(window.reach());
+        let keep = total.min(reach);
         let leaving = total - keep;
         let linear = self.linear.absorb(
             &repeat_heads(&phi_k.narrow(2, 0, leaving), heads),
             &repeat_heads(&v.narrow(2, 0, leaving), heads),
             p,
         );
+        let last = |t: &Tensor| {
+            let t = t.narrow(2, leaving, keep);
+            match keep == reach {
+                true => to_ring(&t, pos),
+                false => t,
+            }
+        };
         Self {
-            k: k.narrow(2, leaving, keep),
-            phi_k: phi_k.narrow(2, leaving, keep),
-            v: v.narrow(2, leaving, keep),
+            k: last(&k),
+            phi_k: last(&phi_k),
+            v: last(&v),
             linear,
             sinks,
-            pos: self.pos + added,
+            pos,
         }
+    }
+
+    /// Appends one token `k`, `phi_k`, `v` (b, ·, 1, ·), not a sink, to a full cache in place:
+    /// the token in its slot ([`RingSlot`], `position` as there), leaving the window, joins the
+    /// linear sums (heads repeated to `heads`), and the new one takes its slot. A decoding
+    /// step's update: nothing of the state's size is allocated.
+    pub(crate) fn push(
+        &mut self,
+        k: &Tensor,
+        phi_k: &Tensor,
+        v: &Tensor,
+        heads: i64,
+        position: Option<&Tensor>,
+    ) {
+        let reach = self.cached();
+        if reach == 0 {
+            // No cache (a one-token window): the token leaves the window as it comes.
+            self.linear
+                .absorb_token(&repeat_heads(phi_k, heads), &repeat_heads(v, heads));
+        } else {
+            let slot = RingSlot::of(reach, self.pos, position);
+            self.linear.absorb_token(
+                &repeat_heads(&slot.read(&self.phi_k), heads),
+                &repeat_heads(&slot.read(&self.v), heads),
+            );
+            slot.write(&mut self.k, k);
+            slot.write(&mut self.phi_k, phi_k);
+            slot.write(&mut self.v, v);
+        }
+        self.pos += 1;
     }
 }
 

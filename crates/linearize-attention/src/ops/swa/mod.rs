@@ -10,9 +10,10 @@ mod recurrent;
 
 pub use chunked::chunked;
 pub use naive::naive;
+pub(crate) use recurrent::check_step;
 pub use recurrent::{recurrent, step};
 
-use super::window::{validate_sinks, SinkCache, Window};
+use super::window::{from_ring, to_ring, validate_sinks, RingSlot, SinkCache, Window};
 use crate::error::{config, Error, Result};
 use crate::tensors::{compute_kind, shape, Dims};
 use serde::{Deserialize, Serialize};
@@ -58,8 +59,8 @@ impl SwaConfig {
     }
 }
 
-/// The last `m <= w-1` tokens' keys and values (at their own head counts), the sink tokens' and
-/// the number of tokens seen. Produced by [`chunked`] and carried on by [`step`] / [`recurrent`].
+/// The last `m <= w-1` tokens' keys and values (at their own head counts; once `m = w-1`, a ring:
+/// see [`super::window::to_ring`]), the sink tokens' and the number of tokens seen. Produced by [`chunked`] and carried on by [`step`] / [`recurrent`].
 #[derive(Debug)]
 pub struct SwaState {
     pub k: Tensor,
@@ -92,13 +93,14 @@ impl SwaState {
         vec![&self.k, &self.v, &self.sinks.k, &self.sinks.v]
     }
 
+    /// `state` checked against the call, converted to its compute dtype and its cache in order,
+    /// or the empty state.
     pub(crate) fn initial(
         state: Option<&Self>,
         s: &Shapes,
         cfg: &SwaConfig,
         opts: (Kind, Device),
     ) -> Result<Self> {
-        let window = cfg.window();
         let k_shape = [s.batch, s.k_heads, s.head_dim];
         let v_shape = [s.batch, s.v_heads, s.value_dim];
         let Some(state) = state else {
@@ -109,28 +111,17 @@ impl SwaState {
                 pos: 0,
             });
         };
-        let m = state.cached();
-        for (name, t, heads, dim) in [
-            ("state.k", &state.k, s.k_heads, s.head_dim),
-            ("state.v", &state.v, s.v_heads, s.value_dim),
-        ] {
-            if t.size() != [s.batch, heads, m, dim] {
-                return Err(shape(name, &format!("{:?}", [s.batch, heads, m, dim]), t));
+        state.check(s, cfg)?;
+        let ordered = |t: &Tensor| {
+            let t = t.to_kind(opts.0);
+            match state.cached() == cfg.window().reach() {
+                true => from_ring(&t, state.pos),
+                false => t,
             }
-        }
-        if m > window.reach() || m > state.pos {
-            return Err(Error::Value {
-                tensor: "state.k",
-                message: format!(
-                    "window cache of {m} tokens at position {}; the window keeps at most {}",
-                    state.pos,
-                    window.reach()
-                ),
-            });
-        }
+        };
         Ok(Self {
-            k: state.k.to_kind(opts.0),
-            v: state.v.to_kind(opts.0),
+            k: ordered(&state.k),
+            v: ordered(&state.v),
             sinks: state
                 .sinks
                 .checked(k_shape, v_shape, state.pos, cfg.sinks, opts.0)?,
@@ -138,21 +129,85 @@ impl SwaState {
         })
     }
 
-    /// The state after appending `k`, `v` (b, ·, n, ·): only the last `reach` tokens stay in the
-    /// window cache; those before position `sinks` join the sink cache.
-    pub(crate) fn advance(&self, k: &Tensor, v: &Tensor, cfg: &SwaConfig) -> Self {
+    /// Checks the state against a call's sizes and its window.
+    pub(crate) fn check(&self, s: &Shapes, cfg: &SwaConfig) -> Result<()> {
         let window = cfg.window();
+        let m = self.cached();
+        for (name, t, heads, dim) in [
+            ("state.k", &self.k, s.k_heads, s.head_dim),
+            ("state.v", &self.v, s.v_heads, s.value_dim),
+        ] {
+            if t.size() != [s.batch, heads, m, dim] {
+                return Err(shape(name, &format!("{:?}", [s.batch, heads, m, dim]), t));
+            }
+        }
+        if m > window.reach() || m > self.pos {
+            return Err(Error::Value {
+                tensor: "state.k",
+                message: format!(
+                    "window cache of {m} tokens at position {}; the window keeps at most {}",
+                    self.pos,
+                    window.reach()
+                ),
+            });
+        }
+        let k_shape = [s.batch, s.k_heads, s.head_dim];
+        let v_shape = [s.batch, s.v_heads, s.value_dim];
+        self.sinks.check(k_shape, v_shape, self.pos, cfg.sinks)
+    }
+
+    /// The state after appending `k`, `v` (b, ·, n, ·) to its ordered cache: only the last
+    /// `reach` tokens stay in the window cache (a ring once full); those before position `sinks`
+    /// join the sink cache.
+    pub(crate) fn advance(&self, k: &Tensor, v: &Tensor, cfg: &SwaConfig) -> Self {
+        let reach = cfg.window().reach();
         let added = k.size()[2];
+        let pos = self.pos + added;
         let sinks = self.sinks.advance(k, v, self.pos, cfg.sinks);
         let (k, v) = (Tensor::cat(&[&self.k, k], 2), Tensor::cat(&[&self.v, v], 2));
         let total = k.size()[2];
-        let keep = total.min(window.reach());
+        let keep = total.min(reach);
+        let last = |t: &Tensor| {
+            let t = t.narrow(2, total - keep, keep);
+            match keep == reach {
+                true => to_ring(&t, pos),
+                false => t,
+            }
+        };
         Self {
-            k: k.narrow(2, total - keep, keep),
-            v: v.narrow(2, total - keep, keep),
+            k: last(&k),
+            v: last(&v),
             sinks,
-            pos: self.pos + added,
+            pos,
         }
+    }
+
+    /// Moves the state to the compute dtype where it is not there yet (a copy on the first step
+    /// after a prefill in another dtype, none after).
+    pub(crate) fn ready(&mut self, kind: Kind) {
+        for t in [
+            &mut self.k,
+            &mut self.v,
+            &mut self.sinks.k,
+            &mut self.sinks.v,
+        ] {
+            if t.kind() != kind {
+                *t = t.to_kind(kind);
+            }
+        }
+    }
+
+    /// Appends one token `k`, `v` (b, ·, 1, ·) to a full cache in place, over the token leaving
+    /// the window (see [`RingSlot`] for `position`); the sink cache must be complete. A decoding
+    /// step's update.
+    pub(crate) fn push(&mut self, k: &Tensor, v: &Tensor, position: Option<&Tensor>) {
+        let reach = self.cached();
+        if reach > 0 {
+            let slot = RingSlot::of(reach, self.pos, position);
+            slot.write(&mut self.k, k);
+            slot.write(&mut self.v, v);
+        }
+        self.pos += 1;
     }
 }
 

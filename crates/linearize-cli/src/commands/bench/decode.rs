@@ -14,6 +14,7 @@ use super::memory::MemoryProbe;
 use super::model::{random_ids, ModelArgs};
 use super::roofline::{copy_bandwidth, roofline_tokens_per_s, state_traffic, weight_bytes};
 use anyhow::{bail, ensure, Result};
+use linearize_models::config::ModelConfig;
 use linearize_models::graph_decode::GraphDecoder;
 use linearize_models::llama::{Model, ModelCache};
 use linearize_models::markdown_table::MarkdownTable;
@@ -58,9 +59,10 @@ pub struct DecodeArgs {
     /// Timed decoding steps per batch size (after 2 untimed ones).
     #[arg(long, default_value_t = 16)]
     tokens: i64,
-    /// Largest batch tried.
-    #[arg(long, default_value_t = 4096)]
-    max_batch: i64,
+    /// Largest batch tried. By default, on CUDA, the largest whose states fit in the memory left
+    /// after the model (see `memory_bound_batch`); on the CPU that bound or 8, the smaller.
+    #[arg(long)]
+    max_batch: Option<i64>,
     /// Bisection steps between the last batch that fit and the first that did not.
     #[arg(long, default_value_t = 3)]
     refine: u32,
@@ -86,7 +88,10 @@ const WARMUP_STEPS: i64 = 2;
 
 pub fn run(args: DecodeArgs) -> Result<()> {
     ensure!(args.tokens >= 1, "--tokens must be >= 1");
-    ensure!(args.max_batch >= 1, "--max-batch must be >= 1");
+    ensure!(
+        args.max_batch.is_none_or(|b| b >= 1),
+        "--max-batch must be >= 1"
+    );
     ensure!(args.prefill_chunk >= 1, "--prefill-chunk must be >= 1");
     if let Some(spec) = &args.worker {
         return worker(&args, spec);
@@ -103,9 +108,11 @@ pub fn run(args: DecodeArgs) -> Result<()> {
             let spec = format!("{}:{context}", decoder.name());
             let mut cmd = self_command()?;
             cmd.args(["bench", "decode"]).args(args.model.child_args());
+            if let Some(max) = args.max_batch {
+                cmd.args(["--max-batch".to_string(), max.to_string()]);
+            }
             for (flag, value) in [
                 ("--tokens", args.tokens),
-                ("--max-batch", args.max_batch),
                 ("--refine", i64::from(args.refine)),
                 ("--prefill-chunk", args.prefill_chunk),
                 ("--graph-check-steps", args.graph_check_steps),
@@ -125,6 +132,7 @@ pub fn run(args: DecodeArgs) -> Result<()> {
                             "prefill_tokens_per_s",
                             "copy_bandwidth_bytes_per_s",
                             "weight_bytes",
+                            "memory_bound_batch",
                         ] {
                             r[key] = report[key].clone();
                         }
@@ -253,9 +261,32 @@ fn worker(args: &DecodeArgs, spec: &str) -> Result<()> {
     };
     let baseline = probe.start()?;
 
+    let headroom = probe.headroom(baseline)?;
+
     let started = Instant::now();
     let host = tch::no_grad(|| prefill(&model, context, args.prefill_chunk))?;
     let prefill_s = started.elapsed().as_secs_f64();
+
+    // The sweep reaches the largest batch whose states fit beside the model.
+    let host_bytes = model.cache_bytes(&host)?;
+    let state_per_seq = match traffic.rewritten {
+        true => host_bytes,
+        // A KV cache grows by the decoded tokens.
+        false => host_bytes * (context + WARMUP_STEPS + args.tokens) as u64 / context as u64,
+    };
+    let bound = memory_bound_batch(headroom, state_per_seq + step_bytes_per_seq(model.config()));
+    let max_batch = match args.max_batch {
+        Some(max) => max,
+        None if device.is_cuda() => bound,
+        None => bound.min(CPU_MAX_BATCH),
+    };
+    tracing::info!(
+        headroom_gib = headroom as f64 / GIB,
+        state_per_seq_mib = state_per_seq as f64 / MIB,
+        bound,
+        max_batch,
+        "batches up to what memory allows"
+    );
 
     let mut batches = Vec::new();
     let mut try_batch = |batch: i64| -> Result<bool> {
@@ -286,14 +317,12 @@ fn worker(args: &DecodeArgs, spec: &str) -> Result<()> {
         Ok(fits)
     };
     let (mut fits, mut fails) = (0, None);
-    let mut batch = 1;
-    while batch <= args.max_batch {
+    for batch in batch_ladder(max_batch) {
         if !try_batch(batch)? {
             fails = Some(batch);
             break;
         }
         fits = batch;
-        batch *= 2;
     }
     if let Some(mut high) = fails {
         for _ in 0..args.refine {
@@ -314,10 +343,39 @@ fn worker(args: &DecodeArgs, spec: &str) -> Result<()> {
             "prefill_tokens_per_s": context as f64 / prefill_s,
             "copy_bandwidth_bytes_per_s": bandwidth,
             "weight_bytes": weights,
+            "memory_bound_batch": bound,
+            "headroom_bytes": headroom,
             "batches": batches,
         })
     );
     Ok(())
+}
+
+/// The default largest batch on the CPU, where large batches only take long.
+const CPU_MAX_BATCH: i64 = 8;
+
+/// Bytes one sequence's decoding step takes beside its state: the f32 logits twice (the logits
+/// and what reads them) and four f32 rows of the MLP's width. Steps update their states in
+/// place, so nothing else grows with the batch.
+fn step_bytes_per_seq(config: &ModelConfig) -> u64 {
+    4 * (2 * config.vocab_size + 4 * config.intermediate_size) as u64
+}
+
+/// The largest batch whose decoding fits in 90% of `headroom` bytes (the rest left to the
+/// allocator's fragmentation), each sequence taking `per_seq` bytes; at least 1.
+fn memory_bound_batch(headroom: u64, per_seq: u64) -> i64 {
+    i64::try_from(headroom / 10 * 9 / per_seq.max(1))
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
+/// The batches tried up to `max`: doubling from 1, then `max` itself.
+fn batch_ladder(max: i64) -> Vec<i64> {
+    let mut batches: Vec<i64> = std::iter::successors(Some(1i64), |b| b.checked_mul(2))
+        .take_while(|&b| b < max)
+        .collect();
+    batches.push(max);
+    batches
 }
 
 /// One random sequence prefilled to `context` tokens in blocks; its state copied to the host.
@@ -562,4 +620,30 @@ fn percent(fraction: &Value) -> String {
 /// Batch 1's and the best batch's fractions, "47% / 18%".
 fn both(batch1: &Value, best: &Value) -> String {
     format!("{} / {}", percent(batch1), percent(best))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_bound_divides_nine_tenths_of_the_headroom_by_the_bytes_per_sequence() {
+        // The 8B student: 112 MiB states beside 16.1 GB of weights on an 80 GiB H100
+        // leave room for about 500 sequences, where the old sweep stopped at 256.
+        let gib = 1u64 << 30;
+        let per_seq = 112 * (1 << 20);
+        assert_eq!(memory_bound_batch(64 * gib, per_seq), 526);
+        assert_eq!(memory_bound_batch(gib, 2 * gib), 1, "at least one sequence");
+        assert_eq!(memory_bound_batch(10 * gib, gib), 9);
+    }
+
+    #[test]
+    fn the_ladder_doubles_up_to_the_bound_and_ends_on_it() {
+        assert_eq!(batch_ladder(1), vec![1]);
+        assert_eq!(batch_ladder(8), vec![1, 2, 4, 8]);
+        assert_eq!(
+            batch_ladder(526),
+            vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 526]
+        );
+    }
 }

@@ -156,6 +156,19 @@ impl MemoryProbe {
         }
     }
 
+    /// Bytes a run may still take beyond `baseline` (from [`MemoryProbe::start`]): the device's
+    /// memory not in use at the baseline (libtorch's cached blocks count as in use then, so
+    /// start after the model is loaded and before anything else), or the host's available memory
+    /// on the CPU.
+    pub fn headroom(&self, baseline: u64) -> Result<u64> {
+        match self {
+            Self::Cuda { driver, ordinal } => {
+                Ok(driver.total_bytes(*ordinal)?.saturating_sub(baseline))
+            }
+            Self::Cpu => available_host_bytes(),
+        }
+    }
+
     /// Peak bytes above `baseline` since [`MemoryProbe::start`].
     pub fn peak_since(&self, baseline: u64) -> Result<u64> {
         let now = match self {
