@@ -50,8 +50,8 @@ impl<'m> GraphDecoder<'m> {
         };
         let seen = cache.seen();
         let state = model.state_tensors(&cache)?;
+        // The captured step cannot check its ids (no reads from the device during a capture).
         let ids = ids.to_device(device).to_kind(Kind::Int64).copy(); // (b, 1)
-                                                                     // The captured step cannot check its ids (no reads from the device during a capture).
         model.check_token_ids(&ids)?;
         let position = Tensor::from(seen).to_device(device);
         let mut logits = None;
