@@ -3,6 +3,7 @@
 //! the machine: the binary says the first line of libtorch's message, with a hint for memory,
 //! and ends with status 1 like any other error instead of a panic's status 101. Any other panic
 //! keeps Rust's own report.
+use linearize_torch_ext::torch_error::{libtorch_first_line, panic_message};
 use std::any::Any;
 use std::panic::PanicHookInfo;
 
@@ -25,19 +26,7 @@ pub fn is_torch_error(payload: &(dyn Any + Send)) -> bool {
 /// `libtorch: <first line of its message>` (and a hint when memory ran out), if the panic
 /// carries a libtorch error.
 fn torch_error(payload: &(dyn Any + Send)) -> Option<String> {
-    let message = payload
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| payload.downcast_ref::<&str>().copied())?;
-    // tch's `unwrap` of its error, whose Debug form escapes the message's newlines.
-    let start = message.find("Torch(\"")? + "Torch(\"".len();
-    let text = &message[start..];
-    let end = ["\\n", "\")"]
-        .iter()
-        .filter_map(|stop| text.find(stop))
-        .min()
-        .unwrap_or(text.len());
-    let line = text[..end].trim();
+    let line = libtorch_first_line(panic_message(payload)?)?;
     let hint = if line.contains("out of memory") {
         " (lower data.batch_size or the stage's batch_size, set lora.activation_checkpointing, \
          or run fewer jobs on this device)"

@@ -2,6 +2,7 @@
 //! launch. Replays read and write the very tensors the capture saw, so inputs change by copying
 //! into them and the captured code must not depend on host values that change between replays.
 use crate::call;
+use crate::torch_error;
 use anyhow::{anyhow, bail, Result};
 use std::ffi::{c_char, c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -46,12 +47,11 @@ struct Body<'a> {
 unsafe extern "C" fn run_body(ctx: *mut c_void) -> c_int {
     let body = &mut *ctx.cast::<Body>();
     let outcome = catch_unwind(AssertUnwindSafe(|| (body.run)())).unwrap_or_else(|panic| {
-        let message = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".into());
-        Err(anyhow!("{message}"))
+        let message = torch_error::panic_message(panic.as_ref()).unwrap_or("unknown panic");
+        match torch_error::libtorch_first_line(message) {
+            Some(line) => Err(anyhow!("libtorch: {line}")),
+            None => Err(anyhow!("{message}")),
+        }
     });
     let failed = outcome.is_err();
     body.outcome = Some(outcome);

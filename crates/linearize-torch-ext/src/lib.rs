@@ -7,6 +7,7 @@ pub mod cuda_graph;
 pub mod gla;
 pub mod lolcats;
 pub mod profiler;
+pub mod torch_error;
 mod triton;
 
 pub use adamw::{foreach_copy, fused_adamw, AdamWStep};
