@@ -4,7 +4,8 @@ use anyhow::{bail, Result};
 use linearize_attention::linearized::Method;
 use linearize_models::config::ModelConfig;
 use linearize_models::llama::{extra_tensor, parameter_shapes, Model};
-use linearize_models::weights::{self, Checkpoint};
+use linearize_models::multimodal;
+use linearize_models::weights;
 use linearize_train::export::LinearizeSection;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -65,7 +66,7 @@ fn describe(dir: &Path) -> Result<(Value, Option<String>)> {
     let trained = |name: &str| {
         !shapes.contains_key(name) && converted_prefixes.iter().any(|p| name.starts_with(p))
     };
-    let (checkpoint, problem) = match Checkpoint::open(dir) {
+    let (checkpoint, problem) = match multimodal::open_checkpoint(dir, &cfg) {
         Ok(ckpt) => {
             let problem = weights::check(&ckpt, &shapes, &|name, shape| {
                 Ok(trained(name) || extra_tensor(&cfg, name, shape)?)
