@@ -465,6 +465,44 @@ mod tests {
     }
 
     #[test]
+    fn renamed_views_drop_rename_and_refuse_collisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = || Tensor::ones([2], (Kind::Float, Device::Cpu));
+        write(
+            &dir.path().join(SINGLE_FILE),
+            &[("lm.a", t()), ("lm.b", t()), ("vision.c", t())],
+        );
+        let strip = |n: &str| Ok(n.strip_prefix("lm.").map(str::to_owned));
+        let (ckpt, left_out) = Checkpoint::open(dir.path())
+            .unwrap()
+            .renamed("the lm. tensors", strip)
+            .unwrap();
+        assert_eq!(left_out, 1);
+        assert_eq!(ckpt.names().collect::<Vec<_>>(), ["a", "b"]);
+        assert!(ckpt
+            .tensor("b", Kind::Float, Device::Cpu)
+            .unwrap()
+            .equal(&t()));
+        let e = check(&ckpt, &expected(&[("a", &[2]), ("d", &[2])]), &|n, _| {
+            Ok(n == "b")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("missing tensor d") && e.contains("(the lm. tensors)"),
+            "{e}"
+        );
+
+        let e = Checkpoint::open(dir.path())
+            .unwrap()
+            .renamed("one name", |_| Ok(Some("x".into())))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("both read as x") && e.contains("lm.a"), "{e}");
+    }
+
+    #[test]
     fn a_flood_of_unexpected_tensors_gives_a_short_error() {
         let dir = tempfile::tempdir().unwrap();
         let named: Vec<(String, Tensor)> = (0..5000)

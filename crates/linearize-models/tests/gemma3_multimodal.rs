@@ -106,7 +106,9 @@ fn left_out_text_config_keys_take_transformers_defaults() {
         &json!({"model_type": "gemma3", "text_config": {"hidden_size": 2560,
                 "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
                 "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024},
-                "eos_token_id": [1, 106], "torch_dtype": "bfloat16", "vision_config": {}})
+                "eos_token_id": [1, 106], "torch_dtype": "bfloat16", "vision_config": {},
+                // At the top level, where transformers ignores it, but what text_config means.
+                "vocab_size": 262_208})
         .to_string(),
     )
     .unwrap();

@@ -19,8 +19,8 @@ pub(super) const MULTIMODAL_MODEL_TYPE: &str = "gemma3";
 
 /// `Gemma3TextConfig`'s values of the keys a gemma3_text config.json must otherwise give: a
 /// multimodal config saves its `text_config` as the difference from these (google/gemma-3-4b-it's
-/// sets five keys), so a key left out there means this value. (tests/parity.rs checks them
-/// against what the fixture script recorded from both transformers.)
+/// sets five keys), so a key left out there means this value. (tests/gemma3_multimodal.rs checks
+/// them against what the fixture script recorded from both transformers.)
 pub const GEMMA3_TEXT_DEFAULTS: [(&str, i64); 7] = [
     ("vocab_size", 262_208),
     ("hidden_size", 2304),
@@ -85,21 +85,6 @@ pub(super) fn text_config_of_multimodal(keys: &Keys) -> Result<Map<String, Value
         Some(v) => return Err(inner.err("model_type", v, "is not \"gemma3_text\"")),
     }
     text.insert("model_type".into(), "gemma3_text".into());
-    for key in TEXT_KEYS {
-        if let Some(v) = keys.map.get(key) {
-            if text.get(key) != Some(v) {
-                return Err(keys.err(
-                    key,
-                    v,
-                    &format!(
-                        "at the top level of a multimodal gemma3 config, which transformers \
-                         ignores (it reads `text_config.{key}`, here {})",
-                        text.get(key).map_or("left out".into(), Value::to_string)
-                    ),
-                ));
-            }
-        }
-    }
     // Gemma3ForConditionalGeneration does not soft-cap its logits, whatever its text config
     // says; the text model alone would.
     if let Some(cap) = text.get("final_logit_softcapping").filter(|v| !v.is_null()) {
@@ -143,6 +128,21 @@ pub(super) fn text_config_of_multimodal(keys: &Keys) -> Result<Map<String, Value
     }
     for (key, default) in GEMMA3_TEXT_DEFAULTS {
         text.entry(key).or_insert(default.into());
+    }
+    for key in TEXT_KEYS {
+        if let Some(v) = keys.map.get(key) {
+            if text.get(key) != Some(v) {
+                return Err(keys.err(
+                    key,
+                    v,
+                    &format!(
+                        "at the top level of a multimodal gemma3 config, which transformers \
+                         ignores (it reads `text_config.{key}`, here {})",
+                        text.get(key).map_or("left out".into(), Value::to_string)
+                    ),
+                ));
+            }
+        }
     }
     Ok(text)
 }
