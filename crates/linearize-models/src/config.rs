@@ -1,7 +1,7 @@
 //! The Hugging Face `config.json` of a Llama-family model (llama, mistral, qwen2, qwen3, and
 //! gemma3_text with its local and global layers, also as the `text_config` of a multimodal
-//! `gemma3`), checked for what the decoder in `llama.rs` implements. Every key the decoder does not read is kept in
-//! the raw JSON, so a config read and written back loses nothing.
+//! `gemma3`), checked for what the decoder in `llama.rs` implements. Every key the decoder does
+//! not read is kept in the raw JSON, so a config read and written back loses nothing.
 use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -366,7 +366,8 @@ impl ModelConfig {
             keys.err(
                 family_key,
                 &Value::from(family_type.clone()),
-                "is not supported (expected llama, mistral, qwen2, qwen3, gemma3_text, or gemma3 read as its text model)",
+                "is not supported (expected llama, mistral, qwen2, qwen3, gemma3_text, or gemma3 \
+                 read as its text model)",
             )
         })?;
         let d = family.defaults();

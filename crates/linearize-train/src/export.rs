@@ -237,7 +237,10 @@ pub fn export_model(
     // The model holds the text part of a multimodal checkpoint; so does the export.
     let text_only = cfg.multimodal;
     if text_only {
-        tracing::info!("the base model is multimodal: the export is its text model alone (vision tower dropped)");
+        tracing::info!(
+            "the base model is multimodal: the export is its text model alone (vision tower \
+             dropped)"
+        );
     }
     cfg.torch_dtype = Some(dtype_name.to_owned());
     cfg.exported = true;
