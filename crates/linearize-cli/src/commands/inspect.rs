@@ -251,8 +251,14 @@ fn render(s: &Value) -> String {
                 .flatten()
                 .map(|(dtype, n)| format!("{dtype} {}", human(n.as_f64().unwrap_or_default(), "")))
                 .collect();
+            // A multimodal checkpoint is read, and counted, as its text model's tensors.
+            let part = if s["multimodal"] == true {
+                " (the text model's tensors)"
+            } else {
+                ""
+            };
             format!(
-                "{} on disk in {} file(s); {}; {}",
+                "{}{part} on disk in {} file(s); {}; {}",
                 human(c["bytes"].as_f64().unwrap_or_default(), "B"),
                 c["files"],
                 dtypes.join(", "),
@@ -363,6 +369,10 @@ mod tests {
             );
             let text = render(&s);
             assert!(text.contains("text model of a multimodal gemma3"), "{text}");
+            assert!(
+                text.contains("(the text model's tensors) on disk"),
+                "{text}"
+            );
         }
     }
 
