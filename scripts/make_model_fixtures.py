@@ -13,7 +13,10 @@ For each model fixture it writes, into crates/linearize-models/tests/fixtures/[t
   model.safetensors                (or model.safetensors.index.json + 2 shards) the weights
   reference.safetensors            `input_ids` (b, L) int64 and `logits` (b, L, vocab) float32,
                                    computed by transformers in f32 on CPU (eager attention)
-(tests/parity.rs). Weights are drawn with a scale that makes activations O(1) and attention peaked,
+(tests/parity.rs). `gemma3_mm`, a multimodal Gemma 3 read as its text model, also gets
+  text_config_defaults.json        Gemma3TextConfig's values of the keys its `text_config` may
+                                   leave out (tests/gemma3_multimodal.rs)
+Weights are drawn with a scale that makes activations O(1) and attention peaked,
 so that a wrong RoPE, mask or norm shows up as a large logit difference (HF's 0.02-std init gives
 near-uniform logits that hide such bugs).
 
@@ -45,7 +48,9 @@ from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    Gemma3Config,
     Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -55,6 +60,7 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SiglipVisionConfig,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,6 +123,27 @@ def fixtures():
         **gemma3_rope(1000000.0, dict(rope_type="linear", factor=2.0), 10.0),
         tie_word_embeddings=True,
     ), dict()
+    # A multimodal Gemma 3 (Gemma3ForConditionalGeneration), read as its text model: the text
+    # config nested in `text_config` (saved as its difference from Gemma3TextConfig's defaults), a
+    # tiny vision tower and projector beside it, two shards. No soft cap: the multimodal model
+    # does not apply `final_logit_softcapping`. The reference logits are the full model's on
+    # text-only input.
+    yield "gemma3_mm", Gemma3ForConditionalGeneration, Gemma3Config(
+        text_config=Gemma3TextConfig(
+            **{k: v for k, v in COMMON.items() if k not in ("hidden_act", "num_hidden_layers")},
+            num_hidden_layers=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=5,
+            **gemma3_rope(1000000.0, dict(rope_type="linear", factor=2.0), 10.0),
+        ),
+        vision_config=SiglipVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=16, patch_size=8,
+        ),
+        mm_tokens_per_image=4,
+    ), dict(shards=2)
     yield "llama3_tied_sharded", LlamaForCausalLM, LlamaConfig(
         **COMMON,
         **rope(
@@ -189,6 +216,9 @@ def init_weights(model, gen):
                 p.copy_(unit + 0.2 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            elif p.dim() == 1:
+                # The vision tower's LayerNorms (layer_norm1, layer_norm2): standard, unit-centred.
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             elif "embed_tokens" in name:
                 p.copy_(torch.randn(p.shape, generator=gen))
             else:
@@ -214,7 +244,8 @@ def build(name, cls, config, opts):
             for p in model.parameters():
                 p.copy_(p.to(torch.bfloat16).to(torch.float32))
 
-    ids = torch.randint(3, config.vocab_size, (BATCH, SEQ), generator=gen, dtype=torch.int64)
+    vocab_size = config.get_text_config().vocab_size
+    ids = torch.randint(3, vocab_size, (BATCH, SEQ), generator=gen, dtype=torch.int64)
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits.float()
     assert logits.std() > 2.0, f"{name}: logits too flat to test anything"
@@ -236,6 +267,12 @@ def build(name, cls, config, opts):
         {"input_ids": ids.contiguous(), "logits": logits.contiguous()},
         str(out / "reference.safetensors"),
     )
+    if isinstance(config, Gemma3Config):
+        # What a `text_config` that leaves a key out means (tests/parity.rs checks the loader's).
+        defaults = Gemma3TextConfig().to_dict()
+        keys = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "bos_token_id", "eos_token_id", "tie_word_embeddings"]
+        (out / "text_config_defaults.json").write_text(json.dumps({k: defaults[k] for k in keys}) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{name}: {size / 1000:.0f} KB, logits std {logits.std():.2f}")
 

@@ -1,7 +1,7 @@
 //! The Hugging Face `config.json` of a Llama-family model (llama, mistral, qwen2, qwen3, and
-//! gemma3_text with its local and global layers), checked
-//! for what the decoder in `llama.rs` implements. Every key the decoder does not read is kept in
-//! the raw JSON, so a config read and written back loses nothing.
+//! gemma3_text with its local and global layers, also as the `text_config` of a multimodal
+//! `gemma3`), checked for what the decoder in `llama.rs` implements. Every key the decoder does
+//! not read is kept in the raw JSON, so a config read and written back loses nothing.
 use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -10,7 +10,7 @@ use std::path::Path;
 
 mod gemma;
 mod rope;
-pub use gemma::GemmaParams;
+pub use gemma::{GemmaParams, GEMMA3_TEXT_DEFAULTS};
 pub use rope::RopeScaling;
 
 /// The HF `model_type`s this crate runs; they differ only in the details recorded in
@@ -83,6 +83,11 @@ pub struct ModelConfig {
     /// Written as an export of linearize: `model_type` [`EXPORT_MODEL_TYPE`] and the family in
     /// `base_model_type`.
     pub exported: bool,
+    /// Read from a multimodal `gemma3` config (`Gemma3ForConditionalGeneration`): the fields are
+    /// its `text_config`'s, and the checkpoint holds this text model under the language model's
+    /// names beside a vision tower that loading skips (see [`crate::multimodal`]). Written back
+    /// as the text model alone (`gemma3_text`).
+    pub multimodal: bool,
     pub vocab_size: i64,
     pub hidden_size: i64,
     pub intermediate_size: i64,
@@ -326,10 +331,27 @@ impl ModelConfig {
         let Value::Object(raw) = value else {
             bail!("{origin}: expected a JSON object");
         };
+        if raw.get("model_type").and_then(Value::as_str) == Some(gemma::MULTIMODAL_MODEL_TYPE) {
+            let keys = Keys {
+                map: &raw,
+                origin,
+                prefix: String::new(),
+            };
+            let text = gemma::text_config_of_multimodal(&keys)?;
+            let mut cfg = Self::parse_object(text, origin, "text_config.")?;
+            cfg.multimodal = true;
+            return Ok(cfg);
+        }
+        Self::parse_object(raw, origin, "")
+    }
+
+    /// Parses the config object `raw`; `prefix` is where it sits in the file (`""` for the top
+    /// level, `"text_config."` for a multimodal model's text model), for errors.
+    fn parse_object(raw: Map<String, Value>, origin: &str, prefix: &str) -> Result<Self> {
         let keys = Keys {
             map: &raw,
             origin,
-            prefix: String::new(),
+            prefix: prefix.to_owned(),
         };
 
         let model_type: String = keys.required("model_type", "a string")?;
@@ -344,7 +366,8 @@ impl ModelConfig {
             keys.err(
                 family_key,
                 &Value::from(family_type.clone()),
-                "is not supported (expected llama, mistral, qwen2, qwen3 or gemma3_text)",
+                "is not supported (expected llama, mistral, qwen2, qwen3, gemma3_text, or gemma3 \
+                 read as its text model)",
             )
         })?;
         let d = family.defaults();
@@ -493,6 +516,7 @@ impl ModelConfig {
         Ok(Self {
             family,
             exported,
+            multimodal: false,
             vocab_size: keys.positive("vocab_size", None)?,
             hidden_size,
             intermediate_size: keys.positive("intermediate_size", None)?,
@@ -1125,6 +1149,32 @@ mod tests {
         assert_eq!(a.layer_types, b.layer_types);
         assert!(b.to_json()["rope_parameters"]["sliding_attention"].is_object());
         assert!(a.to_json().get("rope_parameters").is_none());
+    }
+
+    #[test]
+    fn multimodal_gemma3_is_its_text_config_and_writes_back_the_text_model() {
+        let v = json!({"model_type": "gemma3", "text_config": gemma3(), "torch_dtype": "bfloat16",
+                       "vision_config": {"hidden_size": 1152}, "mm_tokens_per_image": 256});
+        let c = parse(&v).unwrap();
+        let text = parse(&gemma3()).unwrap();
+        assert!(c.multimodal && !text.multimodal);
+        assert_eq!(
+            (&c.layer_types, &c.gemma, c.vocab_size, c.head_dim),
+            (
+                &text.layer_types,
+                &text.gemma,
+                text.vocab_size,
+                text.head_dim
+            )
+        );
+        let json = c.to_json();
+        assert_eq!(json["model_type"], json!("gemma3_text"));
+        assert!(json.get("vision_config").is_none() && json.get("text_config").is_none());
+        let back = ModelConfig::from_json_str(&json.to_string()).unwrap();
+        let mut expected = c.clone();
+        expected.multimodal = false;
+        expected.raw = back.raw.clone();
+        assert_eq!(back, expected);
     }
 
     #[test]

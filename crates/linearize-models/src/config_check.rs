@@ -15,9 +15,11 @@ pub fn check_config(cfg: &ModelConfig, ckpt: &Checkpoint, extra: ExtraTensorPoli
         .filter_map(|n| n.strip_prefix("model.layers.")?.split_once('.'))
         .filter_map(|(i, _)| i.parse().ok())
         .collect();
+    // Where the keys are in the file: a multimodal model's are its text model's.
+    let at = if cfg.multimodal { "text_config." } else { "" };
     if layers.len() as i64 != cfg.num_hidden_layers {
         bail!(
-            "config.json: num_hidden_layers = {}, but the checkpoint ({}) holds {} layers",
+            "config.json: {at}num_hidden_layers = {}, but the checkpoint ({}) holds {} layers",
             cfg.num_hidden_layers,
             describe(ckpt),
             layers.len()
@@ -59,7 +61,7 @@ pub fn check_config(cfg: &ModelConfig, ckpt: &Checkpoint, extra: ExtraTensorPoli
         };
         if info.shape.get(dim) != Some(&size) {
             bail!(
-                "config.json: {keys} = {size}, but {tensor} in {} has shape {:?}",
+                "config.json: {at}{keys} = {size}, but {tensor} in {} has shape {:?}",
                 ckpt.file_of(tensor)
                     .map_or_else(String::new, |p| p.display().to_string()),
                 info.shape

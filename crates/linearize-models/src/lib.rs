@@ -14,6 +14,7 @@ pub mod llama;
 pub mod lm;
 pub mod markdown_table;
 pub mod mixer;
+pub mod multimodal;
 pub mod mutation;
 pub mod names;
 pub mod offline;

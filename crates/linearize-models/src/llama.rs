@@ -13,6 +13,7 @@ use crate::graph_decode::GraphDecoder;
 use crate::linear::{Linear, ParamInit};
 use crate::lm::{CausalLm, ReplayDecoder};
 use crate::mixer::{Mixer, MixerInput, MixerState, SoftmaxMixer};
+use crate::multimodal;
 use crate::rope::Rope;
 use crate::weights::{self, Checkpoint, ExtraTensorPolicy};
 use anyhow::{bail, ensure, Context, Result};
@@ -353,10 +354,11 @@ impl Model {
     }
 
     /// Loads `dir/config.json` and the safetensors checkpoint beside it, converted to `kind` on
-    /// `device`. Parameters start frozen; see [`Model::var_store_mut`].
+    /// `device` (of a multimodal Gemma 3, its text model). Parameters start frozen; see
+    /// [`Model::var_store_mut`].
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let ckpt = Checkpoint::open(dir)?;
+        let ckpt = multimodal::open_checkpoint(dir, &cfg)?;
         Self::from_checkpoint(&cfg, &ckpt, device, kind)
             .with_context(|| format!("loading the model in {}", dir.display()))
     }

@@ -36,6 +36,9 @@ pub struct Checkpoint {
     files: Vec<PathBuf>,
     maps: Vec<Mmap>,
     tensors: BTreeMap<String, TensorInfo>,
+    /// Which of the stored tensors are read under which names, when not all as stored (see
+    /// [`Checkpoint::renamed`]); said in errors.
+    view: Option<String>,
 }
 
 impl Checkpoint {
@@ -51,6 +54,7 @@ impl Checkpoint {
                 files: Vec::new(),
                 maps: Vec::new(),
                 tensors: BTreeMap::new(),
+                view: None,
             };
             ckpt.add_file(single_path)?;
             Ok(ckpt)
@@ -89,6 +93,7 @@ impl Checkpoint {
             files: Vec::new(),
             maps: Vec::new(),
             tensors: BTreeMap::new(),
+            view: None,
         };
         // Shard names come from the index: each must stay inside the checkpoint's directory.
         let mut shards = BTreeMap::new();
@@ -148,6 +153,38 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// The checkpoint with its tensors under other names: `rename` gives a stored name's new
+    /// name, or `None` to leave the tensor out. `view` says in errors which tensors are read
+    /// under which names. Returns the checkpoint and how many tensors were left out.
+    pub fn renamed(
+        self,
+        view: &str,
+        rename: impl Fn(&str) -> Result<Option<String>>,
+    ) -> Result<(Self, usize)> {
+        let mut tensors = BTreeMap::new();
+        let mut stored_as = BTreeMap::new();
+        let mut left_out = 0;
+        for (name, info) in self.tensors {
+            let file = self.files[info.file].display();
+            let Some(new) = rename(&name).with_context(|| format!("tensor {name} in {file}"))?
+            else {
+                left_out += 1;
+                continue;
+            };
+            if let Some(other) = stored_as.insert(new.clone(), name.clone()) {
+                bail!("{file}: tensors {other} and {name} are both read as {new} ({view})");
+            }
+            tensors.insert(new, info);
+        }
+        let ckpt = Self {
+            files: self.files,
+            maps: self.maps,
+            tensors,
+            view: Some(view.to_owned()),
+        };
+        Ok((ckpt, left_out))
+    }
+
     /// The checkpoint's files, in the order [`TensorInfo`] refers to them.
     pub fn files(&self) -> &[PathBuf] {
         &self.files
@@ -204,7 +241,7 @@ impl Checkpoint {
     }
 
     fn describe(&self) -> String {
-        match self.files.as_slice() {
+        let files = match self.files.as_slice() {
             [one] => one.display().to_string(),
             many => format!(
                 "{} ({} shards)",
@@ -215,6 +252,10 @@ impl Checkpoint {
                     .display(),
                 many.len()
             ),
+        };
+        match &self.view {
+            Some(view) => format!("{files} ({view})"),
+            None => files,
         }
     }
 }
@@ -421,6 +462,44 @@ mod tests {
         std::fs::write(dir.path().join(INDEX_FILE), index.to_string()).unwrap();
         let e = Checkpoint::open(dir.path()).err().unwrap().to_string();
         assert!(e.contains("maps a to s2.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn renamed_views_drop_rename_and_refuse_collisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = || Tensor::ones([2], (Kind::Float, Device::Cpu));
+        write(
+            &dir.path().join(SINGLE_FILE),
+            &[("lm.a", t()), ("lm.b", t()), ("vision.c", t())],
+        );
+        let strip = |n: &str| Ok(n.strip_prefix("lm.").map(str::to_owned));
+        let (ckpt, left_out) = Checkpoint::open(dir.path())
+            .unwrap()
+            .renamed("the lm. tensors", strip)
+            .unwrap();
+        assert_eq!(left_out, 1);
+        assert_eq!(ckpt.names().collect::<Vec<_>>(), ["a", "b"]);
+        assert!(ckpt
+            .tensor("b", Kind::Float, Device::Cpu)
+            .unwrap()
+            .equal(&t()));
+        let e = check(&ckpt, &expected(&[("a", &[2]), ("d", &[2])]), &|n, _| {
+            Ok(n == "b")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("missing tensor d") && e.contains("(the lm. tensors)"),
+            "{e}"
+        );
+
+        let e = Checkpoint::open(dir.path())
+            .unwrap()
+            .renamed("one name", |_| Ok(Some("x".into())))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("both read as x") && e.contains("lm.a"), "{e}");
     }
 
     #[test]

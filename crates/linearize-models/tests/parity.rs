@@ -25,10 +25,13 @@ fn fixtures_cover_the_paths_they_are_named_for() {
         );
         let ckpt = Checkpoint::open(&fixture(name)).unwrap();
         let saved_by_5 = name.starts_with("transformers5/");
-        let config: serde_json::Value = serde_json::from_str(
+        let file: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(fixture(name).join("config.json")).unwrap(),
         )
         .unwrap();
+        // A multimodal model's RoPE keys are its text model's.
+        let config = file.get("text_config").unwrap_or(&file);
+        assert_eq!(cfg.multimodal, name.ends_with("gemma3_mm"), "{name}");
         assert_eq!(
             (
                 config.get("rope_parameters").is_some(),
@@ -67,6 +70,24 @@ fn fixtures_cover_the_paths_they_are_named_for() {
             "qwen3_bf16" => {
                 assert!(cfg.qk_norm && cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size);
                 assert_eq!(ckpt.dtype_counts().keys().collect::<Vec<_>>(), ["BF16"]);
+            }
+            "gemma3_mm" => {
+                assert_eq!(file["model_type"], "gemma3");
+                assert_eq!(cfg.family, Family::Gemma3);
+                assert!(cfg.layer_window(0).unwrap() < seq && cfg.layer_window(1).is_none());
+                assert!(cfg
+                    .gemma
+                    .as_ref()
+                    .unwrap()
+                    .final_logit_softcapping
+                    .is_none());
+                // Sharded, with the vision tower beside the language model.
+                assert_eq!(ckpt.files().len(), 2);
+                assert!(ckpt.names().any(|n| n.starts_with("vision_tower.")));
+                assert!(ckpt.names().all(|n| !n.starts_with("model.")));
+                // Read back, the config is the text model's alone.
+                assert_eq!(cfg.to_json()["model_type"], "gemma3_text");
+                assert!(cfg.to_json().get("vision_config").is_none());
             }
             "gemma3" => {
                 assert_eq!(cfg.family, Family::Gemma3);

@@ -234,6 +234,14 @@ pub fn export_model(
 
     let section = section(converted, lora, info);
     let mut cfg = model.config().clone();
+    // The model holds the text part of a multimodal checkpoint; so does the export.
+    let text_only = cfg.multimodal;
+    if text_only {
+        tracing::info!(
+            "the base model is multimodal: the export is its text model alone (vision tower \
+             dropped)"
+        );
+    }
     cfg.torch_dtype = Some(dtype_name.to_owned());
     cfg.exported = true;
     cfg.set_extra("architectures", hf_code::architectures());
@@ -255,7 +263,7 @@ pub fn export_model(
     }
     atomic::write_file(
         &out.path().join("README.md"),
-        card::model_card(info, &section, dtype_name).as_bytes(),
+        card::model_card(info, &section, dtype_name, text_only).as_bytes(),
     )?;
     out.commit()?;
     tracing::info!(dir = %dir.display(), files, dtype = dtype_name, "exported the merged model");

@@ -4,13 +4,15 @@
 mod common;
 
 use common::{
-    converted, max_abs_diff, probe_logits, rng_lock, save_hf_dir, tiny_config, tiny_model,
+    converted, lolcats, max_abs_diff, probe_logits, rng_lock, save_hf_dir, tiny_config, tiny_model,
 };
 use linearize_attention::linearized::{AttentionConfig, Method};
 use linearize_models::config::ModelConfig;
 use linearize_models::llama::Model;
 use linearize_models::weights::{Checkpoint, INDEX_FILE, SINGLE_FILE};
-use linearize_train::convert::{convert, ConversionConfig, ConvertedLayers};
+use linearize_train::convert::{
+    convert, ConversionConfig, ConvertedLayers, LayerSelection, LayerTypes,
+};
 use linearize_train::export::{
     export_adapters, export_model, load_model, EvalRow, EvalTable, ExportInfo, ExportOptions,
     LinearizeSection, SECTION_KEY,
@@ -216,6 +218,60 @@ fn a_conversion_without_parameters_exports_and_reloads() {
     );
     let names: Vec<String> = (0..3).map(|i| loaded.model.mixer(i).name()).collect();
     assert!(names.iter().all(|n| n.starts_with("liger")), "{names:?}");
+}
+
+/// A multimodal Gemma 3 (the tiny random `Gemma3ForConditionalGeneration` of linearize-models'
+/// fixtures, saved by transformers 4.57 and 5) with its global layer converted exports as a
+/// gemma3_text-based model: the text config, the language model's tensors under the text
+/// model's names, no vision tensor, a card that says so; it loads back to the same logits.
+#[test]
+fn a_multimodal_gemma3_exports_its_text_model() {
+    let _rng = rng_lock();
+    for name in ["gemma3_mm", "transformers5/gemma3_mm"] {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../linearize-models/tests/fixtures")
+            .join(name);
+        let mut model = Model::load(&base, Device::Cpu, Kind::Float).unwrap();
+        assert!(model.config().multimodal);
+        let student = nn::VarStore::new(Device::Cpu);
+        tch::manual_seed(3);
+        let conversion = ConversionConfig {
+            layers: LayerSelection::Type(LayerTypes::Global),
+            ..ConversionConfig::all(lolcats())
+        };
+        let layers = convert(&mut model, &conversion, &student).unwrap();
+        assert_eq!(layers.indices(), [1], "{name}: the one global layer");
+        let want = probe_logits(&model);
+
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("model");
+        export_model(&dir, &model, &layers, None, &info(&base), &f32_options()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            (&config["model_type"], &config["base_model_type"]),
+            (&"linearize".into(), &"gemma3_text".into()),
+            "{name}"
+        );
+        for key in ["text_config", "vision_config", "mm_tokens_per_image"] {
+            assert!(config.get(key).is_none(), "{name}: {key} exported");
+        }
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        assert!(
+            ckpt.names().all(|n| n.starts_with("model.layers.")
+                || ["model.embed_tokens.weight", "model.norm.weight"].contains(&n)),
+            "{name}: {:?}",
+            ckpt.names().collect::<Vec<_>>()
+        );
+        let card = std::fs::read_to_string(dir.join("README.md")).unwrap();
+        assert!(card.contains("vision tower"), "{name}: {card}");
+
+        let loaded = load_model(&dir, None, Device::Cpu, Kind::Float).unwrap();
+        assert!(!loaded.model.config().multimodal);
+        let diff = max_abs_diff(&probe_logits(&loaded.model), &want);
+        assert!(diff <= 1e-5, "{name}: exported logits differ by {diff}");
+    }
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Exports run in the Hugging Face ecosystem: for every attention method (and a hybrid of
-//! several, and Gemma 3 with its global or all layers converted), a tiny random model converted and exported by linearize is loaded by transformers
+//! several, and Gemma 3 with its global or all layers converted, also as the text model of a
+//! multimodal config), a tiny random model converted and exported by linearize is loaded by transformers
 //! with the modeling code the export carries, and must give linearize's logits (f32, CPU, 40
 //! tokens past a window of 8) and greedy tokens; a stock load must fail; PEFT must reproduce the
 //! merged model from the adapters in its format. The checks run in `.venv`'s python
@@ -76,6 +77,22 @@ fn tiny_gemma3(extra: Value) -> ModelConfig {
         .unwrap()
         .extend(extra.as_object().unwrap().clone());
     tiny_config("gemma3_text", keys)
+}
+
+/// [`tiny_gemma3`] as the text model of a multimodal `gemma3` config (whose model does not
+/// soft-cap its logits): its export is the text model's, a gemma3_text-based one.
+fn tiny_gemma3_multimodal() -> ModelConfig {
+    let mut text = tiny_gemma3(
+        json!({"rope_theta": 1000000.0, "rope_local_base_freq": 10.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    )
+    .to_json();
+    text["final_logit_softcapping"] = Value::Null;
+    let cfg = json!({"model_type": "gemma3", "text_config": text, "mm_tokens_per_image": 4,
+        "vision_config": {"hidden_size": 16, "num_hidden_layers": 1}});
+    let cfg = ModelConfig::from_json_str(&cfg.to_string()).unwrap();
+    assert!(cfg.multimodal);
+    cfg
 }
 
 fn hedgehog() -> FeatureMapConfig {
@@ -283,6 +300,14 @@ fn cases() -> Vec<Case> {
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}},
                 "tie_word_embeddings": false})),
             ConversionConfig::all(with_sinks(lolcats(WindowShape::Tk))),
+        ),
+        case(
+            "gemma3_multimodal_global",
+            tiny_gemma3_multimodal(),
+            ConversionConfig {
+                layers: LayerSelection::Type(LayerTypes::Global),
+                ..ConversionConfig::all(lolcats(WindowShape::Tk))
+            },
         ),
         // Head-level hybrids: some query heads of converted layers keep the teacher's softmax
         // (heads 0 and 3 read different key/value heads; on mistral, within its window).

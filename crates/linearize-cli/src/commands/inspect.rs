@@ -4,7 +4,8 @@ use anyhow::{bail, Result};
 use linearize_attention::linearized::Method;
 use linearize_models::config::ModelConfig;
 use linearize_models::llama::{extra_tensor, parameter_shapes, Model};
-use linearize_models::weights::{self, Checkpoint};
+use linearize_models::multimodal;
+use linearize_models::weights;
 use linearize_train::export::LinearizeSection;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -65,7 +66,7 @@ fn describe(dir: &Path) -> Result<(Value, Option<String>)> {
     let trained = |name: &str| {
         !shapes.contains_key(name) && converted_prefixes.iter().any(|p| name.starts_with(p))
     };
-    let (checkpoint, problem) = match Checkpoint::open(dir) {
+    let (checkpoint, problem) = match multimodal::open_checkpoint(dir, &cfg) {
         Ok(ckpt) => {
             let problem = weights::check(&ckpt, &shapes, &|name, shape| {
                 Ok(trained(name) || extra_tensor(&cfg, name, shape)?)
@@ -110,6 +111,7 @@ fn describe(dir: &Path) -> Result<(Value, Option<String>)> {
     let summary = json!({
         "path": dir.display().to_string(),
         "model_type": cfg.family.model_type(),
+        "multimodal": cfg.multimodal,
         "architectures": cfg.extra("architectures"),
         "layers": cfg.num_hidden_layers,
         "hidden_size": cfg.hidden_size,
@@ -149,10 +151,12 @@ fn render(s: &Value) -> String {
         .and_then(|a| a.first())
         .and_then(Value::as_str);
     let family = s["model_type"].as_str().unwrap_or_default();
-    lines.push((
-        "family",
-        arch.map_or(family.to_string(), |a| format!("{family} ({a})")),
-    ));
+    let family = if s["multimodal"] == true {
+        format!("{family} (the text model of a multimodal gemma3; its vision tower is skipped)")
+    } else {
+        arch.map_or(family.to_string(), |a| format!("{family} ({a})"))
+    };
+    lines.push(("family", family));
     lines.push(("layers", int("layers").to_string()));
     lines.push((
         "hidden",
@@ -247,8 +251,14 @@ fn render(s: &Value) -> String {
                 .flatten()
                 .map(|(dtype, n)| format!("{dtype} {}", human(n.as_f64().unwrap_or_default(), "")))
                 .collect();
+            // A multimodal checkpoint is read, and counted, as its text model's tensors.
+            let part = if s["multimodal"] == true {
+                " (the text model's tensors)"
+            } else {
+                ""
+            };
             format!(
-                "{} on disk in {} file(s); {}; {}",
+                "{}{part} on disk in {} file(s); {}; {}",
                 human(c["bytes"].as_f64().unwrap_or_default(), "B"),
                 c["files"],
                 dtypes.join(", "),
@@ -341,6 +351,29 @@ mod tests {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../linearize-models/tests/fixtures")
             .join(name)
+    }
+
+    #[test]
+    fn describes_the_text_model_of_a_multimodal_gemma3() {
+        for name in ["gemma3_mm", "transformers5/gemma3_mm"] {
+            let (s, problem) = describe(&fixture(name)).unwrap();
+            assert_eq!(problem, None, "{name}");
+            assert_eq!(
+                (&s["model_type"], &s["multimodal"]),
+                (&"gemma3_text".into(), &true.into())
+            );
+            // The checkpoint as read: the language model's tensors, the vision tower's left out.
+            assert_eq!(
+                s["checkpoint"]["elements_by_dtype"]["F32"], s["parameters"],
+                "{name}"
+            );
+            let text = render(&s);
+            assert!(text.contains("text model of a multimodal gemma3"), "{text}");
+            assert!(
+                text.contains("(the text model's tensors) on disk"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

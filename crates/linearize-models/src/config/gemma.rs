@@ -1,9 +1,9 @@
 //! The keys of a `gemma3_text` config.json that the Llama families do not have: which layers are
 //! local (sliding-window) and which global, their two RoPEs, the query scale and the soft caps.
 //! Read as transformers 4.57 (`Gemma3TextConfig`) and 5.x read them; what the decoder does not
-//! implement is refused.
+//! implement is refused. A multimodal `gemma3` config holds such a config as its `text_config`.
 use super::{rope, Defaults, Keys, LayerType, RopeScaling};
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use serde_json::{json, Map, Value};
 
 /// transformers' `sliding_window_pattern` when neither it nor `layer_types` is given: every
@@ -13,6 +13,139 @@ const DEFAULT_PATTERN: i64 = 6;
 const DEFAULT_LOCAL_THETA: f64 = 10_000.0;
 /// `query_pre_attn_scalar`.
 const DEFAULT_QUERY_PRE_ATTN_SCALAR: f64 = 256.0;
+
+/// The `model_type` of a multimodal Gemma 3 config (`Gemma3ForConditionalGeneration`).
+pub(super) const MULTIMODAL_MODEL_TYPE: &str = "gemma3";
+
+/// `Gemma3TextConfig`'s values of the keys a gemma3_text config.json must otherwise give: a
+/// multimodal config saves its `text_config` as the difference from these (google/gemma-3-4b-it's
+/// sets five keys), so a key left out there means this value. (tests/gemma3_multimodal.rs checks
+/// them against what the fixture script recorded from both transformers.)
+pub const GEMMA3_TEXT_DEFAULTS: [(&str, i64); 7] = [
+    ("vocab_size", 262_208),
+    ("hidden_size", 2304),
+    ("intermediate_size", 9216),
+    ("num_hidden_layers", 26),
+    ("num_attention_heads", 8),
+    ("bos_token_id", 2),
+    ("eos_token_id", 1),
+];
+
+/// Keys of the text model. At the top level of a multimodal config transformers does not read
+/// them (the model is built from `text_config`): one there that says something else than
+/// `text_config` is refused rather than silently ignored.
+const TEXT_KEYS: [&str; 24] = [
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "hidden_activation",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "rope_local_base_freq",
+    "partial_rotary_factor",
+    "max_position_embeddings",
+    "attention_bias",
+    "sliding_window",
+    "sliding_window_pattern",
+    "layer_types",
+    "query_pre_attn_scalar",
+    "final_logit_softcapping",
+    "attn_logit_softcapping",
+    "use_bidirectional_attention",
+];
+
+/// The text model's config of a multimodal `gemma3` config (`keys` at its top level), as a
+/// gemma3_text config: `text_config` with [`GEMMA3_TEXT_DEFAULTS`] for the keys it leaves out,
+/// and the top level's dtype and token ids, which transformers' generation reads first.
+/// The vision keys do not change the text model and are dropped.
+pub(super) fn text_config_of_multimodal(keys: &Keys) -> Result<Map<String, Value>> {
+    let inner_map = match keys.map.get("text_config") {
+        Some(Value::Object(m)) => m,
+        None | Some(Value::Null) => {
+            return Err(anyhow!(
+                "{}: missing key `text_config` (the text model's config of a multimodal gemma3 \
+                 model; transformers would build a default-sized one that matches no checkpoint)",
+                keys.origin
+            ))
+        }
+        Some(v) => return Err(keys.err("text_config", v, "is not an object")),
+    };
+    let inner = keys.sub("text_config", inner_map);
+    let mut text = inner_map.clone();
+    match text.get("model_type") {
+        None => {}
+        Some(Value::String(t)) if t == "gemma3_text" => {}
+        Some(v) => return Err(inner.err("model_type", v, "is not \"gemma3_text\"")),
+    }
+    text.insert("model_type".into(), "gemma3_text".into());
+    // Gemma3ForConditionalGeneration does not soft-cap its logits, whatever its text config
+    // says; the text model alone would.
+    if let Some(cap) = text.get("final_logit_softcapping").filter(|v| !v.is_null()) {
+        return Err(inner.err(
+            "final_logit_softcapping",
+            cap,
+            "is not applied by the multimodal model (Gemma3ForConditionalGeneration) but would \
+             be by its text model: set it to null to load the checkpoint as transformers runs it",
+        ));
+    }
+    // transformers 4 ties the LM head by the text config's key, 5 by the top level's.
+    let tie = |k: &Keys| k.opt::<bool>("tie_word_embeddings", "a boolean");
+    let (outer_tie, inner_tie) = (tie(keys)?.unwrap_or(true), tie(&inner)?.unwrap_or(true));
+    if outer_tie != inner_tie {
+        return Err(keys.err(
+            "tie_word_embeddings",
+            &Value::Bool(outer_tie),
+            &format!(
+                "disagrees with `text_config.tie_word_embeddings` = {inner_tie} (transformers 5 \
+                 reads the first, 4 the second)"
+            ),
+        ));
+    }
+    if ["torch_dtype", "dtype"]
+        .iter()
+        .any(|k| keys.map.contains_key(*k))
+    {
+        text.remove("torch_dtype");
+        text.remove("dtype");
+    }
+    for key in [
+        "torch_dtype",
+        "dtype",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ] {
+        if let Some(v) = keys.map.get(key).filter(|v| !v.is_null()) {
+            text.insert(key.into(), v.clone());
+        }
+    }
+    for (key, default) in GEMMA3_TEXT_DEFAULTS {
+        text.entry(key).or_insert(default.into());
+    }
+    for key in TEXT_KEYS {
+        if let Some(v) = keys.map.get(key) {
+            if text.get(key) != Some(v) {
+                return Err(keys.err(
+                    key,
+                    v,
+                    &format!(
+                        "at the top level of a multimodal gemma3 config, which transformers \
+                         ignores (it reads `text_config.{key}`, here {})",
+                        text.get(key).map_or("left out".into(), Value::to_string)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(text)
+}
 
 /// What Gemma 3 adds to the Llama decoder.
 #[derive(Debug, Clone, PartialEq)]

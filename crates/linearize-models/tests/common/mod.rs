@@ -6,7 +6,8 @@ use tch::Tensor;
 
 /// One fixture per supported family and option the loader branches on, saved by transformers
 /// 4.57 (top-level `rope_theta` / `rope_scaling`) and again by transformers 5 (`rope_parameters`).
-pub const FIXTURES: [&str; 14] = [
+/// `gemma3_mm` is a multimodal Gemma 3 whose references are the full model's logits on text.
+pub const FIXTURES: [&str; 16] = [
     "llama3_tied_sharded",
     "llama_untied_bias",
     "mistral_sliding",
@@ -14,6 +15,7 @@ pub const FIXTURES: [&str; 14] = [
     "qwen2_yarn",
     "qwen3_bf16",
     "gemma3",
+    "gemma3_mm",
     "transformers5/llama3_tied_sharded",
     "transformers5/llama_untied_bias",
     "transformers5/mistral_sliding",
@@ -21,6 +23,7 @@ pub const FIXTURES: [&str; 14] = [
     "transformers5/qwen2_yarn",
     "transformers5/qwen3_bf16",
     "transformers5/gemma3",
+    "transformers5/gemma3_mm",
 ];
 
 /// A fixture's directory. `LINEARIZE_MODEL_FIXTURES` overrides where the fixtures are: a test

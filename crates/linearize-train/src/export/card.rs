@@ -6,7 +6,14 @@ use linearize_attention::linearized::Method;
 use linearize_models::markdown_table::MarkdownTable;
 use std::fmt::Write as _;
 
-pub(crate) fn model_card(info: &ExportInfo, section: &LinearizeSection, dtype: &str) -> String {
+/// `text_only`: the base model is multimodal (Gemma 3 with a vision tower) and this export is its
+/// text model alone.
+pub(crate) fn model_card(
+    info: &ExportInfo,
+    section: &LinearizeSection,
+    dtype: &str,
+    text_only: bool,
+) -> String {
     let mut out = String::new();
     let converted = section
         .layers
@@ -40,6 +47,13 @@ pub(crate) fn model_card(info: &ExportInfo, section: &LinearizeSection, dtype: &
         section.tool_version,
         section.recipe_hash
     );
+    if text_only {
+        let _ = writeln!(
+            out,
+            "The base model is multimodal; this is its text model alone (`gemma3_text`): the \
+             vision tower and the projector were dropped, so it takes text input only.\n"
+        );
+    }
 
     let mut table = MarkdownTable::new()
         .left("layers")
