@@ -35,14 +35,17 @@ std::string variant(const char* kernel, bool terrace, int64_t d, int64_t f,
          std::to_string(f) + "/" + dtype;
 }
 
-// Exclusive sums over chunks of a_c^T b_c (bh, n, F, D) in b's dtype and of w·a (bh, n, F) in
-// f32: over the chunks before each chunk, or after it when `reverse` (then w = `weights`).
+// Exclusive sums over chunks of a_c^T b_c (bh, n, F, D) in b's dtype (f32 for f16, whose range
+// sums over long sequences can exceed) and of w·a (bh, n, F) in f32: over the chunks before each
+// chunk, or after it when `reverse` (then w = `weights`).
 std::pair<at::Tensor, at::Tensor> chunk_sums(const at::Tensor& a, const at::Tensor& b,
                                              const at::Tensor* weights, int64_t heads,
                                              bool reverse) {
   int64_t batch = a.size(0), len = a.size(2), f = a.size(3), d = b.size(3);
   int64_t n = (len + kChunk - 1) / kChunk;
-  auto sums = at::empty({batch * heads, n, f, d}, b.options());
+  auto sums = at::empty({batch * heads, n, f, d},
+                        b.options().dtype(b.scalar_type() == at::kHalf ? at::kFloat
+                                                                      : b.scalar_type()));
   auto weight_sums = at::empty({batch * heads, n, f}, b.options().dtype(at::kFloat));
   auto key = "chunk_sums/d" + std::to_string(d) + "/f" + std::to_string(f) +
              (reverse ? "/reverse/" : "/forward/") + dtype_of(b);

@@ -63,6 +63,8 @@ GLA_F32_POINTERS = {"g", "gc", "A", "dA", "dq_intra", "dk_intra", "dgs", "x", "o
 GLA_F32_BY_KERNEL = {"backward_intra": {"dq", "dk"}}
 F32_POINTERS = {"weights", "weight_sums", "k_sums", "gammas", "den", "grad_den", "q_sums", "maxes",
                 "mu"}
+# The chunk sums of φk^T v (or φq^T gn): f32 for f16 inputs, whose range they can exceed.
+SUM_POINTERS = {"sums"}
 I32_POINTERS = {"argmaxes"}
 INTS = {"L", "Lp", "n_chunks", "H", "HA", "HB", "HG", "HK", "HV", "M", "n_rows"}
 
@@ -72,7 +74,8 @@ def variants():
     architecture."""
     for name, key, constexprs, warps, dtypes in lolcats_variants():
         for dtype in dtypes:
-            types = {arg: "*fp32" if arg in F32_POINTERS else "*i32" if arg in I32_POINTERS else
+            f32 = F32_POINTERS | (SUM_POINTERS if dtype == "f16" else set())
+            types = {arg: "*fp32" if arg in f32 else "*i32" if arg in I32_POINTERS else
                      DTYPES[dtype] for arg in POINTERS[name]}
             yield ("lolcats", name, f"{key}/{dtype}", constexprs, warps, types)
     yield from gla_variants()

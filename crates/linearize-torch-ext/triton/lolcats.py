@@ -15,7 +15,9 @@ in its chunk; the window keys are the rest of chunk j − M and chunks j − M +
 before, up to the query; the linear keys are the blocks before that, whole chunks only.
 
 Tensors are contiguous (b, heads, L, dim); program (i, bh) works on chunk i of batch-head bh; key
-and value heads are shared by H / HK and H / HV query heads.
+and value heads are shared by H / HK and H / HV query heads. The chunk sums are kept in the inputs'
+dtype for bf16 and in f32 for f16, whose range sums over long sequences can exceed; products with
+f32 sums take their other operand in f32 (TF32 on the GPU).
 
 Backward, with g = dL/dy, gn_t = g_t / den_t and gd_t = −g_t·y_t / den_t: a linear score's
 gradient is gn_t·v_s + gd_t, a window score's γ·e_ts·(gn_t·v_s + gd_t). y is unchanged when γ and
@@ -140,7 +142,7 @@ def _linear_terms(phi_q_j, phi_k, v_base, sums, k_sums, bh64, c, L, n_chunks, C:
         + tl.arange(0, D)[None, :]
     kv = tl.load(s_ptrs)
     z = tl.load(k_sums + (bh64 * n_chunks + c) * F + tl.arange(0, F))
-    num = tl.dot(phi_q_j, kv)
+    num = tl.dot(phi_q_j.to(kv.dtype), kv)
     total = tl.sum(phi_q_j.to(tl.float32) * z[None, :], 1)
     if not TERRACE:
         rows = tl.arange(0, C)
@@ -260,7 +262,7 @@ def backward_phi_q(grad_num, grad_den, v, phi_q, phi_k, sums, k_sums, d_phi_q, m
             + tl.arange(0, D)[:, None]
         kv_t = tl.load(s_ptrs)
         z = tl.load(k_sums + (bh64 * n_chunks + c) * F + tl.arange(0, F))
-        grad += tl.dot(gn, kv_t)
+        grad += tl.dot(gn.to(kv_t.dtype), kv_t)
         grad += gd[:, None] * z[None, :]
         if not TERRACE:
             # Chunk c is j itself, maybe the short last one, when the window is empty.
@@ -301,7 +303,7 @@ def backward_phi_k(grad_num, grad_den, v, phi_q, sums, q_sums, d_phi_k, L, n_chu
             + tl.arange(0, D)[:, None]
         qg_t = tl.load(s_ptrs)
         r = tl.load(q_sums + (bh64 * n_chunks + j) * F + tl.arange(0, F))
-        grad += tl.dot(v_c, qg_t)
+        grad += tl.dot(v_c.to(qg_t.dtype), qg_t)
         grad += r[None, :]
         if not TERRACE:
             gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
@@ -385,7 +387,7 @@ def _linear_value_grad(phi_q, phi_k, grad_num, sums, bh64, c, j, L, n_chunks, C:
     qg = tl.load(s_ptrs)
     fk_ptrs, keys_live = _chunk(phi_k + bh64 * L * F, c, L, F, C)
     phi_k_c = tl.load(fk_ptrs, mask=keys_live, other=0.0)
-    grad = tl.dot(phi_k_c, qg)
+    grad = tl.dot(phi_k_c.to(qg.dtype), qg)
     if not TERRACE:
         t = j * C + rows
         later = t < L
