@@ -101,9 +101,9 @@ def grad_terms(g, y, den, grad_num, grad_den, n_rows, D: tl.constexpr, ROWS: tl.
 def chunk_sums(a, bm, weights, sums, weight_sums, L, n_chunks, H, HA, HB,
                C: tl.constexpr, F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr,
                REVERSE: tl.constexpr, WEIGHTED: tl.constexpr):
-    """sums[bh, c] = Σ over the chunks before c (after c when REVERSE) of a_c^T b_c, (F, D) in b's
-    dtype, and weight_sums[bh, c] = Σ_t w_t a_t over the same tokens, (F) in f32, w = 1 unless
-    WEIGHTED (then `weights` (b, h, L) f32). One program per (bh, block of BF features)."""
+    """sums[bh, c] = Σ over the chunks before c (after c when REVERSE) of a_c^T b_c, (F, D) in the
+    dtype of `sums`, and weight_sums[bh, c] = Σ_t w_t a_t over the same tokens, (F) in f32, w = 1
+    unless WEIGHTED (then `weights` (b, h, L) f32). One program per (bh, block of BF features)."""
     bh = tl.program_id(0)
     cols = tl.program_id(1) * BF + tl.arange(0, BF)
     a_base = a + _head(bh, H, HA).to(tl.int64) * L * F
