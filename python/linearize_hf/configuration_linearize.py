@@ -38,7 +38,7 @@ FEATURE_MAP_KEYS = {
 }
 METHOD_KEYS = {
     "softmax": (set(), set()),
-    "linear": ({"feature_map", "eps"}, {"chunk_size"}),
+    "linear": ({"feature_map", "eps"}, {"chunk_size", "fused_kernels"}),
     "lolcats": ({"feature_map", "window_shape", "window_size", "sinks"}, {"chunk_size", "fused_kernels"}),
     "lizard": ({"feature_map", "window_shape", "window_size", "sinks", "gate_normalizer"}, {"chunk_size"}),
     "sliding_window": ({"window_size", "sinks"}, {"chunk_size"}),

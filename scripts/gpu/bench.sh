@@ -13,6 +13,9 @@
 #   scripts/gpu/bench.sh gla              # GLA and Liger at 16k, 64k (bf16, 32 heads, d 128),
 #                                         # libtorch-chunked and fused, beside fla's chunk_gla
 #                                         # (needs fla: its wheels unpacked on PYTHONPATH)
+#   scripts/gpu/bench.sh linear           # normalised linear attention at 16k, 64k (bf16, 32
+#                                         # heads, d 128, f 128), libtorch-chunked and fused,
+#                                         # beside fla's chunk_linear_attn (needs fla)
 # The binary is target/release/linearize-gpu (built on the CPU machine, carried); results and
 # logs go to $OUT (default ./bench-out).
 set -euo pipefail
@@ -81,8 +84,16 @@ case "${1:-}" in
     python3 scripts/gpu/fla_ops.py --op gla --lengths ${LENGTHS:-16384,65536} --heads 32 --head-dim 128 \
       --dtype bf16 2>"$OUT/gla_fla.log" | tee "$OUT/gla_fla.jsonl"
     ;;
+  linear)
+    "$BIN" bench kernels --device cuda --dtype bf16 --methods linear --forms chunked,fused \
+      --lengths ${LENGTHS:-16384,65536} --heads 32 --head-dim 128 --features 128 \
+      --json "$OUT/linear.json" 2>"$OUT/linear.log" | tee "$OUT/linear.md"
+    python3 scripts/gpu/fla_ops.py --op linear_attn --lengths ${LENGTHS:-16384,65536} --heads 32 \
+      --head-dim 128 --features 128 --dtype bf16 2>"$OUT/linear_fla.log" \
+      | tee "$OUT/linear_fla.jsonl"
+    ;;
   *)
-    echo "usage: $0 kernels-stages|stages-batched|profile|decode|gated-deltanet|lizard|gla" >&2
+    echo "usage: $0 kernels-stages|stages-batched|profile|decode|gated-deltanet|lizard|gla|linear" >&2
     exit 2
     ;;
 esac

@@ -5,6 +5,9 @@ forward+backward ms over --iters runs and the peak memory of one forward+backwar
 inputs. A backward that raises (fla guards its gated backward on Hopper with some Triton
 versions, fla issue 640) is reported as failed, with the forward time kept.
 
+  --op linear_attn        chunk_linear_attn (normalize=True) as `--methods linear` builds it:
+                          φq and φk softmaxed over --features (Hedgehog-like rows summing to
+                          one), v ~ N(0, 1), all in --dtype, scale 1 (linearize's has none)
   --op gla                chunk_gla as `--methods gla` builds it: q and k softmaxed over the head
                           dimension, v ~ N(0, 1), log-gates logsigmoid(N(0, 1)) / 16 per key dim,
                           all in --dtype (the gates too), scale 1 (linearize's GLA has none)
@@ -13,6 +16,8 @@ versions, fla issue 640) is reported as failed, with the forward time kept.
                           beta = sigmoid(N(0, 1)) per head and token, scale 1 (q is a unit vector)
 
   python3 scripts/gpu/fla_ops.py --op gla --lengths 16384,65536 --heads 32 --head-dim 128
+  python3 scripts/gpu/fla_ops.py --op linear_attn --lengths 16384,65536 --heads 32 --head-dim 128 \
+    --features 128
 """
 import argparse
 import json
@@ -34,7 +39,19 @@ def median_ms(fn, iters):
     return sorted(times)[len(times) // 2]
 
 
-def gla_call(length, heads, head_dim, dtype):
+def linear_attn_call(length, heads, head_dim, dtype, features):
+    from fla.ops.linear_attn import chunk_linear_attn
+
+    def leaf(width, softmax):
+        x = torch.randn((1, length, heads, width), device="cuda", dtype=dtype)  # (B, T, H, ·)
+        return (x.softmax(-1) if softmax else x).requires_grad_()
+
+    q, k, v = leaf(features, True), leaf(features, True), leaf(head_dim, False)
+    return ("fla chunk_linear_attn",
+            lambda: chunk_linear_attn(q, k, v, scale=1.0, normalize=True)[0])
+
+
+def gla_call(length, heads, head_dim, dtype, features):
     from fla.ops.gla import chunk_gla
 
     shape = (1, length, heads, head_dim)  # fla's (B, T, H, K)
@@ -45,7 +62,7 @@ def gla_call(length, heads, head_dim, dtype):
     return "fla chunk_gla", lambda: chunk_gla(q, k, v, g, scale=1.0)[0]
 
 
-def gated_delta_rule_call(length, heads, head_dim, dtype):
+def gated_delta_rule_call(length, heads, head_dim, dtype, features):
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
     shape = (1, length, heads, head_dim)
@@ -59,7 +76,8 @@ def gated_delta_rule_call(length, heads, head_dim, dtype):
             lambda: chunk_gated_delta_rule(q, k, v, g, beta, scale=1.0)[0])
 
 
-OPS = {"gla": gla_call, "gated_delta_rule": gated_delta_rule_call}
+OPS = {"linear_attn": linear_attn_call, "gla": gla_call,
+       "gated_delta_rule": gated_delta_rule_call}
 
 
 def main():
@@ -68,13 +86,15 @@ def main():
     p.add_argument("--lengths", default="16384,65536")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--features", type=int, default=128,
+                   help="feature width of φq, φk (linear_attn only; as bench kernels --features)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
     p.add_argument("--iters", type=int, default=10)
     args = p.parse_args()
     dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
     for length in [int(x) for x in args.lengths.split(",")]:
         torch.manual_seed(0)
-        name, forward = OPS[args.op](length, args.heads, args.head_dim, dtype)
+        name, forward = OPS[args.op](length, args.heads, args.head_dim, dtype, args.features)
 
         def forward_backward():
             forward().sum().backward()

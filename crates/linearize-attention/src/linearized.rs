@@ -100,8 +100,9 @@ pub struct AttentionConfig {
     /// Default 16.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub_chunk: Option<i64>,
-    /// `lolcats`, `liger_gla`, `liger`: run whole sequences (training, scoring) through the fused
-    /// CUDA kernels where they apply (`lolcats`: bf16, a window of whole 64-token chunks, no
+    /// `linear`, `lolcats`, `liger_gla`, `liger`: run whole sequences (training, scoring) through
+    /// the fused CUDA kernels where they apply (`linear`: bf16 or f16, head size 64 or 128,
+    /// feature width 64, 128 or 256; `lolcats`: bf16, a window of whole 64-token chunks, no
     /// sinks; `liger_gla` and Liger's GLA half: bf16 or f16, head size 64 or 128). Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fused_kernels: Option<bool>,
@@ -178,7 +179,12 @@ const FIELD_USERS: [(&str, &[Method]); 12] = [
     ("sub_chunk", &[Method::LigerGla, Method::Liger]),
     (
         "fused_kernels",
-        &[Method::Lolcats, Method::LigerGla, Method::Liger],
+        &[
+            Method::Linear,
+            Method::Lolcats,
+            Method::LigerGla,
+            Method::Liger,
+        ],
     ),
     (
         "sinks",
@@ -353,6 +359,7 @@ impl AttentionConfig {
         LinearAttnConfig {
             chunk_size: self.chunk(),
             eps: self.eps.unwrap_or(DEFAULT_EPS),
+            fused: self.fused_kernels.unwrap_or(true),
         }
     }
 
@@ -956,6 +963,16 @@ impl LinearizedMixer {
     /// (training, scoring): kernels that can skip building the final state do.
     fn output(&self, x: &MixerInput) -> Result<Tensor> {
         match &self.kernel {
+            Kernel::Linear {
+                feature_map_q,
+                feature_map_k,
+                cfg,
+            } => {
+                let phi_q = feature_map_q.forward(x.q)?; // (b, h, L, f)
+                let phi_k = feature_map_k.forward(x.k)?; // (b, h, L, f), GQA heads repeated
+                let _range = linearize_profile::range("attention kernel");
+                Ok(linear_attn::chunked_output(&phi_q, &phi_k, x.v, cfg)?)
+            }
             Kernel::Lolcats {
                 feature_map_q,
                 feature_map_k,

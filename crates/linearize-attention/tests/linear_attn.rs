@@ -274,3 +274,97 @@ fn f16_states_beyond_the_f16_range_stay_accurate() {
     let reference = linear_attn::naive(&float(&pq), &float(&pk), &float(&v), &cfg()).unwrap();
     assert_close("f16 vs f32", &out, &reference, 1e-3);
 }
+
+/// The fused kernels leave calls they do not cover (here: the CPU) to the libtorch kernels, and
+/// say why; the output is then `chunked`'s.
+#[test]
+fn fused_kernels_decline_what_they_do_not_cover() {
+    use linearize_torch_ext::linear_attn as fused;
+    seed(7);
+    let s = setup(1, 70, Kind::Float);
+    let (pq, pk) = tch::no_grad(|| s.phi());
+    let why = fused::unsupported(&pq, &pk, &s.v).expect("the CPU is not covered");
+    assert!(why.contains("CUDA"), "{why}");
+    let off = LinearAttnConfig {
+        fused: false,
+        ..cfg()
+    };
+    let with = linear_attn::chunked_output(&pq, &pk, &s.v, &cfg()).unwrap();
+    let without = linear_attn::chunked_output(&pq, &pk, &s.v, &off).unwrap();
+    let (chunked, _) = linear_attn::chunked(&pq, &pk, &s.v, &cfg(), None).unwrap();
+    assert!(with.equal(&without) && with.equal(&chunked));
+}
+
+/// The fused CUDA kernels against the naive form in f64 on the same rounded inputs: output and
+/// gradients to φq, φk and v, in bf16 and f16, with GQA values (and key features with fewer heads
+/// than the queries), ragged lengths, both compiled head sizes, feature widths 64 to 256,
+/// Hedgehog-like (softmax) and T2R-like (ReLU) features and eps from 1e-12 to 1e-3. Outputs by
+/// their largest error; gradients by rms(error) / rms (flash-linear-attention's measure) and by
+/// the largest error. On a GPU machine:
+/// `cargo test --release -p linearize-attention --test linear_attn -- --ignored`.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn fused_kernels_match_naive_on_cuda() {
+    use linearize_torch_ext::linear_attn as fused;
+    assert!(
+        tch::Cuda::is_available(),
+        "no CUDA device: this test is for a GPU machine"
+    );
+    let dev = Device::Cuda(0);
+    let cases = [
+        // batch, heads, key-feature heads, value heads, length, head size, features, dtype,
+        // ReLU features, eps
+        (2, 4, 4, 2, 300, 64, 64, Kind::BFloat16, false, 1e-12),
+        (1, 4, 4, 4, 1000, 128, 128, Kind::BFloat16, false, 1e-12),
+        (1, 2, 2, 1, 257, 128, 256, Kind::BFloat16, true, 1e-3),
+        (2, 8, 8, 2, 640, 128, 128, Kind::Half, false, 1e-12),
+        (1, 3, 3, 3, 129, 64, 128, Kind::Half, true, 1e-6),
+        (1, 4, 2, 2, 64, 64, 64, Kind::BFloat16, false, 1e-12),
+        (1, 2, 2, 2, 4096, 128, 128, Kind::BFloat16, false, 1e-12),
+    ];
+    for (i, (b, h, hk, hv, len, d, f, kind, relu, eps)) in cases.into_iter().enumerate() {
+        seed(70 + i as i64);
+        let features = |heads: i64| {
+            let x = Tensor::randn([b, heads, len, f], (Kind::Float, dev));
+            let x = if relu {
+                (x - 0.5).relu()
+            } else {
+                (x * 2.0).softmax(-1, Kind::Float)
+            };
+            x.to_kind(kind).set_requires_grad(true)
+        };
+        let (pq, pk) = (features(h), features(hk));
+        let v = Tensor::randn([b, hv, len, d], (Kind::Float, dev))
+            .to_kind(kind)
+            .set_requires_grad(true);
+        assert_eq!(fused::unsupported(&pq, &pk, &v), None, "case {i}");
+        let cfg = LinearAttnConfig {
+            eps,
+            ..LinearAttnConfig::default()
+        };
+        let y = linear_attn::chunked_output(&pq, &pk, &v, &cfg).unwrap();
+        assert_eq!(y.kind(), kind, "case {i}: output dtype");
+
+        let f64_leaf = |t: &Tensor| t.detach().to_kind(Kind::Double).set_requires_grad(true);
+        let ours = [&pq, &pk, &v];
+        let theirs = ours.map(f64_leaf);
+        let reference = linear_attn::naive(&theirs[0], &theirs[1], &theirs[2], &cfg).unwrap();
+        let what = format!("case {i} (b {b}, h {h}/{hk}/{hv}, L {len}, d {d}, f {f}, {kind:?})");
+        let max_err = |a: &Tensor, e: &Tensor| {
+            (a.to_kind(Kind::Double) - e).abs().max().double_value(&[])
+                / e.abs().max().double_value(&[]).max(1e-12)
+        };
+        let err = max_err(&y, &reference);
+        assert!(err < 2e-2, "{what}: output: relative error {err:e}");
+        let probe = reference.randn_like();
+        let got = grads(&y, &probe.to_kind(kind), &ours);
+        let want = grads(&reference, &probe, &theirs.each_ref());
+        for (name, (a, e)) in ["phi_q", "phi_k", "v"].iter().zip(got.iter().zip(&want)) {
+            let (rms, max) = (rms_err(a, e), max_err(a, e));
+            assert!(
+                rms < 2e-2 && max < 5e-2,
+                "{what}: grad {name}: rms error {rms:e}, largest {max:e}"
+            );
+        }
+    }
+}

@@ -1,10 +1,11 @@
 //! libtorch operations that tch does not bind, through a small C++ shim (`csrc/`): the fused
 //! multi-tensor AdamW step (`_fused_adamw_`), the multi-tensor copy (`_foreach_copy_`), CUDA
-//! graphs (`at::cuda::CUDAGraph`) and the Kineto profiler; and the fused LoLCATs and GLA kernels,
-//! written in Triton and compiled ahead of time.
+//! graphs (`at::cuda::CUDAGraph`) and the Kineto profiler; and the fused LoLCATs, normalised
+//! linear attention and GLA kernels, written in Triton and compiled ahead of time.
 pub mod adamw;
 pub mod cuda_graph;
 pub mod gla;
+pub mod linear_attn;
 pub mod lolcats;
 pub mod profiler;
 pub mod torch_error;

@@ -76,10 +76,10 @@ pub fn unsupported(x: &LolcatsInputs, window: Window) -> Option<String> {
     }
     let mut keys: Vec<String> = ["forward", "backward_phi_q", "backward_phi_k", "backward_kv"]
         .iter()
-        .map(|k| format!("{k}/{shape}/d{d}/f{f}"))
+        .map(|k| format!("{k}/{shape}/d{d}/f{f}/bf16"))
         .collect();
-    keys.push(format!("backward_q/{shape}/d{d}"));
-    keys.push(format!("grad_terms/d{d}"));
+    keys.push(format!("backward_q/{shape}/d{d}/bf16"));
+    keys.push(format!("grad_terms/d{d}/bf16"));
     for key in keys {
         match triton::has_kernel(&key, device) {
             Ok(true) => {}

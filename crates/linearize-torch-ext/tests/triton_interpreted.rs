@@ -1,7 +1,8 @@
-//! The fused kernels' logic, checked on the CPU: `triton/check_lolcats.py` and
-//! `triton/check_gla.py` run them in Triton's interpreter against the quadratic definitions
-//! (output and every gradient). The GPU runs of the compiled kernels are `linearize-attention`'s
-//! `fused_kernels_match_naive_on_cuda` tests (lolcats, gla, liger).
+//! The fused kernels' logic, checked on the CPU: `triton/check_lolcats.py`,
+//! `triton/check_linear_attn.py` and `triton/check_gla.py` run them in Triton's interpreter
+//! against the quadratic definitions (output and every gradient). The GPU runs of the compiled
+//! kernels are `linearize-attention`'s `fused_kernels_match_naive_on_cuda` tests (lolcats,
+//! linear_attn, gla, liger).
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -47,4 +48,10 @@ fn lolcats_kernels_match_the_definition_in_the_interpreter() {
 fn gla_kernels_match_the_definition_in_the_interpreter() {
     let text = interpret("check_gla.py");
     assert_eq!(text.matches("ok seed").count(), 6, "{text}");
+}
+
+#[test]
+fn linear_attn_kernels_match_the_definition_in_the_interpreter() {
+    let text = interpret("check_linear_attn.py");
+    assert_eq!(text.matches("ok seed").count(), 7, "{text}");
 }

@@ -18,13 +18,17 @@ HEAD_DIMS = [64, 128]
 FEATURE_DIMS = [64, 128, 256]
 SHAPES = ["sw", "tk"]
 GRAD_ROWS = 32
+# q, k, v, features and their gradients: bf16 or f16 (sums and normalisers are f32).
+DTYPES = {"bf16": "*bf16", "f16": "*fp16"}
+# The LoLCATs kernels run in bf16; those that normalised linear attention runs (the sums, the
+# gradient terms, the sw shape's feature-map gradients, and its own) in bf16 and f16.
+LINEAR_DTYPES = ["bf16", "f16"]
 
 # The fused GLA kernels (gla.py): chunks of GLA_CHUNK tokens in sub-chunks of GLA_SUB_CHUNK,
 # states in blocks of GLA_BLOCK keys and values, q, k, v in bf16 or f16, log-gates in f32.
 GLA_CHUNK = 64
 GLA_SUB_CHUNK = 16
 GLA_BLOCK = 64
-GLA_DTYPES = {"bf16": "*bf16", "f16": "*fp16"}
 
 POINTERS = {
     "grad_terms": ["g", "y", "den", "grad_num", "grad_den"],
@@ -38,6 +42,8 @@ POINTERS = {
                    "dq"],
     "backward_kv": ["q", "k", "v", "phi_q", "phi_k", "grad_num", "grad_den", "maxes", "argmaxes",
                     "mu", "gammas", "sums", "dk", "dv"],
+    "linear_forward": ["v", "phi_q", "phi_k", "sums", "k_sums", "y", "den"],
+    "linear_backward_v": ["phi_q", "phi_k", "grad_num", "sums", "dv"],
 }
 GLA_POINTERS = {
     "chunk_cumsum": ["g", "gc"],
@@ -57,6 +63,8 @@ GLA_F32_POINTERS = {"g", "gc", "A", "dA", "dq_intra", "dk_intra", "dgs", "x", "o
 GLA_F32_BY_KERNEL = {"backward_intra": {"dq", "dk"}}
 F32_POINTERS = {"weights", "weight_sums", "k_sums", "gammas", "den", "grad_den", "q_sums", "maxes",
                 "mu"}
+# The chunk sums of φk^T v (or φq^T gn): f32 for f16 inputs, whose range they can exceed.
+SUM_POINTERS = {"sums"}
 I32_POINTERS = {"argmaxes"}
 INTS = {"L", "Lp", "n_chunks", "H", "HA", "HB", "HG", "HK", "HV", "M", "n_rows"}
 
@@ -64,11 +72,12 @@ INTS = {"L", "Lp", "n_chunks", "H", "HA", "HB", "HG", "HK", "HV", "M", "n_rows"}
 def variants():
     """(module, kernel, key, constexprs, warps, pointer types) for every compiled form of one
     architecture."""
-    for v in lolcats_variants():
-        name = v[0]
-        types = {arg: "*fp32" if arg in F32_POINTERS else "*i32" if arg in I32_POINTERS else
-                 "*bf16" for arg in POINTERS[name]}
-        yield ("lolcats", *v, types)
+    for name, key, constexprs, warps, dtypes in lolcats_variants():
+        for dtype in dtypes:
+            f32 = F32_POINTERS | (SUM_POINTERS if dtype == "f16" else set())
+            types = {arg: "*fp32" if arg in f32 else "*i32" if arg in I32_POINTERS else
+                     DTYPES[dtype] for arg in POINTERS[name]}
+            yield ("lolcats", name, f"{key}/{dtype}", constexprs, warps, types)
     yield from gla_variants()
 
 
@@ -92,7 +101,7 @@ def gla_variants():
         for name, (constexprs, warps) in shapes.items():
             f32 = GLA_F32_POINTERS | GLA_F32_BY_KERNEL.get(name, set())
             pointers = GLA_POINTERS[name]
-            dtypes = GLA_DTYPES if any(p not in f32 for p in pointers) else {"f32": None}
+            dtypes = DTYPES if any(p not in f32 for p in pointers) else {"f32": None}
             for dtype, pointer in dtypes.items():
                 types = {arg: "*fp32" if arg in f32 else pointer for arg in pointers}
                 key = f"gla/{name}/d{d}" + (f"/{dtype}" if pointer else "")
@@ -100,21 +109,26 @@ def gla_variants():
 
 
 def lolcats_variants():
-    """(kernel, key, constexprs, warps) for every compiled form of the LoLCATs kernels."""
+    """(kernel, key, constexprs, warps, dtypes) for every compiled form of the LoLCATs and linear
+    attention kernels; the key is completed by the dtype."""
     for d, f in itertools.product(HEAD_DIMS, FEATURE_DIMS):
         base = {"C": CHUNK, "D": d, "F": f}
+        warps = 8 if max(d, f) > 64 else 4
         for reverse in (False, True):
             yield ("chunk_sums", f"chunk_sums/d{d}/f{f}/{'reverse' if reverse else 'forward'}",
-                   {**base, "BF": 64, "REVERSE": reverse, "WEIGHTED": reverse}, 4)
+                   {**base, "BF": 64, "REVERSE": reverse, "WEIGHTED": reverse}, 4, LINEAR_DTYPES)
         for name, shape in itertools.product(
                 ("forward", "backward_phi_q", "backward_phi_k", "backward_kv"), SHAPES):
-            yield (name, f"{name}/{shape}/d{d}/f{f}", {**base, "TERRACE": shape == "tk"},
-                   8 if max(d, f) > 64 else 4)
+            shared = shape == "sw" and name in ("backward_phi_q", "backward_phi_k")
+            yield (name, f"{name}/{shape}/d{d}/f{f}", {**base, "TERRACE": shape == "tk"}, warps,
+                   LINEAR_DTYPES if shared else ["bf16"])
+        for name in ("linear_forward", "linear_backward_v"):
+            yield (name, f"{name}/d{d}/f{f}", base, warps, LINEAR_DTYPES)
     for d in HEAD_DIMS:
-        yield ("grad_terms", f"grad_terms/d{d}", {"D": d, "ROWS": GRAD_ROWS}, 4)
+        yield ("grad_terms", f"grad_terms/d{d}", {"D": d, "ROWS": GRAD_ROWS}, 4, LINEAR_DTYPES)
     for d, shape in itertools.product(HEAD_DIMS, SHAPES):
         yield ("backward_q", f"backward_q/{shape}/d{d}",
-               {"C": CHUNK, "D": d, "TERRACE": shape == "tk"}, 8 if d > 64 else 4)
+               {"C": CHUNK, "D": d, "TERRACE": shape == "tk"}, 8 if d > 64 else 4, ["bf16"])
 
 
 def compile_one(job):

@@ -3,6 +3,11 @@ sequences from the empty state, forward and backward, in chunks of C tokens, for
 shapes of w = M·C tokens. Query t sees the keys of its window through γ·exp(s − m_t), m_t the
 window's largest score, and the keys before the window through φq_t·φk_s, one normaliser over both.
 
+Normalised linear attention (`ops/linear_attn`) is the sw shape's linear terms with no window
+(M = 0: every key at or before the query is linear, the query's own chunk summed in place), with
+eps added to the normaliser: the same sums, gradient terms and feature-map gradients, and its own
+forward (`linear_forward`) and value gradient (`linear_backward_v`).
+
 `sw` (TERRACE false): the window is t − w < s <= t. For query chunk j the linear keys are every
 chunk before j − M (one carried sum) and the tokens of chunk j − M at or before the query's place
 in its chunk; the window keys are the rest of chunk j − M and chunks j − M + 1 … j.
@@ -10,7 +15,9 @@ in its chunk; the window keys are the rest of chunk j − M and chunks j − M +
 before, up to the query; the linear keys are the blocks before that, whole chunks only.
 
 Tensors are contiguous (b, heads, L, dim); program (i, bh) works on chunk i of batch-head bh; key
-and value heads are shared by H / HK and H / HV query heads.
+and value heads are shared by H / HK and H / HV query heads. The chunk sums are kept in the inputs'
+dtype for bf16 and in f32 for f16, whose range sums over long sequences can exceed; products with
+f32 sums take their other operand in f32 (TF32 on the GPU).
 
 Backward, with g = dL/dy, gn_t = g_t / den_t and gd_t = −g_t·y_t / den_t: a linear score's
 gradient is gn_t·v_s + gd_t, a window score's γ·e_ts·(gn_t·v_s + gd_t). y is unchanged when γ and
@@ -94,9 +101,9 @@ def grad_terms(g, y, den, grad_num, grad_den, n_rows, D: tl.constexpr, ROWS: tl.
 def chunk_sums(a, bm, weights, sums, weight_sums, L, n_chunks, H, HA, HB,
                C: tl.constexpr, F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr,
                REVERSE: tl.constexpr, WEIGHTED: tl.constexpr):
-    """sums[bh, c] = Σ over the chunks before c (after c when REVERSE) of a_c^T b_c, (F, D) in b's
-    dtype, and weight_sums[bh, c] = Σ_t w_t a_t over the same tokens, (F) in f32, w = 1 unless
-    WEIGHTED (then `weights` (b, h, L) f32). One program per (bh, block of BF features)."""
+    """sums[bh, c] = Σ over the chunks before c (after c when REVERSE) of a_c^T b_c, (F, D) in the
+    dtype of `sums`, and weight_sums[bh, c] = Σ_t w_t a_t over the same tokens, (F) in f32, w = 1
+    unless WEIGHTED (then `weights` (b, h, L) f32). One program per (bh, block of BF features)."""
     bh = tl.program_id(0)
     cols = tl.program_id(1) * BF + tl.arange(0, BF)
     a_base = a + _head(bh, H, HA).to(tl.int64) * L * F
@@ -123,6 +130,33 @@ def chunk_sums(a, bm, weights, sums, weight_sums, L, n_chunks, H, HA, HB,
             wacc += tl.sum(a_c.to(tl.float32) * w[:, None], 0)
         else:
             wacc += tl.sum(a_c.to(tl.float32), 0)
+
+
+@triton.jit
+def _linear_terms(phi_q_j, phi_k, v_base, sums, k_sums, bh64, c, L, n_chunks, C: tl.constexpr,
+                  D: tl.constexpr, F: tl.constexpr, TERRACE: tl.constexpr):
+    """The linear terms' numerator [C, D] and normaliser [C] (f32) of query chunk rows φq_j: the
+    keys before chunk c through the exclusive sums at c, and for sw (TERRACE false) the keys of
+    chunk c at or before each query's place in its chunk."""
+    s_ptrs = sums + (bh64 * n_chunks + c) * F * D + tl.arange(0, F)[:, None] * D \
+        + tl.arange(0, D)[None, :]
+    kv = tl.load(s_ptrs)
+    z = tl.load(k_sums + (bh64 * n_chunks + c) * F + tl.arange(0, F))
+    num = tl.dot(phi_q_j.to(kv.dtype), kv)
+    total = tl.sum(phi_q_j.to(tl.float32) * z[None, :], 1)
+    if not TERRACE:
+        rows = tl.arange(0, C)
+        # Chunk c is the sequence's last (and may be short) when the window is empty.
+        fk_ptrs, keys_live = _chunk(phi_k + bh64 * L * F, c, L, F, C)
+        v_ptrs, _ = _chunk(v_base, c, L, D, C)
+        phi_k_c = tl.load(fk_ptrs, mask=keys_live, other=0.0)
+        v_c = tl.load(v_ptrs, mask=keys_live, other=0.0)
+        a = tl.dot(phi_q_j, tl.trans(phi_k_c))
+        # Numerator and normaliser read the same rounded weights.
+        a = tl.where(rows[None, :] <= rows[:, None], a, 0.0).to(v_c.dtype)
+        num += tl.dot(a, v_c)
+        total += tl.sum(a.to(tl.float32), 1)
+    return num, total
 
 
 @triton.jit
@@ -172,27 +206,36 @@ def forward(q, k, v, phi_q, phi_k, sums, k_sums, gammas, y, den, maxes, argmaxes
     if c >= 0:
         fq_ptrs, _ = _chunk(phi_q + bh64 * L * F, j, L, F, C)
         phi_q_j = tl.load(fq_ptrs, mask=live, other=0.0)
-        s_ptrs = sums + (bh64 * n_chunks + c) * F * D + tl.arange(0, F)[:, None] * D \
-            + tl.arange(0, D)[None, :]
-        kv = tl.load(s_ptrs)
-        z = tl.load(k_sums + (bh64 * n_chunks + c) * F + tl.arange(0, F))
-        num += tl.dot(phi_q_j, kv)
-        total += tl.sum(phi_q_j.to(tl.float32) * z[None, :], 1)
-        if not TERRACE:
-            fk_ptrs, _ = _chunk(phi_k + bh64 * L * F, c, L, F, C)
-            v_ptrs, _ = _chunk(v_base, c, L, D, C)
-            phi_k_c = tl.load(fk_ptrs)
-            v_c = tl.load(v_ptrs)
-            a = tl.dot(phi_q_j, tl.trans(phi_k_c))
-            a = tl.where(rows[None, :] <= rows[:, None], a, 0.0).to(v.dtype.element_ty)
-            num += tl.dot(a, v_c)
-            total += tl.sum(a.to(tl.float32), 1)
+        linear_num, linear_den = _linear_terms(phi_q_j, phi_k, v_base, sums, k_sums, bh64, c, L,
+                                               n_chunks, C, D, F, TERRACE)
+        num += linear_num
+        total += linear_den
 
     y_ptrs, _ = _chunk(y + bh64 * L * D, j, L, D, C)
     tl.store(y_ptrs, (num / total[:, None]).to(y.dtype.element_ty), mask=live)
     tl.store(den + bh64 * L + t, total, mask=t < L)
     tl.store(maxes + bh64 * L + t, m, mask=t < L)
     tl.store(argmaxes + bh64 * L + t, star, mask=t < L)
+
+
+@triton.jit
+def linear_forward(v, phi_q, phi_k, sums, k_sums, y, den, L, n_chunks, H, HV, eps,
+                   C: tl.constexpr, D: tl.constexpr, F: tl.constexpr):
+    """Normalised linear attention: y (b, h, L, D) in v's dtype and per query (b, h, L) the
+    normaliser `den` with eps added (f32), from `sums` (bh, n, F, D) / `k_sums` (bh, n, F) over
+    the chunks before each chunk; the keys of the query's own chunk are summed in place."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    t = j * C + tl.arange(0, C)
+    bh64 = bh.to(tl.int64)
+    fq_ptrs, live = _chunk(phi_q + bh64 * L * F, j, L, F, C)
+    phi_q_j = tl.load(fq_ptrs, mask=live, other=0.0)
+    num, total = _linear_terms(phi_q_j, phi_k, v + _head(bh, H, HV).to(tl.int64) * L * D, sums,
+                               k_sums, bh64, j, L, n_chunks, C, D, F, False)
+    total += eps
+    y_ptrs, _ = _chunk(y + bh64 * L * D, j, L, D, C)
+    tl.store(y_ptrs, (num / total[:, None]).to(y.dtype.element_ty), mask=live)
+    tl.store(den + bh64 * L + t, total, mask=t < L)
 
 
 @triton.jit
@@ -219,13 +262,14 @@ def backward_phi_q(grad_num, grad_den, v, phi_q, phi_k, sums, k_sums, d_phi_q, m
             + tl.arange(0, D)[:, None]
         kv_t = tl.load(s_ptrs)
         z = tl.load(k_sums + (bh64 * n_chunks + c) * F + tl.arange(0, F))
-        grad += tl.dot(gn, kv_t)
+        grad += tl.dot(gn.to(kv_t.dtype), kv_t)
         grad += gd[:, None] * z[None, :]
         if not TERRACE:
-            v_ptrs, _ = _chunk(v + _head(bh, H, HV).to(tl.int64) * L * D, c, L, D, C)
+            # Chunk c is j itself, maybe the short last one, when the window is empty.
+            v_ptrs, keys_live = _chunk(v + _head(bh, H, HV).to(tl.int64) * L * D, c, L, D, C)
             fk_ptrs, _ = _chunk(phi_k + bh64 * L * F, c, L, F, C)
-            v_c = tl.load(v_ptrs)
-            phi_k_c = tl.load(fk_ptrs)
+            v_c = tl.load(v_ptrs, mask=keys_live, other=0.0)
+            phi_k_c = tl.load(fk_ptrs, mask=keys_live, other=0.0)
             e = tl.dot(gn, tl.trans(v_c)) + gd[:, None]
             e = tl.where(rows[None, :] <= rows[:, None], e, 0.0).to(phi_k.dtype.element_ty)
             grad += tl.dot(e, phi_k_c)
@@ -253,13 +297,13 @@ def backward_phi_k(grad_num, grad_den, v, phi_q, sums, q_sums, d_phi_k, L, n_chu
         t = j * C + rows
         later = t < L
         v_ptrs, _ = _chunk(v + _head(bh, H, HV).to(tl.int64) * L * D, c, L, D, C)
-        v_c = tl.load(v_ptrs)
+        v_c = tl.load(v_ptrs, mask=live, other=0.0)
         # Σ φq^T gn as (D, F)
         s_ptrs = sums + (bh64 * n_chunks + j) * F * D + tl.arange(0, F)[None, :] * D \
             + tl.arange(0, D)[:, None]
         qg_t = tl.load(s_ptrs)
         r = tl.load(q_sums + (bh64 * n_chunks + j) * F + tl.arange(0, F))
-        grad += tl.dot(v_c, qg_t)
+        grad += tl.dot(v_c.to(qg_t.dtype), qg_t)
         grad += r[None, :]
         if not TERRACE:
             gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
@@ -331,6 +375,34 @@ def backward_q(q, k, v, grad_num, grad_den, maxes, argmaxes, mu, gammas, dq, L, 
 
 
 @triton.jit
+def _linear_value_grad(phi_q, phi_k, grad_num, sums, bh64, c, j, L, n_chunks, C: tl.constexpr,
+                       D: tl.constexpr, F: tl.constexpr, TERRACE: tl.constexpr):
+    """The linear terms' share of dv for key chunk c [C, D] (f32): the queries after chunk j
+    through `sums` (bh, n, F, D) = Σ φq^T gn over the chunks after each chunk, and for sw (TERRACE
+    false) the queries of chunk j at or after each key's place in its chunk."""
+    rows = tl.arange(0, C)
+    # Σ φq^T gn over the chunks after j, (F, D)
+    s_ptrs = sums + (bh64 * n_chunks + j) * F * D + tl.arange(0, F)[:, None] * D \
+        + tl.arange(0, D)[None, :]
+    qg = tl.load(s_ptrs)
+    fk_ptrs, keys_live = _chunk(phi_k + bh64 * L * F, c, L, F, C)
+    phi_k_c = tl.load(fk_ptrs, mask=keys_live, other=0.0)
+    grad = tl.dot(phi_k_c.to(qg.dtype), qg)
+    if not TERRACE:
+        t = j * C + rows
+        later = t < L
+        fq_ptrs, _ = _chunk(phi_q + bh64 * L * F, j, L, F, C)
+        gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
+        phi_q_j = tl.load(fq_ptrs, mask=later[:, None], other=0.0)
+        gn = tl.load(gn_ptrs, mask=later[:, None], other=0.0)
+        # a[s, t] = φq_t·φk_s for query place t at or after key place s
+        a = tl.dot(phi_k_c, tl.trans(phi_q_j))
+        a = tl.where(rows[:, None] <= rows[None, :], a, 0.0).to(gn.dtype)
+        grad += tl.dot(a, gn)
+    return grad
+
+
+@triton.jit
 def backward_kv(q, k, v, phi_q, phi_k, grad_num, grad_den, maxes, argmaxes, mu, gammas, sums,
                 dk, dv, L, n_chunks, H, HK, HV, M, scale,
                 C: tl.constexpr, D: tl.constexpr, F: tl.constexpr, TERRACE: tl.constexpr):
@@ -359,24 +431,21 @@ def backward_kv(q, k, v, phi_q, phi_k, grad_num, grad_den, maxes, argmaxes, mu, 
         grad_k += tl.dot(tl.trans(ds.to(q_j.dtype)), q_j)
     j = _last_window_chunk(c, M, TERRACE)
     if j < n_chunks:
-        t = j * C + rows
-        later = t < L
-        # Σ φq^T gn over the chunks after j, (F, D)
-        s_ptrs = sums + (bh64 * n_chunks + j) * F * D + tl.arange(0, F)[:, None] * D \
-            + tl.arange(0, D)[None, :]
-        qg = tl.load(s_ptrs)
-        fk_ptrs, _ = _chunk(phi_k + bh64 * L * F, c, L, F, C)
-        phi_k_c = tl.load(fk_ptrs)
-        grad_v += tl.dot(phi_k_c, qg)
-        if not TERRACE:
-            fq_ptrs, _ = _chunk(phi_q + bh64 * L * F, j, L, F, C)
-            gn_ptrs, _ = _chunk(grad_num + bh64 * L * D, j, L, D, C)
-            phi_q_j = tl.load(fq_ptrs, mask=later[:, None], other=0.0)
-            gn = tl.load(gn_ptrs, mask=later[:, None], other=0.0)
-            # a[s, t] = φq_t·φk_s for query place t at or after key place s
-            a = tl.dot(phi_k_c, tl.trans(phi_q_j))
-            a = tl.where(rows[:, None] <= rows[None, :], a, 0.0).to(gn.dtype)
-            grad_v += tl.dot(a, gn)
+        grad_v += _linear_value_grad(phi_q, phi_k, grad_num, sums, bh64, c, j, L, n_chunks, C, D,
+                                     F, TERRACE)
     out = bh64 * L * D + key[:, None] * D + tl.arange(0, D)[None, :]
     tl.store(dk + out, (grad_k * scale).to(dk.dtype.element_ty), mask=live)
     tl.store(dv + out, grad_v.to(dv.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def linear_backward_v(phi_q, phi_k, grad_num, sums, dv, L, n_chunks, C: tl.constexpr,
+                      D: tl.constexpr, F: tl.constexpr):
+    """Normalised linear attention's dv (b, h, L, D) per query head (the caller sums heads that
+    share a value head), from `sums` (bh, n, F, D) = Σ φq^T gn over the chunks after each chunk."""
+    c = tl.program_id(0)
+    bh64 = tl.program_id(1).to(tl.int64)
+    grad = _linear_value_grad(phi_q, phi_k, grad_num, sums, bh64, c, c, L, n_chunks, C, D, F,
+                              False)
+    dv_ptrs, live = _chunk(dv + bh64 * L * D, c, L, D, C)
+    tl.store(dv_ptrs, grad.to(dv.dtype.element_ty), mask=live)

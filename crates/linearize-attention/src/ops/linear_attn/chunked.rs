@@ -3,8 +3,9 @@
 //! f16 / bf16 inputs the matmuls take operands in the input dtype while the sums stay in f32
 //! (`tensors::Precision`).
 use super::{check_inputs, LinearAttnConfig, LinearState};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensors::{ceil_div, exclusive_cumsum, pad_seq, prepare, Precision};
+use linearize_torch_ext::linear_attn as fused;
 use tch::{Kind, Tensor};
 
 /// Runs the sequence on from `state` (the empty state when `None`) and returns the output
@@ -49,4 +50,21 @@ pub fn chunked(
         k_sum: k_before.select(2, n - 1) + k_chunk.select(2, n - 1),
     };
     Ok((y.to_kind(v.kind()), last))
+}
+
+/// [`chunked`]'s output from the empty state, without the state after the last token (training
+/// and scoring need only the output). With `cfg.fused`, calls that the fused CUDA kernels support
+/// (CUDA, bf16 or f16 values, head size 64 or 128, feature width 64, 128 or 256) take them.
+pub fn chunked_output(
+    phi_q: &Tensor,
+    phi_k: &Tensor,
+    v: &Tensor,
+    cfg: &LinearAttnConfig,
+) -> Result<Tensor> {
+    cfg.validate()?;
+    check_inputs(phi_q, phi_k, v)?;
+    if cfg.fused && fused::unsupported(phi_q, phi_k, v).is_none() {
+        return fused::attention(phi_q, phi_k, v, cfg.eps).map_err(Error::Kernel);
+    }
+    Ok(chunked(phi_q, phi_k, v, cfg, None)?.0)
 }

@@ -5,11 +5,15 @@
 //! dividing `h` (GQA; heads are repeated as Hugging Face's `repeat_kv` does). The output is
 //! (b, h, L, d) in `v`'s dtype; sums run in f32 (f64 for f64 inputs), the chunked form's matmuls
 //! on f16 / bf16 operands for f16 / bf16 inputs.
+//!
+//! Whole sequences from the empty state ([`chunked_output`]: training, scoring) take the fused
+//! CUDA kernels (`linearize_torch_ext::linear_attn`, written in Triton) where they apply: CUDA,
+//! bf16 or f16 values, head size 64 or 128, feature width 64, 128 or 256.
 mod chunked;
 mod naive;
 mod recurrent;
 
-pub use chunked::chunked;
+pub use chunked::{chunked, chunked_output};
 pub use naive::naive;
 pub use recurrent::{recurrent, step};
 
@@ -26,6 +30,10 @@ pub struct LinearAttnConfig {
     pub chunk_size: i64,
     /// Added to the normaliser (LoLCATs uses 1e-12).
     pub eps: f64,
+    /// Whether whole sequences from the empty state take the fused CUDA kernels where they
+    /// apply ([`chunked_output`]); their chunks are their own (64 tokens), so `chunk_size` sets
+    /// only the libtorch form's.
+    pub fused: bool,
 }
 
 impl Default for LinearAttnConfig {
@@ -33,6 +41,7 @@ impl Default for LinearAttnConfig {
         Self {
             chunk_size: 64,
             eps: 1e-12,
+            fused: true,
         }
     }
 }

@@ -71,7 +71,7 @@ impl Method {
 pub enum Form {
     Naive,
     Chunked,
-    /// The fused CUDA kernels (LoLCATs, GLA, Liger's GLA half), gradients to every input.
+    /// The fused CUDA kernels (linear, LoLCATs, GLA, Liger's GLA half), gradients to every input.
     Fused,
     /// Attention transfer's call of the fused kernels: gradients to the features and window
     /// factors only (q, k, v are the teacher's).
@@ -201,12 +201,15 @@ impl Case {
             Method::Linear => {
                 let cfg = linear_attn::LinearAttnConfig {
                     chunk_size: s.chunk,
+                    fused: self.form == Form::Fused,
                     ..Default::default()
                 };
-                if chunked {
-                    linear_attn::chunked(&x[0], &x[1], &x[2], &cfg, None)?.0
-                } else {
-                    linear_attn::naive(&x[0], &x[1], &x[2], &cfg)?
+                match self.form {
+                    Form::Naive => linear_attn::naive(&x[0], &x[1], &x[2], &cfg)?,
+                    Form::Chunked => linear_attn::chunked(&x[0], &x[1], &x[2], &cfg, None)?.0,
+                    Form::Fused | Form::Transfer => {
+                        linear_attn::chunked_output(&x[0], &x[1], &x[2], &cfg)?
+                    }
                 }
             }
             Method::LolcatsSw | Method::LolcatsTk => {

@@ -35,13 +35,14 @@ pub fn run(args: KernelArgs) -> Result<()> {
         for &len in &args.lengths {
             for &form in &args.forms {
                 let lolcats = matches!(method, Method::LolcatsSw | Method::LolcatsTk);
-                let gated = matches!(method, Method::Gla | Method::Liger);
-                let outcome = if form == Form::Fused && !(lolcats || gated) {
+                let fused =
+                    lolcats || matches!(method, Method::Linear | Method::Gla | Method::Liger);
+                let outcome = if form == Form::Fused && !fused {
                     skipped(
                         method,
                         form,
                         len,
-                        "only LoLCATs, GLA and Liger have fused forms".into(),
+                        "only linear, LoLCATs, GLA and Liger have fused forms".into(),
                     )
                 } else if form == Form::Transfer && !lolcats {
                     skipped(method, form, len, "only LoLCATs has a transfer form".into())
