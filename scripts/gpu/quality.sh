@@ -64,7 +64,7 @@ case "$MODEL" in
     smollm2)
         PREFIX=smollm2_ GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf MODEL_NAME=SmolLM2-135M-Instruct
         GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-        ALL_METHODS="hedgehog lolcats_sw lolcats_tk lolcats_tk_xent lolcats_tk_sinks lolcats_tk_sinks_stage1 lolcats_tk_sinks_heads5 lolcats_tk_sinks_heads10 lolcats_tk_sinks_kv10 lizard gated_deltanet liger t2r hybrid2 hybrid4 lolcats_sw_teacher_data untrained liger_untrained swa_sinks" ;;
+        ALL_METHODS="hedgehog lolcats_sw lolcats_tk lolcats_tk_xent lolcats_tk_sinks lolcats_tk_sinks_stage1 lolcats_tk_sinks_s1kl lolcats_tk_sinks_heads5 lolcats_tk_sinks_heads10 lolcats_tk_sinks_kv10 lizard gated_deltanet liger t2r hybrid2 hybrid4 lolcats_sw_teacher_data untrained liger_untrained swa_sinks" ;;
     gemma3)
         PREFIX=gemma3_270m_ GGUF_NAME=gemma-3-270m-q4_k_m.gguf MODEL_NAME=gemma-3-270m
         GGUF_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
@@ -352,6 +352,7 @@ speed_recipe() {
     case $1 in
     untrained | lolcats_sw_teacher_data) echo lolcats_sw ;;
     lolcats_tk_xent) echo lolcats_tk ;;
+    lolcats_tk_sinks_s1kl) echo lolcats_tk_sinks ;;
     liger_untrained) echo liger ;;
     *) echo "$1" ;;
     esac
