@@ -83,6 +83,11 @@ pub struct Stage1Config {
     /// distributions; 0 (the default) turns it off and leaves the stage layer-wise.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub kl_factor: f64,
+    /// For the KL term's pass: keep only each layer's input and recompute the layers one at a
+    /// time in the backward (as the LoRA stage's `activation_checkpointing`): one layer's
+    /// activations instead of all, for one more forward pass.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub kl_activation_checkpointing: bool,
     /// Longest sequence the cross-entropy term accepts.
     #[serde(default = "default_xent_max_seq_len")]
     pub xent_max_seq_len: usize,
@@ -138,6 +143,9 @@ fn default_mse_factor() -> f64 {
 /// keep their hash (and their saved states resume).
 fn is_zero(value: &f64) -> bool {
     *value == 0.0
+}
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 fn default_xent_max_seq_len() -> usize {
     1024
@@ -197,6 +205,11 @@ impl Stage1Config {
         ensure!(
             self.mse_factor > 0.0 || self.xent_factor > 0.0 || self.kl_factor > 0.0,
             "mse_factor, xent_factor and kl_factor are all 0: nothing to train"
+        );
+        ensure!(
+            !self.kl_activation_checkpointing || self.kl_factor > 0.0,
+            "kl_activation_checkpointing is set but kl_factor is 0: there is no KL pass to \
+             checkpoint"
         );
         ensure!(self.eval_batch_size >= 1, "eval_batch_size must be >= 1");
         ensure!(self.keep_last >= 1, "keep_last must be >= 1");

@@ -615,13 +615,21 @@ fn kl_alone_gives_the_kl_gradient_and_lowers_the_kl() {
         .map(|(_, p)| p.grad().square().sum(Kind::Double).double_value(&[]))
         .sum::<f64>()
         .sqrt();
-    let dir = tempfile::tempdir().unwrap();
-    let (mut model, _s, layers) = converted(lolcats(), 1);
-    run_on(&mut model, &layers, &cfg(1), dir.path(), false, fixed());
-    let records = read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
-    let train = records.iter().find(|r| r.split == Split::Train).unwrap();
-    close(train.grad_norm.unwrap(), want_norm, "gradient norm");
-    close(train.values["loss"], 2.0 * train.values["kl"], "loss");
+    // The same with the KL pass checkpointed.
+    for checkpointed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut model, _s, layers) = converted(lolcats(), 1);
+        let cfg = Stage1Config {
+            kl_activation_checkpointing: checkpointed,
+            ..cfg(1)
+        };
+        run_on(&mut model, &layers, &cfg, dir.path(), false, fixed());
+        let records = read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
+        let train = records.iter().find(|r| r.split == Split::Train).unwrap();
+        let what = format!("gradient norm, checkpointed {checkpointed}");
+        close(train.grad_norm.unwrap(), want_norm, &what);
+        close(train.values["loss"], 2.0 * train.values["kl"], "loss");
+    }
 
     // A few updates on the one batch lower its KL; the teacher stays frozen (verify_frozen).
     let dir = tempfile::tempdir().unwrap();
@@ -689,4 +697,15 @@ kl_factor: 0.5
     .unwrap_err()
     .to_string();
     assert!(e.contains("nothing to train"), "{e}");
+    let e = serde_yaml_ng::from_str::<Stage1Config>(
+        "max_steps: 3\nkl_activation_checkpointing: true\n",
+    )
+    .unwrap()
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("kl_activation_checkpointing is set but kl_factor is 0"),
+        "{e}"
+    );
 }

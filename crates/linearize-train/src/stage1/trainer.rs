@@ -120,7 +120,8 @@ impl<'a> Trainer<'a> {
     /// model (student outputs flow on). `teacher_hidden` (b, L, hidden) are the final hidden
     /// states of the transfer pass over the same `ids`: it passed the teacher's attention output
     /// on in every layer, so they are the teacher's own, and the teacher costs no third pass.
-    /// With `backward_scale`, backpropagates `kl * backward_scale` into the converted layers.
+    /// With `backward_scale`, backpropagates `kl * backward_scale` into the converted layers
+    /// (checkpointed with `kl_activation_checkpointing`).
     fn student_kl(
         &self,
         model: &Model,
@@ -130,11 +131,23 @@ impl<'a> Trainer<'a> {
     ) -> Result<f64> {
         let teacher = tch::no_grad(|| model.logits(teacher_hidden)); // (b, L, V) f32
         let _range = linearize_profile::range("transfer.kl");
-        let logits = with_mode(&self.tap, TapMode::Student, || model.forward(ids, None))?; // (b, L, V)
-        let kl = kl_to_teacher(&logits, &teacher);
-        if let Some(scale) = backward_scale {
-            (&kl * scale).f_backward()?;
-        }
+        let kl = with_mode(&self.tap, TapMode::Student, || match backward_scale {
+            Some(scale) if self.cfg.kl_activation_checkpointing => {
+                let mut kl = None;
+                model.backward_checkpointed(ids, &mut |logits| {
+                    let value = kl_to_teacher(logits, &teacher);
+                    kl = Some(value.detach());
+                    Ok(value * scale)
+                })?;
+                kl.context("the KL term was not evaluated")
+            }
+            Some(scale) => {
+                let kl = kl_to_teacher(&model.forward(ids, None)?, &teacher); // logits (b, L, V)
+                (&kl * scale).f_backward()?;
+                Ok(kl)
+            }
+            None => Ok(kl_to_teacher(&model.forward(ids, None)?, &teacher)),
+        })?;
         Ok(kl.double_value(&[]))
     }
 
