@@ -144,6 +144,7 @@ fn linear_attention_steps_in_place() {
     let cfg = LinearAttnConfig {
         chunk_size: CHUNK,
         eps: 1e-12,
+        fused: false,
     };
     let (full, _) = linear_attn::chunked(&pq, &pk, &v, &cfg, None).unwrap();
     check_in_place(

@@ -710,6 +710,12 @@ fn print_stage1(summary: &Stage1Summary) {
         last.attn_mse,
         first.attn_mse / last.attn_mse
     );
+    if let (Some(before), Some(after)) = (first.kl, last.kl) {
+        println!(
+            "validation KL(teacher || student) per token {before:.4} (step {}) -> {after:.4} (step {})",
+            first.step, last.step
+        );
+    }
 }
 
 fn print_stage2(summary: &Stage2Summary) {

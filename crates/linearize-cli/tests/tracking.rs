@@ -245,6 +245,8 @@ fn tensorboard_and_mlflow_receive_every_metric() {
         "attention_transfer.max_steps=4",
         "attention_transfer.eval_every=2",
         "attention_transfer.schedule.warmup_steps=1",
+        // Stage 1's KL term: its values reach the sinks as every other.
+        "attention_transfer.kl_factor=0.5",
         "lora.max_steps=2",
         "lora.eval_every=1",
     ] {
@@ -265,6 +267,19 @@ fn tensorboard_and_mlflow_receive_every_metric() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert!(records.iter().any(|r| r["split"] == "val"));
+    for split in ["train", "val"] {
+        assert!(
+            records.iter().any(|r| r["stage"] == "attention_transfer"
+                && r["split"] == split
+                && r["kl"].as_f64().is_some_and(|kl| kl > 0.0)),
+            "no stage-1 {split} record with a KL"
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("validation KL(teacher || student) per token"),
+        "{stdout}"
+    );
     let (scalars, texts) = read_events(&out.join("tensorboard"));
     assert!(texts["recipe"].contains("name: tiny"), "{texts:?}");
     let mut expected = 0;

@@ -6,6 +6,12 @@
 //! each layer backpropagates its loss inside the forward pass and memory stays at about one
 //! forward pass plus one layer's student graph.
 //!
+//! With `kl_factor > 0` a second pass per micro-batch runs the converted model whole (student
+//! outputs flow on) and adds `kl_factor * KL(teacher || student)` of the next-token
+//! distributions. The teacher's logits come from the first pass, whose final hidden states are
+//! the teacher's own. That pass keeps every layer's student graph until its backward: the memory
+//! of a training forward of the whole model, logits included.
+//!
 //! ```yaml
 //! attention_transfer:
 //!   optimizer: {lr: 0.01}
@@ -13,6 +19,7 @@
 //!   max_tokens: 20000000
 //!   grad_accum: 8
 //!   eval_every: 100
+//!   kl_factor: 0.1              # optional, 0 by default
 //! ```
 mod trainer;
 
@@ -72,13 +79,22 @@ pub struct Stage1Config {
     /// xent_max_seq_len` only.
     #[serde(default)]
     pub xent_factor: f64,
+    /// Weight of KL(teacher || student) per token of the whole converted model's next-token
+    /// distributions; 0 (the default) turns it off and leaves the stage layer-wise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub kl_factor: f64,
+    /// For the KL term's pass: keep only each layer's input and recompute the layers one at a
+    /// time in the backward (as the LoRA stage's `activation_checkpointing`): one layer's
+    /// activations instead of all, for one more forward pass.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub kl_activation_checkpointing: bool,
     /// Longest sequence the cross-entropy term accepts.
     #[serde(default = "default_xent_max_seq_len")]
     pub xent_max_seq_len: usize,
     /// Validate every this many updates (0: only at the start and the end).
     #[serde(default = "default_eval_every")]
     pub eval_every: u64,
-    /// Validate before the first update, giving the MSE of the untrained student.
+    /// Validate before the first update, giving the MSE (and KL) of the untrained student.
     #[serde(default = "default_true")]
     pub eval_at_start: bool,
     /// Sequences per validation batch.
@@ -87,7 +103,8 @@ pub struct Stage1Config {
     /// Cap on validation batches per evaluation (the first ones).
     #[serde(default)]
     pub max_eval_batches: Option<usize>,
-    /// End the stage with the parameters of the best validation MSE instead of the last ones.
+    /// End the stage with the parameters of the best validation (MSE, or with `kl_factor` the
+    /// weighted MSE and KL) instead of the last ones.
     #[serde(default = "default_true")]
     pub keep_best: bool,
     /// Save a resumable state every this many updates (0: only at the end and on a signal).
@@ -121,6 +138,14 @@ fn default_max_grad_norm() -> Option<f64> {
 }
 fn default_mse_factor() -> f64 {
     1000.0
+}
+/// An unset `kl_factor` stays out of the resolved recipe, so recipes written before the key
+/// keep their hash (and their saved states resume).
+fn is_zero(value: &f64) -> bool {
+    *value == 0.0
+}
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 fn default_xent_max_seq_len() -> usize {
     1024
@@ -170,6 +195,7 @@ impl Stage1Config {
         for (key, value) in [
             ("mse_factor", self.mse_factor),
             ("xent_factor", self.xent_factor),
+            ("kl_factor", self.kl_factor),
         ] {
             ensure!(
                 value.is_finite() && value >= 0.0,
@@ -177,8 +203,13 @@ impl Stage1Config {
             );
         }
         ensure!(
-            self.mse_factor > 0.0 || self.xent_factor > 0.0,
-            "mse_factor and xent_factor are both 0: nothing to train"
+            self.mse_factor > 0.0 || self.xent_factor > 0.0 || self.kl_factor > 0.0,
+            "mse_factor, xent_factor and kl_factor are all 0: nothing to train"
+        );
+        ensure!(
+            !self.kl_activation_checkpointing || self.kl_factor > 0.0,
+            "kl_activation_checkpointing is set but kl_factor is 0: there is no KL pass to \
+             checkpoint"
         );
         ensure!(self.eval_batch_size >= 1, "eval_batch_size must be >= 1");
         ensure!(self.keep_last >= 1, "keep_last must be >= 1");
@@ -195,7 +226,7 @@ impl Stage1Config {
     }
 }
 
-/// Validation attention MSE at one step.
+/// Validation attention MSE (and KL) at one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ValMse {
     pub step: u64,
@@ -203,6 +234,11 @@ pub struct ValMse {
     pub attn_mse: f64,
     /// `(layer, MSE)` for every converted layer, ascending by layer.
     pub per_layer: Vec<(usize, f64)>,
+    /// Mean KL(teacher || student) per token of the whole converted model, with `kl_factor`.
+    pub kl: Option<f64>,
+    /// What the best state is chosen by: `attn_mse`, or with `kl_factor`
+    /// `mse_factor * attn_mse + kl_factor * kl`.
+    pub loss: f64,
 }
 
 /// What the stage did.
@@ -216,8 +252,8 @@ pub struct Stage1Summary {
     pub initial_val: Option<ValMse>,
     /// Validation of the parameters the stage ends with (the best ones with `keep_best`).
     pub final_val: Option<ValMse>,
-    /// Lowest validation MSE seen.
-    pub best_val_mse: Option<f64>,
+    /// Lowest validation [`ValMse::loss`] seen.
+    pub best_val_loss: Option<f64>,
 }
 
 /// Runs attention transfer on the converted layers of `model` (see the module docs) and leaves

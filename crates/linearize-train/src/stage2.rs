@@ -25,6 +25,7 @@ use crate::schedule::ScheduleConfig;
 use crate::stage::StageShape;
 use anyhow::{ensure, Result};
 use linearize_models::llama::Model;
+pub(crate) use loss::kl_to_teacher;
 pub use loss::{LossMix, LossName, LossSpec};
 use serde::{Deserialize, Serialize};
 

@@ -1,6 +1,7 @@
 //! Attention transfer on a tiny random Llama: the teacher stays bit-identical, the student
-//! learns (validation MSE falls from step 0), metrics and states are written, and a run resumed
-//! from a saved state ends with bit-identical student parameters.
+//! learns (validation MSE falls from step 0), metrics and states are written, a run resumed
+//! from a saved state ends with bit-identical student parameters, and the optional KL term is
+//! the KL of the whole converted model computed here on its own.
 use linearize_attention::feature_map::{FeatureMapConfig, FeatureMapInit};
 use linearize_attention::linearized::{AttentionConfig, Method};
 use linearize_models::config::ModelConfig;
@@ -112,6 +113,17 @@ fn run(
     run_dir: &Path,
     resume: bool,
 ) -> Stage1Summary {
+    run_on(model, layers, cfg, run_dir, resume, data())
+}
+
+fn run_on(
+    model: &mut Model,
+    layers: &ConvertedLayers,
+    cfg: &Stage1Config,
+    run_dir: &Path,
+    resume: bool,
+    data: Stage1Data,
+) -> Stage1Summary {
     let metrics_path = run_dir.join("metrics.jsonl");
     let loaded = resume.then(|| latest_valid_state(run_dir).unwrap().expect("a saved state"));
     let mut metrics = match &loaded {
@@ -128,7 +140,7 @@ fn run(
         preemption: None,
         group: None,
     };
-    run_stage1(model, layers, data(), cfg, job).unwrap()
+    run_stage1(model, layers, data, cfg, job).unwrap()
 }
 
 fn values(named: &[(String, Tensor)]) -> BTreeMap<String, Tensor> {
@@ -176,7 +188,8 @@ fn teacher_stays_frozen_and_student_learns() {
     for ((layer, before), (_, after)) in initial.per_layer.iter().zip(&last.per_layer) {
         assert!(after < before, "layer {layer}: {before} -> {after}");
     }
-    assert_eq!(summary.best_val_mse, Some(last.attn_mse));
+    assert_eq!(summary.best_val_loss, Some(last.attn_mse));
+    assert_eq!((last.kl, last.loss), (None, last.attn_mse));
 
     // The model runs its trained converted layers again, and decodes.
     assert!(model.mixer(0).name().starts_with("lolcats-sw4"));
@@ -384,6 +397,18 @@ fn lizard_gates_train_with_the_feature_maps_by_attention_transfer() {
 
 #[test]
 fn resumed_run_matches_a_straight_run_bit_for_bit() {
+    resume_matches_a_straight_run(config);
+}
+
+#[test]
+fn resumed_run_with_the_kl_term_matches_a_straight_run_bit_for_bit() {
+    resume_matches_a_straight_run(|steps| Stage1Config {
+        kl_factor: 0.5,
+        ..config(steps)
+    });
+}
+
+fn resume_matches_a_straight_run(config: impl Fn(u64) -> Stage1Config) {
     let _rng = rng_lock();
     let straight_dir = tempfile::tempdir().unwrap();
     let (mut model, _s, straight) = converted(lolcats(), 1);
@@ -411,7 +436,7 @@ fn resumed_run_matches_a_straight_run_bit_for_bit() {
     }
     assert_eq!((resumed.steps, resumed.tokens), (full.steps, full.tokens));
     assert_eq!(resumed.final_val, full.final_val);
-    assert_eq!(resumed.best_val_mse, full.best_val_mse);
+    assert_eq!(resumed.best_val_loss, full.best_val_loss);
     let records = read_metrics(&resumed_dir.path().join("metrics.jsonl")).unwrap();
     let train_steps: Vec<u64> = records
         .iter()
@@ -469,6 +494,157 @@ fn hedgehog_cross_entropy_trains_linear_layers_only() {
     assert!(model.mixer(0).name().starts_with("lolcats"));
 }
 
+/// The ids `sequences(count, seed)` packs, as one (count, SEQ_LEN) batch.
+fn sequence_ids(count: usize, seed: i64) -> Tensor {
+    tch::manual_seed(seed);
+    Tensor::randint(
+        VOCAB,
+        [(count * SEQ_LEN) as i64],
+        (Kind::Int64, Device::Cpu),
+    )
+    .view([count as i64, SEQ_LEN as i64])
+}
+
+/// KL(teacher || student) per token of two (b, L, V) logits, in f64: written here apart from
+/// the trainer's.
+fn kl_per_token(teacher: &Tensor, student: &Tensor) -> Tensor {
+    let log_t = teacher.log_softmax(-1, Kind::Double);
+    let log_s = student.log_softmax(-1, Kind::Double);
+    (log_t.exp() * (&log_t - log_s))
+        .sum_dim_intlist(-1, false, Kind::Double)
+        .mean(Kind::Double)
+}
+
+/// The KL of the untrained converted model (student seed 1) to its teacher on `ids`.
+fn untrained_kl(ids: &Tensor) -> f64 {
+    let teacher = tiny_model();
+    let (student, _s, _layers) = converted(lolcats(), 1);
+    tch::no_grad(|| {
+        let t = teacher.forward(ids, None).unwrap();
+        let s = student.forward(ids, None).unwrap();
+        kl_per_token(&t, &s).double_value(&[])
+    })
+}
+
+fn close(got: f64, want: f64, what: &str) {
+    assert!(
+        (got - want).abs() <= 1e-5 * want.abs().max(1e-6),
+        "{what}: {got} vs {want}"
+    );
+}
+
+#[test]
+fn kl_term_adds_kl_factor_times_the_models_kl() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut model, _s, layers) = converted(lolcats(), 1);
+    run(&mut model, &layers, &config(1), dir.path(), false);
+    let off = read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut model, _s, layers) = converted(lolcats(), 1);
+    let on = Stage1Config {
+        kl_factor: 0.5,
+        ..config(1)
+    };
+    let summary = run(&mut model, &layers, &on, dir.path(), false);
+    let on = read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
+
+    // Without the term, today's loss and records: no KL anywhere, loss = 1000 * MSE exactly.
+    let train_off = off.iter().find(|r| r.split == Split::Train).unwrap();
+    let mse = train_off.values["attn_mse"];
+    assert_eq!(train_off.values["loss"], 1000.0 * mse);
+    assert!(off.iter().all(|r| !r.values.contains_key("kl")));
+
+    // The first update's loss is on the first batch, before any update: the same MSE to the bit
+    // (the KL pass comes after the transfer pass and changes nothing in it), plus 0.5 * the KL
+    // of the untrained converted model to its teacher on that batch.
+    let mut batches = Batcher::new(sequences(12, 1), 2, 3).unwrap();
+    let first = batches.next_batch().unwrap().inputs();
+    let want_kl = untrained_kl(&first);
+    let train_on = on.iter().find(|r| r.split == Split::Train).unwrap();
+    assert_eq!(train_on.values["attn_mse"], mse);
+    let kl = train_on.values["kl"];
+    close(kl, want_kl, "training KL");
+    close(
+        train_on.values["loss"],
+        1000.0 * mse + 0.5 * want_kl,
+        "loss",
+    );
+
+    // Validation at step 0 scores the 4 validation sequences with the same KL.
+    let initial = summary.initial_val.as_ref().unwrap();
+    let want_val_kl = untrained_kl(&sequence_ids(4, 2));
+    close(initial.kl.unwrap(), want_val_kl, "validation KL");
+    close(
+        initial.loss,
+        1000.0 * initial.attn_mse + 0.5 * want_val_kl,
+        "validation loss",
+    );
+    let val = on.iter().find(|r| r.split == Split::Val).unwrap();
+    assert_eq!(val.values["kl"], initial.kl.unwrap());
+    assert_eq!(val.values["loss"], initial.loss);
+}
+
+#[test]
+fn kl_alone_gives_the_kl_gradient_and_lowers_the_kl() {
+    let _rng = rng_lock();
+    let fixed = || Stage1Data {
+        train: Batcher::new(sequences(2, 1), 2, 3).unwrap(),
+        seq_len: SEQ_LEN,
+        val: Some(sequences(2, 1)),
+    };
+    let cfg = |steps| Stage1Config {
+        mse_factor: 0.0,
+        kl_factor: 2.0,
+        max_grad_norm: None,
+        eval_every: 0,
+        ..config(steps)
+    };
+
+    // The first update's gradient norm is that of 2 * KL of the converted model, worked out
+    // here by autograd through a plain forward pass.
+    let ids = sequence_ids(2, 1);
+    let teacher = tch::no_grad(|| tiny_model().forward(&ids, None).unwrap());
+    let (student, _s, layers) = converted(lolcats(), 1);
+    let kl = kl_per_token(&teacher, &student.forward(&ids, None).unwrap());
+    (kl * 2.0).backward();
+    let want_norm = layers
+        .named_parameters()
+        .iter()
+        .map(|(_, p)| p.grad().square().sum(Kind::Double).double_value(&[]))
+        .sum::<f64>()
+        .sqrt();
+    // The same with the KL pass checkpointed.
+    for checkpointed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut model, _s, layers) = converted(lolcats(), 1);
+        let cfg = Stage1Config {
+            kl_activation_checkpointing: checkpointed,
+            ..cfg(1)
+        };
+        run_on(&mut model, &layers, &cfg, dir.path(), false, fixed());
+        let records = read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
+        let train = records.iter().find(|r| r.split == Split::Train).unwrap();
+        let what = format!("gradient norm, checkpointed {checkpointed}");
+        close(train.grad_norm.unwrap(), want_norm, &what);
+        close(train.values["loss"], 2.0 * train.values["kl"], "loss");
+    }
+
+    // A few updates on the one batch lower its KL; the teacher stays frozen (verify_frozen).
+    let dir = tempfile::tempdir().unwrap();
+    let (mut model, _s, layers) = converted(lolcats(), 1);
+    let summary = run_on(&mut model, &layers, &cfg(10), dir.path(), false, fixed());
+    let (initial, last) = (
+        summary.initial_val.unwrap().kl.unwrap(),
+        summary.final_val.unwrap().kl.unwrap(),
+    );
+    assert!(last < 0.9 * initial, "KL {initial} -> {last}");
+    for (name, param) in model.named_parameters() {
+        assert!(!param.grad().defined(), "teacher '{name}' has a gradient");
+    }
+}
+
 #[test]
 fn config_is_strict_and_needs_a_budget() {
     let cfg: Stage1Config = serde_yaml_ng::from_str("max_tokens: 1000\n").unwrap();
@@ -488,4 +664,48 @@ fn config_is_strict_and_needs_a_budget() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("grad_accum"), "{e}");
+
+    // kl_factor: off by default and then absent from the resolved recipe (its hash stays).
+    assert_eq!(cfg.kl_factor, 0.0);
+    assert!(!serde_yaml_ng::to_string(&cfg)
+        .unwrap()
+        .contains("kl_factor"));
+    let kl: Stage1Config = serde_yaml_ng::from_str(
+        "max_steps: 3
+mse_factor: 0
+kl_factor: 0.5
+",
+    )
+    .unwrap();
+    kl.validate().unwrap();
+    assert!(serde_yaml_ng::to_string(&kl)
+        .unwrap()
+        .contains("kl_factor: 0.5"));
+    let e = Stage1Config {
+        kl_factor: -1.0,
+        ..kl.clone()
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert_eq!(e, "kl_factor must be >= 0, got -1");
+    let e = Stage1Config {
+        kl_factor: 0.0,
+        ..kl
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("nothing to train"), "{e}");
+    let e = serde_yaml_ng::from_str::<Stage1Config>(
+        "max_steps: 3\nkl_activation_checkpointing: true\n",
+    )
+    .unwrap()
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("kl_activation_checkpointing is set but kl_factor is 0"),
+        "{e}"
+    );
 }

@@ -229,9 +229,18 @@ fn model_plan(
         .into_iter()
         .flatten()
         .min();
+        // The KL term is a whole-model training pass per micro-batch: worth seeing in the plan.
+        let kl = if stage.kl_factor > 0.0 {
+            format!(
+                ", kl_factor {} (a whole-model pass per micro-batch)",
+                stage.kl_factor
+            )
+        } else {
+            String::new()
+        };
         writeln!(
             out,
-            "stage 1     {}{}: {} of {per_step} tokens; token budget {}; lr {}, mse_factor {}",
+            "stage 1     {}{}: {} of {per_step} tokens; token budget {}; lr {}, mse_factor {}{kl}",
             stage.name,
             own_shape(shape),
             updates(stage.max_steps),

@@ -1,6 +1,7 @@
 //! The attention-transfer wrapper of one converted layer: it runs the teacher and the student on
 //! the same q, k, v, passes the teacher's output on, and in training mode backpropagates this
-//! layer's loss at once, so that only one layer's student graph is alive at a time.
+//! layer's loss at once, so that only one layer's student graph is alive at a time. For the KL
+//! term's pass it runs the student alone and passes its output on.
 use anyhow::{anyhow, ensure, Result};
 use linearize_attention::linearized::{LinearizedMixer, Method};
 use linearize_models::mixer::{Mixer, MixerInput, MixerState, SoftmaxMixer};
@@ -14,6 +15,9 @@ pub(crate) enum TapMode {
     Train { backward_scale: f64 },
     /// Only record the loss (the caller runs under `no_grad`).
     Eval,
+    /// Run the student only and pass its output on, recording nothing: the whole converted
+    /// model's forward pass, whose logits the KL term scores.
+    Student,
 }
 
 /// One layer's loss terms for one forward pass.
@@ -60,6 +64,18 @@ fn lock(tap: &SharedTap) -> Result<std::sync::MutexGuard<'_, Tap>> {
 pub(crate) fn set_mode(tap: &SharedTap, mode: TapMode) -> Result<()> {
     lock(tap)?.mode = mode;
     Ok(())
+}
+
+/// Runs `f` with the tap in `mode`, then puts the previous mode back, also on error.
+pub(crate) fn with_mode<T>(
+    tap: &SharedTap,
+    mode: TapMode,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let previous = std::mem::replace(&mut lock(tap)?.mode, mode);
+    let result = f();
+    lock(tap)?.mode = previous;
+    result
 }
 
 /// The losses recorded since the last call, in layer order of the forward pass.
@@ -114,6 +130,9 @@ impl Mixer for TransferMixer {
             "attention transfer runs whole sequences, without a decoding state"
         );
         let mode = lock(&self.tap)?.mode;
+        if mode == TapMode::Student {
+            return self.student.forward(input, None);
+        }
         let teacher = {
             let _range = linearize_profile::range("transfer.teacher");
             self.teacher.forward(input, None)? // (b, h, L, d)
@@ -134,7 +153,9 @@ impl Mixer for TransferMixer {
             None => &mse * self.objective.mse_factor,
         };
         drop(student_range);
-        if let TapMode::Train { backward_scale } = mode {
+        // With both weights 0 (a KL-only stage) the layer's loss has no gradient to give.
+        let weighted = self.objective.mse_factor > 0.0 || self.objective.xent_factor > 0.0;
+        if let (TapMode::Train { backward_scale }, true) = (mode, weighted) {
             let _range = linearize_profile::range("transfer.backward");
             (loss * backward_scale).f_backward()?;
         }
