@@ -10,15 +10,18 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
-# crate:test binary of each file holding CUDA-only tests.
-TESTS="linearize-attention:linearized linearize-attention:lolcats linearize-attention:gla
-linearize-attention:liger linearize-models:cuda_parity"
+# Every test file with a CUDA-only test, as crate:name (found, so that a new one is not missed).
+cuda_test_files() {
+    grep -l 'ignore = "needs a CUDA device"' crates/*/tests/*.rs |
+        sed -E 's|crates/([^/]+)/tests/([^/]+)\.rs|\1:\2|'
+}
 ARCHIVE=target/gpu/cuda_tests.tar.xz
 case "${1:-}" in
 pack)
     set -e
     DIR=$(mktemp -d)
-    for t in $TESTS; do
+    cuda_test_files >"$DIR/tests.txt"
+    for t in $(cat "$DIR/tests.txt"); do
         crate=${t%%:*} name=${t##*:}
         path=$(cargo test --release -p "$crate" --test "$name" --no-run --message-format=json 2>/dev/null |
             python3 -c 'import json,sys
@@ -41,6 +44,7 @@ run)
     TORCH_LIB=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
     export LD_LIBRARY_PATH=$TORCH_LIB:${LD_LIBRARY_PATH:-}
     export LINEARIZE_MODEL_FIXTURES=$ROOT/crates/linearize-models/tests/fixtures
+    TESTS=$(cat /tmp/cuda-tests/tests.txt)
     for t in $TESTS; do
         crate=${t%%:*} name=${t##*:}
         echo "== $crate --test $name -- --ignored"
