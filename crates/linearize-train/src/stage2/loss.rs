@@ -166,7 +166,8 @@ pub(crate) struct ChunkedLoss<'a> {
 impl ChunkedLoss<'_> {
     /// The mean losses of `hidden` (b, L, hidden), the student's final hidden states, against
     /// `targets` (b, n) on its first n positions, and KL to the logits of `teacher` (b, L,
-    /// hidden), the teacher's final hidden states, where given. With `grad_scale`, also the
+    /// hidden), the teacher's final hidden states, where given (the teacher's LM head is the
+    /// student's: LoRA only adapts projections of the decoder layers, `lora.targets`). With `grad_scale`, also the
     /// gradient of `grad_scale * objective` with respect to `hidden`'s first n positions (b, n,
     /// hidden), each chunk backpropagated through the LM head on its own (into the head's
     /// weights too, where they require gradients); without, nothing is recorded for autograd.
@@ -177,6 +178,7 @@ impl ChunkedLoss<'_> {
         targets: &Tensor,
         grad_scale: Option<f64>,
     ) -> Result<(Losses, Option<Tensor>)> {
+        ensure!(self.chunk >= 1, "loss_chunk must be >= 1");
         let (b, n) = targets.size2()?;
         let width = *hidden
             .size()
@@ -188,7 +190,9 @@ impl ChunkedLoss<'_> {
         let student = flat(&hidden.detach());
         let teacher = teacher.map(flat);
         let targets = targets.reshape([total]).to_device(hidden.device());
-        let (mut lm_sum, mut kl_sum) = (0.0, 0.0);
+        // Read once at the end: a read per chunk would wait for the device at every chunk.
+        let zero = || Tensor::zeros([], (Kind::Float, hidden.device()));
+        let (mut lm_sum, mut kl_sum) = (zero(), zero());
         let mut grads = Vec::new();
         let mut start = 0;
         while start < total {
@@ -205,9 +209,9 @@ impl ChunkedLoss<'_> {
             let logits = self.model.logits(&leaf); // (len, V) f32
             let lm = lm_loss(&logits, &targets.narrow(0, start, len));
             let kl = teacher_logits.map(|t| kl_to_teacher(&logits, &t));
-            lm_sum += lm.double_value(&[]) * share;
+            lm_sum += lm.detach() * share;
             if let Some(kl) = &kl {
-                kl_sum += kl.double_value(&[]) * share;
+                kl_sum += kl.detach() * share;
             }
             if let Some(scale) = grad_scale {
                 (self.spec.combine(&lm, kl.as_ref()) * (scale * share)).f_backward()?;
@@ -215,11 +219,12 @@ impl ChunkedLoss<'_> {
             }
             start += len;
         }
-        let kl = teacher.map(|_| kl_sum);
+        let lm = lm_sum.double_value(&[]);
+        let kl = teacher.map(|_| kl_sum.double_value(&[]));
         let losses = Losses {
-            lm: lm_sum,
+            lm,
             kl,
-            loss: self.spec.combine_values(lm_sum, kl),
+            loss: self.spec.combine_values(lm, kl),
         };
         let grad = grad_scale.map(|_| Tensor::cat(&grads, 0).view([b, n, width]));
         Ok((losses, grad))
