@@ -16,6 +16,9 @@
 #   scripts/gpu/bench.sh linear           # normalised linear attention at 16k, 64k (bf16, 32
 #                                         # heads, d 128, f 128), libtorch-chunked and fused,
 #                                         # beside fla's chunk_linear_attn (needs fla)
+#   scripts/gpu/bench.sh loss-chunk       # stage 2 (KL) at 8 x 1024 on SmolLM2-135M and
+#                                         # Gemma-3-270M: peak memory with the loss in one piece
+#                                         # and in chunks of 1024 tokens (lora.loss_chunk)
 # The binary is target/release/linearize-gpu (built on the CPU machine, carried); results and
 # logs go to $OUT (default ./bench-out).
 set -euo pipefail
@@ -92,8 +95,19 @@ case "${1:-}" in
       --head-dim 128 --features 128 --dtype bf16 2>"$OUT/linear_fla.log" \
       | tee "$OUT/linear_fla.jsonl"
     ;;
+  loss-chunk)
+    # A chunk of 1000000 tokens holds the micro-batch's whole logits, as before lora.loss_chunk.
+    for model in smollm2_135m gemma3_270m; do
+      for chunk in 1000000 1024; do
+        "$BIN" bench stages --device cuda --dtype bf16 --config "configs/models/$model/config.json" \
+          --ctx 1024 --batch 8 --cases stage2 --stage2-loss kl --loss-chunk "$chunk" --steps 4 \
+          --warmup 2 --json "$OUT/loss_chunk_${model}_$chunk.json" \
+          2>"$OUT/loss_chunk_${model}_$chunk.log" | tee "$OUT/loss_chunk_${model}_$chunk.md"
+      done
+    done
+    ;;
   *)
-    echo "usage: $0 kernels-stages|stages-batched|profile|decode|gated-deltanet|lizard|gla|linear" >&2
+    echo "usage: $0 kernels-stages|stages-batched|profile|decode|gated-deltanet|lizard|gla|linear|loss-chunk" >&2
     exit 2
     ;;
 esac

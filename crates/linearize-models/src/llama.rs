@@ -521,7 +521,9 @@ impl Model {
         Ok(self.norm.forward(&x))
     }
 
-    /// Backpropagates `loss(logits)` for `ids` (b, L) with activation checkpointing: the layers
+    /// Backpropagates `loss(hidden)` for `ids` (b, L), where `hidden` (b, L, hidden) are the
+    /// final hidden states after the last norm (turn them into logits with [`Self::logits`], or
+    /// chunk by chunk for a large vocabulary), with activation checkpointing: the layers
     /// run once without an autograd graph, keeping only each layer's input (b, L, hidden); then
     /// again one at a time, last first, each with its graph, backpropagating the gradient of
     /// its output (as the gradient of `sum(output · grad)`). Parameters' gradients accumulate as
@@ -572,7 +574,7 @@ impl Model {
             Ok(x)
         })?;
         let top_leaf = top.detach().set_requires_grad(true);
-        let value = loss(&self.logits(&self.norm.forward(&top_leaf)))?;
+        let value = loss(&self.norm.forward(&top_leaf))?;
         value.f_backward()?;
         let mut grad = top_leaf.grad();
         for (i, layer) in self.layers.iter().enumerate().rev() {
@@ -1005,7 +1007,8 @@ mod tests {
                 loss(&m.forward(&ids, None).unwrap()).unwrap().backward();
             });
             let checkpointed = gradients(&model, &|m, loss| {
-                m.backward_checkpointed(&ids, loss).unwrap();
+                m.backward_checkpointed(&ids, &mut |hidden| loss(&m.logits(hidden)))
+                    .unwrap();
             });
             for (name, g) in &plain {
                 let c = &checkpointed[name];

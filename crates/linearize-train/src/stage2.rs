@@ -43,6 +43,11 @@ pub struct Stage2Config {
     /// (next-token cross-entropy) or `{xent: w1, kl: w2}`.
     #[serde(default)]
     pub loss: LossSpec,
+    /// Tokens per chunk of the loss: the logits (tokens, vocab) f32 are made from the final
+    /// hidden states and backpropagated one chunk at a time, so a batch's full logits never
+    /// exist at once (same values and gradients, less memory for a large vocabulary).
+    #[serde(default = "default_loss_chunk")]
+    pub loss_chunk: usize,
     /// Keep training the feature maps and window factors together with the adapters.
     #[serde(default)]
     pub train_attention: bool,
@@ -110,6 +115,9 @@ pub struct Stage2Config {
 fn default_name() -> String {
     "lora".into()
 }
+fn default_loss_chunk() -> usize {
+    1024
+}
 fn default_optimizer() -> AdamWConfig {
     AdamWConfig::with_lr(1e-4)
 }
@@ -159,6 +167,11 @@ impl Stage2Config {
         self.lora.validate()?;
         self.loss.validate()?;
         self.optimizer.validate()?;
+        ensure!(
+            self.loss_chunk >= 1,
+            "loss_chunk must be >= 1 tokens (a value >= batch_size * seq_len computes the loss \
+             in one piece)"
+        );
         ensure!(self.grad_accum >= 1, "grad_accum must be >= 1");
         if let Some(max) = self.max_grad_norm {
             ensure!(

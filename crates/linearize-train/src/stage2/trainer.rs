@@ -1,7 +1,7 @@
 //! The LoRA loop: batches, accumulation, clipping, AdamW, schedule, validation, best state,
 //! metrics, progress, resumable states (the shared parts in [`crate::train_loop`]).
-use super::loss::{kl_to_teacher, lm_loss, Scored};
-use super::teacher::teacher_logits;
+use super::loss::{ChunkedLoss, Losses, Scored};
+use super::teacher::teacher_hidden;
 use super::{Stage2Config, Stage2Data, Stage2Job, Stage2Summary, ValLoss};
 use crate::convert::ConvertedLayers;
 use crate::data::PackedSequences;
@@ -12,7 +12,7 @@ use crate::progress::TrainProgress;
 use crate::train_loop::{loop_settings, run_stage, LoopCore, Stage};
 use anyhow::{ensure, Context, Result};
 use linearize_models::llama::Model;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 pub(super) struct Trainer<'a> {
     cfg: &'a Stage2Config,
@@ -107,36 +107,48 @@ impl<'a> Trainer<'a> {
                 .uses_teacher()
                 .then(|| {
                     let _range = linearize_profile::range("teacher");
-                    teacher_logits(model, self.converted, self.lora, true, &ids)
+                    teacher_hidden(model, self.converted, self.lora, true, &ids)
                 })
-                .transpose()?;
-            let mut parts = None;
-            let mut objective = |logits: &Tensor| -> Result<Tensor> {
-                let logits = scored.positions(logits); // (b, n, V)
-                let lm = lm_loss(&logits, &scored.targets);
-                let kl = teacher
-                    .as_ref()
-                    .map(|t| kl_to_teacher(&logits, &scored.positions(t)));
-                let loss = cfg.loss.combine(&lm, kl.as_ref());
-                parts = Some((lm.detach(), kl.map(|k| k.detach()), loss.detach()));
-                Ok(loss / cfg.grad_accum as f64)
+                .transpose()?; // (b, L, hidden)
+            let model: &Model = model;
+            let chunked = ChunkedLoss {
+                model,
+                spec: &cfg.loss,
+                chunk: cfg.loss_chunk,
+            };
+            let mut losses = None;
+            // The objective's value as `sum(hidden · grad)`, grad (b, n, hidden) the gradient of
+            // the scaled loss with respect to the scored positions' hidden states: its backward
+            // runs the model's layers once for all chunks.
+            let mut objective = |hidden: &Tensor| -> Result<Tensor> {
+                let (value, grad) = chunked.evaluate(
+                    hidden,
+                    teacher.as_ref(),
+                    &scored.targets,
+                    Some(1.0 / cfg.grad_accum as f64),
+                )?;
+                losses = Some(value);
+                let grad = grad.context("a gradient was asked for")?;
+                let n = grad.size()[1];
+                Ok((hidden.narrow(1, 0, n) * grad).sum(Kind::Float))
             };
             if cfg.activation_checkpointing {
                 let _range = linearize_profile::range("checkpointed forward and backward");
                 model.backward_checkpointed(&ids, &mut objective)?;
             } else {
                 let forward = linearize_profile::range("forward");
-                let scaled = objective(&model.forward(&ids, None)?)?;
+                let hidden = model.hidden_states(&ids, None)?; // (b, L, hidden)
                 drop(forward);
-                let _range = linearize_profile::range("backward");
-                scaled.f_backward()?;
+                let _range = linearize_profile::range("loss and backward");
+                objective(&hidden)?.f_backward()?;
             }
-            let (lm, kl, loss) = parts.context("the stage-2 objective was not evaluated")?;
-            lm_sum += lm.double_value(&[]);
+            let Losses { lm, kl, loss } =
+                losses.context("the stage-2 objective was not evaluated")?;
+            lm_sum += lm;
             if let Some(kl) = kl {
-                *kl_sum.get_or_insert(0.0) += kl.double_value(&[]);
+                *kl_sum.get_or_insert(0.0) += kl;
             }
-            loss_sum += loss.double_value(&[]);
+            loss_sum += loss;
         }
         Ok(Some((lm_sum, kl_sum, loss_sum)))
     }
@@ -234,13 +246,22 @@ impl<'a> Stage<'a> for Trainer<'a> {
             let n = tokens.size()[0] as usize;
             let scored = Scored::new(&tokens, val.seq_len())?;
             let ids = scored.inputs.to_device(model.device()); // (n, L)
-            let logits = scored.positions(&tch::no_grad(|| model.forward(&ids, None))?);
-            lm_sum += lm_loss(&logits, &scored.targets).double_value(&[]) * n as f64;
-            if cfg.loss.uses_teacher() {
-                let teacher = teacher_logits(model, self.converted, self.lora, false, &ids)?;
-                let kl = kl_to_teacher(&logits, &scored.positions(&teacher));
-                kl_sum += kl.double_value(&[]) * n as f64;
-            }
+            let hidden = tch::no_grad(|| model.hidden_states(&ids, None))?; // (n, L, hidden)
+            let teacher = cfg
+                .loss
+                .uses_teacher()
+                .then(|| teacher_hidden(model, self.converted, self.lora, false, &ids))
+                .transpose()?;
+            let chunked = ChunkedLoss {
+                model,
+                spec: &cfg.loss,
+                chunk: cfg.loss_chunk,
+            };
+            let (losses, _) = tch::no_grad(|| {
+                chunked.evaluate(&hidden, teacher.as_ref(), &scored.targets, None)
+            })?;
+            lm_sum += losses.lm * n as f64;
+            kl_sum += losses.kl.unwrap_or(0.0) * n as f64;
             sequences += n;
         }
         // Each rank scored its share of the batches: add the shares up.

@@ -98,6 +98,10 @@ pub struct StageArgs {
     /// default: one more forward pass of the teacher per update).
     #[arg(long, value_enum, default_value = "xent")]
     stage2_loss: Stage2Loss,
+    /// Stage 2's tokens per chunk of the loss (the recipe's `lora.loss_chunk`); at least
+    /// batch x ctx computes the loss in one piece.
+    #[arg(long, default_value_t = 1024)]
+    loss_chunk: usize,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -117,6 +121,7 @@ pub struct StageArgs {
 pub fn run(args: StageArgs) -> Result<()> {
     ensure!(args.steps >= 2, "--steps must be >= 2");
     ensure!(args.batch >= 1, "--batch must be >= 1");
+    ensure!(args.loss_chunk >= 1, "--loss-chunk must be >= 1");
     if let Some(spec) = &args.worker {
         return worker(&args, spec);
     }
@@ -145,6 +150,7 @@ pub fn run(args: StageArgs) -> Result<()> {
                 cmd.arg("--activation-checkpointing");
             }
             cmd.args(["--stage2-loss", args.stage2_loss.name()]);
+            cmd.args(["--loss-chunk", &args.loss_chunk.to_string()]);
             if let Some(dir) = &args.profile {
                 cmd.arg("--profile").arg(dir);
                 cmd.args(["--profile-top", &args.profile_top.to_string()]);
@@ -196,6 +202,7 @@ pub fn run(args: StageArgs) -> Result<()> {
                 "lora_rank": args.lora_rank,
                 "activation_checkpointing": args.activation_checkpointing,
                 "stage2_loss": args.stage2_loss.name(),
+                "loss_chunk": args.loss_chunk,
             },
             "results": results,
         });
@@ -323,6 +330,7 @@ fn worker(args: &StageArgs, spec: &str) -> Result<()> {
                     verify_frozen: false,
                     activation_checkpointing: args.activation_checkpointing,
                     loss: LossSpec::Name(args.stage2_loss.loss()),
+                    loss_chunk: args.loss_chunk,
                     ..Stage2Config::default()
                 };
                 let lora = LoraAdapters::install(&mut student.model, &cfg.lora, 0)?;
