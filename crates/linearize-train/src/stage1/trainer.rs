@@ -134,8 +134,8 @@ impl<'a> Trainer<'a> {
         let kl = with_mode(&self.tap, TapMode::Student, || match backward_scale {
             Some(scale) if self.cfg.kl_activation_checkpointing => {
                 let mut kl = None;
-                model.backward_checkpointed(ids, &mut |logits| {
-                    let value = kl_to_teacher(logits, &teacher);
+                model.backward_checkpointed(ids, &mut |hidden| {
+                    let value = kl_to_teacher(&model.logits(hidden), &teacher);
                     kl = Some(value.detach());
                     Ok(value * scale)
                 })?;
