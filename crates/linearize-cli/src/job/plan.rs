@@ -294,21 +294,47 @@ fn model_plan(
     let weights = base_params as f64 * dtype_bytes as f64;
     // Trainable tensors in f32 with their gradient and two AdamW moments.
     let trainable = new_params as f64 * 4.0 * 4.0;
-    // One layer's activations at a time (stage 1 backpropagates layer by layer): the residual
-    // stream, q/k/v/o, the MLP's three projections and the student's chunked intermediates.
-    // The largest micro-batch of any stage.
-    let tokens = [
-        recipe.attention_transfer.as_ref().map(|s| s.shape(data)),
-        recipe.lora.as_ref().map(|s| s.shape(data)),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|shape| shape.tokens())
-    .max()
-    .unwrap_or((data.batch_size * data.seq_len) as u64) as f64;
-    let activations =
-        tokens * (8.0 * cfg.hidden_size as f64 + 3.0 * cfg.intermediate_size as f64) * 4.0
-            + tokens * cfg.vocab_size as f64 * 4.0;
+    // Activations of the stage that needs most, in f32 (an upper bound for bf16 runs); checked
+    // against the GPU in session 11, where a SmolLM2 LoRA micro-batch of 8 x 1024 with its loss
+    // in one piece peaked at 20-28 GiB: 30 layers of 0.3 GB plus seven (tokens, vocab) f32
+    // tensors of 1.6 GB (logits of both models, log-softmaxes, their product, the gradient).
+    let (hidden, vocab) = (cfg.hidden_size as f64, cfg.vocab_size as f64);
+    // One layer's: the residual stream, q/k/v/o, the MLP's three projections and the student's
+    // chunked intermediates.
+    let layer = |tokens: f64| tokens * (8.0 * hidden + 3.0 * cfg.intermediate_size as f64) * 4.0;
+    // A whole-model pass with its graph: every layer's, or with activation checkpointing one
+    // layer's plus each layer's input.
+    let model_pass = |tokens: f64, checkpointed: bool| {
+        let layers = cfg.num_hidden_layers as f64;
+        if checkpointed {
+            layer(tokens) + layers * tokens * hidden * 4.0
+        } else {
+            layers * layer(tokens)
+        }
+    };
+    let logits = |tokens: f64, copies: f64| tokens * vocab * 4.0 * copies;
+    let stage1 = recipe.attention_transfer.as_ref().map(|stage| {
+        let tokens = stage.shape(data).tokens() as f64;
+        // Layer by layer; the KL term adds a whole-model pass and both models' logits.
+        let kl = if stage.kl_factor > 0.0 {
+            model_pass(tokens, stage.kl_activation_checkpointing) + logits(tokens, 7.0)
+        } else {
+            0.0
+        };
+        layer(tokens) + logits(tokens, 1.0) + kl
+    });
+    let stage2 = recipe.lora.as_ref().map(|stage| {
+        let tokens = stage.shape(data).tokens() as f64;
+        // The loss runs over chunks of `loss_chunk` positions (lora.loss_chunk).
+        let chunk = tokens.min(stage.loss_chunk as f64);
+        model_pass(tokens, stage.activation_checkpointing)
+            + logits(chunk, 7.0)
+            + 2.0 * tokens * hidden * 4.0
+    });
+    let activations = [stage1, stage2]
+        .into_iter()
+        .flatten()
+        .fold(layer((data.batch_size * data.seq_len) as f64), f64::max);
     writeln!(
         out,
         "memory      about {:.2} GiB (weights {:.2} GiB, trainable + optimizer {:.3} GiB, activations {:.2} GiB; a rough estimate)",
