@@ -8,7 +8,7 @@
 //! holds is masked there (the window already counts it). For a query at `t` the sinks outside its
 //! window are exactly those before [`Window::start`]`(t)`, a prefix, which is what decoding reads.
 use crate::error::{config, Result};
-use crate::tensors::{ceil_div, constant_matrix, pad_seq, Matrix};
+use crate::tensors::{ceil_div, constant_matrix, grouped_matmul, pad_seq, Matrix};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -253,6 +253,31 @@ pub(crate) fn from_ring(ring: &Tensor, pos: i64) -> Tensor {
         return ring.shallow_clone();
     }
     ring.roll([-(pos % reach)], [2])
+}
+
+/// A state's window cache (b, h, m, d) for a whole-sequence call, in order and in `kind`: a full
+/// cache (`m == reach`) is a ring ([`to_ring`]) before the token at `pos`.
+pub(crate) fn cache_in_order(cache: &Tensor, kind: Kind, reach: i64, pos: i64) -> Tensor {
+    let cache = cache.to_kind(kind);
+    match cache.size()[2] == reach {
+        true => from_ring(&cache, pos),
+        false => cache,
+    }
+}
+
+/// A decoding step's attention scores (b, h, 1, n+m+1) of query `q` (b, h, 1, d) over the
+/// visible sinks (n), the window cache (m, in its slots' order) and the step's own key, each
+/// read at its own head count.
+pub(crate) fn step_scores(q: &Tensor, sink_k: &Tensor, cache_k: &Tensor, k: &Tensor) -> Tensor {
+    let head_dim = *q.size().last().expect("q has a head dimension");
+    Tensor::cat(
+        &[
+            grouped_matmul(q, &sink_k.transpose(-1, -2)),
+            grouped_matmul(q, &cache_k.transpose(-1, -2)),
+            grouped_matmul(q, &k.transpose(-1, -2)),
+        ],
+        -1,
+    ) / (head_dim as f64).sqrt()
 }
 
 /// The absolute positions of a decoding step's query (1,) and keys (m+1,): the `m` cached tokens

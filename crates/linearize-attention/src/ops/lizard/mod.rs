@@ -42,7 +42,9 @@ pub use recurrent::{recurrent, step};
 use super::gated_deltanet::l2_normalize;
 use super::linear_attn::LinearState;
 use super::lolcats::{self, LolcatsInputs, Shapes};
-use super::window::{from_ring, to_ring, validate_sinks, RingSlot, SinkCache, Window, WindowShape};
+use super::window::{
+    cache_in_order, to_ring, validate_sinks, RingSlot, SinkCache, Window, WindowShape,
+};
 use crate::error::{config, Error, Result};
 use crate::tensors::{compute_kind, exclusive_cumsum, repeat_heads, shape, Precision};
 use serde::{Deserialize, Serialize};
@@ -247,13 +249,7 @@ impl LizardState {
             });
         };
         state.check(s, cfg)?;
-        let ordered = |t: &Tensor| {
-            let t = t.to_kind(opts.0);
-            match state.cached() == cfg.window().reach() {
-                true => from_ring(&t, state.pos),
-                false => t,
-            }
-        };
+        let ordered = |t: &Tensor| cache_in_order(t, opts.0, cfg.window().reach(), state.pos);
         Ok(Self {
             k: ordered(&state.k),
             phi_k: ordered(&state.phi_k),

@@ -32,7 +32,9 @@ pub use naive::naive;
 pub use recurrent::{recurrent, step};
 
 use super::linear_attn::{self, LinearState};
-use super::window::{from_ring, to_ring, validate_sinks, RingSlot, SinkCache, Window, WindowShape};
+use super::window::{
+    cache_in_order, to_ring, validate_sinks, RingSlot, SinkCache, Window, WindowShape,
+};
 use crate::error::{config, Error, Result};
 use crate::tensors::{compute_kind, repeat_heads, shape, Dims, Precision};
 use serde::{Deserialize, Serialize};
@@ -187,13 +189,7 @@ impl LolcatsState {
             });
         };
         state.check(s, cfg)?;
-        let ordered = |t: &Tensor| {
-            let t = t.to_kind(opts.0);
-            match state.cached() == cfg.window().reach() {
-                true => from_ring(&t, state.pos),
-                false => t,
-            }
-        };
+        let ordered = |t: &Tensor| cache_in_order(t, opts.0, cfg.window().reach(), state.pos);
         Ok(Self {
             k: ordered(&state.k),
             phi_k: ordered(&state.phi_k),

@@ -2,7 +2,7 @@
 //! window and the linear sums, updated in place once the cache is full.
 use super::{check_inputs, gammas, LolcatsConfig, LolcatsInputs, LolcatsState};
 use crate::error::Result;
-use crate::ops::window::{step_positions, without_sinks};
+use crate::ops::window::{step_positions, step_scores, without_sinks};
 use crate::tensors::{compute_kind, grouped_matmul, tracked, Dims, Precision};
 use tch::{Kind, Tensor};
 
@@ -49,14 +49,7 @@ pub fn step(
 
     let q = x.q.to_kind(kind); // (b, h, 1, d)
     let phi_q = x.phi_q.to_kind(kind); // (b, h, 1, f)
-    let scores = Tensor::cat(
-        &[
-            grouped_matmul(&q, &sink_k.transpose(-1, -2)),
-            grouped_matmul(&q, &state.k.transpose(-1, -2)),
-            grouped_matmul(&q, &k.transpose(-1, -2)),
-        ],
-        -1,
-    ) / (s.head_dim as f64).sqrt(); // (b, h, 1, n+m+1)
+    let scores = step_scores(&q, &sink_k, &state.k, &k); // (b, h, 1, n+m+1)
     let scores = scores.masked_fill(&inside.logical_not(), f64::NEG_INFINITY);
     let max = scores.amax([-1i64].as_slice(), true);
     let a_window = (scores - max).exp() * gammas(x.window_factors, h, kind, 4);

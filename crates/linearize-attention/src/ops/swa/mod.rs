@@ -13,7 +13,7 @@ pub use naive::naive;
 pub(crate) use recurrent::check_step;
 pub use recurrent::{recurrent, step};
 
-use super::window::{from_ring, to_ring, validate_sinks, RingSlot, SinkCache, Window};
+use super::window::{cache_in_order, to_ring, validate_sinks, RingSlot, SinkCache, Window};
 use crate::error::{config, Error, Result};
 use crate::tensors::{compute_kind, shape, Dims};
 use serde::{Deserialize, Serialize};
@@ -112,13 +112,7 @@ impl SwaState {
             });
         };
         state.check(s, cfg)?;
-        let ordered = |t: &Tensor| {
-            let t = t.to_kind(opts.0);
-            match state.cached() == cfg.window().reach() {
-                true => from_ring(&t, state.pos),
-                false => t,
-            }
-        };
+        let ordered = |t: &Tensor| cache_in_order(t, opts.0, cfg.window().reach(), state.pos);
         Ok(Self {
             k: ordered(&state.k),
             v: ordered(&state.v),

@@ -2,6 +2,7 @@
 //! the sink tokens before its window.
 use super::{check_inputs, Shapes, SwaConfig, SwaState};
 use crate::error::Result;
+use crate::ops::window::step_scores;
 use crate::tensors::{compute_kind, grouped_matmul, tracked, Dims};
 use tch::Tensor;
 
@@ -31,14 +32,7 @@ pub fn step(
     let (sink_k, sink_v) = state.sinks.visible(&window, t);
     let n = sink_k.size()[2];
     let q = q.to_kind(kind);
-    let scores = Tensor::cat(
-        &[
-            grouped_matmul(&q, &sink_k.transpose(-1, -2)),
-            grouped_matmul(&q, &state.k.transpose(-1, -2)),
-            grouped_matmul(&q, &k.transpose(-1, -2)),
-        ],
-        -1,
-    ) / (s.head_dim as f64).sqrt(); // (b, h, 1, n+m+1)
+    let scores = step_scores(&q, &sink_k, &state.k, &k); // (b, h, 1, n+m+1)
     let a = scores.softmax(-1, kind);
     let y = grouped_matmul(&a.narrow(-1, 0, n), &sink_v)
         + grouped_matmul(&a.narrow(-1, n, m), &state.v)
