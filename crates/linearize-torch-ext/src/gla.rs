@@ -55,24 +55,11 @@ pub fn unsupported(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor) -> Option<Str
     if [k, v, g].iter().any(|t| t.device() != q.device()) {
         return Some("needs q, k, v and the log-gates on one device".into());
     }
-    for (name, kind) in KERNELS {
-        let key = if kind {
-            format!("gla/{name}/d{d}/{dtype}")
-        } else {
-            format!("gla/{name}/d{d}")
-        };
-        match triton::has_kernel(&key, device) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Some(format!(
-                    "has no kernel {key} for this GPU (compiled: sm_80/86/89 and sm_90; head \
-                     sizes 64, 128)"
-                ))
-            }
-            Err(e) => return Some(format!("{e:#}")),
-        }
-    }
-    None
+    let keys = KERNELS.iter().map(|&(name, kind)| match kind {
+        true => format!("gla/{name}/d{d}/{dtype}"),
+        false => format!("gla/{name}/d{d}"),
+    });
+    triton::missing_kernel(keys, device, "head sizes 64, 128")
 }
 
 /// Gated linear attention (b, h, L, d) in v's dtype through the fused kernels: q and k are taken

@@ -46,19 +46,7 @@ pub fn unsupported(phi_q: &Tensor, phi_k: &Tensor, v: &Tensor) -> Option<String>
         format!("backward_phi_k/sw/d{d}/f{f}/{dtype}"),
         format!("linear_backward_v/d{d}/f{f}/{dtype}"),
     ];
-    for key in keys {
-        match triton::has_kernel(&key, device) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Some(format!(
-                    "has no kernel {key} for this GPU (compiled: sm_80/86/89 and sm_90; head \
-                     sizes 64, 128; 64, 128, 256 features)"
-                ))
-            }
-            Err(e) => return Some(format!("{e:#}")),
-        }
-    }
-    None
+    triton::missing_kernel(keys, device, "head sizes 64, 128; 64, 128, 256 features")
 }
 
 /// Normalised linear attention (b, h, L, d) in v's dtype through the fused kernels, with `eps`

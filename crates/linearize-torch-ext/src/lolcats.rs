@@ -80,19 +80,7 @@ pub fn unsupported(x: &LolcatsInputs, window: Window) -> Option<String> {
         .collect();
     keys.push(format!("backward_q/{shape}/d{d}/bf16"));
     keys.push(format!("grad_terms/d{d}/bf16"));
-    for key in keys {
-        match triton::has_kernel(&key, device) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Some(format!(
-                    "has no kernel {key} for this GPU (compiled: sm_80/86/89 and sm_90; head \
-                     sizes 64, 128; 64, 128, 256 features)"
-                ))
-            }
-            Err(e) => return Some(format!("{e:#}")),
-        }
-    }
-    None
+    triton::missing_kernel(keys, device, "head sizes 64, 128; 64, 128, 256 features")
 }
 
 /// LoLCATs attention (b, h, L, d) in bf16 through the fused kernels, differentiable with respect

@@ -37,6 +37,28 @@ extern "C" {
     ) -> c_int;
 }
 
+/// Why a fused op cannot run on CUDA device `device`: the first of its kernels `keys` not
+/// compiled for it (`sizes` names the compiled head sizes), or why the device could not be asked;
+/// `None` when every kernel is there.
+pub(crate) fn missing_kernel(
+    keys: impl IntoIterator<Item = String>,
+    device: usize,
+    sizes: &str,
+) -> Option<String> {
+    for key in keys {
+        match has_kernel(&key, device) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Some(format!(
+                    "has no kernel {key} for this GPU (compiled: sm_80/86/89 and sm_90; {sizes})"
+                ))
+            }
+            Err(e) => return Some(format!("{e:#}")),
+        }
+    }
+    None
+}
+
 /// Whether kernel `key` (`<kernel>/<variant>`, no architecture) was compiled for CUDA device
 /// `device` and fits its shared memory; an error says why the device could not be asked.
 pub(crate) fn has_kernel(key: &str, device: usize) -> anyhow::Result<bool> {
