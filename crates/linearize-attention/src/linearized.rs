@@ -435,19 +435,21 @@ impl AttentionConfig {
             Method::Linear => format!("linear+{}", fm()),
             Method::Lolcats => {
                 let c = self.lolcats_config();
-                let shape = match c.window_shape {
-                    WindowShape::Sw => "sw",
-                    WindowShape::Tk => "tk",
-                };
-                format!("lolcats-{shape}{}+{}", c.window_size, fm())
+                format!(
+                    "lolcats-{}{}+{}",
+                    c.window_shape.as_str(),
+                    c.window_size,
+                    fm()
+                )
             }
             Method::Lizard => {
                 let c = self.lizard_config();
-                let shape = match c.window_shape {
-                    WindowShape::Sw => "sw",
-                    WindowShape::Tk => "tk",
-                };
-                format!("lizard-{shape}{}+{}", c.window_size, fm())
+                format!(
+                    "lizard-{}{}+{}",
+                    c.window_shape.as_str(),
+                    c.window_size,
+                    fm()
+                )
             }
             Method::SlidingWindow => format!("sliding_window-{}", self.window()),
             Method::LigerGla => "liger_gla".into(),

@@ -288,49 +288,10 @@ fn gated_deltanet_gates_are_trained_by_attention_transfer() {
     let before = values(&layers.named_parameters());
     // a_proj, b_proj, A_log and dt_bias in each of the 3 layers.
     assert_eq!(before.len(), 12);
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = Stage1Config {
-        eval_every: 10,
-        ..config(20)
-    };
-    let summary = run(&mut model, &layers, &cfg, dir.path(), false);
-    for (name, param) in layers.named_parameters() {
-        assert!(
-            !param.equal(&before[&name]),
-            "'{name}' did not change: stage 1 gave it no gradient"
-        );
-    }
-    let (initial, last) = (
-        summary.initial_val.as_ref().unwrap(),
-        summary.final_val.as_ref().unwrap(),
-    );
-    assert!(
-        last.attn_mse < initial.attn_mse,
-        "validation MSE {} -> {}",
-        initial.attn_mse,
-        last.attn_mse
-    );
+    trains_every_parameter_and_lowers_the_mse(&mut model, &layers, &before);
 
-    // The trained layers decode as their full pass computes.
     assert_eq!(model.mixer(0).name(), "gated_deltanet");
-    let ids = Tensor::from_slice(&[1i64, 5, 9, 2, 7, 3, 11, 4, 8, 6, 10]).view([1, 11]);
-    tch::no_grad(|| {
-        let full = model.forward(&ids, None).unwrap();
-        let mut cache = model.new_cache(1).unwrap();
-        let mut pieces = vec![model
-            .forward(&ids.narrow(1, 0, 6), Some(&mut cache))
-            .unwrap()];
-        for t in 6..11 {
-            pieces.push(
-                model
-                    .forward(&ids.narrow(1, t, 1), Some(&mut cache))
-                    .unwrap(),
-            );
-        }
-        let decoded = Tensor::cat(&pieces, 1);
-        let diff = (&full - &decoded).abs().max().double_value(&[]);
-        assert!(diff < 1e-4, "full vs decoded differ by {diff:e}");
-    });
+    decodes_like_its_full_pass(&model, &[1i64, 5, 9, 2, 7, 3, 11, 4, 8, 6, 10]);
 }
 
 #[test]
@@ -350,12 +311,25 @@ fn lizard_gates_train_with_the_feature_maps_by_attention_transfer() {
     // each of the 3 layers.
     assert_eq!(before.len(), 15);
     assert!(before.keys().any(|n| n.ends_with("gate_proj.weight")));
+    trains_every_parameter_and_lowers_the_mse(&mut model, &layers, &before);
+
+    assert_eq!(model.mixer(0).name(), "lizard-sw4+hedgehog4+sinks2");
+    decodes_like_its_full_pass(&model, &[1i64, 5, 9, 2, 7, 3, 11, 4, 8, 6, 10, 12, 1, 3]);
+}
+
+/// Twenty updates of stage 1 change every trainable parameter of `layers` (from `before`) and
+/// lower the validation attention MSE.
+fn trains_every_parameter_and_lowers_the_mse(
+    model: &mut Model,
+    layers: &ConvertedLayers,
+    before: &BTreeMap<String, Tensor>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = Stage1Config {
         eval_every: 10,
         ..config(20)
     };
-    let summary = run(&mut model, &layers, &cfg, dir.path(), false);
+    let summary = run(model, layers, &cfg, dir.path(), false);
     for (name, param) in layers.named_parameters() {
         assert!(
             !param.equal(&before[&name]),
@@ -372,17 +346,19 @@ fn lizard_gates_train_with_the_feature_maps_by_attention_transfer() {
         initial.attn_mse,
         last.attn_mse
     );
+}
 
-    // The trained layers decode as their full pass computes.
-    assert_eq!(model.mixer(0).name(), "lizard-sw4+hedgehog4+sinks2");
-    let ids = Tensor::from_slice(&[1i64, 5, 9, 2, 7, 3, 11, 4, 8, 6, 10, 12, 1, 3]).view([1, 14]);
+/// The trained layers decode `ids` (a prefix of 6, then one token at a time) as their full pass
+/// computes.
+fn decodes_like_its_full_pass(model: &Model, ids: &[i64]) {
+    let ids = Tensor::from_slice(ids).view([1, -1]);
     tch::no_grad(|| {
         let full = model.forward(&ids, None).unwrap();
         let mut cache = model.new_cache(1).unwrap();
         let mut pieces = vec![model
             .forward(&ids.narrow(1, 0, 6), Some(&mut cache))
             .unwrap()];
-        for t in 6..14 {
+        for t in 6..ids.size()[1] {
             pieces.push(
                 model
                     .forward(&ids.narrow(1, t, 1), Some(&mut cache))

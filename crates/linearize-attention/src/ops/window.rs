@@ -25,6 +25,16 @@ pub enum WindowShape {
     Tk,
 }
 
+impl WindowShape {
+    /// The name recipes use for it (`sw`, `tk`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sw => "sw",
+            Self::Tk => "tk",
+        }
+    }
+}
+
 /// A window shape and its size `w`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Window {

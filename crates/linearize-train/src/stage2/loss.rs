@@ -234,7 +234,7 @@ impl ChunkedLoss<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lora::{LoraAdapters, LoraSettings};
+    use crate::lora::{LoraAdapters, LoraSettings, LORA_TARGETS};
     use linearize_models::config::ModelConfig;
     use serde_json::json;
     use std::collections::BTreeMap;
@@ -257,17 +257,7 @@ mod tests {
         let cfg = ModelConfig::from_json_str(&cfg.to_string()).unwrap();
         let mut model = Model::new(&cfg, Device::Cpu, Kind::Float).unwrap();
         let settings = LoraSettings {
-            targets: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            targets: LORA_TARGETS.map(String::from).to_vec(),
             ..LoraSettings::default()
         };
         let lora = LoraAdapters::install(&mut model, &settings, 6).unwrap();
