@@ -9,6 +9,7 @@ use linearize_models::config::ModelConfig;
 use linearize_models::llama::{Model, ModelCache};
 use linearize_models::mixer::{Mixer, MixerInput};
 use serde_json::json;
+use std::sync::{Mutex, MutexGuard};
 use tch::{nn, Device, Kind, Tensor};
 
 const LEN: i64 = 29;
@@ -23,6 +24,16 @@ fn model_config(extra: serde_json::Value) -> ModelConfig {
         .unwrap()
         .extend(extra.as_object().unwrap().clone());
     ModelConfig::from_json_str(&cfg.to_string()).unwrap()
+}
+
+/// Tests seed torch's global generator and expect its sequence (a model built twice from one seed
+/// must be the same model): they must not interleave.
+static TORCH_RNG: Mutex<()> = Mutex::new(());
+
+fn rng_lock() -> MutexGuard<'static, ()> {
+    TORCH_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn tiny_model(extra: serde_json::Value) -> Model {
@@ -189,6 +200,7 @@ fn decoded_logits(model: &Model, ids: &Tensor) -> Tensor {
 
 #[test]
 fn every_method_decodes_like_its_full_pass() {
+    let _rng = rng_lock();
     let ids = ids(2, LEN);
     for cfg in methods() {
         let mut model = tiny_model(json!({}));
@@ -215,6 +227,7 @@ fn every_method_decodes_like_its_full_pass() {
 
 #[test]
 fn every_method_decodes_at_a_device_position_like_its_full_pass() {
+    let _rng = rng_lock();
     // The step a CUDA graph captures (`decode_step_at`) reads its position from the device.
     let ids = ids(2, LEN);
     let prefix = 11;
@@ -266,6 +279,7 @@ fn every_method_decodes_at_a_device_position_like_its_full_pass() {
 
 #[test]
 fn graph_decoding_is_refused_for_a_kv_cache_and_off_the_gpu() {
+    let _rng = rng_lock();
     let model = tiny_model(json!({}));
     let ids = ids(1, 4);
     let mut cache = model.new_cache(1).unwrap();
@@ -289,6 +303,7 @@ fn graph_decoding_is_refused_for_a_kv_cache_and_off_the_gpu() {
 
 #[test]
 fn steps_become_capturable_once_the_window_cache_is_full() {
+    let _rng = rng_lock();
     let model = tiny_model(json!({}));
     let shape = LayerShape::of(model.config());
     let inputs = |len: i64| {
@@ -355,6 +370,7 @@ fn steps_become_capturable_once_the_window_cache_is_full() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn generation_by_graph_replays_matches_eager_generation_on_cuda() {
+    let _rng = rng_lock();
     assert!(
         tch::Cuda::is_available(),
         "no CUDA device: this test is for a GPU machine"
@@ -391,6 +407,7 @@ fn generation_by_graph_replays_matches_eager_generation_on_cuda() {
 
 #[test]
 fn softmax_method_reproduces_the_original_model() {
+    let _rng = rng_lock();
     for extra in [
         json!({}),
         json!({"model_type": "mistral", "sliding_window": 5}),
@@ -409,6 +426,7 @@ fn softmax_method_reproduces_the_original_model() {
 
 #[test]
 fn parameters_are_named_under_the_layer_path_and_shared_by_shallow_clones() {
+    let _rng = rng_lock();
     let mut model = tiny_model(json!({}));
     let student = nn::VarStore::new(Device::Cpu);
     let cfg = AttentionConfig {
@@ -466,6 +484,7 @@ fn parameters_are_named_under_the_layer_path_and_shared_by_shallow_clones() {
 
 #[test]
 fn misuse_of_decoding_state_is_an_error() {
+    let _rng = rng_lock();
     let mut model = tiny_model(json!({}));
     let student = nn::VarStore::new(Device::Cpu);
     convert_all(&mut model, &student, &methods()[0]);
@@ -480,6 +499,7 @@ fn misuse_of_decoding_state_is_an_error() {
 
 #[test]
 fn config_fields_must_belong_to_the_method() {
+    let _rng = rng_lock();
     let e = AttentionConfig {
         window_size: Some(32),
         ..AttentionConfig::new(Method::Linear)
@@ -558,6 +578,7 @@ fn config_fields_must_belong_to_the_method() {
 
 #[test]
 fn sinks_are_read_checked_named_and_counted_in_the_cache() {
+    let _rng = rng_lock();
     let e = AttentionConfig {
         sinks: Some(4),
         ..AttentionConfig::new(Method::Linear)
@@ -616,6 +637,7 @@ sinks: 4
 
 #[test]
 fn recipes_parse_strictly_and_resolve_defaults() {
+    let _rng = rng_lock();
     let cfg: AttentionConfig = serde_yaml_ng::from_str(
         "method: lolcats\nfeature_map: {kind: hedgehog, feature_dim: 32}\nwindow_shape: tk\n",
     )
@@ -670,6 +692,7 @@ fn window_only_all(model: &mut Model, student: &nn::VarStore, cfg: &AttentionCon
 
 #[test]
 fn window_only_keeps_the_window_softmax_alone() {
+    let _rng = rng_lock();
     let ids = ids(2, LEN);
     let logits_of = |cfg: &AttentionConfig, window_only: bool| {
         let mut model = tiny_model(json!({}));
@@ -736,6 +759,7 @@ fn window_only_keeps_the_window_softmax_alone() {
 
 #[test]
 fn gated_deltanet_layers_own_their_gates_and_start_with_slow_decays() {
+    let _rng = rng_lock();
     let mut model = tiny_model(json!({}));
     let student = nn::VarStore::new(Device::Cpu);
     let cfg = AttentionConfig::new(Method::GatedDeltanet);
@@ -805,6 +829,7 @@ fn gated_deltanet_layers_own_their_gates_and_start_with_slow_decays() {
 
 #[test]
 fn gated_deltanet_state_is_one_matrix_per_query_head_whatever_the_length() {
+    let _rng = rng_lock();
     let mut model = tiny_model(json!({}));
     let student = nn::VarStore::new(Device::Cpu);
     convert_all(
