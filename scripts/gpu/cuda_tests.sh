@@ -3,10 +3,15 @@
 # first in every GPU session, before any study. A CUDA-only defect (a read from the device inside
 # a CUDA graph's capture, in session 11) otherwise surfaces only in the middle of a long run.
 #
-#   scripts/gpu/cuda_tests.sh pack   # here: builds the test binaries, strips them into
-#                                    # target/gpu/cuda_tests.tar.xz (~12 MB) to carry
+#   scripts/gpu/cuda_tests.sh pack   # here: builds the test binaries and the CLI, strips them
+#                                    # into target/gpu/cuda_tests.tar.xz (~9 MB) to carry
 #   scripts/gpu/cuda_tests.sh run    # on the GPU machine: runs each with --ignored; exit 1 if any
-#                                    # fails; the output also goes to $OUT/cuda_tests.txt
+#                                    # fails; the output also goes to $OUT/cuda_tests.txt; the CLI
+#                                    # lands in target/release/linearize-gpu (quality.sh, bench.sh)
+#
+# The binaries share most of their code: compressed one by one they are ~25 MB, beyond what one
+# call can carry beside a model part; in one stream with a dictionary larger than each (256 MiB)
+# the repeats compress away.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
@@ -15,7 +20,7 @@ cuda_test_files() {
     grep -l 'ignore = "needs a CUDA device"' crates/*/tests/*.rs |
         sed -E 's|crates/([^/]+)/tests/([^/]+)\.rs|\1:\2|'
 }
-ARCHIVE=target/gpu/cuda_tests.tar.xz
+ARCHIVE=${ARCHIVE:-target/gpu/cuda_tests.tar.xz}
 case "${1:-}" in
 pack)
     set -e
@@ -32,8 +37,10 @@ for l in sys.stdin:
         [ -n "$path" ] || { echo "no test binary for $t" >&2; exit 1; }
         strip -o "$DIR/$name" "$path"
     done
+    cargo build --release -p linearize-cli
+    strip -o "$DIR/linearize-gpu" target/release/linearize
     mkdir -p target/gpu
-    tar -C "$DIR" -cf - . | xz -T2 -6 >"$ARCHIVE"
+    tar -C "$DIR" -cf - . | xz -T1 --lzma2=preset=6,dict=256MiB >"$ARCHIVE"
     rm -rf "$DIR"
     ls -la "$ARCHIVE"
     ;;
@@ -41,6 +48,7 @@ run)
     OUT=${OUT:-$ROOT/checkpoints/cuda-tests-out}
     mkdir -p "$OUT" /tmp/cuda-tests
     xz -dc "$ARCHIVE" | tar -xf - -C /tmp/cuda-tests || exit 1
+    mkdir -p target/release && cp /tmp/cuda-tests/linearize-gpu target/release/linearize-gpu || exit 1
     TORCH_LIB=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
     export LD_LIBRARY_PATH=$TORCH_LIB:${LD_LIBRARY_PATH:-}
     export LINEARIZE_MODEL_FIXTURES=$ROOT/crates/linearize-models/tests/fixtures
