@@ -125,11 +125,14 @@ fn relative_paths_resolve_against_the_recipe_directory() {
     .unwrap();
     config.resolve_paths(Path::new("/recipes"));
     assert_eq!(config.sources[0].path, PathBuf::from("/recipes/data/a.txt"));
-    let mut chat = parse("teacher_samples: {num_sequences: 1, chat: true, prompts_file: p/s.txt}")
-        .unwrap();
+    let mut chat =
+        parse("teacher_samples: {num_sequences: 1, chat: true, prompts_file: p/s.txt}").unwrap();
     chat.resolve_paths(Path::new("/recipes"));
     let samples = chat.teacher_samples.unwrap();
-    assert_eq!(samples.prompts_file, Some(PathBuf::from("/recipes/p/s.txt")));
+    assert_eq!(
+        samples.prompts_file,
+        Some(PathBuf::from("/recipes/p/s.txt"))
+    );
     assert_eq!(config.sources[1].path, PathBuf::from("/abs/b.txt"));
     assert_eq!(config.val_sources[0].path, PathBuf::from("/recipes/v.txt"));
     assert_eq!(config.cache_dir, Some(PathBuf::from("/recipes/cache")));

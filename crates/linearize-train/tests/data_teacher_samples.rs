@@ -12,10 +12,14 @@ use std::path::{Path, PathBuf};
 /// A directory with the ChatML test tokenizer (SmolLM2's template) of linearize-models, or with
 /// `tokenizer_config` instead of its config.
 fn tokenizer_dir(tokenizer_config: Option<&str>) -> tempfile::TempDir {
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../linearize-models/tests/fixtures/tokenizer/chatml");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../linearize-models/tests/fixtures/tokenizer/chatml");
     let dir = tempfile::tempdir().unwrap();
-    for file in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         fs::copy(fixture.join(file), dir.path().join(file)).unwrap();
     }
     if let Some(config) = tokenizer_config {
@@ -29,9 +33,10 @@ fn chatml() -> Tokenizer {
 }
 
 fn config(yaml_samples: &str) -> DataConfig {
-    let config: DataConfig =
-        serde_yaml_ng::from_str(&format!("seq_len: 3\nseed: 11\nteacher_samples: {yaml_samples}"))
-            .unwrap();
+    let config: DataConfig = serde_yaml_ng::from_str(&format!(
+        "seq_len: 3\nseed: 11\nteacher_samples: {yaml_samples}"
+    ))
+    .unwrap();
     config.validate().unwrap();
     config
 }
@@ -48,7 +53,9 @@ fn seq(first: u32) -> Vec<u32> {
 }
 
 fn repo_file(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
 }
 
 #[test]
@@ -66,10 +73,14 @@ fn settings_follow_the_config() {
         [0, 1, 2].map(|i| s.prompt_index(i, 0)),
         [Some(0), Some(1), Some(0)]
     );
-    let later: Vec<usize> = (0..64).map(|i| s.prompt_index(i, 1 + i % 3).unwrap()).collect();
+    let later: Vec<usize> = (0..64)
+        .map(|i| s.prompt_index(i, 1 + i % 3).unwrap())
+        .collect();
     assert_eq!(
         later,
-        (0..64).map(|i| s.prompt_index(i, 1 + i % 3).unwrap()).collect::<Vec<_>>()
+        (0..64)
+            .map(|i| s.prompt_index(i, 1 + i % 3).unwrap())
+            .collect::<Vec<_>>()
     );
     assert!(later.contains(&0) && later.contains(&1), "{later:?}");
     let from_bos = SampleSettings {
@@ -92,13 +103,17 @@ fn chat_samples_record_the_template_and_need_one() {
     let template = s.chat_template.as_deref().unwrap();
     assert!(template.contains("<|im_start|>"), "{template}");
 
-    let base = tokenizer_dir(Some(r#"{"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}"#));
+    let base = tokenizer_dir(Some(
+        r#"{"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}"#,
+    ));
     let base = Tokenizer::from_dir(base.path()).unwrap();
     let err = SampleSettings::from_config(&chat, "/models/base-lm (Float)", &base)
         .unwrap_err()
         .to_string();
     assert!(
-        err.starts_with("data.teacher_samples.chat: the teacher /models/base-lm (Float) has no chat template"),
+        err.starts_with(
+            "data.teacher_samples.chat: the teacher /models/base-lm (Float) has no chat template"
+        ),
         "{err}"
     );
     assert!(!err.contains('\n'), "one line: {err}");
@@ -112,7 +127,9 @@ fn chat_samples_record_the_template_and_need_one() {
         chat_template: None,
         ..s
     };
-    let err = TeacherSampleStore::open(dir.path(), plain).unwrap_err().to_string();
+    let err = TeacherSampleStore::open(dir.path(), plain)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("chat_template"), "{err}");
 }
 
@@ -133,8 +150,15 @@ fn plain_settings_read_stores_written_before_chat_existed() {
 fn prompts_come_from_a_prompts_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("seeds.txt");
-    fs::write(&path, "# seeds\nName a color.\n\n  Why is the sky blue?  \n").unwrap();
-    let yaml = format!("{{num_sequences: 2, chat: true, prompts_file: {}}}", path.display());
+    fs::write(
+        &path,
+        "# seeds\nName a color.\n\n  Why is the sky blue?  \n",
+    )
+    .unwrap();
+    let yaml = format!(
+        "{{num_sequences: 2, chat: true, prompts_file: {}}}",
+        path.display()
+    );
     let s = SampleSettings::from_config(&config(&yaml), "t", &chatml())
         .unwrap()
         .unwrap();
@@ -204,7 +228,11 @@ fn weight_repeats_or_thins_the_stored_sequences() {
         let packed = store.read_weighted(weight).unwrap();
         stored
             .iter()
-            .map(|s| (0..packed.len()).filter(|&i| packed.sequence(i) == s.as_slice()).count())
+            .map(|s| {
+                (0..packed.len())
+                    .filter(|&i| packed.sequence(i) == s.as_slice())
+                    .count()
+            })
             .collect()
     };
     assert_eq!(store.read_weighted(1.0).unwrap(), store.read().unwrap());
@@ -239,11 +267,22 @@ fn weighted_samples_take_their_share_of_the_mixed_training_data() {
     let s = SampleSettings::from_config(&data, "smollm2-135m@abc123", &chatml())
         .unwrap()
         .unwrap();
-    assert_eq!(s, SampleSettings { num_sequences: 10, ..settings() });
+    assert_eq!(
+        s,
+        SampleSettings {
+            num_sequences: 10,
+            ..settings()
+        }
+    );
     let mut store = TeacherSampleStore::open(&dir.path().join("samples"), s).unwrap();
-    store.append(&(0..10).flat_map(|i| seq(1000 + 10 * i)).collect::<Vec<_>>()).unwrap();
+    store
+        .append(&(0..10).flat_map(|i| seq(1000 + 10 * i)).collect::<Vec<_>>())
+        .unwrap();
     let weight = data.teacher_samples.as_ref().unwrap().weight.unwrap();
-    datasets.train.append(&store.read_weighted(weight).unwrap()).unwrap();
+    datasets
+        .train
+        .append(&store.read_weighted(weight).unwrap())
+        .unwrap();
     let from_samples = (0..datasets.train.len())
         .filter(|&i| datasets.train.sequence(i)[0] >= 1000)
         .count();
