@@ -321,8 +321,8 @@ fn sample_batch(model: &Model, rows: &[Vec<Vec<u32>>], s: &Sampling) -> Result<V
                 .view([-1]);
             let next = fed.f_where_self(&feeding, &sampled)?; // (n,)
             let fed_now = feeding.to_kind(Kind::Int64);
-            pos = pos + &fed_now;
-            left = left - &fed_now;
+            pos += &fed_now;
+            left -= &fed_now;
             if !s.stop_ids.is_empty() {
                 // A sampled (not fed) stop id ends the answer: the next prompt follows.
                 let ends =
@@ -331,7 +331,7 @@ fn sample_batch(model: &Model, rows: &[Vec<Vec<u32>>], s: &Sampling) -> Result<V
                     .gather(1, &turn.clamp_max(turns as i64 - 1).unsqueeze(1), false)
                     .view([-1]);
                 left = coming.f_where_self(&ends, &left)?;
-                turn = turn + ends.to_kind(Kind::Int64);
+                turn += ends.to_kind(Kind::Int64);
             }
             let next = next.unsqueeze(1); // (n, 1)
             pieces.push(next.shallow_clone());
