@@ -9,7 +9,7 @@ use linearize_eval::EvalConfig;
 use linearize_models::config::ModelConfig;
 use linearize_models::llama::Model;
 use linearize_models::offline::Split;
-use linearize_models::prompt_format::TemplateChoice;
+use linearize_models::prompt_format::{read_prompts_file, TemplateChoice};
 use linearize_models::tokenizer::Tokenizer;
 use linearize_train::convert::ConversionConfig;
 use linearize_train::data::DataConfig;
@@ -180,6 +180,13 @@ fn absolutize(recipe: &mut Recipe) -> Result<()> {
         *dir = abs(dir)?;
     }
     if let Some(TemplateChoice::File(path)) = data.template.as_mut() {
+        *path = abs(path)?;
+    }
+    if let Some(path) = data
+        .teacher_samples
+        .as_mut()
+        .and_then(|t| t.prompts_file.as_mut())
+    {
         *path = abs(path)?;
     }
     if let Some(eval) = recipe.eval.as_mut() {
@@ -564,6 +571,19 @@ fn validate(
             }
         }
     }
+    if let Some(path) = recipe
+        .data
+        .teacher_samples
+        .as_ref()
+        .and_then(|t| t.prompts_file.as_ref())
+    {
+        let key = "data.teacher_samples.prompts_file";
+        if path.is_file() {
+            read_prompts_file(path).map_err(|e| at(key, e))?;
+        } else {
+            here(key, anyhow!("{}: no such file", path.display()))?;
+        }
+    }
     if let Some(stage) = &recipe.attention_transfer {
         stage.validate().map_err(|e| at("attention_transfer", e))?;
         let shape = stage.shape(&recipe.data);
@@ -623,8 +643,9 @@ fn validate(
 }
 
 /// `data.template` against the model's tokenizer (`model_dir`, absent when a dry run could not
-/// get it): a file must exist and compile, `chat` needs the tokenizer's template. A dry run
-/// lists a template file that is not here, as it lists missing data files.
+/// get it): a file must exist and compile, `chat` needs the tokenizer's template; so does
+/// `data.teacher_samples.chat` (the template `data.template` leaves). A dry run lists a template
+/// file that is not here, as it lists missing data files.
 fn check_template(
     recipe: &Recipe,
     tree: &RecipeTree,
@@ -632,12 +653,9 @@ fn check_template(
     check: Check,
     unchecked: &mut Vec<String>,
 ) -> Result<()> {
-    let Some(choice) = &recipe.data.template else {
-        return Ok(());
-    };
     let key = "data.template";
     let at = || tree.locate_path(key);
-    if let TemplateChoice::File(path) = choice {
+    if let Some(TemplateChoice::File(path)) = &recipe.data.template {
         if !path.is_file() && check == Check::Plan {
             unchecked.push(format!("{}: {key}: {}: no such file", at(), path.display()));
             return Ok(());
@@ -646,12 +664,25 @@ fn check_template(
     let Some(dir) = model_dir else {
         return Ok(());
     };
+    let chat = recipe.data.teacher_samples.as_ref().is_some_and(|t| t.chat);
+    if recipe.data.template.is_none() && !chat {
+        return Ok(());
+    }
     let tokenizer = Tokenizer::from_dir(dir)
         .with_context(|| format!("{}: {key}: the model's tokenizer", at()))?;
-    tokenizer
-        .with_template(choice)
-        .map(|_| ())
-        .map_err(|e| anyhow!("{}: {key}: {e:#}", at()))
+    let tokenizer = match &recipe.data.template {
+        Some(choice) => tokenizer
+            .with_template(choice)
+            .map_err(|e| anyhow!("{}: {key}: {e:#}", at()))?,
+        None => tokenizer,
+    };
+    // Chat teacher samples render their prompts through the template the job will use.
+    if chat {
+        let teacher = format!("{} ({})", recipe.model.source, dir.display());
+        linearize_train::data::chat_template_of(&teacher, &tokenizer)
+            .map_err(|e| anyhow!("{}: {e:#}", tree.locate_path("data.teacher_samples.chat")))?;
+    }
+    Ok(())
 }
 
 /// `eval` for a dry run: `offline:text/<split>` paths checked by name and resolved only if the

@@ -6,9 +6,10 @@ use anyhow::{ensure, Context, Result};
 use linearize_models::chat_template::ChatMessage;
 use linearize_models::generate::{generate, GenerateConfig, SamplingConfig};
 use linearize_models::lm::CausalLm;
+use linearize_models::prompt_format::read_prompts_file;
 use linearize_models::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,23 +48,10 @@ impl GenerationsConfig {
     pub fn all_prompts(&self) -> Result<Vec<String>> {
         let mut prompts = self.prompts.clone();
         if let Some(path) = &self.prompts_file {
-            prompts.extend(read_prompts(path)?);
+            prompts.extend(read_prompts_file(path)?);
         }
         Ok(prompts)
     }
-}
-
-fn read_prompts(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the prompts file {}", path.display()))?;
-    let prompts: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_owned)
-        .collect();
-    ensure!(!prompts.is_empty(), "{}: no prompts", path.display());
-    Ok(prompts)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

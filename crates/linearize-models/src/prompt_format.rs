@@ -1,10 +1,10 @@
 //! How an instruction or a conversation becomes model text: through a chat template (the
 //! tokenizer's own, or a Jinja file a recipe names), or, for base models that ship no template,
 //! through Alpaca's plain instruction prompt.
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The text formats a prompt can take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +101,22 @@ pub fn alpaca_exchange<'a>(
             )
         }
     }
+}
+
+/// The prompts of a prompts file: one a line, surrounding whitespace trimmed, blank lines and
+/// lines starting with `#` skipped (eval's `generations.prompts_file`, the data's
+/// `teacher_samples.prompts_file`). A file without any prompt is an error.
+pub fn read_prompts_file(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the prompts file {}", path.display()))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    ensure!(!prompts.is_empty(), "{}: no prompts", path.display());
+    Ok(prompts)
 }
 
 #[cfg(test)]

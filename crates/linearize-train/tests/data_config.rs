@@ -39,6 +39,19 @@ teacher_samples: {num_sequences: 100, prompts: ["Once upon a time"], temperature
     assert_eq!(config.bos, BosPolicy::Auto);
     let samples = config.teacher_samples.as_ref().unwrap();
     assert_eq!((samples.temperature, samples.top_p), (0.8, 1.0));
+    assert_eq!(
+        (samples.chat, samples.weight, &samples.prompts_file),
+        (false, None, &None)
+    );
+    // Left at their defaults, the chat keys stay out of the resolved recipe: recipes written
+    // before them keep their hash (and their runs resume).
+    let written = serde_yaml_ng::to_string(samples).unwrap();
+    assert!(
+        ["chat", "weight", "prompts_file"]
+            .iter()
+            .all(|key| !written.contains(key)),
+        "{written}"
+    );
 
     let defaults = parse("sources: [{kind: text, path: a.txt}]").unwrap();
     assert_eq!(
@@ -87,6 +100,10 @@ fn invalid_values_and_combinations_name_the_key() {
         ("sources: []\nteacher_samples: {num_sequences: 0}", "num_sequences"),
         ("sources: []\nteacher_samples: {num_sequences: 5, top_p: 0}", "top_p"),
         ("sources: []\nteacher_samples: {num_sequences: 5, temperature: -1}", "temperature"),
+        ("sources: []\nteacher_samples: {num_sequences: 5, prompts: [a], prompts_file: p.txt}", "either prompts or prompts_file, not both"),
+        ("sources: []\nteacher_samples: {num_sequences: 5, chat: true}", "data.teacher_samples.chat needs prompts or prompts_file"),
+        ("sources: []\nteacher_samples: {num_sequences: 5, weight: 0}", "data.teacher_samples.weight must be a positive number"),
+        ("sources: []\nteacher_samples: {num_sequences: 5, weight: .inf}", "data.teacher_samples.weight"),
         ("sources: [{kind: text, path: a}]\nmax_tokens: 0", "data.max_tokens"),
         ("sources: [{kind: text, path: a, weight: 0}]", "data.sources[0].weight must be a positive number"),
         ("sources: [{kind: text, path: a}, {kind: text, path: b, weight: .nan}]", "data.sources[1].weight"),
@@ -108,6 +125,14 @@ fn relative_paths_resolve_against_the_recipe_directory() {
     .unwrap();
     config.resolve_paths(Path::new("/recipes"));
     assert_eq!(config.sources[0].path, PathBuf::from("/recipes/data/a.txt"));
+    let mut chat =
+        parse("teacher_samples: {num_sequences: 1, chat: true, prompts_file: p/s.txt}").unwrap();
+    chat.resolve_paths(Path::new("/recipes"));
+    let samples = chat.teacher_samples.unwrap();
+    assert_eq!(
+        samples.prompts_file,
+        Some(PathBuf::from("/recipes/p/s.txt"))
+    );
     assert_eq!(config.sources[1].path, PathBuf::from("/abs/b.txt"));
     assert_eq!(config.val_sources[0].path, PathBuf::from("/recipes/v.txt"));
     assert_eq!(config.cache_dir, Some(PathBuf::from("/recipes/cache")));

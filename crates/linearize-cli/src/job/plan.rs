@@ -172,9 +172,22 @@ fn model_plan(
         data.teacher_samples
             .as_ref()
             .map_or(String::new(), |t| format!(
-                "; plus {} sequences sampled from the teacher before stage 1 ({} tokens)",
+                "; plus {} sequences sampled from the teacher before stage 1 ({} tokens){}{}{}",
                 t.num_sequences,
-                t.num_sequences * (data.seq_len + usize::from(data.next_token_targets))
+                t.num_sequences * (data.seq_len + usize::from(data.next_token_targets)),
+                match (&t.prompts_file, t.prompts.len()) {
+                    (Some(file), _) => format!(", prompts of {}", file.display()),
+                    (None, 0) => String::new(),
+                    (None, n) => format!(", {n} prompt(s)"),
+                },
+                if t.chat {
+                    ", rendered as user turns the teacher answers (chat)"
+                } else {
+                    ""
+                },
+                t.weight.map_or(String::new(), |w| format!(
+                    ", each used {w} times per epoch"
+                ))
             ))
     )?;
     let instructions = data

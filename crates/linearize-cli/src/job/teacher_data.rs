@@ -6,6 +6,7 @@
 //!   LoRA stage's validation perplexity is divided by in `linearize compare` (the stage logs
 //!   only the student's).
 use anyhow::{ensure, Context, Result};
+use linearize_eval::generations::encode_prompt;
 use linearize_models::atomic;
 use linearize_models::llama::Model;
 use linearize_models::tokenizer::Tokenizer;
@@ -90,7 +91,8 @@ pub fn write_teacher_val(
 }
 
 /// Samples what `data.teacher_samples` asks for (what the store lacks) and appends the stored
-/// sequences to `datasets.train`. `model` must still be the unconverted teacher.
+/// sequences, `weight` times each, to `datasets.train`. `model` must still be the unconverted
+/// teacher; `tokenizer` is its own with `data.template` applied (chat prompts render through it).
 pub fn add_teacher_samples(
     model: &Model,
     tokenizer: &Tokenizer,
@@ -103,16 +105,20 @@ pub fn add_teacher_samples(
         return Ok(());
     };
     let teacher = format!("{} ({:?})", model_dir.display(), model.kind());
-    let settings = SampleSettings::from_config(data, teacher).expect("teacher_samples is set");
+    let settings =
+        SampleSettings::from_config(data, teacher, tokenizer)?.expect("teacher_samples is set");
     let dir: PathBuf = run_dir.join(TEACHER_SAMPLES_DIR);
     let mut store = TeacherSampleStore::open(&dir, settings)?;
     if !store.is_complete() {
         generate(model, tokenizer, config, &mut store).context("sampling from the teacher")?;
     }
-    let samples = store.read()?;
+    let weight = config.weight.unwrap_or(1.0);
+    let samples = store.read_weighted(weight)?;
     tracing::info!(
         sequences = samples.len(),
+        weight,
         tokens = samples.len() * samples.seq_len(),
+        corpus_sequences = datasets.train.len(),
         "teacher samples added to the training data"
     );
     datasets.train.append(&samples).context("teacher samples")?;
@@ -137,23 +143,57 @@ fn generate(
 ) -> Result<()> {
     let settings = store.settings().clone();
     let window = settings.window();
-    // Sequence i continues prompt i % len (or starts from BOS alone). Prompts are encoded with
-    // the tokenizer's special tokens, so a BOS-using model sees the start of a document.
-    let start_ids = |index: usize| -> Result<Vec<u32>> {
-        let mut ids = match settings.prompt_for(index) {
-            Some(prompt) => tokenizer.encode(prompt, true)?,
-            None => Vec::new(),
-        };
-        if ids.is_empty() {
-            let start = tokenizer
-                .bos_id()
-                .or_else(|| tokenizer.eos_ids().first().copied())
-                .context("the tokenizer has neither BOS nor EOS to start a sample from")?;
-            ids.push(start);
+    let chat = settings.chat_template.is_some();
+    // Each prompt's ids, encoded once as `eval.generations` encodes its prompts: plain text with
+    // the tokenizer's special tokens (so a BOS-using model sees the start of a document), or
+    // with `chat` a user turn through the chat template with the generation prompt, so that the
+    // teacher answers as the assistant.
+    let encoded: Vec<Vec<u32>> = settings
+        .prompts
+        .iter()
+        .map(|prompt| encode_prompt(tokenizer, prompt, chat))
+        .collect::<Result<_>>()?;
+    let start = tokenizer
+        .bos_id()
+        .or_else(|| tokenizer.eos_ids().first().copied());
+    // No prompt (or one of no tokens): the sample starts from BOS alone.
+    let ids_of = |prompt: Option<usize>| -> Result<Vec<u32>> {
+        match prompt.map(|i| &encoded[i]) {
+            Some(ids) if !ids.is_empty() => Ok(ids.clone()),
+            _ => Ok(vec![start.context(
+                "the tokenizer has neither BOS nor EOS to start a sample from",
+            )?]),
         }
-        ids.truncate(window);
-        Ok(ids)
     };
+    // The prompts sequence `index` is fed: its opening prompt (cut to the window) and, for chat
+    // samples, the prompts of the conversations that follow each answer, until together they
+    // could fill the window (a row can never be fed more).
+    let conversations = |index: usize| -> Result<Vec<Vec<u32>>> {
+        let mut first = ids_of(settings.prompt_index(index, 0))?;
+        first.truncate(window);
+        let mut total = first.len();
+        let mut turns = vec![first];
+        while chat && total < window {
+            let ids = ids_of(settings.prompt_index(index, turns.len()))?;
+            total += ids.len();
+            turns.push(ids);
+        }
+        Ok(turns)
+    };
+    // A chat answer ends where generation stops (`eval.generations` stops there too): at the
+    // end-of-turn / EOS ids. Plain samples continue through them, as a document stream does.
+    let stop_ids: Vec<u32> = if chat {
+        tokenizer.eos_ids().to_vec()
+    } else {
+        Vec::new()
+    };
+    if chat {
+        ensure!(
+            !stop_ids.is_empty(),
+            "data.teacher_samples.chat: the tokenizer names no EOS or end-of-turn token, so an \
+             answer's end cannot be told"
+        );
+    }
     let batch = batch_size(model.device());
     let started = Instant::now();
     let first = store.len();
@@ -161,6 +201,8 @@ fn generate(
         remaining = store.remaining(),
         window,
         batch,
+        chat,
+        prompts = settings.prompts.len(),
         "sampling training sequences from the teacher"
     );
     let progress = linearize_train::progress::TaskProgress::new(
@@ -177,8 +219,16 @@ fn generate(
         // Each chunk from its own seed: a resumed job samples the chunk it was in again the same
         // way (on the same device and build).
         tch::manual_seed(settings.seed.wrapping_add(begin as u64) as i64);
-        let prompts = (begin..end).map(start_ids).collect::<Result<Vec<_>>>()?;
-        let tokens: Vec<u32> = sample_batch(model, &prompts, window, config)?
+        let rows = (begin..end)
+            .map(conversations)
+            .collect::<Result<Vec<_>>>()?;
+        let sampling = Sampling {
+            window,
+            temperature: config.temperature,
+            top_p: config.top_p,
+            stop_ids: &stop_ids,
+        };
+        let tokens: Vec<u32> = sample_batch(model, &rows, &sampling)?
             .into_iter()
             .flatten()
             .collect();
@@ -197,51 +247,95 @@ fn generate(
     Ok(())
 }
 
-/// One sequence of `window` tokens per prompt: the prompt (at most `window` tokens, at least
-/// one), continued by sampling, all rows in one batch with the teacher's KV cache on its device.
-/// Prompts differ in length, so the batch runs in step: the tokens every prompt has are one
-/// prefill, then each step feeds a row its next prompt token while it has one and its sampled
-/// token afterwards (no padding, so every row sees exactly its own prefix).
-fn sample_batch(
-    model: &Model,
-    prompts: &[Vec<u32>],
+/// How [`sample_batch`] samples.
+struct Sampling<'a> {
+    /// Tokens per row.
     window: usize,
-    config: &TeacherSamplesConfig,
-) -> Result<Vec<Vec<u32>>> {
-    let device = model.device();
-    let n = prompts.len();
+    temperature: f64,
+    top_p: f64,
+    /// Sampled ids that end a chat answer, after which the row is fed its next prompt; empty:
+    /// rows are fed their first prompt only.
+    stop_ids: &'a [u32],
+}
+
+/// One sequence of `window` tokens per row, all rows in one batch with the teacher's KV cache
+/// on its device. A row is fed its first prompt (at most `window` tokens, at least one), then
+/// continued by sampling; whenever it samples a stop id it is fed its next prompt (a new
+/// conversation packed after the answer) and samples on. Rows differ in where they are fed, so
+/// the batch runs in step: the tokens every first prompt has are one prefill, then each step
+/// feeds a row its next prompt token while it has one and its sampled token otherwise (no
+/// padding, so every row sees exactly its own prefix). The choice is made on the device (no
+/// copy back per step), so decoding is not held up by the host.
+fn sample_batch(model: &Model, rows: &[Vec<Vec<u32>>], s: &Sampling) -> Result<Vec<Vec<u32>>> {
+    let (device, window, n) = (model.device(), s.window, rows.len());
     ensure!(
-        prompts.iter().all(|p| !p.is_empty() && p.len() <= window),
-        "every prompt needs 1 to {window} tokens"
+        rows.iter().all(
+            |r| r.iter().all(|p| !p.is_empty()) && r.first().is_some_and(|p| p.len() <= window)
+        ),
+        "every row needs a first prompt of 1 to {window} tokens, and no prompt may be empty"
     );
-    let shared = prompts.iter().map(Vec::len).min().unwrap_or(0);
-    // Each row's prompt, padded to the window; `forced[i, t]` while t is inside row i's prompt.
-    let mut padded = vec![0i64; n * window];
-    let mut forced = vec![false; n * window];
-    for (i, prompt) in prompts.iter().enumerate() {
-        for (t, &id) in prompt.iter().enumerate() {
-            padded[i * window + t] = i64::from(id);
-            forced[i * window + t] = true;
+    let shared = rows.iter().map(|r| r[0].len()).min().unwrap_or(0);
+    // Every row's prompts back to back, padded (one column more than the longest, so a finished
+    // row's read stays in bounds): the row reads its stream at `pos` while `left` > 0.
+    let width = rows
+        .iter()
+        .map(|r| r.iter().map(Vec::len).sum::<usize>())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    // `next_len[i, k]`: the length of row i's prompt k + 1; 0 past its last (the last column
+    // always), so a row out of prompts samples on.
+    let turns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut stream = vec![0i64; n * width];
+    let mut next_len = vec![0i64; n * turns];
+    for (i, row) in rows.iter().enumerate() {
+        for (t, &id) in row.iter().flatten().enumerate() {
+            stream[i * width + t] = i64::from(id);
+        }
+        for (k, prompt) in row.iter().enumerate().skip(1) {
+            next_len[i * turns + k - 1] = prompt.len() as i64;
         }
     }
-    let padded = Tensor::from_slice(&padded)
-        .view([n as i64, window as i64])
+    let stream = Tensor::from_slice(&stream)
+        .view([n as i64, width as i64])
+        .to_device(device); // (n, width)
+    let next_len = Tensor::from_slice(&next_len)
+        .view([n as i64, turns as i64])
+        .to_device(device); // (n, turns)
+    let stops = Tensor::from_slice(&s.stop_ids.iter().map(|&t| i64::from(t)).collect::<Vec<_>>())
         .to_device(device);
-    let forced = Tensor::from_slice(&forced)
-        .view([n as i64, window as i64])
-        .to_device(device);
-    let mut pieces = vec![padded.narrow(1, 0, shared as i64)]; // (n, shared)
+    let first_len: Vec<i64> = rows.iter().map(|r| r[0].len() as i64).collect();
+    let mut pos = Tensor::full([n as i64], shared as i64, (Kind::Int64, device)); // (n,)
+    let mut left = Tensor::from_slice(&first_len).to_device(device) - shared as i64; // (n,)
+    let mut turn = Tensor::zeros([n as i64], (Kind::Int64, device)); // (n,)
+
+    let mut pieces = vec![stream.narrow(1, 0, shared as i64)]; // (n, shared)
     if shared < window {
         let mut cache = model.new_cache(n as i64)?;
         let mut logits = model.forward(&pieces[0], Some(&mut cache))?.select(1, -1);
         for t in shared..window {
-            let sampled = sample_next(&logits, config.temperature, config.top_p); // (n, 1)
-            let t = t as i64;
-            let next = padded
-                .narrow(1, t, 1)
-                .f_where_self(&forced.narrow(1, t, 1), &sampled)?;
+            let sampled = sample_next(&logits, s.temperature, s.top_p).view([-1]); // (n,)
+            let feeding = left.gt(0); // (n,)
+            let fed = stream
+                .gather(1, &pos.clamp_max(width as i64 - 1).unsqueeze(1), false)
+                .view([-1]);
+            let next = fed.f_where_self(&feeding, &sampled)?; // (n,)
+            let fed_now = feeding.to_kind(Kind::Int64);
+            pos += &fed_now;
+            left -= &fed_now;
+            if !s.stop_ids.is_empty() {
+                // A sampled (not fed) stop id ends the answer: the next prompt follows.
+                let ends =
+                    Tensor::isin(&next, &stops, false, false).logical_and(&feeding.logical_not());
+                let coming = next_len
+                    .gather(1, &turn.clamp_max(turns as i64 - 1).unsqueeze(1), false)
+                    .view([-1]);
+                left = coming.f_where_self(&ends, &left)?;
+                turn += ends.to_kind(Kind::Int64);
+            }
+            let next = next.unsqueeze(1); // (n, 1)
             pieces.push(next.shallow_clone());
-            if t + 1 < window as i64 {
+            if t + 1 < window {
                 logits = model.forward(&next, Some(&mut cache))?.select(1, -1);
             }
         }
@@ -278,9 +372,16 @@ fn sample_next(logits: &Tensor, temperature: f64, top_p: f64) -> Tensor {
 mod tests {
     use super::*;
     use linearize_models::config::ModelConfig;
+    use std::sync::{Mutex, MutexGuard};
 
-    #[test]
-    fn a_batch_of_prompts_of_different_lengths_keeps_each_prompt() {
+    /// Tests seed and draw from torch's one global generator: one at a time, or a test running
+    /// beside another draws from its sequence.
+    fn rng_lock() -> MutexGuard<'static, ()> {
+        static RNG: Mutex<()> = Mutex::new(());
+        RNG.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tiny_teacher() -> Model {
         let cfg = ModelConfig::from_json_str(
             r#"{"model_type": "llama", "vocab_size": 40, "hidden_size": 16,
                 "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -288,32 +389,112 @@ mod tests {
         )
         .unwrap();
         tch::manual_seed(0);
-        let model = Model::new(&cfg, Device::Cpu, Kind::Float).unwrap();
-        let config: TeacherSamplesConfig =
-            serde_yaml_ng::from_str("num_sequences: 3\ntemperature: 1.0\ntop_p: 1.0\n").unwrap();
+        Model::new(&cfg, Device::Cpu, Kind::Float).unwrap()
+    }
+
+    #[test]
+    fn a_batch_of_prompts_of_different_lengths_keeps_each_prompt() {
+        let _rng = rng_lock();
+        let model = tiny_teacher();
         let prompts = vec![
             vec![5, 6, 7, 8],
             vec![9],
             vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
         ];
-        let rows = tch::no_grad(|| sample_batch(&model, &prompts, 10, &config)).unwrap();
-        assert_eq!(rows.len(), 3);
-        for (row, prompt) in rows.iter().zip(&prompts) {
+        let rows: Vec<Vec<Vec<u32>>> = prompts.iter().map(|p| vec![p.clone()]).collect();
+        let sampling = Sampling {
+            window: 10,
+            temperature: 1.0,
+            top_p: 1.0,
+            stop_ids: &[],
+        };
+        let samples = tch::no_grad(|| sample_batch(&model, &rows, &sampling)).unwrap();
+        assert_eq!(samples.len(), 3);
+        for (row, prompt) in samples.iter().zip(&prompts) {
             assert_eq!(row.len(), 10);
             assert_eq!(&row[..prompt.len()], &prompt[..]);
             assert!(row.iter().all(|&t| t < 40));
         }
-        // Each row continues its own prefix: row 1 past its one-token prompt is sampled, so
-        // with a fixed seed the same batch samples the same tokens again.
+        // With a fixed seed the same batch samples the same tokens again.
         tch::manual_seed(1);
-        let again = tch::no_grad(|| sample_batch(&model, &prompts, 10, &config)).unwrap();
+        let again = tch::no_grad(|| sample_batch(&model, &rows, &sampling)).unwrap();
         tch::manual_seed(1);
-        let third = tch::no_grad(|| sample_batch(&model, &prompts, 10, &config)).unwrap();
+        let third = tch::no_grad(|| sample_batch(&model, &rows, &sampling)).unwrap();
         assert_eq!(again, third);
+    }
+
+    /// Walks a sampled row: its first prompt, sampled tokens up to a stop id, the next prompt,
+    /// and so on; panics where the row departs from that. Returns how many prompts followed an
+    /// answer.
+    fn follow(row: &[u32], prompts: &[Vec<u32>], stops: &[u32]) -> usize {
+        let (mut t, mut k) = (0, 0);
+        loop {
+            let fed = prompts[k].len().min(row.len() - t);
+            assert_eq!(&row[t..t + fed], &prompts[k][..fed], "prompt {k} at {t}");
+            t += fed;
+            loop {
+                if t == row.len() {
+                    return k;
+                }
+                t += 1;
+                if stops.contains(&row[t - 1]) && k + 1 < prompts.len() {
+                    break;
+                }
+            }
+            k += 1;
+        }
+    }
+
+    #[test]
+    fn a_chat_row_is_fed_its_next_prompt_after_each_answer() {
+        let _rng = rng_lock();
+        let model = tiny_teacher();
+        // Half the vocabulary ends an answer, so answers are short and rows take many prompts.
+        // Stop ids inside a prompt (5, 6) are fed, not sampled: they start nothing.
+        let stops: Vec<u32> = (0..20).collect();
+        let rows = vec![
+            vec![
+                vec![30, 5, 31],
+                vec![32, 33],
+                vec![34, 6, 35, 36],
+                vec![37],
+                vec![38, 39],
+            ],
+            vec![vec![21], vec![22, 23, 24, 25, 26, 27], vec![28; 30]],
+            // Out of prompts after the second: samples on through stop ids.
+            vec![vec![29, 29, 29, 29, 29], vec![21]],
+        ];
+        let sampling = Sampling {
+            window: 24,
+            temperature: 1.0,
+            top_p: 1.0,
+            stop_ids: &stops,
+        };
+        let mut fed_after_answers = 0;
+        for seed in 0..4 {
+            tch::manual_seed(seed);
+            let samples = tch::no_grad(|| sample_batch(&model, &rows, &sampling)).unwrap();
+            for (row, prompts) in samples.iter().zip(&rows) {
+                assert_eq!(row.len(), 24);
+                fed_after_answers += follow(row, prompts, &stops);
+            }
+        }
+        assert!(fed_after_answers >= 8, "{fed_after_answers}");
+        // Without stop ids the same rows are fed their first prompt only.
+        tch::manual_seed(0);
+        let plain = Sampling {
+            stop_ids: &[],
+            ..sampling
+        };
+        let samples = tch::no_grad(|| sample_batch(&model, &rows, &plain)).unwrap();
+        for (row, prompts) in samples.iter().zip(&rows) {
+            assert_eq!(follow(row, &prompts[..1], &[]), 0);
+        }
     }
 
     #[test]
     fn nucleus_keeps_only_the_likely_tokens() {
+        let _rng = rng_lock();
         tch::manual_seed(3);
         // p = [0.6, 0.3, 0.1] over tokens 2, 0, 1: top_p 0.5 keeps token 2 alone, 0.8 adds 0.
         let logits = Tensor::from_slice(&[0.3f32.ln(), 0.1f32.ln(), 0.6f32.ln()])

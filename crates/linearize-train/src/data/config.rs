@@ -1,7 +1,7 @@
 //! The recipe's `data` section.
 use super::encoder::TextEncoder;
 use anyhow::{bail, ensure, Result};
-use linearize_models::prompt_format::TemplateChoice;
+use linearize_models::prompt_format::{read_prompts_file, TemplateChoice};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -78,8 +78,9 @@ pub struct DataConfig {
     /// and modification times and the tokenizer; none: tokenise on every run.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
-    /// Data-free training: sequences sampled from the teacher model. They are added to the
-    /// sequences packed from `sources` (if any).
+    /// Sequences sampled from the teacher model (data-free training, or the teacher's chat
+    /// answers beside the corpus). They are added, `weight` times each, to the sequences packed
+    /// from `sources` (if any).
     #[serde(default)]
     pub teacher_samples: Option<TeacherSamplesConfig>,
 }
@@ -158,7 +159,8 @@ pub enum BosPolicy {
     Never,
 }
 
-/// Sampling of training sequences from the teacher (data-free mode).
+/// Sampling of training sequences from the teacher (data-free mode, or teacher answers mixed
+/// with the corpus).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TeacherSamplesConfig {
@@ -167,6 +169,21 @@ pub struct TeacherSamplesConfig {
     /// Prompts the samples continue, used in turn; empty: sample from BOS alone.
     #[serde(default)]
     pub prompts: Vec<String>,
+    /// A text file of prompts, one a line (blank lines and lines starting with `#` skipped),
+    /// instead of `prompts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts_file: Option<PathBuf>,
+    /// Render each prompt as a user turn through the tokenizer's chat template with the
+    /// generation prompt, so that the teacher answers as the assistant; after the answer's
+    /// end-of-turn the sequence goes on with the next prompt (sequences pack several answered
+    /// prompts). Needs a teacher with a chat template.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub chat: bool,
+    /// How many times each sampled sequence is used per epoch on average, as a source's
+    /// `weight`: 2 repeats every one twice, 0.5 keeps half of them (chosen by `data.seed`).
+    /// Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
     /// Sampling temperature (> 0).
     #[serde(default = "default_one")]
     pub temperature: f64,
@@ -189,6 +206,9 @@ fn default_true() -> bool {
 }
 fn default_one() -> f64 {
     1.0
+}
+fn is_false(value: &bool) -> bool {
+    !value
 }
 
 impl DataConfig {
@@ -267,6 +287,13 @@ impl DataConfig {
             if path.is_relative() {
                 *path = base.join(&*path);
             }
+        }
+        let prompts_file = self
+            .teacher_samples
+            .as_mut()
+            .and_then(|t| t.prompts_file.as_mut());
+        if let Some(path) = prompts_file.filter(|p| p.is_relative()) {
+            *path = base.join(&*path);
         }
     }
 }
@@ -359,6 +386,21 @@ impl TeacherSamplesConfig {
             "data.teacher_samples.num_sequences must be at least 1"
         );
         ensure!(
+            self.prompts.is_empty() || self.prompts_file.is_none(),
+            "data.teacher_samples: give either prompts or prompts_file, not both"
+        );
+        ensure!(
+            !self.chat || !self.prompts.is_empty() || self.prompts_file.is_some(),
+            "data.teacher_samples.chat needs prompts or prompts_file: the user turns the teacher \
+             answers"
+        );
+        if let Some(w) = self.weight {
+            ensure!(
+                w.is_finite() && w > 0.0,
+                "data.teacher_samples.weight must be a positive number, got {w}"
+            );
+        }
+        ensure!(
             self.temperature > 0.0 && self.temperature.is_finite(),
             "data.teacher_samples.temperature must be > 0, got {}",
             self.temperature
@@ -369,5 +411,14 @@ impl TeacherSamplesConfig {
             self.top_p
         );
         Ok(())
+    }
+
+    /// The prompts: `prompts`, or those of `prompts_file`.
+    pub fn all_prompts(&self) -> Result<Vec<String>> {
+        match &self.prompts_file {
+            Some(path) => read_prompts_file(path)
+                .map_err(|e| anyhow::anyhow!("data.teacher_samples.prompts_file: {e:#}")),
+            None => Ok(self.prompts.clone()),
+        }
     }
 }

@@ -3,7 +3,7 @@ use super::cache::TokenCache;
 use super::config::{DataConfig, SourceConfig};
 use super::encoder::TextEncoder;
 use super::packing::{pack, PackOptions, PackedSequences};
-use super::shuffle::{permutation, Stream};
+use super::shuffle::{permutation, weighted_copies, Stream};
 use super::tokenized::{tokenize_source, TokenizedDocs};
 use anyhow::{ensure, Result};
 
@@ -131,20 +131,16 @@ fn weighted(
         let members: Vec<usize> = (0..docs.len())
             .filter(|&i| source_of[i] == source)
             .collect();
-        let whole = weight.floor() as usize;
-        let extra = ((weight - weight.floor()) * members.len() as f64).round() as usize;
-        for &i in &members {
-            copies[i] = whole;
-        }
-        let chosen = permutation(members.len(), seed, Stream::Weights, source as u64);
-        for &k in &chosen[..extra] {
-            copies[members[k]] += 1;
+        let member_copies =
+            weighted_copies(members.len(), weight, seed, Stream::Weights, source as u64);
+        for (&i, &n) in members.iter().zip(&member_copies) {
+            copies[i] = n;
         }
         tracing::info!(
             source,
             weight,
             documents = members.len(),
-            used = whole * members.len() + extra,
+            used = member_copies.iter().sum::<usize>(),
             "weighted source"
         );
     }

@@ -29,5 +29,5 @@ pub use encoder::{ChatTurn, TextEncoder};
 pub use model_encoder::ModelEncoder;
 pub use packing::{pack, PackOptions, PackStats, PackedSequences};
 pub use sources::{list_files, list_hub_files, SourceFile, MANIFEST};
-pub use teacher_samples::{SampleSettings, TeacherSampleStore};
+pub use teacher_samples::{chat_template_of, SampleSettings, TeacherSampleStore};
 pub use tokenized::{tokenize_source, TokenizedDocs};

@@ -16,6 +16,8 @@ pub(crate) enum Stream {
     /// Which documents of a source with a fractional weight are used once more (the source's
     /// index selects the sub-stream).
     Weights = 4,
+    /// Which teacher samples of a fractional `teacher_samples.weight` are used once more.
+    TeacherWeight = 5,
 }
 
 /// A permutation of `0..n` determined by `(seed, stream, epoch)`.
@@ -25,4 +27,22 @@ pub(crate) fn permutation(n: usize, seed: u64, stream: Stream, epoch: u64) -> Ve
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut rng);
     order
+}
+
+/// How many times each of `n` items is used under `weight`: `floor(weight)` times each, and once
+/// more for a `fract(weight)` share of them (rounded) chosen by `(seed, stream, sub)`.
+pub(crate) fn weighted_copies(
+    n: usize,
+    weight: f64,
+    seed: u64,
+    stream: Stream,
+    sub: u64,
+) -> Vec<usize> {
+    let whole = weight.floor() as usize;
+    let extra = ((weight - weight.floor()) * n as f64).round() as usize;
+    let mut copies = vec![whole; n];
+    for &i in &permutation(n, seed, stream, sub)[..extra] {
+        copies[i] += 1;
+    }
+    copies
 }

@@ -6,10 +6,13 @@
 //! appended). A partial record at the end, left by a crash mid-append, is cut off on open.
 use super::config::DataConfig;
 use super::packing::PackedSequences;
+use super::shuffle::{weighted_copies, Stream};
 use anyhow::{bail, ensure, Context, Result};
 use linearize_models::atomic;
+use linearize_models::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -32,6 +35,10 @@ pub struct SampleSettings {
     pub num_sequences: usize,
     /// Prompts continued in turn; empty: sampled from BOS alone.
     pub prompts: Vec<String>,
+    /// With `chat`: the chat template the prompts are rendered through as user turns (its
+    /// text, so that another template is another set of samples); none: plain-text prompts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
     pub temperature: f64,
     pub top_p: f64,
     pub seed: u64,
@@ -45,19 +52,34 @@ struct Header {
 }
 
 impl SampleSettings {
-    /// The settings the recipe's `teacher_samples` asks for, if it does.
-    pub fn from_config(config: &DataConfig, teacher: impl Into<String>) -> Option<Self> {
-        let samples = config.teacher_samples.as_ref()?;
-        Some(Self {
-            teacher: teacher.into(),
+    /// The settings the recipe's `teacher_samples` asks for, if it does, with the prompts of
+    /// its `prompts_file` read. `tokenizer` is the teacher's (with `data.template` applied):
+    /// `chat` needs its chat template, and an error naming `data.teacher_samples.chat` and
+    /// `teacher` says when it has none.
+    pub fn from_config(
+        config: &DataConfig,
+        teacher: impl Into<String>,
+        tokenizer: &Tokenizer,
+    ) -> Result<Option<Self>> {
+        let Some(samples) = config.teacher_samples.as_ref() else {
+            return Ok(None);
+        };
+        let teacher = teacher.into();
+        let chat_template = samples
+            .chat
+            .then(|| chat_template_of(&teacher, tokenizer))
+            .transpose()?;
+        Ok(Some(Self {
+            teacher,
             seq_len: config.seq_len,
             next_token_targets: config.next_token_targets,
             num_sequences: samples.num_sequences,
-            prompts: samples.prompts.clone(),
+            prompts: samples.all_prompts()?,
+            chat_template,
             temperature: samples.temperature,
             top_p: samples.top_p,
             seed: config.seed,
-        })
+        }))
     }
 
     /// Tokens per stored sequence.
@@ -65,23 +87,50 @@ impl SampleSettings {
         self.seq_len + usize::from(self.next_token_targets)
     }
 
-    /// The prompt sequence `index` continues (prompts are used in turn); `None`: from BOS.
-    pub fn prompt_for(&self, index: usize) -> Option<&str> {
-        (!self.prompts.is_empty()).then(|| self.prompts[index % self.prompts.len()].as_str())
+    /// The index in `prompts` of the prompt that conversation `turn` of sequence `sequence`
+    /// starts from; `None`: no prompts (sampled from BOS). Sequence i opens with prompt
+    /// `i % prompts` (prompts used in turn, each opening as many sequences as the others); a
+    /// chat sample's later conversations (turn >= 1) take prompts drawn by a hash of `(seed,
+    /// sequence, turn)`, so a resumed job draws the same ones and consecutive sequences do not
+    /// repeat each other's order.
+    pub fn prompt_index(&self, sequence: usize, turn: usize) -> Option<usize> {
+        let n = self.prompts.len();
+        if n == 0 {
+            return None;
+        }
+        if turn == 0 {
+            return Some(sequence % n);
+        }
+        let key = splitmix64(splitmix64(self.seed ^ sequence as u64) ^ turn as u64);
+        Some((key % n as u64) as usize)
     }
 
-    /// The first setting (other than `num_sequences`) that differs, as "key: stored vs wanted".
+    /// The first setting (other than `num_sequences`) that differs, as "key: stored vs wanted"
+    /// (a setting left out of one, such as `chat_template` of plain samples, reads as null;
+    /// long values are cut).
     fn difference(&self, wanted: &Self) -> Option<String> {
         let as_map = |s: &Self| match serde_json::to_value(s) {
             Ok(Value::Object(map)) => map,
             other => panic!("settings serialise to an object, got {other:?}"),
         };
         let (stored, wanted) = (as_map(self), as_map(wanted));
-        stored
-            .iter()
-            .filter(|(key, _)| key.as_str() != "num_sequences")
-            .find(|(key, value)| wanted.get(key.as_str()) != Some(value))
-            .map(|(key, value)| format!("{key}: {value} stored vs {} wanted", wanted[key.as_str()]))
+        let brief = |value: Option<&Value>| {
+            let text = value.unwrap_or(&Value::Null).to_string();
+            match text.char_indices().nth(60) {
+                Some((cut, _)) => format!("{}... ({} chars)", &text[..cut], text.chars().count()),
+                None => text,
+            }
+        };
+        let keys: BTreeSet<&String> = stored.keys().chain(wanted.keys()).collect();
+        let key = keys
+            .into_iter()
+            .filter(|key| key.as_str() != "num_sequences")
+            .find(|key| stored.get(key.as_str()) != wanted.get(key.as_str()))?;
+        Some(format!(
+            "{key}: {} stored vs {} wanted",
+            brief(stored.get(key.as_str())),
+            brief(wanted.get(key.as_str()))
+        ))
     }
 }
 
@@ -225,6 +274,60 @@ impl TeacherSampleStore {
             tokens,
         )
     }
+
+    /// The stored sequences for training, each used `weight` times on average as a source's
+    /// documents are (`teacher_samples.weight`): `floor(weight)` copies of every one and one
+    /// more of a `fract(weight)` share chosen by the settings' seed, in stored order. Weight 1 is
+    /// [`read`](Self::read).
+    pub fn read_weighted(&self, weight: f64) -> Result<PackedSequences> {
+        ensure!(
+            weight.is_finite() && weight > 0.0,
+            "teacher samples: weight must be a positive number, got {weight}"
+        );
+        let stored = self.read()?;
+        if weight == 1.0 {
+            return Ok(stored);
+        }
+        let copies = weighted_copies(
+            stored.len(),
+            weight,
+            self.settings.seed,
+            Stream::TeacherWeight,
+            0,
+        );
+        let mut tokens = Vec::with_capacity(copies.iter().sum::<usize>() * self.settings.window());
+        for (i, &n) in copies.iter().enumerate() {
+            for _ in 0..n {
+                tokens.extend_from_slice(stored.sequence(i));
+            }
+        }
+        PackedSequences::from_tokens(
+            self.settings.seq_len,
+            self.settings.next_token_targets,
+            tokens,
+        )
+    }
+}
+
+/// The text of the chat template `tokenizer` renders chat prompts with; an error naming
+/// `data.teacher_samples.chat` and the teacher when it has none.
+pub fn chat_template_of(teacher: &str, tokenizer: &Tokenizer) -> Result<String> {
+    ensure!(
+        tokenizer.has_chat_template(),
+        "data.teacher_samples.chat: the teacher {teacher} has no chat template to render the \
+         prompts as user turns (its prompt format: {}); give data.template a template file, or \
+         sample plain text without chat",
+        tokenizer.describe_prompt_format()
+    );
+    Ok(tokenizer.prompt_identity())
+}
+
+/// SplitMix64's output function: a fixed, well-mixed hash of a u64 (the same in every build).
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn read_header(path: &Path) -> Result<SampleSettings> {
