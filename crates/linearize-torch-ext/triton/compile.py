@@ -66,7 +66,7 @@ F32_POINTERS = {"weights", "weight_sums", "k_sums", "gammas", "den", "grad_den",
 # The chunk sums of φk^T v (or φq^T gn): f32 for f16 inputs, whose range they can exceed.
 SUM_POINTERS = {"sums"}
 I32_POINTERS = {"argmaxes"}
-INTS = {"L", "Lp", "n_chunks", "H", "HA", "HB", "HG", "HK", "HV", "M", "n_rows"}
+INTS = {"L", "Lp", "n_chunks", "H", "HA", "HB", "HG", "HK", "HV", "M", "n_rows", "sinks", "skip"}
 
 
 def variants():
