@@ -8,9 +8,11 @@
 #include "ffi_error.h"
 #include "triton_launch.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <exception>
+#include <utility>
 
 #ifdef LINEARIZE_CUDA
 #include <c10/core/GradMode.h>
@@ -25,6 +27,10 @@ constexpr int64_t kChunk = 64;
 constexpr int64_t kFeatureBlock = 64;
 // Rows per program of `grad_terms` (GRAD_ROWS in triton/compile.py).
 constexpr int64_t kGradRows = 32;
+// `backward_sink_kv` sums at least this many query chunks per program, in at most
+// kMaxSinkSegments programs per head: its partial sums stay small at any length.
+constexpr int64_t kSinkSegment = 4;
+constexpr int64_t kMaxSinkSegments = 64;
 
 // The dtype part of a kernel's key: "f16" or "bf16" (the inputs are one or the other).
 std::string dtype_of(const at::Tensor& t) {
@@ -123,6 +129,39 @@ at::Tensor sum_shared_heads(const at::Tensor& grad, int64_t shared) {
   return grad.view({grad.size(0), shared, heads / shared, grad.size(2), grad.size(3)}).sum(2);
 }
 
+// Adds to dk and dv per query head (b, h, L, d) the sink chunks' gradients from the query chunks
+// after their window range (`backward_kv` covers the window range): partial sums per segment of
+// query chunks in f32, summed here and added with one rounding.
+void add_sink_grads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& grad_num, const at::Tensor& grad_den,
+                    const at::Tensor& maxes, const at::Tensor& argmaxes, const at::Tensor& mu,
+                    const at::Tensor& gammas, at::Tensor& dk_heads, at::Tensor& dv_heads,
+                    bool terrace, int64_t window, int64_t sinks) {
+  int64_t batch = q.size(0), heads = q.size(1), len = q.size(2), d = q.size(3);
+  int64_t n = (len + kChunk - 1) / kChunk;
+  int64_t seg_len = std::max(kSinkSegment, (n + kMaxSinkSegments - 1) / kMaxSinkSegments);
+  int64_t segments = (n + seg_len - 1) / seg_len;
+  int64_t sink_rows = (sinks + kChunk - 1) / kChunk * kChunk;
+  auto part_k = at::empty({batch * heads, segments, sink_rows, d}, q.options().dtype(at::kFloat));
+  auto part_v = at::empty_like(part_k);
+  using linearize::KernelArg;
+  linearize::launch(
+      std::string("backward_sink_kv/") + (terrace ? "tk" : "sw") + "/d" + std::to_string(d) +
+          "/bf16",
+      q.device(), segments, batch * heads,
+      {KernelArg::ptr(q), KernelArg::ptr(k), KernelArg::ptr(v), KernelArg::ptr(grad_num),
+       KernelArg::ptr(grad_den), KernelArg::ptr(maxes), KernelArg::ptr(argmaxes),
+       KernelArg::ptr(mu), KernelArg::ptr(gammas), KernelArg::ptr(part_k), KernelArg::ptr(part_v),
+       KernelArg::i32(len), KernelArg::i32(n), KernelArg::i32(heads), KernelArg::i32(k.size(1)),
+       KernelArg::i32(v.size(1)), KernelArg::i32(window / kChunk), KernelArg::i32(sinks),
+       KernelArg::i32(seg_len), KernelArg::f32(1.0 / std::sqrt(static_cast<double>(d)))});
+  int64_t rows = std::min(sink_rows, len);
+  for (auto [grad, part] : {std::pair{dk_heads, part_k}, std::pair{dv_heads, part_v}}) {
+    auto sink = grad.view({batch * heads, len, d}).narrow(1, 0, rows);
+    sink.copy_(sink.to(at::kFloat) + part.sum(1).narrow(1, 0, rows));
+  }
+}
+
 struct Lolcats : public torch::autograd::Function<Lolcats> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& phi_q, const at::Tensor& phi_k,
@@ -210,6 +249,10 @@ struct Lolcats : public torch::autograd::Function<Lolcats> {
            KernelArg::ptr(dv_heads), KernelArg::i32(len), KernelArg::i32(n),
            KernelArg::i32(heads), KernelArg::i32(k.size(1)), KernelArg::i32(v.size(1)),
            KernelArg::i32(window / kChunk), KernelArg::i32(sinks), KernelArg::f32(scale)});
+      if (sinks > 0) {
+        add_sink_grads(q, k, v, grad_num, grad_den, maxes, argmaxes, mu, gammas, dk_heads,
+                       dv_heads, terrace, window, sinks);
+      }
       dk = sum_shared_heads(dk_heads, k.size(1));
       dv = sum_shared_heads(dv_heads, v.size(1));
     }

@@ -81,6 +81,7 @@ pub fn unsupported(x: &LolcatsInputs, window: Window) -> Option<String> {
         .map(|k| format!("{k}/{shape}/d{d}/f{f}/bf16"))
         .collect();
     keys.push(format!("backward_q/{shape}/d{d}/bf16"));
+    keys.push(format!("backward_sink_kv/{shape}/d{d}/bf16"));
     keys.push(format!("grad_terms/d{d}/bf16"));
     triton::missing_kernel(keys, device, "head sizes 64, 128; 64, 128, 256 features")
 }

@@ -84,6 +84,20 @@ def fused(q, kk, v, phi_q, phi_k, gamma, w, terrace, sinks, g):
     k.backward_kv[(n, b * h)](q, kk, v, phi_q, phi_k, gn, gd, maxes, argmaxes, mu, gamma, q_sums,
                               dk, dv, L, n, h, hk, hv, M, sinks, scale, C=C, D=D, F=F,
                               TERRACE=terrace)
+    if sinks > 0:
+        # As csrc/lolcats.cpp: the sink chunks' gradients past their window range, in segments
+        # of at least 4 query chunks, at most 64 segments.
+        seg_len = max(4, -(-n // 64))
+        n_seg = -(-n // seg_len)
+        rows = -(-sinks // C) * C
+        part_k = torch.empty(b * h, n_seg, rows, D, dtype=torch.float32)
+        part_v = torch.empty_like(part_k)
+        k.backward_sink_kv[(n_seg, b * h)](q, kk, v, gn, gd, maxes, argmaxes, mu, gamma, part_k,
+                                           part_v, L, n, h, hk, hv, M, sinks, seg_len, scale,
+                                           C=C, D=D, TERRACE=terrace)
+        rows = min(rows, L)
+        dk.view(b * h, L, D)[:, :rows] += part_k.sum(1)[:, :rows]
+        dv.view(b * h, L, D)[:, :rows] += part_v.sum(1)[:, :rows]
     dk = dk.view(b, hk, h // hk, L, D).sum(2)
     dv = dv.view(b, hv, h // hv, L, D).sum(2)
     return y, d_phi_q, d_phi_k, d_gamma, dq, dk, dv

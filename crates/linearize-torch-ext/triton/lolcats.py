@@ -17,8 +17,9 @@ before, up to the query; the linear keys are the blocks before that, whole chunk
 Sinks (`sinks` = N, 0 for none): the keys s < N are window keys of every query t >= s, under the
 same max m_t and factor γ, and never linear keys. Where a sink lies in a query's window it counts
 once; the sink chunks before the window range are one more pass of the window loop, masked to the
-sinks. The linear terms read φk as zero on the sink rows (the forward's sums skip them) and give
-them no feature gradient.
+sinks, and their keys' gradients from the query chunks past their window range are a kernel of
+their own (`backward_sink_kv`). The linear terms read φk as zero on the sink rows (the forward's
+sums skip them) and give them no feature gradient.
 
 Tensors are contiguous (b, heads, L, dim); program (i, bh) works on chunk i of batch-head bh; key
 and value heads are shared by H / HK and H / HV query heads. The chunk sums are kept in the inputs'
@@ -448,41 +449,83 @@ def _linear_value_grad(phi_q, phi_k, grad_num, sums, bh64, c, j, L, n_chunks, si
 
 
 @triton.jit
-def backward_kv(q, k, v, phi_q, phi_k, grad_num, grad_den, maxes, argmaxes, mu, gammas, sums,
-                dk, dv, L, n_chunks, H, HK, HV, M, sinks, scale,
-                C: tl.constexpr, D: tl.constexpr, F: tl.constexpr, TERRACE: tl.constexpr):
-    """dk and dv (b, h, L, D) per query head (the caller sums heads that share a key or value
-    head): window scores over the query chunks whose windows reach key chunk c (every later chunk
-    when c holds a sink), and for dv the linear terms, from `sums` (bh, n, F, D) = Σ φq^T gn over
-    the chunks after each chunk."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    rows = tl.arange(0, C)
-    key = c * C + rows
-    bh64 = bh.to(tl.int64)
-    k_ptrs, live = _chunk(k + _head(bh, H, HK).to(tl.int64) * L * D, c, L, D, C)
-    v_ptrs, _ = _chunk(v + _head(bh, H, HV).to(tl.int64) * L * D, c, L, D, C)
-    k_c = tl.load(k_ptrs, mask=live, other=0.0)
-    v_c = tl.load(v_ptrs, mask=live, other=0.0)
-    gamma = tl.load(gammas + bh % H)
+def _window_kv_grads(q, grad_num, grad_den, maxes, argmaxes, mu, k_c, v_c, key, gamma, bh64, lo,
+                     hi, L, M, sinks, scale, C: tl.constexpr, D: tl.constexpr,
+                     TERRACE: tl.constexpr):
+    """The window and sink scores' share of dk / scale and of dv [C, D] (f32) for the key chunk
+    rows k_c, v_c at places `key`, from query chunks lo .. hi − 1."""
     grad_k = tl.zeros([C, D], tl.float32)
     grad_v = tl.zeros([C, D], tl.float32)
-    last = tl.minimum(_last_window_chunk(c, M, TERRACE), n_chunks - 1)
-    last = tl.where(c * C < sinks, n_chunks - 1, last)
-    for j in tl.range(c, last + 1):
+    for j in tl.range(lo, hi):
         t, _, q_j, gn, gd, m, star, mu_j = _query_terms(q, grad_num, grad_den, maxes, argmaxes, mu,
                                                          bh64, j, L, D, C)
         e, ds = _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu_j, gamma, t, key, M,
                                    sinks, scale, C, TERRACE)
         grad_v += tl.dot(tl.trans((gamma * e).to(gn.dtype)), gn)
         grad_k += tl.dot(tl.trans(ds.to(q_j.dtype)), q_j)
+    return grad_k, grad_v
+
+
+@triton.jit
+def backward_kv(q, k, v, phi_q, phi_k, grad_num, grad_den, maxes, argmaxes, mu, gammas, sums,
+                dk, dv, L, n_chunks, H, HK, HV, M, sinks, scale,
+                C: tl.constexpr, D: tl.constexpr, F: tl.constexpr, TERRACE: tl.constexpr):
+    """dk and dv (b, h, L, D) per query head (the caller sums heads that share a key or value
+    head): window scores over the query chunks whose windows reach key chunk c, and for dv the
+    linear terms, from `sums` (bh, n, F, D) = Σ φq^T gn over the chunks after each chunk. The
+    sinks' scores from the query chunks after that are `backward_sink_kv`'s."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    key = c * C + tl.arange(0, C)
+    bh64 = bh.to(tl.int64)
+    k_ptrs, live = _chunk(k + _head(bh, H, HK).to(tl.int64) * L * D, c, L, D, C)
+    v_ptrs, _ = _chunk(v + _head(bh, H, HV).to(tl.int64) * L * D, c, L, D, C)
+    k_c = tl.load(k_ptrs, mask=live, other=0.0)
+    v_c = tl.load(v_ptrs, mask=live, other=0.0)
+    gamma = tl.load(gammas + bh % H)
     j = _last_window_chunk(c, M, TERRACE)
+    grad_k, grad_v = _window_kv_grads(q, grad_num, grad_den, maxes, argmaxes, mu, k_c, v_c, key,
+                                      gamma, bh64, c, tl.minimum(j, n_chunks - 1) + 1, L, M,
+                                      sinks, scale, C, D, TERRACE)
     if j < n_chunks:
         grad_v += _linear_value_grad(phi_q, phi_k, grad_num, sums, bh64, c, j, L, n_chunks,
                                      sinks, C, D, F, TERRACE)
     out = bh64 * L * D + key[:, None] * D + tl.arange(0, D)[None, :]
     tl.store(dk + out, (grad_k * scale).to(dk.dtype.element_ty), mask=live)
     tl.store(dv + out, grad_v.to(dv.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def backward_sink_kv(q, k, v, grad_num, grad_den, maxes, argmaxes, mu, gammas, part_k, part_v, L,
+                     n_chunks, H, HK, HV, M, sinks, seg_len, scale, C: tl.constexpr,
+                     D: tl.constexpr, TERRACE: tl.constexpr):
+    """The sink chunks' dk and dv from the query chunks after their window range, which
+    `backward_kv` leaves out: program (s, bh) sums query chunks s·seg_len .. (s + 1)·seg_len − 1
+    into part_k and part_v (bh, segments, sink chunks · C, D) in f32, which the caller sums over
+    segments and adds. Segments spread a sink's work, which grows with the sequence, over the
+    grid instead of one long program per head."""
+    seg = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = tl.arange(0, C)
+    bh64 = bh.to(tl.int64)
+    k_base = k + _head(bh, H, HK).to(tl.int64) * L * D
+    v_base = v + _head(bh, H, HV).to(tl.int64) * L * D
+    gamma = tl.load(gammas + bh % H)
+    n_sink = (sinks + C - 1) // C
+    part = (bh64 * tl.num_programs(0) + seg) * n_sink * C * D + rows[:, None] * D \
+        + tl.arange(0, D)[None, :]
+    for c in tl.range(0, n_sink):
+        k_ptrs, live = _chunk(k_base, c, L, D, C)
+        v_ptrs, _ = _chunk(v_base, c, L, D, C)
+        k_c = tl.load(k_ptrs, mask=live, other=0.0)
+        v_c = tl.load(v_ptrs, mask=live, other=0.0)
+        lo = tl.maximum(seg * seg_len, _last_window_chunk(c, M, TERRACE) + 1)
+        hi = tl.minimum((seg + 1) * seg_len, n_chunks)
+        grad_k, grad_v = _window_kv_grads(q, grad_num, grad_den, maxes, argmaxes, mu, k_c, v_c,
+                                          c * C + rows, gamma, bh64, lo, hi, L, M, sinks, scale,
+                                          C, D, TERRACE)
+        tl.store(part_k + part + c * C * D, grad_k * scale)
+        tl.store(part_v + part + c * C * D, grad_v)
 
 
 @triton.jit
