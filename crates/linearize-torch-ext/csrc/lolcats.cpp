@@ -27,10 +27,12 @@ constexpr int64_t kChunk = 64;
 constexpr int64_t kFeatureBlock = 64;
 // Rows per program of `grad_terms` (GRAD_ROWS in triton/compile.py).
 constexpr int64_t kGradRows = 32;
-// `backward_sink_kv` sums at least this many query chunks per program, in at most
-// kMaxSinkSegments programs per head: its partial sums stay small at any length.
+// `backward_sink_kv` runs about kSinkPrograms programs in all (segments of query chunks times
+// batch-heads), each over at least kSinkSegment query chunks: enough programs that none outlasts
+// `backward_kv`'s grid by much, few enough that their f32 partial sums stay small (at most
+// kSinkPrograms x 64 sink rows x d per sink chunk).
+constexpr int64_t kSinkPrograms = 512;
 constexpr int64_t kSinkSegment = 4;
-constexpr int64_t kMaxSinkSegments = 64;
 
 // The dtype part of a kernel's key: "f16" or "bf16" (the inputs are one or the other).
 std::string dtype_of(const at::Tensor& t) {
@@ -139,8 +141,11 @@ void add_sink_grads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     bool terrace, int64_t window, int64_t sinks) {
   int64_t batch = q.size(0), heads = q.size(1), len = q.size(2), d = q.size(3);
   int64_t n = (len + kChunk - 1) / kChunk;
-  int64_t seg_len = std::max(kSinkSegment, (n + kMaxSinkSegments - 1) / kMaxSinkSegments);
-  int64_t segments = (n + seg_len - 1) / seg_len;
+  int64_t segments =
+      std::max<int64_t>(1, std::min(kSinkPrograms / (batch * heads),
+                                    (n + kSinkSegment - 1) / kSinkSegment));
+  int64_t seg_len = (n + segments - 1) / segments;
+  segments = (n + seg_len - 1) / seg_len;
   int64_t sink_rows = (sinks + kChunk - 1) / kChunk * kChunk;
   auto part_k = at::empty({batch * heads, segments, sink_rows, d}, q.options().dtype(at::kFloat));
   auto part_v = at::empty_like(part_k);

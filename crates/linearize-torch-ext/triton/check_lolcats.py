@@ -86,8 +86,9 @@ def fused(q, kk, v, phi_q, phi_k, gamma, w, terrace, sinks, g):
                               TERRACE=terrace)
     if sinks > 0:
         # As csrc/lolcats.cpp: the sink chunks' gradients past their window range, in segments
-        # of at least 4 query chunks, at most 64 segments.
-        seg_len = max(4, -(-n // 64))
+        # of at least 4 query chunks, about 512 programs in all.
+        n_seg = max(1, min(512 // (b * h), -(-n // 4)))
+        seg_len = -(-n // n_seg)
         n_seg = -(-n // seg_len)
         rows = -(-sinks // C) * C
         part_k = torch.empty(b * h, n_seg, rows, D, dtype=torch.float32)
