@@ -16,6 +16,11 @@
 #   scripts/gpu/bench.sh linear           # normalised linear attention at 16k, 64k (bf16, 32
 #                                         # heads, d 128, f 128), libtorch-chunked and fused,
 #                                         # beside fla's chunk_linear_attn (needs fla)
+#   scripts/gpu/bench.sh sinks            # LoLCATs tk64 + 4 sinks: the kernels (32 heads, d 128,
+#                                         # f 128) libtorch-chunked vs fused at 4k, 16k, 64k, and
+#                                         # stage 1 on SmolLM2-135M at 8 x 1024 with
+#                                         # configs/attention/lolcats_tk_sinks.yaml, fused
+#                                         # kernels on and off
 #   scripts/gpu/bench.sh loss-chunk       # stage 2 (KL) at 8 x 1024 on SmolLM2-135M and
 #                                         # Gemma-3-270M: peak memory with the loss in one piece
 #                                         # and in chunks of 1024 tokens (lora.loss_chunk)
@@ -95,6 +100,24 @@ case "${1:-}" in
       --head-dim 128 --features 128 --dtype bf16 2>"$OUT/linear_fla.log" \
       | tee "$OUT/linear_fla.jsonl"
     ;;
+  sinks)
+    "$BIN" bench kernels --device cuda --dtype bf16 --methods lolcats-tk --sinks 4 \
+      --forms chunked,fused,transfer --lengths ${LENGTHS:-4096,16384,65536} --heads 32 \
+      --head-dim 128 --json "$OUT/sinks_kernels.json" 2>"$OUT/sinks_kernels.log" \
+      | tee "$OUT/sinks_kernels.md"
+    # The preset with `fused_kernels` set each way (the libtorch chunked form is what sinks took
+    # before the fused kernels knew them).
+    for fused in true false; do
+      preset="$OUT/lolcats_tk_sinks_fused_$fused.yaml"
+      sed "s/^    method: lolcats$/&\n    fused_kernels: $fused/" \
+        configs/attention/lolcats_tk_sinks.yaml >"$preset"
+      grep -q "fused_kernels: $fused" "$preset"
+      "$BIN" bench stages --device cuda --dtype bf16 --config configs/models/smollm2_135m/config.json \
+        --attention "$preset" --ctx 1024 --batch 8 --cases stage1 --steps ${STEPS:-6} --warmup 2 \
+        --json "$OUT/sinks_stage1_fused_$fused.json" 2>"$OUT/sinks_stage1_fused_$fused.log" \
+        | tee "$OUT/sinks_stage1_fused_$fused.md"
+    done
+    ;;
   loss-chunk)
     # A chunk of 1000000 tokens holds the micro-batch's whole logits, as before lora.loss_chunk.
     for model in smollm2_135m gemma3_270m; do
@@ -107,7 +130,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: $0 kernels-stages|stages-batched|profile|decode|gated-deltanet|lizard|gla|linear|loss-chunk" >&2
+    echo "usage: $0 kernels-stages|stages-batched|profile|decode|gated-deltanet|lizard|gla|linear|sinks|loss-chunk" >&2
     exit 2
     ;;
 esac

@@ -627,8 +627,10 @@ fn steps_at_a_device_position_ignore_a_frozen_host_count() {
 
 /// The fused CUDA kernels against the naive form in f64 on the same bf16 inputs: output and
 /// gradients to every input (or, as attention transfer calls them, to φq, φk and the window
-/// factors only), for both window shapes, with GQA, ragged lengths, windows of one to three chunks
-/// and every compiled head and feature size. On a GPU machine:
+/// factors only), for both window shapes, with GQA, ragged lengths, windows of one to three
+/// chunks, every compiled head and feature size, and without and with sinks (one, four, and more
+/// than a chunk of them; the sinks' key features are random, which the kernels must ignore). On a
+/// GPU machine:
 /// `cargo test --release -p linearize-attention --test lolcats -- --ignored`.
 #[test]
 #[ignore = "needs a CUDA device"]
@@ -640,18 +642,24 @@ fn fused_kernels_match_naive_on_cuda() {
     );
     let dev = Device::Cuda(0);
     let sizes = [
-        // batch, heads, kv heads, length, head size, features, window, q/k/v gradients
-        (2, 4, 2, 300, 64, 128, 64, true),
-        (2, 4, 2, 300, 64, 128, 64, false),
-        (1, 4, 1, 200, 128, 128, 128, true),
-        (1, 2, 2, 50, 128, 64, 64, false),
-        (2, 8, 2, 1024, 128, 256, 64, true),
-        (1, 3, 1, 329, 64, 64, 192, true),
+        // batch, heads, kv heads, length, head size, features, window, q/k/v gradients, sinks
+        (2, 4, 2, 300, 64, 128, 64, true, 0),
+        (2, 4, 2, 300, 64, 128, 64, false, 0),
+        (1, 4, 1, 200, 128, 128, 128, true, 0),
+        (1, 2, 2, 50, 128, 64, 64, false, 0),
+        (2, 8, 2, 1024, 128, 256, 64, true, 0),
+        (1, 3, 1, 329, 64, 64, 192, true, 0),
+        (2, 4, 2, 300, 64, 128, 64, true, 4),
+        (2, 4, 2, 300, 64, 128, 64, false, 4),
+        (1, 2, 2, 50, 128, 64, 64, true, 4),
+        (2, 8, 2, 1024, 128, 256, 64, true, 1),
+        (1, 3, 1, 329, 64, 64, 192, true, 4),
+        (1, 4, 2, 700, 64, 128, 128, false, 70),
     ];
     let cases = SHAPES
         .iter()
         .flat_map(|&shape| sizes.map(|size| (shape, size)));
-    for (i, (shape, (b, h, hk, len, d, f, w, qkv_grads))) in cases.enumerate() {
+    for (i, (shape, (b, h, hk, len, d, f, w, qkv_grads, sinks))) in cases.enumerate() {
         seed(40 + i as i64);
         let bf16 = |shape: &[i64]| {
             Tensor::randn(shape, (Kind::Float, dev))
@@ -676,7 +684,7 @@ fn fused_kernels_match_naive_on_cuda() {
             window_size: w,
             chunk_size: 64,
             fused: true,
-            sinks: 0,
+            sinks,
         };
         let window = match shape {
             WindowShape::Sw => fused::Window::Sw(w),
@@ -724,7 +732,9 @@ fn fused_kernels_match_naive_on_cuda() {
             &cfg,
         )
         .unwrap();
-        let what = format!("case {i} ({shape:?}, b {b}, h {h}/{hk}, L {len}, d {d}, f {f}, w {w})");
+        let what = format!(
+            "case {i} ({shape:?}, b {b}, h {h}/{hk}, L {len}, d {d}, f {f}, w {w}, sinks {sinks})"
+        );
         assert_close(&format!("{what}: output"), &y, &reference, 2e-2);
         let names = ["q", "k", "v", "phi_q", "phi_k", "window factors"];
         let trained: Vec<usize> = (0..6).filter(|&j| ours[j].requires_grad()).collect();
@@ -904,25 +914,36 @@ fn sinks_change_the_output_only_where_a_sink_left_the_window() {
     assert!(rel_err(&sinks.narrow(2, W, 2 * W), &plain.narrow(2, W, 2 * W)) > 1e-6);
 }
 
-/// With sinks, the fused CUDA kernels are bypassed: a config that would take them gives the
-/// libtorch chunked form's output, which matches the naive form.
+/// With sinks, a config that takes the fused CUDA kernels and one that takes the libtorch chunked
+/// form (`fused: false`) give different roundings of the same function: both match the naive form
+/// in f64, output and every gradient, both window shapes.
 /// `cargo test --release -p linearize-attention --test lolcats -- --ignored`.
 #[test]
 #[ignore = "needs a CUDA device"]
-fn sinks_bypass_the_fused_kernels_on_cuda() {
+fn sinks_fused_kernels_match_the_libtorch_chunked_form_on_cuda() {
+    use linearize_torch_ext::lolcats as fused;
     assert!(tch::Cuda::is_available(), "no CUDA device");
     seed(54);
     let dev = Device::Cuda(0);
-    let (b, h, len, d, f) = (1, 2, 200, 64, 64);
-    let bf16 = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, dev)).to_kind(Kind::BFloat16);
+    let (b, h, hk, len, d, f) = (2, 4, 2, 333, 64, 128);
+    let bf16 = |shape: &[i64]| {
+        Tensor::randn(shape, (Kind::Float, dev))
+            .to_kind(Kind::BFloat16)
+            .set_requires_grad(true)
+    };
     let (q, k, v) = (
         bf16(&[b, h, len, d]),
-        bf16(&[b, h, len, d]),
-        bf16(&[b, h, len, d]),
+        bf16(&[b, hk, len, d]),
+        bf16(&[b, hk, len, d]),
     );
-    let feats = |t: &Tensor| t.softmax(-1, Kind::Float).to_kind(Kind::BFloat16);
-    let (phi_q, phi_k) = (feats(&bf16(&[b, h, len, f])), feats(&bf16(&[b, h, len, f])));
-    let logits = Tensor::zeros([h], (Kind::Float, dev));
+    let feats = |shape: &[i64]| {
+        Tensor::randn(shape, (Kind::Float, dev))
+            .softmax(-1, Kind::Float)
+            .to_kind(Kind::BFloat16)
+            .set_requires_grad(true)
+    };
+    let (phi_q, phi_k) = (feats(&[b, h, len, f]), feats(&[b, h, len, f]));
+    let logits = (Tensor::rand([h], (Kind::Float, dev)) * 3.0 - 2.0).set_requires_grad(true);
     let x = LolcatsInputs {
         q: &q,
         k: &k,
@@ -931,6 +952,9 @@ fn sinks_bypass_the_fused_kernels_on_cuda() {
         phi_k: &phi_k,
         window_factors: &logits,
     };
+    let leaves = [&q, &k, &v, &phi_q, &phi_k, &logits];
+    let f64_leaves = leaves.map(|t| t.detach().to_kind(Kind::Double).set_requires_grad(true));
+    let names = ["q", "k", "v", "phi_q", "phi_k", "window factors"];
     for shape in SHAPES {
         let fused_cfg = LolcatsConfig {
             window_shape: shape,
@@ -943,29 +967,60 @@ fn sinks_bypass_the_fused_kernels_on_cuda() {
             fused: false,
             ..fused_cfg
         };
+        let gammas = logits.sigmoid();
+        let call = fused::LolcatsInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            phi_q: &phi_q,
+            phi_k: &phi_k,
+            gammas: &gammas,
+        };
+        let window = match shape {
+            WindowShape::Sw => fused::Window::Sw(64),
+            WindowShape::Tk => fused::Window::Tk(64),
+        };
+        assert_eq!(fused::unsupported(&call, window), None, "{shape:?}");
         let y = lolcats::chunked_output(&x, &fused_cfg).unwrap();
         let want = lolcats::chunked_output(&x, &unfused).unwrap();
-        assert!(y.equal(&want), "{shape:?}: sinks took the fused kernels");
-        let double = |t: &Tensor| t.to_kind(Kind::Double);
-        let (qd, kd, vd, pqd, pkd) = (
-            double(&q),
-            double(&k),
-            double(&v),
-            double(&phi_q),
-            double(&phi_k),
+        assert!(
+            !y.equal(&want),
+            "{shape:?}: sinks did not take the fused kernels"
         );
         let reference = lolcats::naive(
             &LolcatsInputs {
-                q: &qd,
-                k: &kd,
-                v: &vd,
-                phi_q: &pqd,
-                phi_k: &pkd,
-                window_factors: &logits,
+                q: &f64_leaves[0],
+                k: &f64_leaves[1],
+                v: &f64_leaves[2],
+                phi_q: &f64_leaves[3],
+                phi_k: &f64_leaves[4],
+                window_factors: &f64_leaves[5],
             },
             &unfused,
         )
         .unwrap();
-        assert_close(&format!("{shape:?}"), &y, &reference, 2e-2);
+        let probe = reference.randn_like();
+        let expected = grads(&reference, &probe, &f64_leaves.each_ref());
+        // The fused form is held to the error relative to each gradient's largest entry (as in
+        // `fused_kernels_match_naive_on_cuda`), the libtorch form to the bf16 chunked tests'
+        // `rel_err` (relative above 1, absolute below).
+        let strict = |g: &Tensor, e: &Tensor| {
+            (g.to_kind(Kind::Double) - e).abs().max().double_value(&[])
+                / e.abs().max().double_value(&[]).max(1e-6)
+        };
+        for (form, out) in [("fused", &y), ("libtorch", &want)] {
+            assert_close(&format!("{shape:?} {form}: output"), out, &reference, 2e-2);
+            let got = grads(out, &probe.to_kind(Kind::BFloat16), &leaves);
+            for ((name, g), e) in names.iter().zip(&got).zip(&expected) {
+                let err = match form {
+                    "fused" => strict(g, e),
+                    _ => rel_err(g, e),
+                };
+                assert!(
+                    err < 3e-2,
+                    "{shape:?} {form}: grad {name}: relative error {err:e}"
+                );
+            }
+        }
     }
 }

@@ -1,4 +1,6 @@
-// Fused LoLCATs attention (triton/lolcats.py), both window shapes, as an autograd function. The
+// Fused LoLCATs attention (triton/lolcats.py), both window shapes, with or without sink tokens
+// (the first `sinks` keys: softmax keys of every later query, never linear ones), as an autograd
+// function. The
 // backward always forms the feature-map and window-factor gradients (attention transfer trains
 // only those) and adds the q, k and v gradients, which need passes over the window, when asked.
 // Normalised linear attention, the sw shape's linear terms with no window, is a second autograd
@@ -6,9 +8,11 @@
 #include "ffi_error.h"
 #include "triton_launch.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <exception>
+#include <utility>
 
 #ifdef LINEARIZE_CUDA
 #include <c10/core/GradMode.h>
@@ -23,6 +27,12 @@ constexpr int64_t kChunk = 64;
 constexpr int64_t kFeatureBlock = 64;
 // Rows per program of `grad_terms` (GRAD_ROWS in triton/compile.py).
 constexpr int64_t kGradRows = 32;
+// `backward_sink_kv` runs about kSinkPrograms programs in all (segments of query chunks times
+// batch-heads), each over at least kSinkSegment query chunks: enough programs that none outlasts
+// `backward_kv`'s grid by much, few enough that their f32 partial sums stay small (at most
+// kSinkPrograms x 64 sink rows x d per sink chunk).
+constexpr int64_t kSinkPrograms = 512;
+constexpr int64_t kSinkSegment = 4;
 
 // The dtype part of a kernel's key: "f16" or "bf16" (the inputs are one or the other).
 std::string dtype_of(const at::Tensor& t) {
@@ -37,10 +47,10 @@ std::string variant(const char* kernel, bool terrace, int64_t d, int64_t f,
 
 // Exclusive sums over chunks of a_c^T b_c (bh, n, F, D) in b's dtype (f32 for f16, whose range
 // sums over long sequences can exceed) and of w·a (bh, n, F) in f32: over the chunks before each
-// chunk, or after it when `reverse` (then w = `weights`).
+// chunk, or after it when `reverse` (then w = `weights`), leaving out the rows before `skip`.
 std::pair<at::Tensor, at::Tensor> chunk_sums(const at::Tensor& a, const at::Tensor& b,
                                              const at::Tensor* weights, int64_t heads,
-                                             bool reverse) {
+                                             bool reverse, int64_t skip) {
   int64_t batch = a.size(0), len = a.size(2), f = a.size(3), d = b.size(3);
   int64_t n = (len + kChunk - 1) / kChunk;
   auto sums = at::empty({batch * heads, n, f, d},
@@ -54,7 +64,8 @@ std::pair<at::Tensor, at::Tensor> chunk_sums(const at::Tensor& a, const at::Tens
                     {KernelArg::ptr(a), KernelArg::ptr(b),
                      KernelArg::ptr(weights ? *weights : weight_sums), KernelArg::ptr(sums),
                      KernelArg::ptr(weight_sums), KernelArg::i32(len), KernelArg::i32(n),
-                     KernelArg::i32(heads), KernelArg::i32(a.size(1)), KernelArg::i32(b.size(1))});
+                     KernelArg::i32(heads), KernelArg::i32(a.size(1)), KernelArg::i32(b.size(1)),
+                     KernelArg::i32(skip)});
   return {sums, weight_sums};
 }
 
@@ -74,11 +85,12 @@ std::pair<at::Tensor, at::Tensor> gradient_terms(const at::Tensor& grad, const a
   return {grad_num, grad_den};
 }
 
-// dφq of the linear terms (the keys before each query's window), and mu = φq·dφq into `mu`.
+// dφq of the linear terms (the keys before each query's window but the sinks), and mu = φq·dφq
+// into `mu`.
 at::Tensor backward_phi_q(const at::Tensor& grad_num, const at::Tensor& grad_den,
                           const at::Tensor& v, const at::Tensor& phi_q, const at::Tensor& phi_k,
                           const at::Tensor& sums, const at::Tensor& k_sums, const at::Tensor& mu,
-                          bool terrace, int64_t window) {
+                          bool terrace, int64_t window, int64_t sinks) {
   int64_t heads = phi_q.size(1), len = phi_q.size(2), n = (len + kChunk - 1) / kChunk;
   auto d_phi_q = at::empty_like(phi_q);
   using linearize::KernelArg;
@@ -88,16 +100,17 @@ at::Tensor backward_phi_q(const at::Tensor& grad_num, const at::Tensor& grad_den
       {KernelArg::ptr(grad_num), KernelArg::ptr(grad_den), KernelArg::ptr(v),
        KernelArg::ptr(phi_q), KernelArg::ptr(phi_k), KernelArg::ptr(sums), KernelArg::ptr(k_sums),
        KernelArg::ptr(d_phi_q), KernelArg::ptr(mu), KernelArg::i32(len), KernelArg::i32(n),
-       KernelArg::i32(heads), KernelArg::i32(v.size(1)), KernelArg::i32(window / kChunk)});
+       KernelArg::i32(heads), KernelArg::i32(v.size(1)), KernelArg::i32(window / kChunk),
+       KernelArg::i32(sinks)});
   return d_phi_q;
 }
 
-// dφk of the linear terms (the queries whose windows lie after each key), from the reverse sums
-// of φq^T gn and gd·φq.
+// dφk of the linear terms (the queries whose windows lie after each key; zero for the sinks),
+// from the reverse sums of φq^T gn and gd·φq.
 at::Tensor backward_phi_k(const at::Tensor& grad_num, const at::Tensor& grad_den,
                           const at::Tensor& v, const at::Tensor& phi_q, const at::Tensor& phi_k,
                           const at::Tensor& q_sums, const at::Tensor& q_den_sums, bool terrace,
-                          int64_t window) {
+                          int64_t window, int64_t sinks) {
   int64_t heads = phi_q.size(1), len = phi_q.size(2), n = (len + kChunk - 1) / kChunk;
   auto d_phi_k = at::empty_like(phi_k);
   using linearize::KernelArg;
@@ -107,7 +120,7 @@ at::Tensor backward_phi_k(const at::Tensor& grad_num, const at::Tensor& grad_den
       {KernelArg::ptr(grad_num), KernelArg::ptr(grad_den), KernelArg::ptr(v),
        KernelArg::ptr(phi_q), KernelArg::ptr(q_sums), KernelArg::ptr(q_den_sums),
        KernelArg::ptr(d_phi_k), KernelArg::i32(len), KernelArg::i32(n), KernelArg::i32(heads),
-       KernelArg::i32(v.size(1)), KernelArg::i32(window / kChunk)});
+       KernelArg::i32(v.size(1)), KernelArg::i32(window / kChunk), KernelArg::i32(sinks)});
   return d_phi_k;
 }
 
@@ -118,13 +131,50 @@ at::Tensor sum_shared_heads(const at::Tensor& grad, int64_t shared) {
   return grad.view({grad.size(0), shared, heads / shared, grad.size(2), grad.size(3)}).sum(2);
 }
 
+// Adds to dk and dv per query head (b, h, L, d) the sink chunks' gradients from the query chunks
+// after their window range (`backward_kv` covers the window range): partial sums per segment of
+// query chunks in f32, summed here and added with one rounding.
+void add_sink_grads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& grad_num, const at::Tensor& grad_den,
+                    const at::Tensor& maxes, const at::Tensor& argmaxes, const at::Tensor& mu,
+                    const at::Tensor& gammas, at::Tensor& dk_heads, at::Tensor& dv_heads,
+                    bool terrace, int64_t window, int64_t sinks) {
+  int64_t batch = q.size(0), heads = q.size(1), len = q.size(2), d = q.size(3);
+  int64_t n = (len + kChunk - 1) / kChunk;
+  int64_t segments =
+      std::max<int64_t>(1, std::min(kSinkPrograms / (batch * heads),
+                                    (n + kSinkSegment - 1) / kSinkSegment));
+  int64_t seg_len = (n + segments - 1) / segments;
+  segments = (n + seg_len - 1) / seg_len;
+  int64_t sink_rows = (sinks + kChunk - 1) / kChunk * kChunk;
+  auto part_k = at::empty({batch * heads, segments, sink_rows, d}, q.options().dtype(at::kFloat));
+  auto part_v = at::empty_like(part_k);
+  using linearize::KernelArg;
+  linearize::launch(
+      std::string("backward_sink_kv/") + (terrace ? "tk" : "sw") + "/d" + std::to_string(d) +
+          "/bf16",
+      q.device(), segments, batch * heads,
+      {KernelArg::ptr(q), KernelArg::ptr(k), KernelArg::ptr(v), KernelArg::ptr(grad_num),
+       KernelArg::ptr(grad_den), KernelArg::ptr(maxes), KernelArg::ptr(argmaxes),
+       KernelArg::ptr(mu), KernelArg::ptr(gammas), KernelArg::ptr(part_k), KernelArg::ptr(part_v),
+       KernelArg::i32(len), KernelArg::i32(n), KernelArg::i32(heads), KernelArg::i32(k.size(1)),
+       KernelArg::i32(v.size(1)), KernelArg::i32(window / kChunk), KernelArg::i32(sinks),
+       KernelArg::i32(seg_len), KernelArg::f32(1.0 / std::sqrt(static_cast<double>(d)))});
+  int64_t rows = std::min(sink_rows, len);
+  for (auto [grad, part] : {std::pair{dk_heads, part_k}, std::pair{dv_heads, part_v}}) {
+    auto sink = grad.view({batch * heads, len, d}).narrow(1, 0, rows);
+    sink.copy_(sink.to(at::kFloat) + part.sum(1).narrow(1, 0, rows));
+  }
+}
+
 struct Lolcats : public torch::autograd::Function<Lolcats> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& phi_q, const at::Tensor& phi_k,
-                            const at::Tensor& gammas, bool terrace, int64_t window) {
+                            const at::Tensor& gammas, bool terrace, int64_t window,
+                            int64_t sinks) {
     int64_t batch = q.size(0), heads = q.size(1), len = q.size(2), d = q.size(3);
     int64_t f = phi_q.size(3), n = (len + kChunk - 1) / kChunk;
-    auto [sums, k_sums] = chunk_sums(phi_k, v, nullptr, heads, false);
+    auto [sums, k_sums] = chunk_sums(phi_k, v, nullptr, heads, false, sinks);
     auto y = at::empty_like(q);
     auto den = at::empty({batch, heads, len}, q.options().dtype(at::kFloat));
     auto maxes = at::empty_like(den);
@@ -137,7 +187,7 @@ struct Lolcats : public torch::autograd::Function<Lolcats> {
          KernelArg::ptr(gammas), KernelArg::ptr(y), KernelArg::ptr(den), KernelArg::ptr(maxes),
          KernelArg::ptr(argmaxes), KernelArg::i32(len),
          KernelArg::i32(n), KernelArg::i32(heads), KernelArg::i32(k.size(1)),
-         KernelArg::i32(v.size(1)), KernelArg::i32(window / kChunk),
+         KernelArg::i32(v.size(1)), KernelArg::i32(window / kChunk), KernelArg::i32(sinks),
          KernelArg::f32(1.0 / std::sqrt(static_cast<double>(d)))});
     ctx->save_for_backward({q, k, v, phi_q, phi_k, gammas, y});
     ctx->saved_data["den"] = den;
@@ -147,6 +197,7 @@ struct Lolcats : public torch::autograd::Function<Lolcats> {
     ctx->saved_data["k_sums"] = k_sums;
     ctx->saved_data["window"] = window;
     ctx->saved_data["terrace"] = terrace;
+    ctx->saved_data["sinks"] = sinks;
     return y;
   }
 
@@ -161,16 +212,17 @@ struct Lolcats : public torch::autograd::Function<Lolcats> {
     auto k_sums = ctx->saved_data["k_sums"].toTensor();
     int64_t window = ctx->saved_data["window"].toInt();
     bool terrace = ctx->saved_data["terrace"].toBool();
+    int64_t sinks = ctx->saved_data["sinks"].toInt();
     int64_t batch = y.size(0), heads = y.size(1), len = y.size(2), d = y.size(3);
     int64_t f = phi_q.size(3), n = (len + kChunk - 1) / kChunk;
 
     auto [grad_num, grad_den] = gradient_terms(grads[0], y, den);
     auto mu = at::empty_like(den);
-    auto d_phi_q =
-        backward_phi_q(grad_num, grad_den, v, phi_q, phi_k, sums, k_sums, mu, terrace, window);
-    auto [q_sums, q_den_sums] = chunk_sums(phi_q, grad_num, &grad_den, heads, true);
+    auto d_phi_q = backward_phi_q(grad_num, grad_den, v, phi_q, phi_k, sums, k_sums, mu, terrace,
+                                  window, sinks);
+    auto [q_sums, q_den_sums] = chunk_sums(phi_q, grad_num, &grad_den, heads, true, 0);
     auto d_phi_k = backward_phi_k(grad_num, grad_den, v, phi_q, phi_k, q_sums, q_den_sums, terrace,
-                                  window);
+                                  window, sinks);
     // y is unchanged when γ and φq scale together: dγ_h = −Σ φq·dφq / γ_h.
     auto d_gammas = -mu.sum(at::IntArrayRef{0, 2}) / gammas;
 
@@ -187,7 +239,7 @@ struct Lolcats : public torch::autograd::Function<Lolcats> {
            KernelArg::ptr(grad_den), KernelArg::ptr(maxes), KernelArg::ptr(argmaxes),
            KernelArg::ptr(mu), KernelArg::ptr(gammas), KernelArg::ptr(dq), KernelArg::i32(len),
            KernelArg::i32(heads), KernelArg::i32(k.size(1)), KernelArg::i32(v.size(1)),
-           KernelArg::i32(window / kChunk), KernelArg::f32(scale)});
+           KernelArg::i32(window / kChunk), KernelArg::i32(sinks), KernelArg::f32(scale)});
     }
     if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
       // Per query head, then summed over the heads that share a key or value head.
@@ -201,11 +253,15 @@ struct Lolcats : public torch::autograd::Function<Lolcats> {
            KernelArg::ptr(gammas), KernelArg::ptr(q_sums), KernelArg::ptr(dk_heads),
            KernelArg::ptr(dv_heads), KernelArg::i32(len), KernelArg::i32(n),
            KernelArg::i32(heads), KernelArg::i32(k.size(1)), KernelArg::i32(v.size(1)),
-           KernelArg::i32(window / kChunk), KernelArg::f32(scale)});
+           KernelArg::i32(window / kChunk), KernelArg::i32(sinks), KernelArg::f32(scale)});
+      if (sinks > 0) {
+        add_sink_grads(q, k, v, grad_num, grad_den, maxes, argmaxes, mu, gammas, dk_heads,
+                       dv_heads, terrace, window, sinks);
+      }
       dk = sum_shared_heads(dk_heads, k.size(1));
       dv = sum_shared_heads(dv_heads, v.size(1));
     }
-    return {dq, dk, dv, d_phi_q, d_phi_k, d_gammas, at::Tensor(), at::Tensor()};
+    return {dq, dk, dv, d_phi_q, d_phi_k, d_gammas, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -216,7 +272,7 @@ struct LinearAttn : public torch::autograd::Function<LinearAttn> {
                             const at::Tensor& v, double eps) {
     int64_t batch = phi_q.size(0), heads = phi_q.size(1), len = phi_q.size(2);
     int64_t f = phi_q.size(3), d = v.size(3), n = (len + kChunk - 1) / kChunk;
-    auto [sums, k_sums] = chunk_sums(phi_k, v, nullptr, heads, false);
+    auto [sums, k_sums] = chunk_sums(phi_k, v, nullptr, heads, false, 0);
     auto y = at::empty({batch, heads, len, d}, v.options());
     auto den = at::empty({batch, heads, len}, v.options().dtype(at::kFloat));
     using linearize::KernelArg;
@@ -247,14 +303,15 @@ struct LinearAttn : public torch::autograd::Function<LinearAttn> {
       auto mu = at::empty_like(den);
       d_phi_q = backward_phi_q(grad_num, grad_den, v, phi_q, phi_k,
                                ctx->saved_data["sums"].toTensor(),
-                               ctx->saved_data["k_sums"].toTensor(), mu, false, 0);
+                               ctx->saved_data["k_sums"].toTensor(), mu, false, 0, 0);
     }
     if (!ctx->needs_input_grad(1) && !ctx->needs_input_grad(2)) {
       return {d_phi_q, d_phi_k, dv, at::Tensor()};
     }
-    auto [q_sums, q_den_sums] = chunk_sums(phi_q, grad_num, &grad_den, heads, true);
+    auto [q_sums, q_den_sums] = chunk_sums(phi_q, grad_num, &grad_den, heads, true, 0);
     if (ctx->needs_input_grad(1)) {
-      d_phi_k = backward_phi_k(grad_num, grad_den, v, phi_q, phi_k, q_sums, q_den_sums, false, 0);
+      d_phi_k =
+          backward_phi_k(grad_num, grad_den, v, phi_q, phi_k, q_sums, q_den_sums, false, 0, 0);
     }
     if (ctx->needs_input_grad(2)) {
       auto dv_heads = at::empty_like(y);
@@ -279,14 +336,16 @@ using linearize::set_error;
 extern "C" {
 
 // y = LoLCATs attention of contiguous bf16 q (b, h, L, d), k (b, h_k, L, d), v (b, h_v, L, d),
-// φq and φk (b, h, L, f), with window factors γ (h) in f32 and a window of `window` tokens (a
-// multiple of 64; terrace blocks when `terrace`), into `*out` (a new tensor).
+// φq and φk (b, h, L, f), with window factors γ (h) in f32, a window of `window` tokens (a
+// multiple of 64; terrace blocks when `terrace`) and `sinks` >= 0 sink tokens (φk's sink rows are
+// not read), into `*out` (a new tensor).
 int linearize_lolcats(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
                       const at::Tensor* phi_q, const at::Tensor* phi_k, const at::Tensor* gammas,
-                      int terrace, int64_t window, at::Tensor** out, char* err, size_t err_len) {
+                      int terrace, int64_t window, int64_t sinks, at::Tensor** out, char* err,
+                      size_t err_len) {
 #ifdef LINEARIZE_CUDA
   try {
-    auto y = Lolcats::apply(*q, *k, *v, *phi_q, *phi_k, *gammas, terrace != 0, window);
+    auto y = Lolcats::apply(*q, *k, *v, *phi_q, *phi_k, *gammas, terrace != 0, window, sinks);
     *out = new at::Tensor(std::move(y));
     return 0;
   } catch (const std::exception& e) {
@@ -295,7 +354,7 @@ int linearize_lolcats(const at::Tensor* q, const at::Tensor* k, const at::Tensor
   }
 #else
   (void)q, (void)k, (void)v, (void)phi_q, (void)phi_k, (void)gammas, (void)terrace, (void)window,
-      (void)out;
+      (void)sinks, (void)out;
   if (err != nullptr && err_len > 0) {
     std::snprintf(err, err_len, "%s", "built without CUDA");
   }

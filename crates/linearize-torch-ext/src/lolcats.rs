@@ -1,6 +1,7 @@
-//! Fused LoLCATs attention on CUDA (`triton/lolcats.py`), both window shapes: whole sequences from
-//! the empty state (training, scoring), differentiable. Attention transfer's backward (feature
-//! maps and window factors only) skips the passes that q, k and v gradients need.
+//! Fused LoLCATs attention on CUDA (`triton/lolcats.py`), both window shapes, with or without sink
+//! tokens: whole sequences from the empty state (training, scoring), differentiable. Attention
+//! transfer's backward (feature maps and window factors only) skips the passes that q, k and v
+//! gradients need.
 use crate::{call, triton};
 use anyhow::Result;
 use std::ffi::c_char;
@@ -37,6 +38,7 @@ extern "C" {
         gammas: *const C_tensor,
         terrace: i32,
         window: i64,
+        sinks: i64,
         out: *mut *mut C_tensor,
         err: *mut c_char,
         err_len: usize,
@@ -79,13 +81,20 @@ pub fn unsupported(x: &LolcatsInputs, window: Window) -> Option<String> {
         .map(|k| format!("{k}/{shape}/d{d}/f{f}/bf16"))
         .collect();
     keys.push(format!("backward_q/{shape}/d{d}/bf16"));
+    keys.push(format!("backward_sink_kv/{shape}/d{d}/bf16"));
     keys.push(format!("grad_terms/d{d}/bf16"));
     triton::missing_kernel(keys, device, "head sizes 64, 128; 64, 128, 256 features")
 }
 
 /// LoLCATs attention (b, h, L, d) in bf16 through the fused kernels, differentiable with respect
-/// to every input. Call only when [`unsupported`] returns `None`.
-pub fn attention(x: &LolcatsInputs, window: Window) -> Result<Tensor> {
+/// to every input. The first `sinks` tokens are softmax keys of every later query (under the same
+/// max and γ as the window) and never linear keys: `phi_k`'s rows for them are not read, and get
+/// no gradient. Call only when [`unsupported`] returns `None`.
+pub fn attention(x: &LolcatsInputs, window: Window, sinks: i64) -> Result<Tensor> {
+    anyhow::ensure!(
+        (0..=i64::from(i32::MAX)).contains(&sinks),
+        "fused LoLCATs attention: sinks must be in 0..=2^31 - 1, got {sinks}"
+    );
     let terrace = i32::from(matches!(window, Window::Tk(_)));
     let (_, size) = window.parts();
     let [q, k, v, phi_q, phi_k] = [x.q, x.k, x.v, x.phi_q, x.phi_k].map(Tensor::contiguous);
@@ -101,6 +110,7 @@ pub fn attention(x: &LolcatsInputs, window: Window) -> Result<Tensor> {
             gammas.as_ptr(),
             terrace,
             size,
+            sinks,
             &mut out,
             err,
             len,

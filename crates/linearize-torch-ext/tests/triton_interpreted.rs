@@ -41,7 +41,7 @@ fn interpret(script: &str) -> String {
 #[test]
 fn lolcats_kernels_match_the_definition_in_the_interpreter() {
     let text = interpret("check_lolcats.py");
-    assert_eq!(text.matches("ok seed").count(), 12, "{text}");
+    assert_eq!(text.matches("ok seed").count(), 24, "{text}");
 }
 
 #[test]

@@ -39,8 +39,8 @@ def fused(phi_q, phi_k, v, eps, g):
     sum_dtype = f32 if v.dtype == torch.float16 else v.dtype
     sums = torch.empty(b * h, n, F, D, dtype=sum_dtype)
     k_sums = torch.empty(b * h, n, F, dtype=f32)
-    k.chunk_sums[(b * h, F // BF)](phi_k, v, k_sums, sums, k_sums, L, n, h, h, hv, C=C, F=F, D=D,
-                                   BF=BF, REVERSE=False, WEIGHTED=False)
+    k.chunk_sums[(b * h, F // BF)](phi_k, v, k_sums, sums, k_sums, L, n, h, h, hv, 0, C=C, F=F,
+                                   D=D, BF=BF, REVERSE=False, WEIGHTED=False)
     y = torch.empty(b, h, L, D, dtype=v.dtype)
     den = torch.empty(b, h, L, dtype=f32)
     k.linear_forward[(n, b * h)](v, phi_q, phi_k, sums, k_sums, y, den, L, n, h, hv, eps, C=C,
@@ -53,14 +53,14 @@ def fused(phi_q, phi_k, v, eps, g):
     d_phi_q = torch.empty_like(phi_q)
     mu = torch.empty(b, h, L, dtype=f32)
     k.backward_phi_q[(n, b * h)](gn, gd, v, phi_q, phi_k, sums, k_sums, d_phi_q, mu, L, n, h, hv,
-                                 0, C=C, D=D, F=F, TERRACE=False)
+                                 0, 0, C=C, D=D, F=F, TERRACE=False)
     q_sums = torch.empty(b * h, n, F, D, dtype=sum_dtype)
     q_gd_sums = torch.empty(b * h, n, F, dtype=f32)
-    k.chunk_sums[(b * h, F // BF)](phi_q, gn, gd, q_sums, q_gd_sums, L, n, h, h, h, C=C, F=F,
+    k.chunk_sums[(b * h, F // BF)](phi_q, gn, gd, q_sums, q_gd_sums, L, n, h, h, h, 0, C=C, F=F,
                                    D=D, BF=BF, REVERSE=True, WEIGHTED=True)
     d_phi_k = torch.empty_like(phi_k)
     k.backward_phi_k[(n, b * h)](gn, gd, v, phi_q, q_sums, q_gd_sums, d_phi_k, L, n, h, hv, 0,
-                                 C=C, D=D, F=F, TERRACE=False)
+                                 0, C=C, D=D, F=F, TERRACE=False)
     dv = torch.empty(b, h, L, D, dtype=v.dtype)
     k.linear_backward_v[(n, b * h)](phi_q, phi_k, gn, q_sums, dv, L, n, C=C, D=D, F=F)
     dv = dv.view(b, hv, h // hv, L, D).sum(2)

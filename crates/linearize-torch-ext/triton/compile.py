@@ -42,6 +42,8 @@ POINTERS = {
                    "dq"],
     "backward_kv": ["q", "k", "v", "phi_q", "phi_k", "grad_num", "grad_den", "maxes", "argmaxes",
                     "mu", "gammas", "sums", "dk", "dv"],
+    "backward_sink_kv": ["q", "k", "v", "grad_num", "grad_den", "maxes", "argmaxes", "mu", "gammas",
+                         "part_k", "part_v"],
     "linear_forward": ["v", "phi_q", "phi_k", "sums", "k_sums", "y", "den"],
     "linear_backward_v": ["phi_q", "phi_k", "grad_num", "sums", "dv"],
 }
@@ -62,11 +64,12 @@ GLA_F32_POINTERS = {"g", "gc", "A", "dA", "dq_intra", "dk_intra", "dgs", "x", "o
 # backward_intra's dq and dk are its f32 in-chunk parts.
 GLA_F32_BY_KERNEL = {"backward_intra": {"dq", "dk"}}
 F32_POINTERS = {"weights", "weight_sums", "k_sums", "gammas", "den", "grad_den", "q_sums", "maxes",
-                "mu"}
+                "mu", "part_k", "part_v"}
 # The chunk sums of φk^T v (or φq^T gn): f32 for f16 inputs, whose range they can exceed.
 SUM_POINTERS = {"sums"}
 I32_POINTERS = {"argmaxes"}
-INTS = {"L", "Lp", "n_chunks", "H", "HA", "HB", "HG", "HK", "HV", "M", "n_rows"}
+INTS = {"L", "Lp", "n_chunks", "H", "HA", "HB", "HG", "HK", "HV", "M", "n_rows", "sinks", "skip",
+        "seg_len"}
 
 
 def variants():
@@ -126,9 +129,9 @@ def lolcats_variants():
             yield (name, f"{name}/d{d}/f{f}", base, warps, LINEAR_DTYPES)
     for d in HEAD_DIMS:
         yield ("grad_terms", f"grad_terms/d{d}", {"D": d, "ROWS": GRAD_ROWS}, 4, LINEAR_DTYPES)
-    for d, shape in itertools.product(HEAD_DIMS, SHAPES):
-        yield ("backward_q", f"backward_q/{shape}/d{d}",
-               {"C": CHUNK, "D": d, "TERRACE": shape == "tk"}, 8 if d > 64 else 4, ["bf16"])
+    for d, shape, name in itertools.product(HEAD_DIMS, SHAPES, ("backward_q", "backward_sink_kv")):
+        yield (name, f"{name}/{shape}/d{d}", {"C": CHUNK, "D": d, "TERRACE": shape == "tk"},
+               8 if d > 64 else 4, ["bf16"])
 
 
 def compile_one(job):

@@ -14,6 +14,13 @@ in its chunk; the window keys are the rest of chunk j − M and chunks j − M +
 `tk` (TERRACE true): the window is the query's terrace block of w tokens (M chunks) and the block
 before, up to the query; the linear keys are the blocks before that, whole chunks only.
 
+Sinks (`sinks` = N, 0 for none): the keys s < N are window keys of every query t >= s, under the
+same max m_t and factor γ, and never linear keys. Where a sink lies in a query's window it counts
+once; the sink chunks before the window range are one more pass of the window loop, masked to the
+sinks, and their keys' gradients from the query chunks past their window range are a kernel of
+their own (`backward_sink_kv`). The linear terms read φk as zero on the sink rows (the forward's
+sums skip them) and give them no feature gradient.
+
 Tensors are contiguous (b, heads, L, dim); program (i, bh) works on chunk i of batch-head bh; key
 and value heads are shared by H / HK and H / HV query heads. The chunk sums are kept in the inputs'
 dtype for bf16 and in f32 for f16, whose range sums over long sequences can exceed; products with
@@ -74,12 +81,13 @@ def _linear_chunk(j, M, TERRACE: tl.constexpr):
 
 
 @triton.jit
-def _in_window(t, key, M, C: tl.constexpr, TERRACE: tl.constexpr):
-    """[C, C] mask of the keys in the queries' windows, for key chunks within the window range."""
-    inside = key[None, :] <= t[:, None]
-    if not TERRACE:
-        inside = inside & (key[None, :] > t[:, None] - M * C)
-    return inside
+def _in_window(t, key, M, sinks, C: tl.constexpr, TERRACE: tl.constexpr):
+    """[C, C] mask of the keys in the queries' windows, the sinks (keys < `sinks`) included."""
+    if TERRACE:
+        near = key[None, :] >= (t[:, None] // (M * C) - 1) * (M * C)
+    else:
+        near = key[None, :] > t[:, None] - M * C
+    return (key[None, :] <= t[:, None]) & (near | (key[None, :] < sinks))
 
 
 @triton.jit
@@ -98,12 +106,13 @@ def grad_terms(g, y, den, grad_num, grad_den, n_rows, D: tl.constexpr, ROWS: tl.
 
 
 @triton.jit
-def chunk_sums(a, bm, weights, sums, weight_sums, L, n_chunks, H, HA, HB,
+def chunk_sums(a, bm, weights, sums, weight_sums, L, n_chunks, H, HA, HB, skip,
                C: tl.constexpr, F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr,
                REVERSE: tl.constexpr, WEIGHTED: tl.constexpr):
     """sums[bh, c] = Σ over the chunks before c (after c when REVERSE) of a_c^T b_c, (F, D) in the
     dtype of `sums`, and weight_sums[bh, c] = Σ_t w_t a_t over the same tokens, (F) in f32, w = 1
-    unless WEIGHTED (then `weights` (b, h, L) f32). One program per (bh, block of BF features)."""
+    unless WEIGHTED (then `weights` (b, h, L) f32); the rows t < `skip` (sinks) are left out.
+    One program per (bh, block of BF features)."""
     bh = tl.program_id(0)
     cols = tl.program_id(1) * BF + tl.arange(0, BF)
     a_base = a + _head(bh, H, HA).to(tl.int64) * L * F
@@ -121,7 +130,8 @@ def chunk_sums(a, bm, weights, sums, weight_sums, L, n_chunks, H, HA, HB,
         tl.store(wout + c * F, wacc)
         t = c * C + tl.arange(0, C)
         live = t < L
-        a_c = tl.load(a_base + t[:, None] * F + cols[None, :], mask=live[:, None], other=0.0)
+        a_c = tl.load(a_base + t[:, None] * F + cols[None, :], mask=(live & (t >= skip))[:, None],
+                      other=0.0)
         b_c = tl.load(b_base + t[:, None] * D + tl.arange(0, D)[None, :], mask=live[:, None],
                       other=0.0)
         acc += tl.dot(tl.trans(a_c), b_c)
@@ -133,11 +143,11 @@ def chunk_sums(a, bm, weights, sums, weight_sums, L, n_chunks, H, HA, HB,
 
 
 @triton.jit
-def _linear_terms(phi_q_j, phi_k, v_base, sums, k_sums, bh64, c, L, n_chunks, C: tl.constexpr,
-                  D: tl.constexpr, F: tl.constexpr, TERRACE: tl.constexpr):
+def _linear_terms(phi_q_j, phi_k, v_base, sums, k_sums, bh64, c, L, n_chunks, sinks,
+                  C: tl.constexpr, D: tl.constexpr, F: tl.constexpr, TERRACE: tl.constexpr):
     """The linear terms' numerator [C, D] and normaliser [C] (f32) of query chunk rows φq_j: the
     keys before chunk c through the exclusive sums at c, and for sw (TERRACE false) the keys of
-    chunk c at or before each query's place in its chunk."""
+    chunk c at or before each query's place in its chunk, but the sinks."""
     s_ptrs = sums + (bh64 * n_chunks + c) * F * D + tl.arange(0, F)[:, None] * D \
         + tl.arange(0, D)[None, :]
     kv = tl.load(s_ptrs)
@@ -149,7 +159,7 @@ def _linear_terms(phi_q_j, phi_k, v_base, sums, k_sums, bh64, c, L, n_chunks, C:
         # Chunk c is the sequence's last (and may be short) when the window is empty.
         fk_ptrs, keys_live = _chunk(phi_k + bh64 * L * F, c, L, F, C)
         v_ptrs, _ = _chunk(v_base, c, L, D, C)
-        phi_k_c = tl.load(fk_ptrs, mask=keys_live, other=0.0)
+        phi_k_c = tl.load(fk_ptrs, mask=keys_live & (c * C + rows >= sinks)[:, None], other=0.0)
         v_c = tl.load(v_ptrs, mask=keys_live, other=0.0)
         a = tl.dot(phi_q_j, tl.trans(phi_k_c))
         # Numerator and normaliser read the same rounded weights.
@@ -160,12 +170,40 @@ def _linear_terms(phi_q_j, phi_k, v_base, sums, k_sums, bh64, c, L, n_chunks, C:
 
 
 @triton.jit
+def _sink_chunks(first, sinks, C: tl.constexpr):
+    """The number of chunks from 0 holding sinks that lie before the window range's `first`."""
+    return tl.minimum((sinks + C - 1) // C, first)
+
+
+@triton.jit
+def _window_block(q_j, k_base, v_base, c, t, m, star, w_den, w_num, L, M, sinks, scale,
+                  C: tl.constexpr, D: tl.constexpr, TERRACE: tl.constexpr):
+    """Key chunk c's step of the online softmax over the queries' windows and sinks: the running
+    max m [C] and its key `star`, and the sums w_den [C] and w_num [C, D] under the new max."""
+    k_ptrs, keys_live = _chunk(k_base, c, L, D, C)
+    v_ptrs, _ = _chunk(v_base, c, L, D, C)
+    k_c = tl.load(k_ptrs, mask=keys_live, other=0.0)
+    v_c = tl.load(v_ptrs, mask=keys_live, other=0.0)
+    s = tl.dot(q_j, tl.trans(k_c)) * scale
+    s = tl.where(_in_window(t, c * C + tl.arange(0, C), M, sinks, C, TERRACE), s, float("-inf"))
+    block_max = tl.max(s, 1)
+    star = tl.where(block_max > m, c * C + tl.argmax(s, 1), star)
+    m_new = tl.maximum(m, block_max)
+    alpha = tl.exp(m - m_new)
+    # Numerator and denominator read the same rounded weights.
+    p = tl.exp(s - m_new[:, None]).to(v_c.dtype)
+    w_den = w_den * alpha + tl.sum(p.to(tl.float32), 1)
+    w_num = w_num * alpha[:, None] + tl.dot(p, v_c)
+    return m_new, star, w_den, w_num
+
+
+@triton.jit
 def forward(q, k, v, phi_q, phi_k, sums, k_sums, gammas, y, den, maxes, argmaxes, L, n_chunks, H,
-            HK, HV, M, scale, C: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+            HK, HV, M, sinks, scale, C: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
             TERRACE: tl.constexpr):
-    """y (b, h, L, D) in v's dtype, and per query (b, h, L) the normaliser `den`, the window's
-    largest score `maxes` (f32) and its key `argmaxes` (i32), from the key-feature sums `sums`
-    (bh, n, F, D) / `k_sums` (bh, n, F) over the chunks before each chunk."""
+    """y (b, h, L, D) in v's dtype, and per query (b, h, L) the normaliser `den`, the largest
+    score of the window and sinks `maxes` (f32) and its key `argmaxes` (i32), from the key-feature
+    sums `sums` (bh, n, F, D) / `k_sums` (bh, n, F) over the chunks before each chunk."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     rows = tl.arange(0, C)
@@ -176,28 +214,19 @@ def forward(q, k, v, phi_q, phi_k, sums, k_sums, gammas, y, den, maxes, argmaxes
     q_ptrs, live = _chunk(q + bh64 * L * D, j, L, D, C)
     q_j = tl.load(q_ptrs, mask=live, other=0.0)
 
-    # Window: chunk j first (its diagonal makes every row's max finite), then back.
+    # Window: chunk j first (its diagonal makes every row's max finite), then back, then the
+    # sink chunks before the window range.
     m = tl.full([C], float("-inf"), tl.float32)
     star = tl.zeros([C], tl.int32)
     w_den = tl.zeros([C], tl.float32)
     w_num = tl.zeros([C, D], tl.float32)
-    for i in tl.range(0, j - _first_window_chunk(j, M, TERRACE) + 1):
-        c = j - i
-        k_ptrs, keys_live = _chunk(k_base, c, L, D, C)
-        v_ptrs, _ = _chunk(v_base, c, L, D, C)
-        k_c = tl.load(k_ptrs, mask=keys_live, other=0.0)
-        v_c = tl.load(v_ptrs, mask=keys_live, other=0.0)
-        s = tl.dot(q_j, tl.trans(k_c)) * scale
-        s = tl.where(_in_window(t, c * C + rows, M, C, TERRACE), s, float("-inf"))
-        block_max = tl.max(s, 1)
-        star = tl.where(block_max > m, c * C + tl.argmax(s, 1), star)
-        m_new = tl.maximum(m, block_max)
-        alpha = tl.exp(m - m_new)
-        # Numerator and denominator read the same rounded weights.
-        p = tl.exp(s - m_new[:, None]).to(v.dtype.element_ty)
-        w_den = w_den * alpha + tl.sum(p.to(tl.float32), 1)
-        w_num = w_num * alpha[:, None] + tl.dot(p, v_c)
-        m = m_new
+    first = _first_window_chunk(j, M, TERRACE)
+    for i in tl.range(0, j - first + 1):
+        m, star, w_den, w_num = _window_block(q_j, k_base, v_base, j - i, t, m, star, w_den,
+                                              w_num, L, M, sinks, scale, C, D, TERRACE)
+    for c in tl.range(0, _sink_chunks(first, sinks, C)):
+        m, star, w_den, w_num = _window_block(q_j, k_base, v_base, c, t, m, star, w_den, w_num,
+                                              L, M, sinks, scale, C, D, TERRACE)
 
     gamma = tl.load(gammas + bh % H)
     num = gamma * w_num
@@ -207,7 +236,7 @@ def forward(q, k, v, phi_q, phi_k, sums, k_sums, gammas, y, den, maxes, argmaxes
         fq_ptrs, _ = _chunk(phi_q + bh64 * L * F, j, L, F, C)
         phi_q_j = tl.load(fq_ptrs, mask=live, other=0.0)
         linear_num, linear_den = _linear_terms(phi_q_j, phi_k, v_base, sums, k_sums, bh64, c, L,
-                                               n_chunks, C, D, F, TERRACE)
+                                               n_chunks, sinks, C, D, F, TERRACE)
         num += linear_num
         total += linear_den
 
@@ -231,7 +260,7 @@ def linear_forward(v, phi_q, phi_k, sums, k_sums, y, den, L, n_chunks, H, HV, ep
     fq_ptrs, live = _chunk(phi_q + bh64 * L * F, j, L, F, C)
     phi_q_j = tl.load(fq_ptrs, mask=live, other=0.0)
     num, total = _linear_terms(phi_q_j, phi_k, v + _head(bh, H, HV).to(tl.int64) * L * D, sums,
-                               k_sums, bh64, j, L, n_chunks, C, D, F, False)
+                               k_sums, bh64, j, L, n_chunks, 0, C, D, F, False)
     total += eps
     y_ptrs, _ = _chunk(y + bh64 * L * D, j, L, D, C)
     tl.store(y_ptrs, (num / total[:, None]).to(y.dtype.element_ty), mask=live)
@@ -240,11 +269,12 @@ def linear_forward(v, phi_q, phi_k, sums, k_sums, y, den, L, n_chunks, H, HV, ep
 
 @triton.jit
 def backward_phi_q(grad_num, grad_den, v, phi_q, phi_k, sums, k_sums, d_phi_q, mu, L, n_chunks, H,
-                   HV, M, C: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+                   HV, M, sinks, C: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
                    TERRACE: tl.constexpr):
-    """dφq_t = Σ_{s before t's window} (gn_t·v_s + gd_t) φk_s, from the forward's sums, and
-    mu_t = φq_t·dφq_t (b, h, L) in f32: minus the window's share of the gradient, which is also the
-    gradient of the window's largest score m_t (the linear terms are not scaled by exp(−m_t))."""
+    """dφq_t = Σ_{s before t's window, not a sink} (gn_t·v_s + gd_t) φk_s, from the forward's
+    sums, and mu_t = φq_t·dφq_t (b, h, L) in f32: minus the share of the window and sinks in the
+    gradient, which is also the gradient of their largest score m_t (the linear terms are not
+    scaled by exp(−m_t))."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     rows = tl.arange(0, C)
@@ -269,7 +299,8 @@ def backward_phi_q(grad_num, grad_den, v, phi_q, phi_k, sums, k_sums, d_phi_q, m
             v_ptrs, keys_live = _chunk(v + _head(bh, H, HV).to(tl.int64) * L * D, c, L, D, C)
             fk_ptrs, _ = _chunk(phi_k + bh64 * L * F, c, L, F, C)
             v_c = tl.load(v_ptrs, mask=keys_live, other=0.0)
-            phi_k_c = tl.load(fk_ptrs, mask=keys_live, other=0.0)
+            phi_k_c = tl.load(fk_ptrs, mask=keys_live & (c * C + rows >= sinks)[:, None],
+                              other=0.0)
             e = tl.dot(gn, tl.trans(v_c)) + gd[:, None]
             e = tl.where(rows[None, :] <= rows[:, None], e, 0.0).to(phi_k.dtype.element_ty)
             grad += tl.dot(e, phi_k_c)
@@ -281,9 +312,11 @@ def backward_phi_q(grad_num, grad_den, v, phi_q, phi_k, sums, k_sums, d_phi_q, m
 
 @triton.jit
 def backward_phi_k(grad_num, grad_den, v, phi_q, sums, q_sums, d_phi_k, L, n_chunks, H, HV, M,
-                   C: tl.constexpr, D: tl.constexpr, F: tl.constexpr, TERRACE: tl.constexpr):
+                   sinks, C: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+                   TERRACE: tl.constexpr):
     """dφk_s = Σ_{t whose window is after s} (gn_t·v_s + gd_t) φq_t, from `sums` (bh, n, F, D) =
-    Σ φq^T gn and `q_sums` (bh, n, F) = Σ gd φq over the chunks after each chunk."""
+    Σ φq^T gn and `q_sums` (bh, n, F) = Σ gd φq over the chunks after each chunk; zero for the
+    sinks, never linear keys."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     rows = tl.arange(0, C)
@@ -315,17 +348,18 @@ def backward_phi_k(grad_num, grad_den, v, phi_q, sums, q_sums, d_phi_k, L, n_chu
             e = tl.dot(v_c, tl.trans(gn)) + gd[None, :]
             e = tl.where(rows[:, None] <= rows[None, :], e, 0.0).to(phi_q.dtype.element_ty)
             grad += tl.dot(e, phi_q_j)
+    grad = tl.where((c * C + rows >= sinks)[:, None], grad, 0.0)
     tl.store(out_ptrs, grad.to(d_phi_k.dtype.element_ty), mask=live)
 
 
 @triton.jit
-def _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu, gamma, t, key, M, scale,
+def _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu, gamma, t, key, M, sinks, scale,
                        C: tl.constexpr, TERRACE: tl.constexpr):
     """The window weights e = exp(s − m) of one (query chunk, key chunk) pair [C, C] (zero outside
-    the windows) and the scores' gradient: γ·e·(gn_t·v_s + gd_t), plus mu_t at each query's
-    largest score (through m_t)."""
+    the windows and sinks) and the scores' gradient: γ·e·(gn_t·v_s + gd_t), plus mu_t at each
+    query's largest score (through m_t)."""
     s = tl.dot(q_j, tl.trans(k_c)) * scale
-    e = tl.where(_in_window(t, key, M, C, TERRACE), tl.exp(s - m[:, None]), 0.0)
+    e = tl.where(_in_window(t, key, M, sinks, C, TERRACE), tl.exp(s - m[:, None]), 0.0)
     d = tl.dot(gn, tl.trans(v_c)) + gd[:, None]
     ds = gamma * e * d + tl.where(key[None, :] == star[:, None], mu[:, None], 0.0)
     return e, ds
@@ -348,12 +382,24 @@ def _query_terms(q, grad_num, grad_den, maxes, argmaxes, mu, bh64, j, L, D: tl.c
 
 
 @triton.jit
+def _key_chunk_dq(q_j, k_base, v_base, c, t, gn, gd, m, star, mu_j, gamma, L, M, sinks, scale,
+                  C: tl.constexpr, D: tl.constexpr, TERRACE: tl.constexpr):
+    """Key chunk c's share of dq / scale [C, D] (f32) for query chunk rows q_j."""
+    k_ptrs, keys_live = _chunk(k_base, c, L, D, C)
+    v_ptrs, _ = _chunk(v_base, c, L, D, C)
+    k_c = tl.load(k_ptrs, mask=keys_live, other=0.0)
+    v_c = tl.load(v_ptrs, mask=keys_live, other=0.0)
+    ds = _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu_j, gamma, t,
+                            c * C + tl.arange(0, C), M, sinks, scale, C, TERRACE)[1]
+    return tl.dot(ds.to(k_c.dtype), k_c)
+
+
+@triton.jit
 def backward_q(q, k, v, grad_num, grad_den, maxes, argmaxes, mu, gammas, dq, L, H, HK, HV, M,
-               scale, C: tl.constexpr, D: tl.constexpr, TERRACE: tl.constexpr):
-    """dq (b, h, L, D): only window scores depend on q."""
+               sinks, scale, C: tl.constexpr, D: tl.constexpr, TERRACE: tl.constexpr):
+    """dq (b, h, L, D): only the scores of the window and sinks depend on q."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
-    rows = tl.arange(0, C)
     bh64 = bh.to(tl.int64)
     k_base = k + _head(bh, H, HK).to(tl.int64) * L * D
     v_base = v + _head(bh, H, HV).to(tl.int64) * L * D
@@ -361,32 +407,32 @@ def backward_q(q, k, v, grad_num, grad_den, maxes, argmaxes, mu, gammas, dq, L, 
                                                         bh64, j, L, D, C)
     gamma = tl.load(gammas + bh % H)
     grad = tl.zeros([C, D], tl.float32)
-    for i in tl.range(0, j - _first_window_chunk(j, M, TERRACE) + 1):
-        c = j - i
-        k_ptrs, keys_live = _chunk(k_base, c, L, D, C)
-        v_ptrs, _ = _chunk(v_base, c, L, D, C)
-        k_c = tl.load(k_ptrs, mask=keys_live, other=0.0)
-        v_c = tl.load(v_ptrs, mask=keys_live, other=0.0)
-        ds = _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu_j, gamma, t, c * C + rows, M,
-                                scale, C, TERRACE)[1]
-        grad += tl.dot(ds.to(k_c.dtype), k_c)
+    # The forward's key chunks: the window range, then the sink chunks before it.
+    first = _first_window_chunk(j, M, TERRACE)
+    for i in tl.range(0, j - first + 1):
+        grad += _key_chunk_dq(q_j, k_base, v_base, j - i, t, gn, gd, m, star, mu_j, gamma, L, M,
+                              sinks, scale, C, D, TERRACE)
+    for c in tl.range(0, _sink_chunks(first, sinks, C)):
+        grad += _key_chunk_dq(q_j, k_base, v_base, c, t, gn, gd, m, star, mu_j, gamma, L, M,
+                              sinks, scale, C, D, TERRACE)
     dq_ptrs, _ = _chunk(dq + bh64 * L * D, j, L, D, C)
     tl.store(dq_ptrs, (grad * scale).to(dq.dtype.element_ty), mask=live)
 
 
 @triton.jit
-def _linear_value_grad(phi_q, phi_k, grad_num, sums, bh64, c, j, L, n_chunks, C: tl.constexpr,
-                       D: tl.constexpr, F: tl.constexpr, TERRACE: tl.constexpr):
-    """The linear terms' share of dv for key chunk c [C, D] (f32): the queries after chunk j
-    through `sums` (bh, n, F, D) = Σ φq^T gn over the chunks after each chunk, and for sw (TERRACE
-    false) the queries of chunk j at or after each key's place in its chunk."""
+def _linear_value_grad(phi_q, phi_k, grad_num, sums, bh64, c, j, L, n_chunks, sinks,
+                       C: tl.constexpr, D: tl.constexpr, F: tl.constexpr, TERRACE: tl.constexpr):
+    """The linear terms' share of dv for key chunk c [C, D] (f32), none for the sinks: the
+    queries after chunk j through `sums` (bh, n, F, D) = Σ φq^T gn over the chunks after each
+    chunk, and for sw (TERRACE false) the queries of chunk j at or after each key's place in its
+    chunk."""
     rows = tl.arange(0, C)
     # Σ φq^T gn over the chunks after j, (F, D)
     s_ptrs = sums + (bh64 * n_chunks + j) * F * D + tl.arange(0, F)[:, None] * D \
         + tl.arange(0, D)[None, :]
     qg = tl.load(s_ptrs)
     fk_ptrs, keys_live = _chunk(phi_k + bh64 * L * F, c, L, F, C)
-    phi_k_c = tl.load(fk_ptrs, mask=keys_live, other=0.0)
+    phi_k_c = tl.load(fk_ptrs, mask=keys_live & (c * C + rows >= sinks)[:, None], other=0.0)
     grad = tl.dot(phi_k_c.to(qg.dtype), qg)
     if not TERRACE:
         t = j * C + rows
@@ -403,39 +449,83 @@ def _linear_value_grad(phi_q, phi_k, grad_num, sums, bh64, c, j, L, n_chunks, C:
 
 
 @triton.jit
+def _window_kv_grads(q, grad_num, grad_den, maxes, argmaxes, mu, k_c, v_c, key, gamma, bh64, lo,
+                     hi, L, M, sinks, scale, C: tl.constexpr, D: tl.constexpr,
+                     TERRACE: tl.constexpr):
+    """The window and sink scores' share of dk / scale and of dv [C, D] (f32) for the key chunk
+    rows k_c, v_c at places `key`, from query chunks lo .. hi − 1."""
+    grad_k = tl.zeros([C, D], tl.float32)
+    grad_v = tl.zeros([C, D], tl.float32)
+    for j in tl.range(lo, hi):
+        t, _, q_j, gn, gd, m, star, mu_j = _query_terms(q, grad_num, grad_den, maxes, argmaxes, mu,
+                                                         bh64, j, L, D, C)
+        e, ds = _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu_j, gamma, t, key, M,
+                                   sinks, scale, C, TERRACE)
+        grad_v += tl.dot(tl.trans((gamma * e).to(gn.dtype)), gn)
+        grad_k += tl.dot(tl.trans(ds.to(q_j.dtype)), q_j)
+    return grad_k, grad_v
+
+
+@triton.jit
 def backward_kv(q, k, v, phi_q, phi_k, grad_num, grad_den, maxes, argmaxes, mu, gammas, sums,
-                dk, dv, L, n_chunks, H, HK, HV, M, scale,
+                dk, dv, L, n_chunks, H, HK, HV, M, sinks, scale,
                 C: tl.constexpr, D: tl.constexpr, F: tl.constexpr, TERRACE: tl.constexpr):
     """dk and dv (b, h, L, D) per query head (the caller sums heads that share a key or value
     head): window scores over the query chunks whose windows reach key chunk c, and for dv the
-    linear terms, from `sums` (bh, n, F, D) = Σ φq^T gn over the chunks after each chunk."""
+    linear terms, from `sums` (bh, n, F, D) = Σ φq^T gn over the chunks after each chunk. The
+    sinks' scores from the query chunks after that are `backward_sink_kv`'s."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    rows = tl.arange(0, C)
-    key = c * C + rows
+    key = c * C + tl.arange(0, C)
     bh64 = bh.to(tl.int64)
     k_ptrs, live = _chunk(k + _head(bh, H, HK).to(tl.int64) * L * D, c, L, D, C)
     v_ptrs, _ = _chunk(v + _head(bh, H, HV).to(tl.int64) * L * D, c, L, D, C)
     k_c = tl.load(k_ptrs, mask=live, other=0.0)
     v_c = tl.load(v_ptrs, mask=live, other=0.0)
     gamma = tl.load(gammas + bh % H)
-    grad_k = tl.zeros([C, D], tl.float32)
-    grad_v = tl.zeros([C, D], tl.float32)
-    last = tl.minimum(_last_window_chunk(c, M, TERRACE), n_chunks - 1)
-    for j in tl.range(c, last + 1):
-        t, _, q_j, gn, gd, m, star, mu_j = _query_terms(q, grad_num, grad_den, maxes, argmaxes, mu,
-                                                         bh64, j, L, D, C)
-        e, ds = _window_score_grad(q_j, k_c, v_c, gn, gd, m, star, mu_j, gamma, t, key, M,
-                                   scale, C, TERRACE)
-        grad_v += tl.dot(tl.trans((gamma * e).to(gn.dtype)), gn)
-        grad_k += tl.dot(tl.trans(ds.to(q_j.dtype)), q_j)
     j = _last_window_chunk(c, M, TERRACE)
+    grad_k, grad_v = _window_kv_grads(q, grad_num, grad_den, maxes, argmaxes, mu, k_c, v_c, key,
+                                      gamma, bh64, c, tl.minimum(j, n_chunks - 1) + 1, L, M,
+                                      sinks, scale, C, D, TERRACE)
     if j < n_chunks:
-        grad_v += _linear_value_grad(phi_q, phi_k, grad_num, sums, bh64, c, j, L, n_chunks, C, D,
-                                     F, TERRACE)
+        grad_v += _linear_value_grad(phi_q, phi_k, grad_num, sums, bh64, c, j, L, n_chunks,
+                                     sinks, C, D, F, TERRACE)
     out = bh64 * L * D + key[:, None] * D + tl.arange(0, D)[None, :]
     tl.store(dk + out, (grad_k * scale).to(dk.dtype.element_ty), mask=live)
     tl.store(dv + out, grad_v.to(dv.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def backward_sink_kv(q, k, v, grad_num, grad_den, maxes, argmaxes, mu, gammas, part_k, part_v, L,
+                     n_chunks, H, HK, HV, M, sinks, seg_len, scale, C: tl.constexpr,
+                     D: tl.constexpr, TERRACE: tl.constexpr):
+    """The sink chunks' dk and dv from the query chunks after their window range, which
+    `backward_kv` leaves out: program (s, bh) sums query chunks s·seg_len .. (s + 1)·seg_len − 1
+    into part_k and part_v (bh, segments, sink chunks · C, D) in f32, which the caller sums over
+    segments and adds. Segments spread a sink's work, which grows with the sequence, over the
+    grid instead of one long program per head."""
+    seg = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = tl.arange(0, C)
+    bh64 = bh.to(tl.int64)
+    k_base = k + _head(bh, H, HK).to(tl.int64) * L * D
+    v_base = v + _head(bh, H, HV).to(tl.int64) * L * D
+    gamma = tl.load(gammas + bh % H)
+    n_sink = (sinks + C - 1) // C
+    part = (bh64 * tl.num_programs(0) + seg) * n_sink * C * D + rows[:, None] * D \
+        + tl.arange(0, D)[None, :]
+    for c in tl.range(0, n_sink):
+        k_ptrs, live = _chunk(k_base, c, L, D, C)
+        v_ptrs, _ = _chunk(v_base, c, L, D, C)
+        k_c = tl.load(k_ptrs, mask=live, other=0.0)
+        v_c = tl.load(v_ptrs, mask=live, other=0.0)
+        lo = tl.maximum(seg * seg_len, _last_window_chunk(c, M, TERRACE) + 1)
+        hi = tl.minimum((seg + 1) * seg_len, n_chunks)
+        grad_k, grad_v = _window_kv_grads(q, grad_num, grad_den, maxes, argmaxes, mu, k_c, v_c,
+                                          c * C + rows, gamma, bh64, lo, hi, L, M, sinks, scale,
+                                          C, D, TERRACE)
+        tl.store(part_k + part + c * C * D, grad_k * scale)
+        tl.store(part_v + part + c * C * D, grad_v)
 
 
 @triton.jit
@@ -445,7 +535,7 @@ def linear_backward_v(phi_q, phi_k, grad_num, sums, dv, L, n_chunks, C: tl.const
     share a value head), from `sums` (bh, n, F, D) = Σ φq^T gn over the chunks after each chunk."""
     c = tl.program_id(0)
     bh64 = tl.program_id(1).to(tl.int64)
-    grad = _linear_value_grad(phi_q, phi_k, grad_num, sums, bh64, c, c, L, n_chunks, C, D, F,
+    grad = _linear_value_grad(phi_q, phi_k, grad_num, sums, bh64, c, c, L, n_chunks, 0, C, D, F,
                               False)
     dv_ptrs, live = _chunk(dv + bh64 * L * D, c, L, D, C)
     tl.store(dv_ptrs, grad.to(dv.dtype.element_ty), mask=live)

@@ -14,8 +14,9 @@
 //!
 //! Sinks: the call's sink keys and values are appended to every local block with their own mask
 //! (softmax only), and the sink tokens' key features are zeroed before anything reads them, so no
-//! linear sum, in a block or carried, holds a sink. The fused kernels know no sinks; calls with
-//! sinks take the forms here.
+//! linear sum, in a block or carried, holds a sink. The fused kernels take the sinks themselves
+//! (as window keys of every query, with their key features left unread), so they get the raw
+//! features.
 use super::{check_inputs, gammas, LolcatsConfig, LolcatsInputs, LolcatsState, Shapes};
 use crate::error::{Error, Result};
 use crate::ops::window::{without_sinks, LocalBlocks, WindowShape};
@@ -34,14 +35,14 @@ pub fn chunked(
     state: Option<&LolcatsState>,
 ) -> Result<(Tensor, LolcatsState)> {
     let call = Call::new(x, cfg, state)?;
+    let fused = match state {
+        None => fused_output(x, cfg)?,
+        Some(_) => None,
+    };
     let phi_k = without_sinks(x.phi_k, call.start.pos, cfg.sinks);
     let x = &LolcatsInputs {
         phi_k: &phi_k,
         ..*x
-    };
-    let fused = match state {
-        None => fused_output(x, cfg)?,
-        Some(_) => None,
     };
     let y = fused.unwrap_or_else(|| call.output(x));
     let end = call.start.advance(
@@ -57,25 +58,25 @@ pub fn chunked(
 
 /// [`chunked`]'s output from an empty state, without building the state after the last token
 /// (training needs only the output). With `cfg.fused`, calls that the fused CUDA kernels support
-/// (bf16, a window of whole 64-token chunks, one feature map per query head) take them.
+/// (bf16, a window of whole 64-token chunks, one feature map per query head) take them, sinks
+/// or not.
 pub fn chunked_output(x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Tensor> {
     let call = Call::new(x, cfg, None)?;
+    if let Some(y) = fused_output(x, cfg)? {
+        return Ok(y);
+    }
     let phi_k = without_sinks(x.phi_k, 0, cfg.sinks);
-    let x = &LolcatsInputs {
+    Ok(call.output(&LolcatsInputs {
         phi_k: &phi_k,
         ..*x
-    };
-    Ok(match fused_output(x, cfg)? {
-        Some(y) => y,
-        None => call.output(x),
-    })
+    }))
 }
 
 /// The fused kernels' output from the empty state, or `None` when they do not apply (or
-/// `cfg.fused` is off, or the config has sinks, which they do not know). The caller has checked
-/// the inputs.
+/// `cfg.fused` is off). `x.phi_k` keeps its sink rows: the kernels leave them out of the linear
+/// terms. The caller has checked the inputs.
 fn fused_output(x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Option<Tensor>> {
-    if !cfg.fused || cfg.sinks > 0 {
+    if !cfg.fused {
         return Ok(None);
     }
     let window = match cfg.window_shape {
@@ -94,7 +95,7 @@ fn fused_output(x: &LolcatsInputs, cfg: &LolcatsConfig) -> Result<Option<Tensor>
     if fused::unsupported(&inputs, window).is_some() {
         return Ok(None);
     }
-    fused::attention(&inputs, window)
+    fused::attention(&inputs, window, cfg.sinks)
         .map(Some)
         .map_err(Error::Kernel)
 }

@@ -18,7 +18,8 @@
 //! key independent of whether a sink happens to score higher, up to that common scale (a sink
 //! that dominates, as sinks do in trained models, lowers `exp(s − m_t)` for every softmax key
 //! alike, as it would in the teacher's softmax). The linear sums skip the sinks: their key
-//! features are zeroed before any sum, so the chunked, recurrent and fused-free paths agree.
+//! features are zeroed before any sum (the fused kernels mask them as they load them), so the
+//! chunked, recurrent and fused paths agree.
 //!
 //! Inputs ([`LolcatsInputs`]): `q` (b, h, L, d) and `k` (b, h_k, L, d) after RoPE, `v`
 //! (b, h_v, L, d_v), `phi_q` (b, h, L, f), `phi_k` (b, h_f, L, f), and the window-factor logits
@@ -55,8 +56,8 @@ pub struct LolcatsConfig {
     pub chunk_size: i64,
     /// Whether whole sequences take the fused CUDA kernels where they apply ([`chunked_output`]).
     pub fused: bool,
-    /// The first `sinks` tokens are softmax keys of every query (0: none). The fused kernels have
-    /// no sinks: calls with sinks take the libtorch chunked form.
+    /// The first `sinks` tokens are softmax keys of every query (0: none), in every form, the
+    /// fused kernels included.
     pub sinks: i64,
 }
 

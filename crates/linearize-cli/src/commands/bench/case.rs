@@ -99,6 +99,8 @@ pub struct Shape {
     pub features: i64,
     pub window: i64,
     pub chunk: i64,
+    /// Sink tokens of the LoLCATs and Lizard cases.
+    pub sinks: i64,
     pub kind: Kind,
     pub device: Device,
 }
@@ -223,7 +225,7 @@ impl Case {
                     window_size: s.window,
                     chunk_size: s.chunk,
                     fused: matches!(self.form, Form::Fused | Form::Transfer),
-                    sinks: 0,
+                    sinks: s.sinks,
                 };
                 let inputs = LolcatsInputs {
                     q: &x[0],
@@ -244,7 +246,7 @@ impl Case {
                     window_shape: WindowShape::Tk,
                     window_size: s.window,
                     chunk_size: s.chunk,
-                    sinks: 0,
+                    sinks: s.sinks,
                 };
                 let inputs = lizard::LizardInputs {
                     q: &x[0],

@@ -84,7 +84,7 @@ pub fn run(args: KernelArgs) -> Result<()> {
                 "device": device_arg(device), "dtype": args.runtime.dtype, "batch": shape.batch,
                 "heads": shape.heads, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim,
                 "features": shape.features, "window": shape.window, "chunk": shape.chunk,
-                "iters": iters, "naive_budget_bytes": budget,
+                "sinks": shape.sinks, "iters": iters, "naive_budget_bytes": budget,
             },
             "results": results,
         });
@@ -112,6 +112,9 @@ fn shape(args: &KernelArgs, device: Device) -> Result<Shape> {
     if args.heads % kv_heads != 0 {
         bail!("--kv-heads {kv_heads} must divide --heads {}", args.heads);
     }
+    if args.sinks < 0 {
+        bail!("--sinks must be >= 0, got {}", args.sinks);
+    }
     Ok(Shape {
         batch: args.batch,
         heads: args.heads,
@@ -120,6 +123,7 @@ fn shape(args: &KernelArgs, device: Device) -> Result<Shape> {
         features: args.features,
         window: args.window,
         chunk: args.chunk,
+        sinks: args.sinks,
         kind: args.runtime.kind()?,
         device,
     })
@@ -167,6 +171,7 @@ fn measure_in_child(
         ("--features", args.features),
         ("--window", args.window),
         ("--chunk", args.chunk),
+        ("--sinks", args.sinks),
         ("--iters", iters as i64),
     ] {
         cmd.args([flag.to_string(), value.to_string()]);

@@ -66,6 +66,10 @@ pub struct KernelArgs {
     /// Chunk size of the chunked forms.
     #[arg(long, default_value_t = 64)]
     chunk: i64,
+    /// Sink tokens of the LoLCATs and Lizard cases (the first tokens, softmax keys of every
+    /// query).
+    #[arg(long, default_value_t = 0)]
+    sinks: i64,
     #[arg(
         long,
         value_enum,
