@@ -6,7 +6,7 @@
 //! ones] from the carried state, which holds every token before the cached ones. The empty token
 //! (k = v = 0, β = 0, g = 0: it changes nothing) stands at position pos0 − m − 1, so that the
 //! state after E's token e is `S_{p_e}` for every e, the carried one included. Query t reads
-//! `S_{t−w}`, the state after E's token `e = t − w − p_0`; it is given there as
+//! `S_{t−w}`, the state after E's token `e = t − w − (pos0 − m − 1)`; it is given there as
 //! `q'_e = e^{Σ g over e+1 ..= e+w} q̂_t` (the w gates after token e, each a sum over its own
 //! window, so that no difference of long cumulative sums loses precision) and the kernel's output
 //! at e is its delta term. The kernel runs up to the last token that leaves the window in this
