@@ -45,6 +45,7 @@ METHOD_KEYS = {
     "liger_gla": ({"gate_normalizer"}, {"chunk_size", "sub_chunk", "fused_kernels"}),
     "liger": ({"window_size", "gate_normalizer", "sinks"}, {"chunk_size", "sub_chunk", "fused_kernels"}),
     "gated_deltanet": ({"rope", "qk_activation"}, {"chunk_size"}),
+    "gdn_window": ({"window_size", "sinks", "rope", "qk_activation"}, {"chunk_size"}),
 }
 
 

@@ -877,6 +877,78 @@ class GatedDeltaNetAttention(LinearizeAttention):
         return y
 
 
+class GdnWindowAttention(GatedDeltaNetAttention):
+    """Gated DeltaNet behind a softmax window: the softmax over the last `window_size` tokens and
+    the first `sinks` (sliding_window's output) plus a learned scale per head times the delta
+    rule's readout of its state after token t - w, aged by the gates of the w tokens since:
+      o_t = SWA_t + delta_scale_h * exp(g_{t-w+1} + ... + g_t) q_t S_{t-w}.
+    S runs the delta rule (as GatedDeltaNetAttention's) over the tokens that have left the window;
+    the sinks never write into it (their beta is zero). Here token by token: the window's tokens
+    wait in `pending` until they leave it."""
+
+    def __init__(self, config, layer_idx, attention):
+        super().__init__(config, layer_idx, attention)
+        self.window_size = attention["window_size"]
+        self.sinks = attention["sinks"]
+        self.delta_scale = nn.Parameter(torch.full((self.num_heads,), 0.1))
+
+    def memory(self, x, state):
+        """The delta term (b, h, L, d_v) of the new tokens at positions offset.., from `state` (s:
+        the delta state after every token that left the window; pending: the window's tokens not
+        yet written, their k, v, g and beta), which it updates."""
+        q, k, v, g, beta = self.inputs(x)
+        dtype = q.dtype
+        h = self.num_heads
+        k, v = repeat_heads(k, h), repeat_heads(v.to(dtype), h)
+        g, beta = g.to(dtype), beta.to(dtype)  # (b, h, L)
+        outputs = []
+        for t in range(q.shape[2]):
+            if x["offset"] + t < self.sinks:
+                beta = beta.clone()
+                beta[:, :, t] = 0
+            token = {"k": k[:, :, t : t + 1], "v": v[:, :, t : t + 1], "g": g[:, :, t : t + 1], "beta": beta[:, :, t : t + 1]}
+            pending = {name: torch.cat([state["pending"][name], token[name]], 2) for name in token}
+            lag = pending["g"].sum(2)[..., None, None]  # (b, h, 1, 1): the w - 1 pending gates and this one
+            outputs.append(lag.exp() * (q[:, :, t : t + 1] @ state["s"]))
+            if pending["g"].shape[2] == self.window_size:
+                # The oldest pending token leaves the window: written into S.
+                k_j, v_j = pending["k"][:, :, :1], pending["v"][:, :, :1]
+                decayed = pending["g"][:, :, :1, None].exp() * state["s"]
+                delta = pending["beta"][:, :, :1, None] * (v_j - k_j @ decayed)
+                state["s"] = decayed + k_j.transpose(-1, -2) @ delta
+                pending = {name: p[:, :, 1:] for name, p in pending.items()}
+            state["pending"] = pending
+        y = torch.cat(outputs, 2)
+        return self.delta_scale.to(dtype)[None, :, None, None] * y
+
+    def empty_memory(self, x):
+        v = x["v"]
+        b, d = v.shape[0], self.head_dim
+        dtype = compute_dtype(v)
+        empty = lambda *size: torch.zeros(b, self.num_heads, *size, dtype=dtype, device=v.device)
+        return {
+            "s": empty(d, v.shape[-1]),
+            "pending": {"k": empty(0, d), "v": empty(0, v.shape[-1]), "g": empty(0), "beta": empty(0)},
+        }
+
+    def window(self, x):
+        return swa_attend(x["q"], x["k"], x["v"], self.window_size, self.sinks, x["offset"])
+
+    def forward_core(self, x):
+        return self.window(x) + self.memory(x, self.empty_memory(x))
+
+    def prefill_state(self, x):
+        state = swa_state(x["k"], x["v"], self.window_size, self.sinks, x["offset"], compute_dtype(x["v"]))
+        memory = self.empty_memory(x)
+        self.memory(x, memory)
+        state["memory"] = memory
+        return state
+
+    def step(self, state, x):
+        window = swa_step(state, x["q"], x["k"], x["v"], self.window_size, self.sinks, x["offset"])
+        return window + self.memory(x, state["memory"])
+
+
 def init_delta_gates(module):
     """linearize's untrained gates: W_a = W_b = 0, A_log = 0 and log-spaced time steps dt from 1e-3
     to 1e-1 over the heads (dt_bias = softplus^-1(dt))."""
@@ -900,6 +972,7 @@ ATTENTION_CLASSES = {
     "liger_gla": LigerGlaAttention,
     "liger": LigerAttention,
     "gated_deltanet": GatedDeltaNetAttention,
+    "gdn_window": GdnWindowAttention,
 }
 
 

@@ -70,7 +70,7 @@ case "$MODEL" in
         # A LoRA job peaks at 20-28 GiB (session 11: seven at once ran out of memory on an
         # 80 GB H100 when they reached LoRA together).
         JOBS=${JOBS:-3}
-        ALL_METHODS="hedgehog lolcats_sw lolcats_tk lolcats_tk_xent lolcats_tk_sinks lolcats_tk_sinks_stage1 lolcats_tk_sinks_chatmix lolcats_tk_sinks_s1kl lolcats_tk_sinks_heads5 lolcats_tk_sinks_heads10 lolcats_tk_sinks_kv10 lolcats_tk_sinks_kv10_long lolcats_tk_sinks_layers3 lizard gated_deltanet liger t2r hybrid2 hybrid4 lolcats_sw_teacher_data untrained liger_untrained swa_sinks" ;;
+        ALL_METHODS="hedgehog lolcats_sw lolcats_tk lolcats_tk_xent lolcats_tk_sinks lolcats_tk_sinks_stage1 lolcats_tk_sinks_chatmix lolcats_tk_sinks_s1kl lolcats_tk_sinks_heads5 lolcats_tk_sinks_heads10 lolcats_tk_sinks_kv10 lolcats_tk_sinks_kv10_long lolcats_tk_sinks_layers3 lizard gated_deltanet gdn_window liger t2r hybrid2 hybrid4 lolcats_sw_teacher_data untrained liger_untrained swa_sinks" ;;
     gemma3)
         PREFIX=gemma3_270m_ GGUF_NAME=gemma-3-270m-q4_k_m.gguf MODEL_NAME=gemma-3-270m
         GGUF_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818

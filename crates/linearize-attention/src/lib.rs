@@ -11,6 +11,7 @@
 //! | [`ops::gla`]             | `naive`       | `chunked` (log space, sub-chunks)           | `step`, `recurrent`| [`ops::gla::GlaState`]            |
 //! | [`ops::liger`]           | `naive`       | `chunked`                                   | `step`, `recurrent`| [`ops::liger::LigerState`]        |
 //! | [`ops::gated_deltanet`]  | `naive` (per token) | `chunked` (WY / UT, triangular solve per chunk) | `step`, `recurrent`| [`ops::gated_deltanet::GatedDeltaNetState`] |
+//! | [`ops::gdn_window`] (sw) | `naive` (per token) | `chunked` (window SDPA + Gated DeltaNet on shifted queries) | `step`, `recurrent`| [`ops::gdn_window::GdnWindowState`] |
 //!
 //! All kernels take (batch, heads, len, dim) tensors; keys, values (and key features, gates) may
 //! have fewer heads than queries when their count divides it (GQA). They accumulate in f32 for

@@ -5,6 +5,7 @@ use crate::feature_map::{FeatureMap, FeatureMapConfig};
 use crate::ops::gated_deltanet::{
     self, DeltaGates, GatedDeltaNetConfig, GatedDeltaNetState, QkActivation,
 };
+use crate::ops::gdn_window::{self, GdnWindowConfig, GdnWindowInputs, GdnWindowState};
 use crate::ops::gla::{self, GlaConfig, GlaState};
 use crate::ops::liger::{self, LigerConfig, LigerInputs, LigerState};
 use crate::ops::linear_attn::{self, LinearAttnConfig, LinearState};
@@ -40,6 +41,9 @@ pub enum Method {
     /// Lizard: LoLCATs' window (and sinks) with linear terms decayed by a learned scalar gate per
     /// head and token.
     Lizard,
+    /// Gated DeltaNet behind a sliding softmax window (and sinks): the window's softmax plus a
+    /// learned scale times the delta-rule memory of the tokens that have left the window.
+    GdnWindow,
 }
 
 impl Method {
@@ -53,6 +57,7 @@ impl Method {
             Self::Liger => "liger",
             Self::GatedDeltanet => "gated_deltanet",
             Self::Lizard => "lizard",
+            Self::GdnWindow => "gdn_window",
         }
     }
 }
@@ -70,18 +75,19 @@ impl fmt::Display for Method {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttentionConfig {
-    /// `softmax`, `linear`, `lolcats`, `sliding_window`, `liger_gla`, `liger`, `gated_deltanet`
-    /// or `lizard`.
+    /// `softmax`, `linear`, `lolcats`, `sliding_window`, `liger_gla`, `liger`, `gated_deltanet`,
+    /// `lizard` or `gdn_window`.
     pub method: Method,
     /// `linear`, `lolcats`, `lizard`: the map φ applied to q and k after RoPE (a separate map, with its own
     /// parameters, for each). Default: Hedgehog with feature_dim 64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feature_map: Option<FeatureMapConfig>,
     /// `lolcats`, `lizard`: `sw` (the last `window_size` tokens) or `tk` (terrace blocks).
-    /// Default `sw`.
+    /// Default `sw`. (`gdn_window` has the sliding window only, and refuses the key.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_shape: Option<WindowShape>,
-    /// `lolcats`, `lizard`, `sliding_window`, `liger`: tokens of the softmax window. Default 64.
+    /// `lolcats`, `lizard`, `sliding_window`, `liger`, `gdn_window`: tokens of the softmax
+    /// window. Default 64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_size: Option<i64>,
     /// Every method but `softmax`: tokens per chunk of the chunked kernels (training and
@@ -106,11 +112,13 @@ pub struct AttentionConfig {
     /// sinks; `liger_gla` and Liger's GLA half: bf16 or f16, head size 64 or 128). Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fused_kernels: Option<bool>,
-    /// `lolcats`, `lizard`, `sliding_window`, `liger`: the first `sinks` tokens stay softmax keys
-    /// of every query (StreamingLLM). Default 0.
+    /// `lolcats`, `lizard`, `sliding_window`, `liger`, `gdn_window`: the first `sinks` tokens
+    /// stay softmax keys of every query (StreamingLLM; `gdn_window` never writes them into its
+    /// memory). Default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sinks: Option<i64>,
-    /// `gated_deltanet`: read q and k after RoPE (true) or before (false). Default false: the
+    /// `gated_deltanet`, `gdn_window`: read the delta rule's q and k after RoPE (true) or before
+    /// (false). Default false: the
     /// delta rule stores values under keys and overwrites by key similarity, which RoPE would make
     /// depend on position (the same key written at two positions would not overwrite itself),
     /// and recency is the decay gate's job; Gated DeltaNet has no RoPE. True keeps the teacher's
@@ -118,7 +126,7 @@ pub struct AttentionConfig {
     /// own position).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope: Option<bool>,
-    /// `gated_deltanet`: the map on q and k before their L2 norm, `identity` or `silu` (the
+    /// `gated_deltanet`, `gdn_window`: the map on the delta rule's q and k before their L2 norm, `identity` or `silu` (the
     /// paper's). Default `identity`, which keeps the teacher's q·k directions for the untrained
     /// layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,6 +165,7 @@ const FIELD_USERS: [(&str, &[Method]); 12] = [
             Method::Lizard,
             Method::SlidingWindow,
             Method::Liger,
+            Method::GdnWindow,
         ],
     ),
     (
@@ -169,6 +178,7 @@ const FIELD_USERS: [(&str, &[Method]); 12] = [
             Method::Liger,
             Method::GatedDeltanet,
             Method::Lizard,
+            Method::GdnWindow,
         ],
     ),
     ("eps", &[Method::Linear]),
@@ -193,10 +203,11 @@ const FIELD_USERS: [(&str, &[Method]); 12] = [
             Method::Lizard,
             Method::SlidingWindow,
             Method::Liger,
+            Method::GdnWindow,
         ],
     ),
-    ("rope", &[Method::GatedDeltanet]),
-    ("qk_activation", &[Method::GatedDeltanet]),
+    ("rope", &[Method::GatedDeltanet, Method::GdnWindow]),
+    ("qk_activation", &[Method::GatedDeltanet, Method::GdnWindow]),
     (
         "softmax_heads",
         &[
@@ -207,6 +218,7 @@ const FIELD_USERS: [(&str, &[Method]); 12] = [
             Method::Liger,
             Method::GatedDeltanet,
             Method::Lizard,
+            Method::GdnWindow,
         ],
     ),
 ];
@@ -415,6 +427,14 @@ impl AttentionConfig {
         }
     }
 
+    pub fn gdn_window_config(&self) -> GdnWindowConfig {
+        GdnWindowConfig {
+            window_size: self.window(),
+            chunk_size: self.chunk(),
+            sinks: self.sinks(),
+        }
+    }
+
     /// Short name for reports, e.g. `lolcats-sw64+hedgehog64`, `linear+t2r32`, `liger-sw64`,
     /// `sliding_window-64+sinks4`.
     pub fn name(&self) -> String {
@@ -454,17 +474,21 @@ impl AttentionConfig {
             Method::SlidingWindow => format!("sliding_window-{}", self.window()),
             Method::LigerGla => "liger_gla".into(),
             Method::Liger => format!("liger-sw{}", self.window()),
-            Method::GatedDeltanet => {
-                let rope = if self.rope.unwrap_or(false) {
-                    "+rope"
-                } else {
-                    ""
-                };
-                match self.qk_activation.unwrap_or_default() {
-                    QkActivation::Identity => format!("gated_deltanet{rope}"),
-                    act => format!("gated_deltanet{rope}+{}", act.as_str()),
-                }
-            }
+            Method::GatedDeltanet => format!("gated_deltanet{}", self.delta_suffix()),
+            Method::GdnWindow => format!("gdn_window-sw{}{}", self.window(), self.delta_suffix()),
+        }
+    }
+
+    /// `+rope` and `+silu` of the delta-rule methods, where set.
+    fn delta_suffix(&self) -> String {
+        let rope = if self.rope.unwrap_or(false) {
+            "+rope"
+        } else {
+            ""
+        };
+        match self.qk_activation.unwrap_or_default() {
+            QkActivation::Identity => rope.into(),
+            act => format!("{rope}+{}", act.as_str()),
         }
     }
 }
@@ -544,10 +568,19 @@ enum Kernel {
         gates: LizardGates,
         cfg: LizardConfig,
     },
+    GdnWindow {
+        gates: DeltaGates,
+        /// λ (h): the scale of the delta term, per head.
+        delta_scale: Tensor,
+        cfg: GdnWindowConfig,
+        rope: bool,
+        activation: QkActivation,
+    },
 }
 
 /// The attention core of a converted layer. Its parameters (feature maps `feature_map_q`,
-/// `feature_map_k`, LoLCATs' and Lizard's `window_factors`, Lizard's `gate_proj`) live under the `nn::Path` it was built at;
+/// `feature_map_k`, LoLCATs' and Lizard's `window_factors`, Lizard's `gate_proj`, the delta-rule
+/// gates and `gdn_window`'s `delta_scale`) live under the `nn::Path` it was built at;
 /// [`LinearizedMixer::shallow_clone`] makes a second mixer over the same parameter tensors.
 pub struct LinearizedMixer {
     kernel: Kernel,
@@ -656,6 +689,7 @@ enum KernelState {
     Liger(LigerState),
     GatedDeltanet(GatedDeltaNetState),
     Lizard(LizardState),
+    GdnWindow(GdnWindowState),
 }
 
 impl KernelState {
@@ -668,6 +702,7 @@ impl KernelState {
             Self::Liger(s) => Self::Liger(s.map_tensors(f)),
             Self::GatedDeltanet(s) => Self::GatedDeltanet(s.map_tensors(f)),
             Self::Lizard(s) => Self::Lizard(s.map_tensors(f)),
+            Self::GdnWindow(s) => Self::GdnWindow(s.map_tensors(f)),
         }
     }
 
@@ -680,6 +715,7 @@ impl KernelState {
             Self::Liger(s) => s.tensors(),
             Self::GatedDeltanet(s) => s.tensors(),
             Self::Lizard(s) => s.tensors(),
+            Self::GdnWindow(s) => s.tensors(),
         }
     }
 }
@@ -753,6 +789,21 @@ impl LinearizedMixer {
                     window_factors: WindowFactors::new(path, shape.num_heads),
                     gates: LizardGates::new(path, shape.num_heads, shape.head_dim, normalizer),
                     cfg: config.lizard_config(),
+                }
+            }
+            Method::GdnWindow => {
+                let resolved = config.resolved();
+                let width = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim;
+                Kernel::GdnWindow {
+                    gates: DeltaGates::new(path, shape.num_heads, width),
+                    delta_scale: path.var(
+                        "delta_scale",
+                        &[shape.num_heads],
+                        nn::Init::Const(gdn_window::DELTA_SCALE_INIT),
+                    ),
+                    cfg: config.gdn_window_config(),
+                    rope: resolved.rope.unwrap_or(false),
+                    activation: resolved.qk_activation.unwrap_or_default(),
                 }
             }
         };
@@ -866,6 +917,19 @@ impl LinearizedMixer {
                 gates: gates.shallow_clone(),
                 cfg: *cfg,
             },
+            Kernel::GdnWindow {
+                gates,
+                delta_scale,
+                cfg,
+                rope,
+                activation,
+            } => Kernel::GdnWindow {
+                gates: gates.shallow_clone(),
+                delta_scale: delta_scale.shallow_clone(),
+                cfg: *cfg,
+                rope: *rope,
+                activation: *activation,
+            },
         };
         Self {
             kernel,
@@ -880,7 +944,8 @@ impl LinearizedMixer {
     /// to bypass. LoLCATs keeps its window softmax alone (with φ(q) = 0 the linear terms leave
     /// numerator and normaliser, and γ cancels), and so does Lizard (its gates only scale the
     /// linear terms); Liger keeps its sliding-window half at full
-    /// weight; softmax and sliding-window layers are unchanged. `None` for the methods with no
+    /// weight, and `gdn_window` its window-and-sinks softmax (the delta term is added to it);
+    /// softmax and sliding-window layers are unchanged. `None` for the methods with no
     /// window (`linear`, `liger_gla`, `gated_deltanet`).
     pub fn window_only(&self) -> Option<Self> {
         let mut mixer = self.shallow_clone();
@@ -896,6 +961,17 @@ impl LinearizedMixer {
                 }
                 .resolved();
                 mixer.kernel = Kernel::SlidingWindow(cfg.swa_config());
+            }
+            Kernel::GdnWindow { cfg, .. } => {
+                mixer.config = AttentionConfig {
+                    window_size: Some(cfg.window_size),
+                    chunk_size: Some(cfg.chunk_size),
+                    sinks: Some(cfg.sinks),
+                    softmax_heads: mixer.config.softmax_heads.clone(),
+                    ..AttentionConfig::new(Method::SlidingWindow)
+                }
+                .resolved();
+                mixer.kernel = Kernel::SlidingWindow(cfg.swa());
             }
             Kernel::Lizard {
                 feature_map_q,
@@ -1120,6 +1196,22 @@ impl LinearizedMixer {
                 let (y, next) = lizard::chunked(&f.inputs(x, window_factors), cfg, state)?;
                 (y, KernelState::Lizard(next))
             }
+            Kernel::GdnWindow {
+                gates,
+                delta_scale,
+                cfg,
+                rope,
+                activation,
+            } => {
+                let state = match state {
+                    Some(KernelState::GdnWindow(s)) => Some(s),
+                    _ => None,
+                };
+                let d = DeltaInputs::new(x, gates, *rope, *activation)?;
+                let _range = linearize_profile::range("attention kernel");
+                let (y, next) = gdn_window::chunked(&d.window_inputs(x, delta_scale), cfg, state)?;
+                (y, KernelState::GdnWindow(next))
+            }
         })
     }
 
@@ -1192,6 +1284,19 @@ impl LinearizedMixer {
             ) => {
                 let f = LizardFeatures::new(x, feature_map_q, feature_map_k, gates)?;
                 lizard::step(s, &f.inputs(x, window_factors), cfg, x.position)?
+            }
+            (
+                Kernel::GdnWindow {
+                    gates,
+                    delta_scale,
+                    cfg,
+                    rope,
+                    activation,
+                },
+                KernelState::GdnWindow(s),
+            ) => {
+                let d = DeltaInputs::new(x, gates, *rope, *activation)?;
+                gdn_window::step(s, &d.window_inputs(x, delta_scale), cfg, x.position)?
             }
             _ => bail!("{}: decoding state of another method", self.name()),
         })
@@ -1277,6 +1382,25 @@ impl DeltaInputs {
             g,
             beta,
         })
+    }
+
+    /// A `gdn_window` call: the window's softmax on the projections after RoPE, the memory on
+    /// these.
+    fn window_inputs<'a>(
+        &'a self,
+        x: &MixerInput<'a>,
+        delta_scale: &'a Tensor,
+    ) -> GdnWindowInputs<'a> {
+        GdnWindowInputs {
+            q: x.q,
+            k: x.k,
+            v: x.v,
+            delta_q: &self.q,
+            delta_k: &self.k,
+            g: &self.g,
+            beta: &self.beta,
+            delta_scale,
+        }
     }
 }
 
@@ -1422,6 +1546,9 @@ impl Mixer for LinearizedMixer {
             }
             (Kernel::SlidingWindow(cfg), Some(KernelState::SlidingWindow(s))) => {
                 s.cached() >= cfg.window().reach() && s.pos >= cfg.sinks + cfg.window().reach()
+            }
+            (Kernel::GdnWindow { cfg, .. }, Some(KernelState::GdnWindow(s))) => {
+                s.cached() >= cfg.window().reach() && s.pos() >= cfg.sinks + cfg.window().reach()
             }
             (Kernel::Liger(cfg), Some(KernelState::Liger(s))) => {
                 let reach = cfg.swa_config().window().reach();

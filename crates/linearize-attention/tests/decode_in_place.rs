@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use linearize_attention::ops::gated_deltanet::{self as gdn, GatedDeltaNetConfig};
+use linearize_attention::ops::gdn_window::{self, GdnWindowConfig, GdnWindowInputs};
 use linearize_attention::ops::gla::{self, GlaConfig};
 use linearize_attention::ops::liger::{self, LigerConfig, LigerInputs};
 use linearize_attention::ops::linear_attn::{self, LinearAttnConfig};
@@ -223,6 +224,69 @@ fn gated_deltanet_steps_in_place() {
         },
         |s| vec![("s", s.s.shallow_clone())],
         &["s"],
+    );
+}
+
+#[test]
+fn gdn_window_steps_in_place() {
+    seed(13);
+    let unit = |heads| {
+        let x = randn(&[B, heads, LEN, D], Kind::Float);
+        &x / x.norm_scalaropt_dim(2, [-1i64].as_slice(), true)
+    };
+    let (delta_q, delta_k) = (unit(H), unit(HK));
+    let (q, k, v) = (
+        randn(&[B, H, LEN, D], Kind::Float),
+        randn(&[B, HK, LEN, D], Kind::Float),
+        randn(&[B, HK, LEN, D], Kind::Float),
+    );
+    let g = log_gates(&[B, H, LEN]);
+    let beta = randn(&[B, H, LEN], Kind::Float).sigmoid();
+    let scale = randn(&[H], Kind::Float);
+    let cfg = GdnWindowConfig {
+        window_size: W,
+        chunk_size: CHUNK,
+        sinks: SINKS,
+    };
+    let inputs = |f: &dyn Fn(&Tensor) -> Tensor| [&q, &k, &v, &delta_q, &delta_k, &g, &beta].map(f);
+    fn call<'a>(x: &'a [Tensor; 7], delta_scale: &'a Tensor) -> GdnWindowInputs<'a> {
+        GdnWindowInputs {
+            q: &x[0],
+            k: &x[1],
+            v: &x[2],
+            delta_q: &x[3],
+            delta_k: &x[4],
+            g: &x[5],
+            beta: &x[6],
+            delta_scale,
+        }
+    }
+    let all = inputs(&Tensor::shallow_clone);
+    let (full, _) = gdn_window::chunked(&call(&all, &scale), &cfg, None).unwrap();
+    check_in_place(
+        "gdn_window",
+        &full,
+        |len| {
+            let x = inputs(&|x| prefix(x, len));
+            gdn_window::chunked(&call(&x, &scale), &cfg, None)
+                .unwrap()
+                .1
+        },
+        |s, t| {
+            let x = inputs(&|x| token(x, t));
+            gdn_window::step(s, &call(&x, &scale), &cfg, None).unwrap()
+        },
+        |s| {
+            vec![
+                ("k", s.window.k.shallow_clone()),
+                ("v", s.window.v.shallow_clone()),
+                ("delta_k", s.delta_k.shallow_clone()),
+                ("g", s.g.shallow_clone()),
+                ("beta", s.beta.shallow_clone()),
+                ("s", s.delta.s.shallow_clone()),
+            ]
+        },
+        &["k", "v", "delta_k", "s"],
     );
 }
 

@@ -161,6 +161,17 @@ fn methods() -> Vec<AttentionConfig> {
             qk_activation: Some(QkActivation::Silu),
             ..base(Method::GatedDeltanet)
         },
+        AttentionConfig {
+            window_size: Some(5),
+            sinks: Some(3),
+            ..base(Method::GdnWindow)
+        },
+        AttentionConfig {
+            window_size: Some(4),
+            rope: Some(true),
+            qk_activation: Some(QkActivation::Silu),
+            ..base(Method::GdnWindow)
+        },
     ]
 }
 
@@ -727,8 +738,13 @@ fn window_only_keeps_the_window_softmax_alone() {
                 assert!(ablated.is_none(), "{}", cfg.name())
             }
             // Without its linear terms LoLCATs (or Lizard) sw is softmax over the same sliding
-            // window (the window factor cancels), and Liger its window half alone.
-            Method::Lolcats | Method::Lizard | Method::Liger | Method::SlidingWindow
+            // window (the window factor cancels), Liger its window half alone, and gdn_window
+            // its window-and-sinks softmax.
+            Method::Lolcats
+            | Method::Lizard
+            | Method::Liger
+            | Method::SlidingWindow
+            | Method::GdnWindow
                 if cfg.window_shape != Some(WindowShape::Tk) =>
             {
                 let (ablated, name) = ablated.unwrap();
@@ -845,4 +861,105 @@ fn gated_deltanet_state_is_one_matrix_per_query_head_whatever_the_length() {
     // Two layers of (batch 2, 4 heads, 8 x 8) f32.
     assert_eq!(bytes(3), 2 * 2 * 4 * 8 * 8 * 4);
     assert_eq!(bytes(3), bytes(LEN));
+}
+
+#[test]
+fn gdn_window_layers_own_gates_and_a_delta_scale_and_every_one_gets_gradients_at_init() {
+    let _rng = rng_lock();
+    let mut model = tiny_model(json!({}));
+    let student = nn::VarStore::new(Device::Cpu);
+    let cfg = AttentionConfig {
+        window_size: Some(5),
+        sinks: Some(2),
+        ..AttentionConfig::new(Method::GdnWindow)
+    };
+    convert_all(&mut model, &student, &cfg);
+    let vars = student.variables();
+    let mut layer0: Vec<&str> = vars
+        .keys()
+        .filter_map(|n| n.strip_prefix("model.layers.0.self_attn."))
+        .collect();
+    layer0.sort();
+    assert_eq!(
+        layer0,
+        ["A_log", "a_proj", "b_proj", "delta_scale", "dt_bias"]
+    );
+    assert_eq!(vars.len(), 10);
+    let scale = &vars["model.layers.0.self_attn.delta_scale"];
+    assert!(scale.allclose(&scale.full_like(0.1), 0.0, 0.0, false));
+
+    // The untrained layer passes gradients to every parameter: the scale is not zero, so the
+    // gates get theirs from the first step.
+    let layer = LinearizedMixer::new(
+        &student.root().sub("probe"),
+        &LayerShape::of(model.config()),
+        &cfg,
+    )
+    .unwrap();
+    tch::manual_seed(5);
+    let q = Tensor::randn([2, 4, 17, 8], (Kind::Float, Device::Cpu));
+    let kv = Tensor::randn([2, 2, 17, 8], (Kind::Float, Device::Cpu));
+    let y = layer.forward(&fresh_input(&q, &kv, &kv), None).unwrap();
+    let loss = (&y * y.randn_like()).sum(Kind::Float);
+    let probe_vars: Vec<(String, Tensor)> = student
+        .variables()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("probe."))
+        .collect();
+    let leaves: Vec<Tensor> = probe_vars.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let grads = Tensor::run_backward(&[loss], &leaves, false, false);
+    assert_eq!(grads.len(), 5);
+    for ((name, _), grad) in probe_vars.iter().zip(&grads) {
+        let size = grad.abs().max().double_value(&[]);
+        assert!(size > 1e-8, "{name}: no gradient at init ({size:e})");
+    }
+
+    assert_eq!(cfg.name(), "gdn_window-sw5+sinks2");
+    let resolved = cfg.resolved();
+    assert_eq!(
+        (resolved.window_shape, resolved.rope, resolved.qk_activation),
+        (None, Some(false), Some(QkActivation::Identity))
+    );
+    let parsed: AttentionConfig = serde_yaml_ng::from_str(
+        "method: gdn_window\nwindow_size: 32\nrope: true\nqk_activation: silu\n",
+    )
+    .unwrap();
+    assert_eq!(parsed.name(), "gdn_window-sw32+rope+silu");
+    // The sliding window only: the terrace is refused, naming the key.
+    let e = AttentionConfig {
+        window_shape: Some(WindowShape::Tk),
+        ..cfg.clone()
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("attention.window_shape") && e.contains("gdn_window"),
+        "{e}"
+    );
+}
+
+#[test]
+fn gdn_window_state_is_its_window_sinks_and_one_matrix_per_head_whatever_the_length() {
+    let _rng = rng_lock();
+    let mut model = tiny_model(json!({}));
+    let student = nn::VarStore::new(Device::Cpu);
+    let cfg = AttentionConfig {
+        window_size: Some(5),
+        sinks: Some(2),
+        ..AttentionConfig::new(Method::GdnWindow)
+    };
+    convert_all(&mut model, &student, &cfg);
+    let bytes = |len: i64| {
+        let mut cache = model.new_cache(2).unwrap();
+        let _ = tch::no_grad(|| model.forward(&ids(2, len), Some(&mut cache))).unwrap();
+        model.cache_bytes(&cache).unwrap()
+    };
+    // Per layer, f32, batch 2: the window's 4 cached keys and values (2 key / value heads of 8)
+    // and 2 sinks' keys and values; the 4 cached tokens' memory keys (2 heads of 8), gates and
+    // write strengths (4 heads); the delta-rule state (4 heads, 8 x 8).
+    let window = 2 * (2 * 2 * 4 * 8) + 2 * (2 * 2 * 2 * 8);
+    let memory = 2 * 2 * 4 * 8 + 2 * (2 * 4 * 4) + 2 * 4 * 8 * 8;
+    assert_eq!(bytes(7), 2 * (window + memory) * 4);
+    assert_eq!(bytes(7), bytes(LEN));
 }

@@ -115,6 +115,11 @@ fn methods() -> Vec<AttentionConfig> {
             ..base(Method::Liger)
         },
         base(Method::GatedDeltanet),
+        AttentionConfig {
+            window_size: Some(5),
+            sinks: Some(2),
+            ..base(Method::GdnWindow)
+        },
     ]
 }
 

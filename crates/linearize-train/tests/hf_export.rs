@@ -161,6 +161,18 @@ fn gated_deltanet(rope: Option<bool>, qk_activation: Option<QkActivation>) -> At
     }
 }
 
+/// Gated DeltaNet behind a window of [`WINDOW`] tokens, with `rope` and `qk_activation` as given,
+/// or their defaults.
+fn gdn_window(rope: Option<bool>, qk_activation: Option<QkActivation>) -> AttentionConfig {
+    AttentionConfig {
+        window_size: Some(WINDOW),
+        rope,
+        qk_activation,
+        chunk_size: Some(16),
+        ..AttentionConfig::new(Method::GdnWindow)
+    }
+}
+
 fn softmax_heads(attention: AttentionConfig, heads: &[usize]) -> AttentionConfig {
     AttentionConfig {
         softmax_heads: Some(heads.to_vec()),
@@ -277,6 +289,16 @@ fn cases() -> Vec<Case> {
             "gated_deltanet_rope_silu",
             llama(),
             hybrid(gated_deltanet(Some(true), Some(QkActivation::Silu))),
+        ),
+        case(
+            "gdn_window_sinks",
+            llama(),
+            hybrid(with_sinks(gdn_window(None, None))),
+        ),
+        case(
+            "gdn_window_rope_silu_qwen3",
+            tiny_config("qwen3", json!({"head_dim": 8, "attention_bias": true})),
+            hybrid(gdn_window(Some(true), Some(QkActivation::Silu))),
         ),
         // Gemma 3: the global layers converted (the local ones keep their softmax window), tied
         // embeddings, RoPE in transformers 4's format; and every layer converted, an LM head of
@@ -405,6 +427,10 @@ fn export_case(case: &Case, dir: &Path) {
             }
             if name.ends_with("gate_proj.weight") {
                 t.shallow_clone().copy_(&(Tensor::randn_like(t) * 2.0));
+            }
+            // gdn_window's untrained delta scale (0.1) would hide its memory.
+            if name.ends_with("delta_scale") {
+                t.shallow_clone().copy_(&Tensor::randn_like(t));
             }
         }
     });

@@ -295,6 +295,26 @@ fn gated_deltanet_gates_are_trained_by_attention_transfer() {
 }
 
 #[test]
+fn gdn_window_gates_and_delta_scale_are_trained_by_attention_transfer() {
+    let _rng = rng_lock();
+    let gdn_window = AttentionConfig {
+        window_size: Some(4),
+        sinks: Some(2),
+        chunk_size: Some(8),
+        ..AttentionConfig::new(Method::GdnWindow)
+    };
+    let (mut model, _student, layers) = converted(gdn_window, 1);
+    let before = values(&layers.named_parameters());
+    // a_proj, b_proj, A_log, dt_bias and delta_scale in each of the 3 layers.
+    assert_eq!(before.len(), 15);
+    assert!(before.keys().any(|n| n.ends_with("delta_scale")));
+    trains_every_parameter_and_lowers_the_mse(&mut model, &layers, &before);
+
+    assert_eq!(model.mixer(0).name(), "gdn_window-sw4+sinks2");
+    decodes_like_its_full_pass(&model, &[1i64, 5, 9, 2, 7, 3, 11, 4, 8, 6, 10, 12, 1, 3]);
+}
+
+#[test]
 fn lizard_gates_train_with_the_feature_maps_by_attention_transfer() {
     let _rng = rng_lock();
     let lizard = AttentionConfig {

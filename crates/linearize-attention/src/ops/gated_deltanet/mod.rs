@@ -23,6 +23,7 @@ mod recurrent;
 pub use chunked::chunked;
 pub use layer::{DeltaGates, QkActivation};
 pub use naive::naive;
+pub(crate) use recurrent::write;
 pub use recurrent::{recurrent, step};
 
 use super::gla::Shapes;

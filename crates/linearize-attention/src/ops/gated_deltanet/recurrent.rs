@@ -28,10 +28,25 @@ pub fn step(
     if state.s.kind() != kind {
         state.s = state.s.to_kind(kind);
     }
-    let per_token = |x: &Tensor| prepare(x, kind, h).unsqueeze(-1); // (b, h, 1, 1)
+    write(state, q, [k, v, g, beta], h, kind);
+    Ok(prepare(q, kind, h).matmul(&state.s).to_kind(v.kind()))
+}
+
+/// Writes one token `k` (b, h_k, 1, d_k), `v` (b, h_v, 1, d_v), `g` and `beta` (b, ·, 1) into
+/// `state` (already in `kind`, with `heads` heads), in place unless autograd tracks the step.
+/// `reader` is the query that reads the state this step: autograd keeps the state for its
+/// gradient, so a tracked reader, too, asks for the out-of-place update.
+pub(crate) fn write(
+    state: &mut GatedDeltaNetState,
+    reader: &Tensor,
+    [k, v, g, beta]: [&Tensor; 4],
+    heads: i64,
+    kind: tch::Kind,
+) {
+    let per_token = |x: &Tensor| prepare(x, kind, heads).unsqueeze(-1); // (b, h, 1, 1)
     let (alpha, beta) = (per_token(g).exp(), per_token(beta));
-    let (k, v_new) = (prepare(k, kind, h), prepare(v, kind, h)); // (b, h, 1, d_k), (b, h, 1, d_v)
-    if tracked(&[q, &k, &v_new, &alpha, &beta, &state.s]) {
+    let (k, v_new) = (prepare(k, kind, heads), prepare(v, kind, heads)); // (b, h, 1, d_k), (b, h, 1, d_v)
+    if tracked(&[reader, &k, &v_new, &alpha, &beta, &state.s]) {
         let decayed = alpha * &state.s;
         let delta = beta * (v_new - k.matmul(&decayed));
         state.s = decayed + k.transpose(-1, -2).matmul(&delta);
@@ -40,7 +55,6 @@ pub fn step(
         let delta = beta * (v_new - k.matmul(&state.s)); // (b, h, 1, d_v)
         let _ = state.s.addcmul_(&k.transpose(-1, -2), &delta);
     }
-    Ok(prepare(q, kind, h).matmul(&state.s).to_kind(v.kind()))
 }
 
 /// Runs a whole sequence token by token through [`step`], from `state` (zero when `None`).
