@@ -34,3 +34,11 @@ pub(crate) fn config(setting: &'static str, message: impl Into<String>) -> Error
         message: message.into(),
     }
 }
+
+/// Checks a count setting that must be at least 1 (a chunk size, say).
+pub(crate) fn at_least_one(setting: &'static str, value: i64) -> Result<()> {
+    if value < 1 {
+        return Err(config(setting, format!("must be >= 1, got {value}")));
+    }
+    Ok(())
+}

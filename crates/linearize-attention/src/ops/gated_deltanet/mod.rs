@@ -27,7 +27,7 @@ pub(crate) use recurrent::write;
 pub use recurrent::{recurrent, step};
 
 use super::gla::Shapes;
-use crate::error::{config, Error, Result};
+use crate::error::{at_least_one, Error, Result};
 use crate::tensors::{compute_kind, shape, Dims};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -49,12 +49,7 @@ impl Default for GatedDeltaNetConfig {
 
 impl GatedDeltaNetConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.chunk_size < 1 {
-            return Err(config(
-                "chunk_size",
-                format!("must be >= 1, got {}", self.chunk_size),
-            ));
-        }
+        at_least_one("chunk_size", self.chunk_size)?;
         Ok(())
     }
 }

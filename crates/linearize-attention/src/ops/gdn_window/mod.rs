@@ -37,7 +37,7 @@ use super::gated_deltanet::{self, GatedDeltaNetConfig, GatedDeltaNetState};
 use super::gla;
 use super::swa::{self, SwaConfig, SwaState};
 use super::window::{cache_in_order, to_ring, validate_sinks, Window};
-use crate::error::{config, Error, Result};
+use crate::error::{at_least_one, Error, Result};
 use crate::tensors::{compute_kind, shape};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -97,12 +97,7 @@ impl GdnWindowConfig {
     pub fn validate(&self) -> Result<()> {
         self.window().validate()?;
         validate_sinks(self.sinks)?;
-        if self.chunk_size < 1 {
-            return Err(config(
-                "chunk_size",
-                format!("must be >= 1, got {}", self.chunk_size),
-            ));
-        }
+        at_least_one("chunk_size", self.chunk_size)?;
         Ok(())
     }
 }

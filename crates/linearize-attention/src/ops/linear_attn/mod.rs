@@ -17,7 +17,7 @@ pub use chunked::{chunked, chunked_output};
 pub use naive::naive;
 pub use recurrent::{recurrent, step};
 
-use crate::error::{config, Result};
+use crate::error::{at_least_one, config, Result};
 use crate::tensors::{Dims, Precision};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -48,12 +48,7 @@ impl Default for LinearAttnConfig {
 
 impl LinearAttnConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.chunk_size < 1 {
-            return Err(config(
-                "chunk_size",
-                format!("must be >= 1, got {}", self.chunk_size),
-            ));
-        }
+        at_least_one("chunk_size", self.chunk_size)?;
         if self.eps.is_nan() || self.eps < 0.0 {
             return Err(config("eps", format!("must be >= 0, got {}", self.eps)));
         }

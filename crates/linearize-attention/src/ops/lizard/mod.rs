@@ -45,7 +45,7 @@ use super::lolcats::{self, LolcatsInputs, Shapes};
 use super::window::{
     cache_in_order, to_ring, validate_sinks, RingSlot, SinkCache, Window, WindowShape,
 };
-use crate::error::{config, Error, Result};
+use crate::error::{at_least_one, Error, Result};
 use crate::tensors::{compute_kind, exclusive_cumsum, repeat_heads, shape, Precision};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
@@ -89,12 +89,7 @@ impl LizardConfig {
     pub fn validate(&self) -> Result<()> {
         self.window().validate()?;
         validate_sinks(self.sinks)?;
-        if self.chunk_size < 1 {
-            return Err(config(
-                "chunk_size",
-                format!("must be >= 1, got {}", self.chunk_size),
-            ));
-        }
+        at_least_one("chunk_size", self.chunk_size)?;
         Ok(())
     }
 }

@@ -36,7 +36,7 @@ use super::linear_attn::{self, LinearState};
 use super::window::{
     cache_in_order, to_ring, validate_sinks, RingSlot, SinkCache, Window, WindowShape,
 };
-use crate::error::{config, Error, Result};
+use crate::error::{at_least_one, Error, Result};
 use crate::tensors::{compute_kind, repeat_heads, shape, Dims, Precision};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
@@ -84,12 +84,7 @@ impl LolcatsConfig {
     pub fn validate(&self) -> Result<()> {
         self.window().validate()?;
         validate_sinks(self.sinks)?;
-        if self.chunk_size < 1 {
-            return Err(config(
-                "chunk_size",
-                format!("must be >= 1, got {}", self.chunk_size),
-            ));
-        }
+        at_least_one("chunk_size", self.chunk_size)?;
         Ok(())
     }
 }

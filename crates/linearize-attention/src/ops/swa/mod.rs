@@ -14,7 +14,7 @@ pub(crate) use recurrent::check_step;
 pub use recurrent::{recurrent, step};
 
 use super::window::{cache_in_order, to_ring, validate_sinks, RingSlot, SinkCache, Window};
-use crate::error::{config, Error, Result};
+use crate::error::{at_least_one, Error, Result};
 use crate::tensors::{compute_kind, shape, Dims};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -49,12 +49,7 @@ impl SwaConfig {
     pub fn validate(&self) -> Result<()> {
         self.window().validate()?;
         validate_sinks(self.sinks)?;
-        if self.chunk_size < 1 {
-            return Err(config(
-                "chunk_size",
-                format!("must be >= 1, got {}", self.chunk_size),
-            ));
-        }
+        at_least_one("chunk_size", self.chunk_size)?;
         Ok(())
     }
 }
