@@ -34,23 +34,49 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 /// What to evaluate; every section may be left out (defaults) or turned off (`enabled: false`).
+/// A section written as `null` is refused: YAML reads it as an empty mapping, which would run
+/// the section with its defaults where the writer most likely meant it off.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
     /// Seed of every generated input (recall probes, speed prompts).
     pub seed: u64,
+    #[serde(deserialize_with = "section")]
     pub perplexity: PerplexityConfig,
+    #[serde(deserialize_with = "section")]
     pub attention_error: AttentionErrorConfig,
+    #[serde(deserialize_with = "section")]
     pub passkey: PasskeyConfig,
+    #[serde(deserialize_with = "section")]
     pub multikey: MultiKeyConfig,
+    #[serde(deserialize_with = "section")]
     pub mqar: MqarConfig,
+    #[serde(deserialize_with = "section")]
     pub retrieval_heads: RetrievalHeadsConfig,
+    #[serde(deserialize_with = "section")]
     pub multiple_choice: MultipleChoiceConfig,
+    #[serde(deserialize_with = "section")]
     pub speed: SpeedConfig,
+    #[serde(deserialize_with = "section")]
     pub generations: GenerationsConfig,
+    #[serde(deserialize_with = "section")]
     pub decode_check: DecodeCheckConfig,
     /// The ablation of the converted layers' linear part, run by the recipe runner.
+    #[serde(deserialize_with = "section")]
     pub window_only: WindowOnlyConfig,
+}
+
+/// One section of [`EvalConfig`], refusing `null` (see there).
+fn section<'de, D, T>(deserializer: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer)?.ok_or_else(|| {
+        serde::de::Error::custom(
+            "a section cannot be null: leave it out for its defaults, or turn it off with `enabled: false`",
+        )
+    })
 }
 
 /// A second perplexity, KL and agreement measurement, with the converted layers' linear part
@@ -1268,6 +1294,20 @@ pub fn validate(cfg: &EvalConfig) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_null_section_is_refused_not_run_with_its_defaults() {
+        let err = serde_json::from_str::<EvalConfig>(r#"{"passkey": null}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("enabled: false"), "{err}");
+        let off: EvalConfig = serde_json::from_str(r#"{"passkey": {"enabled": false}}"#).unwrap();
+        assert!(!off.passkey.enabled);
+        assert_eq!(
+            serde_json::from_str::<EvalConfig>("{}").unwrap(),
+            EvalConfig::default()
+        );
+    }
+
     use super::*;
     use crate::recall::{wilson, DistanceBucket};
 
