@@ -204,6 +204,10 @@ pub struct DecodeCheck {
     /// Entry k: the most likely token after prompt + recurrent[..k], from a full forward pass of
     /// that whole sequence without a cache.
     pub full_forward: Vec<u32>,
+    /// Entry k: how far the full forward's logit for its own best token lies above its logit
+    /// for `recurrent[k]` (0 where they agree). A gap below the compute dtype's rounding step
+    /// is a near-tie that rounding decides, not a decoding defect.
+    pub logit_gaps: Vec<f64>,
     pub agree: bool,
     pub first_mismatch: Option<usize>,
 }
@@ -232,19 +236,22 @@ pub fn recurrent_vs_full<M: CausalLm>(
     let _no_grad = tch::no_grad_guard();
     let mut sequence: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
     let mut full_forward = Vec::with_capacity(recurrent.len());
+    let mut logit_gaps = Vec::with_capacity(recurrent.len());
     for &token in &recurrent {
         let ids = Tensor::from_slice(&sequence)
             .view([1, -1])
             .to_device(model.device());
-        let best = model
+        // (vocab,) f64 on the host: two values are read from it.
+        let last = model
             .forward(&ids)
             .context("full forward")?
             .select(1, -1)
-            .argmax(-1, false)
-            .to_kind(Kind::Int64)
-            .to_device(Device::Cpu)
-            .int64_value(&[0]);
+            .squeeze_dim(0)
+            .to_kind(Kind::Double)
+            .to_device(Device::Cpu);
+        let best = last.argmax(-1, false).int64_value(&[]);
         full_forward.push(best as u32);
+        logit_gaps.push(last.double_value(&[best]) - last.double_value(&[token as i64]));
         sequence.push(token as i64);
     }
     let first_mismatch = recurrent
@@ -257,6 +264,7 @@ pub fn recurrent_vs_full<M: CausalLm>(
         first_mismatch,
         recurrent,
         full_forward,
+        logit_gaps,
     })
 }
 

@@ -79,6 +79,13 @@ fn recurrent_greedy_decoding_equals_the_full_chunked_forward() {
             check.first_mismatch
         );
         assert!(check.agree);
+        // Where both choose the same token, the full forward's gap to the cache's choice is 0.
+        assert_eq!(
+            check.logit_gaps,
+            vec![0.0; NEW_TOKENS],
+            "{}",
+            attention.name()
+        );
         // A random model repeating one token would make the comparison vacuous.
         let distinct: std::collections::BTreeSet<_> = check.recurrent.iter().collect();
         assert!(
