@@ -7,7 +7,7 @@
 //! chunked call appends the N sink keys to every local block; a sink that the query's window also
 //! holds is masked there (the window already counts it). For a query at `t` the sinks outside its
 //! window are exactly those before [`Window::start`]`(t)`, a prefix, which is what decoding reads.
-use crate::error::{config, Result};
+use crate::error::{config, Error, Result};
 use crate::tensors::{ceil_div, constant_matrix, grouped_matmul, pad_seq, Matrix};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -74,6 +74,21 @@ impl Window {
             WindowShape::Sw => self.size - 1,
             WindowShape::Tk => 2 * self.size - 1,
         }
+    }
+
+    /// Checks a decoder's window cache of `m` tokens at position `pos`: it can hold no more than
+    /// the window reaches back, nor more tokens than were seen.
+    pub fn check_cache(&self, m: i64, pos: i64) -> Result<()> {
+        if m > self.reach() || m > pos {
+            return Err(Error::Value {
+                tensor: "state.k",
+                message: format!(
+                    "window cache of {m} tokens at position {pos}; the window keeps at most {}",
+                    self.reach()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Whether key position `s` lies in the window of query position `t` (both absolute, `s <= t`).

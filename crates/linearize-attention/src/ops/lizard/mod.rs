@@ -277,16 +277,7 @@ impl LizardState {
                 &self.log_gates,
             ));
         }
-        let reach = cfg.window().reach();
-        if m > reach || m > self.pos {
-            return Err(Error::Value {
-                tensor: "state.k",
-                message: format!(
-                    "window cache of {m} tokens at position {}; the window keeps at most {reach}",
-                    self.pos
-                ),
-            });
-        }
+        cfg.window().check_cache(m, self.pos)?;
         self.linear.check(&s.linear())?;
         let k_shape = [s.batch, s.k_heads, s.head_dim];
         let v_shape = [s.batch, s.v_heads, s.value_dim];

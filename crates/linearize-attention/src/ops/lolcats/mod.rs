@@ -36,7 +36,7 @@ use super::linear_attn::{self, LinearState};
 use super::window::{
     cache_in_order, to_ring, validate_sinks, RingSlot, SinkCache, Window, WindowShape,
 };
-use crate::error::{at_least_one, Error, Result};
+use crate::error::{at_least_one, Result};
 use crate::tensors::{compute_kind, repeat_heads, shape, Dims, Precision};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
@@ -200,7 +200,6 @@ impl LolcatsState {
 
     /// Checks the state against a call's sizes and its window.
     pub(crate) fn check(&self, s: &Shapes, cfg: &LolcatsConfig) -> Result<()> {
-        let reach = cfg.window().reach();
         let m = self.cached();
         for (name, t, heads, dim) in [
             ("state.k", &self.k, s.k_heads, s.head_dim),
@@ -211,15 +210,7 @@ impl LolcatsState {
                 return Err(shape(name, &format!("{:?}", [s.batch, heads, m, dim]), t));
             }
         }
-        if m > reach || m > self.pos {
-            return Err(Error::Value {
-                tensor: "state.k",
-                message: format!(
-                    "window cache of {m} tokens at position {}; the window keeps at most {reach}",
-                    self.pos
-                ),
-            });
-        }
+        cfg.window().check_cache(m, self.pos)?;
         self.linear.check(&s.linear())?;
         let k_shape = [s.batch, s.k_heads, s.head_dim];
         let v_shape = [s.batch, s.v_heads, s.value_dim];

@@ -14,7 +14,7 @@ pub(crate) use recurrent::check_step;
 pub use recurrent::{recurrent, step};
 
 use super::window::{cache_in_order, to_ring, validate_sinks, RingSlot, SinkCache, Window};
-use crate::error::{at_least_one, Error, Result};
+use crate::error::{at_least_one, Result};
 use crate::tensors::{compute_kind, shape, Dims};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -130,16 +130,7 @@ impl SwaState {
                 return Err(shape(name, &format!("{:?}", [s.batch, heads, m, dim]), t));
             }
         }
-        if m > window.reach() || m > self.pos {
-            return Err(Error::Value {
-                tensor: "state.k",
-                message: format!(
-                    "window cache of {m} tokens at position {}; the window keeps at most {}",
-                    self.pos,
-                    window.reach()
-                ),
-            });
-        }
+        window.check_cache(m, self.pos)?;
         let k_shape = [s.batch, s.k_heads, s.head_dim];
         let v_shape = [s.batch, s.v_heads, s.value_dim];
         self.sinks.check(k_shape, v_shape, self.pos, cfg.sinks)
